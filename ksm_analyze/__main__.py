@@ -1,0 +1,5 @@
+"""``python -m ksm_analyze``."""
+
+from .cli import main
+
+main()

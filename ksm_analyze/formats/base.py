@@ -1,0 +1,224 @@
+"""The reader base class: open a dump read-only, describe it as extents, hand out pages.
+
+A format subclasses :class:`DumpReader`, sets ``format`` and ``probe()``, and implements
+``_load_extents()``. Formats whose pages are stored raw (raw, ELF, LiME) get batching and
+random access from the memory map for free; compressed formats (kdump, AVML) override
+``iter_batches()`` and ``read_pages()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import stat
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+import numpy as np
+
+from ..errors import DumpFormatError, InputError, TruncatedDumpError
+from ..pages import Extent, PageBatch, PageState
+
+if TYPE_CHECKING:
+    from . import DumpFormat
+
+__all__ = ["DEFAULT_BATCH_PAGES", "DumpReader", "open_readonly"]
+
+DEFAULT_BATCH_PAGES = 8192
+"""Pages per batch: 32 MiB of 4 KiB pages, small enough to stay cheap, big enough for numpy."""
+
+
+def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Open ``path`` read-only and return ``(fd, size)``; every failure is an InputError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError("no such file", path=path) from None
+    except PermissionError:
+        raise InputError("permission denied", path=path) from None
+    except IsADirectoryError:
+        raise InputError("is a directory, not a dump file", path=path) from None
+    except OSError as e:
+        raise InputError(f"cannot open: {e.strerror}", path=path) from None
+    st = os.fstat(fd)
+    problem = None
+    if stat.S_ISDIR(st.st_mode):
+        problem = "is a directory, not a dump file"
+    elif not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_size == 0:
+        problem = "empty file"
+    if problem:
+        os.close(fd)
+        raise InputError(problem, path=path)
+    return fd, st.st_size
+
+
+class DumpReader(ABC):
+    """A dump opened read-only, described as sorted, non-overlapping extents of pages.
+
+    Args:
+        path: the dump file.
+        page_size: the analysis page size; larger guest pages are split into pages of this size.
+        base_address: address of the file's first byte, for formats that do not record one.
+
+    Raises:
+        InputError: the file cannot be opened, is empty or is not a regular file.
+        DumpFormatError: the file is not a valid dump of this format.
+    """
+
+    format: ClassVar[DumpFormat]
+    address_space: ClassVar[str] = "physical"
+    """"physical" for guest RAM, "virtual" for process memory."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, page_size: int = 4096, base_address: int = 0
+    ) -> None:
+        self.path = os.fspath(path)
+        self.page_size = page_size
+        self.base_address = base_address
+        self.warnings: list[str] = []
+        self._fd, self.file_size = open_readonly(self.path)
+        try:
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            self._mm.madvise(mmap.MADV_SEQUENTIAL)
+            self.extents = self._validated(self._load_extents())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what a format provides -------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def probe(cls, head: bytes) -> bool:
+        """Whether ``head`` (the file's first 4 KiB or less) looks like this format. Never raises."""
+
+    @abstractmethod
+    def _load_extents(self) -> list[Extent]:
+        """Parse the headers and describe every page as extents (any order)."""
+
+    def info(self) -> dict[str, Any]:
+        """Format-specific header facts for ``ksm-analyze info`` (plain JSON-able values)."""
+        return {}
+
+    # -- pages ------------------------------------------------------------------------------
+
+    def iter_batches(self, batch_pages: int = DEFAULT_BATCH_PAGES) -> Iterator[PageBatch]:
+        """Yield every stored page (DATA extents) in file order, ``batch_pages`` at a time.
+
+        The default serves extents stored raw through the memory map without copying; the
+        locators are file offsets.
+        """
+        ps = self.page_size
+        for ext in sorted(self.data_extents(), key=lambda e: e.file_offset):
+            if ext.file_offset < 0:
+                raise NotImplementedError(f"{type(self).__name__} must override iter_batches")
+            for first in range(0, ext.npages, batch_pages):
+                n = min(batch_pages, ext.npages - first)
+                off = ext.file_offset + first * ps
+                pages = np.frombuffer(self._mm, np.uint8, n * ps, off).reshape(n, ps)
+                idx = np.arange(first, first + n, dtype=np.uint64)
+                addrs = np.uint64(ext.addr) + idx * np.uint64(ps)
+                locators = np.uint64(ext.file_offset) + idx * np.uint64(ps)
+                yield PageBatch(addrs, locators, pages)
+
+    def read_pages(self, locators: np.ndarray) -> np.ndarray:
+        """Return the ``(len(locators), page_size)`` bytes of pages given by their locators."""
+        ps = self.page_size
+        whole = np.frombuffer(self._mm, np.uint8)
+        out = np.empty((len(locators), ps), np.uint8)
+        for row, off in enumerate(np.asarray(locators, dtype=np.int64).tolist()):
+            out[row] = whole[off : off + ps]
+        return out
+
+    def data_extents(self) -> list[Extent]:
+        """The extents whose bytes are stored."""
+        return [e for e in self.extents if e.state == PageState.DATA]
+
+    def page_counts(self) -> dict[PageState, int]:
+        """Pages per state, as the extents describe them (before looking at content)."""
+        counts = dict.fromkeys(PageState, 0)
+        for e in self.extents:
+            counts[e.state] += e.npages
+        return counts
+
+    # -- parsing helpers --------------------------------------------------------------------
+
+    def _error(self, detail: str, offset: int | None = None) -> DumpFormatError:
+        return DumpFormatError(detail, path=self.path, offset=offset)
+
+    def _read(self, offset: int, size: int, what: str) -> bytes:
+        """Read exactly ``size`` bytes at ``offset`` or raise TruncatedDumpError naming ``what``."""
+        if offset < 0 or size < 0 or offset + size > self.file_size:
+            raise TruncatedDumpError(
+                f"{what} ({size} bytes) runs past the end of the file "
+                f"({self.file_size} bytes)",
+                path=self.path,
+                offset=offset,
+            )
+        return self._mm[offset : offset + size]
+
+    def _unpack(self, st: struct.Struct, offset: int, what: str) -> tuple[Any, ...]:
+        """The one place headers are decoded: a short read becomes TruncatedDumpError."""
+        return st.unpack(self._read(offset, st.size, what))
+
+    def _validated(self, extents: list[Extent]) -> list[Extent]:
+        """Sort extents, drop empty ones, and reject overlaps and stored bytes past EOF."""
+        ps = self.page_size
+        for e in extents:
+            if e.npages < 0 or e.addr < 0:
+                raise self._error(f"negative size or address in {e.label or 'range'}")
+        out = sorted((e for e in extents if e.npages > 0), key=lambda e: e.addr)
+        for prev, cur in itertools.pairwise(out):
+            if cur.addr < prev.end_addr(ps):
+                raise self._error(
+                    f"overlapping ranges: {cur.label or 'range'} at address {cur.addr:#x} "
+                    f"overlaps {prev.label or 'range'} "
+                    f"[{prev.addr:#x}, {prev.end_addr(ps):#x})",
+                    cur.file_offset if cur.file_offset >= 0 else None,
+                )
+        for e in out:
+            if e.state == PageState.DATA and e.file_offset >= 0:
+                end = e.file_offset + e.npages * ps
+                if end > self.file_size:
+                    raise TruncatedDumpError(
+                        f"{e.label or 'range'} of {e.npages * ps} bytes ends at {end:#x}, "
+                        f"past the end of the file ({self.file_size:#x})",
+                        path=self.path,
+                        offset=e.file_offset,
+                    )
+        return out
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the memory map and the file descriptor."""
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            # A caller may still hold a view; the map then goes when the view does.
+            with contextlib.suppress(BufferError):
+                mm.close()
+            self._mm = None  # type: ignore[assignment]
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Readers travel by path (e.g. to Dask workers) and re-open on arrival.
+        return {"path": self.path, "page_size": self.page_size, "base_address": self.base_address}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["path"], page_size=state["page_size"], base_address=state["base_address"]
+        )

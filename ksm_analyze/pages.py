@@ -1,0 +1,63 @@
+"""The vocabulary shared by readers, fingerprinting and the KSM model.
+
+A reader describes a dump as :class:`Extent` runs of pages, each in one :class:`PageState`,
+and hands out the stored bytes as :class:`PageBatch` blocks of whole pages.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Extent", "PageBatch", "PageState"]
+
+
+class PageState(enum.IntEnum):
+    """What a dump says about one page."""
+
+    DATA = 0
+    """Bytes are stored; fingerprinting decides from them whether the page is all zero."""
+    ZERO = 1
+    """The format says the page is all zero (kdump zero descriptor, AVML omitted chunk)."""
+    HOLE = 2
+    """Stored nowhere and reads as zero: never touched (a sparse hole in a process core)."""
+    EXCLUDED = 3
+    """Left out of the dump (kdump dump level): content unknown, never counted as zero."""
+    NOT_SAVED = 4
+    """Address range with no bytes saved: MMIO, ``p_filesz < p_memsz``, unreadable regions."""
+
+
+class Extent(NamedTuple):
+    """A run of consecutive pages that share one state.
+
+    ``file_offset`` is the file offset of the first page when the pages are stored raw and
+    back to back (so they can be read through a memory map), and -1 otherwise: compressed
+    pages and pages that are not stored at all.
+    """
+
+    addr: int
+    """Address of the first page: physical for guest dumps, virtual for process cores."""
+    npages: int
+    state: PageState
+    file_offset: int = -1
+    label: str = ""
+    """Free text for ``info`` and reports: a segment name or a mapped file's path."""
+    anon: bool | None = None
+    """True for private anonymous memory, False for file-backed or shared, None if unknown."""
+
+    def end_addr(self, page_size: int) -> int:
+        """One past the last byte covered by the extent."""
+        return self.addr + self.npages * page_size
+
+
+class PageBatch(NamedTuple):
+    """A block of stored pages handed from a reader to fingerprinting."""
+
+    addrs: np.ndarray
+    """uint64 address of each page."""
+    locators: np.ndarray
+    """uint64, opaque to everyone but the reader: what ``read_pages`` takes to find a page again."""
+    pages: np.ndarray
+    """``(n, page_size)`` uint8; may be a read-only view of the file."""
