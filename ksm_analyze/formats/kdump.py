@@ -1,0 +1,697 @@
+"""kdump-compressed dumps: makedumpfile ``-c/-l/-p/-z`` and QEMU ``dump-guest-memory -z/-l/-s``.
+
+Both the plain form (``"KDUMP   "`` at offset 0) and the makedumpfile *flattened* form (what
+QEMU writes to a pipe or without ``-R``) are read; the flattened records are indexed in place, so
+no ``makedumpfile -R`` step is needed. Layout, in blocks of ``block_size`` (the guest page size),
+from makedumpfile ``IMPLEMENTATION``/``diskdump_mod.h`` and QEMU ``dump/dump.c``::
+
+    block 0              disk_dump_header (32- or 64-bit layout, the dumped machine's byte order)
+    block 1..            kdump_sub_header + notes (sub_hdr_size blocks)
+    bitmap_blocks        bitmap 1 (PFN is not a hole) | bitmap 2 (PFN is dumpable), LSB first
+    page_desc[]          one 24-byte descriptor per set bit of bitmap 2, in PFN order
+    page data            the shared zero page first (QEMU; makedumpfile -d 1), then pages
+
+Every PFN in bitmap 2 whose descriptor is the shared zero descriptor is ZERO without being read;
+other dumpable PFNs are DATA (compressed, so ``file_offset`` is -1); PFNs in bitmap 1 only were
+excluded by the dump level (EXCLUDED); PFNs in neither are holes and not reported.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import struct
+import zlib
+from array import array
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import cramjam
+import lzallright
+import numpy as np
+import zstandard
+
+from ..errors import CorruptPageError, DumpFormatError, TruncatedDumpError, UnsupportedDumpError
+from ..pages import Extent, PageBatch, PageState
+from . import DumpFormat
+from .base import DEFAULT_BATCH_PAGES, DumpReader
+
+SIGNATURES = (b"KDUMP   ", b"DISKDUMP")
+
+# Flattened format (makedumpfile print_info.h / QEMU include/sysemu/dump.h): a 4096-byte header
+# {char signature[16]; be64 type; be64 version}, then records {be64 offset; be64 buf_size} + data,
+# written into the logical file in any order (later records win), ended by offset = size = -1.
+MDF_SIGNATURE = b"makedumpfile".ljust(16, b"\0")
+MDF_HEADER_SIZE = 4096
+_MDF_HEADER = struct.Struct(">16sqq")
+_MDF_RECORD = struct.Struct(">qq")
+
+# disk_dump_header_64 / disk_dump_header_32 (libkdumpfile src/kdumpfile/diskdump.c): signature,
+# header_version, utsname (6 x 65 chars), pad, timestamp {tv_sec, tv_usec}, status, block_size,
+# sub_hdr_size, bitmap_blocks, max_mapnr (32-bit, obsolete), total_ram_blocks, device_blocks,
+# written_blocks, current_cpu, nr_cpus. The 32-bit layout has 2 pad bytes and a 32-bit timeval.
+_HEADER_FMT = {64: "8si390s6xqqIiiIIIIIIi", 32: "8si390s2xiiIiiIIIIIIi"}
+_FIELD_AT = {
+    64: {"header_version": 8, "block_size": 428, "sub_hdr_size": 432, "bitmap_blocks": 436},
+    32: {"header_version": 8, "block_size": 416, "sub_hdr_size": 420, "bitmap_blocks": 424},
+}
+_UTS_FIELDS = ("sysname", "nodename", "release", "version", "machine", "domainname")
+
+# kdump_sub_header, three packings (libkdumpfile): 64-bit, 32-bit with 64-bit fields aligned to
+# 4 (IA-32) and to 8 (AArch32). Fields: phys_base, dump_level, split, start_pfn, end_pfn,
+# offset_vmcoreinfo, size_vmcoreinfo, offset_note, size_note, offset_eraseinfo, size_eraseinfo,
+# start_pfn_64, end_pfn_64, max_mapnr_64 (the last three from header_version 6).
+_SUB_FMT = {"64": "QiiQQQQQQQQQQQ", "32pack": "IiiIIQIQIQIQQQ", "32pad": "IiiII4xQI4xQI4xQI4xQQQ"}
+
+# Page descriptor flags and header status bits.
+_ZLIB, _LZO, _SNAPPY, _ZSTD = 0x1, 0x2, 0x4, 0x20
+_CODEC_NAMES = {_ZLIB: "zlib", _LZO: "lzo", _SNAPPY: "snappy", _ZSTD: "zstd"}
+_CODEC_ERRORS = (zlib.error, lzallright.LZOError, cramjam.DecompressionError, zstandard.ZstdError)
+_STATUS_INCOMPLETE = 0x8
+# dump_level bits (makedumpfile.8): 1 zero, 2 non-private cache, 4 private cache, 8 user, 16 free.
+_DL_USER, _DL_FREE = 8, 16
+
+DESC_SIZE = 24
+MAX_MAPNR = 1 << 40
+"""More page frames than this (4 PiB of 4 KiB pages) is a corrupt header, not a machine."""
+_CHUNK_PFNS = 1 << 20
+"""PFNs classified at a time: bounds the bits and descriptors held in memory (about 30 MiB)."""
+_NOT_REPORTED = -1
+
+
+class _Chunk(NamedTuple):
+    first_pfn: int
+    npfns: int
+    first_desc: int
+    """Index of the descriptor of the chunk's first dumpable PFN."""
+
+
+class _DecodeError(Exception):
+    """A page failed to decode; the caller adds the PFN and the offset."""
+
+
+class KdumpReader(DumpReader):
+    """A kdump-compressed dump, plain or flattened.
+
+    Guest pages of ``block_size`` bytes larger than the analysis page are split into
+    ``block_size // page_size`` analysis pages; locators are ``descriptor index * that +
+    sub-page``.
+    """
+
+    format = DumpFormat.KDUMP
+    _segs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    """Flattened form: logical start, logical end and file offset of each written segment."""
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        """``KDUMP   ``/``DISKDUMP`` at 0, or a makedumpfile flattened header (type 1, version 1)."""
+        if head[:8] in SIGNATURES:
+            return True
+        if len(head) < _MDF_HEADER.size:
+            return False
+        sig, mtype, version = _MDF_HEADER.unpack_from(head)
+        return bool(sig == MDF_SIGNATURE and mtype == 1 and version == 1)
+
+    # -- the logical file ------------------------------------------------------------------
+
+    def _index_flattened(self) -> None:
+        """Index the flattened records: sorted, non-overlapping logical segments."""
+        _sig, mtype, version = self._unpack(_MDF_HEADER, 0, "flattened header")
+        if mtype != 1 or version != 1:
+            raise UnsupportedDumpError(
+                f"flattened makedumpfile header of type {mtype}, version {version}: "
+                "only type 1, version 1 is known",
+                path=self.path,
+                offset=0,
+            )
+        starts, sizes, datas = array("q"), array("q"), array("q")
+        mm, end, unpack = self._mm, self.file_size, _MDF_RECORD.unpack_from
+        pos = MDF_HEADER_SIZE
+        while True:
+            if pos + _MDF_RECORD.size > end:
+                raise TruncatedDumpError(
+                    "flattened dump ends without its end marker (offset -1, size -1): "
+                    "the dump is incomplete (the writer did not finish)",
+                    path=self.path,
+                    offset=pos,
+                )
+            offset, size = unpack(mm, pos)
+            if offset == -1 and size == -1:
+                break
+            if offset < 0 or size < 0 or offset > MAX_MAPNR << 20:
+                raise self._error(
+                    f"flattened record with bad offset {offset:#x} or size {size:#x}", pos
+                )
+            if pos + _MDF_RECORD.size + size > end:
+                raise TruncatedDumpError(
+                    f"flattened record of {size} bytes for offset {offset:#x} runs past the end "
+                    f"of the file ({end:#x})",
+                    path=self.path,
+                    offset=pos,
+                )
+            if size:
+                starts.append(offset)
+                sizes.append(size)
+                datas.append(pos + _MDF_RECORD.size)
+            pos += _MDF_RECORD.size + size
+        if pos + _MDF_RECORD.size < end:
+            self.warnings.append(
+                f"{self.path}: {end - pos - _MDF_RECORD.size} bytes after the flattened end "
+                f"marker at offset {pos:#x} are ignored"
+            )
+        self._nrecords = len(starts)
+        lstart = np.frombuffer(starts, np.int64)
+        lend = lstart + np.frombuffer(sizes, np.int64)
+        fstart = np.frombuffer(datas, np.int64)
+        order = np.argsort(lstart, kind="stable")
+        lstart, lend, fstart = lstart[order], lend[order], fstart[order]
+        if len(lstart) > 1 and np.any(lend[:-1] > lstart[1:]):
+            lstart, lend, fstart = _paint(starts, sizes, datas)
+        self._segs = (lstart, lend, fstart)
+        self._logical_size = int(lend.max()) if len(lend) else 0
+
+    def _lread(self, offset: int, size: int, what: str) -> bytes:
+        """Read ``size`` bytes at ``offset`` of the logical (reassembled) file.
+
+        Bytes no flattened record wrote read as zero, as in the file ``makedumpfile -R`` makes.
+        """
+        if self._segs is None:
+            return self._read(offset, size, what)
+        if offset < 0 or size < 0 or offset + size > self._logical_size:
+            raise TruncatedDumpError(
+                f"{what} ({size} bytes at offset {offset:#x} of the reassembled dump) runs past "
+                f"its end ({self._logical_size:#x})",
+                path=self.path,
+            )
+        lstart, lend, fstart = self._segs
+        i = int(lstart.searchsorted(offset, "right")) - 1
+        pieces, pos, stop, nseg = [], offset, offset + size, len(lstart)
+        while pos < stop:
+            if i >= 0 and lstart.item(i) <= pos < lend.item(i):  # inside segment i
+                upto = min(stop, lend.item(i))
+                at = fstart.item(i) + pos - lstart.item(i)
+                pieces.append(self._mm[at : at + upto - pos])
+            else:  # a gap before segment i + 1: never written, reads as zero
+                upto = stop if i + 1 >= nseg else min(stop, lstart.item(i + 1))
+                pieces.append(bytes(upto - pos))
+            pos = upto
+            if i + 1 < nseg and lstart.item(i + 1) <= pos:
+                i += 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _file_offsets(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """File offsets of logical ranges held whole in one place; -1 for the others."""
+        if self._segs is None:
+            return offsets
+        lstart, lend, fstart = self._segs
+        i = np.searchsorted(lstart, offsets, "right") - 1
+        ok = i >= 0
+        i = np.where(ok, i, 0)
+        ok &= offsets + sizes <= lend[i]
+        return np.where(ok, fstart[i] + offsets - lstart[i], -1)
+
+    def _where(self, offset: int) -> tuple[int | None, str]:
+        """The file offset for an error and, for flattened dumps, the logical offset as text."""
+        if self._segs is None:
+            return offset, ""
+        at = int(self._file_offsets(np.array([offset]), np.array([0]))[0])
+        return (at if at >= 0 else None), f" (offset {offset:#x} of the reassembled dump)"
+
+    def _fail(
+        self, detail: str, offset: int, cls: type[DumpFormatError] = DumpFormatError
+    ) -> DumpFormatError:
+        """An error about logical ``offset``, placed at its file offset."""
+        where, logical = self._where(offset)
+        return cls(detail + logical, path=self.path, offset=where)
+
+    # -- headers ---------------------------------------------------------------------------
+
+    def _load_extents(self) -> list[Extent]:
+        self._segs = None
+        self._logical_size = self.file_size
+        self._nrecords = 0
+        self._zstd: zstandard.ZstdDecompressor | None = None
+        if self._mm[:16] == MDF_SIGNATURE:
+            self._index_flattened()
+        self._parse_header()
+        self._parse_sub_header()
+        self._locate_bitmaps()
+        self._plan_chunks()
+        return self._classify()
+
+    def _parse_header(self) -> None:
+        head = self._lread(0, struct.calcsize("<" + _HEADER_FMT[64]), "kdump header")
+        if head[:8] not in SIGNATURES:
+            if head[:4] == b"\x7fELF":
+                raise UnsupportedDumpError(
+                    "this flattened dump holds an ELF core (makedumpfile -E -F); reassemble it "
+                    "with makedumpfile -R and read the ELF file",
+                    path=self.path,
+                    offset=0,
+                )
+            raise self._error(
+                f"bad kdump signature {head[:8]!r}: expected b'KDUMP   ' or b'DISKDUMP'", 0
+            )
+        machine = head[12 + 4 * 65 : 12 + 5 * 65].split(b"\0", 1)[0]
+        order = (32, 64) if machine in (b"i386", b"i486", b"i586", b"i686", b"arm") else (64, 32)
+        candidates = [(bits, e) for bits in order for e in "<>"]
+        for bits, e in candidates:
+            fields = struct.unpack_from(e + _HEADER_FMT[bits], head)
+            if _header_problem(fields, bits) is None:
+                break
+        else:
+            # Explain with the likeliest reading: the byte order that makes header_version small.
+            e = "<" if 0 <= int.from_bytes(head[8:12], "little", signed=True) < 1 << 16 else ">"
+            fields = struct.unpack_from(e + _HEADER_FMT[order[0]], head)
+            problem, at = _header_problem(fields, order[0]) or ("unreadable", 0)
+            raise self._fail(f"{problem} in the kdump header", at)
+        (
+            self.signature,
+            self.header_version,
+            uts,
+            self.timestamp,
+            _usec,
+            self.status,
+            bs,
+            self.sub_hdr_size,
+            self.bitmap_blocks,
+            self.max_mapnr,
+            *_rest,
+        ) = fields
+        self.endian, self.bits, self.block_size = e, bits, bs
+        self.utsname = {
+            name: uts[65 * k : 65 * (k + 1)].split(b"\0", 1)[0].decode("ascii", "replace")
+            for k, name in enumerate(_UTS_FIELDS)
+        }
+        if bs < self.page_size:
+            raise self._fail(
+                f"block_size {bs} (the guest page size) is smaller than the analysis page size "
+                f"{self.page_size}: a guest page cannot be split into analysis pages; analyse "
+                f"with a page size of {bs} or less",
+                _FIELD_AT[bits]["block_size"],
+            )
+        self._sub = bs // self.page_size
+        if self.status & _STATUS_INCOMPLETE:
+            self.warnings.append(
+                f"{self.path}: the dump header says the dump is incomplete (status "
+                f"{self.status:#x}): the writer ran out of space or was interrupted"
+            )
+
+    def _parse_sub_header(self) -> None:
+        bs, hv = self.block_size, self.header_version
+        self.phys_base = self.dump_level = 0
+        self.split = False
+        self.start_pfn, self.end_pfn = 0, None
+        if hv < 1:
+            return  # diskdump: no sub header
+        if self.bits == 64:
+            packing = "64"
+        else:
+            # libkdumpfile read_sub_hdr_32: IA-32 packs the 64-bit fields, AArch32 aligns them;
+            # pick the packing whose offset_vmcoreinfo lands inside the sub header blocks.
+            st = struct.Struct(self.endian + _SUB_FMT["32pack"])
+            off_vmci, size_vmci = st.unpack(self._lread(bs, st.size, "kdump sub header"))[5:7]
+            payload = bs * (1 + self.sub_hdr_size)
+            packed = (off_vmci == 0 and size_vmci == 0) or bs < off_vmci <= payload - size_vmci
+            packing = "32pack" if hv < 3 or packed else "32pad"
+        st = struct.Struct(self.endian + _SUB_FMT[packing])
+        sub = self._lread(bs, st.size, "kdump sub header")
+        (phys_base, dump_level, split, start, end, *_notes, start64, end64, mapnr64) = st.unpack(
+            sub
+        )
+        self.phys_base, self.dump_level, self.split = phys_base, dump_level, hv >= 2 and split != 0
+        if self.split:
+            self.start_pfn, self.end_pfn = (start64, end64) if hv >= 6 else (start, end)
+        if hv >= 6 and mapnr64:
+            if mapnr64 > MAX_MAPNR:
+                raise self._fail(
+                    f"max_mapnr_64 {mapnr64:#x} is implausible (more than 2^40 page frames)",
+                    bs + st.size - 8,
+                )
+            self.max_mapnr = mapnr64
+        if dump_level & (_DL_USER | _DL_FREE):
+            self.warnings.append(
+                f"{self.path}: dump level {dump_level} excludes user/free pages: KSM savings "
+                "cannot be estimated from this dump (take it with makedumpfile -d 0 or -d 1)"
+            )
+
+    def _locate_bitmaps(self) -> None:
+        bs = self.block_size
+        self._bitmap1 = bs * (1 + self.sub_hdr_size)
+        half = self.bitmap_blocks // 2
+        if self.bitmap_blocks % 2 == 0 and half * bs * 8 >= self.max_mapnr:
+            self._bitmap2 = self._bitmap1 + half * bs
+        else:
+            # Old diskdump files have one bitmap (crash diskdump.c): it is both bitmaps.
+            self._bitmap2 = self._bitmap1
+        if self.bitmap_blocks * bs * 8 < self.max_mapnr:  # max_mapnr_64 beyond the 32-bit one
+            raise self._fail(
+                f"bitmap_blocks {self.bitmap_blocks} cover {self.bitmap_blocks * bs * 8:#x} PFNs, "
+                f"fewer than max_mapnr {self.max_mapnr:#x}",
+                _FIELD_AT[self.bits]["bitmap_blocks"],
+            )
+        self._desc_start = bs * (1 + self.sub_hdr_size + self.bitmap_blocks)
+        need = -(-self.max_mapnr // 8)
+        for name, at in (("bitmap 1", self._bitmap1), ("bitmap 2", self._bitmap2)):
+            if at + need > self._logical_size:
+                self._lread(at, need, f"{name} of {self.max_mapnr:#x} PFNs")  # raises
+            self._check_written(at, at + need, name)
+        hi = self.max_mapnr if self.end_pfn is None else min(self.end_pfn, self.max_mapnr)
+        if not 0 <= self.start_pfn <= hi:
+            raise self._fail(
+                f"split dump PFN range {self.start_pfn:#x}-{self.end_pfn:#x} lies outside "
+                f"max_mapnr {self.max_mapnr:#x}",
+                bs,
+            )
+        self._pfn_lo, self._pfn_hi = self.start_pfn, hi
+        if self.split:
+            self.warnings.append(
+                f"{self.path}: this file is one part of a split dump (makedumpfile --split) "
+                f"and holds PFNs {self.start_pfn:#x}-{hi:#x} only"
+            )
+
+    def _bits(self, bitmap: int, first_pfn: int, npfns: int, what: str) -> np.ndarray:
+        """Bits ``first_pfn`` to ``first_pfn + npfns`` of a bitmap, as bools."""
+        lo, hi = first_pfn // 8, -(-(first_pfn + npfns) // 8)
+        raw = np.frombuffer(self._lread(bitmap + lo, hi - lo, what), np.uint8)
+        skip = first_pfn - 8 * lo
+        return np.unpackbits(raw, bitorder="little")[skip : skip + npfns].view(bool)
+
+    def _plan_chunks(self) -> None:
+        """Count the dumpable PFNs, chunk by chunk, and check the descriptor table fits."""
+        self._chunks: list[_Chunk] = []
+        ndesc = 0
+        for first in range(self._pfn_lo, self._pfn_hi, _CHUNK_PFNS):
+            n = min(_CHUNK_PFNS, self._pfn_hi - first)
+            self._chunks.append(_Chunk(first, n, ndesc))
+            ndesc += int(np.count_nonzero(self._bits(self._bitmap2, first, n, "bitmap 2")))
+        self.num_dumpable = ndesc
+        self._data_start = self._desc_start + DESC_SIZE * ndesc
+        if self._data_start > self._logical_size:
+            raise self._fail(
+                f"page descriptor table ({ndesc} descriptors, {DESC_SIZE * ndesc} bytes) runs "
+                f"past the end of the file ({self._logical_size:#x})",
+                self._desc_start,
+                TruncatedDumpError,
+            )
+        self._check_written(self._desc_start, self._data_start, "page descriptor table")
+        # The shared zero page is the first block of the data area; check it is one.
+        self._zero_desc = False
+        if ndesc and self._data_start + self.block_size <= self._logical_size:
+            block = self._lread(self._data_start, self.block_size, "zero page")
+            self._zero_desc = block == bytes(self.block_size)
+        self._desc_dtype = np.dtype(
+            [(k, self.endian + t) for k, t in (("offset", "i8"), ("size", "u4"), ("flags", "u4"))]
+            + [("page_flags", self.endian + "u8")]
+        )
+
+    def _check_written(self, start: int, stop: int, what: str) -> None:
+        """Refuse a flattened dump that never wrote some bytes of ``[start, stop)``."""
+        if self._segs is None:
+            return
+        lstart, lend, _ = self._segs
+        lo = int(np.searchsorted(lend, start, "right"))
+        hi = int(np.searchsorted(lstart, stop, "left"))
+        covered = np.minimum(lend[lo:hi], stop) - np.maximum(lstart[lo:hi], start)
+        if int(covered.sum()) != stop - start:
+            raise TruncatedDumpError(
+                f"part of the {what} ({stop - start} bytes at offset {start:#x} of the "
+                "reassembled dump) was never written by any flattened record: the dump is "
+                "incomplete",
+                path=self.path,
+            )
+
+    # -- pages -----------------------------------------------------------------------------
+
+    def _descriptors(self, first: int, n: int) -> np.ndarray:
+        raw = self._lread(self._desc_start + DESC_SIZE * first, DESC_SIZE * n, "page descriptors")
+        return np.frombuffer(raw, self._desc_dtype)
+
+    def _is_zero(self, desc: np.ndarray) -> np.ndarray:
+        """Which descriptors are the shared zero descriptor."""
+        zero: np.ndarray = np.zeros(len(desc), bool)
+        if self._zero_desc:
+            zero = desc["offset"] == self._data_start
+            zero &= (desc["size"] == self.block_size) & (desc["flags"] == 0)
+        return zero
+
+    def _chunk_pages(self, chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bitmap-2 bits, descriptors of the chunk's dumpable PFNs, which are zero)."""
+        b2 = self._bits(self._bitmap2, chunk.first_pfn, chunk.npfns, "bitmap 2")
+        desc = self._descriptors(chunk.first_desc, int(np.count_nonzero(b2)))
+        return b2, desc, self._is_zero(desc)
+
+    def _classify(self) -> list[Extent]:
+        bs, sub, ps = self.block_size, self._sub, self.page_size
+        states = (PageState.DATA, PageState.ZERO, PageState.HOLE, PageState.EXCLUDED)
+        extents: list[Extent] = []
+        self.zero_pages = self.excluded_pages = 0
+        for chunk in self._chunks:
+            b2, desc, zero = self._chunk_pages(chunk)
+            b1 = self._bits(self._bitmap1, chunk.first_pfn, chunk.npfns, "bitmap 1")
+            dumpable = np.flatnonzero(b2)
+            self._check_descriptors(chunk, dumpable, desc, zero)
+            state = np.full(chunk.npfns, _NOT_REPORTED, np.int8)
+            state[b1] = PageState.EXCLUDED
+            state[dumpable] = PageState.DATA
+            state[dumpable[zero]] = PageState.ZERO
+            self.zero_pages += int(np.count_nonzero(zero))
+            self.excluded_pages += int(np.count_nonzero(b1 & ~b2))
+            edges = np.flatnonzero(np.diff(state)) + 1
+            starts = np.concatenate(([0], edges))
+            stops = np.concatenate((edges, [chunk.npfns]))
+            values = state[starts]
+            keep = values != _NOT_REPORTED
+            addrs = ((chunk.first_pfn + starts[keep]) * bs).tolist()
+            counts = ((stops[keep] - starts[keep]) * sub).tolist()
+            kinds = [states[v] for v in values[keep].tolist()]
+            runs = list(map(Extent, addrs, counts, kinds))
+            prev = extents[-1] if extents else None
+            first = runs[0] if runs else None
+            if prev and first and prev.state == first.state and prev.end_addr(ps) == first.addr:
+                extents.pop()  # a run that continues across chunks
+                runs[0] = prev._replace(npages=prev.npages + first.npages)
+            extents += runs
+        return extents
+
+    def _check_descriptors(
+        self, chunk: _Chunk, dumpable: np.ndarray, desc: np.ndarray, zero: np.ndarray
+    ) -> None:
+        """Refuse descriptors no page can be read from: unknown codec, bad size, past EOF."""
+        bs = self.block_size
+        flags, size, offset = desc["flags"], desc["size"].astype(np.int64), desc["offset"]
+        bad_flags = ~np.isin(flags, [0, *_CODEC_NAMES])
+        bad_size = np.where(flags == 0, size != bs, (size == 0) | (size > bs))
+        past_end = (offset < 0) | (offset + size > self._logical_size)
+        bad = np.flatnonzero((bad_flags | bad_size | past_end) & ~zero)
+        if not len(bad):
+            return
+        k = int(bad[0])
+        pfn = chunk.first_pfn + int(dumpable[k])
+        f, n, off = int(flags[k]), int(size[k]), int(offset[k])
+        if past_end[k] and not bad_flags[k]:
+            raise self._fail(
+                f"data of the page at PFN {pfn:#x} ({n} bytes at offset {off:#x}) runs past the "
+                f"end of the file ({self._logical_size:#x})",
+                max(off, 0),
+                TruncatedDumpError,
+            )
+        if bad_flags[k]:
+            detail = f"page descriptor of PFN {pfn:#x} has unknown compression flags {f:#x}"
+        else:
+            kind = _CODEC_NAMES.get(f, "raw")
+            detail = f"page descriptor of PFN {pfn:#x} gives a {kind} page of {n} bytes"
+            detail += f"; block_size is {bs}"
+        desc_at = self._desc_start + DESC_SIZE * (chunk.first_desc + k)
+        raise self._fail(detail, desc_at, CorruptPageError)
+
+    def iter_batches(self, batch_pages: int = DEFAULT_BATCH_PAGES) -> Iterator[PageBatch]:
+        """Yield the DATA pages in PFN order, decompressed, ``batch_pages`` at a time.
+
+        Locators are ``descriptor index * (block_size // page_size) + sub-page``.
+        """
+        bs, ps, sub = self.block_size, self.page_size, self._sub
+        per = max(1, batch_pages // sub)
+        first = np.arange(sub, dtype=np.uint64)
+        for chunk in self._chunks:
+            b2, desc, zero = self._chunk_pages(chunk)
+            keep = np.flatnonzero(~zero)
+            pfns = chunk.first_pfn + np.flatnonzero(b2)[keep]
+            index = chunk.first_desc + keep
+            desc = desc[keep]
+            for i in range(0, len(keep), per):
+                p, x = pfns[i : i + per].astype(np.uint64), index[i : i + per].astype(np.uint64)
+                pages = self._decode(desc[i : i + per], p).reshape(-1, ps)
+                addrs = (p[:, None] * np.uint64(bs) + first * np.uint64(ps)).ravel()
+                locators = (x[:, None] * np.uint64(sub) + first).ravel()
+                yield PageBatch(addrs, locators, pages)
+
+    def read_pages(self, locators: np.ndarray) -> np.ndarray:
+        """The analysis pages given by locators from :meth:`iter_batches`, decoded again."""
+        locs = np.asarray(locators, dtype=np.uint64)
+        if len(locs) and int(locs.max()) >= self.num_dumpable * self._sub:
+            raise ValueError(f"locator {int(locs.max()):#x} is not from this dump")
+        if not len(locs):
+            return np.empty((0, self.page_size), np.uint8)
+        index, part = np.divmod(locs.astype(np.int64), self._sub)
+        wanted, inverse = np.unique(index, return_inverse=True)
+        if self._segs is None:
+            table = np.frombuffer(self._mm, self._desc_dtype, self.num_dumpable, self._desc_start)
+            desc = table[wanted]
+            del table  # let the map close
+        else:
+            desc = np.concatenate([self._descriptors(i, 1) for i in wanted.tolist()])
+        blocks = self._decode(desc, None, wanted)
+        out = blocks.reshape(len(wanted), self._sub, self.page_size)[inverse.ravel(), part]
+        return np.ascontiguousarray(out)
+
+    def _pfn_of(self, index: int) -> int:
+        """The PFN of descriptor ``index``: its rank among the set bits of bitmap 2."""
+        starts = [c.first_desc for c in self._chunks]
+        chunk = self._chunks[int(np.searchsorted(starts, index, "right")) - 1]
+        b2 = self._bits(self._bitmap2, chunk.first_pfn, chunk.npfns, "bitmap 2")
+        return chunk.first_pfn + int(np.flatnonzero(b2)[index - chunk.first_desc])
+
+    def _decode(
+        self, desc: np.ndarray, pfns: np.ndarray | None, index: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The ``(len(desc), block_size)`` bytes of the pages ``desc`` describes.
+
+        ``pfns`` (or else ``index``, the descriptor numbers) names the pages in errors.
+        """
+        bs = self.block_size
+        index_ = np.zeros(len(desc), np.int64) if index is None else index
+        blocks = np.empty((len(desc), bs), np.uint8)
+        offsets = desc["offset"].astype(np.int64)
+        sizes = desc["size"].astype(np.int64)
+        at = self._file_offsets(offsets, sizes)
+        mm, end = self._mm, self.file_size
+        rows = zip(at.tolist(), sizes.tolist(), desc["flags"].tolist(), strict=True)
+        for k, (fo, size, flags) in enumerate(rows):
+            if fo >= 0 and fo + size <= end:
+                data = mm[fo : fo + size]
+            else:  # spread over flattened records (or past the end: _lread says so)
+                data = self._lread(int(offsets[k]), size, "page data")
+            try:
+                if flags == 0:
+                    if size != bs:
+                        raise _DecodeError(f"raw page of {size} bytes; block_size is {bs}")
+                    blocks[k] = np.frombuffer(data, np.uint8)
+                else:
+                    self._decompress(flags, data, blocks[k])
+            except _DecodeError as e:
+                pfn = int(pfns[k]) if pfns is not None else self._pfn_of(int(index_[k]))
+                raise self._fail(
+                    f"page at PFN {pfn:#x} fails to decompress ({e})",
+                    int(offsets[k]),
+                    CorruptPageError,
+                ) from None
+        return blocks
+
+    def _decompress(self, flags: int, data: bytes, out: np.ndarray) -> None:
+        """Decompress one page into ``out`` (block_size bytes) or raise _DecodeError."""
+        bs = len(out)
+        name = _CODEC_NAMES.get(flags, f"flags {flags:#x}")
+        try:
+            if flags == _ZLIB:
+                d = zlib.decompressobj()
+                res = d.decompress(data, bs)
+                if len(res) == bs and not d.eof:
+                    raise _DecodeError(f"zlib: more than {bs} bytes or a truncated stream")
+            elif flags == _LZO:
+                res = lzallright.LZOCompressor.decompress(data, output_size_hint=bs)
+            elif flags == _SNAPPY:
+                n = cramjam.snappy.decompress_raw_into(data, out.data)
+                if n != bs:
+                    raise _DecodeError(f"snappy: {n} bytes, not {bs}")
+                return
+            elif flags == _ZSTD:
+                # Bound the output before zstd allocates what the frame header claims.
+                size = zstandard.frame_content_size(data)
+                if size not in (bs, -1):
+                    raise _DecodeError(f"zstd: the frame holds {size} bytes, not {bs}")
+                if self._zstd is None:
+                    self._zstd = zstandard.ZstdDecompressor()
+                res = self._zstd.decompress(data, max_output_size=bs)
+            else:
+                raise _DecodeError(f"unknown compression flags {flags:#x}")
+        except _CODEC_ERRORS as e:
+            raise _DecodeError(f"{name}: {e}") from None
+        if len(res) != bs:
+            raise _DecodeError(f"{name}: {len(res)} bytes, not {bs}")
+        out[:] = np.frombuffer(res, np.uint8)
+
+    # -- facts -----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Header facts; page counts are in guest pages of ``block_size`` bytes."""
+        return {
+            "flattened": self._segs is not None,
+            "flattened_records": self._nrecords,
+            "signature": self.signature.decode("ascii", "replace"),
+            "header_version": self.header_version,
+            "layout": f"{self.bits}-bit",
+            "byte_order": "little" if self.endian == "<" else "big",
+            "block_size": self.block_size,
+            "status": self.status,
+            "compression": [name for bit, name in _CODEC_NAMES.items() if self.status & bit],
+            "dump_level": self.dump_level,
+            "max_mapnr": self.max_mapnr,
+            "phys_base": self.phys_base,
+            "split": [self.start_pfn, self._pfn_hi] if self.split else None,
+            "dumpable_pages": self.num_dumpable,
+            "zero_pages": self.zero_pages,
+            "excluded_pages": self.excluded_pages,
+            "timestamp": self.timestamp,
+            "utsname": dict(self.utsname),
+        }
+
+
+def _header_problem(fields: tuple[Any, ...], bits: int) -> tuple[str, int] | None:
+    """Why a header reading is implausible (libkdumpfile ``try_header``) and where, or None."""
+    version, bs, sub_hdr_size, bitmap_blocks, max_mapnr = fields[1], *fields[6:10]
+    at = _FIELD_AT[bits]
+    if not 0 <= version < 1 << 16:
+        return f"header_version {version:#x} is out of range", at["header_version"]
+    if bs < 512 or bs > 1 << 20 or bs & (bs - 1):
+        return (
+            f"block_size {bs} ({bs & 0xFFFFFFFF:#x}) is not a power of two from 512 to 1 MiB",
+            at["block_size"],
+        )
+    if sub_hdr_size < 0:
+        return f"sub_hdr_size {sub_hdr_size} is negative", at["sub_hdr_size"]
+    if 8 * bitmap_blocks * bs < max(max_mapnr, 1):
+        return (
+            f"bitmap_blocks {bitmap_blocks} cover {8 * bitmap_blocks * bs:#x} PFNs, fewer than "
+            + f"max_mapnr {max_mapnr:#x}",
+            at["bitmap_blocks"],
+        )
+    return None
+
+
+def _paint(
+    starts: array[int], sizes: array[int], datas: array[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resolve overlapping flattened records, the later winning: sorted disjoint segments."""
+    n = len(starts)
+    order = sorted(range(n), key=lambda r: starts[r])
+    bounds = sorted({*starts, *(s + z for s, z in zip(starts, sizes, strict=True))})
+    heap: list[int] = []  # -record, for a max-heap: the latest record covering a point wins
+    out: list[tuple[int, int, int]] = []
+    j = 0
+    for lo, hi in itertools.pairwise(bounds):
+        while j < n and starts[order[j]] <= lo:
+            heapq.heappush(heap, -order[j])
+            j += 1
+        while heap and starts[-heap[0]] + sizes[-heap[0]] <= lo:
+            heapq.heappop(heap)
+        if not heap:
+            continue
+        r = -heap[0]
+        f = datas[r] + lo - starts[r]
+        if out and out[-1][1] == lo and out[-1][2] + (lo - out[-1][0]) == f:
+            out[-1] = (out[-1][0], hi, out[-1][2])
+        else:
+            out.append((lo, hi, f))
+    seg = np.array(out, np.int64).reshape(-1, 3)
+    return seg[:, 0].copy(), seg[:, 1].copy(), seg[:, 2].copy()
