@@ -1,0 +1,142 @@
+"""Stage 1: one pass over a dump that flags zero pages and hashes every page's prefix.
+
+Zero pages are found in bulk with numpy (a cheap look at the first 64 bytes, then a full check
+of just those pages), never by hashing. Every other page gets xxh3-64 of its first
+``prefix_bytes`` bytes, the first KSM design's partial hash; stage 2 (``dedup.py``) decides
+which of them are really equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .formats import DumpFormat
+from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
+from .pages import Extent, PageState
+
+__all__ = ["PageTable", "fingerprint", "zero_rows"]
+
+_PROBE_WORDS = 8  # 64 bytes: one cache line decides most pages are not zero
+
+
+@dataclass
+class PageTable:
+    """Fingerprints of one input: one row per stored page (25 bytes a page).
+
+    Pages the format marks ZERO, HOLE, EXCLUDED or NOT_SAVED have no rows; they are counted
+    in ``state_pages`` from the extents.
+    """
+
+    path: str
+    format: DumpFormat
+    address_space: str
+    page_size: int
+    prefix_bytes: int
+    extents: list[Extent]
+    info: dict[str, Any]
+    warnings: list[str]
+    addrs: np.ndarray
+    """uint64 address of each stored page."""
+    locators: np.ndarray
+    """uint64 reader locator of each stored page (to read it again in stage 2)."""
+    prefix: np.ndarray
+    """uint64 xxh3-64 of the page's first ``prefix_bytes`` bytes; 0 for zero pages."""
+    zero: np.ndarray
+    """bool: the stored page is all zero."""
+    state_pages: dict[PageState, int] = field(default_factory=dict)
+    """Pages per state from the extents (DATA counts stored pages, zero or not)."""
+
+    @property
+    def zero_pages(self) -> int:
+        """All-zero pages: found by content plus those the format marks ZERO."""
+        return int(self.zero.sum()) + self.state_pages[PageState.ZERO]
+
+    @property
+    def nonzero_pages(self) -> int:
+        """Stored pages with at least one non-zero byte."""
+        return len(self.zero) - int(self.zero.sum())
+
+
+def zero_rows(pages: np.ndarray) -> np.ndarray:
+    """Return a bool per row of ``pages`` (n, page_size): is the row all zero bytes."""
+    words = pages.view(np.uint64)
+    maybe = np.flatnonzero(~words[:, :_PROBE_WORDS].any(axis=1))
+    zero = np.zeros(len(pages), dtype=bool)
+    if maybe.size == 0:
+        return zero
+    # Check candidates run by run: slices of the batch need no copy, fancy indexing would.
+    breaks = np.flatnonzero(np.diff(maybe) != 1) + 1
+    for run in np.split(maybe, breaks):
+        start, stop = int(run[0]), int(run[-1]) + 1
+        zero[start:stop] = ~words[start:stop].any(axis=1)
+    return zero
+
+
+def prefix_hashes(pages: np.ndarray, rows: np.ndarray, nbytes: int) -> np.ndarray:
+    """xxh3-64 of the first ``nbytes`` bytes of the given rows of ``pages``."""
+    ps = pages.shape[1]
+    flat = memoryview(np.ascontiguousarray(pages).reshape(-1))
+    digest = xxhash.xxh3_64_intdigest
+    offsets = (rows * ps).tolist()
+    return np.fromiter(
+        (digest(flat[o : o + nbytes]) for o in offsets), dtype=np.uint64, count=len(offsets)
+    )
+
+
+def fingerprint(
+    reader: DumpReader,
+    *,
+    prefix_bytes: int = 128,
+    batch_pages: int = DEFAULT_BATCH_PAGES,
+    progress: Callable[[int], None] | None = None,
+) -> PageTable:
+    """Read every stored page of ``reader`` once and build its :class:`PageTable`.
+
+    Args:
+        reader: an open dump.
+        prefix_bytes: bytes hashed per page; 0 (or the page size) hashes the whole page.
+        batch_pages: pages handed from the reader at a time.
+        progress: called with the number of bytes done after each batch.
+
+    Returns:
+        The input's fingerprints.
+    """
+    ps = reader.page_size
+    nbytes = ps if prefix_bytes <= 0 else min(prefix_bytes, ps)
+    addrs, locators, prefixes, zeros = [], [], [], []
+    for batch in reader.iter_batches(batch_pages):
+        zero = zero_rows(batch.pages)
+        prefix = np.zeros(len(zero), dtype=np.uint64)
+        rows = np.flatnonzero(~zero)
+        if rows.size:
+            prefix[rows] = prefix_hashes(batch.pages, rows, nbytes)
+        addrs.append(batch.addrs)
+        locators.append(batch.locators)
+        prefixes.append(prefix)
+        zeros.append(zero)
+        if progress is not None:
+            progress(len(zero) * ps)
+
+    def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+
+    return PageTable(
+        path=reader.path,
+        format=reader.format,
+        address_space=getattr(reader, "address_space", "physical"),
+        page_size=ps,
+        prefix_bytes=nbytes,
+        extents=list(reader.extents),
+        info=reader.info(),
+        warnings=list(reader.warnings),
+        addrs=joined(addrs, np.uint64),
+        locators=joined(locators, np.uint64),
+        prefix=joined(prefixes, np.uint64),
+        zero=joined(zeros, np.bool_),
+        state_pages=reader.page_counts(),
+    )

@@ -1,0 +1,111 @@
+"""Stage 2: equal means equal bytes, whatever the hashes say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xxhash
+
+from ksm_analyze.dedup import classify
+from ksm_analyze.fingerprint import fingerprint
+from ksm_analyze.formats.raw import RawReader
+
+PS = 4096
+
+
+def _write(path, pages):
+    np.asarray(pages, dtype=np.uint8).tofile(path)
+    return path
+
+
+def _run(paths, **kw):
+    readers = [RawReader(p) for p in paths]
+    try:
+        tables = [fingerprint(r) for r in readers]
+        return tables, classify(tables, readers, **kw)
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _truth_counts(*arrays):
+    """Copies of each distinct non-zero page content, computed straight from the bytes."""
+    pages = np.concatenate(arrays)
+    pages = pages[pages.any(axis=1)]
+    _, counts = np.unique(pages, axis=0, return_counts=True)
+    return sorted(counts.tolist())
+
+
+def _class_counts(tables, classes):
+    n_nonzero = sum(t.nonzero_pages for t in tables)
+    counts = np.bincount(classes.klass, minlength=classes.n_classes).tolist()
+    singles = n_nonzero - len(classes.row)
+    return sorted(counts + [1] * singles)
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    rng = np.random.default_rng(7)
+    a, b, c = rng.integers(0, 256, (3, PS), dtype=np.uint8)
+    a_lookalike = a.copy()
+    a_lookalike[-1] ^= 0xFF  # same 128-byte prefix as a, different page
+    one = np.stack([a, a, b, np.zeros(PS, np.uint8), a_lookalike, c])
+    two = np.stack([b, a, rng.integers(0, 256, PS, dtype=np.uint8), a_lookalike])
+    return _write(tmp_path / "one.raw", one), _write(tmp_path / "two.raw", two), one, two
+
+
+def test_classes_match_the_bytes(mixed):
+    p1, p2, one, two = mixed
+    tables, classes = _run([p1, p2])
+    assert _class_counts(tables, classes) == _truth_counts(one, two)
+    st = classes.stats
+    # a x3, b x2, lookalike x2 are candidates (prefix shared); c and the random page are not.
+    assert st.prefix_candidates == 3 + 2 + 2
+    assert st.false_candidates == 0
+    assert st.full_compares == 2 + 1 + 1
+    assert st.hash_collisions == 0
+
+
+def test_lookalike_prefix_alone_is_a_false_candidate(tmp_path):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, PS, dtype=np.uint8)
+    b = a.copy()
+    b[300] ^= 1
+    _, classes = _run([_write(tmp_path / "x.raw", np.stack([a, b]))])
+    assert classes.stats.prefix_candidates == 2
+    assert classes.stats.false_candidates == 2
+    assert classes.n_classes == 2
+
+
+def test_forced_hash_collisions_are_split_by_bytes(mixed, monkeypatch):
+    # Every page hashes to the same value in both stages: only the byte comparison can tell
+    # the contents apart, and it must.
+    monkeypatch.setattr(xxhash, "xxh3_64_intdigest", lambda data: 42)
+    p1, p2, one, two = mixed
+    tables, classes = _run([p1, p2])
+    assert _class_counts(tables, classes) == _truth_counts(one, two)
+    nonzero = 9
+    assert classes.stats.prefix_candidates == nonzero
+    assert classes.stats.hash_collisions > 0
+
+
+def test_no_verify_trusts_the_hashes(mixed, monkeypatch):
+    monkeypatch.setattr(xxhash, "xxh3_64_intdigest", lambda data: 42)
+    p1, p2, _, _ = mixed
+    _, classes = _run([p1, p2], verify=False)
+    # With every hash equal and no comparison, all non-zero pages fall into one class:
+    # exactly the failure --no-verify warns about.
+    assert classes.n_classes == 1
+    assert classes.stats.full_compares == 0
+    assert not classes.stats.verified
+
+
+def test_random_mix_against_numpy_unique(tmp_path):
+    rng = np.random.default_rng(3)
+    pool = rng.integers(0, 256, (40, PS), dtype=np.uint8)
+    pool[:5, 128:] = 0  # pages equal in their tails
+    pool[5:10, :128] = 0  # pages equal in their heads
+    picks = [pool[rng.integers(0, 40, 200)] for _ in range(3)]
+    paths = [_write(tmp_path / f"{i}.raw", p) for i, p in enumerate(picks)]
+    tables, classes = _run(paths)
+    assert _class_counts(tables, classes) == _truth_counts(*picks)
