@@ -1,0 +1,393 @@
+"""``analyze()``: readers -> fingerprints -> content classes -> KSM model -> DataFrames.
+
+All inputs of one call are treated as one host. Guest dumps cannot tell a page the guest
+zeroed (host-resident, mergeable) from one it never touched (costs the host nothing), so the
+prediction is made twice: ``with_zero_pages`` counts every zero page as present on the host,
+``without_zero_pages`` assumes none is. The footprint after KSM is nearly the same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .dedup import ContentClasses, StageStats, classify
+from .fingerprint import PageTable, fingerprint
+from .formats import DumpFormat, open_dump
+from .ksm import KsmCounters, KsmSettings, merged_pages, predict
+from .pages import PageState
+
+__all__ = ["Analysis", "analyze"]
+
+SCENARIOS = ("with_zero_pages", "without_zero_pages")
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`: every table the CLI prints, as DataFrames.
+
+    Attributes:
+        per_input: one row per input. Columns: ``input``, ``format``, ``address_space``,
+            ``pages`` (every page the dump describes), ``bytes``, ``nonzero_pages``,
+            ``zero_pages``, ``hole_pages``, ``excluded_pages``, ``not_saved_pages``,
+            ``ineligible_pages`` (file-backed or shared memory in process cores),
+            ``distinct_contents`` (non-zero contents in this input),
+            ``self_sharing_pages`` (pages KSM would save merging within this input alone,
+            zero pages apart).
+        host: the KSM counters, one row per counter (``pages_shared``, ``pages_sharing``,
+            ``pages_unshared``, ``pages_volatile``, ``ksm_zero_pages``, ``ksm_rmap_items``,
+            ``general_profit`` in bytes), one column per scenario.
+        savings: memory before and after KSM and where the savings come from; rows
+            ``memory_before``, ``zero_pages``, ``sharing_within_inputs``,
+            ``sharing_across_inputs``, ``saved``, ``memory_after``, ``rmap_overhead``;
+            columns ``<scenario>_pages``, ``<scenario>_bytes``, ``<scenario>_percent``.
+        histogram: the sharing-degree histogram (zdb -S style), one row per bucket of
+            copies (1, 2, 4, 8, ...: a bucket holds copies from it up to the next one).
+            Columns ``copies``, ``contents``, ``pages_referenced``, ``pages_after_merging``,
+            ``bytes_referenced``, ``bytes_after_merging`` (zero pages included, as present).
+        stages: fingerprinting statistics, one row per statistic.
+        convergence: seconds to one full scan and to steady state for each scenario.
+        counters: the KSM counters of the ``with_zero_pages`` scenario.
+        options: the options the analysis ran with.
+        warnings: every warning the readers raised.
+    """
+
+    per_input: pd.DataFrame
+    host: pd.DataFrame
+    savings: pd.DataFrame
+    histogram: pd.DataFrame
+    stages: pd.DataFrame
+    convergence: pd.DataFrame
+    counters: KsmCounters
+    options: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-able values (what ``scan --json`` prints)."""
+
+        def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+            return json_safe(df.reset_index().to_dict(orient="records"))
+
+        return {
+            "options": json_safe(self.options),
+            "per_input": records(self.per_input),
+            "host": json_safe(self.host.to_dict(orient="index")),
+            "savings": json_safe(self.savings.to_dict(orient="index")),
+            "histogram": records(self.histogram),
+            "stages": json_safe(self.stages["value"].to_dict()),
+            "convergence": json_safe(self.convergence.to_dict(orient="index")),
+            "warnings": list(self.warnings),
+        }
+
+
+def json_safe(value: Any) -> Any:
+    """numpy scalars and containers to plain Python values."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def analyze(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    format: str | DumpFormat | None = None,
+    page_size: int = 4096,
+    prefix_bytes: int = 128,
+    base_address: int | Sequence[int] = 0,
+    max_page_sharing: int = 256,
+    use_zero_pages: bool = False,
+    pages_to_scan: int = 100,
+    sleep_millisecs: int = 20,
+    verify: bool = True,
+) -> Analysis:
+    """Predict what KSM would save on a host holding all of ``paths``.
+
+    Args:
+        paths: one dump or several (all on one host).
+        format: force a format for every input; None detects each from its magic.
+        page_size: analysis page size in bytes; larger guest pages are split.
+        prefix_bytes: bytes hashed per page in stage 1 (0 = whole page).
+        base_address: address of the first byte of raw images: one for all inputs, or one
+            per input (e.g. ``pmemsave`` pieces of one guest taken at different addresses).
+        max_page_sharing: KSM's limit of mappings per KSM page (kernel default 256).
+        use_zero_pages: predict with ``use_zero_pages=1`` (zero pages map to the zero page).
+        pages_to_scan: ksmd's pages per wake-up, for the time to converge.
+        sleep_millisecs: ksmd's sleep between wake-ups, for the time to converge.
+        verify: compare candidate pages byte for byte (off: trust the 64+64-bit hashes).
+
+    Returns:
+        An :class:`Analysis`.
+
+    Raises:
+        KsmAnalyzeError: an input cannot be read (the message names file, offset, problem).
+        ValueError: an option is out of range.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no input given")
+    if prefix_bytes < 0:
+        raise ValueError(f"prefix_bytes cannot be negative, not {prefix_bytes}")
+    bases = [base_address] if isinstance(base_address, int) else list(base_address)
+    if len(bases) == 1:
+        bases *= len(paths)
+    if len(bases) != len(paths):
+        raise ValueError(
+            f"{len(bases)} base addresses for {len(paths)} inputs: give one, or one per input"
+        )
+    settings = KsmSettings(
+        max_page_sharing=max_page_sharing,
+        use_zero_pages=use_zero_pages,
+        pages_to_scan=pages_to_scan,
+        sleep_millisecs=sleep_millisecs,
+        page_size=page_size,
+    )
+    with contextlib.ExitStack() as stack:
+        readers = [
+            stack.enter_context(open_dump(p, format, page_size=page_size, base_address=b))
+            for p, b in zip(paths, bases, strict=True)
+        ]
+        tables = [fingerprint(r, prefix_bytes=prefix_bytes) for r in readers]
+        classes = classify(tables, readers, verify=verify)
+    options = {
+        "inputs": [os.fspath(p) for p in paths],
+        "format": DumpFormat.parse(format).value if format else "auto",
+        "page_size": page_size,
+        "prefix_bytes": tables[0].prefix_bytes if tables else prefix_bytes,
+        "base_address": bases if len(set(bases)) > 1 else bases[0],
+        "max_page_sharing": max_page_sharing,
+        "use_zero_pages": use_zero_pages,
+        "pages_to_scan": pages_to_scan,
+        "sleep_millisecs": sleep_millisecs,
+        "verify": verify,
+    }
+    return build_analysis(tables, classes, settings, options)
+
+
+def eligible_rows(table: PageTable) -> np.ndarray:
+    """Bool per stored page: may KSM merge it (False in file-backed or shared mappings)."""
+    data = [e for e in table.extents if e.state == PageState.DATA]
+    if all(e.anon is not False for e in data):
+        return np.ones(len(table.addrs), dtype=bool)
+    starts = np.array([e.addr for e in data], dtype=np.uint64)
+    ok = np.array([e.anon is not False for e in data], dtype=bool)
+    return ok[np.searchsorted(starts, table.addrs, side="right") - 1]
+
+
+def _state_pages(table: PageTable, state: PageState, *, eligible: bool | None = None) -> int:
+    return sum(
+        e.npages
+        for e in table.extents
+        if e.state == state and (eligible is None or (e.anon is not False) == eligible)
+    )
+
+
+@dataclass
+class _Counts:
+    """Eligible pages of every input, reduced to what the model needs."""
+
+    copies: np.ndarray  # eligible copies per candidate content class (0 = none eligible)
+    singletons: int  # eligible non-zero pages whose content occurs once
+    zero_pages: int  # eligible zero pages, all inputs
+    per_input: list[dict[str, int]]
+
+
+def _count(tables: Sequence[PageTable], classes: ContentClasses, mps: int) -> _Counts:
+    nsrc = len(tables)
+    elig_rows = [eligible_rows(t) for t in tables]
+    cand_elig = np.zeros(len(classes.row), dtype=bool)
+    for i in range(nsrc):
+        mine = classes.source == i
+        cand_elig[mine] = elig_rows[i][classes.row[mine]]
+    klass = classes.klass[cand_elig]
+    source = classes.source[cand_elig]
+    copies = np.bincount(klass, minlength=classes.n_classes)
+    # Per (class, input) copies: the sharing each input would find on its own.
+    pair, pair_copies = np.unique(klass * nsrc + source, return_counts=True)
+    pair_src = pair % nsrc
+    ksm, unshared = merged_pages(pair_copies, mps)
+    saved = pair_copies - ksm - unshared
+    per_input = []
+    singletons = 0
+    zero_total = 0
+    for i, t in enumerate(tables):
+        elig = elig_rows[i]
+        nonzero_elig = int((elig & ~t.zero).sum())
+        cand_i = int((source == i).sum())
+        unique_i = nonzero_elig - cand_i  # not a candidate: its content occurs once overall
+        singletons += unique_i
+        zero_i = int((elig & t.zero).sum()) + _state_pages(t, PageState.ZERO, eligible=True)
+        zero_total += zero_i
+        mine = pair_src == i
+        per_input.append(
+            {
+                "nonzero_pages": nonzero_elig,
+                "zero_pages": zero_i,
+                "distinct_contents": unique_i + int(mine.sum()),
+                "self_sharing_pages": int(saved[mine].sum()),
+                "ineligible_pages": int((~elig).sum())
+                + _state_pages(t, PageState.ZERO, eligible=False),
+            }
+        )
+    return _Counts(copies, singletons, zero_total, per_input)
+
+
+def build_analysis(
+    tables: Sequence[PageTable],
+    classes: ContentClasses,
+    settings: KsmSettings,
+    options: dict[str, Any],
+) -> Analysis:
+    """Turn fingerprints and content classes into the :class:`Analysis` tables."""
+    ps = settings.page_size
+    mps = settings.max_page_sharing
+    counts = _count(tables, classes, mps)
+    copies = counts.copies[counts.copies > 0]
+    zero = counts.zero_pages
+
+    counters = {
+        "with_zero_pages": predict(copies, zero, settings, singletons=counts.singletons),
+        "without_zero_pages": predict(copies, 0, settings, singletons=counts.singletons),
+    }
+    host = pd.DataFrame({k: v.as_dict() for k, v in counters.items()})
+    host.index.name = "counter"
+
+    nonzero_pages = int(copies.sum()) + counts.singletons
+    within = sum(row["self_sharing_pages"] for row in counts.per_input)
+    ksm, unshared = merged_pages(copies, mps)
+    across = int((copies - ksm - unshared).sum()) - within
+    if settings.use_zero_pages:
+        zero_saved = zero
+    else:
+        zk, zu = merged_pages(np.array([zero]), mps)
+        zero_saved = int(zero - zk[0] - zu[0])
+    savings = {}
+    for name, c in counters.items():
+        z = zero if name == "with_zero_pages" else 0
+        zs = zero_saved if name == "with_zero_pages" else 0
+        before = nonzero_pages + z
+        saved = zs + within + across
+        rows = {
+            "memory_before": before,
+            "zero_pages": zs,
+            "sharing_within_inputs": within,
+            "sharing_across_inputs": across,
+            "saved": saved,
+            "memory_after": before - saved,
+        }
+        savings[f"{name}_pages"] = {**rows, "rmap_overhead": None}
+        savings[f"{name}_bytes"] = {
+            **{k: v * ps for k, v in rows.items()},
+            "rmap_overhead": c.ksm_rmap_items * 64,
+        }
+        savings[f"{name}_percent"] = {
+            **{k: (100.0 * v / before if before else 0.0) for k, v in rows.items()},
+            "rmap_overhead": (100.0 * c.ksm_rmap_items * 64 / (before * ps)) if before else 0.0,
+        }
+    savings_df = pd.DataFrame(savings)
+    savings_df.index.name = "item"
+
+    histogram = _histogram(copies, counts.singletons, zero, settings)
+    stages = _stages(classes.stats, tables)
+    convergence = pd.DataFrame(
+        {name: _convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
+         for name, c in counters.items()}
+    )
+    convergence.index.name = "item"
+
+    per_input = pd.DataFrame([_input_row(t, row) for t, row in zip(tables, counts.per_input,
+                                                                   strict=True)])
+    warnings = [w for t in tables for w in t.warnings]
+    return Analysis(
+        per_input=per_input,
+        host=host,
+        savings=savings_df,
+        histogram=histogram,
+        stages=stages,
+        convergence=convergence,
+        counters=counters["with_zero_pages"],
+        options=options,
+        warnings=warnings,
+    )
+
+
+def _input_row(table: PageTable, counted: dict[str, int]) -> dict[str, Any]:
+    pages = sum(e.npages for e in table.extents)
+    return {
+        "input": table.path,
+        "format": table.format.value,
+        "address_space": table.address_space,
+        "pages": pages,
+        "bytes": pages * table.page_size,
+        "nonzero_pages": counted["nonzero_pages"],
+        "zero_pages": counted["zero_pages"],
+        "hole_pages": _state_pages(table, PageState.HOLE),
+        "excluded_pages": _state_pages(table, PageState.EXCLUDED),
+        "not_saved_pages": _state_pages(table, PageState.NOT_SAVED),
+        "ineligible_pages": counted["ineligible_pages"],
+        "distinct_contents": counted["distinct_contents"],
+        "self_sharing_pages": counted["self_sharing_pages"],
+    }
+
+
+def _histogram(
+    copies: np.ndarray, singletons: int, zero: int, settings: KsmSettings
+) -> pd.DataFrame:
+    """zdb -S style: contents bucketed by the highest power of two not above their copies."""
+    ps, mps = settings.page_size, settings.max_page_sharing
+    all_copies = np.append(copies, [zero]) if zero else copies
+    ksm, unshared = merged_pages(all_copies, mps)
+    after = ksm + unshared
+    if zero and settings.use_zero_pages:
+        after[-1] = 0  # every zero page maps the kernel's zero page
+    if singletons:
+        all_copies = np.append(all_copies, 1)
+        after = np.append(after, 1)
+    weights = np.ones(len(all_copies), np.int64)
+    if singletons:
+        weights[-1] = singletons  # one row standing for every content seen once
+    bucket = np.left_shift(1, np.floor(np.log2(np.maximum(all_copies, 1))).astype(np.int64))
+    df = pd.DataFrame(
+        {
+            "copies": bucket,
+            "contents": weights,
+            "pages_referenced": all_copies * weights,
+            "pages_after_merging": after * weights,
+        }
+    )
+    df = df.groupby("copies", as_index=False).sum().sort_values("copies")
+    df["bytes_referenced"] = df["pages_referenced"] * ps
+    df["bytes_after_merging"] = df["pages_after_merging"] * ps
+    return df.reset_index(drop=True)
+
+
+def _stages(stats: StageStats, tables: Sequence[PageTable]) -> pd.DataFrame:
+    values = asdict(stats)
+    values["zero_pages_found"] = sum(t.zero_pages for t in tables)
+    values["prefix_bytes"] = tables[0].prefix_bytes if tables else 0
+    df = pd.DataFrame({"value": pd.Series(values, dtype=object)})
+    df.index.name = "statistic"
+    return df
+
+
+def _convergence(scanned_pages: int, settings: KsmSettings) -> dict[str, float]:
+    """Seconds for ksmd to visit every page once, and to merge static duplicates.
+
+    ksmd wakes every ``sleep_millisecs`` and scans ``pages_to_scan`` pages; a page merges on
+    its second visit (its checksum must be stable), so steady state takes two full scans.
+    The CPU time of scanning itself and smart_scan's skipping are not modelled.
+    """
+    wakeups = -(-scanned_pages // settings.pages_to_scan)
+    full = wakeups * settings.sleep_millisecs / 1000.0
+    return {"scanned_pages": scanned_pages, "full_scan_seconds": full,
+            "steady_state_seconds": 2 * full}

@@ -1,0 +1,172 @@
+"""The ``ksm-analyze`` command line: a thin typer layer over the library.
+
+Each command calls one library function and renders what it returns. This is the only
+module that turns errors into exit codes: a bad input is one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .analysis import analyze
+from .errors import KsmAnalyzeError
+from .formats import DumpFormat, open_dump
+from .present import render_info, render_scan, to_json, write_csvs
+
+app = typer.Typer(
+    name="ksm-analyze",
+    help="Predict what Linux KSM would save, offline, from memory dumps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Bad input -> one line and exit 1; a bad option value -> one line and exit 2."""
+    try:
+        yield
+    except KsmAnalyzeError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except BrokenPipeError:
+        sys.stderr.close()  # e.g. `ksm-analyze scan ... | head`
+        raise typer.Exit(0) from None
+
+
+def _address(value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise typer.BadParameter(f"not an address: {value!r} (use e.g. 0x100000)") from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ksm-analyze {__version__}")
+        raise typer.Exit()
+
+
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Read inputs as this format instead of detecting it: "
+        + ", ".join(f.value for f in DumpFormat) + ".",
+        show_default=False,
+    ),
+]
+PageSizeOpt = Annotated[
+    int, typer.Option(help="Page size in bytes; larger guest pages are split into these.")
+]
+BaseOpt = Annotated[
+    str,
+    typer.Option(help="Address of the first byte of a raw image (e.g. 0x100000)."),
+]
+BasesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--base-address",
+        help="Address of the first byte of raw images (e.g. 0x100000): once for all inputs, "
+        "or once per input in order.",
+        show_default="0",
+    ),
+]
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True,
+                           help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Predict what Linux KSM would save, offline, from memory dumps."""
+
+
+@app.command()
+def scan(
+    dumps: Annotated[list[Path], typer.Argument(help="Dump files, all on one host.",
+                                                show_default=False)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+    = False,
+    csv_dir: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Also write one CSV per table into this directory.",
+                     show_default=False),
+    ] = None,
+    format: FormatOpt = None,
+    page_size: PageSizeOpt = 4096,
+    prefix_bytes: Annotated[
+        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
+    ] = 128,
+    base_address: BasesOpt = None,
+    max_page_sharing: Annotated[
+        int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
+    ] = 256,
+    use_zero_pages: Annotated[
+        bool, typer.Option("--use-zero-pages",
+                           help="Predict with use_zero_pages=1 (zero pages map the zero page).")
+    ] = False,
+    pages_to_scan: Annotated[int, typer.Option(help="ksmd pages per wake-up.")] = 100,
+    sleep_millisecs: Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")] = 20,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify",
+                           help="Compare candidate pages byte for byte before merging them.")
+    ] = True,
+) -> None:
+    """Predict the KSM counters and savings for DUMPS placed on one host."""
+    with _errors():
+        result = analyze(
+            dumps,
+            format=format,
+            page_size=page_size,
+            prefix_bytes=prefix_bytes,
+            base_address=[_address(b) for b in base_address] if base_address else 0,
+            max_page_sharing=max_page_sharing,
+            use_zero_pages=use_zero_pages,
+            pages_to_scan=pages_to_scan,
+            sleep_millisecs=sleep_millisecs,
+            verify=verify,
+        )
+        if csv_dir is not None:
+            try:
+                write_csvs(result, csv_dir)
+            except OSError as e:
+                typer.echo(f"Error: {csv_dir}: cannot write CSV files: {e.strerror}", err=True)
+                raise typer.Exit(1) from None
+        typer.echo(to_json(result) if json_out else render_scan(result))
+
+
+@app.command()
+def info(
+    dump: Annotated[Path, typer.Argument(help="A dump file.", show_default=False)],
+    format: FormatOpt = None,
+    page_size: PageSizeOpt = 4096,
+    base_address: BaseOpt = "0",
+) -> None:
+    """Show a dump's detected format, its ranges and its pages per state."""
+    with _errors(), open_dump(dump, format, page_size=page_size,
+                              base_address=_address(base_address)) as reader:
+        counts = {s.name.lower(): n for s, n in reader.page_counts().items()}
+        typer.echo(
+            render_info(str(dump), reader.format.value, reader.info(), reader.extents, counts,
+                        reader.page_size, reader.warnings)
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

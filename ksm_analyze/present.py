@@ -1,0 +1,247 @@
+"""Presentation: the Analysis tables as text a person reads, and files (CSV, JSON).
+
+Nothing here computes a number; it only formats what ``analysis.py`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .analysis import Analysis
+
+__all__ = [
+    "atomic_write", "human_bytes", "render_info", "render_scan", "to_json", "write_csvs",
+]
+
+_SCENARIO_TITLES = {
+    "with_zero_pages": "zero pages present",
+    "without_zero_pages": "zero pages untouched",
+}
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; binary units, three significant digits."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _count(n: Any) -> str:
+    return f"{int(n):,}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "  ") -> str:
+    """Left-align the first column, right-align the others."""
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return (indent + "  ".join([first, *rest])).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def render_scan(result: Analysis) -> str:
+    """The readable ``scan`` report: inputs, host prediction, savings, histogram, stages."""
+    opts = result.options
+    out = []
+    pi = result.per_input
+    out.append("Inputs")
+    out.append(
+        _table(
+            ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
+             "distinct", "self-sharing"],
+            (
+                [
+                    Path(r.input).name, r.format, human_bytes(r.bytes), _count(r.nonzero_pages),
+                    _count(r.zero_pages), _count(r.hole_pages), _count(r.excluded_pages),
+                    _count(r.not_saved_pages), _count(r.distinct_contents),
+                    _count(r.self_sharing_pages),
+                ]
+                for r in pi.itertuples()
+            ),
+        )
+    )
+    out.append("  (pages; self-sharing = pages saved merging within that input alone)")
+    out.append("")
+    out.append(
+        f"KSM prediction, all inputs on one host (max_page_sharing={opts['max_page_sharing']}, "
+        f"use_zero_pages={int(opts['use_zero_pages'])})"
+    )
+    host = result.host
+    scen = list(host.columns)
+    out.append(
+        _table(
+            ["counter", *(_SCENARIO_TITLES[s] for s in scen)],
+            (
+                [name, *(human_bytes(host.at[name, s]) if name == "general_profit"
+                         else _count(host.at[name, s]) for s in scen)]
+                for name in host.index
+            ),
+        )
+    )
+    out.append("")
+    out.append("Savings")
+    sav = result.savings
+    labels = {
+        "memory_before": "memory before",
+        "zero_pages": "  zero pages merged",
+        "sharing_within_inputs": "  sharing within inputs",
+        "sharing_across_inputs": "  sharing across inputs",
+        "saved": "saved",
+        "memory_after": "memory after KSM",
+        "rmap_overhead": "rmap_item overhead",
+    }
+    rows = []
+    for item, label in labels.items():
+        cells = [label]
+        for s in scen:
+            b = sav.at[item, f"{s}_bytes"]
+            pct = sav.at[item, f"{s}_percent"]
+            cells.append(f"{human_bytes(b)} ({pct:.1f}%)")
+        rows.append(cells)
+    out.append(_table(["", *(_SCENARIO_TITLES[s] for s in scen)], rows))
+    out.append(
+        "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged by\n"
+        "  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' holds\n"
+        "  either way; the savings are an upper and a lower bound."
+    )
+    out.append("")
+    out.append("Sharing-degree histogram (zero pages included, as present)")
+    hist = result.histogram
+    out.append(
+        _table(
+            ["copies", "contents", "pages", "after merging", "size", "after merging"],
+            (
+                [_count(r.copies), _count(r.contents), _count(r.pages_referenced),
+                 _count(r.pages_after_merging), human_bytes(r.bytes_referenced),
+                 human_bytes(r.bytes_after_merging)]
+                for r in hist.itertuples()
+            ),
+        )
+    )
+    out.append("")
+    st = result.stages["value"]
+    verified = (
+        "every merge verified byte for byte"
+        if st["verified"]
+        else "NOT verified (--no-verify): two pages with equal 64-bit prefix and full hashes "
+        f"count as one; chance of any false merge below {_collision_bound(st):.1e}"
+    )
+    out.append(
+        f"Fingerprinting: {_count(st['pages_hashed'])} pages hashed over their first "
+        f"{st['prefix_bytes']} bytes, {_count(st['zero_pages_found'])} zero pages, "
+        f"{_count(st['prefix_candidates'])} candidates, {_count(st['false_candidates'])} false "
+        f"candidates, {_count(st['full_compares'])} full compares, "
+        f"{_count(st['hash_collisions'])} hash collisions; {verified}."
+    )
+    conv = result.convergence["with_zero_pages"]
+    out.append(
+        f"Convergence: one full scan of {_count(conv['scanned_pages'])} pages takes "
+        f"{_duration(conv['full_scan_seconds'])} at pages_to_scan={opts['pages_to_scan']}, "
+        f"sleep_millisecs={opts['sleep_millisecs']}; identical pages merge on the second "
+        f"scan, so steady state comes after about {_duration(conv['steady_state_seconds'])}."
+    )
+    for w in result.warnings:
+        out.append(f"Warning: {w}")
+    return "\n".join(out)
+
+
+def _collision_bound(stats: pd.Series) -> float:
+    n = float(stats["prefix_candidates"])
+    return n * n / 2.0**65
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any],
+                counts: dict[str, int], page_size: int, warnings: Sequence[str]) -> str:
+    """The ``info`` report: format, header facts, segments and pages per state."""
+    out = [f"{path}: {fmt}"]
+    for k, v in info.items():
+        if isinstance(v, list | dict):
+            continue
+        out.append(f"  {k}: {v}")
+    out.append("")
+    out.append("Ranges")
+    out.append(
+        _table(
+            ["address", "size", "file offset", "state", "label"],
+            (
+                [f"{e.addr:#x}", human_bytes(e.npages * page_size),
+                 f"{e.file_offset:#x}" if e.file_offset >= 0 else "-",
+                 e.state.name.lower(), e.label]
+                for e in extents
+            ),
+        )
+    )
+    out.append("")
+    out.append("Pages per state (stored pages may still be all zero: 'scan' looks at content)")
+    out.append(_table(["state", "pages", "size"],
+                      ([k, _count(v), human_bytes(v * page_size)] for k, v in counts.items())))
+    for w in warnings:
+        out.append(f"Warning: {w}")
+    return "\n".join(out)
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_csvs(result: Analysis, directory: str | os.PathLike[str]) -> list[Path]:
+    """One CSV per table into ``directory`` (created if needed); returns the paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "per_input": result.per_input.set_index("input"),
+        "host": result.host,
+        "savings": result.savings,
+        "histogram": result.histogram.set_index("copies"),
+        "stages": result.stages,
+        "convergence": result.convergence,
+    }
+    written = []
+    for name, df in tables.items():
+        path = d / f"{name}.csv"
+        atomic_write(path, df.to_csv())
+        written.append(path)
+    return written
+
+
+def to_json(result: Analysis) -> str:
+    """The whole analysis as indented JSON."""
+    return json.dumps(result.to_dict(), indent=2)

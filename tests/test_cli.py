@@ -1,0 +1,139 @@
+"""The command line: output, exit codes, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ksm_analyze.cli import app
+
+PS = 4096
+runner = CliRunner()
+
+
+@pytest.fixture
+def two_raw(tmp_path):
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, PS, dtype=np.uint8)
+    one = np.stack([a, a, a, np.zeros(PS, np.uint8), rng.integers(0, 256, PS, dtype=np.uint8)])
+    two = np.stack([a, np.zeros(PS, np.uint8)])
+    p1, p2 = tmp_path / "one.raw", tmp_path / "two.raw"
+    one.tofile(p1)
+    two.tofile(p2)
+    return p1, p2
+
+
+def test_scan_prints_tables(two_raw):
+    r = runner.invoke(app, ["scan", *map(str, two_raw)])
+    assert r.exit_code == 0, r.output
+    assert "Inputs" in r.stdout and "one.raw" in r.stdout and "two.raw" in r.stdout
+    assert "pages_sharing" in r.stdout
+    assert "Sharing-degree histogram" in r.stdout
+
+
+def test_scan_json_is_what_the_api_returns(two_raw):
+    r = runner.invoke(app, ["scan", *map(str, two_raw), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    host = data["host"]
+    # a x4, zero x2, one unique page: 2 KSM pages, 4 sharing, 1 unshared, 7 rmap items.
+    assert host["pages_shared"]["with_zero_pages"] == 2
+    assert host["pages_sharing"]["with_zero_pages"] == 3 + 1
+    assert host["pages_unshared"]["with_zero_pages"] == 1
+    assert host["ksm_rmap_items"]["with_zero_pages"] == 7
+    assert host["pages_sharing"]["without_zero_pages"] == 3
+    assert [row["zero_pages"] for row in data["per_input"]] == [1, 1]
+
+
+def test_scan_csv_writes_one_file_per_table(two_raw, tmp_path):
+    out = tmp_path / "csv"
+    r = runner.invoke(app, ["scan", *map(str, two_raw), "--csv", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "convergence.csv", "histogram.csv", "host.csv", "per_input.csv", "savings.csv",
+        "stages.csv",
+    ]
+    assert "pages_sharing" in (out / "host.csv").read_text()
+
+
+def test_use_zero_pages_and_max_page_sharing_reach_the_model(two_raw):
+    r = runner.invoke(app, ["scan", *map(str, two_raw), "--json", "--use-zero-pages",
+                            "--max-page-sharing", "2"])
+    assert r.exit_code == 0, r.output
+    host = json.loads(r.stdout)["host"]
+    # a x4 with max_page_sharing 2: 2 KSM pages, 2 sharing; 2 zero pages -> ksm_zero_pages.
+    assert host["pages_shared"]["with_zero_pages"] == 2
+    assert host["pages_sharing"]["with_zero_pages"] == 2
+    assert host["ksm_zero_pages"]["with_zero_pages"] == 2
+
+
+def _one_error_line(result, path):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Error: {path}"), lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.raw"
+    line = _one_error_line(runner.invoke(app, ["scan", str(p)]), p)
+    assert line == f"Error: {p}: no such file"
+
+
+def test_directory(tmp_path):
+    line = _one_error_line(runner.invoke(app, ["scan", str(tmp_path)]), tmp_path)
+    assert line == f"Error: {tmp_path}: is a directory, not a dump file"
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.raw"
+    p.touch()
+    line = _one_error_line(runner.invoke(app, ["scan", str(p)]), p)
+    assert line == f"Error: {p}: empty file"
+
+
+def test_unknown_format(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello, this is not a memory dump\n")
+    line = _one_error_line(runner.invoke(app, ["info", str(p)]), p)
+    assert "at offset 0x0: unknown format" in line
+
+
+def test_permission_denied(tmp_path, monkeypatch):
+    # Tests run as root, which chmod cannot stop: make the open itself fail.
+    p = tmp_path / "secret.raw"
+    p.write_bytes(bytes(PS))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    line = _one_error_line(runner.invoke(app, ["scan", str(p)]), p)
+    assert line == f"Error: {p}: permission denied"
+
+
+def test_bad_option_value_is_exit_2(two_raw):
+    r = runner.invoke(app, ["scan", str(two_raw[0]), "--max-page-sharing", "1"])
+    assert r.exit_code == 2
+    assert "max_page_sharing must be at least 2" in r.stderr
+
+
+def test_info_lists_ranges(two_raw):
+    r = runner.invoke(app, ["info", str(two_raw[0]), "--base-address", "0x100000"])
+    assert r.exit_code == 0, r.output
+    assert "raw" in r.stdout and "0x100000" in r.stdout
+
+
+def test_console_script_and_module_entry_points(two_raw):
+    for cmd in (["ksm-analyze"], [sys.executable, "-m", "ksm_analyze"]):
+        r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("ksm-analyze ")
