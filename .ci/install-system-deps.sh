@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the system packages the real-guest tests need (QEMU, static busybox, gdb).
+# Idempotent: does nothing when all are installed; runs apt-get update only when one is missing.
+set -euo pipefail
+
+packages=(qemu-system-x86 busybox-static gdb)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+echo "install-system-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
