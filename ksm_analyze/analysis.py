@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._parallel import default_jobs
 from .dedup import ContentClasses, StageStats, classify
 from .fingerprint import PageTable, fingerprint
 from .formats import DumpFormat, open_dump
@@ -109,6 +110,7 @@ def analyze(
     pages_to_scan: int = 100,
     sleep_millisecs: int = 20,
     verify: bool = True,
+    jobs: int | None = None,
 ) -> Analysis:
     """Predict what KSM would save on a host holding all of ``paths``.
 
@@ -124,6 +126,7 @@ def analyze(
         pages_to_scan: ksmd's pages per wake-up, for the time to converge.
         sleep_millisecs: ksmd's sleep between wake-ups, for the time to converge.
         verify: compare candidate pages byte for byte (off: trust the 64+64-bit hashes).
+        jobs: worker processes for hashing and comparing (default: every CPU available).
 
     Returns:
         An :class:`Analysis`.
@@ -136,6 +139,9 @@ def analyze(
         paths = [paths]
     if not paths:
         raise ValueError("no input given")
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
     if prefix_bytes < 0:
         raise ValueError(f"prefix_bytes cannot be negative, not {prefix_bytes}")
     bases = [base_address] if isinstance(base_address, int) else list(base_address)
@@ -157,8 +163,8 @@ def analyze(
             stack.enter_context(open_dump(p, format, page_size=page_size, base_address=b))
             for p, b in zip(paths, bases, strict=True)
         ]
-        tables = [fingerprint(r, prefix_bytes=prefix_bytes) for r in readers]
-        classes = classify(tables, readers, verify=verify)
+        tables = [fingerprint(r, prefix_bytes=prefix_bytes, jobs=jobs) for r in readers]
+        classes = classify(tables, readers, verify=verify, jobs=jobs)
     options = {
         "inputs": [os.fspath(p) for p in paths],
         "format": DumpFormat.parse(format).value if format else "auto",
@@ -170,6 +176,7 @@ def analyze(
         "pages_to_scan": pages_to_scan,
         "sleep_millisecs": sleep_millisecs,
         "verify": verify,
+        "jobs": jobs,
     }
     return build_analysis(tables, classes, settings, options)
 

@@ -126,6 +126,10 @@ def scan(
         bool, typer.Option("--verify/--no-verify",
                            help="Compare candidate pages byte for byte before merging them.")
     ] = True,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: all CPUs].",
+                                 show_default=False)
+    ] = None,
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
@@ -140,6 +144,7 @@ def scan(
             pages_to_scan=pages_to_scan,
             sleep_millisecs=sleep_millisecs,
             verify=verify,
+            jobs=jobs,
         )
         if csv_dir is not None:
             try:

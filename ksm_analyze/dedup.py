@@ -1,11 +1,15 @@
 """Stage 2: decide which pages are equal, byte for byte.
 
 Only pages whose prefix hash is shared by two or more non-zero pages (across all inputs) are
-candidates. Each candidate gets xxh3-64 of its whole page; candidates with equal
-(prefix, full) hashes are grouped, and every member of a group is compared byte for byte with
-the group's representative before it is counted as a copy. A member that differs is a hash
-collision: it starts a group of its own. With ``verify=False`` the comparison is skipped and
-the report says so.
+candidates. Candidates are grouped by prefix hash, and each member of a group is compared
+byte for byte with the group's first page. Where that finds pages that differ (equal
+prefixes, different pages: "false candidates"), those pages get xxh3-64 of the whole page,
+are bucketed by it, and each bucket is compared byte for byte again; a page whose full hash
+matches but whose bytes do not is a hash collision and starts a class of its own. So two
+pages are counted as one only if their bytes are equal.
+
+With ``verify=False`` no page is compared: candidates are grouped by (prefix, full) hash,
+and the report says so with the collision bound.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
+from ._parallel import map_shards
 from .fingerprint import PageTable
 from .formats.base import DumpReader
 
 __all__ = ["ContentClasses", "StageStats", "classify"]
 
-_CHUNK = 4096  # candidate pages handled at a time when pages must be copied out of a reader
+PARALLEL_MIN_CANDIDATES = 20000
+"""Fewer candidates than this are resolved in one process."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class StageStats:
     """Pages whose prefix hash is shared with another page: they get a full look."""
     false_candidates: int
     """Candidates whose content turned out unique (prefix equal, content different)."""
+    full_hashes: int
+    """Candidates whose whole page was hashed to sort out different pages."""
     full_compares: int
     """Byte-for-byte page comparisons made (0 with verify off)."""
     hash_collisions: int
@@ -75,93 +83,50 @@ def _candidates(tables: Sequence[PageTable]) -> list[np.ndarray]:
     return out
 
 
-def _full_hashes(reader: DumpReader, locators: np.ndarray) -> np.ndarray:
-    """xxh3-64 of each whole page, read straight from the map when the reader allows it."""
-    ps = reader.page_size
-    digest = xxhash.xxh3_64_intdigest
-    if type(reader).read_pages is DumpReader.read_pages:
-        mm = memoryview(reader._mm)  # locators are file offsets into the map
-        offs = locators.tolist()
-        return np.fromiter((digest(mm[o : o + ps]) for o in offs), np.uint64, len(offs))
-    out = np.empty(len(locators), np.uint64)
-    for start in range(0, len(locators), _CHUNK):
-        pages = reader.read_pages(locators[start : start + _CHUNK])
-        flat = memoryview(np.ascontiguousarray(pages).reshape(-1))
-        out[start : start + len(pages)] = [
-            digest(flat[i * ps : (i + 1) * ps]) for i in range(len(pages))
-        ]
-    return out
+class _Candidates:
+    """Candidate pages of all inputs (parallel arrays) and how to read them one by one.
 
-
-def classify(
-    tables: Sequence[PageTable],
-    readers: Sequence[DumpReader],
-    *,
-    verify: bool = True,
-    progress: Callable[[int], None] | None = None,
-) -> ContentClasses:
-    """Group candidate pages of all inputs into classes of byte-identical content.
-
-    Args:
-        tables: stage-1 fingerprints, one per input.
-        readers: the open readers the tables came from (same order), to read pages again.
-        verify: compare bytes before counting two pages as one (on by default).
-        progress: called with bytes processed.
-
-    Returns:
-        The content classes of all candidate pages, with stage statistics.
+    Comparing one page at a time in Python beats gathering pages with numpy here: a slice
+    of the map is one 4 KiB copy and ``==`` is a memcmp, while fancy indexing copies every
+    page two or three times.
     """
-    rows_per_table = _candidates(tables)
-    sources, rows, prefixes, fulls = [], [], [], []
-    for i, (table, reader, rws) in enumerate(zip(tables, readers, rows_per_table, strict=True)):
-        if rws.size == 0:
-            continue
-        # Read candidates in locator order: sequential access through the file.
-        order = np.argsort(table.locators[rws], kind="stable")
-        rws = rws[order]
-        fulls.append(_full_hashes(reader, table.locators[rws]))
-        sources.append(np.full(rws.size, i, np.int32))
-        rows.append(rws)
-        prefixes.append(table.prefix[rws])
-        if progress is not None:
-            progress(int(rws.size) * table.page_size)
-    pages_hashed = sum(t.nonzero_pages for t in tables)
-    if not rows:
-        empty = np.empty(0, np.int64)
-        stats = StageStats(pages_hashed, 0, 0, 0, 0, verify)
-        return ContentClasses(empty.astype(np.int32), empty, empty, 0, stats)
-    source = np.concatenate(sources)
-    row = np.concatenate(rows)
-    prefix = np.concatenate(prefixes)
-    full = np.concatenate(fulls)
-    del sources, rows, prefixes, fulls
 
-    order = np.lexsort((full, prefix))
-    source, row, prefix, full = source[order], row[order], prefix[order], full[order]
-    new_group = np.ones(len(row), dtype=bool)
-    new_group[1:] = (prefix[1:] != prefix[:-1]) | (full[1:] != full[:-1])
-    klass = np.cumsum(new_group) - 1
-    n_classes = int(klass[-1]) + 1 if len(klass) else 0
-    compares = collisions = 0
-    if verify:
-        klass, n_classes, compares, collisions = _verify(
-            tables, readers, source, row, klass, n_classes
-        )
-    counts = np.bincount(klass, minlength=n_classes)
-    false_candidates = int((counts == 1).sum())
-    stats = StageStats(
-        pages_hashed=pages_hashed,
-        prefix_candidates=len(row),
-        false_candidates=false_candidates,
-        full_compares=compares,
-        hash_collisions=collisions,
-        verified=verify,
-    )
-    return ContentClasses(source, row, klass.astype(np.int64), n_classes, stats)
+    def __init__(
+        self, readers: Sequence[DumpReader], source: np.ndarray, locator: np.ndarray
+    ) -> None:
+        getters = [_page_getter(r) for r in readers]
+        src, loc = source.tolist(), locator.tolist()
+        self.fetch: Callable[[int], bytes] = lambda m: getters[src[m]](loc[m])
+
+    def full_hashes(self, idx: np.ndarray) -> np.ndarray:
+        """xxh3-64 of the whole page of each candidate ``idx``."""
+        fetch, digest = self.fetch, xxhash.xxh3_64_intdigest
+        return np.fromiter((digest(fetch(m)) for m in idx.tolist()), np.uint64, len(idx))
+
+    def peel(self, members: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+        """Compare each member with the first member of its run of equal ``key``.
+
+        ``members`` must be ordered so equal keys are adjacent. Returns a run number for
+        every member (meaningful for those equal to their run's first), the number of runs,
+        and the members whose bytes differ from their run's first.
+        """
+        if not len(members):
+            return np.empty(0, np.int64), 0, members
+        first = np.r_[True, key[1:] != key[:-1]]
+        run = np.cumsum(first) - 1
+        fetch = self.fetch
+        differ = []
+        rep = b""
+        for m, starts_run in zip(members.tolist(), first.tolist(), strict=True):
+            if starts_run:
+                rep = fetch(m)
+            elif fetch(m) != rep:
+                differ.append(m)
+        return run, int(run[-1]) + 1, np.array(differ, dtype=np.int64)
 
 
 def _page_getter(reader: DumpReader) -> Callable[[int], bytes]:
-    """A function from locator to page bytes: a slice of the map when the reader allows."""
+    """A function from locator to page bytes: a slice of the map when pages are stored raw."""
     ps = reader.page_size
     if type(reader).read_pages is DumpReader.read_pages:
         mm = reader._mm  # locators are file offsets into the map
@@ -169,57 +134,141 @@ def _page_getter(reader: DumpReader) -> Callable[[int], bytes]:
     return lambda loc: reader.read_pages(np.array([loc], np.uint64))[0].tobytes()
 
 
-def _verify(
+def _dense(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An order sorting by ``keys`` (last is primary) and a dense id per distinct key tuple."""
+    order = np.lexsort(keys)
+    sorted_keys = [k[order] for k in keys]
+    new = np.zeros(len(order), dtype=bool)
+    if len(order):
+        new[0] = True
+        for k in sorted_keys:
+            new[1:] |= k[1:] != k[:-1]
+    return order, np.cumsum(new) - 1
+
+
+def _resolve_range(
+    cands: _Candidates, starts: np.ndarray, lo: int, hi: int
+) -> tuple[np.ndarray, int, int, int, int]:
+    """Split groups ``lo..hi-1`` of equal prefix hash into classes of equal bytes.
+
+    Group ``g`` spans candidates ``starts[g]:starts[g+1]``. Returns a class label (local to
+    this range) for each candidate of the range, the number of classes, and the compares,
+    hash collisions and full hashes made.
+    """
+    first, last = int(starts[lo]), int(starts[hi])
+    members = np.arange(first, last)
+    group = np.repeat(np.arange(hi - lo), np.diff(starts[lo : hi + 1]))
+    labels, n, rest = cands.peel(members, group)
+    compares = len(members) - n
+    full_hashes = collisions = 0
+    if rest.size:
+        # Equal prefixes, different pages: bucket them by full hash within their group and
+        # compare each bucket with its first page again.
+        full_hashes = len(rest)
+        order, key = _dense(cands.full_hashes(rest), group[rest - first])
+        rest = rest[order]
+        sub, nsub, rest_next = cands.peel(rest, key)
+        labels[rest - first] = sub + n
+        n += nsub
+        compares += len(rest) - nsub
+        rest = rest_next
+    while rest.size:
+        # Equal full hashes, different bytes: a real collision. Split by bytes alone, each
+        # round settling at least the first page of every bucket.
+        collisions += len(rest)
+        bucket = labels[rest - first]
+        order = np.argsort(bucket, kind="stable")
+        rest, bucket = rest[order], bucket[order]
+        sub, nsub, rest_next = cands.peel(rest, bucket)
+        labels[rest - first] = sub + n
+        n += nsub
+        compares += len(rest) - nsub
+        rest = rest_next
+    return labels, n, compares, collisions, full_hashes
+
+
+def _balanced_cuts(starts: np.ndarray, shards: int) -> list[int]:
+    """Group indices splitting the groups into ``shards`` runs of about equal members."""
+    ngroups = len(starts) - 1
+    targets = np.linspace(0, starts[-1], shards + 1)[1:-1]
+    inner = np.searchsorted(starts[:-1], targets).tolist()
+    return sorted({0, *inner, ngroups})
+
+
+def classify(
     tables: Sequence[PageTable],
     readers: Sequence[DumpReader],
-    source: np.ndarray,
-    row: np.ndarray,
-    klass: np.ndarray,
-    n_classes: int,
-) -> tuple[np.ndarray, int, int, int]:
-    """Compare every member of each multi-page group with its representative's bytes.
+    *,
+    verify: bool = True,
+    jobs: int = 1,
+) -> ContentClasses:
+    """Group candidate pages of all inputs into classes of byte-identical content.
 
-    Returns the corrected classes, their number, the compares made and the collisions found.
+    Args:
+        tables: stage-1 fingerprints, one per input.
+        readers: the open readers the tables came from (same order), to read pages again.
+        verify: compare bytes before counting two pages as one (on by default).
+        jobs: worker processes for large candidate sets.
+
+    Returns:
+        The content classes of all candidate pages, with stage statistics.
     """
-    getters = [_page_getter(r) for r in readers]
-    locator = np.empty(len(row), np.uint64)
-    for i, table in enumerate(tables):
-        mine = source == i
-        locator[mine] = table.locators[row[mine]]
-    first = np.r_[True, klass[1:] != klass[:-1]]
-    rep_of = np.maximum.accumulate(np.where(first, np.arange(len(klass)), 0))
-    members = np.flatnonzero(~first)
-    src_l, loc_l, rep_l = source.tolist(), locator.tolist(), rep_of.tolist()
-    mismatched: list[int] = []
-    current, rep_bytes = -1, b""
-    for m in members.tolist():
-        r = rep_l[m]
-        if r != current:
-            current, rep_bytes = r, getters[src_l[r]](loc_l[r])
-        if getters[src_l[m]](loc_l[m]) != rep_bytes:
-            mismatched.append(m)
-    compares = len(members)
-    if not mismatched:
-        return klass, n_classes, compares, 0
-    # Hash collisions: regroup the mismatched pages of each group by exact bytes. This never
-    # happened in any run so far, but the count must be right if it does.
-    klass = klass.copy()
-    by_group: dict[int, list[int]] = {}
-    for m in mismatched:
-        by_group.setdefault(rep_l[m], []).append(m)
-    for pending in by_group.values():
-        while pending:
-            head, rest = pending[0], pending[1:]
-            head_bytes = getters[src_l[head]](loc_l[head])
-            klass[head] = n_classes
-            still = []
-            for m in rest:
-                compares += 1
-                if getters[src_l[m]](loc_l[m]) == head_bytes:
-                    klass[m] = n_classes
-                else:
-                    still.append(m)
-            n_classes += 1
-            pending = still
-    _, klass = np.unique(klass, return_inverse=True)  # dense numbering again
-    return klass, int(klass.max()) + 1, compares, len(mismatched)
+    rows_per_table = _candidates(tables)
+    pages_hashed = sum(t.nonzero_pages for t in tables)
+    source = np.concatenate(
+        [np.full(r.size, i, np.int32) for i, r in enumerate(rows_per_table)] or [[]]
+    ).astype(np.int32)
+    row = np.concatenate(rows_per_table or [[]]).astype(np.int64)
+    prefix = np.concatenate(
+        [t.prefix[r] for t, r in zip(tables, rows_per_table, strict=True)] or [[]]
+    ).astype(np.uint64)
+    locator = np.concatenate(
+        [t.locators[r] for t, r in zip(tables, rows_per_table, strict=True)] or [[]]
+    ).astype(np.uint64)
+    if not len(row):
+        stats = StageStats(pages_hashed, 0, 0, 0, 0, 0, verify)
+        return ContentClasses(source, row, row.copy(), 0, stats)
+    # Group by prefix; within a group, read in file order.
+    order = np.lexsort((locator, source, prefix))
+    source, row, prefix, locator = source[order], row[order], prefix[order], locator[order]
+    starts = np.flatnonzero(np.r_[True, prefix[1:] != prefix[:-1]])
+    starts = np.append(starts, len(row))
+    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
+    cuts = _balanced_cuts(starts, shards)
+
+    cands = _Candidates(readers, source, locator)
+    if verify:
+        parts = map_shards(
+            lambda k: _resolve_range(cands, starts, cuts[k], cuts[k + 1]), len(cuts) - 1, jobs
+        )
+        offsets = np.cumsum([0] + [p[1] for p in parts])
+        klass = np.concatenate([p[0] + off for p, off in zip(parts, offsets, strict=False)])
+        n_classes = int(offsets[-1])
+        compares = sum(p[2] for p in parts)
+        collisions = sum(p[3] for p in parts)
+        full_hashes = sum(p[4] for p in parts)
+    else:
+        bounds = [int(starts[c]) for c in cuts]
+        full = np.concatenate(
+            map_shards(
+                lambda k: cands.full_hashes(np.arange(bounds[k], bounds[k + 1])),
+                len(bounds) - 1,
+                jobs,
+            )
+        )
+        order, klass = _dense(full, prefix)
+        source, row = source[order], row[order]
+        n_classes = int(klass[-1]) + 1
+        compares = collisions = 0
+        full_hashes = len(row)
+    counts = np.bincount(klass, minlength=n_classes)
+    stats = StageStats(
+        pages_hashed=pages_hashed,
+        prefix_candidates=len(row),
+        false_candidates=int((counts == 1).sum()),
+        full_hashes=full_hashes,
+        full_compares=compares,
+        hash_collisions=collisions,
+        verified=verify,
+    )
+    return ContentClasses(source, row, klass.astype(np.int64), n_classes, stats)

@@ -146,7 +146,8 @@ def render_scan(result: Analysis) -> str:
         f"Fingerprinting: {_count(st['pages_hashed'])} pages hashed over their first "
         f"{st['prefix_bytes']} bytes, {_count(st['zero_pages_found'])} zero pages, "
         f"{_count(st['prefix_candidates'])} candidates, {_count(st['false_candidates'])} false "
-        f"candidates, {_count(st['full_compares'])} full compares, "
+        f"candidates, {_count(st['full_hashes'])} full-page hashes, "
+        f"{_count(st['full_compares'])} full compares, "
         f"{_count(st['hash_collisions'])} hash collisions; {verified}."
     )
     conv = result.convergence["with_zero_pages"]

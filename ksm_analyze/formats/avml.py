@@ -246,16 +246,23 @@ class AvmlReader(DumpReader):
             )
         return base, np.frombuffer(buf, np.uint8)
 
-    def iter_batches(self, batch_pages: int = DEFAULT_BATCH_PAGES) -> Iterator[PageBatch]:
+    def iter_batches(
+        self, batch_pages: int = DEFAULT_BATCH_PAGES, *, shard: int = 0, shards: int = 1
+    ) -> Iterator[PageBatch]:
         """Decode every record in file order, at most ``batch_pages`` (and 16 MiB) at a time.
 
-        Locators are ``record index << 32 | page index within the record``.
+        Locators are ``record index << 32 | page index within the record``. With
+        ``shards > 1`` only batches ``shard``, ``shard + shards``, ... are decoded.
         """
         ps = self.page_size
         window = max(1, min(batch_pages, WINDOW_BYTES // ps))
+        batch = -1
         for index, r in enumerate(self._recs):
             addr0 = r.header.s_addr + r.lead
             for p0 in range(0, r.npages, window):
+                batch += 1
+                if batch % shards != shard:
+                    continue
                 p1 = min(p0 + window, r.npages)
                 start = r.lead + p0 * ps
                 base, buf = self._decode(index, start, r.lead + p1 * ps)

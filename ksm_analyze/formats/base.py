@@ -82,6 +82,7 @@ class DumpReader(ABC):
         self.page_size = page_size
         self.base_address = base_address
         self.warnings: list[str] = []
+        self._views: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
         self._fd, self.file_size = open_readonly(self.path)
         try:
             self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
@@ -108,17 +109,25 @@ class DumpReader(ABC):
 
     # -- pages ------------------------------------------------------------------------------
 
-    def iter_batches(self, batch_pages: int = DEFAULT_BATCH_PAGES) -> Iterator[PageBatch]:
-        """Yield every stored page (DATA extents) in file order, ``batch_pages`` at a time.
+    def iter_batches(
+        self, batch_pages: int = DEFAULT_BATCH_PAGES, *, shard: int = 0, shards: int = 1
+    ) -> Iterator[PageBatch]:
+        """Yield every stored page (DATA extents), ``batch_pages`` at a time.
 
-        The default serves extents stored raw through the memory map without copying; the
-        locators are file offsets.
+        With ``shards > 1`` only every ``shards``-th batch, starting at batch ``shard``, is
+        produced (and decoded), so ``shards`` workers together see every page exactly once.
+        The default serves extents stored raw through the memory map without copying, in file
+        order; the locators are file offsets.
         """
         ps = self.page_size
+        batch = -1
         for ext in sorted(self.data_extents(), key=lambda e: e.file_offset):
             if ext.file_offset < 0:
                 raise NotImplementedError(f"{type(self).__name__} must override iter_batches")
             for first in range(0, ext.npages, batch_pages):
+                batch += 1
+                if batch % shards != shard:
+                    continue
                 n = min(batch_pages, ext.npages - first)
                 off = ext.file_offset + first * ps
                 pages = np.frombuffer(self._mm, np.uint8, n * ps, off).reshape(n, ps)
@@ -128,13 +137,48 @@ class DumpReader(ABC):
                 yield PageBatch(addrs, locators, pages)
 
     def read_pages(self, locators: np.ndarray) -> np.ndarray:
-        """Return the ``(len(locators), page_size)`` bytes of pages given by their locators."""
+        """Return the ``(len(locators), page_size)`` bytes of pages given by their locators.
+
+        The default reads pages stored raw: locators are file offsets, and the pages of each
+        stored extent are gathered as rows of a 2-D view of the map (one copy, no loop).
+
+        Raises:
+            ValueError: a locator that names no stored page of this dump.
+        """
         ps = self.page_size
-        whole = np.frombuffer(self._mm, np.uint8)
-        out = np.empty((len(locators), ps), np.uint8)
-        for row, off in enumerate(np.asarray(locators, dtype=np.int64).tolist()):
-            out[row] = whole[off : off + ps]
+        locs = np.asarray(locators, dtype=np.int64)
+        out = np.empty((len(locs), ps), np.uint8)
+        if not len(locs):
+            return out
+        starts, ends, views = self._stored_views()
+        which = np.searchsorted(starts, locs, side="right") - 1
+        bad = (which < 0) | (locs + ps > ends[np.maximum(which, 0)])
+        rel = locs - starts[np.maximum(which, 0)]
+        bad |= rel % ps != 0
+        if bad.any():
+            loc = int(locs[np.flatnonzero(bad)[0]])
+            raise ValueError(f"locator {loc:#x} names no stored page of {self.path}")
+        for ext in np.unique(which).tolist():
+            mine = which == ext
+            out[mine] = views[ext][rel[mine] // ps]
         return out
+
+    def _stored_views(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """File offsets, ends and ``(npages, page_size)`` views of the raw-stored extents."""
+        if self._views is None:
+            ps = self.page_size
+            stored = sorted(
+                (e for e in self.data_extents() if e.file_offset >= 0),
+                key=lambda e: e.file_offset,
+            )
+            starts = np.array([e.file_offset for e in stored], dtype=np.int64)
+            ends = starts + np.array([e.npages * ps for e in stored], dtype=np.int64)
+            views = [
+                np.frombuffer(self._mm, np.uint8, e.npages * ps, e.file_offset).reshape(-1, ps)
+                for e in stored
+            ]
+            self._views = (starts, ends, views)
+        return self._views
 
     def data_extents(self) -> list[Extent]:
         """The extents whose bytes are stored."""
@@ -198,6 +242,7 @@ class DumpReader(ABC):
 
     def close(self) -> None:
         """Release the memory map and the file descriptor."""
+        self._views = None  # views export the map's buffer: drop them before closing it
         mm = getattr(self, "_mm", None)
         if mm is not None:
             # A caller may still hold a view; the map then goes when the view does.

@@ -505,14 +505,18 @@ class KdumpReader(DumpReader):
         desc_at = self._desc_start + DESC_SIZE * (chunk.first_desc + k)
         raise self._fail(detail, desc_at, CorruptPageError)
 
-    def iter_batches(self, batch_pages: int = DEFAULT_BATCH_PAGES) -> Iterator[PageBatch]:
+    def iter_batches(
+        self, batch_pages: int = DEFAULT_BATCH_PAGES, *, shard: int = 0, shards: int = 1
+    ) -> Iterator[PageBatch]:
         """Yield the DATA pages in PFN order, decompressed, ``batch_pages`` at a time.
 
-        Locators are ``descriptor index * (block_size // page_size) + sub-page``.
+        Locators are ``descriptor index * (block_size // page_size) + sub-page``. With
+        ``shards > 1`` only batches ``shard``, ``shard + shards``, ... are decoded.
         """
         bs, ps, sub = self.block_size, self.page_size, self._sub
         per = max(1, batch_pages // sub)
         first = np.arange(sub, dtype=np.uint64)
+        batch = -1
         for chunk in self._chunks:
             b2, desc, zero = self._chunk_pages(chunk)
             keep = np.flatnonzero(~zero)
@@ -520,6 +524,9 @@ class KdumpReader(DumpReader):
             index = chunk.first_desc + keep
             desc = desc[keep]
             for i in range(0, len(keep), per):
+                batch += 1
+                if batch % shards != shard:
+                    continue
                 p, x = pfns[i : i + per].astype(np.uint64), index[i : i + per].astype(np.uint64)
                 pages = self._decode(desc[i : i + per], p).reshape(-1, ps)
                 addrs = (p[:, None] * np.uint64(bs) + first * np.uint64(ps)).ravel()
