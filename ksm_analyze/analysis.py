@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,7 +53,8 @@ class Analysis:
             copies (1, 2, 4, 8, ...: a bucket holds copies from it up to the next one).
             Columns ``copies``, ``contents``, ``pages_referenced``, ``pages_after_merging``,
             ``bytes_referenced``, ``bytes_after_merging`` (zero pages included, as present).
-        stages: fingerprinting statistics, one row per statistic.
+        stages: fingerprinting statistics, one row per statistic (counts of pages, and
+            ``stage1_seconds``/``stage2_seconds``, the wall time of each stage).
         convergence: seconds to one full scan and to steady state for each scenario.
         counters: the KSM counters of the ``with_zero_pages`` scenario.
         options: the options the analysis ran with.
@@ -163,8 +165,11 @@ def analyze(
             stack.enter_context(open_dump(p, format, page_size=page_size, base_address=b))
             for p, b in zip(paths, bases, strict=True)
         ]
+        started = time.perf_counter()
         tables = [fingerprint(r, prefix_bytes=prefix_bytes, jobs=jobs) for r in readers]
+        hashed = time.perf_counter()
         classes = classify(tables, readers, verify=verify, jobs=jobs)
+        compared = time.perf_counter()
     options = {
         "inputs": [os.fspath(p) for p in paths],
         "format": DumpFormat.parse(format).value if format else "auto",
@@ -178,7 +183,8 @@ def analyze(
         "verify": verify,
         "jobs": jobs,
     }
-    return build_analysis(tables, classes, settings, options)
+    timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed}
+    return build_analysis(tables, classes, settings, options, timings)
 
 
 def eligible_rows(table: PageTable) -> np.ndarray:
@@ -254,6 +260,7 @@ def build_analysis(
     classes: ContentClasses,
     settings: KsmSettings,
     options: dict[str, Any],
+    timings: dict[str, float] | None = None,
 ) -> Analysis:
     """Turn fingerprints and content classes into the :class:`Analysis` tables."""
     ps = settings.page_size
@@ -305,7 +312,7 @@ def build_analysis(
     savings_df.index.name = "item"
 
     histogram = _histogram(copies, counts.singletons, zero, settings)
-    stages = _stages(classes.stats, tables)
+    stages = _stages(classes.stats, tables, timings or {})
     convergence = pd.DataFrame(
         {name: _convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
          for name, c in counters.items()}
@@ -378,10 +385,13 @@ def _histogram(
     return df.reset_index(drop=True)
 
 
-def _stages(stats: StageStats, tables: Sequence[PageTable]) -> pd.DataFrame:
-    values = asdict(stats)
+def _stages(
+    stats: StageStats, tables: Sequence[PageTable], timings: dict[str, float]
+) -> pd.DataFrame:
+    values: dict[str, Any] = asdict(stats)
     values["zero_pages_found"] = sum(t.zero_pages for t in tables)
     values["prefix_bytes"] = tables[0].prefix_bytes if tables else 0
+    values.update({k: round(v, 3) for k, v in timings.items()})
     df = pd.DataFrame({"value": pd.Series(values, dtype=object)})
     df.index.name = "statistic"
     return df

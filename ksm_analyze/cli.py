@@ -127,7 +127,7 @@ def scan(
                            help="Compare candidate pages byte for byte before merging them.")
     ] = True,
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: all CPUs].",
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
                                  show_default=False)
     ] = None,
 ) -> None:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then lint and run the whole test suite.
+# The README's test command; CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash .ci/install-system-deps.sh          # QEMU, static busybox, gdb for the real-dump tests
+python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+python3 -m ruff check ksm_analyze tests benchmarks sample_dumps
+python3 -m pytest "$@"
