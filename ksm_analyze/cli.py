@@ -161,6 +161,7 @@ def info(
     format: FormatOpt = None,
     page_size: PageSizeOpt = 4096,
     base_address: BaseOpt = "0",
+    ranges: Annotated[int, typer.Option(help="Show at most this many ranges.")] = 50,
 ) -> None:
     """Show a dump's detected format, its ranges and its pages per state."""
     with _errors(), open_dump(dump, format, page_size=page_size,
@@ -168,7 +169,7 @@ def info(
         counts = {s.name.lower(): n for s, n in reader.page_counts().items()}
         typer.echo(
             render_info(str(dump), reader.format.value, reader.info(), reader.extents, counts,
-                        reader.page_size, reader.warnings)
+                        reader.page_size, reader.warnings, max_ranges=ranges)
         )
 
 

@@ -176,7 +176,8 @@ def _duration(seconds: float) -> str:
 
 
 def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any],
-                counts: dict[str, int], page_size: int, warnings: Sequence[str]) -> str:
+                counts: dict[str, int], page_size: int, warnings: Sequence[str],
+                max_ranges: int = 50) -> str:
     """The ``info`` report: format, header facts, segments and pages per state."""
     out = [f"{path}: {fmt}"]
     for k, v in info.items():
@@ -184,7 +185,8 @@ def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any
             continue
         out.append(f"  {k}: {v}")
     out.append("")
-    out.append("Ranges")
+    shown = extents if len(extents) <= max_ranges else extents[:max_ranges]
+    out.append(f"Ranges ({len(extents):,})")
     out.append(
         _table(
             ["address", "size", "file offset", "state", "label"],
@@ -192,10 +194,12 @@ def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any
                 [f"{e.addr:#x}", human_bytes(e.npages * page_size),
                  f"{e.file_offset:#x}" if e.file_offset >= 0 else "-",
                  e.state.name.lower(), e.label]
-                for e in extents
+                for e in shown
             ),
         )
     )
+    if len(shown) < len(extents):
+        out.append(f"  ... {len(extents) - len(shown):,} more (--ranges N shows more)")
     out.append("")
     out.append("Pages per state (stored pages may still be all zero: 'scan' looks at content)")
     out.append(_table(["state", "pages", "size"],
