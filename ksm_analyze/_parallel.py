@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["default_jobs", "map_shards"]
+__all__ = ["default_jobs", "imap_shards", "map_shards"]
 
 T = TypeVar("T")
 _TASK: Callable[[int], Any] | None = None
@@ -31,11 +31,27 @@ def _run(shard: int) -> Any:
     return _TASK(shard)
 
 
-def map_shards(task: Callable[[int], T], shards: int, jobs: int) -> list[T]:
-    """``[task(0), ..., task(shards - 1)]``, computed by up to ``jobs`` forked processes.
+def imap_shards(task: Callable[[int], T], shards: int, jobs: int) -> Iterator[T]:
+    """``task(0), ..., task(shards - 1)`` in any order, from up to ``jobs`` forked processes.
 
+    Results arrive one at a time, so the caller can store each and drop it before the next.
     With one job (or one shard), or where fork is unavailable, runs in this process.
     """
+    global _TASK
+    if jobs <= 1 or shards <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for k in range(shards):
+            yield task(k)
+        return
+    _TASK = task
+    try:
+        with multiprocessing.get_context("fork").Pool(min(jobs, shards)) as pool:
+            yield from pool.imap_unordered(_run, range(shards))
+    finally:
+        _TASK = None
+
+
+def map_shards(task: Callable[[int], T], shards: int, jobs: int) -> list[T]:
+    """``[task(0), ..., task(shards - 1)]`` in shard order (see :func:`imap_shards`)."""
     global _TASK
     if jobs <= 1 or shards <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [task(k) for k in range(shards)]

@@ -20,7 +20,7 @@ import pandas as pd
 
 from ._parallel import default_jobs
 from .dedup import ContentClasses, StageStats, classify
-from .fingerprint import PageTable, fingerprint
+from .fingerprint import UNIQUE, ZERO, PageTable, fingerprint
 from .formats import DumpFormat, open_dump
 from .ksm import KsmCounters, KsmSettings, merged_pages, predict
 from .pages import PageState
@@ -209,46 +209,36 @@ def _state_pages(table: PageTable, state: PageState, *, eligible: bool | None = 
 class _Counts:
     """Eligible pages of every input, reduced to what the model needs."""
 
-    copies: np.ndarray  # eligible copies per candidate content class (0 = none eligible)
+    copies: np.ndarray  # eligible copies per content class (0 = none eligible)
     singletons: int  # eligible non-zero pages whose content occurs once
     zero_pages: int  # eligible zero pages, all inputs
     per_input: list[dict[str, int]]
 
 
 def _count(tables: Sequence[PageTable], classes: ContentClasses, mps: int) -> _Counts:
-    nsrc = len(tables)
-    elig_rows = [eligible_rows(t) for t in tables]
-    cand_elig = np.zeros(len(classes.row), dtype=bool)
-    for i in range(nsrc):
-        mine = classes.source == i
-        cand_elig[mine] = elig_rows[i][classes.row[mine]]
-    klass = classes.klass[cand_elig]
-    source = classes.source[cand_elig]
-    copies = np.bincount(klass, minlength=classes.n_classes)
-    # Per (class, input) copies: the sharing each input would find on its own.
-    pair, pair_copies = np.unique(klass * nsrc + source, return_counts=True)
-    pair_src = pair % nsrc
-    ksm, unshared = merged_pages(pair_copies, mps)
-    saved = pair_copies - ksm - unshared
+    copies = np.zeros(classes.n_classes, np.int64)
     per_input = []
-    singletons = 0
-    zero_total = 0
-    for i, t in enumerate(tables):
-        elig = elig_rows[i]
-        nonzero_elig = int((elig & ~t.zero).sum())
-        cand_i = int((source == i).sum())
-        unique_i = nonzero_elig - cand_i  # not a candidate: its content occurs once overall
+    singletons = zero_total = 0
+    for t in tables:
+        assert t.content is not None, "classify() sets content"
+        elig = eligible_rows(t)
+        content = t.content[elig]
+        zero_i = int(np.count_nonzero(content == ZERO))
+        zero_i += _state_pages(t, PageState.ZERO, eligible=True)
+        unique_i = int(np.count_nonzero(content == UNIQUE))
+        mine, mine_copies = np.unique(content[content >= 0], return_counts=True)
+        copies[mine] += mine_copies
+        # The sharing this input would find on its own.
+        ksm, unshared = merged_pages(mine_copies, mps)
         singletons += unique_i
-        zero_i = int((elig & t.zero).sum()) + _state_pages(t, PageState.ZERO, eligible=True)
         zero_total += zero_i
-        mine = pair_src == i
         per_input.append(
             {
-                "nonzero_pages": nonzero_elig,
+                "nonzero_pages": unique_i + int(mine_copies.sum()),
                 "zero_pages": zero_i,
-                "distinct_contents": unique_i + int(mine.sum()),
-                "self_sharing_pages": int(saved[mine].sum()),
-                "ineligible_pages": int((~elig).sum())
+                "distinct_contents": unique_i + len(mine),
+                "self_sharing_pages": int((mine_copies - ksm - unshared).sum()),
+                "ineligible_pages": int(np.count_nonzero(~elig))
                 + _state_pages(t, PageState.ZERO, eligible=False),
             }
         )

@@ -14,20 +14,24 @@ and the report says so with the collision bound.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
 from ._parallel import map_shards
-from .fingerprint import PageTable
+from .fingerprint import UNIQUE, ZERO, PageTable
 from .formats.base import DumpReader
 
 __all__ = ["ContentClasses", "StageStats", "classify"]
 
 PARALLEL_MIN_CANDIDATES = 20000
 """Fewer candidates than this are resolved in one process."""
+PART_CANDIDATES = 1 << 20
+"""Candidates resolved at a time: bounds stage 2's working memory to some 60 MiB."""
+_SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
 
 
 @dataclass(frozen=True)
@@ -51,36 +55,53 @@ class StageStats:
 
 @dataclass(frozen=True)
 class ContentClasses:
-    """Content identity of every candidate page; a non-candidate page is unique content.
+    """How many content classes stage 2 found; each table's ``content`` says which page is
+    in which."""
 
-    Arrays are parallel, one entry per candidate page.
-    """
-
-    source: np.ndarray
-    """int32 index of the input (PageTable) the page belongs to."""
-    row: np.ndarray
-    """int64 row of the page in its PageTable."""
-    klass: np.ndarray
-    """int64 content class, 0..n_classes-1; equal class means equal bytes."""
     n_classes: int
     stats: StageStats
 
 
-def _candidates(tables: Sequence[PageTable]) -> list[np.ndarray]:
-    """Per table, the rows whose prefix hash occurs on two or more non-zero pages overall."""
-    nonzero = [t.prefix[~t.zero] for t in tables]
-    allp = np.sort(np.concatenate(nonzero)) if nonzero else np.empty(0, np.uint64)
-    del nonzero
-    shared = np.unique(allp[1:][allp[1:] == allp[:-1]])
-    del allp
-    out = []
-    for t in tables:
-        if shared.size == 0:
-            out.append(np.empty(0, np.int64))
-            continue
-        pos = np.minimum(np.searchsorted(shared, t.prefix), shared.size - 1)
-        out.append(np.flatnonzero((shared[pos] == t.prefix) & ~t.zero))
-    return out
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, _SCAN_ROWS):
+        yield slice(start, min(n, start + _SCAN_ROWS))
+
+
+def _shared_prefixes(tables: Sequence[PageTable]) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix hashes that two or more non-zero pages share (sorted), and how many pages each.
+
+    The hash space is sorted a sixteenth at a time, so the sort needs about half a byte a
+    page instead of eight.
+    """
+    shared, counts = [], []
+    for top in range(16):
+        parts = []
+        for t in tables:
+            for sl in _chunks(len(t.prefix)):
+                p = t.prefix[sl]
+                parts.append(p[((p >> np.uint64(60)) == top) & (p != 0)])
+        values = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+        del parts
+        values.sort()
+        uniq, n = np.unique(values, return_counts=True)
+        del values
+        shared.append(uniq[n > 1])
+        counts.append(n[n > 1])
+    return np.concatenate(shared), np.concatenate(counts)
+
+
+def _rows_with_prefix_in(table: PageTable, wanted: np.ndarray) -> np.ndarray:
+    """Rows of ``table`` whose prefix hash is one of ``wanted`` (sorted)."""
+    if not len(wanted):
+        return np.empty(0, np.int64)
+    lo, hi = wanted[0], wanted[-1]
+    rows = []
+    for sl in _chunks(len(table.prefix)):
+        p = table.prefix[sl]
+        maybe = np.flatnonzero((p >= lo) & (p <= hi))
+        pos = np.minimum(np.searchsorted(wanted, p[maybe]), len(wanted) - 1)
+        rows.append(maybe[wanted[pos] == p[maybe]] + sl.start)
+    return np.concatenate(rows)
 
 
 class _Candidates:
@@ -202,7 +223,11 @@ def classify(
     verify: bool = True,
     jobs: int = 1,
 ) -> ContentClasses:
-    """Group candidate pages of all inputs into classes of byte-identical content.
+    """Find which stored pages of all inputs hold byte-identical content.
+
+    Sets each table's ``content``: a class number shared by pages with equal bytes, ``ZERO``
+    for zero pages, ``UNIQUE`` for pages no other page equals. Candidates are resolved in
+    parts of about PART_CANDIDATES pages, each part a range of prefix hashes.
 
     Args:
         tables: stage-1 fingerprints, one per input.
@@ -211,39 +236,80 @@ def classify(
         jobs: worker processes for large candidate sets.
 
     Returns:
-        The content classes of all candidate pages, with stage statistics.
+        The number of content classes, with stage statistics.
     """
-    rows_per_table = _candidates(tables)
-    pages_hashed = sum(t.nonzero_pages for t in tables)
+    for t in tables:
+        t.content = np.full(len(t.prefix), UNIQUE, np.int32)
+        t.content[t.prefix == 0] = ZERO
+    shared, counts = _shared_prefixes(tables)
+    ends = np.cumsum(counts)
+    cuts = [0]
+    while cuts[-1] < len(shared):
+        target = (ends[cuts[-1] - 1] if cuts[-1] else 0) + PART_CANDIDATES
+        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, target, side="right"))))
+    n_classes = candidates = false_candidates = compares = collisions = full_hashes = 0
+    for a, b in itertools.pairwise(cuts):
+        part = _resolve_part(
+            tables, readers, shared[a:b], first_class=n_classes, verify=verify, jobs=jobs
+        )
+        labels, n, done = part[0], part[1], part[2:]
+        candidates += len(labels)
+        false_candidates += int(np.count_nonzero(np.bincount(labels, minlength=n) == 1))
+        compares, collisions, full_hashes = (
+            x + y for x, y in zip((compares, collisions, full_hashes), done, strict=True)
+        )
+        n_classes += n
+    stats = StageStats(
+        pages_hashed=sum(t.nonzero_pages for t in tables),
+        prefix_candidates=candidates,
+        false_candidates=false_candidates,
+        full_hashes=full_hashes,
+        full_compares=compares,
+        hash_collisions=collisions,
+        verified=verify,
+    )
+    return ContentClasses(n_classes, stats)
+
+
+def _resolve_part(
+    tables: Sequence[PageTable],
+    readers: Sequence[DumpReader],
+    wanted: np.ndarray,
+    *,
+    first_class: int,
+    verify: bool,
+    jobs: int,
+) -> tuple[np.ndarray, int, int, int, int]:
+    """Classify the candidates whose prefix hash is in ``wanted`` and write their classes,
+    numbered from ``first_class``, into the tables.
+
+    Returns the part's labels, its number of classes, compares, collisions, full hashes.
+    """
+    rows_per_table = [_rows_with_prefix_in(t, wanted) for t in tables]
     source = np.concatenate(
-        [np.full(r.size, i, np.int32) for i, r in enumerate(rows_per_table)] or [[]]
-    ).astype(np.int32)
-    row = np.concatenate(rows_per_table or [[]]).astype(np.int64)
-    prefix = np.concatenate(
-        [t.prefix[r] for t, r in zip(tables, rows_per_table, strict=True)] or [[]]
-    ).astype(np.uint64)
+        [np.full(len(r), i, np.int32) for i, r in enumerate(rows_per_table)]
+    )
+    row = np.concatenate(rows_per_table)
+    prefix = np.concatenate([t.prefix[r] for t, r in zip(tables, rows_per_table, strict=True)])
     locator = np.concatenate(
-        [t.locators[r] for t, r in zip(tables, rows_per_table, strict=True)] or [[]]
-    ).astype(np.uint64)
-    if not len(row):
-        stats = StageStats(pages_hashed, 0, 0, 0, 0, 0, verify)
-        return ContentClasses(source, row, row.copy(), 0, stats)
+        [t.locators[r] for t, r in zip(tables, rows_per_table, strict=True)]
+    )
+    del rows_per_table
     # Group by prefix; within a group, read in file order.
     order = np.lexsort((locator, source, prefix))
     source, row, prefix, locator = source[order], row[order], prefix[order], locator[order]
-    starts = np.flatnonzero(np.r_[True, prefix[1:] != prefix[:-1]])
-    starts = np.append(starts, len(row))
+    del order
+    starts = np.append(np.flatnonzero(np.r_[True, prefix[1:] != prefix[:-1]]), len(row))
     shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
     cuts = _balanced_cuts(starts, shards)
-
     cands = _Candidates(readers, source, locator)
     if verify:
         parts = map_shards(
             lambda k: _resolve_range(cands, starts, cuts[k], cuts[k + 1]), len(cuts) - 1, jobs
         )
         offsets = np.cumsum([0] + [p[1] for p in parts])
-        klass = np.concatenate([p[0] + off for p, off in zip(parts, offsets, strict=False)])
-        n_classes = int(offsets[-1])
+        labels = np.concatenate([p[0] + off for p, off in zip(parts, offsets, strict=False)])
+        n = int(offsets[-1])
         compares = sum(p[2] for p in parts)
         collisions = sum(p[3] for p in parts)
         full_hashes = sum(p[4] for p in parts)
@@ -256,19 +322,13 @@ def classify(
                 jobs,
             )
         )
-        order, klass = _dense(full, prefix)
-        source, row = source[order], row[order]
-        n_classes = int(klass[-1]) + 1
+        order, dense = _dense(full, prefix)
+        labels = np.empty(len(row), np.int64)
+        labels[order] = dense
+        n = int(dense[-1]) + 1 if len(dense) else 0
         compares = collisions = 0
         full_hashes = len(row)
-    counts = np.bincount(klass, minlength=n_classes)
-    stats = StageStats(
-        pages_hashed=pages_hashed,
-        prefix_candidates=len(row),
-        false_candidates=int((counts == 1).sum()),
-        full_hashes=full_hashes,
-        full_compares=compares,
-        hash_collisions=collisions,
-        verified=verify,
-    )
-    return ContentClasses(source, row, klass.astype(np.int64), n_classes, stats)
+    for i, t in enumerate(tables):
+        mine = source == i
+        t.content[row[mine]] = labels[mine] + first_class
+    return labels, n, compares, collisions, full_hashes

@@ -8,27 +8,35 @@ which of them are really equal.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from ._parallel import map_shards
+from ._parallel import imap_shards
 from .formats import DumpFormat
 from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
 from .pages import Extent, PageState
 
-__all__ = ["PageTable", "fingerprint", "zero_rows"]
+__all__ = ["UNIQUE", "ZERO", "PageTable", "fingerprint", "prefix_hashes", "zero_rows"]
 
 _PROBE_WORDS = 8  # 64 bytes: one cache line decides most pages are not zero
 PARALLEL_MIN_PAGES = 16384
 """Below 64 MiB of stored 4 KiB pages, forking workers costs more than it saves."""
+SHARDS_PER_JOB = 4
+"""More shards than workers, so the parent holds only a small share of results at a time."""
+
+ZERO = -1
+"""``PageTable.content`` of an all-zero page."""
+UNIQUE = -2
+"""``PageTable.content`` of a page whose content occurs nowhere else."""
 
 
 @dataclass
 class PageTable:
-    """Fingerprints of one input: one row per stored page (25 bytes a page).
+    """Fingerprints of one input: one row per stored page, 24 bytes a page (28 after stage 2).
 
     Pages the format marks ZERO, HOLE, EXCLUDED or NOT_SAVED have no rows; they are counted
     in ``state_pages`` from the extents.
@@ -47,21 +55,28 @@ class PageTable:
     locators: np.ndarray
     """uint64 reader locator of each stored page (to read it again in stage 2)."""
     prefix: np.ndarray
-    """uint64 xxh3-64 of the page's first ``prefix_bytes`` bytes; 0 for zero pages."""
-    zero: np.ndarray
-    """bool: the stored page is all zero."""
+    """uint64 xxh3-64 of the page's first ``prefix_bytes`` bytes; 0 marks an all-zero page
+    (a non-zero page whose hash is 0 is stored as 1: stage 2 compares bytes anyway)."""
     state_pages: dict[PageState, int] = field(default_factory=dict)
     """Pages per state from the extents (DATA counts stored pages, zero or not)."""
+    content: np.ndarray | None = None
+    """int32 set by stage 2: a content class (0, 1, ...; equal class means equal bytes),
+    ``ZERO`` or ``UNIQUE``."""
+
+    @property
+    def zero(self) -> np.ndarray:
+        """bool per row: the stored page is all zero."""
+        return self.prefix == 0
 
     @property
     def zero_pages(self) -> int:
         """All-zero pages: found by content plus those the format marks ZERO."""
-        return int(self.zero.sum()) + self.state_pages[PageState.ZERO]
+        return int(np.count_nonzero(self.prefix == 0)) + self.state_pages[PageState.ZERO]
 
     @property
     def nonzero_pages(self) -> int:
         """Stored pages with at least one non-zero byte."""
-        return len(self.zero) - int(self.zero.sum())
+        return int(np.count_nonzero(self.prefix))
 
 
 def zero_rows(pages: np.ndarray) -> np.ndarray:
@@ -92,25 +107,17 @@ def prefix_hashes(pages: np.ndarray, rows: np.ndarray, nbytes: int) -> np.ndarra
 
 def _hash_shard(
     reader: DumpReader, nbytes: int, batch_pages: int, shard: int, shards: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Stage 1 over one shard of the reader's batches: addrs, locators, prefixes, zero flags."""
-    addrs, locators, prefixes, zeros = [], [], [], []
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stage 1 over one shard of the reader's batches: (addrs, locators, prefix) per batch."""
     for batch in reader.iter_batches(batch_pages, shard=shard, shards=shards):
         zero = zero_rows(batch.pages)
         prefix = np.zeros(len(zero), dtype=np.uint64)
         rows = np.flatnonzero(~zero)
         if rows.size:
-            prefix[rows] = prefix_hashes(batch.pages, rows, nbytes)
-        addrs.append(batch.addrs)
-        locators.append(batch.locators)
-        prefixes.append(prefix)
-        zeros.append(zero)
-    return (_joined(addrs, np.uint64), _joined(locators, np.uint64),
-            _joined(prefixes, np.uint64), _joined(zeros, np.bool_))
-
-
-def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+            hashed = prefix_hashes(batch.pages, rows, nbytes)
+            hashed[hashed == 0] = 1  # 0 means "zero page"
+            prefix[rows] = hashed
+        yield batch.addrs, batch.locators, prefix
 
 
 def fingerprint(
@@ -129,19 +136,36 @@ def fingerprint(
         jobs: worker processes; inputs below PARALLEL_MIN_PAGES stored pages use one.
 
     Returns:
-        The input's fingerprints. Rows are in batch order within each shard.
+        The input's fingerprints (rows in no particular order).
     """
     ps = reader.page_size
     nbytes = ps if prefix_bytes <= 0 else min(prefix_bytes, ps)
     stored = reader.page_counts()[PageState.DATA]
-    shards = jobs if stored >= PARALLEL_MIN_PAGES else 1
-    parts = map_shards(
-        lambda k: _hash_shard(reader, nbytes, batch_pages, k, shards), shards, jobs
-    )
-    addrs, locators, prefix, zero = (
-        _joined([p[i] for p in parts], dt)
-        for i, dt in enumerate((np.uint64, np.uint64, np.uint64, np.bool_))
-    )
+    shards = jobs * SHARDS_PER_JOB if jobs > 1 and stored >= PARALLEL_MIN_PAGES else 1
+    # Results go straight into arrays sized for every stored page, shard by shard as they
+    # arrive, so the parent never holds the table twice.
+    addrs = np.empty(stored, np.uint64)
+    locators = np.empty(stored, np.uint64)
+    prefix = np.empty(stored, np.uint64)
+    filled = 0
+    if shards == 1:
+        parts: Iterable[Iterable[tuple[np.ndarray, ...]]] = [
+            _hash_shard(reader, nbytes, batch_pages, 0, 1)
+        ]
+    else:
+        parts = imap_shards(
+            lambda k: list(_hash_shard(reader, nbytes, batch_pages, k, shards)), shards, jobs
+        )
+    for part in parts:
+        for a, loc, p in part:
+            end = filled + len(a)
+            if end > stored:
+                raise AssertionError(f"{reader.path}: reader yielded more pages than it stores")
+            addrs[filled:end], locators[filled:end], prefix[filled:end] = a, loc, p
+            filled = end
+        del part
+    if filled != stored:
+        raise AssertionError(f"{reader.path}: reader yielded {filled} of {stored} stored pages")
     return PageTable(
         path=reader.path,
         format=reader.format,
@@ -154,6 +178,5 @@ def fingerprint(
         addrs=addrs,
         locators=locators,
         prefix=prefix,
-        zero=zero,
         state_pages=reader.page_counts(),
     )

@@ -7,7 +7,7 @@ import pytest
 import xxhash
 
 from ksm_analyze.dedup import classify
-from ksm_analyze.fingerprint import fingerprint
+from ksm_analyze.fingerprint import UNIQUE, fingerprint
 from ksm_analyze.formats.raw import RawReader
 
 PS = 4096
@@ -37,9 +37,10 @@ def _truth_counts(*arrays):
 
 
 def _class_counts(tables, classes):
-    n_nonzero = sum(t.nonzero_pages for t in tables)
-    counts = np.bincount(classes.klass, minlength=classes.n_classes).tolist()
-    singles = n_nonzero - len(classes.row)
+    """Copies of each distinct non-zero content, as stage 2 says."""
+    content = np.concatenate([t.content for t in tables])
+    counts = np.bincount(content[content >= 0], minlength=classes.n_classes).tolist()
+    singles = int(np.count_nonzero(content == UNIQUE))
     return sorted(counts + [1] * singles)
 
 
@@ -112,3 +113,32 @@ def test_random_mix_against_numpy_unique(tmp_path):
     paths = [_write(tmp_path / f"{i}.raw", p) for i, p in enumerate(picks)]
     tables, classes = _run(paths)
     assert _class_counts(tables, classes) == _truth_counts(*picks)
+
+
+def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
+    # Stage 2 in parts of a few candidates each, and stage 1 and 2 in forked workers: the
+    # classes must still be exactly the contents the bytes say.
+    import ksm_analyze.dedup as dedup
+    import ksm_analyze.fingerprint as fp
+
+    monkeypatch.setattr(dedup, "PART_CANDIDATES", 5)
+    monkeypatch.setattr(dedup, "PARALLEL_MIN_CANDIDATES", 1)
+    monkeypatch.setattr(fp, "PARALLEL_MIN_PAGES", 1)
+    rng = np.random.default_rng(9)
+    pool = rng.integers(0, 256, (30, PS), dtype=np.uint8)
+    picks = [pool[rng.integers(0, 30, 150)] for _ in range(2)]
+    paths = [_write(tmp_path / f"{i}.raw", p) for i, p in enumerate(picks)]
+    readers = [RawReader(p) for p in paths]
+    try:
+        tables = [fingerprint(r, batch_pages=16, jobs=2) for r in readers]
+        classes = classify(tables, readers, jobs=2)
+    finally:
+        for r in readers:
+            r.close()
+    assert _class_counts(tables, classes) == _truth_counts(*picks)
+    # Pages in one class hold the same bytes across parts and inputs.
+    for k in range(classes.n_classes):
+        members = [picks[i][(np.asarray(t.locators) // PS)[t.content == k]]
+                   for i, t in enumerate(tables)]
+        rows = np.concatenate(members)
+        assert (rows == rows[0]).all()
