@@ -93,25 +93,22 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+def _proc_bytes(pid: int, file: str, key: str) -> int:
+    """A ``key: N kB`` line of /proc/PID/FILE in bytes (0 once the process is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return 0
+
+
+def _rss_anon(pid: int) -> int:
+    return _proc_bytes(pid, "status", "RssAnon:")
 
 
 def _pss_anon(pid: int) -> int:
     """Proportional anonymous memory: a page shared copy-on-write by n processes counts 1/n."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss_Anon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_bytes(pid, "smaps_rollup", "Pss_Anon:")
 
 
 def time_scan(path: Path, sample: bool) -> tuple[float, int, int, dict]:

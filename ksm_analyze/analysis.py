@@ -36,9 +36,10 @@ class Analysis:
 
     Attributes:
         per_input: one row per input. Columns: ``input``, ``format``, ``address_space``,
-            ``pages`` (every page the dump describes), ``bytes``, ``nonzero_pages``,
-            ``zero_pages``, ``hole_pages``, ``excluded_pages``, ``not_saved_pages``,
-            ``ineligible_pages`` (file-backed or shared memory in process cores),
+            ``pages`` (every page the dump describes), ``bytes``, ``nonzero_pages`` and
+            ``zero_pages`` (pages KSM may merge), ``hole_pages``, ``excluded_pages``,
+            ``not_saved_pages``, ``ineligible_pages`` (file-backed or shared memory in
+            process cores, which KSM never merges),
             ``distinct_contents`` (non-zero contents in this input),
             ``self_sharing_pages`` (pages KSM would save merging within this input alone,
             zero pages apart).
@@ -75,7 +76,7 @@ class Analysis:
         """Everything as plain JSON-able values (what ``scan --json`` prints)."""
 
         def records(df: pd.DataFrame) -> list[dict[str, Any]]:
-            return json_safe(df.reset_index().to_dict(orient="records"))
+            return json_safe(df.to_dict(orient="records"))
 
         return {
             "options": json_safe(self.options),

@@ -64,19 +64,22 @@ def render_scan(result: Analysis) -> str:
     out.append(
         _table(
             ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
-             "distinct", "self-sharing"],
+             "file/shared", "distinct", "self-sharing"],
             (
                 [
                     Path(r.input).name, r.format, human_bytes(r.bytes), _count(r.nonzero_pages),
                     _count(r.zero_pages), _count(r.hole_pages), _count(r.excluded_pages),
-                    _count(r.not_saved_pages), _count(r.distinct_contents),
-                    _count(r.self_sharing_pages),
+                    _count(r.not_saved_pages), _count(r.ineligible_pages),
+                    _count(r.distinct_contents), _count(r.self_sharing_pages),
                 ]
                 for r in pi.itertuples()
             ),
         )
     )
-    out.append("  (pages; self-sharing = pages saved merging within that input alone)")
+    out.append(
+        "  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
+        "   self-sharing = pages saved merging within that input alone)"
+    )
     out.append("")
     out.append(
         f"KSM prediction, all inputs on one host (max_page_sharing={opts['max_page_sharing']}, "
