@@ -29,8 +29,8 @@ __all__ = ["ContentClasses", "StageStats", "classify"]
 
 PARALLEL_MIN_CANDIDATES = 20000
 """Fewer candidates than this are resolved in one process."""
-PART_CANDIDATES = 1 << 20
-"""Candidates resolved at a time: bounds stage 2's working memory to some 60 MiB."""
+PART_CANDIDATES = 1 << 18
+"""Candidates resolved at a time: bounds stage 2's working memory to some 50 MiB."""
 _SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
 
 
