@@ -76,7 +76,8 @@ class Analysis:
         """Everything as plain JSON-able values (what ``scan --json`` prints)."""
 
         def records(df: pd.DataFrame) -> list[dict[str, Any]]:
-            return json_safe(df.to_dict(orient="records"))
+            rows: list[dict[str, Any]] = json_safe(df.to_dict(orient="records"))
+            return rows
 
         return {
             "options": json_safe(self.options),
@@ -276,7 +277,7 @@ def build_analysis(
     else:
         zk, zu = merged_pages(np.array([zero]), mps)
         zero_saved = int(zero - zk[0] - zu[0])
-    savings = {}
+    savings: dict[str, dict[str, float | None]] = {}
     for name, c in counters.items():
         z = zero if name == "with_zero_pages" else 0
         zs = zero_saved if name == "with_zero_pages" else 0

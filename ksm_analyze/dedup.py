@@ -330,5 +330,6 @@ def _resolve_part(
         full_hashes = len(row)
     for i, t in enumerate(tables):
         mine = source == i
+        assert t.content is not None  # set by classify()
         t.content[row[mine]] = labels[mine] + first_class
     return labels, n, compares, collisions, full_hashes

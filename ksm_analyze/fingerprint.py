@@ -66,7 +66,7 @@ class PageTable:
     @property
     def zero(self) -> np.ndarray:
         """bool per row: the stored page is all zero."""
-        return self.prefix == 0
+        return np.asarray(self.prefix == 0)
 
     @property
     def zero_pages(self) -> int:
@@ -97,7 +97,7 @@ def zero_rows(pages: np.ndarray) -> np.ndarray:
 def prefix_hashes(pages: np.ndarray, rows: np.ndarray, nbytes: int) -> np.ndarray:
     """xxh3-64 of the first ``nbytes`` bytes of the given rows of ``pages``."""
     ps = pages.shape[1]
-    flat = memoryview(np.ascontiguousarray(pages).reshape(-1))
+    flat = np.ascontiguousarray(pages).reshape(-1).data
     digest = xxhash.xxh3_64_intdigest
     offsets = (rows * ps).tolist()
     return np.fromiter(

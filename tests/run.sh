@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 
 bash .ci/install-system-deps.sh          # QEMU, static busybox, gdb for the real-dump tests
 python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-python3 -m ruff check ksm_analyze tests benchmarks sample_dumps
+python3 -m ruff check ksm_analyze tests benchmarks
+python3 -m mypy
 python3 -m pytest "$@"
