@@ -169,7 +169,7 @@ def fingerprint(
     return PageTable(
         path=reader.path,
         format=reader.format,
-        address_space=getattr(reader, "address_space", "physical"),
+        address_space=reader.address_space,
         page_size=ps,
         prefix_bytes=nbytes,
         extents=list(reader.extents),

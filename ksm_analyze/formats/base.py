@@ -72,7 +72,7 @@ class DumpReader(ABC):
     """
 
     format: ClassVar[DumpFormat]
-    address_space: ClassVar[str] = "physical"
+    address_space: str = "physical"
     """"physical" for guest RAM, "virtual" for process memory."""
 
     def __init__(

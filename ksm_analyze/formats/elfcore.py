@@ -346,7 +346,7 @@ class ElfCoreReader(DumpReader):
         self.producer = self._classify(self.notes, raw)
         process = self.producer == "process"
         # An instance attribute shadowing the base's ClassVar default, as the base intends.
-        self.address_space = "virtual" if process else "physical"  # type: ignore[misc]
+        self.address_space = "virtual" if process else "physical"
         self.segments = [s._replace(addr=s.p_vaddr) for s in raw] if process else raw
         self._check_segments(self.segments)
         # In non-paging mode QEMU sets p_vaddr = p_paddr (7.2) or 0 (older releases).
