@@ -147,9 +147,8 @@ class DumpReader(ABC):
         """
         ps = self.page_size
         locs = np.asarray(locators, dtype=np.int64)
-        out = np.empty((len(locs), ps), np.uint8)
         if not len(locs):
-            return out
+            return np.empty((0, ps), np.uint8)
         starts, ends, views = self._stored_views()
         which = np.searchsorted(starts, locs, side="right") - 1
         bad = (which < 0) | (locs + ps > ends[np.maximum(which, 0)])
@@ -158,8 +157,12 @@ class DumpReader(ABC):
         if bad.any():
             loc = int(locs[np.flatnonzero(bad)[0]])
             raise ValueError(f"locator {loc:#x} names no stored page of {self.path}")
-        for ext in np.unique(which).tolist():
-            mine = which == ext
+        exts = np.unique(which)
+        if len(exts) == 1:  # the usual case: one fancy-indexed copy, nothing more
+            return np.asarray(views[int(exts[0])][rel // ps])
+        out = np.empty((len(locs), ps), np.uint8)
+        for ext in exts.tolist():
+            mine = np.flatnonzero(which == ext)
             out[mine] = views[ext][rel[mine] // ps]
         return out
 
