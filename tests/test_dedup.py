@@ -118,8 +118,8 @@ def test_random_mix_against_numpy_unique(tmp_path):
 def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
     # Stage 2 in parts of a few candidates each, and stage 1 and 2 in forked workers: the
     # classes must still be exactly the contents the bytes say.
-    import ksm_analyze.dedup as dedup
     import ksm_analyze.fingerprint as fp
+    from ksm_analyze import dedup
 
     monkeypatch.setattr(dedup, "PART_CANDIDATES", 5)
     monkeypatch.setattr(dedup, "PARALLEL_MIN_CANDIDATES", 1)
