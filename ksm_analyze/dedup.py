@@ -15,7 +15,7 @@ and the report says so with the collision bound.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,9 +115,22 @@ class _Candidates:
     def __init__(
         self, readers: Sequence[DumpReader], source: np.ndarray, locator: np.ndarray
     ) -> None:
-        getters = [_page_getter(r) for r in readers]
-        src, loc = source.tolist(), locator.tolist()
-        self.fetch: Callable[[int], bytes] = lambda m: getters[src[m]](loc[m])
+        self.page_size = readers[0].page_size if readers else 4096
+        # Raw-stored pages are sliced straight from the map (one copy); others are decoded.
+        self.maps = [r._mm if type(r).read_pages is DumpReader.read_pages else None
+                     for r in readers]
+        self.readers = readers
+        self.src, self.loc = source.tolist(), locator.tolist()
+
+    def fetch(self, m: int) -> bytes:
+        """The bytes of candidate ``m``."""
+        s: int = self.src[m]
+        o: int = self.loc[m]
+        mm = self.maps[s]
+        if mm is not None:
+            return mm[o : o + self.page_size]
+        page: bytes = self.readers[s].read_pages(np.array([o], np.uint64))[0].tobytes()
+        return page
 
     def full_hashes(self, idx: np.ndarray) -> np.ndarray:
         """xxh3-64 of the whole page of each candidate ``idx``."""
@@ -135,24 +148,22 @@ class _Candidates:
             return np.empty(0, np.int64), 0, members
         first = np.r_[True, key[1:] != key[:-1]]
         run = np.cumsum(first) - 1
-        fetch = self.fetch
+        # The hot loop of stage 2: locals only, the raw-map case inline.
+        src, loc, maps, ps, fetch = self.src, self.loc, self.maps, self.page_size, self.fetch
         differ = []
         rep = b""
         for m, starts_run in zip(members.tolist(), first.tolist(), strict=True):
+            mm = maps[src[m]]
+            if mm is not None:
+                o = loc[m]
+                page = mm[o : o + ps]
+            else:
+                page = fetch(m)
             if starts_run:
-                rep = fetch(m)
-            elif fetch(m) != rep:
+                rep = page
+            elif page != rep:
                 differ.append(m)
         return run, int(run[-1]) + 1, np.array(differ, dtype=np.int64)
-
-
-def _page_getter(reader: DumpReader) -> Callable[[int], bytes]:
-    """A function from locator to page bytes: a slice of the map when pages are stored raw."""
-    ps = reader.page_size
-    if type(reader).read_pages is DumpReader.read_pages:
-        mm = reader._mm  # locators are file offsets into the map
-        return lambda loc: mm[loc : loc + ps]
-    return lambda loc: reader.read_pages(np.array([loc], np.uint64))[0].tobytes()
 
 
 def _dense(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
