@@ -3,7 +3,7 @@
 # Idempotent: does nothing when all are installed; runs apt-get update only when one is missing.
 set -euo pipefail
 
-packages=(qemu-system-x86 busybox-static gdb)
+packages=(qemu-system-x86 busybox-static gdb makedumpfile)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

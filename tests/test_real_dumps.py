@@ -7,6 +7,9 @@ all RAM, and one ``pmemsave`` per ELF segment. The same pages must come out of e
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import xxhash
@@ -53,9 +56,10 @@ def page_map(path, fmt=None) -> dict[int, tuple[bool, int]]:
 
 
 def test_formats_are_detected(real):
-    assert open_dump(real["elf"]).format is DumpFormat.ELF
-    assert open_dump(real["kdump"]).format is DumpFormat.KDUMP
-    assert open_dump(real["raw"]).format is DumpFormat.RAW
+    for key, fmt in (("elf", DumpFormat.ELF), ("kdump", DumpFormat.KDUMP),
+                     ("raw", DumpFormat.RAW)):
+        with open_dump(real[key]) as r:
+            assert r.format is fmt
 
 
 def test_elf_and_kdump_hold_the_same_pages(real):
@@ -85,6 +89,20 @@ def test_scan_reports_the_same_counts_and_counters(real):
     # The guest wrote 8 MiB of fill, each page 4 times: at least 512 contents x 4 copies.
     assert elf.counters.pages_sharing >= 512 * 3
     assert elf.per_input["zero_pages"].iloc[0] > 0
+
+
+@pytest.mark.skipif(shutil.which("makedumpfile") is None, reason="makedumpfile is not installed")
+def test_plain_kdump_reassembled_by_makedumpfile_reads_the_same(real, tmp_path):
+    # makedumpfile -R turns QEMU's flattened output into the plain kdump-compressed form.
+    plain = tmp_path / "guest.plain.kdump"
+    with open(real["kdump"], "rb") as flattened:
+        subprocess.run(["makedumpfile", "-R", str(plain)], stdin=flattened, check=True,
+                       capture_output=True)
+    with open_dump(plain) as r:
+        assert r.format is DumpFormat.KDUMP
+        assert r.info()["flattened"] is False
+    assert page_map(plain) == page_map(real["kdump"])
+    assert analyze(plain).host.equals(analyze(real["kdump"]).host)
 
 
 def test_kdump_zero_pages_are_counted_without_reading(real):
