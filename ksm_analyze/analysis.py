@@ -21,9 +21,10 @@ import pandas as pd
 from ._parallel import default_jobs
 from .dedup import ContentClasses, StageStats, classify
 from .fingerprint import UNIQUE, ZERO, PageTable, fingerprint
-from .formats import DumpFormat, open_dump
-from .ksm import KsmCounters, KsmSettings, merged_pages, predict
-from .pages import PageState
+from .eligibility import RULES, Scope, excluded_by
+from .formats import DumpFormat, open_inputs
+from .ksm import RMAP_ITEM_BYTES, KsmCounters, KsmSettings, merged_pages, predict
+from .pages import MapFlags, PageState
 
 __all__ = ["Analysis", "analyze"]
 
@@ -42,7 +43,9 @@ class Analysis:
             process cores, which KSM never merges),
             ``distinct_contents`` (non-zero contents in this input),
             ``self_sharing_pages`` (pages KSM would save merging within this input alone,
-            zero pages apart).
+            zero pages apart), and the ``/proc/PID/ksm_stat`` fields KSM would show for the
+            input with zero pages present: ``ksm_rmap_items``, ``ksm_merging_pages``,
+            ``ksm_zero_pages``, ``ksm_process_profit`` (bytes).
         host: the KSM counters, one row per counter (``pages_shared``, ``pages_sharing``,
             ``pages_unshared``, ``pages_volatile``, ``ksm_zero_pages``, ``ksm_rmap_items``,
             ``general_profit`` in bytes), one column per scenario.
@@ -57,6 +60,10 @@ class Analysis:
         stages: fingerprinting statistics, one row per statistic (counts of pages, and
             ``stage1_seconds``/``stage2_seconds``, the wall time of each stage).
         convergence: seconds to one full scan and to steady state for each scenario.
+        exclusions: pages kept from KSM's scan, one row per input, one column per rule
+            (:data:`ksm_analyze.eligibility.RULES`: ``not_present``, ``swapped``,
+            ``not_saved``, ``excluded``, ``shared``, ``special``, ``hugetlb``,
+            ``file_backed``, ``zero_pfn``, ``not_mergeable``), under ``options["scope"]``.
         counters: the KSM counters of the ``with_zero_pages`` scenario.
         options: the options the analysis ran with.
         warnings: every warning the readers raised.
@@ -68,6 +75,7 @@ class Analysis:
     histogram: pd.DataFrame
     stages: pd.DataFrame
     convergence: pd.DataFrame
+    exclusions: pd.DataFrame
     counters: KsmCounters
     options: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
@@ -87,6 +95,7 @@ class Analysis:
             "histogram": records(self.histogram),
             "stages": json_safe(self.stages["value"].to_dict()),
             "convergence": json_safe(self.convergence.to_dict(orient="index")),
+            "exclusions": json_safe(self.exclusions.to_dict(orient="index")),
             "warnings": list(self.warnings),
         }
 
@@ -115,6 +124,7 @@ def analyze(
     sleep_millisecs: int = 20,
     verify: bool = True,
     jobs: int | None = None,
+    scope: str | Scope = Scope.MERGEABLE,
 ) -> Analysis:
     """Predict what KSM would save on a host holding all of ``paths``.
 
@@ -131,6 +141,10 @@ def analyze(
         sleep_millisecs: ksmd's sleep between wake-ups, for the time to converge.
         verify: compare candidate pages byte for byte (off: trust the 64+64-bit hashes).
         jobs: worker processes for hashing and comparing (default: every CPU available).
+        scope: which pages of process memory KSM scans: ``mergeable`` (VMAs marked
+            mergeable, what KSM does), ``anon`` (as if ``PR_SET_MEMORY_MERGE`` were set),
+            ``all`` (every page whose bytes are known, an upper bound). Guest dumps carry
+            no mapping facts: every page is counted whatever the scope.
 
     Returns:
         An :class:`Analysis`.
@@ -146,6 +160,7 @@ def analyze(
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
+    scope = Scope.parse(scope)
     if prefix_bytes < 0:
         raise ValueError(f"prefix_bytes cannot be negative, not {prefix_bytes}")
     bases = [base_address] if isinstance(base_address, int) else list(base_address)
@@ -163,10 +178,10 @@ def analyze(
         page_size=page_size,
     )
     with contextlib.ExitStack() as stack:
-        readers = [
-            stack.enter_context(open_dump(p, format, page_size=page_size, base_address=b))
-            for p, b in zip(paths, bases, strict=True)
-        ]
+        readers = []
+        for p, b in zip(paths, bases, strict=True):
+            for r in open_inputs(p, format, page_size=page_size, base_address=b):
+                readers.append(stack.enter_context(r))
         started = time.perf_counter()
         tables = [fingerprint(r, prefix_bytes=prefix_bytes, jobs=jobs) for r in readers]
         hashed = time.perf_counter()
@@ -184,27 +199,40 @@ def analyze(
         "sleep_millisecs": sleep_millisecs,
         "verify": verify,
         "jobs": jobs,
+        "scope": scope.value,
     }
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed}
-    return build_analysis(tables, classes, settings, options, timings)
+    return build_analysis(tables, classes, settings, options, timings, scope)
 
 
-def eligible_rows(table: PageTable) -> np.ndarray:
-    """Bool per stored page: may KSM merge it (False in file-backed or shared mappings)."""
+def eligible_rows(table: PageTable, scope: Scope = Scope.MERGEABLE) -> np.ndarray:
+    """Bool per stored page: would KSM scan it (see :mod:`ksm_analyze.eligibility`)."""
     data = [e for e in table.extents if e.state == PageState.DATA]
-    if all(e.anon is not False for e in data):
+    ok = np.array([excluded_by(e, scope) is None for e in data], dtype=bool)
+    if ok.all():
         return np.ones(len(table.addrs), dtype=bool)
     starts = np.array([e.addr for e in data], dtype=np.uint64)
-    ok = np.array([e.anon is not False for e in data], dtype=bool)
     return ok[np.searchsorted(starts, table.addrs, side="right") - 1]
 
 
-def _state_pages(table: PageTable, state: PageState, *, eligible: bool | None = None) -> int:
-    return sum(
-        e.npages
-        for e in table.extents
-        if e.state == state and (eligible is None or (e.anon is not False) == eligible)
-    )
+def exclusions(table: PageTable, scope: Scope) -> dict[str, int]:
+    """Pages each eligibility rule keeps from KSM's scan (every rule, 0 where none)."""
+    out = dict.fromkeys(RULES, 0)
+    for e in table.extents:
+        rule = excluded_by(e, scope)
+        if rule:
+            out[rule] += e.npages
+    return out
+
+
+def _zero_state_pages(table: PageTable, scope: Scope) -> int:
+    """Pages the format marks all-zero that KSM would scan."""
+    return sum(e.npages for e in table.extents
+               if e.state == PageState.ZERO and excluded_by(e, scope) is None)
+
+
+def _state_pages(table: PageTable, state: PageState) -> int:
+    return sum(e.npages for e in table.extents if e.state == state)
 
 
 @dataclass
@@ -217,34 +245,79 @@ class _Counts:
     per_input: list[dict[str, int]]
 
 
-def _count(tables: Sequence[PageTable], classes: ContentClasses, mps: int) -> _Counts:
+def _count(
+    tables: Sequence[PageTable], classes: ContentClasses, settings: KsmSettings, scope: Scope
+) -> _Counts:
+    mps = settings.max_page_sharing
     copies = np.zeros(classes.n_classes, np.int64)
     per_input = []
-    singletons = zero_total = 0
+    mine_list = []
     for t in tables:
         assert t.content is not None, "classify() sets content"
-        elig = eligible_rows(t)
-        content = t.content[elig]
-        zero_i = int(np.count_nonzero(content == ZERO))
-        zero_i += _state_pages(t, PageState.ZERO, eligible=True)
+        content = t.content[eligible_rows(t, scope)]
+        zero_i = int(np.count_nonzero(content == ZERO)) + _zero_state_pages(t, scope)
         unique_i = int(np.count_nonzero(content == UNIQUE))
         mine, mine_copies = np.unique(content[content >= 0], return_counts=True)
         copies[mine] += mine_copies
+        mine_list.append((mine, mine_copies))
         # The sharing this input would find on its own.
         ksm, unshared = merged_pages(mine_copies, mps)
-        singletons += unique_i
-        zero_total += zero_i
+        excluded = exclusions(t, scope)
         per_input.append(
             {
                 "nonzero_pages": unique_i + int(mine_copies.sum()),
                 "zero_pages": zero_i,
                 "distinct_contents": unique_i + len(mine),
                 "self_sharing_pages": int((mine_copies - ksm - unshared).sum()),
-                "ineligible_pages": int(np.count_nonzero(~elig))
-                + _state_pages(t, PageState.ZERO, eligible=False),
+                "ineligible_pages": sum(v for k, v in excluded.items() if k not in _NO_BYTES),
+                "singletons": unique_i,
+                **{f"excluded_{k}_pages": v for k, v in excluded.items()},
             }
         )
+    zero_total = sum(row["zero_pages"] for row in per_input)
+    _per_process_ksm_stat(per_input, mine_list, copies, zero_total, settings)
+    singletons = sum(row.pop("singletons") for row in per_input)
     return _Counts(copies, singletons, zero_total, per_input)
+
+
+_NO_BYTES = ("not_present", "swapped", "not_saved", "excluded")
+"""Rules for pages whose bytes the dump does not hold (already counted per state)."""
+
+
+def _per_process_ksm_stat(
+    per_input: list[dict[str, int]],
+    mine_list: list[tuple[np.ndarray, np.ndarray]],
+    copies: np.ndarray,
+    zero_total: int,
+    settings: KsmSettings,
+) -> None:
+    """Add the ``/proc/PID/ksm_stat`` fields KSM would show for each input.
+
+    A page merges when its content has a partner on the host; of a content seen
+    ``k * max_page_sharing + 1`` times one page stays unmerged, which one is the kernel's
+    scan order: it is charged here to the last input holding the content.
+    """
+    mps = settings.max_page_sharing
+    leftover = (copies % mps == 1) & (copies > 1)
+    zero_leftover = not settings.use_zero_pages and zero_total % mps == 1
+    for row, (mine, mine_copies) in reversed(list(zip(per_input, mine_list, strict=True))):
+        merging = int(mine_copies[copies[mine] >= 2].sum())
+        merging -= int(np.count_nonzero(leftover[mine]))
+        leftover[mine] = False
+        zero = row["zero_pages"]
+        if settings.use_zero_pages:
+            kzero, rmap = zero, row["nonzero_pages"]
+        else:
+            kzero, rmap = 0, row["nonzero_pages"] + zero
+            if zero_total >= 2:
+                merging += zero
+            if zero_leftover and zero:
+                merging -= 1
+                zero_leftover = False
+        row["ksm_rmap_items"] = rmap
+        row["ksm_merging_pages"] = merging
+        row["ksm_zero_pages"] = kzero
+        row["ksm_process_profit"] = (merging + kzero) * settings.page_size - rmap * RMAP_ITEM_BYTES
 
 
 def build_analysis(
@@ -253,11 +326,12 @@ def build_analysis(
     settings: KsmSettings,
     options: dict[str, Any],
     timings: dict[str, float] | None = None,
+    scope: Scope = Scope.MERGEABLE,
 ) -> Analysis:
     """Turn fingerprints and content classes into the :class:`Analysis` tables."""
     ps = settings.page_size
     mps = settings.max_page_sharing
-    counts = _count(tables, classes, mps)
+    counts = _count(tables, classes, settings, scope)
     copies = counts.copies[counts.copies > 0]
     zero = counts.zero_pages
 
@@ -313,6 +387,10 @@ def build_analysis(
 
     per_input = pd.DataFrame([_input_row(t, row) for t, row in zip(tables, counts.per_input,
                                                                    strict=True)])
+    excluded = pd.DataFrame(
+        [{"input": t.path, **{k: row[f"excluded_{k}_pages"] for k in RULES}}
+         for t, row in zip(tables, counts.per_input, strict=True)]
+    ).set_index("input")
     warnings = [w for t in tables for w in t.warnings]
     return Analysis(
         per_input=per_input,
@@ -321,6 +399,7 @@ def build_analysis(
         histogram=histogram,
         stages=stages,
         convergence=convergence,
+        exclusions=excluded,
         counters=counters["with_zero_pages"],
         options=options,
         warnings=warnings,
@@ -343,7 +422,12 @@ def _input_row(table: PageTable, counted: dict[str, int]) -> dict[str, Any]:
         "ineligible_pages": counted["ineligible_pages"],
         "distinct_contents": counted["distinct_contents"],
         "self_sharing_pages": counted["self_sharing_pages"],
+        **{k: counted[k] for k in KSM_STAT_FIELDS},
     }
+
+
+KSM_STAT_FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit")
+"""The ``/proc/PID/ksm_stat`` fields predicted per input."""
 
 
 def _histogram(

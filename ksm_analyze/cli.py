@@ -10,15 +10,18 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from . import __version__
 from .analysis import analyze
+from .eligibility import Scope
 from .errors import KsmAnalyzeError
 from .formats import DumpFormat, open_dump
-from .present import render_info, render_scan, to_json, write_csvs
+from .present import (
+    render_capture, render_info, render_scan, render_status, to_json, write_csvs,
+)
 
 app = typer.Typer(
     name="ksm-analyze",
@@ -86,6 +89,17 @@ BasesOpt = Annotated[
 ]
 
 
+ScopeOpt = Annotated[
+    str,
+    typer.Option(
+        "--scope",
+        help="Process memory KSM scans: mergeable (VMAs marked mergeable, what KSM does), "
+        "anon (as with prctl PR_SET_MEMORY_MERGE), all (every readable page, an upper bound). "
+        "Guest dumps count every page whatever the scope.",
+    ),
+]
+
+
 @app.callback()
 def _main(
     version: Annotated[
@@ -130,6 +144,7 @@ def scan(
         int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
                                  show_default=False)
     ] = None,
+    scope: ScopeOpt = Scope.MERGEABLE.value,
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
@@ -145,6 +160,7 @@ def scan(
             sleep_millisecs=sleep_millisecs,
             verify=verify,
             jobs=jobs,
+            scope=scope,
         )
         if csv_dir is not None:
             try:
@@ -171,6 +187,81 @@ def info(
             render_info(str(dump), reader.format.value, reader.info(), reader.extents, counts,
                         reader.page_size, reader.warnings, max_ranges=ranges)
         )
+
+
+@app.command()
+def capture(
+    pids: Annotated[list[int], typer.Argument(help="Process IDs to capture.", show_default=False)],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Snapshot file to write (mode 0600).",
+                           show_default=False)
+    ],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Snapshot live processes' memory and page flags, for `scan` to analyse later.
+
+    Reads /proc/PID/smaps and pagemap, /proc/kpageflags when root, and /proc/PID/mem for
+    present pages only, so the targets' memory is left as it was.
+    """
+    from .capture import capture as capture_processes
+
+    with _errors(), _progress_bar("capturing", quiet) as bar:
+        summary = capture_processes(pids, output, progress=bar.advance, on_total=bar.total)
+    typer.echo(render_capture(summary))
+
+
+@app.command("ksm-status")
+def ksm_status(
+    snapshots: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Snapshots to predict from (optional).", show_default=False),
+    ] = None,
+    scope: ScopeOpt = Scope.MERGEABLE.value,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+    = False,
+) -> None:
+    """Show the kernel's KSM counters, beside a prediction from SNAPSHOTS if given.
+
+    Run it after turning KSM on to see how the prediction held: host-wide counters from
+    /sys/kernel/mm/ksm, and /proc/PID/ksm_stat of each captured process still running.
+    """
+    from .status import ksm_status as read_status
+
+    with _errors():
+        status = read_status(snapshots or [], scope=scope)
+        typer.echo(render_status(status, as_json=json_out))
+
+
+class _Bar:
+    """Bytes done against a total, shown with rich on stderr; silent when not a terminal."""
+
+    def __init__(self, progress: Any, description: str) -> None:
+        self._progress = progress
+        self._task = progress.add_task(description, total=None) if progress else None
+
+    def total(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=nbytes)
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=nbytes)
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str, quiet: bool) -> Iterator[_Bar]:
+    if quiet or not sys.stderr.isatty():
+        yield _Bar(None, description)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        yield _Bar(progress, description)
 
 
 def main() -> None:

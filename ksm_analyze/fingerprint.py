@@ -167,7 +167,7 @@ def fingerprint(
     if filled != stored:
         raise AssertionError(f"{reader.path}: reader yielded {filled} of {stored} stored pages")
     return PageTable(
-        path=reader.path,
+        path=reader.name,
         format=reader.format,
         address_space=reader.address_space,
         page_size=ps,

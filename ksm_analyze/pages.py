@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Extent", "PageBatch", "PageState"]
+__all__ = ["Extent", "MapFlags", "PageBatch", "PageState"]
 
 
 class PageState(enum.IntEnum):
@@ -29,6 +29,33 @@ class PageState(enum.IntEnum):
     """Address range with no bytes saved: MMIO, ``p_filesz < p_memsz``, unreadable regions."""
 
 
+class MapFlags(enum.IntFlag):
+    """How the host maps an extent's pages: what KSM's eligibility rules look at.
+
+    Guest dumps know none of this (0). Process cores know ANON or FILE (from ``NT_FILE``);
+    live-process snapshots know everything, and set VMFLAGS to say the VMA flags are facts.
+    """
+
+    ANON = 1 << 0
+    """Private anonymous page (an anonymous folio)."""
+    FILE = 1 << 1
+    """Page-cache page or shared memory (pagemap bit 61, or an ``NT_FILE`` mapping)."""
+    VMFLAGS = 1 << 2
+    """The VMA's flags (smaps ``VmFlags``) were recorded: MERGEABLE..HUGETLB are facts."""
+    MERGEABLE = 1 << 3
+    """VM_MERGEABLE (``mg``): ``MADV_MERGEABLE`` or ``PR_SET_MEMORY_MERGE``."""
+    SHARED = 1 << 4
+    """VM_SHARED or VM_MAYSHARE (``sh``, ``ms``)."""
+    SPECIAL = 1 << 5
+    """VM_IO, VM_PFNMAP, VM_DONTEXPAND or VM_MIXEDMAP (``io``, ``pf``, ``de``, ``mm``)."""
+    HUGETLB = 1 << 6
+    """hugetlbfs (``ht``)."""
+    ZERO_PFN = 1 << 7
+    """Mapped to the kernel's shared zero page: never scanned by KSM."""
+    SWAPPED = 1 << 8
+    """Swapped out (pagemap bit 62): not in memory, not scanned."""
+
+
 class Extent(NamedTuple):
     """A run of consecutive pages that share one state.
 
@@ -44,8 +71,15 @@ class Extent(NamedTuple):
     file_offset: int = -1
     label: str = ""
     """Free text for ``info`` and reports: a segment name or a mapped file's path."""
-    anon: bool | None = None
-    """True for private anonymous memory, False for file-backed or shared, None if unknown."""
+    flags: MapFlags = MapFlags(0)
+    """How the host maps these pages, as far as the dump tells (0 for guest dumps)."""
+
+    @property
+    def anon(self) -> bool | None:
+        """True for private anonymous memory, False for file-backed or shared, None if unknown."""
+        if self.flags & MapFlags.FILE:
+            return False
+        return True if self.flags & MapFlags.ANON else None
 
     def end_addr(self, page_size: int) -> int:
         """One past the last byte covered by the extent."""

@@ -11,14 +11,20 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .analysis import Analysis
+from .analysis import Analysis, json_safe
+from .eligibility import RULES
+
+if TYPE_CHECKING:
+    from .capture import CaptureSummary
+    from .status import KsmStatus
 
 __all__ = [
-    "atomic_write", "human_bytes", "render_info", "render_scan", "to_json", "write_csvs",
+    "atomic_write", "human_bytes", "render_capture", "render_info", "render_scan",
+    "render_status", "to_json", "write_csvs",
 ]
 
 _SCENARIO_TITLES = {
@@ -80,6 +86,8 @@ def render_scan(result: Analysis) -> str:
         "  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
         "   self-sharing = pages saved merging within that input alone)"
     )
+    if (pi["address_space"] == "virtual").any():
+        out += _process_sections(result)
     out.append("")
     out.append(
         f"KSM prediction, all inputs on one host (max_page_sharing={opts['max_page_sharing']}, "
@@ -118,11 +126,17 @@ def render_scan(result: Analysis) -> str:
             cells.append(f"{human_bytes(b)} ({pct:.1f}%)")
         rows.append(cells)
     out.append(_table(["", *(_SCENARIO_TITLES[s] for s in scen)], rows))
-    out.append(
-        "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged by\n"
-        "  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' holds\n"
-        "  either way; the savings are an upper and a lower bound."
-    )
+    if (result.per_input["format"] == "snapshot").all():
+        out.append(
+            "  A snapshot knows which pages are resident and which map the zero page (unless\n"
+            "  capture said otherwise): 'zero pages present' is the prediction."
+        )
+    else:
+        out.append(
+            "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged by\n"
+            "  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' holds\n"
+            "  either way; the savings are an upper and a lower bound."
+        )
     out.append("")
     out.append("Sharing-degree histogram (zero pages included, as present)")
     hist = result.histogram
@@ -163,6 +177,30 @@ def render_scan(result: Analysis) -> str:
     for w in result.warnings:
         out.append(f"Warning: {w}")
     return "\n".join(out)
+
+
+def _process_sections(result: Analysis) -> list[str]:
+    """Eligibility exclusions and per-process ksm_stat, for process memory inputs."""
+    scope = result.options.get("scope", "mergeable")
+    ex = result.exclusions
+    rules = [r for r in ex.columns if ex[r].any()]
+    out = ["", f"Excluded from KSM's scan (--scope {scope}; pages per rule)"]
+    if rules:
+        out.append(_table(["input", *rules],
+                          ([Path(str(i)).name, *(_count(ex.at[i, r]) for r in rules)]
+                           for i in ex.index)))
+        out += [f"  {r}: {RULES[r]}" for r in rules]
+    else:
+        out.append("  none")
+    out.append("")
+    out.append("Per process: /proc/PID/ksm_stat after KSM converges (zero pages present)")
+    out.append(_table(
+        ["input", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit"],
+        ([Path(r.input).name, _count(r.ksm_rmap_items), _count(r.ksm_merging_pages),
+          _count(r.ksm_zero_pages), human_bytes(r.ksm_process_profit)]
+         for r in result.per_input.itertuples()),
+    ))
+    return out
 
 
 def _collision_bound(stats: pd.Series) -> float:
@@ -241,6 +279,7 @@ def write_csvs(result: Analysis, directory: str | os.PathLike[str]) -> list[Path
         "histogram": result.histogram.set_index("copies"),
         "stages": result.stages,
         "convergence": result.convergence,
+        "exclusions": result.exclusions,
     }
     written = []
     for name, df in tables.items():
@@ -253,3 +292,74 @@ def write_csvs(result: Analysis, directory: str | os.PathLike[str]) -> list[Path
 def to_json(result: Analysis) -> str:
     """The whole analysis as indented JSON."""
     return json.dumps(result.to_dict(), indent=2)
+
+
+_ZERO_SOURCES = {
+    "kpageflags": "zero-page mappings found with /proc/kpageflags",
+    "pagemap_scan": "zero-page mappings found with PAGEMAP_SCAN",
+    "none": "zero-page mappings could NOT be told from written zero pages (needs root, or "
+    "Linux 6.7+ for PAGEMAP_SCAN): they count as zero pages, so 'zero pages present' is an "
+    "upper bound and 'zero pages untouched' a lower one",
+}
+
+
+def render_capture(summary: CaptureSummary) -> str:
+    """What ``capture`` wrote: per process, pages by what the kernel said of them."""
+    out = [f"Captured {len(summary.processes)} process(es) into {summary.path} "
+           f"({human_bytes(summary.bytes_written)}, mode 0600); "
+           f"{_ZERO_SOURCES[summary.pfn_flags]}."]
+    out.append(_table(
+        ["pid", "command", "VMAs", "present", "stored", "zero page", "swapped", "unreadable"],
+        ([str(p["pid"]), str(p["comm"]), _count(p["vmas"]), _count(p["present_pages"]),
+          _count(p["stored_pages"]), _count(p["zero_pfn_pages"]), _count(p["swapped_pages"]),
+          _count(p["unreadable_pages"])] for p in summary.processes),
+    ))
+    out.append("  (pages; only present pages that do not map the zero page are stored)")
+    out.append(f"Next: ksm-analyze scan {summary.path}")
+    return "\n".join(out)
+
+
+def render_status(status: KsmStatus, *, as_json: bool = False) -> str:
+    """The kernel's KSM counters, and the prediction beside them when there is one."""
+    if as_json:
+        return json.dumps(json_safe({
+            "knobs": status.knobs,
+            "host": status.host.to_dict(orient="index"),
+            "processes": status.processes.to_dict(orient="records"),
+        }), indent=2)
+    knobs = ", ".join(f"{k}={v}" for k, v in status.knobs.items())
+    out = [f"KSM on this host: {knobs}"]
+    host = status.host
+    compare = "predicted" in host.columns
+
+    def value(name: str, v: Any) -> str:
+        return human_bytes(v) if name == "general_profit" else _count(v)
+
+    headers = ["counter", "actual"] + (["predicted", "difference"] if compare else [])
+    rows = []
+    for name, r in host.iterrows():
+        cells = [str(name), value(str(name), r["actual"])]
+        if compare:
+            cells += [value(str(name), r["predicted"]),
+                      f"{int(r['difference']):+,} ({r['difference_percent']:+.2f}%)"]
+        rows.append(cells)
+    out.append(_table(headers, rows))
+    if compare:
+        out.append("  (actual counts every process KSM merges on this host; difference = "
+                   "actual - predicted)")
+    procs = status.processes
+    if len(procs):
+        out.append("")
+        out.append("Per process (/proc/PID/ksm_stat): actual / predicted")
+        fields = [c.removesuffix("_actual") for c in procs.columns if c.endswith("_actual")]
+        out.append(_table(
+            ["input", *fields],
+            ([Path(r["input"]).name, *(f"{_count(r[f + '_actual'])} / "
+                                        f"{_count(r[f + '_predicted'])}" for f in fields)]
+             for _, r in procs.iterrows()),
+        ))
+    elif compare:
+        out.append("No captured process is still running: no per-process comparison.")
+    if not compare and int(status.knobs.get("run", 0)) == 0:
+        out.append("KSM is not running (run=0): turn it on with 'echo 1 > /sys/kernel/mm/ksm/run'.")
+    return "\n".join(out)

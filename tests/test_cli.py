@@ -56,8 +56,8 @@ def test_scan_csv_writes_one_file_per_table(two_raw, tmp_path):
     r = runner.invoke(app, ["scan", *map(str, two_raw), "--csv", str(out)])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "convergence.csv", "histogram.csv", "host.csv", "per_input.csv", "savings.csv",
-        "stages.csv",
+        "convergence.csv", "exclusions.csv", "histogram.csv", "host.csv", "per_input.csv",
+        "savings.csv", "stages.csv",
     ]
     assert "pages_sharing" in (out / "host.csv").read_text()
 

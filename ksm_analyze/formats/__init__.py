@@ -18,7 +18,7 @@ from .base import open_readonly
 if TYPE_CHECKING:
     from .base import DumpReader
 
-__all__ = ["DumpFormat", "detect_format", "open_dump"]
+__all__ = ["DumpFormat", "detect_format", "open_dump", "open_inputs"]
 
 PROBE_BYTES = 4096 + 8
 """Enough for every magic, including Hyper-V's at offset 0x1000."""
@@ -28,6 +28,7 @@ class DumpFormat(enum.Enum):
     """The dump formats ksm-analyze reads."""
 
     RAW = "raw"
+    SNAPSHOT = "snapshot"
     ELF = "elf"
     KDUMP = "kdump"
     LIME = "lime"
@@ -70,8 +71,10 @@ def _reader_classes() -> dict[DumpFormat, type[DumpReader]]:
     from .kdump import KdumpReader
     from .lime import LimeReader
     from .raw import RawReader
+    from .snapshot import SnapshotReader
 
-    return {
+    return {  # probed in this order: a snapshot is also an ELF core
+        DumpFormat.SNAPSHOT: SnapshotReader,
         DumpFormat.ELF: ElfCoreReader,
         DumpFormat.KDUMP: KdumpReader,
         DumpFormat.LIME: LimeReader,
@@ -146,3 +149,26 @@ def open_dump(
     fmt = detect_format(path, page_size=page_size) if format is None else DumpFormat.parse(format)
     cls = _reader_classes()[fmt]
     return cls(path, page_size=page_size, base_address=base_address)
+
+
+def open_inputs(
+    path: str | os.PathLike[str],
+    format: str | DumpFormat | None = None,
+    *,
+    page_size: int = 4096,
+    base_address: int = 0,
+) -> list[DumpReader]:
+    """Open ``path`` as one input per address space: a snapshot of N processes gives N readers.
+
+    Same arguments and errors as :func:`open_dump`; every reader must be closed.
+    """
+    first = open_dump(path, format, page_size=page_size, base_address=base_address)
+    readers = [first]
+    try:
+        for i in range(1, len(getattr(first, "processes", ()))):
+            readers.append(type(first)(path, page_size=page_size, process=i))  # type: ignore[call-arg]
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return readers

@@ -92,6 +92,11 @@ class DumpReader(ABC):
             self.close()
             raise
 
+    @property
+    def name(self) -> str:
+        """The input's name in tables and messages (the path; snapshots add the process)."""
+        return self.path
+
     # -- what a format provides -------------------------------------------------------------
 
     @classmethod

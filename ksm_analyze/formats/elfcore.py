@@ -9,7 +9,7 @@ memory map, the rest up to ``p_memsz`` is NOT_SAVED.  The producer, told apart b
   physical addresses (``p_paddr``).
 * ``NT_FILE`` or ``NT_PRPSINFO``: a Linux process core (kernel coredump or gdb ``gcore``).
   Virtual addresses (``p_vaddr``); sparse-file holes become HOLE pages, and ``NT_FILE`` tells
-  file-backed and shared mappings (``anon=False``) from private anonymous memory.
+  file-backed and shared mappings (``MapFlags.FILE``) from private anonymous memory.
 * Xen ``xl dump-core`` (``.note.Xen``, sections and no ``PT_LOAD``) is refused.
 
 Segments are named ``PT_LOAD[i]`` by their index ``i`` in the program header table, the row
@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import TruncatedDumpError, UnsupportedDumpError
-from ..pages import Extent, PageState
+from ..pages import Extent, MapFlags, PageState
 from . import DumpFormat
 from .base import DumpReader
 
@@ -317,7 +317,8 @@ class ElfCoreReader(DumpReader):
 
     # -- extents ----------------------------------------------------------------------------
 
-    def _load_extents(self) -> list[Extent]:
+    def _headers(self) -> list[Segment]:
+        """Read the ELF header, every note (into ``self.notes``) and the PT_LOAD headers."""
         self.pn_xnum = False
         self._parse_ehdr()
         phnum = self._phnum()
@@ -333,10 +334,13 @@ class ElfCoreReader(DumpReader):
         rows = table[load_idx]
         cols = [rows[f].tolist() for f in ("p_offset", "p_vaddr", "p_paddr", "p_filesz")]
         memsz = rows["p_memsz"].tolist()
-        raw = [
+        return [
             Segment(i, o, v, p, f, m, p)
             for i, o, v, p, f, m in zip(load_idx.tolist(), *cols, memsz, strict=True)
         ]
+
+    def _load_extents(self) -> list[Extent]:
+        raw = self._headers()
         if not raw:
             names = set(self._section_names()) & set(_XEN_SECTIONS)
             if names:
@@ -550,7 +554,7 @@ class ElfCoreReader(DumpReader):
 
     def _split_mappings(self, extents: list[Extent]) -> list[Extent]:
         """Label process-core pages by NT_FILE: a mapped file (or shmem for shared anonymous
-        memory) gives ``anon=False`` and its path; pages no entry covers are private anon."""
+        memory) gives ``MapFlags.FILE`` and its path; pages no entry covers are private anon."""
         ps = self.page_size
         maps = sorted(self.mapped_files)
         ends = [m.end for m in maps]
@@ -564,8 +568,8 @@ class ElfCoreReader(DumpReader):
                 k0 = max(0, -(-(m.start - lo) // ps))
                 k1 = min(e.npages, -(-(m.end - lo) // ps))
                 if k1 > k0:
-                    cuts.append((k0, k1, {"anon": False, "label": m.path}))
-            out += _split(e, cuts, ps, {"anon": True, "label": "anon"})
+                    cuts.append((k0, k1, {"flags": MapFlags.FILE, "label": m.path}))
+            out += _split(e, cuts, ps, {"flags": MapFlags.ANON, "label": "anon"})
         return out
 
     # -- reporting --------------------------------------------------------------------------

@@ -1,0 +1,298 @@
+"""``capture()``: snapshot live processes' memory, with the facts KSM's rules need.
+
+For each VMA of each process: ``pagemap`` says which pages are present, swapped, file or
+shared; ``/proc/kpageflags`` (root) or ``PAGEMAP_SCAN`` (Linux 6.7+) which present pages
+map the kernel's zero page; then ``/proc/PID/mem`` is read **only for present pages that
+are not the zero page**. Reading an absent page through ``mem`` would fault it in (a zero
+page PTE, or a freshly allocated shmem page), changing the very memory being measured.
+
+The target keeps running: a page unmapped between the pagemap read and the mem read is the
+one way capture can still fault something in. Stop the process (``kill -STOP``) for an exact
+snapshot.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .formats.snapshot import RUN, RunFlags, SnapshotWriter, vma_flags
+from .pages import MapFlags
+from .procfs import (
+    KPF_KSM, KPF_THP, KPF_ZERO_PAGE, PM_FILE, PM_PFN_MASK, PM_PRESENT, PM_SWAPPED,
+    KPageFlags, ProcessError, Vma, ksm_stat, ksm_sysfs, pagemap_scan_zero, proc_error,
+    process_facts, read_smaps,
+)
+
+__all__ = ["CaptureSummary", "capture"]
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CHUNK_PAGES = 1 << 14
+"""Pages per pagemap read and per mem read: 64 MiB of memory, 128 KiB of pagemap."""
+_NO_READ = MapFlags.SPECIAL
+"""VM_IO/VM_PFNMAP memory is never read: ``mem`` refuses it, and it may be device memory."""
+
+Progress = Callable[[int], None]
+"""Called with bytes of page data just stored."""
+
+
+@dataclass
+class CaptureSummary:
+    """What :func:`capture` wrote."""
+
+    path: Path
+    pfn_flags: str
+    """Where zero-page facts came from: ``kpageflags``, ``pagemap_scan`` or ``none``."""
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    """Per process: ``pid``, ``comm``, ``vmas``, ``present_pages``, ``stored_pages``,
+    ``zero_pfn_pages``, ``swapped_pages``, ``unreadable_pages``."""
+    bytes_written: int = 0
+
+
+def capture(
+    pids: Sequence[int],
+    output: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> CaptureSummary:
+    """Write a snapshot of processes ``pids`` to ``output`` (atomically, mode 0600).
+
+    Args:
+        pids: processes to capture, in this order.
+        output: the snapshot file; nothing is left there if capture fails.
+        progress: called with the bytes of each block of pages stored.
+        on_total: called once with the resident bytes about to be read (for a progress bar).
+
+    Returns:
+        A :class:`CaptureSummary`.
+
+    Raises:
+        ProcessError: a process does not exist, cannot be read, or exited during capture.
+        ValueError: no PIDs, or a PID given twice.
+    """
+    if not pids:
+        raise ValueError("no process given")
+    if len(set(pids)) != len(pids):
+        raise ValueError("a process is given twice")
+    facts = [process_facts(pid) for pid in pids]  # fail early, before writing anything
+    smaps = [read_smaps(pid) for pid in pids]
+    if on_total:
+        on_total(sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
+    meta = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "kernel": os.uname().release,
+        "machine": os.uname().machine,
+        "ksm": ksm_sysfs(),
+    }
+    out = Path(output)
+    kpf = KPageFlags()
+    try:
+        zero = _ZeroPfn(kpf)
+        summary = CaptureSummary(out, "")
+        with SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta) as writer:
+            for info, vmas in zip(facts, smaps, strict=True):
+                summary.processes.append(_capture_process(writer, info, vmas, zero, progress))
+            summary.pfn_flags = writer.meta["pfn_flags"] = zero.source
+            writer.commit()
+        summary.bytes_written = out.stat().st_size
+        return summary
+    finally:
+        kpf.close()
+
+
+class _ZeroPfn:
+    """Tells which present pages map the zero page: kpageflags (root), else PAGEMAP_SCAN."""
+
+    def __init__(self, kpf: KPageFlags) -> None:
+        self.kpf = kpf
+        self.scan_works: bool | None = None
+
+    @property
+    def source(self) -> str:
+        """``kpageflags``, ``pagemap_scan`` or ``none`` (then zero-page PTEs read as zeros)."""
+        if self.kpf.available:
+            return "kpageflags"
+        return "none" if self.scan_works is False else "pagemap_scan"
+
+    def mark(self, flags: np.ndarray, pagemap_fd: int, start: int) -> None:
+        """Add ZERO_PFN to ``flags`` of the pages from ``start`` that map the zero page."""
+        if self.kpf.available or self.scan_works is False:
+            return
+        found = pagemap_scan_zero(pagemap_fd, start, start + len(flags) * PAGE_SIZE)
+        self.scan_works = found is not None
+        for lo, hi in found or ():
+            flags[(lo - start) // PAGE_SIZE : (hi - start) // PAGE_SIZE] |= np.uint32(RunFlags.ZERO_PFN)
+
+
+def _capture_process(
+    writer: SnapshotWriter, info: dict[str, Any], vmas: list[Vma], zero: _ZeroPfn,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    pid = int(info["pid"])
+    writer.begin_process({**info, "ksm_stat": ksm_stat(pid),
+                          "vmas": [v.as_meta() for v in vmas]})
+    fds = {}
+    try:
+        for name in ("pagemap", "mem"):
+            path = f"/proc/{pid}/{name}"
+            try:
+                fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise proc_error(pid, path, e) from None
+        counts: dict[str, Any] = {"pid": pid, "comm": info["comm"], "vmas": len(vmas)}
+        for vma in vmas:
+            runs = _capture_vma(writer, pid, vma, fds, zero, progress)
+            writer.add_runs(runs)
+            _tally(counts, runs)
+        _check_alive(pid, info)
+        return counts
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _tally(counts: dict[str, Any], runs: np.ndarray) -> None:
+    flags, pages = runs["flags"], runs["npages"].astype(np.int64)
+    for key, bit in (("present_pages", RunFlags.PRESENT), ("stored_pages", RunFlags.STORED),
+                     ("zero_pfn_pages", RunFlags.ZERO_PFN), ("swapped_pages", RunFlags.SWAPPED),
+                     ("unreadable_pages", RunFlags.UNREADABLE)):
+        counts[key] = counts.get(key, 0) + int(pages[(flags & bit) != 0].sum())
+
+
+def _check_alive(pid: int, info: dict[str, Any]) -> None:
+    try:
+        again = process_facts(pid)
+    except ProcessError:
+        again = None
+    if again is None or again["start_time"] != info["start_time"]:
+        raise ProcessError(pid, "exited during capture; nothing was written")
+
+
+def _capture_vma(
+    writer: SnapshotWriter, pid: int, vma: Vma, fds: dict[str, int], zero: _ZeroPfn,
+    progress: Progress | None,
+) -> np.ndarray:
+    """Store one VMA's readable pages, a chunk at a time; return the VMA's runs."""
+    if vma.rss_kb == 0 and vma.swap_kb == 0:  # nothing resident: no need to walk pagemap
+        return _absent_runs(vma.start, vma.npages)
+    readable_vma = not vma_flags(vma.vmflags) & _NO_READ
+    runs = []
+    for first in range(0, vma.npages, CHUNK_PAGES):
+        count = min(CHUNK_PAGES, vma.npages - first)
+        addr = vma.start + first * PAGE_SIZE
+        try:
+            raw = os.pread(fds["pagemap"], count * 8, addr // PAGE_SIZE * 8)
+        except OSError as e:
+            raise proc_error(pid, f"/proc/{pid}/pagemap", e) from None
+        entries = np.zeros(count, np.uint64)
+        got = np.frombuffer(raw, "<u8")[:count]
+        entries[: len(got)] = got
+        flags = _pagemap_flags(entries, zero.kpf)
+        zero.mark(flags, fds["pagemap"], addr)
+        readable = flags & (RunFlags.PRESENT | RunFlags.ZERO_PFN) == RunFlags.PRESENT
+        if readable_vma:
+            _store(writer, addr, fds["mem"], flags, np.flatnonzero(readable), progress)
+        else:
+            flags[readable] |= np.uint32(RunFlags.UNREADABLE)
+        runs.append(_runs(addr, flags))
+    return _merge_runs(np.concatenate(runs))
+
+
+def _pagemap_flags(entries: np.ndarray, kpf: KPageFlags) -> np.ndarray:
+    flags = np.zeros(len(entries), np.uint32)
+    present = (entries & np.uint64(PM_PRESENT)) != 0
+    flags[present] |= np.uint32(RunFlags.PRESENT)
+    flags[(entries & np.uint64(PM_SWAPPED)) != 0] |= np.uint32(RunFlags.SWAPPED)
+    flags[(entries & np.uint64(PM_FILE)) != 0] |= np.uint32(RunFlags.FILE)
+    pfns = entries & np.uint64(PM_PFN_MASK)
+    known = present & (pfns != 0)  # PFNs read as 0 without CAP_SYS_ADMIN
+    if kpf.available and known.any():
+        kflags = kpf.lookup(pfns[known])
+        sub = flags[known]
+        for kbit, rbit in ((KPF_ZERO_PAGE, RunFlags.ZERO_PFN), (KPF_THP, RunFlags.THP),
+                           (KPF_KSM, RunFlags.KSM)):
+            sub[(kflags & np.uint64(kbit)) != 0] |= np.uint32(rbit)
+        flags[known] = sub
+    return flags
+
+
+def _store(
+    writer: SnapshotWriter, start: int, mem_fd: int, flags: np.ndarray, pages: np.ndarray,
+    progress: Progress | None,
+) -> None:
+    """Read ``pages`` (indexes from ``start``) from mem, run by run, and store them."""
+    if not len(pages):
+        return
+    for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
+        addr = start + int(run[0]) * PAGE_SIZE
+        data = _read_mem(mem_fd, addr, len(run))
+        if data is not None:
+            writer.write_pages(addr, data)
+            flags[run] |= np.uint32(RunFlags.STORED)
+            if progress:
+                progress(len(data))
+            continue
+        for k in run.tolist():  # EIO for the block: try page by page, keep what reads
+            page = _read_mem(mem_fd, start + k * PAGE_SIZE, 1)
+            if page is None:
+                flags[k] |= np.uint32(RunFlags.UNREADABLE)
+            else:
+                writer.write_pages(start + k * PAGE_SIZE, page)
+                flags[k] |= np.uint32(RunFlags.STORED)
+
+
+def _read_mem(fd: int, addr: int, npages: int) -> bytes | None:
+    """``npages`` pages at ``addr``, or None if the kernel refuses (EIO, short read)."""
+    if addr >= 1 << 63:  # [vsyscall] lies beyond a signed off_t
+        return None
+    try:
+        data = os.pread(fd, npages * PAGE_SIZE, addr)
+    except OSError as e:
+        if e.errno in (errno.EIO, errno.EFAULT):
+            return None
+        raise
+    return data if len(data) == npages * PAGE_SIZE else None
+
+
+def _runs(start: int, flags: np.ndarray) -> np.ndarray:
+    """Runs of equal flags as RUN records."""
+    if not len(flags):
+        return np.zeros(0, RUN)
+    firsts = np.concatenate([[0], np.flatnonzero(np.diff(flags)) + 1])
+    out = np.zeros(len(firsts), RUN)
+    out["vaddr"] = start + firsts.astype(np.uint64) * PAGE_SIZE
+    out["npages"] = np.diff(np.concatenate([firsts, [len(flags)]]))
+    out["flags"] = flags[firsts]
+    return out
+
+
+def _merge_runs(runs: np.ndarray) -> np.ndarray:
+    """Join neighbouring runs with equal flags (chunk borders cut them)."""
+    if len(runs) < 2:
+        return runs
+    keep = np.concatenate([[True], runs["flags"][1:] != runs["flags"][:-1]])
+    groups = np.cumsum(keep) - 1
+    out = runs[keep].copy()
+    totals = np.bincount(groups, weights=runs["npages"])
+    if totals.max() > 0xFFFFFFFF:  # a run would not fit its u32 count: keep the cuts
+        return runs
+    out["npages"] = totals
+    return out
+
+
+def _absent_runs(start: int, npages: int) -> np.ndarray:
+    """A VMA with nothing resident, as runs of at most 2**32 - 1 pages."""
+    step = 0xFFFFFFFF
+    firsts = np.arange(0, npages, step, dtype=np.uint64)
+    out = np.zeros(len(firsts), RUN)
+    out["vaddr"] = start + firsts * PAGE_SIZE
+    out["npages"] = np.minimum(step, npages - firsts)
+    return out

@@ -1,0 +1,80 @@
+"""Which pages KSM would scan: the kernel's eligibility rules, applied to extents.
+
+KSM scans present, private anonymous pages of VM_MERGEABLE VMAs that are not shared, hugetlb
+or special (``mm/ksm.c``: ``vma_ksm_compatible()``, and ``folio_walk_start`` accepting only
+anonymous folios), and never a PTE mapping the shared zero page. A dump records these facts
+to different depths (:class:`~ksm_analyze.pages.MapFlags`): guest dumps none, process cores
+file-backed or not, live-process snapshots all of them. Each rule applies where the fact is
+known; the first rule that matches names the exclusion.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .pages import Extent, MapFlags, PageState
+
+__all__ = ["RULES", "Scope", "excluded_by"]
+
+
+class Scope(enum.Enum):
+    """What KSM is assumed to scan."""
+
+    MERGEABLE = "mergeable"
+    """VMAs marked mergeable (``mg``: MADV_MERGEABLE), what KSM does today."""
+    ANON = "anon"
+    """Every compatible VMA, as if the process called ``prctl(PR_SET_MEMORY_MERGE, 1)``."""
+    ALL = "all"
+    """Every page whose bytes are known: an upper bound, not something KSM can do."""
+
+    @classmethod
+    def parse(cls, name: str | Scope) -> Scope:
+        """Normalise a user-given scope; ValueError lists the valid ones."""
+        if isinstance(name, Scope):
+            return name
+        try:
+            return cls(name.lower())
+        except ValueError:
+            valid = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown scope {name!r}; choose one of: {valid}") from None
+
+
+RULES: dict[str, str] = {
+    "not_present": "not in memory: never touched (a hole)",
+    "swapped": "swapped out",
+    "not_saved": "no bytes saved: MMIO, unreadable ([vvar], device) or cut from the dump",
+    "excluded": "left out by the dump's filter (kdump dump level)",
+    "shared": "shared mapping: MAP_SHARED, shmem, memfd, SysV",
+    "special": "VM_IO/VM_PFNMAP/VM_MIXEDMAP/VM_DONTEXPAND mapping",
+    "hugetlb": "hugetlbfs page",
+    "file_backed": "page-cache page of a mapped file",
+    "zero_pfn": "maps the kernel's zero page (read, never written)",
+    "not_mergeable": "VMA not marked mergeable (scope mergeable)",
+}
+"""Every exclusion rule, in the order they are tried, with what it means."""
+
+
+def excluded_by(extent: Extent, scope: Scope) -> str | None:
+    """The rule (a key of :data:`RULES`) that keeps KSM off ``extent``, or None if none does."""
+    state, flags = extent.state, extent.flags
+    if state == PageState.HOLE:
+        return "not_present"
+    if state == PageState.EXCLUDED:
+        return "excluded"
+    if state == PageState.NOT_SAVED:
+        return "swapped" if flags & MapFlags.SWAPPED else "not_saved"
+    if scope is Scope.ALL:
+        return None
+    if flags & MapFlags.SHARED:
+        return "shared"
+    if flags & MapFlags.SPECIAL:
+        return "special"
+    if flags & MapFlags.HUGETLB:
+        return "hugetlb"
+    if flags & MapFlags.FILE:
+        return "file_backed"
+    if flags & MapFlags.ZERO_PFN:
+        return "zero_pfn"
+    if scope is Scope.MERGEABLE and flags & MapFlags.VMFLAGS and not flags & MapFlags.MERGEABLE:
+        return "not_mergeable"
+    return None

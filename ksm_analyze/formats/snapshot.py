@@ -1,0 +1,316 @@
+"""Live-process snapshots (``ksm-analyze capture``): an ELF core with the host's page facts.
+
+A snapshot is a little-endian ELF64 ``ET_CORE`` file that ``readelf -n -l`` lists and any
+ELF library reads; ksm-analyze adds three notes, owner ``KSM-ANALYZE``:
+
+==========  =========  ======================================================================
+``n_type``  name       descriptor
+==========  =========  ======================================================================
+0x4B534D01  ID         ``ksm-analyze process snapshot``: the first note, at file offset 0x40,
+                       so the format is known from the first bytes
+0x4B534D02  META       UTF-8 JSON: ``version``, ``page_size``, ``created``, ``kernel``,
+                       ``pfn_flags`` (where zero-page facts came from), ``ksm`` (the KSM
+                       knobs and counters at capture time) and ``processes``: per process
+                       ``pid``, ``comm``, ``cmdline``, ``ksm_stat``, ``vmas`` (``start``,
+                       ``end``, ``perms``, ``offset``, ``path``, ``vmflags`` as in smaps)
+                       and ``runs``: ``[first, count]`` into the RUNS table
+0x4B534D03  RUNS       runs of pages with equal flags, 16 bytes each (``<QII``: ``vaddr``,
+                       ``npages``, ``flags``, bits in :class:`RunFlags`), sorted by address
+                       within a process; every run lies inside one VMA
+==========  =========  ======================================================================
+
+The bytes of pages with ``STORED`` are in ``PT_LOAD`` segments (``p_vaddr`` = virtual
+address), one segment per run of consecutive stored pages, in the processes' order. Pages
+never present, swapped out or mapped to the zero page are not stored, only described by runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..pages import Extent, MapFlags, PageState
+from . import DumpFormat
+from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader
+
+__all__ = ["RunFlags", "SnapshotReader", "SnapshotWriter"]
+
+NOTE_OWNER = "KSM-ANALYZE"
+NT_ID, NT_META, NT_RUNS = 0x4B534D01, 0x4B534D02, 0x4B534D03  # "KSM" + 1..3
+ID_TEXT = b"ksm-analyze process snapshot\0\0\0\0"
+VERSION = 1
+DATA_OFFSET = 0x1000
+"""Page data starts here, page aligned, after the ELF header and the ID note."""
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")  # p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz p_align
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_NHDR = struct.Struct("<III")
+RUN = np.dtype([("vaddr", "<u8"), ("npages", "<u4"), ("flags", "<u4")])
+_MAX_RUN_PAGES = 0xFFFFFFFF
+
+
+class RunFlags(enum.IntFlag):
+    """What the kernel said about a run of pages at capture time."""
+
+    PRESENT = 1 << 0
+    """In memory (pagemap bit 63)."""
+    SWAPPED = 1 << 1
+    """Swapped out (pagemap bit 62)."""
+    FILE = 1 << 2
+    """Page-cache page or shared anonymous memory (pagemap bit 61)."""
+    ZERO_PFN = 1 << 3
+    """Maps the kernel's zero page (kpageflags bit 24, or PAGEMAP_SCAN PAGE_IS_PFNZERO)."""
+    THP = 1 << 4
+    """Part of a transparent huge page (kpageflags bit 22)."""
+    KSM = 1 << 5
+    """Already a KSM page (kpageflags bit 21)."""
+    STORED = 1 << 6
+    """The bytes are in a PT_LOAD segment."""
+    UNREADABLE = 1 << 7
+    """Present, but reading ``/proc/PID/mem`` failed (EIO: ``[vvar]``, device memory)."""
+
+
+_VMFLAG_BITS = {
+    "mg": MapFlags.MERGEABLE, "sh": MapFlags.SHARED, "ms": MapFlags.SHARED,
+    "io": MapFlags.SPECIAL, "pf": MapFlags.SPECIAL, "de": MapFlags.SPECIAL,
+    "mm": MapFlags.SPECIAL, "ht": MapFlags.HUGETLB,
+}  # fmt: skip
+"""smaps VmFlags codes (Documentation/filesystems/proc.rst) that KSM's rules look at."""
+
+
+def vma_flags(vmflags: str) -> MapFlags:
+    """The eligibility facts of one VMA from its smaps ``VmFlags`` codes."""
+    out = MapFlags.VMFLAGS
+    for code in vmflags.split():
+        out |= _VMFLAG_BITS.get(code, MapFlags(0))
+    return out
+
+
+def _note(n_type: int, desc: bytes) -> bytes:
+    name = NOTE_OWNER.encode() + b"\0"
+    pad = (-len(name)) % 4, (-len(desc)) % 4
+    return _NHDR.pack(len(name), len(desc), n_type) + name + b"\0" * pad[0] + desc + b"\0" * pad[1]
+
+
+class SnapshotWriter:
+    """Writes a snapshot: page bytes as they come, then notes and headers at commit.
+
+    The file is built under a temporary name, mode 0600 (process memory holds secrets), in
+    the target's directory, and renamed into place by :meth:`commit`; :meth:`abort` (or
+    leaving the ``with`` block by an exception) deletes it, so no half-written snapshot stays.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, page_size: int, meta: dict[str, Any]):
+        self.path = Path(path)
+        self.page_size = page_size
+        self.meta = {**meta, "version": VERSION, "page_size": page_size, "processes": []}
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self._f = os.fdopen(fd, "wb")  # mkstemp creates the file with mode 0600
+        self._f.write(b"\0" * DATA_OFFSET)
+        self._loads: list[list[int]] = []  # [p_offset, p_vaddr, p_filesz]
+        self._runs: list[np.ndarray] = []
+        self._nruns = 0
+        self.bytes_written = 0
+
+    def begin_process(self, info: dict[str, Any]) -> None:
+        """Start the next process; ``info`` is its META entry (``pid``, ``comm``, ``vmas``...)."""
+        self.meta["processes"].append({**info, "runs": [self._nruns, 0]})
+
+    def write_pages(self, vaddr: int, data: bytes | memoryview | np.ndarray) -> None:
+        """Store the bytes of consecutive pages starting at ``vaddr``."""
+        offset = self._f.tell()
+        self._f.write(data)
+        size = len(memoryview(data).cast("B"))
+        self.bytes_written += size
+        last = self._loads[-1] if self._loads else None
+        if last and last[0] + last[2] == offset and last[1] + last[2] == vaddr:
+            last[2] += size  # continues the previous segment in memory and in the file
+        else:
+            self._loads.append([offset, vaddr, size])
+
+    def add_runs(self, runs: np.ndarray) -> None:
+        """Describe pages of the current process (a :data:`RUN` array, sorted by address)."""
+        self._runs.append(runs.astype(RUN, copy=False))
+        self._nruns += len(runs)
+        self.meta["processes"][-1]["runs"][1] += len(runs)
+
+    def commit(self) -> None:
+        """Write notes and headers, flush to disk, and move the file into place."""
+        f = self._f
+        notes_at = f.seek(0, os.SEEK_END)
+        runs = np.concatenate(self._runs) if self._runs else np.zeros(0, RUN)
+        notes = _note(NT_META, json.dumps(self.meta).encode()) + _note(NT_RUNS, runs.tobytes())
+        f.write(notes)
+        phoff = f.tell()
+        id_note = _note(NT_ID, ID_TEXT)
+        phdrs = [
+            _PHDR.pack(PT_NOTE, 0, 0x40, 0, 0, len(id_note), 0, 4),
+            _PHDR.pack(PT_NOTE, 0, notes_at, 0, 0, len(notes), 0, 4),
+        ]
+        phdrs += [_PHDR.pack(PT_LOAD, 4, o, v, 0, n, n, self.page_size) for o, v, n in self._loads]
+        f.write(b"".join(phdrs))
+        phnum, shoff, shnum = len(phdrs), 0, 0
+        if phnum >= PN_XNUM:  # gABI extended numbering: the count goes to section 0's sh_info
+            shoff, shnum = f.tell(), 1
+            f.write(_SHDR.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0))
+        ident = ELFMAG + bytes([2, 1, 1]) + b"\0" * 9  # ELFCLASS64, little endian, EV_CURRENT
+        f.seek(0)
+        f.write(_EHDR.pack(ident, ET_CORE, _machine(), 1, 0, phoff, shoff, 0, 64, _PHDR.size,
+                           min(phnum, PN_XNUM), _SHDR.size if shnum else 0, shnum, 0))
+        f.write(id_note)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Delete the partial file."""
+        self._f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None or not self._f.closed:
+            self.abort()
+
+
+def _machine() -> int:
+    """e_machine of this host: the snapshot's addresses are this architecture's."""
+    return {"x86_64": 62, "aarch64": 183, "ppc64le": 21, "s390x": 22, "riscv64": 243}.get(
+        os.uname().machine, 0
+    )
+
+
+class SnapshotReader(ElfCoreReader):
+    """One process of a snapshot (``process`` is its index in the snapshot's process list)."""
+
+    format = DumpFormat.SNAPSHOT
+    address_space = "virtual"
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, page_size: int = 4096, base_address: int = 0,
+        process: int = 0,
+    ) -> None:
+        self.process_index = process
+        super().__init__(path, page_size=page_size, base_address=base_address)
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        """An ELF core whose first note, at 0x40, is owned by KSM-ANALYZE."""
+        owner = NOTE_OWNER.encode() + b"\0"
+        return super().probe(head) and head[0x40 + _NHDR.size : 0x40 + 24] == owner
+
+    @property
+    def name(self) -> str:
+        """The input name in tables: the file and the process."""
+        return f"{self.path}:{self.process['pid']}"
+
+    def _load_extents(self) -> list[Extent]:
+        loads = self._headers()
+        self.producer = "ksm-analyze"
+        notes = {n.n_type: n for n in self.notes if n.name == NOTE_OWNER}
+        for n_type, what in ((NT_META, "META"), (NT_RUNS, "RUNS")):
+            if n_type not in notes:
+                raise self._error(f"snapshot has no {NOTE_OWNER} {what} note (type {n_type})")
+        meta_note, runs_note = notes[NT_META], notes[NT_RUNS]
+        try:
+            self.meta = json.loads(self._read(meta_note.desc_offset, meta_note.descsz, "META"))
+            self.processes: list[dict[str, Any]] = self.meta["processes"]
+            snapshot_page_size = int(self.meta["page_size"])
+            self.process = self.processes[self.process_index]
+            first, count = (int(x) for x in self.process["runs"])
+            vmas = [(int(v["start"]), int(v["end"]), str(v["vmflags"]), str(v["path"]))
+                    for v in self.process["vmas"]]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise self._error(f"bad snapshot metadata: {type(e).__name__} {e}",
+                              meta_note.desc_offset) from None
+        if snapshot_page_size != self.page_size:
+            raise ValueError(
+                f"{self.path} holds {snapshot_page_size}-byte pages; analyze it with "
+                f"--page-size {snapshot_page_size}"
+            )
+        if runs_note.descsz % RUN.itemsize or not 0 <= first <= first + count <= (
+            runs_note.descsz // RUN.itemsize
+        ):
+            raise self._error(f"process {self.process_index}'s runs [{first}, +{count}) are "
+                              "outside the RUNS note", runs_note.desc_offset)
+        runs = np.frombuffer(self._mm, RUN, count, runs_note.desc_offset + first * RUN.itemsize)
+        self.run_flags = runs
+        return self._extents(runs, vmas, [s for s in loads if s.p_filesz])
+
+    def _extents(
+        self, runs: np.ndarray, vmas: list[tuple[int, int, str, str]], loads: list[Any]
+    ) -> list[Extent]:
+        ps = self.page_size
+        vmas.sort()
+        vma_starts = [v[0] for v in vmas]
+        loads.sort(key=lambda s: s.p_vaddr)
+        load_starts = np.array([s.p_vaddr for s in loads], dtype=np.uint64)
+        out = []
+        for vaddr, npages, raw_flags in runs.tolist():
+            flags = RunFlags(raw_flags & 0xFF)
+            i = np.searchsorted(vma_starts, vaddr, side="right") - 1
+            end = vaddr + npages * ps
+            if i < 0 or end > vmas[i][1]:
+                raise self._error(f"run of {npages} pages at {vaddr:#x} lies outside every VMA")
+            start, _, vmflags, path = vmas[i]
+            mapping = vma_flags(vmflags) | (MapFlags.FILE if flags & RunFlags.FILE
+                                            else MapFlags.ANON)
+            label = path or "[anon]"
+            if flags & RunFlags.STORED:
+                j = int(np.searchsorted(load_starts, vaddr, side="right")) - 1
+                if j < 0 or end > loads[j].p_vaddr + loads[j].p_filesz:
+                    raise self._error(f"stored run of {npages} pages at {vaddr:#x} is not "
+                                      "inside one PT_LOAD segment")
+                offset = loads[j].p_offset + vaddr - loads[j].p_vaddr
+                out.append(Extent(vaddr, npages, PageState.DATA, offset, label, mapping))
+            elif flags & RunFlags.ZERO_PFN:
+                out.append(Extent(vaddr, npages, PageState.ZERO, -1, label,
+                                  mapping | MapFlags.ZERO_PFN))
+            elif flags & RunFlags.SWAPPED:
+                out.append(Extent(vaddr, npages, PageState.NOT_SAVED, -1, label,
+                                  mapping | MapFlags.SWAPPED))
+            elif flags & RunFlags.PRESENT:  # present but unreadable
+                out.append(Extent(vaddr, npages, PageState.NOT_SAVED, -1, label, mapping))
+            else:
+                out.append(Extent(vaddr, npages, PageState.HOLE, -1, label, mapping))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """The process, the capture's facts and page counts by run flag."""
+        flags = self.run_flags["flags"]
+        pages = self.run_flags["npages"].astype(np.int64)
+        return {
+            "producer": "ksm-analyze capture",
+            "pid": self.process.get("pid"),
+            "comm": self.process.get("comm"),
+            "cmdline": self.process.get("cmdline"),
+            "processes_in_snapshot": len(self.processes),
+            "created": self.meta.get("created"),
+            "kernel": self.meta.get("kernel"),
+            "pfn_flags": self.meta.get("pfn_flags"),
+            "vmas": len(self.process.get("vmas", [])),
+            **{f"{f.name.lower()}_pages": int(pages[(flags & f) != 0].sum()) for f in RunFlags},
+            "ksm_stat_at_capture": self.process.get("ksm_stat"),
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "process": self.process_index}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["path"], page_size=state["page_size"], base_address=state["base_address"],
+            process=state["process"],
+        )

@@ -1,0 +1,232 @@
+"""What the kernel tells about live processes and KSM: ``/proc`` and ``/sys/kernel/mm/ksm``.
+
+Only reads; nothing here touches a target's memory. Layouts follow
+``Documentation/filesystems/proc.rst`` (smaps, ksm_stat) and
+``Documentation/admin-guide/mm/pagemap.rst`` (pagemap, kpageflags, PAGEMAP_SCAN); notes in
+``shared/reference/dump-formats.md`` section 6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KsmAnalyzeError
+
+__all__ = [
+    "KSM_SYSFS", "KPageFlags", "ProcessError", "Vma", "ksm_stat", "ksm_sysfs",
+    "pagemap_scan_zero", "process_facts", "read_smaps",
+]
+
+KSM_SYSFS = Path("/sys/kernel/mm/ksm")
+
+# pagemap entry bits
+PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
+PM_PFN_MASK = (1 << 55) - 1
+# /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h)
+KPF_KSM, KPF_THP, KPF_ZERO_PAGE = 1 << 21, 1 << 22, 1 << 24
+
+
+class ProcessError(KsmAnalyzeError):
+    """A process cannot be captured: gone, not ours to read, or it exited meanwhile."""
+
+    def __init__(self, pid: int, detail: str) -> None:
+        self.pid = pid
+        super().__init__(f"process {pid}: {detail}")
+
+
+def proc_error(pid: int, path: str, e: OSError) -> ProcessError:
+    """An OSError from ``/proc/PID/...`` as the one-line reason a user can act on."""
+    if isinstance(e, FileNotFoundError) or e.errno == errno.ESRCH or not Path(f"/proc/{pid}").exists():
+        return ProcessError(pid, "no such process (it does not exist or has exited)")
+    if isinstance(e, PermissionError):
+        return ProcessError(
+            pid,
+            f"permission denied reading {path}: ptrace access rules apply; capture as root "
+            "or as the process's user (see /proc/sys/kernel/yama/ptrace_scope)",
+        )
+    return ProcessError(pid, f"cannot read {path}: {e.strerror}")
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of ``/proc/PID/smaps`` with the fields capture needs."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+    vmflags: str
+    rss_kb: int
+    swap_kb: int
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) // 4096 if self.end > self.start else 0
+
+    def as_meta(self) -> dict[str, object]:
+        """The snapshot's META entry for this VMA."""
+        return {"start": self.start, "end": self.end, "perms": self.perms,
+                "offset": self.offset, "path": self.path, "vmflags": self.vmflags}
+
+
+_VMA_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+ ?\s*(.*)$"
+)
+
+
+def read_smaps(pid: int) -> list[Vma]:
+    """Every VMA of ``pid`` with its VmFlags, Rss and Swap."""
+    path = f"/proc/{pid}/smaps"
+    try:
+        text = Path(path).read_text(errors="surrogateescape")
+    except OSError as e:
+        raise proc_error(pid, path, e) from None
+    vmas: list[Vma] = []
+    head: re.Match[str] | None = None
+    fields: dict[str, str] = {}
+
+    def flush() -> None:
+        if head:
+            vmas.append(Vma(int(head[1], 16), int(head[2], 16), head[3], int(head[4], 16),
+                            head[5], fields.get("VmFlags", ""),
+                            int(fields.get("Rss", "0 kB").split()[0]),
+                            int(fields.get("Swap", "0 kB").split()[0])))
+
+    for line in text.splitlines():
+        m = _VMA_LINE.match(line)
+        if m:
+            flush()
+            head, fields = m, {}
+        else:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    flush()
+    return vmas
+
+
+def process_facts(pid: int) -> dict[str, object]:
+    """``pid``'s command name, command line and start time (to notice a reused PID)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as e:
+        raise proc_error(pid, f"/proc/{pid}", e) from None
+    start_time = int(stat.rsplit(")", 1)[1].split()[19])
+    return {
+        "pid": pid,
+        "comm": comm,
+        "cmdline": [os.fsdecode(a) for a in cmdline if a],
+        "start_time": start_time,
+    }
+
+
+def ksm_stat(pid: int) -> dict[str, int] | None:
+    """``/proc/PID/ksm_stat`` as ints (None where the kernel has no such file)."""
+    out = {}
+    try:
+        text = Path(f"/proc/{pid}/ksm_stat").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key.rstrip(":")] = int(value)
+    return out
+
+
+def ksm_sysfs() -> dict[str, int | str] | None:
+    """Every readable file in ``/sys/kernel/mm/ksm`` (None without KSM)."""
+    if not KSM_SYSFS.is_dir():
+        return None
+    out: dict[str, int | str] = {}
+    for f in sorted(KSM_SYSFS.iterdir()):
+        with contextlib.suppress(OSError):
+            text = f.read_text().strip()
+            try:
+                out[f.name] = int(text)
+            except ValueError:
+                out[f.name] = text
+    return out
+
+
+class KPageFlags:
+    """``/proc/kpageflags`` (root only): flags of physical pages, by PFN."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        with contextlib.suppress(OSError):
+            self.fd = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def available(self) -> bool:
+        return self.fd >= 0
+
+    def lookup(self, pfns: np.ndarray) -> np.ndarray:
+        """uint64 flags for each PFN; nearby PFNs are read in one go."""
+        out = np.zeros(len(pfns), np.uint64)
+        if not len(pfns):
+            return out
+        unique = np.unique(pfns)
+        cuts = np.flatnonzero(np.diff(unique) > 512) + 1
+        values = np.zeros(len(unique), np.uint64)
+        for group in np.split(np.arange(len(unique)), cuts):
+            lo, hi = int(unique[group[0]]), int(unique[group[-1]])
+            raw = os.pread(self.fd, (hi - lo + 1) * 8, lo * 8)
+            span = np.frombuffer(raw, "<u8")
+            idx = unique[group].astype(np.int64) - lo
+            ok = idx < len(span)
+            values[group[ok]] = span[idx[ok]]
+        return values[np.searchsorted(unique, pfns)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# PAGEMAP_SCAN (Linux 6.7+, include/uapi/linux/fs.h): zero-PFN mappings without root.
+class _PmScanArg(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _PageRegion(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("categories", ctypes.c_uint64)]
+
+
+PAGE_IS_PFNZERO = 1 << 5
+PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16
+
+
+def pagemap_scan_zero(pagemap_fd: int, start: int, end: int) -> list[tuple[int, int]] | None:
+    """Address ranges in [start, end) that map the zero page, or None if unsupported."""
+    vec = (_PageRegion * 512)()
+    found: list[tuple[int, int]] = []
+    while start < end:
+        arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end,
+                         vec=ctypes.addressof(vec), vec_len=len(vec),
+                         category_mask=PAGE_IS_PFNZERO, return_mask=PAGE_IS_PFNZERO)
+        try:
+            n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg)  # type: ignore[call-overload]
+        except OSError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise
+        found += [(vec[i].start, vec[i].end) for i in range(n)]
+        if arg.walk_end <= start:
+            break
+        start = arg.walk_end
+    return found
