@@ -20,11 +20,11 @@ import pandas as pd
 
 from ._parallel import default_jobs
 from .dedup import ContentClasses, StageStats, classify
-from .fingerprint import UNIQUE, ZERO, PageTable, fingerprint
 from .eligibility import RULES, Scope, excluded_by
+from .fingerprint import UNIQUE, ZERO, PageTable, fingerprint
 from .formats import DumpFormat, open_inputs
 from .ksm import RMAP_ITEM_BYTES, KsmCounters, KsmSettings, merged_pages, predict
-from .pages import MapFlags, PageState
+from .pages import PageState
 
 __all__ = ["Analysis", "analyze"]
 

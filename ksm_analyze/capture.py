@@ -26,9 +26,22 @@ import numpy as np
 from .formats.snapshot import RUN, RunFlags, SnapshotWriter, vma_flags
 from .pages import MapFlags
 from .procfs import (
-    KPF_KSM, KPF_THP, KPF_ZERO_PAGE, PM_FILE, PM_PFN_MASK, PM_PRESENT, PM_SWAPPED,
-    KPageFlags, ProcessError, Vma, ksm_stat, ksm_sysfs, pagemap_scan_zero, proc_error,
-    process_facts, read_smaps,
+    KPF_KSM,
+    KPF_THP,
+    KPF_ZERO_PAGE,
+    PM_FILE,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    PM_SWAPPED,
+    KPageFlags,
+    ProcessError,
+    Vma,
+    ksm_stat,
+    ksm_sysfs,
+    pagemap_scan_zero,
+    proc_error,
+    process_facts,
+    read_smaps,
 )
 
 __all__ = ["CaptureSummary", "capture"]
@@ -83,6 +96,9 @@ def capture(
     if len(set(pids)) != len(pids):
         raise ValueError("a process is given twice")
     facts = [process_facts(pid) for pid in pids]  # fail early, before writing anything
+    for f in facts:
+        if f["exited"]:
+            raise ProcessError(int(f["pid"]), "has exited (a zombie): no memory to capture")
     smaps = [read_smaps(pid) for pid in pids]
     if on_total:
         on_total(sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
@@ -99,7 +115,12 @@ def capture(
         summary = CaptureSummary(out, "")
         with SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta) as writer:
             for info, vmas in zip(facts, smaps, strict=True):
-                summary.processes.append(_capture_process(writer, info, vmas, zero, progress))
+                try:
+                    counts = _capture_process(writer, info, vmas, zero, progress)
+                except ProcessError:
+                    _check_alive(int(info["pid"]), info)  # gone meanwhile: say so
+                    raise
+                summary.processes.append(counts)
             summary.pfn_flags = writer.meta["pfn_flags"] = zero.source
             writer.commit()
         summary.bytes_written = out.stat().st_size
@@ -172,7 +193,7 @@ def _check_alive(pid: int, info: dict[str, Any]) -> None:
         again = process_facts(pid)
     except ProcessError:
         again = None
-    if again is None or again["start_time"] != info["start_time"]:
+    if again is None or again["exited"] or again["start_time"] != info["start_time"]:
         raise ProcessError(pid, "exited during capture; nothing was written")
 
 
@@ -280,7 +301,7 @@ def _merge_runs(runs: np.ndarray) -> np.ndarray:
         return runs
     keep = np.concatenate([[True], runs["flags"][1:] != runs["flags"][:-1]])
     groups = np.cumsum(keep) - 1
-    out = runs[keep].copy()
+    out: np.ndarray = runs[keep].copy()
     totals = np.bincount(groups, weights=runs["npages"])
     if totals.max() > 0xFFFFFFFF:  # a run would not fit its u32 count: keep the cuts
         return runs

@@ -20,7 +20,12 @@ from .eligibility import Scope
 from .errors import KsmAnalyzeError
 from .formats import DumpFormat, open_dump
 from .present import (
-    render_capture, render_info, render_scan, render_status, to_json, write_csvs,
+    render_capture,
+    render_info,
+    render_scan,
+    render_status,
+    to_json,
+    write_csvs,
 )
 
 app = typer.Typer(
@@ -255,7 +260,11 @@ def _progress_bar(description: str, quiet: bool) -> Iterator[_Bar]:
         return
     from rich.console import Console
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
 
     columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),

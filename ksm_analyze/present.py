@@ -305,9 +305,10 @@ _ZERO_SOURCES = {
 
 def render_capture(summary: CaptureSummary) -> str:
     """What ``capture`` wrote: per process, pages by what the kernel said of them."""
-    out = [f"Captured {len(summary.processes)} process(es) into {summary.path} "
-           f"({human_bytes(summary.bytes_written)}, mode 0600); "
-           f"{_ZERO_SOURCES[summary.pfn_flags]}."]
+    size = human_bytes(summary.bytes_written)
+    head = (f"Captured {len(summary.processes)} process(es) into {summary.path} ({size}, "
+            f"mode 0600); {_ZERO_SOURCES[summary.pfn_flags]}.")
+    out = [head]
     out.append(_table(
         ["pid", "command", "VMAs", "present", "stored", "zero page", "swapped", "unreadable"],
         ([str(p["pid"]), str(p["comm"]), _count(p["vmas"]), _count(p["present_pages"]),

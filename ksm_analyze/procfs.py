@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,11 @@ class ProcessError(KsmAnalyzeError):
 
     def __init__(self, pid: int, detail: str) -> None:
         self.pid = pid
+        self.detail = detail
         super().__init__(f"process {pid}: {detail}")
+
+    def __reduce__(self) -> tuple[type[ProcessError], tuple[int, str]]:
+        return type(self), (self.pid, self.detail)
 
 
 def proc_error(pid: int, path: str, e: OSError) -> ProcessError:
@@ -114,20 +119,22 @@ def read_smaps(pid: int) -> list[Vma]:
     return vmas
 
 
-def process_facts(pid: int) -> dict[str, object]:
-    """``pid``'s command name, command line and start time (to notice a reused PID)."""
+def process_facts(pid: int) -> dict[str, Any]:
+    """``pid``'s command name, command line, start time (to notice a reused PID) and whether
+    it has exited (a zombie)."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError as e:
         raise proc_error(pid, f"/proc/{pid}", e) from None
-    start_time = int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
     return {
         "pid": pid,
         "comm": comm,
         "cmdline": [os.fsdecode(a) for a in cmdline if a],
-        "start_time": start_time,
+        "start_time": int(fields[19]),
+        "exited": fields[0] in ("Z", "X"),  # a zombie's memory is gone already
     }
 
 
@@ -220,7 +227,7 @@ def pagemap_scan_zero(pagemap_fd: int, start: int, end: int) -> list[tuple[int, 
                          vec=ctypes.addressof(vec), vec_len=len(vec),
                          category_mask=PAGE_IS_PFNZERO, return_mask=PAGE_IS_PFNZERO)
         try:
-            n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg)  # type: ignore[call-overload]
+            n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg)
         except OSError as e:
             if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                 return None

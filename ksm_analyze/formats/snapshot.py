@@ -33,7 +33,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -125,11 +125,11 @@ class SnapshotWriter:
         """Start the next process; ``info`` is its META entry (``pid``, ``comm``, ``vmas``...)."""
         self.meta["processes"].append({**info, "runs": [self._nruns, 0]})
 
-    def write_pages(self, vaddr: int, data: bytes | memoryview | np.ndarray) -> None:
+    def write_pages(self, vaddr: int, data: bytes) -> None:
         """Store the bytes of consecutive pages starting at ``vaddr``."""
         offset = self._f.tell()
         self._f.write(data)
-        size = len(memoryview(data).cast("B"))
+        size = len(data)
         self.bytes_written += size
         last = self._loads[-1] if self._loads else None
         if last and last[0] + last[2] == offset and last[1] + last[2] == vaddr:
@@ -178,7 +178,7 @@ class SnapshotWriter:
         with contextlib.suppress(OSError):
             os.unlink(self._tmp)
 
-    def __enter__(self) -> SnapshotWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -265,7 +265,7 @@ class SnapshotReader(ElfCoreReader):
             end = vaddr + npages * ps
             if i < 0 or end > vmas[i][1]:
                 raise self._error(f"run of {npages} pages at {vaddr:#x} lies outside every VMA")
-            start, _, vmflags, path = vmas[i]
+            _, _, vmflags, path = vmas[i]
             mapping = vma_flags(vmflags) | (MapFlags.FILE if flags & RunFlags.FILE
                                             else MapFlags.ANON)
             label = path or "[anon]"
@@ -302,7 +302,7 @@ class SnapshotReader(ElfCoreReader):
             "kernel": self.meta.get("kernel"),
             "pfn_flags": self.meta.get("pfn_flags"),
             "vmas": len(self.process.get("vmas", [])),
-            **{f"{f.name.lower()}_pages": int(pages[(flags & f) != 0].sum()) for f in RunFlags},
+            **{f"{str(f.name).lower()}_pages": int(pages[(flags & f) != 0].sum()) for f in RunFlags},
             "ksm_stat_at_capture": self.process.get("ksm_stat"),
         }
 
