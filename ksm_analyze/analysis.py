@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,11 +20,11 @@ import pandas as pd
 
 from ._parallel import default_jobs
 from .dedup import ContentClasses, StageStats, classify
-from .eligibility import RULES, Scope, excluded_by
+from .eligibility import RULES, Scope, excluded_by, split_maps_zero_subpages
 from .fingerprint import UNIQUE, ZERO, PageTable, fingerprint
 from .formats import DumpFormat, open_inputs
 from .ksm import RMAP_ITEM_BYTES, KsmCounters, KsmSettings, merged_pages, predict
-from .pages import PageState
+from .pages import Extent, MapFlags, PageState
 
 __all__ = ["Analysis", "analyze"]
 
@@ -207,12 +207,26 @@ def analyze(
 
 def eligible_rows(table: PageTable, scope: Scope = Scope.MERGEABLE) -> np.ndarray:
     """Bool per stored page: would KSM scan it (see :mod:`ksm_analyze.eligibility`)."""
+    return _rows_where(table, lambda e: excluded_by(e, scope) is None)
+
+
+def _rows_where(table: PageTable, test: Callable[[Extent], bool]) -> np.ndarray:
+    """Bool per stored page: does ``test`` hold for the DATA extent holding it."""
     data = [e for e in table.extents if e.state == PageState.DATA]
-    ok = np.array([excluded_by(e, scope) is None for e in data], dtype=bool)
-    if ok.all():
-        return np.ones(len(table.addrs), dtype=bool)
+    ok = np.array([test(e) for e in data], dtype=bool)
+    if ok.all() or not ok.any():
+        return np.full(len(table.addrs), bool(ok.all()))
     starts = np.array([e.addr for e in data], dtype=np.uint64)
     return ok[np.searchsorted(starts, table.addrs, side="right") - 1]
+
+
+def thp_zero_rows(table: PageTable, scope: Scope) -> np.ndarray:
+    """Bool per stored page: an all-zero THP subpage that KSM's split frees (rule thp_zero)."""
+    assert table.content is not None, "classify() sets content"
+    if scope is Scope.ALL or not split_maps_zero_subpages(table.info.get("kernel")):
+        return np.zeros(len(table.addrs), bool)
+    in_thp = _rows_where(table, lambda e: bool(e.flags & MapFlags.THP))
+    return np.asarray(in_thp & (table.content == ZERO))
 
 
 def exclusions(table: PageTable, scope: Scope) -> dict[str, int]:
@@ -254,7 +268,9 @@ def _count(
     mine_list = []
     for t in tables:
         assert t.content is not None, "classify() sets content"
-        content = t.content[eligible_rows(t, scope)]
+        eligible = eligible_rows(t, scope)
+        thp_zero = eligible & thp_zero_rows(t, scope)
+        content = t.content[eligible & ~thp_zero]
         zero_i = int(np.count_nonzero(content == ZERO)) + _zero_state_pages(t, scope)
         unique_i = int(np.count_nonzero(content == UNIQUE))
         mine, mine_copies = np.unique(content[content >= 0], return_counts=True)
@@ -263,6 +279,7 @@ def _count(
         # The sharing this input would find on its own.
         ksm, unshared = merged_pages(mine_copies, mps)
         excluded = exclusions(t, scope)
+        excluded["thp_zero"] = int(np.count_nonzero(thp_zero))
         per_input.append(
             {
                 "nonzero_pages": unique_i + int(mine_copies.sum()),

@@ -54,6 +54,8 @@ class MapFlags(enum.IntFlag):
     """Mapped to the kernel's shared zero page: never scanned by KSM."""
     SWAPPED = 1 << 8
     """Swapped out (pagemap bit 62): not in memory, not scanned."""
+    THP = 1 << 9
+    """Part of a transparent huge page (kpageflags bit 22)."""
 
 
 class Extent(NamedTuple):

@@ -9,7 +9,8 @@ Maps and fills, then prints ``ready <pid>`` and sleeps until killed. The layout 
   workload seed (pattern S), 400 random pages, 200 zero pages *written*, 100 pages *read*
   but never written (they map the kernel's zero page), the rest never touched;
 * ``thp`` (with ``--thp``; 2 MiB aligned, MADV_HUGEPAGE + MADV_MERGEABLE, 1024 pages):
-  512 copies of pattern A and 512 random pages, backed by transparent huge pages;
+  384 copies of pattern A, 128 zero pages and 512 random pages, backed by transparent huge
+  pages;
 * ``plain`` (private anonymous, not mergeable, 256 pages): 256 copies of pattern A, for
   ``--scope anon``;
 * ``shared`` (MAP_SHARED anonymous, 256 pages, MADV_MERGEABLE ignored by the kernel): 256
@@ -74,7 +75,8 @@ def build(seed: int, thp: bool) -> list[mmap.mmap]:
         big.madvise(mmap.MADV_HUGEPAGE, skip, 1024 * PS)
         big.madvise(mmap.MADV_MERGEABLE, skip, 1024 * PS)
         t = np.frombuffer(big, np.uint8)[skip : skip + 1024 * PS].reshape(-1, PS)
-        t[:512] = p["A"]
+        t[:384] = p["A"]
+        t[384:512] = 0  # zero-filled subpages: KSM's split of the THP frees them
         t[512:] = p["random"][400:912]
         keep.append(big)
 
@@ -95,6 +97,7 @@ LAYOUT = {
     "zero_written": (1218, 200), "zero_read": (1418, 100), "untouched": (1518, 530),
 }
 MERGEABLE_PAGES, THP_PAGES, PLAIN_PAGES, SHARED_PAGES = 2048, 1024, 256, 256
+THP_ZERO_PAGES = 128
 
 
 @contextlib.contextmanager

@@ -268,6 +268,8 @@ class SnapshotReader(ElfCoreReader):
             _, _, vmflags, path = vmas[i]
             mapping = vma_flags(vmflags) | (MapFlags.FILE if flags & RunFlags.FILE
                                             else MapFlags.ANON)
+            if flags & RunFlags.THP:
+                mapping |= MapFlags.THP
             label = path or "[anon]"
             if flags & RunFlags.STORED:
                 j = int(np.searchsorted(load_starts, vaddr, side="right")) - 1
