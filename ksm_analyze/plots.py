@@ -188,14 +188,18 @@ def plot_address_map(result: Analysis) -> Figure:
     axes = fig.subplots(max(1, len(inputs)), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, inputs, strict=False):
         rows = amap[amap["input"] == name]
-        x = rows["bin"].to_numpy()
+        # Bin i spans [i - 0.5, i + 0.5); one stepped band per kind (256 bars each would
+        # take seconds to draw).
+        edges = np.arange(len(rows) + 1) - 0.5
         total = np.maximum(rows["pages"].to_numpy(), 1)
-        bottom = np.zeros(len(rows))
+        bottom = np.zeros(len(rows) + 1)
         for kind in ADDRESS_KINDS:
             share = rows[kind].to_numpy() / total * 100
+            top = bottom + np.append(share, share[-1:])
             label, color = _KIND_STYLE[kind]
-            ax.bar(x, share, 1.0, bottom=bottom, color=color, linewidth=0, label=label)
-            bottom += share
+            ax.fill_between(edges, bottom, top, step="post", color=color, linewidth=0,
+                            label=label)
+            bottom = top
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_ylim(0, 100)
         ax.set_yticks([0, 50, 100])
