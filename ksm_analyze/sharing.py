@@ -66,7 +66,7 @@ _POISON = {
     0xA5: "POISON_END",
     0xAA: "PAGE_POISON",
     0xBB: "SLUB_RED_INACTIVE",
-    0xCC: "SLUB_RED_ACTIVE",
+    0xCC: "SLUB_RED_ACTIVE or x86 int3 padding",
     0xFF: "all ones",
 }
 
