@@ -137,7 +137,7 @@ h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 table.data, table.summary { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 table.data th, table.data td, table.summary th, table.summary td {
   padding: 0.2em 0.6em; border-bottom: 1px solid #e3e3e3; }
-table.data td { text-align: right; font-variant-numeric: tabular-nums; }
+table.data td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.summary th { text-align: left; font-weight: normal; color: #555; }
 table.summary td { font-weight: bold; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
@@ -197,7 +197,8 @@ def render_html(result: Analysis, images: dict[str, bytes]) -> str:
         ("savings", "Savings", result.savings, True),
         ("histogram", "Sharing-degree histogram", result.histogram, False),
         ("pairwise", pairwise_title, result.pairwise, False),
-        ("top_contents", "Most duplicated contents", result.top_contents, False),
+        ("top_contents", "Most duplicated contents (SHA-256 shortened to 16 hex digits)",
+         _short_hashes(result.top_contents), False),
     )
     for name, title, df, index in sections:
         parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
@@ -213,6 +214,13 @@ def render_html(result: Analysis, images: dict[str, bytes]) -> str:
                  for k, v in options.items())
     parts.append("</table></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _short_hashes(top: pd.DataFrame) -> pd.DataFrame:
+    """The table with each SHA-256 cut to 16 hex digits (the CSV keeps them whole)."""
+    if "content_hash" not in top.columns:
+        return top
+    return top.assign(content_hash=top["content_hash"].str[:16])
 
 
 def _option(value: Any) -> str:
