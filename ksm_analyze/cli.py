@@ -194,6 +194,8 @@ def report(
         bool, typer.Option("--use-zero-pages",
                            help="Predict with use_zero_pages=1 (zero pages map the zero page).")
     ] = False,
+    pages_to_scan: Annotated[int, typer.Option(help="ksmd pages per wake-up.")] = 100,
+    sleep_millisecs: Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")] = 20,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify",
                            help="Compare candidate pages byte for byte before merging them.")
@@ -217,6 +219,8 @@ def report(
             base_address=[_address(b) for b in base_address] if base_address else 0,
             max_page_sharing=max_page_sharing,
             use_zero_pages=use_zero_pages,
+            pages_to_scan=pages_to_scan,
+            sleep_millisecs=sleep_millisecs,
             verify=verify,
             jobs=jobs,
             top=top,
