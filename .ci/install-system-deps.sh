@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install the system packages the real-guest tests need (QEMU, static busybox, gdb).
+# Install the system packages the tests need: QEMU, static busybox, gdb, makedumpfile for the
+# real-guest tests; chromium to render the HTML report headless.
 # Idempotent: does nothing when all are installed; runs apt-get update only when one is missing.
 set -euo pipefail
 
-packages=(qemu-system-x86 busybox-static gdb makedumpfile)
+packages=(qemu-system-x86 busybox-static gdb makedumpfile chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

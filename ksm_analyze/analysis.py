@@ -12,8 +12,8 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,11 @@ from .fingerprint import UNIQUE, ZERO, PageTable, fingerprint
 from .formats import DumpFormat, open_inputs
 from .ksm import RMAP_ITEM_BYTES, KsmCounters, KsmSettings, merged_pages, predict
 from .pages import Extent, MapFlags, PageState
+from .progress import ScanProgress
+from .sharing import sharing_tables, with_zero_row
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Analysis", "analyze"]
 
@@ -67,6 +72,21 @@ class Analysis:
         counters: the KSM counters of the ``with_zero_pages`` scenario.
         options: the options the analysis ran with.
         warnings: every warning the readers raised.
+        pairwise: sharing between each ordered pair of inputs, non-zero pages only.
+            Columns ``input_a``, ``input_b``, ``a_nonzero_pages``, ``a_pages_in_b`` (pages
+            of A whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
+            ``extra_saved_pages``/``extra_saved_bytes`` (saved on a host holding only A and
+            B beyond A and B alone).
+        top_contents: the most duplicated contents, most copies first (zero page
+            included). Columns ``content_hash`` (SHA-256, hex), ``copies``, ``bytes``,
+            ``input_count``, ``inputs`` (``name:copies`` separated by spaces),
+            ``content_class`` (``zero``, ``repeated_byte``, ``repeated_pattern``,
+            ``low_entropy``, ``other``), ``class_detail``, ``entropy_bits_per_byte``, and
+            ``content_hex`` (first 64 bytes) only with ``show_content=True``.
+        address_map: each input's pages in address order, in up to 256 bins. Columns
+            ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
+            ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
+            ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
     """
 
     per_input: pd.DataFrame
@@ -79,6 +99,33 @@ class Analysis:
     counters: KsmCounters
     options: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    pairwise: pd.DataFrame = field(default_factory=pd.DataFrame)
+    top_contents: pd.DataFrame = field(default_factory=pd.DataFrame)
+    address_map: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def plot_savings(self) -> Figure:
+        """Waterfall: memory before, zero pages, sharing within and across, after."""
+        from .plots import plot_savings
+
+        return plot_savings(self)
+
+    def plot_histogram(self) -> Figure:
+        """Pages by number of copies, before and after merging (log scale)."""
+        from .plots import plot_histogram
+
+        return plot_histogram(self)
+
+    def plot_pairwise(self) -> Figure:
+        """Heatmap of pages of each input also present in each other input."""
+        from .plots import plot_pairwise
+
+        return plot_pairwise(self)
+
+    def plot_address_map(self) -> Figure:
+        """Where zero, unique and duplicated pages lie in each input's address space."""
+        from .plots import plot_address_map
+
+        return plot_address_map(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-able values (what ``scan --json`` prints)."""
@@ -97,6 +144,8 @@ class Analysis:
             "convergence": json_safe(self.convergence.to_dict(orient="index")),
             "exclusions": json_safe(self.exclusions.to_dict(orient="index")),
             "warnings": list(self.warnings),
+            "pairwise": records(self.pairwise),
+            "top_contents": records(self.top_contents),
         }
 
 
@@ -125,6 +174,9 @@ def analyze(
     verify: bool = True,
     jobs: int | None = None,
     scope: str | Scope = Scope.MERGEABLE,
+    top: int = 20,
+    show_content: bool = False,
+    progress: bool = False,
 ) -> Analysis:
     """Predict what KSM would save on a host holding all of ``paths``.
 
@@ -145,6 +197,10 @@ def analyze(
             mergeable, what KSM does), ``anon`` (as if ``PR_SET_MEMORY_MERGE`` were set),
             ``all`` (every page whose bytes are known, an upper bound). Guest dumps carry
             no mapping facts: every page is counted whatever the scope.
+        top: rows of ``top_contents``.
+        show_content: put the first bytes of each top content in ``top_contents``
+            (off by default: memory dumps hold secrets).
+        progress: show progress bars on stderr when it is a terminal.
 
     Returns:
         An :class:`Analysis`.
@@ -182,11 +238,20 @@ def analyze(
         for p, b in zip(paths, bases, strict=True):
             for r in open_inputs(p, format, page_size=page_size, base_address=b):
                 readers.append(stack.enter_context(r))
+        bars = stack.enter_context(ScanProgress(enabled=progress))
+        bars.overall("all inputs", sum(r.page_counts()[PageState.DATA] for r in readers)
+                     * page_size)
         started = time.perf_counter()
-        tables = [fingerprint(r, prefix_bytes=prefix_bytes, jobs=jobs) for r in readers]
+        tables = [fingerprint(r, prefix_bytes=prefix_bytes, jobs=jobs,
+                              progress=bars.reading(os.path.basename(r.name)))
+                  for r in readers]
         hashed = time.perf_counter()
-        classes = classify(tables, readers, verify=verify, jobs=jobs)
+        classes = classify(tables, readers, verify=verify, jobs=jobs,
+                           progress=bars.comparing())
         compared = time.perf_counter()
+        shared = sharing_tables(tables, readers, [scanned_rows(t, scope) for t in tables],
+                                max_page_sharing=max_page_sharing, top=top,
+                                show_content=show_content)
     options = {
         "inputs": [os.fspath(p) for p in paths],
         "format": DumpFormat.parse(format).value if format else "auto",
@@ -202,7 +267,14 @@ def analyze(
         "scope": scope.value,
     }
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed}
-    return build_analysis(tables, classes, settings, options, timings, scope)
+    result = build_analysis(tables, classes, settings, options, timings, scope)
+    return replace(
+        result,
+        pairwise=shared.pairwise,
+        top_contents=with_zero_row(shared.top_contents, result.per_input, page_size,
+                                   limit=top, show_content=show_content),
+        address_map=shared.address_map,
+    )
 
 
 def eligible_rows(table: PageTable, scope: Scope = Scope.MERGEABLE) -> np.ndarray:
@@ -218,6 +290,12 @@ def _rows_where(table: PageTable, test: Callable[[Extent], bool]) -> np.ndarray:
         return np.full(len(table.addrs), bool(ok.all()))
     starts = np.array([e.addr for e in data], dtype=np.uint64)
     return ok[np.searchsorted(starts, table.addrs, side="right") - 1]
+
+
+def scanned_rows(table: PageTable, scope: Scope) -> np.ndarray:
+    """Bool per stored page: KSM scans it and keeps scanning it (eligible, not freed by a
+    THP split). Needs the content classes of stage 2."""
+    return np.asarray(eligible_rows(table, scope) & ~thp_zero_rows(table, scope))
 
 
 def thp_zero_rows(table: PageTable, scope: Scope) -> np.ndarray:

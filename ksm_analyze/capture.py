@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from .procfs import (
     process_facts,
     read_smaps,
 )
+from .progress import ProgressCallback
 
 __all__ = ["CaptureSummary", "capture"]
 
@@ -52,8 +53,6 @@ CHUNK_PAGES = 1 << 14
 _NO_READ = MapFlags.SPECIAL
 """VM_IO/VM_PFNMAP memory is never read: ``mem`` refuses it, and it may be device memory."""
 
-Progress = Callable[[int], None]
-"""Called with bytes of page data just stored."""
 
 
 @dataclass
@@ -73,16 +72,15 @@ def capture(
     pids: Sequence[int],
     output: str | os.PathLike[str],
     *,
-    progress: Progress | None = None,
-    on_total: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> CaptureSummary:
     """Write a snapshot of processes ``pids`` to ``output`` (atomically, mode 0600).
 
     Args:
         pids: processes to capture, in this order.
         output: the snapshot file; nothing is left there if capture fails.
-        progress: called with the bytes of each block of pages stored.
-        on_total: called once with the resident bytes about to be read (for a progress bar).
+        progress: called as ``progress(done_bytes, total_bytes)`` while pages are read; the
+            total is the resident memory smaps reports.
 
     Returns:
         A :class:`CaptureSummary`.
@@ -100,8 +98,7 @@ def capture(
         if f["exited"]:
             raise ProcessError(int(f["pid"]), "has exited (a zombie): no memory to capture")
     smaps = [read_smaps(pid) for pid in pids]
-    if on_total:
-        on_total(sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
+    meter = _Meter(progress, sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
     meta = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": os.uname().release,
@@ -116,7 +113,7 @@ def capture(
         with SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta) as writer:
             for info, vmas in zip(facts, smaps, strict=True):
                 try:
-                    counts = _capture_process(writer, info, vmas, zero, progress)
+                    counts = _capture_process(writer, info, vmas, zero, meter)
                 except ProcessError:
                     _check_alive(int(info["pid"]), info)  # gone meanwhile: say so
                     raise
@@ -127,6 +124,18 @@ def capture(
         return summary
     finally:
         kpf.close()
+
+
+class _Meter:
+    """Bytes stored so far, reported to a progress callback."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.callback:
+            self.callback(self.done, max(self.total, self.done))
 
 
 class _ZeroPfn:
@@ -155,7 +164,7 @@ class _ZeroPfn:
 
 def _capture_process(
     writer: SnapshotWriter, info: dict[str, Any], vmas: list[Vma], zero: _ZeroPfn,
-    progress: Progress | None,
+    meter: _Meter,
 ) -> dict[str, Any]:
     pid = int(info["pid"])
     writer.begin_process({**info, "ksm_stat": ksm_stat(pid),
@@ -170,7 +179,7 @@ def _capture_process(
                 raise proc_error(pid, path, e) from None
         counts: dict[str, Any] = {"pid": pid, "comm": info["comm"], "vmas": len(vmas)}
         for vma in vmas:
-            runs = _capture_vma(writer, pid, vma, fds, zero, progress)
+            runs = _capture_vma(writer, pid, vma, fds, zero, meter)
             writer.add_runs(runs)
             _tally(counts, runs)
         _check_alive(pid, info)
@@ -199,7 +208,7 @@ def _check_alive(pid: int, info: dict[str, Any]) -> None:
 
 def _capture_vma(
     writer: SnapshotWriter, pid: int, vma: Vma, fds: dict[str, int], zero: _ZeroPfn,
-    progress: Progress | None,
+    meter: _Meter,
 ) -> np.ndarray:
     """Store one VMA's readable pages, a chunk at a time; return the VMA's runs."""
     if vma.rss_kb == 0 and vma.swap_kb == 0:  # nothing resident: no need to walk pagemap
@@ -220,7 +229,7 @@ def _capture_vma(
         zero.mark(flags, fds["pagemap"], addr)
         readable = flags & (RunFlags.PRESENT | RunFlags.ZERO_PFN) == RunFlags.PRESENT
         if readable_vma:
-            _store(writer, addr, fds["mem"], flags, np.flatnonzero(readable), progress)
+            _store(writer, addr, fds["mem"], flags, np.flatnonzero(readable), meter)
         else:
             flags[readable] |= np.uint32(RunFlags.UNREADABLE)
         runs.append(_runs(addr, flags))
@@ -247,7 +256,7 @@ def _pagemap_flags(entries: np.ndarray, kpf: KPageFlags) -> np.ndarray:
 
 def _store(
     writer: SnapshotWriter, start: int, mem_fd: int, flags: np.ndarray, pages: np.ndarray,
-    progress: Progress | None,
+    meter: _Meter,
 ) -> None:
     """Read ``pages`` (indexes from ``start``) from mem, run by run, and store them."""
     if not len(pages):
@@ -258,8 +267,7 @@ def _store(
         if data is not None:
             writer.write_pages(addr, data)
             flags[run] |= np.uint32(RunFlags.STORED)
-            if progress:
-                progress(len(data))
+            meter.add(len(data))
             continue
         for k in run.tolist():  # EIO for the block: try page by page, keep what reads
             page = _read_mem(mem_fd, start + k * PAGE_SIZE, 1)

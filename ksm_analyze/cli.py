@@ -7,10 +7,11 @@ module that turns errors into exit codes: a bad input is one line on stderr and 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -27,6 +28,8 @@ from .present import (
     to_json,
     write_csvs,
 )
+from .progress import ScanProgress
+from .report import write_report
 
 app = typer.Typer(
     name="ksm-analyze",
@@ -92,6 +95,11 @@ BasesOpt = Annotated[
         show_default="0",
     ),
 ]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q",
+                 help="No progress bars (they are shown only when stderr is a terminal)."),
+]
 
 
 ScopeOpt = Annotated[
@@ -150,6 +158,7 @@ def scan(
                                  show_default=False)
     ] = None,
     scope: ScopeOpt = Scope.MERGEABLE.value,
+    quiet: QuietOpt = False,
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
@@ -166,6 +175,7 @@ def scan(
             verify=verify,
             jobs=jobs,
             scope=scope,
+            progress=not quiet,
         )
         if csv_dir is not None:
             try:
@@ -174,6 +184,95 @@ def scan(
                 typer.echo(f"Error: {csv_dir}: cannot write CSV files: {e.strerror}", err=True)
                 raise typer.Exit(1) from None
         typer.echo(to_json(result) if json_out else render_scan(result))
+
+
+@app.command()
+def report(
+    dumps: Annotated[list[Path], typer.Argument(help="Dump files, all on one host.",
+                                                show_default=False)],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Folder for the CSV, PNG and index.html files "
+                     "(created if needed).", show_default=False),
+    ],
+    top: Annotated[
+        int, typer.Option(help="Rows in the table of most duplicated contents.")
+    ] = 20,
+    show_content: Annotated[
+        bool, typer.Option("--show-content",
+                           help="Show the first 64 bytes of each most duplicated content. "
+                           "Off by default: memory dumps hold secrets.")
+    ] = False,
+    format: FormatOpt = None,
+    page_size: PageSizeOpt = 4096,
+    prefix_bytes: Annotated[
+        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
+    ] = 128,
+    base_address: BasesOpt = None,
+    max_page_sharing: Annotated[
+        int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
+    ] = 256,
+    use_zero_pages: Annotated[
+        bool, typer.Option("--use-zero-pages",
+                           help="Predict with use_zero_pages=1 (zero pages map the zero page).")
+    ] = False,
+    pages_to_scan: Annotated[int, typer.Option(help="ksmd pages per wake-up.")] = 100,
+    sleep_millisecs: Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")] = 20,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify",
+                           help="Compare candidate pages byte for byte before merging them.")
+    ] = True,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
+                                 show_default=False)
+    ] = None,
+    quiet: QuietOpt = False,
+    scope: ScopeOpt = Scope.MERGEABLE.value,
+) -> None:
+    """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host."""
+    with _errors():
+        if top < 0:
+            raise ValueError(f"--top cannot be negative, not {top}")
+        _make_dir(output)
+        result = analyze(
+            dumps,
+            format=format,
+            page_size=page_size,
+            prefix_bytes=prefix_bytes,
+            base_address=[_address(b) for b in base_address] if base_address else 0,
+            max_page_sharing=max_page_sharing,
+            use_zero_pages=use_zero_pages,
+            pages_to_scan=pages_to_scan,
+            sleep_millisecs=sleep_millisecs,
+            verify=verify,
+            jobs=jobs,
+            top=top,
+            show_content=show_content,
+            progress=not quiet,
+            scope=scope,
+        )
+        try:
+            written = write_report(result, output)
+        except OSError as e:
+            _cannot_write(output, e)
+        typer.echo(f"Wrote {len(written)} files to {output}: open {output / 'index.html'}")
+
+
+def _cannot_write(directory: Path, e: OSError) -> NoReturn:
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(directory) else ""
+    typer.echo(f"Error: {directory}: cannot write the report: {e.strerror or e}{where}",
+               err=True)
+    raise typer.Exit(1)
+
+
+def _make_dir(directory: Path) -> None:
+    """Create the output folder before the long work, so a bad -o fails at once."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        _cannot_write(directory, e)
 
 
 @app.command()
@@ -201,7 +300,7 @@ def capture(
         Path, typer.Option("--output", "-o", help="Snapshot file to write (mode 0600).",
                            show_default=False)
     ],
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Snapshot live processes' memory and page flags, for `scan` to analyse later.
 
@@ -210,8 +309,8 @@ def capture(
     """
     from .capture import capture as capture_processes
 
-    with _errors(), _progress_bar("capturing", quiet) as bar:
-        summary = capture_processes(pids, output, progress=bar.advance, on_total=bar.total)
+    with _errors(), ScanProgress(enabled=not quiet) as bars:
+        summary = capture_processes(pids, output, progress=bars.bar("capturing"))
     typer.echo(render_capture(summary))
 
 
@@ -235,42 +334,6 @@ def ksm_status(
     with _errors():
         status = read_status(snapshots or [], scope=scope)
         typer.echo(render_status(status, as_json=json_out))
-
-
-class _Bar:
-    """Bytes done against a total, shown with rich on stderr; silent when not a terminal."""
-
-    def __init__(self, progress: Any, description: str) -> None:
-        self._progress = progress
-        self._task = progress.add_task(description, total=None) if progress else None
-
-    def total(self, nbytes: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, total=nbytes)
-
-    def advance(self, nbytes: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=nbytes)
-
-
-@contextlib.contextmanager
-def _progress_bar(description: str, quiet: bool) -> Iterator[_Bar]:
-    if quiet or not sys.stderr.isatty():
-        yield _Bar(None, description)
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        yield _Bar(progress, description)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
@@ -24,6 +25,9 @@ import xxhash
 from ._parallel import map_shards
 from .fingerprint import UNIQUE, ZERO, PageTable
 from .formats.base import DumpReader
+
+if TYPE_CHECKING:
+    from .progress import ProgressCallback
 
 __all__ = ["ContentClasses", "StageStats", "classify"]
 
@@ -233,6 +237,7 @@ def classify(
     *,
     verify: bool = True,
     jobs: int = 1,
+    progress: ProgressCallback | None = None,
 ) -> ContentClasses:
     """Find which stored pages of all inputs hold byte-identical content.
 
@@ -245,6 +250,8 @@ def classify(
         readers: the open readers the tables came from (same order), to read pages again.
         verify: compare bytes before counting two pages as one (on by default).
         jobs: worker processes for large candidate sets.
+        progress: called as ``progress(bytes_done, bytes_total)`` over the candidate pages,
+            after each part.
 
     Returns:
         The number of content classes, with stage statistics.
@@ -259,6 +266,10 @@ def classify(
         target = (ends[cuts[-1] - 1] if cuts[-1] else 0) + PART_CANDIDATES
         cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, target, side="right"))))
     n_classes = candidates = false_candidates = compares = collisions = full_hashes = 0
+    ps = tables[0].page_size if tables else 0
+    total_bytes = int(counts.sum()) * ps
+    if progress is not None:
+        progress(0, total_bytes)
     for a, b in itertools.pairwise(cuts):
         part = _resolve_part(
             tables, readers, shared[a:b], first_class=n_classes, verify=verify, jobs=jobs
@@ -270,6 +281,8 @@ def classify(
             x + y for x, y in zip((compares, collisions, full_hashes), done, strict=True)
         )
         n_classes += n
+        if progress is not None:
+            progress(candidates * ps, total_bytes)
     stats = StageStats(
         pages_hashed=sum(t.nonzero_pages for t in tables),
         prefix_candidates=candidates,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -19,6 +19,9 @@ from ._parallel import imap_shards
 from .formats import DumpFormat
 from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
 from .pages import Extent, PageState
+
+if TYPE_CHECKING:
+    from .progress import ProgressCallback
 
 __all__ = ["UNIQUE", "ZERO", "PageTable", "fingerprint", "prefix_hashes", "zero_rows"]
 
@@ -126,6 +129,7 @@ def fingerprint(
     prefix_bytes: int = 128,
     batch_pages: int = DEFAULT_BATCH_PAGES,
     jobs: int = 1,
+    progress: ProgressCallback | None = None,
 ) -> PageTable:
     """Read every stored page of ``reader`` once and build its :class:`PageTable`.
 
@@ -134,6 +138,7 @@ def fingerprint(
         prefix_bytes: bytes hashed per page; 0 (or the page size) hashes the whole page.
         batch_pages: pages handed from the reader at a time.
         jobs: worker processes; inputs below PARALLEL_MIN_PAGES stored pages use one.
+        progress: called as ``progress(bytes_done, bytes_total)`` as batches arrive.
 
     Returns:
         The input's fingerprints (rows in no particular order).
@@ -148,6 +153,8 @@ def fingerprint(
     locators = np.empty(stored, np.uint64)
     prefix = np.empty(stored, np.uint64)
     filled = 0
+    if progress is not None:
+        progress(0, stored * ps)
     if shards == 1:
         parts: Iterable[Iterable[tuple[np.ndarray, ...]]] = [
             _hash_shard(reader, nbytes, batch_pages, 0, 1)
@@ -163,6 +170,8 @@ def fingerprint(
                 raise AssertionError(f"{reader.path}: reader yielded more pages than it stores")
             addrs[filled:end], locators[filled:end], prefix[filled:end] = a, loc, p
             filled = end
+            if progress is not None:
+                progress(filled * ps, stored * ps)
         del part
     if filled != stored:
         raise AssertionError(f"{reader.path}: reader yielded {filled} of {stored} stored pages")

@@ -137,3 +137,17 @@ def test_console_script_and_module_entry_points(two_raw):
         r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("ksm-analyze ")
+
+
+def test_report_options_reach_the_model(two_raw, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["report", *map(str, two_raw), "-o", str(out), "--max-page-sharing",
+                            "2", "--use-zero-pages", "--pages-to-scan", "1",
+                            "--sleep-millisecs", "1000"])
+    assert r.exit_code == 0, r.output
+    host = (out / "host.csv").read_text().splitlines()
+    # Same counts as test_use_zero_pages_and_max_page_sharing_reach_the_model.
+    assert "pages_shared,2,2" in host and "ksm_zero_pages,2,0" in host
+    conv = (out / "convergence.csv").read_text()
+    # 5 rmap items + 2 ksm zero pages at 1 page a second: 7 s for one full scan.
+    assert "full_scan_seconds,7.0," in conv

@@ -44,6 +44,28 @@ def test_every_scan_option_is_in_the_readme_table():
     assert not missing
 
 
+def test_every_report_option_is_in_the_readme():
+    result = CliRunner().invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    options = set(re.findall(r"--[a-z][a-z-]+", result.stdout)) - {"--help", "--verify"}
+    assert {"--output", "--show-content", "--top", "--quiet"} <= options
+    missing = sorted(o for o in options if f"`{o}" not in README)
+    assert not missing
+
+
+def test_analysis_tables_and_plots_are_documented():
+    doc = ksm_analyze.Analysis.__doc__ or ""
+    result = ksm_analyze.analyze(sorted((ROOT / "sample_dumps").iterdir()), jobs=1)
+    for table in ("pairwise", "top_contents", "address_map"):
+        assert f"{table}:" in doc, table
+        for column in getattr(result, table).columns:
+            assert f"``{column}``" in doc, (table, column)
+            assert column in README, (table, column)
+    for name in dir(result):
+        if name.startswith("plot_"):
+            assert getattr(result, name).__doc__, name
+            assert name in README, name
+
+
 def test_public_api_is_exported():
     for name in ksm_analyze.__all__:
         assert hasattr(ksm_analyze, name), name

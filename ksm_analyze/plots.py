@@ -1,0 +1,227 @@
+"""matplotlib figures of an :class:`~ksm_analyze.analysis.Analysis`, for reports and notebooks.
+
+Every function returns a :class:`matplotlib.figure.Figure` drawn on an Agg canvas, never
+touching pyplot's global state, so it works without a display, in threads and in Jupyter
+(a notebook cell that ends with the figure shows it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from .present import human_bytes
+from .sharing import ADDRESS_KINDS
+
+if TYPE_CHECKING:
+    from .analysis import Analysis
+
+__all__ = ["plot_address_map", "plot_histogram", "plot_pairwise", "plot_savings"]
+
+_MINUS = "\N{MINUS SIGN}"
+_EN_DASH = "\N{EN DASH}"
+_SCENARIOS = {
+    "with_zero_pages": "zero pages present on the host",
+    "without_zero_pages": "zero pages never touched",
+}
+_STEPS = (
+    ("memory_before", "memory\nbefore"),
+    ("zero_pages", "zero pages\nmerged"),
+    ("sharing_within_inputs", "sharing\nwithin inputs"),
+    ("sharing_across_inputs", "sharing\nacross inputs"),
+    ("memory_after", "memory\nafter KSM"),
+)
+_KIND_STYLE = {
+    "zero_pages": ("zero", "#c7c7c7"),
+    "unique_pages": ("unique", "#4c78a8"),
+    "duplicate_within_pages": ("duplicated within this input", "#f58518"),
+    "duplicate_across_pages": ("duplicated across inputs", "#d62728"),
+    "ineligible_pages": ("file-backed/shared (KSM skips)", "#9467bd"),
+    "not_stored_pages": ("not in the dump", "#ffffff"),
+}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    """A binary byte unit that keeps ``largest`` readable: (divisor, name)."""
+    for power, name in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if largest >= 1024**power:
+            return float(1024**power), name
+    return 1.0, "B"
+
+
+def plot_savings(result: Analysis) -> Figure:
+    """Waterfall per scenario: memory before, minus each source of savings, memory after."""
+    sav = result.savings
+    scen = [s for s in _SCENARIOS if f"{s}_bytes" in sav.columns]
+    fig = _figure(6.0 * len(scen), 5.0)
+    axes = fig.subplots(1, len(scen), squeeze=False)[0]
+    for ax, s in zip(axes, scen, strict=True):
+        # Each panel its own scale: the untouched scenario is often a fifth of the other.
+        largest = max(float(sav.at["memory_before", f"{s}_bytes"]), 1.0)
+        div, unit = _unit(largest)
+        level = 0.0
+        for i, (item, _label) in enumerate(_STEPS):
+            nbytes = float(sav.at[item, f"{s}_bytes"])
+            value = nbytes / div
+            pct = float(sav.at[item, f"{s}_percent"])
+            if item in ("memory_before", "memory_after"):
+                bottom, height, color = 0.0, value, "#4c78a8" if i == 0 else "#2ca02c"
+                text = f"{human_bytes(nbytes)}\n({pct:.1f}%)"
+                level = value
+            else:
+                bottom, height, color = level - value, value, "#f58518"
+                text = f"{_MINUS if nbytes else ''}{human_bytes(nbytes)}\n({pct:.1f}%)"
+                level -= value
+            ax.bar(i, height, bottom=bottom, color=color, edgecolor="black", linewidth=0.5)
+            ax.annotate(text, (i, bottom + height), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(_STEPS)), [label for _, label in _STEPS], fontsize=9)
+        ax.set_ylabel(f"host memory ({unit})")
+        ax.set_ylim(0, largest / div * 1.22)
+        ax.set_title(_SCENARIOS[s], fontsize=11)
+        ax.grid(axis="y", alpha=0.3)
+    opts = result.options
+    fig.suptitle(
+        "Memory before and after KSM, all inputs on one host "
+        f"(max_page_sharing={opts.get('max_page_sharing')}, "
+        f"use_zero_pages={int(bool(opts.get('use_zero_pages')))})",
+        fontsize=12,
+    )
+    return fig
+
+
+def _bucket_label(copies: int) -> str:
+    return "1" if copies == 1 else f"{copies:,}{_EN_DASH}{2 * copies - 1:,}"
+
+
+def plot_histogram(result: Analysis) -> Figure:
+    """Pages held by contents seen 1, 2-3, 4-7, ... times, before and after merging."""
+    hist = result.histogram
+    fig = _figure(max(6.0, 1.1 * len(hist) + 3), 5.0)
+    ax = fig.subplots()
+    x = np.arange(len(hist))
+    before = hist["pages_referenced"].to_numpy()
+    after = hist["pages_after_merging"].to_numpy()
+    w = 0.4
+    for offset, values, label, color in ((-w / 2, before, "pages before merging", "#4c78a8"),
+                                         (w / 2, after, "pages after merging", "#2ca02c")):
+        bars = ax.bar(x + offset, values, w, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{int(v):,}" for v in values], fontsize=9, padding=2)
+    positive = np.concatenate([before, after])
+    positive = positive[positive > 0]
+    if len(positive) and positive.max() / positive.min() > 50:
+        ax.set_yscale("log")
+        ax.set_ylim(0.5, positive.max() * 3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        scale = " (log scale)"
+    else:
+        ax.set_ylim(0, (positive.max() if len(positive) else 1) * 1.15)
+        scale = ""
+    ax.set_xticks(x, [f"{_bucket_label(int(c))}\n{int(n):,} content{'s' if n != 1 else ''}"
+                      for c, n in zip(hist["copies"], hist["contents"], strict=True)])
+    ax.set_xlabel("copies of a content (bucket), and how many contents fall in it")
+    ps = int(result.options.get("page_size", 4096))
+    ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
+    ax.set_title("Sharing-degree histogram: pages by number of copies (zero pages included)")
+    ax.legend(loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_pairwise(result: Analysis) -> Figure:
+    """Heatmap: non-zero pages of the row input whose content is also in the column input."""
+    pw = result.pairwise
+    names = [Path(p).name for p in result.per_input["input"]]
+    n = len(names)
+    frac = np.full((n, n), np.nan)
+    pages = np.zeros((n, n), np.int64)
+    extra = np.zeros((n, n), np.int64)
+    pos = {name: i for i, name in enumerate(names)}
+    for r in pw.itertuples():
+        a, b = pos[r.input_a], pos[r.input_b]
+        frac[a, b] = r.a_fraction_in_b
+        pages[a, b] = r.a_pages_in_b
+        extra[a, b] = r.extra_saved_bytes
+    side = max(5.0, 1.6 * n + 2.5)
+    fig = _figure(side + 1.5, side)
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(frac) * 100, vmin=0, vmax=100, cmap="Blues")
+    ax.set_facecolor("#eeeeee")
+    fontsize = max(6, 11 - n)
+    for a in range(n):
+        for b in range(n):
+            if a == b:
+                ax.text(b, a, "—", ha="center", va="center", fontsize=fontsize)
+                continue
+            label = (f"{pages[a, b]:,} pages\n{frac[a, b] * 100:.1f}%\n"
+                     f"{human_bytes(extra[a, b])} more saved")
+            color = "white" if frac[a, b] > 0.6 else "black"
+            ax.text(b, a, label, ha="center", va="center", fontsize=fontsize, color=color)
+    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("also present in (input B)")
+    ax.set_ylabel("non-zero pages of (input A)")
+    ax.set_title("Pairwise sharing: pages of A whose content is also in B\n"
+                 "(and the extra memory saved if only A and B shared a host)", fontsize=11)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label("pages of A also in B (% of A's non-zero pages)")
+    return fig
+
+
+def plot_address_map(result: Analysis) -> Figure:
+    """A strip per input: the kinds of page in each bin of its address space, in percent."""
+    amap = result.address_map
+    inputs = list(dict.fromkeys(amap["input"])) if len(amap) else []
+    fig = _figure(11.0, 1.3 + 1.9 * max(1, len(inputs)))
+    axes = fig.subplots(max(1, len(inputs)), 1, squeeze=False)[:, 0]
+    for ax, name in zip(axes, inputs, strict=False):
+        rows = amap[amap["input"] == name]
+        # Bin i spans [i - 0.5, i + 0.5); one stepped band per kind (256 bars each would
+        # take seconds to draw).
+        edges = np.arange(len(rows) + 1) - 0.5
+        total = np.maximum(rows["pages"].to_numpy(), 1)
+        bottom = np.zeros(len(rows) + 1)
+        for kind in ADDRESS_KINDS:
+            share = rows[kind].to_numpy() / total * 100
+            top = bottom + np.append(share, share[-1:])
+            label, color = _KIND_STYLE[kind]
+            ax.fill_between(edges, bottom, top, step="post", color=color, linewidth=0,
+                            label=label)
+            bottom = top
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_ylim(0, 100)
+        ax.set_yticks([0, 50, 100])
+        ax.set_ylabel("% of bin")
+        pages = int(rows["pages"].sum())
+        ax.set_title(f"{name}: {pages:,} pages in {len(rows)} bins of "
+                     f"{pages / max(len(rows), 1):,.0f} pages", fontsize=10, loc="left")
+        ticks = MaxNLocator(nbins=7, integer=True).tick_values(0, len(rows) - 1)
+        ticks = [int(t) for t in ticks if 0 <= t < len(rows)]
+        first = rows["first_address"].to_numpy()
+        ax.set_xticks(ticks, [f"{int(first[t]):#x}" for t in ticks], fontsize=8)
+        ax.set_xlabel(f"page address ({'physical' if _physical(result, name) else 'virtual'}; "
+                      "bins follow the pages the dump describes)", fontsize=9)
+        ax.set_facecolor("white")
+    handles = [Patch(facecolor=c, edgecolor="#888888", label=label)
+               for label, c in _KIND_STYLE.values()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=9)
+    fig.suptitle("Where the pages lie in each input's address space", fontsize=12)
+    return fig
+
+
+def _physical(result: Analysis, name: str) -> bool:
+    pi = result.per_input
+    match = pi[[Path(p).name == name for p in pi["input"]]]
+    return not len(match) or str(match["address_space"].iloc[0]) != "virtual"

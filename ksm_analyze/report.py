@@ -1,0 +1,229 @@
+"""``ksm-analyze report``: a folder of CSV tables, PNG charts and one self-contained HTML page.
+
+Everything is written with :func:`~ksm_analyze.present.atomic_write`, files mode 0600 and
+the folder 0700 when created: the tables name inputs and contents of memory dumps. The HTML
+page embeds its charts as ``data:`` URIs and loads nothing, so it opens from disk in any
+browser. Page bytes appear only if the analysis was made with ``show_content=True``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from . import __version__
+from .present import atomic_write, human_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .analysis import Analysis
+
+__all__ = ["CHARTS", "TABLES", "write_report"]
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+TABLES = ("per_input", "host", "savings", "histogram", "pairwise", "top_contents",
+          "address_map", "stages", "convergence")
+"""The CSV files of a report (``<name>.csv``), one per :class:`Analysis` table."""
+CHARTS = {
+    "savings": "Memory before and after KSM",
+    "histogram": "Sharing-degree histogram",
+    "pairwise": "Pairwise sharing between inputs",
+    "address_map": "Where the pages lie in each input's address space",
+}
+"""The PNG files of a report (``<name>.png``) and their captions."""
+
+
+def _table(result: Analysis, name: str) -> pd.DataFrame:
+    df: pd.DataFrame = getattr(result, name)
+    if name == "per_input":
+        return df.set_index("input")
+    if name == "histogram":
+        return df.set_index("copies")
+    if name in ("pairwise", "top_contents", "address_map"):
+        return df.set_index(df.columns[0])
+    return df
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" or date metadata: the same analysis gives the same bytes.
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Path]:
+    """Write the report of ``result`` into ``directory`` (created if needed).
+
+    Args:
+        result: what :func:`~ksm_analyze.analyze` returned.
+        directory: the output folder; existing report files in it are replaced.
+
+    Returns:
+        The files written: ``<table>.csv`` for each of ``TABLES``, ``<chart>.png`` for
+        each of ``CHARTS``, and ``index.html``.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    out = Path(directory)
+    out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    written = []
+    for name in TABLES:
+        path = out / f"{name}.csv"
+        atomic_write(path, _table(result, name).to_csv(), mode=FILE_MODE)
+        written.append(path)
+    images = {}
+    for name in CHARTS:
+        images[name] = _png(getattr(result, f"plot_{name}")())
+        path = out / f"{name}.png"
+        atomic_write(path, images[name], mode=FILE_MODE)
+        written.append(path)
+    path = out / "index.html"
+    atomic_write(path, render_html(result, images), mode=FILE_MODE)
+    written.append(path)
+    return written
+
+
+def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
+    def number(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:,.3f}".rstrip("0").rstrip(".")
+        return f"{v:,}" if isinstance(v, int) else html.escape(str(v))
+
+    shown = df.copy()
+    for col in shown.columns:
+        if shown[col].dtype.kind in "iuf":
+            shown[col] = [number(v.item() if hasattr(v, "item") else v) for v in shown[col]]
+    text: str = shown.to_html(escape=True, border=0, classes="data", na_rep="", **kwargs)
+    return text
+
+
+def _summary(result: Analysis) -> list[tuple[str, str]]:
+    sav, host = result.savings, result.host
+    rows = []
+    for scen, title in (("with_zero_pages", "zero pages present"),
+                        ("without_zero_pages", "zero pages untouched")):
+        if f"{scen}_bytes" not in sav.columns:
+            continue
+        before = sav.at["memory_before", f"{scen}_bytes"]
+        after = sav.at["memory_after", f"{scen}_bytes"]
+        saved = sav.at["saved", f"{scen}_bytes"]
+        pct = sav.at["saved", f"{scen}_percent"]
+        change = (f"{human_bytes(before)} → {human_bytes(after)}, "
+                  f"{human_bytes(saved)} saved ({pct:.1f}%)")
+        rows.append((f"Memory before → after KSM ({title})", change))
+        rows.append((f"general_profit ({title})", human_bytes(host.at["general_profit", scen])))
+    rows.append(("Inputs", f"{len(result.per_input):,}"))
+    for item, label in (("sharing_within_inputs", "Saved by sharing within inputs"),
+                        ("sharing_across_inputs", "Saved by sharing across inputs")):
+        rows.append((label, human_bytes(sav.at[item, "with_zero_pages_bytes"])))
+    return rows
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table.data, table.summary { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+table.data th, table.data td, table.summary th, table.summary td {
+  padding: 0.2em 0.6em; border-bottom: 1px solid #e3e3e3; }
+table.data td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.summary th { text-align: left; font-weight: normal; color: #555; }
+table.summary td { font-weight: bold; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+.note { color: #555; font-size: 0.9em; } .warn { color: #a00; }
+code { font-size: 0.95em; } .scroll { overflow-x: auto; }
+"""
+
+
+def render_html(result: Analysis, images: dict[str, bytes]) -> str:
+    """The report page: summary, charts (embedded PNGs), tables and options."""
+    e = html.escape
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    intro = (
+        f'<p class="note">ksm-analyze {e(__version__)}, {e(stamp)}. '
+        "All inputs are treated as one host. A guest dump cannot tell zero pages the guest "
+        "wrote (host memory, merged by KSM) from pages it never touched (no host memory), so "
+        "numbers are given both ways; <b>memory after KSM</b> holds either way.</p>"
+    )
+    names = ", ".join(Path(p).name for p in result.per_input["input"])
+    show_content = "content_hex" in result.top_contents.columns
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>KSM savings report: {e(names)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>KSM savings report: {e(names)}</h1>",
+        intro,
+        '<h2 id="summary">Summary</h2><table class="summary">',
+        *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(result)),
+        "</table>",
+    ]
+    if show_content:
+        parts.append('<p class="warn">This report was made with <code>--show-content</code>: '
+                     "the most duplicated contents table shows the first bytes of each page, "
+                     "which may be secret.</p>")
+    for w in result.warnings:
+        parts.append(f'<p class="warn">Warning: {e(w)}</p>')
+    parts.append('<h2 id="charts">Charts</h2>')
+    for name, caption in CHARTS.items():
+        if name not in images:
+            continue
+        data = base64.b64encode(images[name]).decode("ascii")
+        parts.append(
+            f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
+            f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)}.png)</figcaption></figure>'
+        )
+    parts.append('<h2 id="tables">Tables</h2>')
+    pairwise_title = (
+        "Pairwise sharing (non-zero pages; extra saving if only the two share a host)"
+    )
+    sections = (
+        ("per_input", "Inputs (pages)", result.per_input, False),
+        ("host", "KSM counters, all inputs on one host (general_profit in bytes)",
+         result.host, True),
+        ("savings", "Savings", result.savings, True),
+        ("histogram", "Sharing-degree histogram", result.histogram, False),
+        ("pairwise", pairwise_title, result.pairwise, False),
+        ("top_contents", "Most duplicated contents (SHA-256 shortened to 16 hex digits)",
+         _short_hashes(result.top_contents), False),
+    )
+    for name, title, df, index in sections:
+        parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
+        parts.append(f'<div class="scroll">{_html_table(df, index=index)}</div>')
+        parts.append(f'<p class="note">Also in <a href="{name}.csv">{name}.csv</a>.</p>')
+    parts.append('<p class="note">The page kinds per address bin are in '
+                 '<a href="address_map.csv">address_map.csv</a>; fingerprinting statistics '
+                 'in <a href="stages.csv">stages.csv</a>, time to converge in '
+                 '<a href="convergence.csv">convergence.csv</a>.</p>')
+    options = {**result.options, "show_content": show_content}
+    parts.append('<h2 id="options">Options</h2><table class="summary">')
+    parts.extend(f"<tr><th>{e(str(k))}</th><td><code>{e(_option(v))}</code></td></tr>"
+                 for k, v in options.items())
+    parts.append("</table></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _short_hashes(top: pd.DataFrame) -> pd.DataFrame:
+    """The table with each SHA-256 cut to 16 hex digits (the CSV keeps them whole)."""
+    if "content_hash" not in top.columns:
+        return top
+    return top.assign(content_hash=top["content_hash"].str[:16])
+
+
+def _option(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return str(value)

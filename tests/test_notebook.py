@@ -1,0 +1,67 @@
+"""notebooks/capacity_planning.ipynb runs top to bottom and agrees with the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+from typer.testing import CliRunner
+
+from ksm_analyze.cli import app
+from ksm_analyze.report import TABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "capacity_planning.ipynb"
+SAMPLES = sorted((ROOT / "sample_dumps").iterdir())
+
+
+def test_notebook_is_stored_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """The notebook run on the samples, its report written to a temporary folder."""
+    out = tmp_path_factory.mktemp("nb") / "report"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f"dumps = {[str(p) for p in SAMPLES]!r}\nout_dir = Path({str(out)!r})"
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    return nb, out
+
+
+def test_notebook_runs_and_shows_its_charts(executed):
+    nb, _ = executed
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors
+    charts = [c for c in nb.cells if c.cell_type == "code" and ".plot_" in c.source]
+    assert len(charts) == 4
+    for cell in charts:
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
+
+
+def test_notebook_numbers_equal_the_cli(executed, tmp_path):
+    _, nb_out = executed
+    cli_out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["report", *map(str, SAMPLES), "-o", str(cli_out)])
+    assert r.exit_code == 0, r.output
+    for name in TABLES:
+        if name == "stages":  # holds wall-clock seconds
+            continue
+        a = pd.read_csv(nb_out / f"{name}.csv")
+        b = pd.read_csv(cli_out / f"{name}.csv")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    a = pd.read_csv(nb_out / "stages.csv", index_col=0)
+    b = pd.read_csv(cli_out / "stages.csv", index_col=0)
+    counts = [s for s in a.index if not s.endswith("_seconds")]
+    pd.testing.assert_frame_equal(a.loc[counts], b.loc[counts])

@@ -1,0 +1,235 @@
+"""``ksm-analyze report``: the files it writes, that it keeps page bytes out of them, and
+that the HTML page renders in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dumpwriter.elf import make_elf_core
+from dumpwriter.raw import make_raw
+from ksm_analyze.cli import app
+from ksm_analyze.report import CHARTS, TABLES
+
+PS = 4096
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
+runner = CliRunner()
+
+SECRET = b"hunter2:correct-horse-battery-staple;"  # 37 bytes: not a power-of-two period
+SECRET_PAGE = (SECRET * (PS // len(SECRET) + 1))[:PS]
+
+
+def _report(*args: str) -> tuple[int, str, str]:
+    r = runner.invoke(app, ["report", *args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def sample_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    code, stdout, stderr = _report(*SAMPLES, "-o", str(out))
+    assert code == 0, stdout + stderr
+    return out
+
+
+def test_report_writes_every_table_chart_and_the_page(sample_report):
+    names = sorted(p.name for p in sample_report.iterdir())
+    want = sorted([f"{t}.csv" for t in TABLES] + [f"{c}.png" for c in CHARTS] + ["index.html"])
+    assert names == want
+    for p in sample_report.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+    for c in CHARTS:
+        assert (sample_report / f"{c}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_csvs_are_the_scan_numbers(sample_report):
+    scan = json.loads(runner.invoke(app, ["scan", *SAMPLES, "--json"]).stdout)
+    host = pd.read_csv(sample_report / "host.csv", index_col="counter")
+    for counter, by_scenario in scan["host"].items():
+        for scenario, value in by_scenario.items():
+            assert host.at[counter, scenario] == value
+    pw = pd.read_csv(sample_report / "pairwise.csv")
+    assert pw.to_dict(orient="records") == scan["pairwise"]
+    # The sample manifest (hashlib over the raw windows) says 25 pages hold the most
+    # duplicated non-zero content and 838 are zero.
+    manifest = json.loads((ROOT / "tests" / "sample_dumps.json").read_text())["vm-a+vm-b"]
+    top = pd.read_csv(sample_report / "top_contents.csv")
+    assert list(top["copies"][:2]) == [manifest["zero_pages"],
+                                       max(manifest["copies_of_nonzero_contents"])]
+    assert top["content_class"][0] == "zero"
+
+
+def test_report_html_embeds_every_chart_and_table(sample_report):
+    page = (sample_report / "index.html").read_text()
+    imgs = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(imgs) == len(CHARTS)
+    for c, data in zip(CHARTS, imgs, strict=True):
+        assert base64.b64decode(data) == (sample_report / f"{c}.png").read_bytes()
+    for section in ("summary", "table-host", "table-pairwise", "table-top_contents",
+                    "options"):
+        assert f'id="{section}"' in page
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    w, h = struct.unpack(">II", path.read_bytes()[16:24])  # IHDR width, height
+    return w, h
+
+
+_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]);
+  document.body.setAttribute("data-img-check", JSON.stringify(imgs));
+});
+</script>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium missing (.ci/install-system-deps.sh installs it)")
+def test_report_renders_in_headless_chromium(sample_report, tmp_path):
+    # A copy with a check script: the report itself carries no script.
+    page = (sample_report / "index.html").read_text()
+    assert "<script" not in page
+    check = tmp_path / "check.html"
+    check.write_text(page.replace("</body>", _CHECK + "</body>"))
+    r = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+         "--dump-dom", check.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = re.search(r'data-img-check="([^"]*)"', r.stdout)
+    assert found, r.stdout[:2000]
+    decoded = json.loads(found.group(1).replace("&quot;", '"'))
+    want = [[True, *_png_size(sample_report / f"{c}.png")] for c in CHARTS]
+    assert decoded == want
+    assert "KSM savings report" in r.stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
+         f"--screenshot={shot}", (sample_report / "index.html").as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (2400, 1280)
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50  # not blank
+
+
+# -- page bytes stay out ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secret_dumps(tmp_path_factory):
+    d = tmp_path_factory.mktemp("secret")
+    rng = np.random.default_rng(7)
+    other = rng.integers(0, 256, PS, dtype=np.uint8).tobytes()
+    a = make_raw(d / "a.raw", [SECRET_PAGE, SECRET_PAGE, bytes(PS), other, SECRET_PAGE])
+    b = d / "b.elf"
+    make_elf_core(b, [(0, SECRET_PAGE + other + bytes(PS))], unaligned=False)
+    return [str(a), str(b)]
+
+
+def _needles() -> list[bytes]:
+    head = SECRET_PAGE[:64]
+    return [SECRET[:16], SECRET.hex().encode()[:32], SECRET.hex().upper().encode()[:32],
+            base64.b64encode(head)[:24], head.hex().encode()]
+
+
+def _leaks(directory: Path) -> list[str]:
+    found = []
+    for p in directory.iterdir():
+        data = p.read_bytes()
+        found += [f"{p.name}: {n!r}" for n in _needles() if n in data]
+    return found
+
+
+def test_no_page_bytes_in_any_output_without_show_content(secret_dumps, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = _report(*secret_dumps, "-o", str(out))
+    assert code == 0, stdout + stderr
+    top = pd.read_csv(out / "top_contents.csv")
+    assert "content_hex" not in top.columns
+    assert top["copies"].max() == 4  # the secret page is the most duplicated content
+    assert _leaks(out) == []
+    scan = runner.invoke(app, ["scan", *secret_dumps, "--json", "--csv", str(tmp_path / "c")])
+    assert not [n for n in _needles() if n in scan.stdout.encode()]
+    assert _leaks(tmp_path / "c") == []
+
+
+def test_show_content_puts_the_first_bytes_in_the_table_and_page(secret_dumps, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = _report(*secret_dumps, "-o", str(out), "--show-content")
+    assert code == 0, stdout + stderr
+    top = pd.read_csv(out / "top_contents.csv").set_index("copies")
+    assert top.at[4, "content_hex"] == SECRET_PAGE[:64].hex()
+    page = (out / "index.html").read_text()
+    assert SECRET_PAGE[:64].hex() in page
+    assert "--show-content" in page  # the page warns that it holds page bytes
+    leaked = _leaks(out)
+    assert leaked and all(x.startswith(("top_contents.csv", "index.html")) for x in leaked)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def test_report_bad_input_is_one_line_exit_1(tmp_path):
+    p = tmp_path / "nope.raw"
+    code, _, stderr = _report(str(p), "-o", str(tmp_path / "out"))
+    assert code == 1
+    assert stderr.strip().splitlines() == [f"Error: {p}: no such file"]
+
+
+def test_report_unwritable_output_is_one_line_exit_1(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    code, _, stderr = _report(SAMPLES[0], "-o", str(out))
+    assert code == 1
+    line = f"Error: {out}: cannot write the report: Not a directory"
+    assert stderr.strip().splitlines() == [line]
+
+
+def test_report_write_failure_is_one_line_exit_1(tmp_path, monkeypatch):
+    # As root, permissions cannot stop a write: make the write itself fail.
+    from ksm_analyze import report
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "per_input.csv"))
+
+    monkeypatch.setattr(report, "atomic_write", full)
+    out = tmp_path / "out"
+    code, _, stderr = _report(SAMPLES[0], "-o", str(out))
+    assert code == 1
+    line = (f"Error: {out}: cannot write the report: No space left on device "
+            f"({out / 'per_input.csv'})")
+    assert stderr.strip().splitlines() == [line]
+
+
+def test_report_negative_top_is_exit_2(tmp_path):
+    code, _, stderr = _report(SAMPLES[0], "-o", str(tmp_path / "o"), "--top", "-1")
+    assert code == 2
+    assert "--top cannot be negative" in stderr
+
+
+def test_report_creates_a_private_folder(tmp_path):
+    out = tmp_path / "new" / "out"
+    code, *_ = _report(SAMPLES[0], "-o", str(out))
+    assert code == 0
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700

@@ -1,0 +1,207 @@
+"""Pairwise sharing, most duplicated contents and the address map, against counts the test
+makes itself from the pages it wrote (hashlib and dicts; no ksm-analyze code)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dumpwriter.raw import make_raw
+from ksm_analyze import analyze
+from ksm_analyze.sharing import classify_content
+
+PS = 4096
+rng = np.random.default_rng(42)
+
+
+def rnd() -> bytes:
+    return rng.integers(0, 256, PS, dtype=np.uint8).tobytes()
+
+
+X, Y, Z, W, U1, U2, U3 = (rnd() for _ in range(7))
+ZERO = bytes(PS)
+POISON = b"\x6b" * PS
+PATTERN = b"\xde\xad\xbe\xef" * (PS // 4)
+LOW = bytes(PS - 16) + bytes(range(1, 17))
+
+INPUTS = {
+    "a.raw": [X, X, Y, Z, ZERO, ZERO, U1, POISON, POISON, PATTERN, LOW, LOW],
+    "b.raw": [X, Y, Y, W, ZERO, U2, POISON],
+    "c.raw": [Z, W, W, W, U3, PATTERN],
+}
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sharing")
+    return [make_raw(d / name, pages) for name, pages in INPUTS.items()]
+
+
+def _saved(c: int, mps: int) -> int:
+    """Pages KSM frees for c copies: Documentation/admin-guide/mm/ksm.rst chains."""
+    q, r = divmod(c, mps)
+    return c - q - (1 if r >= 2 else 0) - (1 if r == 1 else 0)
+
+
+def _expected_pairwise(mps: int) -> dict[tuple[str, str], tuple[int, int, int]]:
+    counts = {n: Counter(p for p in pages if p != ZERO) for n, pages in INPUTS.items()}
+    out = {}
+    for a in INPUTS:
+        for b in INPUTS:
+            if a == b:
+                continue
+            common = counts[a].keys() & counts[b].keys()
+            in_b = sum(counts[a][c] for c in common)
+            extra = sum(
+                _saved(counts[a][c] + counts[b][c], mps)
+                - _saved(counts[a][c], mps) - _saved(counts[b][c], mps)
+                for c in common
+            )
+            out[a, b] = (sum(counts[a].values()), in_b, extra)
+    return out
+
+
+@pytest.mark.parametrize("mps", [256, 3])
+def test_pairwise_matches_counts_made_from_the_pages(dumps, mps):
+    result = analyze(dumps, max_page_sharing=mps, jobs=1)
+    expected = _expected_pairwise(mps)
+    got = {
+        (r.input_a, r.input_b): (r.a_nonzero_pages, r.a_pages_in_b, r.extra_saved_pages)
+        for r in result.pairwise.itertuples()
+    }
+    assert got == expected
+    assert (result.pairwise["extra_saved_bytes"] == result.pairwise["extra_saved_pages"] * PS
+            ).all()
+    fr = result.pairwise["a_pages_in_b"] / result.pairwise["a_nonzero_pages"]
+    assert np.allclose(result.pairwise["a_fraction_in_b"], fr)
+
+
+def test_pairwise_of_hand_counted_pairs(dumps):
+    # By hand, mps 256: a and b share X (2+1) and Y (1+2) and POISON (2+1): a's pages in b
+    # are X, X, Y, POISON, POISON = 5. Together each content saves 2, alone 1+1 or 0+1...
+    # X: 3 copies save 2, alone a saves 1, b 0 -> +1; Y the same -> +1; POISON -> +1.
+    result = analyze(dumps, jobs=1)
+    pw = result.pairwise.set_index(["input_a", "input_b"])
+    assert pw.loc[("a.raw", "b.raw"), "a_pages_in_b"] == 5
+    assert pw.loc[("b.raw", "a.raw"), "a_pages_in_b"] == 4  # X, Y, Y, POISON
+    assert pw.loc[("a.raw", "b.raw"), "extra_saved_pages"] == 3
+    # With max_page_sharing 3, c's three W plus b's W make 4 = one full KSM page and a single
+    # leftover, which saves 2 as c alone does: b and c together save no more than apart.
+    pw3 = analyze(dumps, max_page_sharing=3, jobs=1).pairwise.set_index(["input_a", "input_b"])
+    assert pw3.loc[("b.raw", "c.raw"), "extra_saved_pages"] == 0
+    assert pw.loc[("b.raw", "c.raw"), "extra_saved_pages"] == 1
+
+
+def test_two_inputs_pairwise_extra_equals_sharing_across_inputs(dumps):
+    result = analyze(dumps[:2], jobs=1)
+    across = result.savings.at["sharing_across_inputs", "with_zero_pages_pages"]
+    assert set(result.pairwise["extra_saved_pages"]) == {across}
+
+
+def test_top_contents_lists_copies_inputs_and_classes(dumps):
+    result = analyze(dumps, jobs=1, top=50)
+    top = result.top_contents
+    all_pages = [p for pages in INPUTS.values() for p in pages]
+    copies = Counter(all_pages)
+    repeated = {p: n for p, n in copies.items() if n > 1}
+    assert len(top) == len(repeated)
+    assert list(top["copies"]) == sorted(top["copies"], reverse=True)
+    by_hash = top.set_index("content_hash")
+    for page, n in repeated.items():
+        row = by_hash.loc[hashlib.sha256(page).hexdigest()]
+        assert row["copies"] == n
+        assert row["bytes"] == n * PS
+        where = {name: pages.count(page) for name, pages in INPUTS.items() if page in pages}
+        assert row["input_count"] == len(where)
+        assert row["inputs"] == " ".join(f"{k}:{v}" for k, v in where.items())
+    cls = {p: by_hash.loc[hashlib.sha256(p).hexdigest(), "content_class"] for p in repeated}
+    assert cls[ZERO] == "zero"
+    assert cls[POISON] == "repeated_byte"
+    assert by_hash.loc[hashlib.sha256(POISON).hexdigest(), "class_detail"] == \
+        "0x6b (POISON_FREE)"
+    assert cls[PATTERN] == "repeated_pattern"
+    assert cls[LOW] == "low_entropy"
+    assert cls[X] == "other"
+    assert "content_hex" not in top.columns
+    assert len(analyze(dumps, jobs=1, top=2).top_contents) == 2
+
+
+def test_top_contents_with_show_content_has_the_first_bytes(dumps):
+    top = analyze(dumps, jobs=1, show_content=True).top_contents.set_index("content_hash")
+    assert top.loc[hashlib.sha256(X).hexdigest(), "content_hex"] == X[:64].hex()
+
+
+@pytest.mark.parametrize(
+    ("page", "kind"),
+    [
+        (bytes(PS), "zero"),
+        (b"\xff" * PS, "repeated_byte"),
+        (b"\x00\x01" * (PS // 2), "repeated_pattern"),
+        (bytes(range(256)) * 16, "other"),
+        (b"\x00" * (PS - 64) + b"\x01" * 64, "low_entropy"),
+    ],
+)
+def test_classify_content(page, kind):
+    assert classify_content(page)[0] == kind
+
+
+def test_address_map_kinds_follow_the_pages(dumps):
+    result = analyze(dumps, jobs=1)
+    amap = result.address_map
+    a = amap[amap["input"] == "a.raw"].reset_index(drop=True)
+    pages = INPUTS["a.raw"]
+    assert len(a) == len(pages)  # fewer pages than bins: one page a bin
+    assert list(a["first_address"]) == [i * PS for i in range(len(pages))]
+    elsewhere = {p for n, ps in INPUTS.items() if n != "a.raw" for p in ps}
+    mine = Counter(pages)
+    for i, p in enumerate(pages):
+        expect = ("zero_pages" if p == ZERO
+                  else "duplicate_across_pages" if p in elsewhere
+                  else "duplicate_within_pages" if mine[p] > 1
+                  else "unique_pages")
+        row = a.loc[i]
+        assert row[expect] == 1, (i, expect)
+        assert row[["zero_pages", "unique_pages", "duplicate_within_pages",
+                    "duplicate_across_pages", "ineligible_pages", "not_stored_pages"]].sum() == 1
+
+
+def test_address_map_bins_a_larger_dump(tmp_path):
+    # 1000 pages into 256 bins; pages 0-499 zero, 500-999 unique: every bin's counts add up.
+    pages = [ZERO] * 500 + [rng.integers(0, 256, PS, dtype=np.uint8).tobytes()
+                            for _ in range(500)]
+    dump = make_raw(tmp_path / "big.raw", pages)
+    amap = analyze([dump], jobs=1, base_address=0x100000).address_map
+    assert len(amap) == 256
+    assert amap["pages"].sum() == 1000
+    assert amap["zero_pages"].sum() == 500 and amap["unique_pages"].sum() == 500
+    assert amap["first_address"].iloc[0] == 0x100000
+    assert amap["last_address"].iloc[-1] == 0x100000 + 999 * PS
+    assert (amap[["zero_pages", "unique_pages"]].sum(axis=1) == amap["pages"]).all()
+
+
+def test_process_core_counts_only_pages_ksm_may_merge(tmp_path):
+    from dumpwriter.elf import Seg, make_elf_core
+
+    dup = rnd()
+    exe = "/usr/bin/example"
+    segs = [
+        Seg(0x400000, dup, 3 * PS),  # file-backed text: one page stored, two not saved
+        Seg(0x700000, dup + dup + rnd()),  # anonymous heap
+    ]
+    path = tmp_path / "core"
+    make_elf_core(path, segs, producer="process", nt_file=[(0x400000, 0x403000, 0, exe)],
+                  unaligned=False)
+    result = analyze([path], jobs=1)
+    top = result.top_contents.set_index("content_hash")
+    # The file-backed copy of dup is not mergeable: two copies, not three.
+    assert top.loc[hashlib.sha256(dup).hexdigest(), "copies"] == 2
+    amap = result.address_map
+    assert amap["ineligible_pages"].sum() == 1
+    assert amap["not_stored_pages"].sum() == 2
+    assert amap["duplicate_within_pages"].sum() == 2
+    assert amap["unique_pages"].sum() == 1
+    assert list(amap["first_address"]) == [0x400000, 0x401000, 0x402000, 0x700000, 0x701000,
+                                            0x702000]
