@@ -48,8 +48,8 @@ RULES: dict[str, str] = {
     "shared": "shared mapping: MAP_SHARED, shmem, memfd, SysV",
     "special": "VM_IO/VM_PFNMAP/VM_MIXEDMAP/VM_DONTEXPAND mapping",
     "hugetlb": "hugetlbfs page",
-    "file_backed": "page-cache page of a mapped file",
     "zero_pfn": "maps the kernel's zero page (read, never written)",
+    "file_backed": "page-cache page of a mapped file",
     "thp_zero": "all-zero subpage of a huge page: KSM's split maps it to the zero page",
     "not_mergeable": "VMA not marked mergeable (scope mergeable)",
 }
@@ -73,10 +73,10 @@ def excluded_by(extent: Extent, scope: Scope) -> str | None:
         return "special"
     if flags & MapFlags.HUGETLB:
         return "hugetlb"
+    if flags & MapFlags.ZERO_PFN:  # before FILE: pagemap flags the huge zero page as file
+        return "zero_pfn"
     if flags & MapFlags.FILE:
         return "file_backed"
-    if flags & MapFlags.ZERO_PFN:
-        return "zero_pfn"
     if scope is Scope.MERGEABLE and flags & MapFlags.VMFLAGS and not flags & MapFlags.MERGEABLE:
         return "not_mergeable"
     return None
