@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import validation_runs  # noqa: E402
+import validation_runs
 
 COUNTERS = ("pages_shared", "pages_sharing", "general_profit", "ksm_zero_pages")
 FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit")
@@ -76,8 +76,8 @@ def main() -> None:
                          capture_output=True, text=True, check=False).stdout.strip()
     text = "\n".join([
         START,
-        f"Measured {date.today().isoformat()} on Linux {platform.release()}, {cpu}, "
-        f"with `sudo python benchmarks/validate_ksm.py --runs {args.runs}`.",
+        (f"Measured {date.today().isoformat()} on Linux {platform.release()}, {cpu}, "
+        f"with `sudo python benchmarks/validate_ksm.py --runs {args.runs}`."),
         "",
         "| scenario | counter | predicted | actual (kernel) | difference |",
         "|---|---|---:|---:|---:|",
@@ -86,9 +86,9 @@ def main() -> None:
         "Guest view (the guests' `dump-guest-memory` ELF dumps, zero pages present) against",
         "host view (capture of the QEMU processes) and the kernel, same runs:",
         "",
-        "| run | guest view pages_shared | guest view pages_sharing | zero pages in the dumps "
+        ("| run | guest view pages_shared | guest view pages_sharing | zero pages in the dumps "
         "| host view pages_shared | host view pages_sharing | THP zero subpages left out "
-        "| kernel pages_sharing |",
+        "| kernel pages_sharing |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *guest_rows,
         END,

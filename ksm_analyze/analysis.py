@@ -394,7 +394,7 @@ def _per_process_ksm_stat(
     """
     mps = settings.max_page_sharing
     leftover = (copies % mps == 1) & (copies > 1)
-    zero_leftover = not settings.use_zero_pages and zero_total % mps == 1
+    zero_leftover = not settings.use_zero_pages and zero_total >= 2 and zero_total % mps == 1
     for row, (mine, mine_copies) in reversed(list(zip(per_input, mine_list, strict=True))):
         merging = int(mine_copies[copies[mine] >= 2].sum())
         merging -= int(np.count_nonzero(leftover[mine]))
@@ -487,6 +487,12 @@ def build_analysis(
          for t, row in zip(tables, counts.per_input, strict=True)]
     ).set_index("input")
     warnings = [w for t in tables for w in t.warnings]
+    if scope is Scope.MERGEABLE:
+        warnings += [
+            f"{t.path}: a process core does not record which VMAs are mergeable; its "
+            "pages are counted as with --scope anon"
+            for t in tables if t.address_space == "virtual" and t.format is not DumpFormat.SNAPSHOT
+        ]
     return Analysis(
         per_input=per_input,
         host=host,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError
 from .formats.snapshot import RUN, RunFlags, SnapshotWriter, vma_flags
 from .pages import MapFlags
 from .procfs import (
@@ -110,7 +111,11 @@ def capture(
     try:
         zero = _ZeroPfn(kpf)
         summary = CaptureSummary(out, "")
-        with SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta) as writer:
+        try:
+            writer = SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta)
+        except OSError as e:
+            raise InputError(f"cannot write the snapshot here: {e.strerror}", path=out) from None
+        with writer:
             for info, vmas in zip(facts, smaps, strict=True):
                 try:
                     counts = _capture_process(writer, info, vmas, zero, meter)

@@ -568,7 +568,10 @@ class ElfCoreReader(DumpReader):
                 k0 = max(0, -(-(m.start - lo) // ps))
                 k1 = min(e.npages, -(-(m.end - lo) // ps))
                 if k1 > k0:
-                    cuts.append((k0, k1, {"flags": MapFlags.FILE, "label": m.path}))
+                    flags = MapFlags.FILE
+                    if m.path.startswith(_SHARED_ANON_PREFIXES):
+                        flags |= MapFlags.SHARED
+                    cuts.append((k0, k1, {"flags": flags, "label": m.path}))
             out += _split(e, cuts, ps, {"flags": MapFlags.ANON, "label": "anon"})
         return out
 

@@ -12,8 +12,9 @@ ELF library reads; ksm-analyze adds three notes, owner ``KSM-ANALYZE``:
                        ``pfn_flags`` (where zero-page facts came from), ``ksm`` (the KSM
                        knobs and counters at capture time) and ``processes``: per process
                        ``pid``, ``comm``, ``cmdline``, ``ksm_stat``, ``vmas`` (``start``,
-                       ``end``, ``perms``, ``offset``, ``path``, ``vmflags`` as in smaps)
-                       and ``runs``: ``[first, count]`` into the RUNS table
+                       ``end``, ``perms``, ``offset``, ``path``, ``vmflags`` as in smaps),
+                       ``runs``: ``[first, count]`` into the RUNS table, and ``loads``:
+                       ``[first, count]`` into the file's PT_LOAD segments
 0x4B534D03  RUNS       runs of pages with equal flags, 16 bytes each (``<QII``: ``vaddr``,
                        ``npages``, ``flags``, bits in :class:`RunFlags`), sorted by address
                        within a process; every run lies inside one VMA
@@ -32,11 +33,13 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
+from ..errors import InputError
 from ..pages import Extent, MapFlags, PageState
 from . import DumpFormat
 from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader
@@ -123,19 +126,23 @@ class SnapshotWriter:
 
     def begin_process(self, info: dict[str, Any]) -> None:
         """Start the next process; ``info`` is its META entry (``pid``, ``comm``, ``vmas``...)."""
-        self.meta["processes"].append({**info, "runs": [self._nruns, 0]})
+        self.meta["processes"].append({**info, "runs": [self._nruns, 0],
+                                       "loads": [len(self._loads), 0]})
 
     def write_pages(self, vaddr: int, data: bytes) -> None:
         """Store the bytes of consecutive pages starting at ``vaddr``."""
         offset = self._f.tell()
-        self._f.write(data)
+        with self._writing():
+            self._f.write(data)
         size = len(data)
         self.bytes_written += size
-        last = self._loads[-1] if self._loads else None
+        loads = self.meta["processes"][-1]["loads"]
+        last = self._loads[-1] if loads[1] else None  # never join another process's segment
         if last and last[0] + last[2] == offset and last[1] + last[2] == vaddr:
             last[2] += size  # continues the previous segment in memory and in the file
         else:
             self._loads.append([offset, vaddr, size])
+            loads[1] += 1
 
     def add_runs(self, runs: np.ndarray) -> None:
         """Describe pages of the current process (a :data:`RUN` array, sorted by address)."""
@@ -143,8 +150,20 @@ class SnapshotWriter:
         self._nruns += len(runs)
         self.meta["processes"][-1]["runs"][1] += len(runs)
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (disk full, quota) is an error about the output file."""
+        try:
+            yield
+        except OSError as e:
+            raise InputError(f"cannot write the snapshot: {e.strerror}", path=self.path) from None
+
     def commit(self) -> None:
         """Write notes and headers, flush to disk, and move the file into place."""
+        with self._writing():
+            self._commit()
+
+    def _commit(self) -> None:
         f = self._f
         notes_at = f.seek(0, os.SEEK_END)
         runs = np.concatenate(self._runs) if self._runs else np.zeros(0, RUN)
@@ -231,6 +250,7 @@ class SnapshotReader(ElfCoreReader):
             snapshot_page_size = int(self.meta["page_size"])
             self.process = self.processes[self.process_index]
             first, count = (int(x) for x in self.process["runs"])
+            load_first, load_count = (int(x) for x in self.process["loads"])
             vmas = [(int(v["start"]), int(v["end"]), str(v["vmflags"]), str(v["path"]))
                     for v in self.process["vmas"]]
         except (ValueError, KeyError, IndexError, TypeError) as e:
@@ -246,9 +266,15 @@ class SnapshotReader(ElfCoreReader):
         ):
             raise self._error(f"process {self.process_index}'s runs [{first}, +{count}) are "
                               "outside the RUNS note", runs_note.desc_offset)
+        if not 0 <= load_first <= load_first + load_count <= len(loads):
+            raise self._error(f"process {self.process_index}'s PT_LOAD segments "
+                              f"[{load_first}, +{load_count}) are not in the file's "
+                              f"{len(loads)}", meta_note.desc_offset)
         runs = np.frombuffer(self._mm, RUN, count, runs_note.desc_offset + first * RUN.itemsize)
         self.run_flags = runs
-        return self._extents(runs, vmas, [s for s in loads if s.p_filesz])
+        # Virtual addresses repeat across processes: only this process's segments count.
+        mine = loads[load_first : load_first + load_count]
+        return self._extents(runs, vmas, [s for s in mine if s.p_filesz])
 
     def _extents(
         self, runs: np.ndarray, vmas: list[tuple[int, int, str, str]], loads: list[Any]
