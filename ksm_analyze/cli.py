@@ -95,6 +95,29 @@ BasesOpt = Annotated[
         show_default="0",
     ),
 ]
+DumpsArg = Annotated[
+    list[Path], typer.Argument(help="Dump files, all on one host.", show_default=False)
+]
+PrefixOpt = Annotated[
+    int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
+]
+MaxSharingOpt = Annotated[
+    int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
+]
+ZeroPagesOpt = Annotated[
+    bool, typer.Option("--use-zero-pages",
+                       help="Predict with use_zero_pages=1 (zero pages map the zero page).")
+]
+PagesToScanOpt = Annotated[int, typer.Option(help="ksmd pages per wake-up.")]
+SleepOpt = Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify/--no-verify",
+                       help="Compare candidate pages byte for byte before merging them.")
+]
+JobsOpt = Annotated[
+    int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
+                             show_default=False)
+]
 QuietOpt = Annotated[
     bool,
     typer.Option("--quiet", "-q",
@@ -125,8 +148,7 @@ def _main(
 
 @app.command()
 def scan(
-    dumps: Annotated[list[Path], typer.Argument(help="Dump files, all on one host.",
-                                                show_default=False)],
+    dumps: DumpsArg,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
     = False,
     csv_dir: Annotated[
@@ -136,27 +158,14 @@ def scan(
     ] = None,
     format: FormatOpt = None,
     page_size: PageSizeOpt = 4096,
-    prefix_bytes: Annotated[
-        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
-    ] = 128,
+    prefix_bytes: PrefixOpt = 128,
     base_address: BasesOpt = None,
-    max_page_sharing: Annotated[
-        int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
-    ] = 256,
-    use_zero_pages: Annotated[
-        bool, typer.Option("--use-zero-pages",
-                           help="Predict with use_zero_pages=1 (zero pages map the zero page).")
-    ] = False,
-    pages_to_scan: Annotated[int, typer.Option(help="ksmd pages per wake-up.")] = 100,
-    sleep_millisecs: Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")] = 20,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify",
-                           help="Compare candidate pages byte for byte before merging them.")
-    ] = True,
-    jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
-                                 show_default=False)
-    ] = None,
+    max_page_sharing: MaxSharingOpt = 256,
+    use_zero_pages: ZeroPagesOpt = False,
+    pages_to_scan: PagesToScanOpt = 100,
+    sleep_millisecs: SleepOpt = 20,
+    verify: VerifyOpt = True,
+    jobs: JobsOpt = None,
     scope: ScopeOpt = Scope.MERGEABLE.value,
     quiet: QuietOpt = False,
 ) -> None:
@@ -188,8 +197,7 @@ def scan(
 
 @app.command()
 def report(
-    dumps: Annotated[list[Path], typer.Argument(help="Dump files, all on one host.",
-                                                show_default=False)],
+    dumps: DumpsArg,
     output: Annotated[
         Path,
         typer.Option("--output", "-o", help="Folder for the CSV, PNG and index.html files "
@@ -205,27 +213,14 @@ def report(
     ] = False,
     format: FormatOpt = None,
     page_size: PageSizeOpt = 4096,
-    prefix_bytes: Annotated[
-        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
-    ] = 128,
+    prefix_bytes: PrefixOpt = 128,
     base_address: BasesOpt = None,
-    max_page_sharing: Annotated[
-        int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
-    ] = 256,
-    use_zero_pages: Annotated[
-        bool, typer.Option("--use-zero-pages",
-                           help="Predict with use_zero_pages=1 (zero pages map the zero page).")
-    ] = False,
-    pages_to_scan: Annotated[int, typer.Option(help="ksmd pages per wake-up.")] = 100,
-    sleep_millisecs: Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")] = 20,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify",
-                           help="Compare candidate pages byte for byte before merging them.")
-    ] = True,
-    jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
-                                 show_default=False)
-    ] = None,
+    max_page_sharing: MaxSharingOpt = 256,
+    use_zero_pages: ZeroPagesOpt = False,
+    pages_to_scan: PagesToScanOpt = 100,
+    sleep_millisecs: SleepOpt = 20,
+    verify: VerifyOpt = True,
+    jobs: JobsOpt = None,
     quiet: QuietOpt = False,
     scope: ScopeOpt = Scope.MERGEABLE.value,
 ) -> None:
