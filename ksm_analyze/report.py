@@ -33,7 +33,7 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 TABLES = ("per_input", "host", "savings", "histogram", "pairwise", "top_contents",
-          "address_map", "stages", "convergence")
+          "address_map", "exclusions", "stages", "convergence")
 """The CSV files of a report (``<name>.csv``), one per :class:`Analysis` table."""
 CHARTS = {
     "savings": "Memory before and after KSM",
