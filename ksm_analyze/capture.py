@@ -281,6 +281,7 @@ def _store(
             else:
                 writer.write_pages(start + k * PAGE_SIZE, page)
                 flags[k] |= np.uint32(RunFlags.STORED)
+                meter.add(PAGE_SIZE)
 
 
 def _read_mem(fd: int, addr: int, npages: int) -> bytes | None:

@@ -329,3 +329,15 @@ def test_capture_of_the_same_pid_twice_is_refused(tmp_path):
                             str(tmp_path / "x")])
     assert r.exit_code == 2
     assert r.output == "Error: a process is given twice\n"
+
+
+@root_only
+def test_capture_reports_progress_up_to_the_stored_bytes(tmp_path):
+    seen: list[tuple[int, int]] = []
+    with workload.running(8) as pid:
+        summary = capture([pid], tmp_path / "p.snap",
+                          progress=lambda done, total: seen.append((done, total)))
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and len(done) > 1
+    assert done[-1] == summary.processes[0]["stored_pages"] * PS
+    assert all(d <= t for d, t in seen)
