@@ -50,7 +50,9 @@ __all__ = ["CaptureSummary", "capture"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CHUNK_PAGES = 1 << 14
-"""Pages per pagemap read and per mem read: 64 MiB of memory, 128 KiB of pagemap."""
+"""Pages per pagemap read: 64 MiB of memory, 128 KiB of pagemap."""
+READ_PAGES = 1 << 10
+"""Pages per /proc/PID/mem read: 4 MiB, into one reused buffer."""
 _NO_READ = MapFlags.SPECIAL
 """VM_IO/VM_PFNMAP memory is never read: ``mem`` refuses it, and it may be device memory."""
 
@@ -164,7 +166,8 @@ class _ZeroPfn:
         found = pagemap_scan_zero(pagemap_fd, start, start + len(flags) * PAGE_SIZE)
         self.scan_works = found is not None
         for lo, hi in found or ():
-            flags[(lo - start) // PAGE_SIZE : (hi - start) // PAGE_SIZE] |= np.uint32(RunFlags.ZERO_PFN)
+            first, end = (lo - start) // PAGE_SIZE, (hi - start) // PAGE_SIZE
+            flags[first:end] |= np.uint32(RunFlags.ZERO_PFN)
 
 
 def _capture_process(
@@ -183,8 +186,9 @@ def _capture_process(
             except OSError as e:
                 raise proc_error(pid, path, e) from None
         counts: dict[str, Any] = {"pid": pid, "comm": info["comm"], "vmas": len(vmas)}
+        mem = _MemReader(fds["mem"])
         for vma in vmas:
-            runs = _capture_vma(writer, pid, vma, fds, zero, meter)
+            runs = _capture_vma(writer, pid, vma, fds["pagemap"], mem, zero, meter)
             writer.add_runs(runs)
             _tally(counts, runs)
         _check_alive(pid, info)
@@ -212,8 +216,8 @@ def _check_alive(pid: int, info: dict[str, Any]) -> None:
 
 
 def _capture_vma(
-    writer: SnapshotWriter, pid: int, vma: Vma, fds: dict[str, int], zero: _ZeroPfn,
-    meter: _Meter,
+    writer: SnapshotWriter, pid: int, vma: Vma, pagemap_fd: int, mem: _MemReader,
+    zero: _ZeroPfn, meter: _Meter,
 ) -> np.ndarray:
     """Store one VMA's readable pages, a chunk at a time; return the VMA's runs."""
     if vma.rss_kb == 0 and vma.swap_kb == 0:  # nothing resident: no need to walk pagemap
@@ -224,17 +228,17 @@ def _capture_vma(
         count = min(CHUNK_PAGES, vma.npages - first)
         addr = vma.start + first * PAGE_SIZE
         try:
-            raw = os.pread(fds["pagemap"], count * 8, addr // PAGE_SIZE * 8)
+            raw = os.pread(pagemap_fd, count * 8, addr // PAGE_SIZE * 8)
         except OSError as e:
             raise proc_error(pid, f"/proc/{pid}/pagemap", e) from None
         entries = np.zeros(count, np.uint64)
         got = np.frombuffer(raw, "<u8")[:count]
         entries[: len(got)] = got
         flags = _pagemap_flags(entries, zero.kpf)
-        zero.mark(flags, fds["pagemap"], addr)
+        zero.mark(flags, pagemap_fd, addr)
         readable = flags & (RunFlags.PRESENT | RunFlags.ZERO_PFN) == RunFlags.PRESENT
         if readable_vma:
-            _store(writer, addr, fds["mem"], flags, np.flatnonzero(readable), meter)
+            _store(writer, addr, mem, flags, np.flatnonzero(readable), meter)
         else:
             flags[readable] |= np.uint32(RunFlags.UNREADABLE)
         runs.append(_runs(addr, flags))
@@ -260,22 +264,23 @@ def _pagemap_flags(entries: np.ndarray, kpf: KPageFlags) -> np.ndarray:
 
 
 def _store(
-    writer: SnapshotWriter, start: int, mem_fd: int, flags: np.ndarray, pages: np.ndarray,
+    writer: SnapshotWriter, start: int, mem: _MemReader, flags: np.ndarray, pages: np.ndarray,
     meter: _Meter,
 ) -> None:
     """Read ``pages`` (indexes from ``start``) from mem, run by run, and store them."""
     if not len(pages):
         return
-    for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
+    runs = np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1)
+    for run in (r[i : i + READ_PAGES] for r in runs for i in range(0, len(r), READ_PAGES)):
         addr = start + int(run[0]) * PAGE_SIZE
-        data = _read_mem(mem_fd, addr, len(run))
+        data = mem.read(addr, len(run))
         if data is not None:
             writer.write_pages(addr, data)
             flags[run] |= np.uint32(RunFlags.STORED)
             meter.add(len(data))
             continue
         for k in run.tolist():  # EIO for the block: try page by page, keep what reads
-            page = _read_mem(mem_fd, start + k * PAGE_SIZE, 1)
+            page = mem.read(start + k * PAGE_SIZE, 1)
             if page is None:
                 flags[k] |= np.uint32(RunFlags.UNREADABLE)
             else:
@@ -284,17 +289,27 @@ def _store(
                 meter.add(PAGE_SIZE)
 
 
-def _read_mem(fd: int, addr: int, npages: int) -> bytes | None:
-    """``npages`` pages at ``addr``, or None if the kernel refuses (EIO, short read)."""
-    if addr >= 1 << 63:  # [vsyscall] lies beyond a signed off_t
-        return None
-    try:
-        data = os.pread(fd, npages * PAGE_SIZE, addr)
-    except OSError as e:
-        if e.errno in (errno.EIO, errno.EFAULT):
+class _MemReader:
+    """``/proc/PID/mem`` read into one reused buffer: fresh 64 MiB ``bytes`` per read cost
+    more in page faults than the copy (2 GiB: 2.3 s against 0.7 s in 4 MiB reads)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = memoryview(bytearray(READ_PAGES * PAGE_SIZE))
+
+    def read(self, addr: int, npages: int) -> memoryview | None:
+        """``npages`` pages at ``addr``, valid until the next read; None if the kernel
+        refuses them (EIO, a short read)."""
+        if addr >= 1 << 63:  # [vsyscall] lies beyond a signed off_t
             return None
-        raise
-    return data if len(data) == npages * PAGE_SIZE else None
+        want = self.buffer[: npages * PAGE_SIZE]
+        try:
+            got = os.preadv(self.fd, [want], addr)
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EFAULT):
+                return None
+            raise
+        return want if got == len(want) else None
 
 
 def _runs(start: int, flags: np.ndarray) -> np.ndarray:

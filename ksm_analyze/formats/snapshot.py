@@ -129,12 +129,12 @@ class SnapshotWriter:
         self.meta["processes"].append({**info, "runs": [self._nruns, 0],
                                        "loads": [len(self._loads), 0]})
 
-    def write_pages(self, vaddr: int, data: bytes) -> None:
+    def write_pages(self, vaddr: int, data: bytes | memoryview) -> None:
         """Store the bytes of consecutive pages starting at ``vaddr``."""
         offset = self._f.tell()
         with self._writing():
             self._f.write(data)
-        size = len(data)
+        size = memoryview(data).nbytes
         self.bytes_written += size
         loads = self.meta["processes"][-1]["loads"]
         last = self._loads[-1] if loads[1] else None  # never join another process's segment
