@@ -30,6 +30,8 @@ from .procfs import (
     KPF_KSM,
     KPF_THP,
     KPF_ZERO_PAGE,
+    PAGE_IS_HUGE,
+    PAGE_IS_PFNZERO,
     PM_FILE,
     PM_PFN_MASK,
     PM_PRESENT,
@@ -39,7 +41,7 @@ from .procfs import (
     Vma,
     ksm_stat,
     ksm_sysfs,
-    pagemap_scan_zero,
+    pagemap_scan,
     proc_error,
     process_facts,
     read_smaps,
@@ -111,7 +113,7 @@ def capture(
     out = Path(output)
     kpf = KPageFlags()
     try:
-        zero = _ZeroPfn(kpf)
+        pfn_facts = _PfnFacts(kpf)
         summary = CaptureSummary(out, "")
         try:
             writer = SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta)
@@ -120,12 +122,12 @@ def capture(
         with writer:
             for info, vmas in zip(facts, smaps, strict=True):
                 try:
-                    counts = _capture_process(writer, info, vmas, zero, meter)
+                    counts = _capture_process(writer, info, vmas, pfn_facts, meter)
                 except ProcessError:
                     _check_alive(int(info["pid"]), info)  # gone meanwhile: say so
                     raise
                 summary.processes.append(counts)
-            summary.pfn_flags = writer.meta["pfn_flags"] = zero.source
+            summary.pfn_flags = writer.meta["pfn_flags"] = pfn_facts.source
             writer.commit()
         summary.bytes_written = out.stat().st_size
         return summary
@@ -145,8 +147,9 @@ class _Meter:
             self.callback(self.done, max(self.total, self.done))
 
 
-class _ZeroPfn:
-    """Tells which present pages map the zero page: kpageflags (root), else PAGEMAP_SCAN."""
+class _PfnFacts:
+    """Which present pages map the zero page or a THP: /proc/kpageflags as root, else
+    PAGEMAP_SCAN (Linux 6.7+), which reports both without root."""
 
     def __init__(self, kpf: KPageFlags) -> None:
         self.kpf = kpf
@@ -160,18 +163,21 @@ class _ZeroPfn:
         return "none" if self.scan_works is False else "pagemap_scan"
 
     def mark(self, flags: np.ndarray, pagemap_fd: int, start: int) -> None:
-        """Add ZERO_PFN to ``flags`` of the pages from ``start`` that map the zero page."""
+        """Without kpageflags, add ZERO_PFN and THP to ``flags`` of the pages from ``start``."""
         if self.kpf.available or self.scan_works is False:
             return
-        found = pagemap_scan_zero(pagemap_fd, start, start + len(flags) * PAGE_SIZE)
+        found = pagemap_scan(pagemap_fd, start, start + len(flags) * PAGE_SIZE,
+                             PAGE_IS_PFNZERO | PAGE_IS_HUGE)
         self.scan_works = found is not None
-        for lo, hi in found or ():
+        for lo, hi, categories in found or ():
             first, end = (lo - start) // PAGE_SIZE, (hi - start) // PAGE_SIZE
-            flags[first:end] |= np.uint32(RunFlags.ZERO_PFN)
+            # The huge zero page is both; it is the zero page that matters to KSM.
+            bit = RunFlags.ZERO_PFN if categories & PAGE_IS_PFNZERO else RunFlags.THP
+            flags[first:end] |= np.uint32(bit)
 
 
 def _capture_process(
-    writer: SnapshotWriter, info: dict[str, Any], vmas: list[Vma], zero: _ZeroPfn,
+    writer: SnapshotWriter, info: dict[str, Any], vmas: list[Vma], pfn_facts: _PfnFacts,
     meter: _Meter,
 ) -> dict[str, Any]:
     pid = int(info["pid"])
@@ -188,7 +194,7 @@ def _capture_process(
         counts: dict[str, Any] = {"pid": pid, "comm": info["comm"], "vmas": len(vmas)}
         mem = _MemReader(fds["mem"])
         for vma in vmas:
-            runs = _capture_vma(writer, pid, vma, fds["pagemap"], mem, zero, meter)
+            runs = _capture_vma(writer, pid, vma, fds["pagemap"], mem, pfn_facts, meter)
             writer.add_runs(runs)
             _tally(counts, runs)
         _check_alive(pid, info)
@@ -217,7 +223,7 @@ def _check_alive(pid: int, info: dict[str, Any]) -> None:
 
 def _capture_vma(
     writer: SnapshotWriter, pid: int, vma: Vma, pagemap_fd: int, mem: _MemReader,
-    zero: _ZeroPfn, meter: _Meter,
+    pfn_facts: _PfnFacts, meter: _Meter,
 ) -> np.ndarray:
     """Store one VMA's readable pages, a chunk at a time; return the VMA's runs."""
     if vma.rss_kb == 0 and vma.swap_kb == 0:  # nothing resident: no need to walk pagemap
@@ -234,8 +240,8 @@ def _capture_vma(
         entries = np.zeros(count, np.uint64)
         got = np.frombuffer(raw, "<u8")[:count]
         entries[: len(got)] = got
-        flags = _pagemap_flags(entries, zero.kpf)
-        zero.mark(flags, pagemap_fd, addr)
+        flags = _pagemap_flags(entries, pfn_facts.kpf)
+        pfn_facts.mark(flags, pagemap_fd, addr)
         readable = flags & (RunFlags.PRESENT | RunFlags.ZERO_PFN) == RunFlags.PRESENT
         if readable_vma:
             _store(writer, addr, mem, flags, np.flatnonzero(readable), meter)

@@ -24,7 +24,7 @@ from .errors import KsmAnalyzeError
 
 __all__ = [
     "KSM_SYSFS", "KPageFlags", "ProcessError", "Vma", "ksm_stat", "ksm_sysfs",
-    "pagemap_scan_zero", "process_facts", "read_smaps",
+    "pagemap_scan", "process_facts", "read_smaps",
 ]
 
 KSM_SYSFS = Path("/sys/kernel/mm/ksm")
@@ -202,7 +202,7 @@ class KPageFlags:
             self.fd = -1
 
 
-# PAGEMAP_SCAN (Linux 6.7+, include/uapi/linux/fs.h): zero-PFN mappings without root.
+# PAGEMAP_SCAN (Linux 6.7+, include/uapi/linux/fs.h): page facts without root.
 class _PmScanArg(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in (
         "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
@@ -215,24 +215,28 @@ class _PageRegion(ctypes.Structure):
 
 
 PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
 PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16
 
 
-def pagemap_scan_zero(pagemap_fd: int, start: int, end: int) -> list[tuple[int, int]] | None:
-    """Address ranges in [start, end) that map the zero page, or None if unsupported."""
+def pagemap_scan(
+    pagemap_fd: int, start: int, end: int, categories: int
+) -> list[tuple[int, int, int]] | None:
+    """Ranges in [start, end) with any of ``categories`` (PAGE_IS_*), as ``(start, end,
+    categories)``; None where the kernel has no PAGEMAP_SCAN."""
     vec = (_PageRegion * 512)()
-    found: list[tuple[int, int]] = []
+    found: list[tuple[int, int, int]] = []
     while start < end:
         arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end,
                          vec=ctypes.addressof(vec), vec_len=len(vec),
-                         category_mask=PAGE_IS_PFNZERO, return_mask=PAGE_IS_PFNZERO)
+                         category_anyof_mask=categories, return_mask=categories)
         try:
             n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg)
         except OSError as e:
             if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                 return None
             raise
-        found += [(vec[i].start, vec[i].end) for i in range(n)]
+        found += [(vec[i].start, vec[i].end, vec[i].categories) for i in range(n)]
         if arg.walk_end <= start:
             break
         start = arg.walk_end

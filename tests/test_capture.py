@@ -257,7 +257,7 @@ def _as_nobody(fn: Callable[[], Any]) -> Any:
 
 
 @root_only
-def test_capture_without_root_finds_zero_pages_with_pagemap_scan():
+def test_capture_without_root_finds_zero_pages_and_thp_with_pagemap_scan():
     shared_dir = Path(tempfile.mkdtemp(prefix="ksm-nobody-"))
     shared_dir.chmod(0o777)
     ready_r, ready_w = os.pipe()
@@ -270,7 +270,7 @@ def test_capture_without_root_finds_zero_pages_with_pagemap_scan():
             # A process that changed its uid is not dumpable, so not ptrace-readable even by
             # its own user; one started by exec as that user is. PR_SET_DUMPABLE = 4.
             ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)
-            regions = workload.build(5, thp=False)
+            regions = workload.build(5, thp=True)
             os.write(ready_w, b"x")
             signal.pause()
             del regions
@@ -286,7 +286,11 @@ def test_capture_without_root_finds_zero_pages_with_pagemap_scan():
         # The read-only pages map the zero page: found without PFNs.
         assert summary.processes[0]["zero_pfn_pages"] >= workload.LAYOUT["zero_read"][1]
         result = analyze(out)
-        assert result.counters.ksm_rmap_items == workload.LAYOUT["zero_read"][0]
+        # PAGEMAP_SCAN also tells THP without root: the zero-filled subpages are left out.
+        assert result.exclusions.iloc[0]["thp_zero"] == workload.THP_ZERO_PAGES
+        assert result.counters.ksm_rmap_items == (
+            workload.LAYOUT["zero_read"][0] + workload.THP_PAGES - workload.THP_ZERO_PAGES
+        )
         me = os.getpid()  # root's process: not nobody's to read
         with pytest.raises(ProcessError) as e:
             _as_nobody(lambda: capture([me], shared_dir / "root.snap"))
@@ -304,7 +308,7 @@ def test_capture_without_root_finds_zero_pages_with_pagemap_scan():
 @root_only
 def test_without_zero_page_facts_the_capture_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(capture_module.KPageFlags, "available", property(lambda self: False))
-    monkeypatch.setattr(capture_module, "pagemap_scan_zero", lambda *a: None)
+    monkeypatch.setattr(capture_module, "pagemap_scan", lambda *a: None)
     out = tmp_path / "blind.snap"
     with workload.running(4) as pid:
         r = runner.invoke(app, ["capture", str(pid), "-o", str(out)])

@@ -73,7 +73,7 @@ class RunFlags(enum.IntFlag):
     ZERO_PFN = 1 << 3
     """Maps the kernel's zero page (kpageflags bit 24, or PAGEMAP_SCAN PAGE_IS_PFNZERO)."""
     THP = 1 << 4
-    """Part of a transparent huge page (kpageflags bit 22)."""
+    """Part of a transparent huge page (kpageflags bit 22, or PAGEMAP_SCAN PAGE_IS_HUGE)."""
     KSM = 1 << 5
     """Already a KSM page (kpageflags bit 21)."""
     STORED = 1 << 6
