@@ -67,14 +67,14 @@ def main() -> None:
                          capture_output=True, text=True, check=False).stdout.strip()
     text = "\n".join([
         START,
-        f"`sudo python benchmarks/bench_capture.py --size-gib {args.size_gib:g} --dir "
-        f"{args.dir}` on Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}):",
+        (f"`sudo python benchmarks/bench_capture.py --size-gib {args.size_gib:g} --dir "
+        f"{args.dir}` on Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}):"),
         "",
-        "| process memory | snapshot | capture (best of 3) | capture throughput "
-        "| `cat` of the snapshot | capture peak RSS |",
+        ("| process memory | snapshot | capture (best of 3) | capture throughput "
+        "| `cat` of the snapshot | capture peak RSS |"),
         "|---:|---:|---:|---:|---:|---:|",
-        f"| {args.size_gib:g} GiB | {gib:.2f} GiB | {best:.2f} s | {gib / best:.2f} GiB/s "
-        f"| {gib / cat:.1f} GiB/s | {peak_mib:.0f} MiB |",
+        (f"| {args.size_gib:g} GiB | {gib:.2f} GiB | {best:.2f} s | {gib / best:.2f} GiB/s "
+        f"| {gib / cat:.1f} GiB/s | {peak_mib:.0f} MiB |"),
         END,
     ])
     doc = ROOT / "BENCHMARKS.md"
