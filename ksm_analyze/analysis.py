@@ -251,7 +251,7 @@ def analyze(
         compared = time.perf_counter()
         shared = sharing_tables(tables, readers, [scanned_rows(t, scope) for t in tables],
                                 max_page_sharing=max_page_sharing, top=top,
-                                show_content=show_content)
+                                show_content=show_content, scope=scope)
     options = {
         "inputs": [os.fspath(p) for p in paths],
         "format": DumpFormat.parse(format).value if format else "auto",

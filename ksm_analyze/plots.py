@@ -42,7 +42,7 @@ _KIND_STYLE = {
     "unique_pages": ("unique", "#4c78a8"),
     "duplicate_within_pages": ("duplicated within this input", "#f58518"),
     "duplicate_across_pages": ("duplicated across inputs", "#d62728"),
-    "ineligible_pages": ("file-backed/shared (KSM skips)", "#9467bd"),
+    "ineligible_pages": ("KSM does not scan (see exclusions)", "#9467bd"),
     "not_stored_pages": ("not in the dump", "#ffffff"),
 }
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .eligibility import Scope, excluded_by
 from .fingerprint import UNIQUE, ZERO, PageTable
 from .formats.base import DumpReader
 from .ksm import merged_pages
@@ -281,6 +282,7 @@ def address_map(
     eligible: Sequence[np.ndarray],
     *,
     bins: int = ADDRESS_BINS,
+    scope: Scope = Scope.MERGEABLE,
 ) -> pd.DataFrame:
     """Each input's pages in address order, cut into ``bins`` runs of equal page count.
 
@@ -294,7 +296,8 @@ def address_map(
         (``ADDRESS_KINDS``): ``zero_pages`` (stored all zero or marked zero),
         ``unique_pages`` (content nowhere else), ``duplicate_within_pages`` (content also
         elsewhere in this input only), ``duplicate_across_pages`` (content also in another
-        input), ``ineligible_pages`` (file-backed or shared memory: KSM never merges it),
+        input), ``ineligible_pages`` (pages KSM would not scan under ``scope``: file-backed,
+        shared, zero-page mappings, not mergeable; see ``Analysis.exclusions``),
         ``not_stored_pages`` (holes, excluded, not saved).
     """
     counts = _class_counts(tables, eligible)
@@ -333,7 +336,7 @@ def address_map(
         for e, lo in zip(ext, first_index[:-1].tolist(), strict=True):
             if e.state == PageState.DATA:
                 continue
-            name = ("zero_pages" if e.anon is not False else "ineligible_pages") \
+            name = ("zero_pages" if excluded_by(e, scope) is None else "ineligible_pages") \
                 if e.state == PageState.ZERO else "not_stored_pages"
             hi = lo + e.npages
             overlap = np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo)
@@ -374,11 +377,12 @@ def sharing_tables(
     max_page_sharing: int = 256,
     top: int = 20,
     show_content: bool = False,
+    scope: Scope = Scope.MERGEABLE,
 ) -> SharingTables:
     """All three tables; call while ``readers`` are open (``top_contents`` reads pages)."""
     return SharingTables(
         pairwise=pairwise(tables, eligible, max_page_sharing=max_page_sharing),
         top_contents=top_contents(tables, readers, eligible, top=top,
                                   show_content=show_content),
-        address_map=address_map(tables, eligible),
+        address_map=address_map(tables, eligible, scope=scope),
     )
