@@ -10,13 +10,13 @@ capture is its ``ru_maxrss``. Results go between the capture markers in BENCHMAR
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_scan import machine  # this script's directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench-capture:start -->", "<!-- bench-capture:end -->"
@@ -63,12 +63,10 @@ def main() -> None:
     best = min(t for t, _ in runs)
     peak_mib = max(r for _, r in runs) / 1024
     gib = snap_bytes / (1 << 30)
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True, check=False).stdout.strip()
     text = "\n".join([
         START,
         (f"`sudo python benchmarks/bench_capture.py --size-gib {args.size_gib:g} --dir "
-        f"{args.dir}` on Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}):"),
+        f"{args.dir}` on {machine()}:"),
         "",
         ("| process memory | snapshot | capture (best of 3) | capture throughput "
         "| `cat` of the snapshot | capture peak RSS |"),

@@ -11,8 +11,6 @@ Needs root (KSM knobs, kpageflags) and QEMU; restores every KSM knob.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -20,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_scan import machine
 
 import validation_runs
 
@@ -72,11 +72,9 @@ def main() -> None:
                 f"{int(analysis.exclusions['thp_zero'].sum()):,} | "
                 f"{int(host.at['pages_sharing', 'actual']):,} |"
             )
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True, check=False).stdout.strip()
     text = "\n".join([
         START,
-        (f"Measured {date.today().isoformat()} on Linux {platform.release()}, {cpu}, "
+        (f"Measured {date.today().isoformat()} on {machine()}, "
         f"with `sudo python benchmarks/validate_ksm.py --runs {args.runs}`."),
         "",
         "| scenario | counter | predicted | actual (kernel) | difference |",
