@@ -11,7 +11,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Extent", "MapFlags", "PageBatch", "PageState"]
+__all__ = ["PAGE_SIZE", "Extent", "MapFlags", "PageBatch", "PageState", "check_page_size"]
+
+PAGE_SIZE = 4096
+"""The default analysis page: x86-64's base page, the unit KSM merges."""
+
+
+def check_page_size(page_size: int) -> None:
+    """Refuse a page size that is not a power of two of at least 512 (ValueError)."""
+    if page_size < 512 or page_size & (page_size - 1):
+        raise ValueError(f"page size must be a power of two of at least 512, not {page_size}")
 
 
 class PageState(enum.IntEnum):

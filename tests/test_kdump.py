@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import struct
 import zlib
-from array import array
 from pathlib import Path
 
 import numpy as np
@@ -283,26 +282,6 @@ def test_flattened_reads_like_the_reassembled_file(tmp_path: Path) -> None:
             assert r._lread(at, 5000, "part") == plain[at : at + 5000]
         with pytest.raises(TruncatedDumpError, match="runs past its end"):
             r._lread(layout.size - 10, 11, "tail")
-
-
-def test_overlapping_records_paint_like_writes() -> None:
-    rng = np.random.default_rng(5)
-    for _ in range(200):
-        n = int(rng.integers(1, 12))
-        starts = [int(x) for x in rng.integers(0, 100, n)]
-        sizes = [int(x) for x in rng.integers(1, 40, n)]
-        datas = [1000 * (r + 1) for r in range(n)]  # record r's data: file offset 1000 (r + 1)
-        image = np.full(140, -1, np.int64)
-        for s, z, d in zip(starts, sizes, datas, strict=True):
-            image[s : s + z] = np.arange(d, d + z)
-        lstart, lend, fstart = kdump._paint(
-            array("q", starts), array("q", sizes), array("q", datas)
-        )
-        painted = np.full(140, -1, np.int64)
-        for s, e, f in zip(lstart.tolist(), lend.tolist(), fstart.tolist(), strict=True):
-            painted[s:e] = np.arange(f, f + e - s)
-        np.testing.assert_array_equal(painted, image)
-        assert np.all(lend[:-1] <= lstart[1:])
 
 
 def test_split_dump_part(tmp_path: Path) -> None:

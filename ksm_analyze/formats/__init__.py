@@ -7,44 +7,34 @@ number of pages, and refused as an unknown format otherwise.
 
 from __future__ import annotations
 
-import enum
 import os
 import struct
-from typing import TYPE_CHECKING
 
 from ..errors import DumpFormatError, UnsupportedDumpError
-from .base import open_readonly
-
-if TYPE_CHECKING:
-    from .base import DumpReader
+from ..pages import PAGE_SIZE, check_page_size
+from .avml import AvmlReader
+from .base import DumpFormat, DumpReader, open_readonly
+from .elfcore import ElfCoreReader
+from .kdump import KdumpReader
+from .lime import LimeReader
+from .raw import RawReader
+from .snapshot import SnapshotReader
 
 __all__ = ["DumpFormat", "detect_format", "open_dump", "open_inputs"]
 
 PROBE_BYTES = 4096 + 8
 """Enough for every magic, including Hyper-V's at offset 0x1000."""
 
-
-class DumpFormat(enum.Enum):
-    """The dump formats ksm-analyze reads."""
-
-    RAW = "raw"
-    SNAPSHOT = "snapshot"
-    ELF = "elf"
-    KDUMP = "kdump"
-    LIME = "lime"
-    AVML = "avml"
-
-    @classmethod
-    def parse(cls, name: str | DumpFormat) -> DumpFormat:
-        """Normalise a user-given name; ValueError lists the valid ones."""
-        if isinstance(name, DumpFormat):
-            return name
-        try:
-            return cls(name.lower())
-        except ValueError:
-            valid = ", ".join(f.value for f in cls)
-            raise ValueError(f"unknown format {name!r}; choose one of: {valid}") from None
-
+# In probe order: a snapshot is also an ELF core, so it must be tried before ELF; raw has no
+# magic (its probe never matches) and is listed only so open_dump can name it.
+READERS: dict[DumpFormat, type[DumpReader]] = {
+    DumpFormat.SNAPSHOT: SnapshotReader,
+    DumpFormat.ELF: ElfCoreReader,
+    DumpFormat.KDUMP: KdumpReader,
+    DumpFormat.LIME: LimeReader,
+    DumpFormat.AVML: AvmlReader,
+    DumpFormat.RAW: RawReader,
+}
 
 # Formats recognised only to be refused with a clear message: (offset, magic, name).
 # Sources: ../shared/reference/dump-formats.md (magic bytes table).
@@ -64,25 +54,6 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
 )
 
 
-def _reader_classes() -> dict[DumpFormat, type[DumpReader]]:
-    # Imported here: each reader module imports DumpFormat from this package.
-    from .avml import AvmlReader
-    from .elfcore import ElfCoreReader
-    from .kdump import KdumpReader
-    from .lime import LimeReader
-    from .raw import RawReader
-    from .snapshot import SnapshotReader
-
-    return {  # probed in this order: a snapshot is also an ELF core
-        DumpFormat.SNAPSHOT: SnapshotReader,
-        DumpFormat.ELF: ElfCoreReader,
-        DumpFormat.KDUMP: KdumpReader,
-        DumpFormat.LIME: LimeReader,
-        DumpFormat.AVML: AvmlReader,
-        DumpFormat.RAW: RawReader,
-    }
-
-
 def _read_head(path: str | os.PathLike[str]) -> tuple[bytes, int]:
     fd, size = open_readonly(path)
     try:
@@ -91,7 +62,7 @@ def _read_head(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         os.close(fd)
 
 
-def detect_format(path: str | os.PathLike[str], *, page_size: int = 4096) -> DumpFormat:
+def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -> DumpFormat:
     """Name the format of ``path`` from its first bytes.
 
     Raises:
@@ -100,7 +71,7 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = 4096) -> Dum
         DumpFormatError: no known magic and the size is not a whole number of pages.
     """
     head, size = _read_head(path)
-    for fmt, cls in _reader_classes().items():
+    for fmt, cls in READERS.items():
         if cls.probe(head):
             return fmt
     for offset, magic, name in _REFUSED:
@@ -126,7 +97,7 @@ def open_dump(
     path: str | os.PathLike[str],
     format: str | DumpFormat | None = None,
     *,
-    page_size: int = 4096,
+    page_size: int = PAGE_SIZE,
     base_address: int = 0,
 ) -> DumpReader:
     """Open a dump read-only, detecting its format unless ``format`` is given.
@@ -144,10 +115,9 @@ def open_dump(
         KsmAnalyzeError: the file cannot be read as a dump (the message says why and where).
         ValueError: an unknown format name or a bad page size.
     """
-    if page_size < 512 or page_size & (page_size - 1):
-        raise ValueError(f"page size must be a power of two of at least 512, not {page_size}")
+    check_page_size(page_size)
     fmt = detect_format(path, page_size=page_size) if format is None else DumpFormat.parse(format)
-    cls = _reader_classes()[fmt]
+    cls = READERS[fmt]
     return cls(path, page_size=page_size, base_address=base_address)
 
 
@@ -155,7 +125,7 @@ def open_inputs(
     path: str | os.PathLike[str],
     format: str | DumpFormat | None = None,
     *,
-    page_size: int = 4096,
+    page_size: int = PAGE_SIZE,
     base_address: int = 0,
 ) -> list[DumpReader]:
     """Open ``path`` as one input per address space: a snapshot of N processes gives N readers.

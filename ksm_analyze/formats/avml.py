@@ -25,8 +25,7 @@ import numpy as np
 
 from ..errors import CorruptPageError, TruncatedDumpError
 from ..pages import Extent, PageBatch, PageState
-from . import DumpFormat
-from .base import DEFAULT_BATCH_PAGES, DumpReader
+from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
 from .lime import (
     AVML_KINDS,
     AVML_MAGIC,

@@ -1,4 +1,4 @@
-"""The reader base class: open a dump read-only, describe it as extents, hand out pages.
+"""The reader base class and the format names: open a dump read-only, describe it as extents.
 
 A format subclasses :class:`DumpReader`, sets ``format`` and ``probe()``, and implements
 ``_load_extents()``. Formats whose pages are stored raw (raw, ELF, LiME) get batching and
@@ -9,6 +9,7 @@ random access from the memory map for free; compressed formats (kdump, AVML) ove
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import mmap
 import os
@@ -16,20 +17,39 @@ import stat
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
-from ..pages import Extent, PageBatch, PageState
+from ..pages import PAGE_SIZE, Extent, PageBatch, PageState
 
-if TYPE_CHECKING:
-    from . import DumpFormat
-
-__all__ = ["DEFAULT_BATCH_PAGES", "DumpReader", "open_readonly"]
+__all__ = ["DEFAULT_BATCH_PAGES", "DumpFormat", "DumpReader", "open_readonly"]
 
 DEFAULT_BATCH_PAGES = 8192
 """Pages per batch: 32 MiB of 4 KiB pages, small enough to stay cheap, big enough for numpy."""
+
+
+class DumpFormat(enum.Enum):
+    """The dump formats ksm-analyze reads (here, in the leaf module, so readers can name theirs)."""
+
+    RAW = "raw"
+    SNAPSHOT = "snapshot"
+    ELF = "elf"
+    KDUMP = "kdump"
+    LIME = "lime"
+    AVML = "avml"
+
+    @classmethod
+    def parse(cls, name: str | DumpFormat) -> DumpFormat:
+        """Normalise a user-given name; ValueError lists the valid ones."""
+        if isinstance(name, DumpFormat):
+            return name
+        try:
+            return cls(name.lower())
+        except ValueError:
+            valid = ", ".join(f.value for f in cls)
+            raise ValueError(f"unknown format {name!r}; choose one of: {valid}") from None
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -76,7 +96,7 @@ class DumpReader(ABC):
     """"physical" for guest RAM, "virtual" for process memory."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, page_size: int = 4096, base_address: int = 0
+        self, path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE, base_address: int = 0
     ) -> None:
         self.path = os.fspath(path)
         self.page_size = page_size

@@ -29,8 +29,7 @@ import numpy as np
 
 from ..errors import TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, MapFlags, PageState
-from . import DumpFormat
-from .base import DumpReader
+from .base import DumpFormat, DumpReader
 
 __all__ = ["ElfCoreReader"]
 

@@ -1,7 +1,7 @@
 """kdump-compressed dumps: makedumpfile ``-c/-l/-p/-z`` and QEMU ``dump-guest-memory -z/-l/-s``.
 
 Both the plain form (``"KDUMP   "`` at offset 0) and the makedumpfile *flattened* form (what
-QEMU writes to a pipe or without ``-R``) are read; the flattened records are indexed in place, so
+QEMU writes to a pipe or without ``-R``, indexed in place by :mod:`.flattened`) are read, so
 no ``makedumpfile -R`` step is needed. Layout, in blocks of ``block_size`` (the guest page size),
 from makedumpfile ``IMPLEMENTATION``/``diskdump_mod.h`` and QEMU ``dump/dump.c``::
 
@@ -18,11 +18,8 @@ excluded by the dump level (EXCLUDED); PFNs in neither are holes and not reporte
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import struct
 import zlib
-from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -33,18 +30,10 @@ import zstandard
 
 from ..errors import CorruptPageError, DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, PageBatch, PageState
-from . import DumpFormat
-from .base import DEFAULT_BATCH_PAGES, DumpReader
+from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
+from .flattened import MDF_SIGNATURE, FlattenedFile, probe_flattened
 
 SIGNATURES = (b"KDUMP   ", b"DISKDUMP")
-
-# Flattened format (makedumpfile print_info.h / QEMU include/sysemu/dump.h): a 4096-byte header
-# {char signature[16]; be64 type; be64 version}, then records {be64 offset; be64 buf_size} + data,
-# written into the logical file in any order (later records win), ended by offset = size = -1.
-MDF_SIGNATURE = b"makedumpfile".ljust(16, b"\0")
-MDF_HEADER_SIZE = 4096
-_MDF_HEADER = struct.Struct(">16sqq")
-_MDF_RECORD = struct.Struct(">qq")
 
 # disk_dump_header_64 / disk_dump_header_32 (libkdumpfile src/kdumpfile/diskdump.c): signature,
 # header_version, utsname (6 x 65 chars), pad, timestamp {tv_sec, tv_usec}, status, block_size,
@@ -99,140 +88,36 @@ class KdumpReader(DumpReader):
     """
 
     format = DumpFormat.KDUMP
-    _segs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
-    """Flattened form: logical start, logical end and file offset of each written segment."""
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
         """``KDUMP   ``/``DISKDUMP`` at 0, or a makedumpfile flattened header (type 1, version 1)."""
-        if head[:8] in SIGNATURES:
-            return True
-        if len(head) < _MDF_HEADER.size:
-            return False
-        sig, mtype, version = _MDF_HEADER.unpack_from(head)
-        return bool(sig == MDF_SIGNATURE and mtype == 1 and version == 1)
+        return head[:8] in SIGNATURES or probe_flattened(head)
 
     # -- the logical file ------------------------------------------------------------------
 
-    def _index_flattened(self) -> None:
-        """Index the flattened records: sorted, non-overlapping logical segments."""
-        _sig, mtype, version = self._unpack(_MDF_HEADER, 0, "flattened header")
-        if mtype != 1 or version != 1:
-            raise UnsupportedDumpError(
-                f"flattened makedumpfile header of type {mtype}, version {version}: "
-                "only type 1, version 1 is known",
-                path=self.path,
-                offset=0,
-            )
-        starts, sizes, datas = array("q"), array("q"), array("q")
-        mm, end, unpack = self._mm, self.file_size, _MDF_RECORD.unpack_from
-        pos = MDF_HEADER_SIZE
-        while True:
-            if pos + _MDF_RECORD.size > end:
-                raise TruncatedDumpError(
-                    "flattened dump ends without its end marker (offset -1, size -1): "
-                    "the dump is incomplete (the writer did not finish)",
-                    path=self.path,
-                    offset=pos,
-                )
-            offset, size = unpack(mm, pos)
-            if offset == -1 and size == -1:
-                break
-            if offset < 0 or size < 0 or offset > MAX_MAPNR << 20:
-                raise self._error(
-                    f"flattened record with bad offset {offset:#x} or size {size:#x}", pos
-                )
-            if pos + _MDF_RECORD.size + size > end:
-                raise TruncatedDumpError(
-                    f"flattened record of {size} bytes for offset {offset:#x} runs past the end "
-                    f"of the file ({end:#x})",
-                    path=self.path,
-                    offset=pos,
-                )
-            if size:
-                starts.append(offset)
-                sizes.append(size)
-                datas.append(pos + _MDF_RECORD.size)
-            pos += _MDF_RECORD.size + size
-        if pos + _MDF_RECORD.size < end:
-            self.warnings.append(
-                f"{self.path}: {end - pos - _MDF_RECORD.size} bytes after the flattened end "
-                f"marker at offset {pos:#x} are ignored"
-            )
-        self._nrecords = len(starts)
-        lstart = np.frombuffer(starts, np.int64)
-        lend = lstart + np.frombuffer(sizes, np.int64)
-        fstart = np.frombuffer(datas, np.int64)
-        order = np.argsort(lstart, kind="stable")
-        lstart, lend, fstart = lstart[order], lend[order], fstart[order]
-        if len(lstart) > 1 and np.any(lend[:-1] > lstart[1:]):
-            lstart, lend, fstart = _paint(starts, sizes, datas)
-        self._segs = (lstart, lend, fstart)
-        self._logical_size = int(lend.max()) if len(lend) else 0
-
     def _lread(self, offset: int, size: int, what: str) -> bytes:
-        """Read ``size`` bytes at ``offset`` of the logical (reassembled) file.
-
-        Bytes no flattened record wrote read as zero, as in the file ``makedumpfile -R`` makes.
-        """
-        if self._segs is None:
+        """Read ``size`` bytes at ``offset`` of the logical (reassembled) file."""
+        if self._flat is None:
             return self._read(offset, size, what)
-        if offset < 0 or size < 0 or offset + size > self._logical_size:
-            raise TruncatedDumpError(
-                f"{what} ({size} bytes at offset {offset:#x} of the reassembled dump) runs past "
-                f"its end ({self._logical_size:#x})",
-                path=self.path,
-            )
-        lstart, lend, fstart = self._segs
-        i = int(lstart.searchsorted(offset, "right")) - 1
-        pieces, pos, stop, nseg = [], offset, offset + size, len(lstart)
-        while pos < stop:
-            if i >= 0 and lstart.item(i) <= pos < lend.item(i):  # inside segment i
-                upto = min(stop, lend.item(i))
-                at = fstart.item(i) + pos - lstart.item(i)
-                pieces.append(self._mm[at : at + upto - pos])
-            else:  # a gap before segment i + 1: never written, reads as zero
-                upto = stop if i + 1 >= nseg else min(stop, lstart.item(i + 1))
-                pieces.append(bytes(upto - pos))
-            pos = upto
-            if i + 1 < nseg and lstart.item(i + 1) <= pos:
-                i += 1
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def _file_offsets(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        """File offsets of logical ranges held whole in one place; -1 for the others."""
-        if self._segs is None:
-            return offsets
-        lstart, lend, fstart = self._segs
-        i = np.searchsorted(lstart, offsets, "right") - 1
-        ok = i >= 0
-        i = np.where(ok, i, 0)
-        ok &= offsets + sizes <= lend[i]
-        return np.where(ok, fstart[i] + offsets - lstart[i], -1)
-
-    def _where(self, offset: int) -> tuple[int | None, str]:
-        """The file offset for an error and, for flattened dumps, the logical offset as text."""
-        if self._segs is None:
-            return offset, ""
-        at = int(self._file_offsets(np.array([offset]), np.array([0]))[0])
-        return (at if at >= 0 else None), f" (offset {offset:#x} of the reassembled dump)"
+        return self._flat.read(offset, size, what)
 
     def _fail(
         self, detail: str, offset: int, cls: type[DumpFormatError] = DumpFormatError
     ) -> DumpFormatError:
         """An error about logical ``offset``, placed at its file offset."""
-        where, logical = self._where(offset)
+        where, logical = (offset, "") if self._flat is None else self._flat.where(offset)
         return cls(detail + logical, path=self.path, offset=where)
 
     # -- headers ---------------------------------------------------------------------------
 
     def _load_extents(self) -> list[Extent]:
-        self._segs = None
-        self._logical_size = self.file_size
-        self._nrecords = 0
+        self._flat: FlattenedFile | None = None  # None: the plain form
         self._zstd: zstandard.ZstdDecompressor | None = None
         if self._mm[:16] == MDF_SIGNATURE:
-            self._index_flattened()
+            self._flat = FlattenedFile(self._mm, self.path)
+            self.warnings += self._flat.warnings
+        self._logical_size = self.file_size if self._flat is None else self._flat.size
         self._parse_header()
         self._parse_sub_header()
         self._locate_bitmaps()
@@ -355,7 +240,8 @@ class KdumpReader(DumpReader):
         for name, at in (("bitmap 1", self._bitmap1), ("bitmap 2", self._bitmap2)):
             if at + need > self._logical_size:
                 self._lread(at, need, f"{name} of {self.max_mapnr:#x} PFNs")  # raises
-            self._check_written(at, at + need, name)
+            if self._flat:
+                self._flat.check_written(at, at + need, name)
         hi = self.max_mapnr if self.end_pfn is None else min(self.end_pfn, self.max_mapnr)
         if not 0 <= self.start_pfn <= hi:
             raise self._fail(
@@ -394,7 +280,8 @@ class KdumpReader(DumpReader):
                 self._desc_start,
                 TruncatedDumpError,
             )
-        self._check_written(self._desc_start, self._data_start, "page descriptor table")
+        if self._flat:
+            self._flat.check_written(self._desc_start, self._data_start, "page descriptor table")
         # The shared zero page is the first block of the data area; check it is one.
         self._zero_desc = False
         if ndesc and self._data_start + self.block_size <= self._logical_size:
@@ -404,22 +291,6 @@ class KdumpReader(DumpReader):
             [(k, self.endian + t) for k, t in (("offset", "i8"), ("size", "u4"), ("flags", "u4"))]
             + [("page_flags", self.endian + "u8")]
         )
-
-    def _check_written(self, start: int, stop: int, what: str) -> None:
-        """Refuse a flattened dump that never wrote some bytes of ``[start, stop)``."""
-        if self._segs is None:
-            return
-        lstart, lend, _ = self._segs
-        lo = int(np.searchsorted(lend, start, "right"))
-        hi = int(np.searchsorted(lstart, stop, "left"))
-        covered = np.minimum(lend[lo:hi], stop) - np.maximum(lstart[lo:hi], start)
-        if int(covered.sum()) != stop - start:
-            raise TruncatedDumpError(
-                f"part of the {what} ({stop - start} bytes at offset {start:#x} of the "
-                "reassembled dump) was never written by any flattened record: the dump is "
-                "incomplete",
-                path=self.path,
-            )
 
     # -- pages -----------------------------------------------------------------------------
 
@@ -542,7 +413,7 @@ class KdumpReader(DumpReader):
             return np.empty((0, self.page_size), np.uint8)
         index, part = np.divmod(locs.astype(np.int64), self._sub)
         wanted, inverse = np.unique(index, return_inverse=True)
-        if self._segs is None:
+        if self._flat is None:
             table = np.frombuffer(self._mm, self._desc_dtype, self.num_dumpable, self._desc_start)
             desc = table[wanted]
             del table  # let the map close
@@ -571,7 +442,7 @@ class KdumpReader(DumpReader):
         blocks = np.empty((len(desc), bs), np.uint8)
         offsets = desc["offset"].astype(np.int64)
         sizes = desc["size"].astype(np.int64)
-        at = self._file_offsets(offsets, sizes)
+        at = offsets if self._flat is None else self._flat.file_offsets(offsets, sizes)
         mm, end = self._mm, self.file_size
         rows = zip(at.tolist(), sizes.tolist(), desc["flags"].tolist(), strict=True)
         for k, (fo, size, flags) in enumerate(rows):
@@ -633,8 +504,8 @@ class KdumpReader(DumpReader):
     def info(self) -> dict[str, Any]:
         """Header facts; page counts are in guest pages of ``block_size`` bytes."""
         return {
-            "flattened": self._segs is not None,
-            "flattened_records": self._nrecords,
+            "flattened": self._flat is not None,
+            "flattened_records": 0 if self._flat is None else self._flat.nrecords,
             "signature": self.signature.decode("ascii", "replace"),
             "header_version": self.header_version,
             "layout": f"{self.bits}-bit",
@@ -674,31 +545,3 @@ def _header_problem(fields: tuple[Any, ...], bits: int) -> tuple[str, int] | Non
             at["bitmap_blocks"],
         )
     return None
-
-
-def _paint(
-    starts: array[int], sizes: array[int], datas: array[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resolve overlapping flattened records, the later winning: sorted disjoint segments."""
-    n = len(starts)
-    order = sorted(range(n), key=lambda r: starts[r])
-    bounds = sorted({*starts, *(s + z for s, z in zip(starts, sizes, strict=True))})
-    heap: list[int] = []  # -record, for a max-heap: the latest record covering a point wins
-    out: list[tuple[int, int, int]] = []
-    j = 0
-    for lo, hi in itertools.pairwise(bounds):
-        while j < n and starts[order[j]] <= lo:
-            heapq.heappush(heap, -order[j])
-            j += 1
-        while heap and starts[-heap[0]] + sizes[-heap[0]] <= lo:
-            heapq.heappop(heap)
-        if not heap:
-            continue
-        r = -heap[0]
-        f = datas[r] + lo - starts[r]
-        if out and out[-1][1] == lo and out[-1][2] + (lo - out[-1][0]) == f:
-            out[-1] = (out[-1][0], hi, out[-1][2])
-        else:
-            out.append((lo, hi, f))
-    seg = np.array(out, np.int64).reshape(-1, 3)
-    return seg[:, 0].copy(), seg[:, 1].copy(), seg[:, 2].copy()

@@ -18,8 +18,7 @@ from typing import Any, NamedTuple
 
 from ..errors import TruncatedDumpError
 from ..pages import Extent, PageState
-from . import DumpFormat
-from .base import DumpReader
+from .base import DumpFormat, DumpReader
 
 __all__ = ["AVML_CHUNK_BYTES", "LimeReader"]
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..pages import Extent, PageState
-from . import DumpFormat
-from .base import DumpReader
+from .base import DumpFormat, DumpReader
 
 
 class RawReader(DumpReader):

@@ -40,8 +40,8 @@ from typing import Any, Self
 import numpy as np
 
 from ..errors import InputError
-from ..pages import Extent, MapFlags, PageState
-from . import DumpFormat
+from ..pages import PAGE_SIZE, Extent, MapFlags, PageState
+from .base import DumpFormat
 from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader
 
 __all__ = ["RunFlags", "SnapshotReader", "SnapshotWriter"]
@@ -219,7 +219,7 @@ class SnapshotReader(ElfCoreReader):
     address_space = "virtual"
 
     def __init__(
-        self, path: str | os.PathLike[str], *, page_size: int = 4096, base_address: int = 0,
+        self, path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE, base_address: int = 0,
         process: int = 0,
     ) -> None:
         self.process_index = process
