@@ -7,29 +7,27 @@ module that turns errors into exit codes: a bad input is one line on stderr and 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from . import __version__
 from .analysis import analyze
-from .eligibility import Scope
 from .errors import KsmAnalyzeError
 from .formats import DumpFormat, open_dump
-from .present import (
-    render_capture,
-    render_info,
-    render_scan,
-    render_status,
-    to_json,
-    write_csvs,
-)
-from .progress import ScanProgress
-from .report import write_report
+from .ksm import KsmSettings
+from .render.files import to_json, write_csvs
+from .render.progress import ScanProgress
+from .render.text import render_capture, render_info, render_scan, render_status
+from .result import Analysis
+from .settings import DEFAULT_OPTIONS, ScanOptions
 
 app = typer.Typer(
     name="ksm-analyze",
@@ -69,6 +67,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_KSM = KsmSettings()
+"""Defaults of the KSM knobs, read from their one declaration."""
+
 FormatOpt = Annotated[
     str | None,
     typer.Option(
@@ -86,45 +87,14 @@ BaseOpt = Annotated[
     str,
     typer.Option(help="Address of the first byte of a raw image (e.g. 0x100000)."),
 ]
-BasesOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--base-address",
-        help="Address of the first byte of raw images (e.g. 0x100000): once for all inputs, "
-        "or once per input in order.",
-        show_default="0",
-    ),
-]
 DumpsArg = Annotated[
     list[Path], typer.Argument(help="Dump files, all on one host.", show_default=False)
-]
-PrefixOpt = Annotated[
-    int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
-]
-MaxSharingOpt = Annotated[
-    int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
-]
-ZeroPagesOpt = Annotated[
-    bool, typer.Option("--use-zero-pages",
-                       help="Predict with use_zero_pages=1 (zero pages map the zero page).")
-]
-PagesToScanOpt = Annotated[int, typer.Option(help="ksmd pages per wake-up.")]
-SleepOpt = Annotated[int, typer.Option(help="ksmd sleep between wake-ups.")]
-VerifyOpt = Annotated[
-    bool, typer.Option("--verify/--no-verify",
-                       help="Compare candidate pages byte for byte before merging them.")
-]
-JobsOpt = Annotated[
-    int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
-                             show_default=False)
 ]
 QuietOpt = Annotated[
     bool,
     typer.Option("--quiet", "-q",
                  help="No progress bars (they are shown only when stderr is a terminal)."),
 ]
-
-
 ScopeOpt = Annotated[
     str,
     typer.Option(
@@ -134,6 +104,97 @@ ScopeOpt = Annotated[
         "Guest dumps count every page whatever the scope.",
     ),
 ]
+
+
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=default)
+
+
+# Every option of an analysis, declared once: `scan`, `report` (and later commands) get
+# them all through @_analysis_command, with defaults read from ScanOptions and KsmSettings.
+_ANALYSIS_PARAMS = (
+    _param("format", FormatOpt, DEFAULT_OPTIONS.format),
+    _param("scope", ScopeOpt, DEFAULT_OPTIONS.scope.value),
+    _param("page_size", PageSizeOpt, _KSM.page_size),
+    _param("prefix_bytes", Annotated[
+        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
+    ], DEFAULT_OPTIONS.prefix_bytes),
+    _param("base_address", Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-address",
+            help="Address of the first byte of raw images (e.g. 0x100000): once for all "
+            "inputs, or once per input in order.",
+            show_default=str(DEFAULT_OPTIONS.base_address),
+        ),
+    ], None),
+    _param("max_page_sharing", Annotated[
+        int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
+    ], _KSM.max_page_sharing),
+    _param("use_zero_pages", Annotated[
+        bool, typer.Option("--use-zero-pages",
+                           help="Predict with use_zero_pages=1 (zero pages map the zero page).")
+    ], _KSM.use_zero_pages),
+    _param("pages_to_scan", Annotated[int, typer.Option(help="ksmd pages per wake-up.")],
+           _KSM.pages_to_scan),
+    _param("sleep_millisecs", Annotated[
+        int, typer.Option(help="ksmd sleep between wake-ups.")
+    ], _KSM.sleep_millisecs),
+    _param("verify", Annotated[
+        bool, typer.Option("--verify/--no-verify",
+                           help="Compare candidate pages byte for byte before merging them.")
+    ], DEFAULT_OPTIONS.verify),
+    _param("jobs", Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
+                                 show_default=False)
+    ], DEFAULT_OPTIONS.jobs),
+    _param("quiet", QuietOpt, False),
+)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the shared options ask for: how to read, what KSM to assume, whether to draw."""
+
+    options: ScanOptions
+    ksm: KsmSettings
+    quiet: bool
+
+    def run(self, dumps: list[Path], **extra: Any) -> Analysis:
+        """Analyse ``dumps``; ``extra`` sets further ScanOptions fields (``top``...)."""
+        options = replace(self.options, **extra)
+        with ScanProgress(enabled=not self.quiet) as bars:
+            return analyze(dumps, options, self.ksm, progress=bars)
+
+
+def _analysis_command(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` every analysis option; it receives them as ``request: _Request``."""
+    names = [p.name for p in _ANALYSIS_PARAMS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        given = {n: kwargs.pop(n) for n in names}
+        with _errors():
+            bases = given.pop("base_address")
+            request = _Request(
+                options=ScanOptions(
+                    format=given.pop("format"),
+                    scope=given.pop("scope"),
+                    prefix_bytes=given.pop("prefix_bytes"),
+                    base_address=tuple(_address(b) for b in bases) if bases else 0,
+                    verify=given.pop("verify"),
+                    jobs=given.pop("jobs"),
+                ),
+                quiet=given.pop("quiet"),
+                ksm=KsmSettings(**given),
+            )
+        command(**kwargs, request=request)
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "request"]
+    wrapper.__signature__ = inspect.Signature(own + list(_ANALYSIS_PARAMS))  # type: ignore[attr-defined]
+    return wrapper
 
 
 @app.callback()
@@ -147,6 +208,7 @@ def _main(
 
 
 @app.command()
+@_analysis_command
 def scan(
     dumps: DumpsArg,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
@@ -156,36 +218,12 @@ def scan(
         typer.Option("--csv", help="Also write one CSV per table into this directory.",
                      show_default=False),
     ] = None,
-    format: FormatOpt = None,
-    page_size: PageSizeOpt = 4096,
-    prefix_bytes: PrefixOpt = 128,
-    base_address: BasesOpt = None,
-    max_page_sharing: MaxSharingOpt = 256,
-    use_zero_pages: ZeroPagesOpt = False,
-    pages_to_scan: PagesToScanOpt = 100,
-    sleep_millisecs: SleepOpt = 20,
-    verify: VerifyOpt = True,
-    jobs: JobsOpt = None,
-    scope: ScopeOpt = Scope.MERGEABLE.value,
-    quiet: QuietOpt = False,
+    *,
+    request: _Request,
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
-        result = analyze(
-            dumps,
-            format=format,
-            page_size=page_size,
-            prefix_bytes=prefix_bytes,
-            base_address=[_address(b) for b in base_address] if base_address else 0,
-            max_page_sharing=max_page_sharing,
-            use_zero_pages=use_zero_pages,
-            pages_to_scan=pages_to_scan,
-            sleep_millisecs=sleep_millisecs,
-            verify=verify,
-            jobs=jobs,
-            scope=scope,
-            progress=not quiet,
-        )
+        result = request.run(dumps)
         if csv_dir is not None:
             try:
                 write_csvs(result, csv_dir)
@@ -196,6 +234,7 @@ def scan(
 
 
 @app.command()
+@_analysis_command
 def report(
     dumps: DumpsArg,
     output: Annotated[
@@ -205,48 +244,23 @@ def report(
     ],
     top: Annotated[
         int, typer.Option(help="Rows in the table of most duplicated contents.")
-    ] = 20,
+    ] = DEFAULT_OPTIONS.top,
     show_content: Annotated[
         bool, typer.Option("--show-content",
                            help="Show the first 64 bytes of each most duplicated content. "
                            "Off by default: memory dumps hold secrets.")
-    ] = False,
-    format: FormatOpt = None,
-    page_size: PageSizeOpt = 4096,
-    prefix_bytes: PrefixOpt = 128,
-    base_address: BasesOpt = None,
-    max_page_sharing: MaxSharingOpt = 256,
-    use_zero_pages: ZeroPagesOpt = False,
-    pages_to_scan: PagesToScanOpt = 100,
-    sleep_millisecs: SleepOpt = 20,
-    verify: VerifyOpt = True,
-    jobs: JobsOpt = None,
-    quiet: QuietOpt = False,
-    scope: ScopeOpt = Scope.MERGEABLE.value,
+    ] = DEFAULT_OPTIONS.show_content,
+    *,
+    request: _Request,
 ) -> None:
     """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host."""
     with _errors():
-        if top < 0:
-            raise ValueError(f"--top cannot be negative, not {top}")
+        options = replace(request.options, top=top, show_content=show_content)  # checks top
         _make_dir(output)
-        result = analyze(
-            dumps,
-            format=format,
-            page_size=page_size,
-            prefix_bytes=prefix_bytes,
-            base_address=[_address(b) for b in base_address] if base_address else 0,
-            max_page_sharing=max_page_sharing,
-            use_zero_pages=use_zero_pages,
-            pages_to_scan=pages_to_scan,
-            sleep_millisecs=sleep_millisecs,
-            verify=verify,
-            jobs=jobs,
-            top=top,
-            show_content=show_content,
-            progress=not quiet,
-            scope=scope,
-        )
+        result = replace(request, options=options).run(dumps)
         try:
+            from .render.report import write_report  # matplotlib: only when a report is made
+
             written = write_report(result, output)
         except OSError as e:
             _cannot_write(output, e)
@@ -274,8 +288,8 @@ def _make_dir(directory: Path) -> None:
 def info(
     dump: Annotated[Path, typer.Argument(help="A dump file.", show_default=False)],
     format: FormatOpt = None,
-    page_size: PageSizeOpt = 4096,
-    base_address: BaseOpt = "0",
+    page_size: PageSizeOpt = _KSM.page_size,
+    base_address: BaseOpt = str(DEFAULT_OPTIONS.base_address),
     ranges: Annotated[int, typer.Option(help="Show at most this many ranges.")] = 50,
 ) -> None:
     """Show a dump's detected format, its ranges and its pages per state."""
@@ -302,7 +316,7 @@ def capture(
     Reads /proc/PID/smaps and pagemap, /proc/kpageflags when root, and /proc/PID/mem for
     present pages only, so the targets' memory is left as it was.
     """
-    from .capture import capture as capture_processes
+    from .live.capture import capture as capture_processes
 
     with _errors(), ScanProgress(enabled=not quiet) as bars:
         summary = capture_processes(pids, output, progress=bars.bar("capturing"))
@@ -315,7 +329,7 @@ def ksm_status(
         list[Path] | None,
         typer.Argument(help="Snapshots to predict from (optional).", show_default=False),
     ] = None,
-    scope: ScopeOpt = Scope.MERGEABLE.value,
+    scope: ScopeOpt = DEFAULT_OPTIONS.scope.value,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
     = False,
 ) -> None:
@@ -324,7 +338,7 @@ def ksm_status(
     Run it after turning KSM on to see how the prediction held: host-wide counters from
     /sys/kernel/mm/ksm, and /proc/PID/ksm_stat of each captured process still running.
     """
-    from .status import ksm_status as read_status
+    from .live.status import ksm_status as read_status
 
     with _errors():
         status = read_status(snapshots or [], scope=scope)

@@ -17,19 +17,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
 from ._parallel import map_shards
-from .fingerprint import UNIQUE, ZERO, PageTable
+from .fingerprint import Fingerprints
 from .formats.base import DumpReader
+from .settings import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
 
-if TYPE_CHECKING:
-    from .progress import ProgressCallback
+__all__ = ["UNIQUE", "ZERO", "ContentClasses", "StageStats", "classify"]
 
-__all__ = ["ContentClasses", "StageStats", "classify"]
+ZERO = -1
+"""Label of an all-zero page."""
+UNIQUE = -2
+"""Label of a page whose content occurs nowhere else."""
 
 PARALLEL_MIN_CANDIDATES = 20000
 """Fewer candidates than this are resolved in one process."""
@@ -59,9 +61,14 @@ class StageStats:
 
 @dataclass(frozen=True)
 class ContentClasses:
-    """How many content classes stage 2 found; each table's ``content`` says which page is
-    in which."""
+    """What stage 2 found: which stored pages of all inputs hold equal bytes.
 
+    ``labels[i][row]`` is the content of row ``row`` of input ``i``'s fingerprints: a class
+    number ``0 .. n_classes - 1`` shared by pages with equal bytes, ``ZERO`` or ``UNIQUE``
+    (int32, 4 bytes a stored page).
+    """
+
+    labels: list[np.ndarray]
     n_classes: int
     stats: StageStats
 
@@ -71,7 +78,7 @@ def _chunks(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + _SCAN_ROWS))
 
 
-def _shared_prefixes(tables: Sequence[PageTable]) -> tuple[np.ndarray, np.ndarray]:
+def _shared_prefixes(tables: Sequence[Fingerprints]) -> tuple[np.ndarray, np.ndarray]:
     """Prefix hashes that two or more non-zero pages share (sorted), and how many pages each.
 
     The hash space is sorted a sixteenth at a time, so the sort needs about half a byte a
@@ -94,7 +101,7 @@ def _shared_prefixes(tables: Sequence[PageTable]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(shared), np.concatenate(counts)
 
 
-def _rows_with_prefix_in(table: PageTable, wanted: np.ndarray) -> np.ndarray:
+def _rows_with_prefix_in(table: Fingerprints, wanted: np.ndarray) -> np.ndarray:
     """Rows of ``table`` whose prefix hash is one of ``wanted`` (sorted)."""
     if not len(wanted):
         return np.empty(0, np.int64)
@@ -232,33 +239,35 @@ def _balanced_cuts(starts: np.ndarray, shards: int) -> list[int]:
 
 
 def classify(
-    tables: Sequence[PageTable],
+    tables: Sequence[Fingerprints],
     readers: Sequence[DumpReader],
+    options: ScanOptions = DEFAULT_OPTIONS,
     *,
-    verify: bool = True,
-    jobs: int = 1,
     progress: ProgressCallback | None = None,
 ) -> ContentClasses:
     """Find which stored pages of all inputs hold byte-identical content.
 
-    Sets each table's ``content``: a class number shared by pages with equal bytes, ``ZERO``
-    for zero pages, ``UNIQUE`` for pages no other page equals. Candidates are resolved in
-    parts of about PART_CANDIDATES pages, each part a range of prefix hashes.
+    Candidates are resolved in parts of about PART_CANDIDATES pages, each part a range of
+    prefix hashes.
 
     Args:
         tables: stage-1 fingerprints, one per input.
         readers: the open readers the tables came from (same order), to read pages again.
-        verify: compare bytes before counting two pages as one (on by default).
-        jobs: worker processes for large candidate sets.
+        options: ``verify`` (compare bytes before counting two pages as one) and ``jobs``
+            (worker processes for large candidate sets).
         progress: called as ``progress(bytes_done, bytes_total)`` over the candidate pages,
             after each part.
 
     Returns:
-        The number of content classes, with stage statistics.
+        A label per stored page (class number, ``ZERO`` or ``UNIQUE``), the number of
+        classes, and stage statistics.
     """
+    verify, jobs = options.verify, options.workers
+    labels_of = []
     for t in tables:
-        t.content = np.full(len(t.prefix), UNIQUE, np.int32)
-        t.content[t.prefix == 0] = ZERO
+        content = np.full(len(t.prefix), UNIQUE, np.int32)
+        content[t.prefix == 0] = ZERO
+        labels_of.append(content)
     shared, counts = _shared_prefixes(tables)
     ends = np.cumsum(counts)
     cuts = [0]
@@ -271,9 +280,8 @@ def classify(
     if progress is not None:
         progress(0, total_bytes)
     for a, b in itertools.pairwise(cuts):
-        part = _resolve_part(
-            tables, readers, shared[a:b], first_class=n_classes, verify=verify, jobs=jobs
-        )
+        part = _resolve_part(tables, readers, labels_of, shared[a:b], first_class=n_classes,
+                             verify=verify, jobs=jobs)
         labels, n, done = part[0], part[1], part[2:]
         candidates += len(labels)
         false_candidates += int(np.count_nonzero(np.bincount(labels, minlength=n) == 1))
@@ -292,12 +300,13 @@ def classify(
         hash_collisions=collisions,
         verified=verify,
     )
-    return ContentClasses(n_classes, stats)
+    return ContentClasses(labels_of, n_classes, stats)
 
 
 def _resolve_part(
-    tables: Sequence[PageTable],
+    tables: Sequence[Fingerprints],
     readers: Sequence[DumpReader],
+    labels_of: Sequence[np.ndarray],
     wanted: np.ndarray,
     *,
     first_class: int,
@@ -305,7 +314,7 @@ def _resolve_part(
     jobs: int,
 ) -> tuple[np.ndarray, int, int, int, int]:
     """Classify the candidates whose prefix hash is in ``wanted`` and write their classes,
-    numbered from ``first_class``, into the tables.
+    numbered from ``first_class``, into ``labels_of`` (one array per table).
 
     Returns the part's labels, its number of classes, compares, collisions, full hashes.
     """
@@ -352,8 +361,7 @@ def _resolve_part(
         n = int(dense[-1]) + 1 if len(dense) else 0
         compares = collisions = 0
         full_hashes = len(row)
-    for i, t in enumerate(tables):
+    for i, content in enumerate(labels_of):
         mine = source == i
-        assert t.content is not None  # set by classify()
-        t.content[row[mine]] = labels[mine] + first_class
+        content[row[mine]] = labels[mine] + first_class
     return labels, n, compares, collisions, full_hashes

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .pages import Extent, MapFlags, PageState
 
-__all__ = ["RULES", "Scope", "excluded_by", "split_maps_zero_subpages"]
+if TYPE_CHECKING:
+    from .fingerprint import Fingerprints
+
+__all__ = ["NO_BYTES_RULES", "RULES", "ScanMask", "Scope", "excluded_by", "scan_mask",
+           "split_maps_zero_subpages"]
 
 
 class Scope(enum.Enum):
@@ -54,6 +63,9 @@ RULES: dict[str, str] = {
     "not_mergeable": "VMA not marked mergeable (scope mergeable)",
 }
 """Every exclusion rule, in the order they are tried, with what it means."""
+NO_BYTES_RULES = ("not_present", "swapped", "not_saved", "excluded")
+"""Rules for pages whose bytes the dump does not hold (counted per state already); the
+others make up ``ineligible_pages``."""
 
 
 def excluded_by(extent: Extent, scope: Scope) -> str | None:
@@ -95,3 +107,52 @@ def split_maps_zero_subpages(kernel_release: str | None) -> bool:
         return False
     numbers = re.match(r"(\d+)\.(\d+)", kernel_release)
     return numbers is not None and (int(numbers[1]), int(numbers[2])) >= (6, 12)
+
+
+@dataclass(frozen=True)
+class ScanMask:
+    """Which pages of one input KSM scans under a scope, and why it leaves the others.
+
+    Attributes:
+        scanned: bool per fingerprint row: eligible, and not an all-zero THP subpage that
+            KSM's split frees (rule ``thp_zero``).
+        zero_state_pages: pages the format marks all zero (no rows) that KSM scans.
+        excluded: pages kept from the scan per rule, every key of :data:`RULES`.
+    """
+
+    scanned: np.ndarray
+    zero_state_pages: int
+    excluded: dict[str, int]
+
+    @property
+    def ineligible_pages(self) -> int:
+        """Pages whose bytes are known but KSM would not scan."""
+        return sum(n for rule, n in self.excluded.items() if rule not in NO_BYTES_RULES)
+
+
+def scan_mask(fp: Fingerprints, scope: Scope) -> ScanMask:
+    """Apply the rules to one input's extents and stored pages (stage 1 is enough)."""
+    excluded = dict.fromkeys(RULES, 0)
+    zero_state = 0
+    for e in fp.extents:
+        rule = excluded_by(e, scope)
+        if rule:
+            excluded[rule] += e.npages
+        elif e.state == PageState.ZERO:
+            zero_state += e.npages
+    eligible = _rows_where(fp, lambda e: excluded_by(e, scope) is None)
+    thp_zero = np.zeros(len(fp.addrs), bool)
+    if scope is not Scope.ALL and split_maps_zero_subpages(fp.info.get("kernel")):
+        thp_zero = eligible & fp.zero & _rows_where(fp, lambda e: bool(e.flags & MapFlags.THP))
+    excluded["thp_zero"] = int(np.count_nonzero(thp_zero))
+    return ScanMask(eligible & ~thp_zero, zero_state, excluded)
+
+
+def _rows_where(fp: Fingerprints, test: Callable[[Extent], bool]) -> np.ndarray:
+    """Bool per stored page: does ``test`` hold for the DATA extent holding it."""
+    data = [e for e in fp.extents if e.state == PageState.DATA]
+    ok = np.array([test(e) for e in data], dtype=bool)
+    if ok.all() or not ok.any():
+        return np.full(len(fp.addrs), bool(ok.all()))
+    starts = np.array([e.addr for e in data], dtype=np.uint64)
+    return ok[np.searchsorted(starts, fp.addrs, side="right") - 1]

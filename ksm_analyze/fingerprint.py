@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -19,11 +19,9 @@ from ._parallel import imap_shards
 from .formats import DumpFormat
 from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
 from .pages import Extent, PageState
+from .settings import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
 
-if TYPE_CHECKING:
-    from .progress import ProgressCallback
-
-__all__ = ["UNIQUE", "ZERO", "PageTable", "fingerprint", "prefix_hashes", "zero_rows"]
+__all__ = ["Fingerprints", "fingerprint", "prefix_hashes", "zero_rows"]
 
 _PROBE_WORDS = 8  # 64 bytes: one cache line decides most pages are not zero
 PARALLEL_MIN_PAGES = 16384
@@ -31,15 +29,10 @@ PARALLEL_MIN_PAGES = 16384
 SHARDS_PER_JOB = 4
 """More shards than workers, so the parent holds only a small share of results at a time."""
 
-ZERO = -1
-"""``PageTable.content`` of an all-zero page."""
-UNIQUE = -2
-"""``PageTable.content`` of a page whose content occurs nowhere else."""
 
-
-@dataclass
-class PageTable:
-    """Fingerprints of one input: one row per stored page, 24 bytes a page (28 after stage 2).
+@dataclass(frozen=True)
+class Fingerprints:
+    """What stage 1 learns of one input: one row per stored page, 24 bytes a page.
 
     Pages the format marks ZERO, HOLE, EXCLUDED or NOT_SAVED have no rows; they are counted
     in ``state_pages`` from the extents.
@@ -62,9 +55,6 @@ class PageTable:
     (a non-zero page whose hash is 0 is stored as 1: stage 2 compares bytes anyway)."""
     state_pages: dict[PageState, int] = field(default_factory=dict)
     """Pages per state from the extents (DATA counts stored pages, zero or not)."""
-    content: np.ndarray | None = None
-    """int32 set by stage 2: a content class (0, 1, ...; equal class means equal bytes),
-    ``ZERO`` or ``UNIQUE``."""
 
     @property
     def zero(self) -> np.ndarray:
@@ -125,26 +115,25 @@ def _hash_shard(
 
 def fingerprint(
     reader: DumpReader,
+    options: ScanOptions = DEFAULT_OPTIONS,
     *,
-    prefix_bytes: int = 128,
     batch_pages: int = DEFAULT_BATCH_PAGES,
-    jobs: int = 1,
     progress: ProgressCallback | None = None,
-) -> PageTable:
-    """Read every stored page of ``reader`` once and build its :class:`PageTable`.
+) -> Fingerprints:
+    """Read every stored page of ``reader`` once and return its :class:`Fingerprints`.
 
     Args:
         reader: an open dump.
-        prefix_bytes: bytes hashed per page; 0 (or the page size) hashes the whole page.
+        options: ``prefix_bytes`` (0 or the page size hashes the whole page) and ``jobs``
+            (inputs below PARALLEL_MIN_PAGES stored pages use one process).
         batch_pages: pages handed from the reader at a time.
-        jobs: worker processes; inputs below PARALLEL_MIN_PAGES stored pages use one.
         progress: called as ``progress(bytes_done, bytes_total)`` as batches arrive.
 
     Returns:
         The input's fingerprints (rows in no particular order).
     """
-    ps = reader.page_size
-    nbytes = ps if prefix_bytes <= 0 else min(prefix_bytes, ps)
+    ps, jobs = reader.page_size, options.workers
+    nbytes = ps if options.prefix_bytes == 0 else min(options.prefix_bytes, ps)
     stored = reader.page_counts()[PageState.DATA]
     shards = jobs * SHARDS_PER_JOB if jobs > 1 and stored >= PARALLEL_MIN_PAGES else 1
     # Results go straight into arrays sized for every stored page, shard by shard as they
@@ -175,7 +164,7 @@ def fingerprint(
         del part
     if filled != stored:
         raise AssertionError(f"{reader.path}: reader yielded {filled} of {stored} stored pages")
-    return PageTable(
+    return Fingerprints(
         path=reader.name,
         format=reader.format,
         address_space=reader.address_space,

@@ -21,23 +21,33 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["KsmCounters", "KsmSettings", "merged_pages", "predict"]
+from .pages import PAGE_SIZE, check_page_size
+
+__all__ = ["KSM_STAT_FIELDS", "KsmCounters", "KsmSettings", "convergence", "merged_pages",
+           "predict", "predict_processes", "saved_pages"]
 
 RMAP_ITEM_BYTES = 64
 """sizeof(struct ksm_rmap_item) on 64-bit kernels."""
+KSM_STAT_FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit")
+"""The ``/proc/PID/ksm_stat`` fields predicted per input."""
 
 
 @dataclass(frozen=True)
 class KsmSettings:
-    """The KSM knobs the prediction depends on (kernel defaults)."""
+    """The KSM knobs the prediction depends on, with the kernel's defaults.
+
+    The one declaration of these options: the CLI reads its defaults from here, and a bad
+    value is refused here, once.
+    """
 
     max_page_sharing: int = 256
     use_zero_pages: bool = False
     pages_to_scan: int = 100
     sleep_millisecs: int = 20
-    page_size: int = 4096
+    page_size: int = PAGE_SIZE
 
     def __post_init__(self) -> None:
+        check_page_size(self.page_size)
         if self.max_page_sharing < 2:
             raise ValueError(f"max_page_sharing must be at least 2, not {self.max_page_sharing}")
         if self.pages_to_scan < 1:
@@ -112,3 +122,74 @@ def predict(
         ksm_rmap_items=rmap_items,
         general_profit=profit,
     )
+
+
+def saved_pages(copies: np.ndarray, max_page_sharing: int) -> int:
+    """Pages KSM frees merging contents seen ``copies`` times each."""
+    ksm, unshared = merged_pages(copies, max_page_sharing)
+    return int((np.asarray(copies, np.int64) - ksm - unshared).sum())
+
+
+def predict_processes(
+    content: np.ndarray,
+    owner: np.ndarray,
+    pages: np.ndarray,
+    nonzero_pages: np.ndarray,
+    zero_pages: np.ndarray,
+    settings: KsmSettings,
+) -> dict[str, np.ndarray]:
+    """The ``/proc/PID/ksm_stat`` fields KSM would show for each input on one host.
+
+    Args:
+        content, owner, pages: the duplicated contents as sparse rows sorted by content,
+            then input: input ``owner[k]`` holds ``pages[k]`` pages of content
+            ``content[k]``.
+        nonzero_pages: per input, every scanned non-zero page (duplicated or not).
+        zero_pages: per input, scanned all-zero pages.
+        settings: the KSM knobs.
+
+    Returns:
+        One array per field of :data:`KSM_STAT_FIELDS`, one value per input.
+
+    A page merges when its content has a partner on the host; of a content seen
+    ``k * max_page_sharing + 1`` times one page stays unmerged, and which one is the kernel's
+    scan order: it is charged here to the last input holding the content.
+    """
+    mps = settings.max_page_sharing
+    n_inputs = len(nonzero_pages)
+    starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
+        np.empty(0, np.int64)
+    copies = np.add.reduceat(pages, starts) if len(starts) else np.empty(0, np.int64)
+    per_row = np.repeat(copies, np.diff(np.append(starts, len(content))))
+    last_in_run = np.append(starts[1:] - 1, len(content) - 1) if len(starts) else starts
+    leftover = np.zeros(len(content), bool)
+    leftover[last_in_run] = (copies % mps == 1) & (copies > 1)
+    merging = np.bincount(owner, weights=pages * (per_row >= 2), minlength=n_inputs)
+    merging -= np.bincount(owner, weights=leftover, minlength=n_inputs)
+    merging = merging.astype(np.int64)
+    zero_pages = np.asarray(zero_pages, np.int64)
+    nonzero_pages = np.asarray(nonzero_pages, np.int64)
+    zero_total = int(zero_pages.sum())
+    if settings.use_zero_pages:
+        kzero, rmap = zero_pages, nonzero_pages
+    else:
+        kzero, rmap = np.zeros(n_inputs, np.int64), nonzero_pages + zero_pages
+        if zero_total >= 2:
+            merging += zero_pages
+            if zero_total % mps == 1:  # the zero page's leftover, charged like the others
+                merging[np.flatnonzero(zero_pages)[-1]] -= 1
+    profit = (merging + kzero) * settings.page_size - rmap * RMAP_ITEM_BYTES
+    return dict(zip(KSM_STAT_FIELDS, (rmap, merging, kzero, profit), strict=True))
+
+
+def convergence(scanned_pages: int, settings: KsmSettings) -> dict[str, float]:
+    """Seconds for ksmd to visit every page once, and to merge static duplicates.
+
+    ksmd wakes every ``sleep_millisecs`` and scans ``pages_to_scan`` pages; a page merges on
+    its second visit (its checksum must be stable), so steady state takes two full scans.
+    The CPU time of scanning itself and smart_scan's skipping are not modelled.
+    """
+    wakeups = -(-scanned_pages // settings.pages_to_scan)
+    full = wakeups * settings.sleep_millisecs / 1000.0
+    return {"scanned_pages": scanned_pages, "full_scan_seconds": full,
+            "steady_state_seconds": 2 * full}

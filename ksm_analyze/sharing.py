@@ -1,6 +1,7 @@
 """Who shares with whom, what is shared, and where: the tables behind ``report``.
 
-Three tables, built from the content classes of stage 2 over the pages the model counts:
+Three tables, built from the core :class:`~ksm_analyze.contents.ContentTable` (and, for
+where pages lie, the labels of stage 2 and the scan masks):
 
 * ``pairwise``: for each ordered pair of inputs, the non-zero pages of one whose content
   also occurs in the other, and what KSM would save on top if only those two shared a host;
@@ -20,28 +21,27 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .eligibility import Scope, excluded_by
-from .fingerprint import UNIQUE, ZERO, PageTable
+from .contents import ContentTable
+from .dedup import UNIQUE, ZERO, ContentClasses
+from .eligibility import ScanMask, Scope, excluded_by
+from .fingerprint import Fingerprints
 from .formats.base import DumpReader
-from .ksm import merged_pages
+from .ksm import saved_pages
 from .pages import PageState
 
 __all__ = [
     "ADDRESS_KINDS",
     "CONTENT_HEAD_BYTES",
-    "SharingTables",
     "address_map",
     "classify_content",
     "pairwise",
-    "sharing_tables",
     "top_contents",
-    "with_zero_row",
 ]
 
 CONTENT_HEAD_BYTES = 64
@@ -72,79 +72,52 @@ _POISON = {
 }
 
 
-@dataclass
-class SharingTables:
-    """What :func:`sharing_tables` computes while the inputs are open."""
-
-    pairwise: pd.DataFrame
-    top_contents: pd.DataFrame
-    address_map: pd.DataFrame
+def _name(path: str) -> str:
+    return Path(path).name
 
 
-def _name(table: PageTable) -> str:
-    return Path(table.path).name
+def _by_input(table: ContentTable) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per input: the sorted content classes it holds and its scanned pages of each."""
+    order = np.argsort(table.owner, kind="stable")  # stable: content order kept per input
+    bounds = np.searchsorted(table.owner[order], np.arange(len(table.inputs) + 1))
+    return [(table.content[order[a:b]], table.pages[order[a:b]])
+            for a, b in itertools.pairwise(bounds.tolist())]
 
 
-def _saved(copies: np.ndarray, mps: int) -> int:
-    """Pages KSM frees merging contents seen ``copies`` times each (``ksm.merged_pages``)."""
-    ksm, unshared = merged_pages(copies, mps)
-    return int((copies - ksm - unshared).sum())
-
-
-def _class_counts(tables: Sequence[PageTable], eligible: Sequence[np.ndarray]
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per input: the sorted non-zero content classes it holds and its copies of each."""
-    out = []
-    for t, elig in zip(tables, eligible, strict=True):
-        assert t.content is not None, "classify() sets content"
-        c = t.content[elig]
-        cls, cnt = np.unique(c[c >= 0], return_counts=True)
-        out.append((cls, cnt.astype(np.int64)))
-    return out
-
-
-def pairwise(
-    tables: Sequence[PageTable],
-    eligible: Sequence[np.ndarray],
-    *,
-    max_page_sharing: int = 256,
-) -> pd.DataFrame:
+def pairwise(table: ContentTable, *, max_page_sharing: int) -> pd.DataFrame:
     """Sharing between every ordered pair of inputs (non-zero pages only).
 
     Args:
-        tables: fingerprints with content classes (after ``classify``).
-        eligible: per table, a bool per row: the pages the model counts.
+        table: the analysis' core table.
         max_page_sharing: KSM's limit of mappings per KSM page.
 
     Returns:
         One row per ordered pair ``(input_a, input_b)``, ``a != b``. Columns: ``input_a``,
-        ``input_b``, ``a_nonzero_pages`` (eligible non-zero pages of A), ``a_pages_in_b``
+        ``input_b``, ``a_nonzero_pages`` (scanned non-zero pages of A), ``a_pages_in_b``
         (those whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
         ``extra_saved_pages`` and ``extra_saved_bytes`` (what KSM saves on a host holding
         only A and B beyond what it saves on A and on B alone; the same both ways).
     """
-    counts = _class_counts(tables, eligible)
-    ps = tables[0].page_size if tables else 4096
-    nonzero = []
-    for t, elig in zip(tables, eligible, strict=True):
-        assert t.content is not None
-        nonzero.append(int(np.count_nonzero(t.content[elig] != ZERO)))
+    counts = _by_input(table)
+    names = [_name(p) for p in table.names]
+    nonzero = table.nonzero_pages().tolist()
     rows = []
-    for a, b in itertools.permutations(range(len(tables)), 2):
+    for a, b in itertools.permutations(range(len(counts)), 2):
         (cls_a, cnt_a), (cls_b, cnt_b) = counts[a], counts[b]
         _, ia, ib = np.intersect1d(cls_a, cls_b, assume_unique=True, return_indices=True)
         in_b = int(cnt_a[ia].sum())
         # Contents only one of them holds merge the same alone or together.
-        extra = (_saved(cnt_a[ia] + cnt_b[ib], max_page_sharing)
-                 - _saved(cnt_a[ia], max_page_sharing) - _saved(cnt_b[ib], max_page_sharing))
+        extra = (saved_pages(cnt_a[ia] + cnt_b[ib], max_page_sharing)
+                 - saved_pages(cnt_a[ia], max_page_sharing)
+                 - saved_pages(cnt_b[ib], max_page_sharing))
         rows.append({
-            "input_a": _name(tables[a]),
-            "input_b": _name(tables[b]),
+            "input_a": names[a],
+            "input_b": names[b],
             "a_nonzero_pages": nonzero[a],
             "a_pages_in_b": in_b,
             "a_fraction_in_b": in_b / nonzero[a] if nonzero[a] else 0.0,
             "extra_saved_pages": extra,
-            "extra_saved_bytes": extra * ps,
+            "extra_saved_bytes": extra * table.page_size,
         })
     columns = ["input_a", "input_b", "a_nonzero_pages", "a_pages_in_b", "a_fraction_in_b",
                "extra_saved_pages", "extra_saved_bytes"]
@@ -179,21 +152,21 @@ def classify_content(page: bytes) -> tuple[str, str, float]:
 
 
 def top_contents(
-    tables: Sequence[PageTable],
+    table: ContentTable,
+    classes: ContentClasses,
+    fingerprints: Sequence[Fingerprints],
     readers: Sequence[DumpReader],
-    eligible: Sequence[np.ndarray],
     *,
-    top: int = 20,
+    top: int,
     show_content: bool = False,
 ) -> pd.DataFrame:
-    """The ``top`` non-zero contents with the most eligible copies, across all inputs.
+    """The ``top`` contents with the most scanned copies across all inputs, zero page included.
 
-    Reads one page of each (the readers must be open). Zero pages are added afterwards by
-    :func:`with_zero_row`, from the counts the model uses.
+    Reads one page of each (the readers must be open).
 
     Returns:
         One row per content, most copies first. Columns: ``content_hash`` (SHA-256 of the
-        page, hex), ``copies`` (eligible pages holding it), ``bytes`` (``copies`` times the
+        page, hex), ``copies`` (scanned pages holding it), ``bytes`` (``copies`` times the
         page size), ``input_count``, ``inputs`` (file names and copies, ``a.elf:13 b.raw:12``),
         ``content_class``, ``class_detail``, ``entropy_bits_per_byte``; with
         ``show_content``, also ``content_hex``: the first ``CONTENT_HEAD_BYTES`` bytes.
@@ -202,87 +175,68 @@ def top_contents(
                "class_detail", "entropy_bits_per_byte"]
     if show_content:
         columns.append("content_hex")
-    counts = _class_counts(tables, eligible)
-    if top <= 0 or not any(len(cls) for cls, _ in counts):
-        return pd.DataFrame([], columns=columns)
-    all_cls = np.concatenate([cls for cls, _ in counts])
-    all_cnt = np.concatenate([cnt for _, cnt in counts])
-    cls, inverse = np.unique(all_cls, return_inverse=True)
-    total = np.bincount(inverse, weights=all_cnt).astype(np.int64)
+    total = table.copies()
+    cls = table.content[np.r_[True, table.content[1:] != table.content[:-1]]] \
+        if len(table.content) else np.empty(0, np.int64)
     # Most copies first; ties by class number, so the order is repeatable.
     order = np.lexsort((cls, -total))[:top]
     chosen, chosen_total = cls[order], total[order]
-    ps = tables[0].page_size
     pages: dict[int, bytes] = {}
-    for t, r, elig in zip(tables, readers, eligible, strict=True):
-        assert t.content is not None
+    for fp, labels, r in zip(fingerprints, classes.labels, readers, strict=True):
         missing = np.setdiff1d(chosen, np.fromiter(pages, np.int64, len(pages)))
         if not len(missing):
             break
-        rows = np.flatnonzero(elig & np.isin(t.content, missing))
-        found, first = np.unique(t.content[rows], return_index=True)
-        data = r.read_pages(t.locators[rows[first]])
+        rows = np.flatnonzero(np.isin(labels, missing))
+        found, first = np.unique(labels[rows], return_index=True)
+        data = r.read_pages(fp.locators[rows[first]])
         for c, page in zip(found.tolist(), data, strict=True):
             pages[c] = page.tobytes()
+    names = [_name(p) for p in table.names]
     records = []
+    # The zero page first: on a tie in copies it stays ahead of the others.
+    zero = table.inputs[table.inputs["zero_pages"] > 0]
+    zero_total = int(zero["zero_pages"].sum())
+    if zero_total >= 2:
+        where = [f"{_name(p)}:{n}" for p, n in zip(zero["input"], zero["zero_pages"],
+                                                    strict=True)]
+        records.append(_content_row(bytes(table.page_size), zero_total, table.page_size,
+                                    where, show_content))
     for c, n in zip(chosen.tolist(), chosen_total.tolist(), strict=True):
-        page = pages[c]
-        where = [
-            f"{_name(t)}:{int(cnt[np.searchsorted(tc, c)])}"
-            for t, (tc, cnt) in zip(tables, counts, strict=True)
-            if np.searchsorted(tc, c) < len(tc) and tc[np.searchsorted(tc, c)] == c
-        ]
-        kind, detail, entropy = classify_content(page)
-        row = {
-            "content_hash": hashlib.sha256(page).hexdigest(),
-            "copies": n,
-            "bytes": n * ps,
-            "input_count": len(where),
-            "inputs": " ".join(where),
-            "content_class": kind,
-            "class_detail": detail,
-            "entropy_bits_per_byte": round(entropy, 3),
-        }
-        if show_content:
-            row["content_hex"] = page[:CONTENT_HEAD_BYTES].hex()
-        records.append(row)
-    return pd.DataFrame(records, columns=columns)
-
-
-def with_zero_row(
-    top: pd.DataFrame, per_input: pd.DataFrame, page_size: int, *, limit: int,
-    show_content: bool = False,
-) -> pd.DataFrame:
-    """Add the all-zero page to ``top_contents`` with the model's zero page counts."""
-    zero = per_input[per_input["zero_pages"] > 0]
-    total = int(zero["zero_pages"].sum())
-    if total < 2 or limit <= 0:
-        return top.head(limit).reset_index(drop=True)
-    page = bytes(page_size)
-    row = {
-        "content_hash": hashlib.sha256(page).hexdigest(),
-        "copies": total,
-        "bytes": total * page_size,
-        "input_count": len(zero),
-        "inputs": " ".join(f"{Path(p).name}:{n}" for p, n in
-                           zip(zero["input"], zero["zero_pages"], strict=True)),
-        "content_class": "zero",
-        "class_detail": "",
-        "entropy_bits_per_byte": 0.0,
-    }
-    if show_content:
-        row["content_hex"] = page[:CONTENT_HEAD_BYTES].hex()
-    df = pd.concat([pd.DataFrame([row], columns=top.columns), top], ignore_index=True)
-    df = df.sort_values("copies", ascending=False, kind="stable").head(limit)
+        mine = table.content == c
+        where = [f"{names[i]}:{k}" for i, k in zip(table.owner[mine].tolist(),
+                                                     table.pages[mine].tolist(), strict=True)]
+        records.append(_content_row(pages[c], n, table.page_size, where, show_content))
+    df = pd.DataFrame(records, columns=columns)
+    df = df.sort_values("copies", ascending=False, kind="stable").head(top)
     return df.reset_index(drop=True)
 
 
+def _content_row(page: bytes, copies: int, page_size: int, where: list[str],
+                 show_content: bool) -> dict[str, Any]:
+    kind, detail, entropy = classify_content(page)
+    row: dict[str, Any] = {
+        "content_hash": hashlib.sha256(page).hexdigest(),
+        "copies": copies,
+        "bytes": copies * page_size,
+        "input_count": len(where),
+        "inputs": " ".join(where),
+        "content_class": kind,
+        "class_detail": detail,
+        "entropy_bits_per_byte": round(entropy, 3),
+    }
+    if show_content:
+        row["content_hex"] = page[:CONTENT_HEAD_BYTES].hex()
+    return row
+
+
 def address_map(
-    tables: Sequence[PageTable],
-    eligible: Sequence[np.ndarray],
+    table: ContentTable,
+    classes: ContentClasses,
+    fingerprints: Sequence[Fingerprints],
+    masks: Sequence[ScanMask],
     *,
+    scope: Scope,
     bins: int = ADDRESS_BINS,
-    scope: Scope = Scope.MERGEABLE,
 ) -> pd.DataFrame:
     """Each input's pages in address order, cut into ``bins`` runs of equal page count.
 
@@ -300,16 +254,13 @@ def address_map(
         shared, zero-page mappings, not mergeable; see ``Analysis.exclusions``),
         ``not_stored_pages`` (holes, excluded, not saved).
     """
-    counts = _class_counts(tables, eligible)
-    # Classes held by two or more inputs.
-    held = np.concatenate([cls for cls, _ in counts]) if counts else np.empty(0, np.int64)
-    cls, n_inputs = np.unique(held, return_counts=True)
-    across = cls[n_inputs > 1]
+    # Classes held by two or more inputs: a content's rows are adjacent in the table.
+    across = np.unique(table.content[1:][table.content[1:] == table.content[:-1]])
     frames = []
-    for t, elig in zip(tables, eligible, strict=True):
-        assert t.content is not None
-        ps = t.page_size
-        ext = sorted(t.extents, key=lambda e: e.addr)
+    for fp, c, mask in zip(fingerprints, classes.labels, masks, strict=True):
+        elig = mask.scanned
+        ps = fp.page_size
+        ext = sorted(fp.extents, key=lambda e: e.addr)
         starts = np.array([e.addr for e in ext], np.uint64)
         sizes = np.array([e.npages for e in ext], np.int64)
         first_index = np.concatenate([[0], np.cumsum(sizes)])
@@ -318,20 +269,19 @@ def address_map(
         edges = np.linspace(0, total, nb + 1).round().astype(np.int64)
         kinds = {k: np.zeros(nb, np.int64) for k in ADDRESS_KINDS}
         # Stored pages, by content.
-        k = np.searchsorted(starts, t.addrs, side="right") - 1
-        index = first_index[k] + ((t.addrs - starts[k]) // np.uint64(ps)).astype(np.int64)
+        k = np.searchsorted(starts, fp.addrs, side="right") - 1
+        index = first_index[k] + ((fp.addrs - starts[k]) // np.uint64(ps)).astype(np.int64)
         which = np.searchsorted(edges, index, side="right") - 1
-        c = t.content
         dup = c >= 0
         is_across = dup & np.isin(c, across)
-        for name, mask in (
+        for name, rows in (
             ("zero_pages", elig & (c == ZERO)),
             ("unique_pages", elig & (c == UNIQUE)),
             ("duplicate_within_pages", elig & dup & ~is_across),
             ("duplicate_across_pages", elig & is_across),
             ("ineligible_pages", ~elig),
         ):
-            kinds[name] += np.bincount(which[mask], minlength=nb)[:nb]
+            kinds[name] += np.bincount(which[rows], minlength=nb)[:nb]
         # Pages with no stored bytes, run by run: pages of a run in each bin.
         for e, lo in zip(ext, first_index[:-1].tolist(), strict=True):
             if e.state == PageState.DATA:
@@ -344,7 +294,7 @@ def address_map(
         # The address of the first and last page of every bin.
         addr_of = _index_to_addr(starts, first_index, ps)
         frames.append(pd.DataFrame({
-            "input": _name(t),
+            "input": _name(fp.path),
             "bin": np.arange(nb),
             "first_address": addr_of(edges[:-1]),
             "last_address": addr_of(np.maximum(edges[1:] - 1, edges[:-1])),
@@ -367,22 +317,3 @@ def _index_to_addr(starts: np.ndarray, first_index: np.ndarray, ps: int
         return addrs
 
     return addr_of
-
-
-def sharing_tables(
-    tables: Sequence[PageTable],
-    readers: Sequence[DumpReader],
-    eligible: Sequence[np.ndarray],
-    *,
-    max_page_sharing: int = 256,
-    top: int = 20,
-    show_content: bool = False,
-    scope: Scope = Scope.MERGEABLE,
-) -> SharingTables:
-    """All three tables; call while ``readers`` are open (``top_contents`` reads pages)."""
-    return SharingTables(
-        pairwise=pairwise(tables, eligible, max_page_sharing=max_page_sharing),
-        top_contents=top_contents(tables, readers, eligible, top=top,
-                                  show_content=show_content),
-        address_map=address_map(tables, eligible, scope=scope),
-    )

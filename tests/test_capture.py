@@ -25,12 +25,12 @@ from typer.testing import CliRunner
 
 import workload
 from ksm_analyze import analyze
-from ksm_analyze import capture as capture_module
-from ksm_analyze.capture import capture
 from ksm_analyze.cli import app
 from ksm_analyze.formats import DumpFormat, open_inputs
+from ksm_analyze.live import capture as capture_module
+from ksm_analyze.live.capture import capture
+from ksm_analyze.live.procfs import ProcessError
 from ksm_analyze.pages import PageState
-from ksm_analyze.procfs import ProcessError
 
 PS = 4096
 runner = CliRunner()
@@ -170,7 +170,7 @@ def test_scope_counts_follow_the_workload_layout(snap):
     everything = by_scope["all"]
     assert everything.exclusions.iloc[0][["shared", "file_backed", "zero_pfn"]].sum() == 0
     assert everything.counters.ksm_rmap_items > anon.counters.ksm_rmap_items
-    assert mergeable.options["scope"] == "mergeable"
+    assert mergeable.options.scope.value == "mergeable"
 
 
 @root_only

@@ -55,9 +55,10 @@ def test_scan_csv_writes_one_file_per_table(two_raw, tmp_path):
     out = tmp_path / "csv"
     r = runner.invoke(app, ["scan", *map(str, two_raw), "--csv", str(out)])
     assert r.exit_code == 0, r.output
+    # Every table, as report writes them (issue 8: one list of tables for --csv and report).
     assert sorted(p.name for p in out.iterdir()) == [
-        "convergence.csv", "exclusions.csv", "histogram.csv", "host.csv", "per_input.csv",
-        "savings.csv", "stages.csv",
+        "address_map.csv", "convergence.csv", "exclusions.csv", "histogram.csv", "host.csv",
+        "pairwise.csv", "per_input.csv", "savings.csv", "stages.csv", "top_contents.csv",
     ]
     assert "pages_sharing" in (out / "host.csv").read_text()
 
@@ -151,3 +152,21 @@ def test_report_options_reach_the_model(two_raw, tmp_path):
     conv = (out / "convergence.csv").read_text()
     # 5 rmap items + 2 ksm zero pages at 1 page a second: 7 s for one full scan.
     assert "full_scan_seconds,7.0," in conv
+
+
+def _strict_json(text):
+    """Parse as strict parsers do: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_scan_json_is_strict_json(two_raw):
+    r = runner.invoke(app, ["scan", *map(str, two_raw), "--json"])
+    assert r.exit_code == 0, r.output
+    data = _strict_json(r.stdout)
+    # The one value that has no number: rmap_item overhead counted in pages.
+    assert data["savings"]["rmap_overhead"]["with_zero_pages_pages"] is None
+    assert "address_map" in data

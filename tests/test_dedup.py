@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from ksm_analyze.dedup import classify
-from ksm_analyze.fingerprint import UNIQUE, fingerprint
+from ksm_analyze.dedup import UNIQUE, classify
+from ksm_analyze.fingerprint import fingerprint
 from ksm_analyze.formats.raw import RawReader
+from ksm_analyze.settings import ScanOptions
 
 PS = 4096
 
@@ -22,7 +23,7 @@ def _run(paths, **kw):
     readers = [RawReader(p) for p in paths]
     try:
         tables = [fingerprint(r) for r in readers]
-        return tables, classify(tables, readers, **kw)
+        return tables, classify(tables, readers, ScanOptions(**kw))
     finally:
         for r in readers:
             r.close()
@@ -38,7 +39,7 @@ def _truth_counts(*arrays):
 
 def _class_counts(tables, classes):
     """Copies of each distinct non-zero content, as stage 2 says."""
-    content = np.concatenate([t.content for t in tables])
+    content = np.concatenate(classes.labels)
     counts = np.bincount(content[content >= 0], minlength=classes.n_classes).tolist()
     singles = int(np.count_nonzero(content == UNIQUE))
     return sorted(counts + [1] * singles)
@@ -130,15 +131,15 @@ def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
     paths = [_write(tmp_path / f"{i}.raw", p) for i, p in enumerate(picks)]
     readers = [RawReader(p) for p in paths]
     try:
-        tables = [fingerprint(r, batch_pages=16, jobs=2) for r in readers]
-        classes = classify(tables, readers, jobs=2)
+        tables = [fingerprint(r, ScanOptions(jobs=2), batch_pages=16) for r in readers]
+        classes = classify(tables, readers, ScanOptions(jobs=2))
     finally:
         for r in readers:
             r.close()
     assert _class_counts(tables, classes) == _truth_counts(*picks)
     # Pages in one class hold the same bytes across parts and inputs.
     for k in range(classes.n_classes):
-        members = [picks[i][(np.asarray(t.locators) // PS)[t.content == k]]
+        members = [picks[i][(np.asarray(t.locators) // PS)[classes.labels[i] == k]]
                    for i, t in enumerate(tables)]
         rows = np.concatenate(members)
         assert (rows == rows[0]).all()

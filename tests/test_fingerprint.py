@@ -8,6 +8,7 @@ import xxhash
 
 from ksm_analyze.fingerprint import fingerprint, zero_rows
 from ksm_analyze.formats.raw import RawReader
+from ksm_analyze.settings import ScanOptions
 
 PS = 4096
 
@@ -34,7 +35,7 @@ def test_prefix_hash_is_xxh3_of_the_first_bytes(tmp_path, prefix_bytes):
     path = tmp_path / "r.raw"
     pages.tofile(path)
     with RawReader(path, base_address=0x10000) as r:
-        t = fingerprint(r, prefix_bytes=prefix_bytes, batch_pages=3)
+        t = fingerprint(r, ScanOptions(prefix_bytes=prefix_bytes), batch_pages=3)
     n = prefix_bytes or PS
     assert t.prefix_bytes == n
     assert t.zero.tolist() == [False, True, False, False]

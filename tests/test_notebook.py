@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from typer.testing import CliRunner
 
 from ksm_analyze.cli import app
-from ksm_analyze.report import TABLES
+from ksm_analyze.render.report import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "capacity_planning.ipynb"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import ksm_analyze.analysis
+import ksm_analyze.cli
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
-from ksm_analyze.progress import ScanProgress
+from ksm_analyze.render.progress import ScanProgress
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
@@ -29,7 +29,8 @@ class FakeTty(io.StringIO):
 def test_bars_show_bytes_throughput_and_eta_on_a_terminal(monkeypatch):
     tty = FakeTty()
     monkeypatch.setattr(sys, "stderr", tty)
-    analyze(SAMPLES, progress=True, jobs=1)
+    with ScanProgress() as bars:
+        analyze(SAMPLES, progress=bars, jobs=1)
     out = tty.getvalue()
     for label in ("vm-a.elf", "vm-b.raw", "all inputs", "comparing"):
         assert label in out, out
@@ -42,20 +43,22 @@ def test_bars_show_bytes_throughput_and_eta_on_a_terminal(monkeypatch):
 def test_no_bars_when_not_a_terminal_or_not_enabled(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    analyze(SAMPLES, progress=True, jobs=1)
+    with ScanProgress() as bars:
+        analyze(SAMPLES, progress=bars, jobs=1)
     assert stream.getvalue() == ""
     tty = FakeTty()
     monkeypatch.setattr(sys, "stderr", tty)
-    analyze(SAMPLES, progress=False, jobs=1)
+    with ScanProgress(enabled=False) as bars:
+        analyze(SAMPLES, progress=bars, jobs=1)
     assert tty.getvalue() == ""
 
 
 def test_callbacks_of_an_inactive_progress_do_nothing():
     with ScanProgress(enabled=False, stream=FakeTty()) as bars:
         assert not bars.active
-        bars.overall("all", 10)
-        bars.reading("x")(5, 10)
-        bars.comparing()(0, 0)
+        bars("all inputs", 5, 10)
+        bars.bar("x")(5, 10)
+        bars("comparing", 0, 0)
 
 
 def test_cli_output_has_no_bars_under_a_runner():
@@ -76,7 +79,7 @@ def test_quiet_turns_the_bars_off(monkeypatch, tmp_path, command, args, enabled)
             seen.append(enabled)
             super().__init__(enabled=enabled, stream=stream)
 
-    monkeypatch.setattr(ksm_analyze.analysis, "ScanProgress", Spy)
+    monkeypatch.setattr(ksm_analyze.cli, "ScanProgress", Spy)
     extra = ["-o", str(tmp_path / "out")] if command == "report" else []
     r = runner.invoke(app, [command, SAMPLES[1], *extra, *args])
     assert r.exit_code == 0, r.output

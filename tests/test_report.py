@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from dumpwriter.elf import make_elf_core
 from dumpwriter.raw import make_raw
 from ksm_analyze.cli import app
-from ksm_analyze.report import CHARTS, TABLES
+from ksm_analyze.render.report import CHARTS, TABLES
 
 PS = 4096
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +208,7 @@ def test_report_unwritable_output_is_one_line_exit_1(tmp_path):
 
 def test_report_write_failure_is_one_line_exit_1(tmp_path, monkeypatch):
     # As root, permissions cannot stop a write: make the write itself fail.
-    from ksm_analyze import report
+    from ksm_analyze.render import report
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / "per_input.csv"))

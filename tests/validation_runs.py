@@ -2,7 +2,7 @@
 
 Each run captures live processes into a snapshot, predicts from it with the kernel's current
 KSM settings, lets the running kernel's ksmd merge the same processes until its counters
-hold still, and returns both side by side (:class:`ksm_analyze.status.KsmStatus`). Every KSM
+hold still, and returns both side by side (:class:`ksm_analyze.live.status.KsmStatus`). Every KSM
 knob is restored afterwards.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import ksm_sysfs
 import workload
 from ksm_analyze import Analysis, analyze
-from ksm_analyze.capture import CaptureSummary, capture
-from ksm_analyze.status import KsmStatus, ksm_status
+from ksm_analyze.live.capture import CaptureSummary, capture
+from ksm_analyze.live.status import KsmStatus, ksm_status
 from qemu_guest import Guest, ensure_guest_assets
 
 GUEST_MIB = 256

@@ -24,15 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .formats.snapshot import RUN, RunFlags, SnapshotWriter, vma_flags
-from .pages import MapFlags
+from ..errors import InputError
+from ..formats.snapshot import RUN, RunFlags, SnapshotWriter, vma_flags
+from ..pages import MapFlags
+from ..settings import ProgressCallback
 from .procfs import (
     KPF_KSM,
     KPF_THP,
     KPF_ZERO_PAGE,
     PAGE_IS_HUGE,
     PAGE_IS_PFNZERO,
+    PAGE_SIZE,
     PM_FILE,
     PM_PFN_MASK,
     PM_PRESENT,
@@ -47,11 +49,9 @@ from .procfs import (
     process_facts,
     read_smaps,
 )
-from .progress import ProgressCallback
 
 __all__ = ["CaptureSummary", "capture"]
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CHUNK_PAGES = 1 << 14
 """Pages per pagemap read: 64 MiB of memory, 128 KiB of pagemap."""
 READ_PAGES = 1 << 10

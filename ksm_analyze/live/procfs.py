@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import KsmAnalyzeError
+from ..errors import KsmAnalyzeError
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+"""The running kernel's page size: pagemap has one entry per page of this size."""
 
 __all__ = [
     "KSM_SYSFS", "KPageFlags", "ProcessError", "Vma", "ksm_stat", "ksm_sysfs",
@@ -76,7 +79,8 @@ class Vma:
 
     @property
     def npages(self) -> int:
-        return (self.end - self.start) // 4096 if self.end > self.start else 0
+        """Pages of the running kernel's page size in the VMA."""
+        return (self.end - self.start) // PAGE_SIZE if self.end > self.start else 0
 
     def as_meta(self) -> dict[str, object]:
         """The snapshot's META entry for this VMA."""

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from .analysis import KSM_STAT_FIELDS, Analysis, analyze
-from .eligibility import Scope
-from .errors import KsmAnalyzeError
-from .formats import open_inputs
+from ..analysis import analyze
+from ..eligibility import Scope
+from ..errors import KsmAnalyzeError
+from ..formats import open_inputs
+from ..ksm import KSM_STAT_FIELDS, KsmSettings
+from ..result import Analysis
+from ..settings import DEFAULT_OPTIONS
 from .procfs import ksm_stat, ksm_sysfs, process_facts
 
 __all__ = ["HOST_COUNTERS", "KsmStatus", "ksm_status"]
@@ -47,7 +50,7 @@ class KsmStatus:
 
 
 def ksm_status(
-    snapshots: Sequence[str | os.PathLike[str]] = (), *, scope: str | Scope = Scope.MERGEABLE
+    snapshots: Sequence[str | os.PathLike[str]] = (), *, scope: str | Scope = DEFAULT_OPTIONS.scope
 ) -> KsmStatus:
     """Read ``/sys/kernel/mm/ksm`` and compare it with a prediction from ``snapshots``.
 
@@ -66,11 +69,11 @@ def ksm_status(
     if not snapshots:
         return KsmStatus(knobs, host, pd.DataFrame())
 
-    result = analyze(
-        list(snapshots), scope=scope,
-        max_page_sharing=int(sysfs.get("max_page_sharing", 256)),
-        use_zero_pages=bool(int(sysfs.get("use_zero_pages", 0))),
-    )
+    defaults = KsmSettings()  # for kernels that lack a knob
+    kernel = replace(defaults,
+                     max_page_sharing=int(sysfs.get("max_page_sharing", defaults.max_page_sharing)),
+                     use_zero_pages=bool(int(sysfs.get("use_zero_pages", defaults.use_zero_pages))))
+    result = analyze(list(snapshots), ksm=kernel, scope=scope)
     predicted = result.counters.as_dict()
     host["predicted"] = [predicted[k] for k in host.index]
     host["difference"] = host["actual"] - host["predicted"]

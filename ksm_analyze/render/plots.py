@@ -16,11 +16,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .present import human_bytes
-from .sharing import ADDRESS_KINDS
+from ..sharing import ADDRESS_KINDS
+from ..units import human_bytes
 
 if TYPE_CHECKING:
-    from .analysis import Analysis
+    from ..result import Analysis
 
 __all__ = ["plot_address_map", "plot_histogram", "plot_pairwise", "plot_savings"]
 
@@ -92,11 +92,11 @@ def plot_savings(result: Analysis) -> Figure:
         ax.set_ylim(0, largest / div * 1.22)
         ax.set_title(_SCENARIOS[s], fontsize=11)
         ax.grid(axis="y", alpha=0.3)
-    opts = result.options
+    ksm = result.ksm
     fig.suptitle(
         "Memory before and after KSM, all inputs on one host "
-        f"(max_page_sharing={opts.get('max_page_sharing')}, "
-        f"use_zero_pages={int(bool(opts.get('use_zero_pages')))})",
+        f"(max_page_sharing={ksm.max_page_sharing}, "
+        f"use_zero_pages={int(ksm.use_zero_pages)})",
         fontsize=12,
     )
     return fig
@@ -132,7 +132,7 @@ def plot_histogram(result: Analysis) -> Figure:
     ax.set_xticks(x, [f"{_bucket_label(int(c))}\n{int(n):,} content{'s' if n != 1 else ''}"
                       for c, n in zip(hist["copies"], hist["contents"], strict=True)])
     ax.set_xlabel("copies of a content (bucket), and how many contents fall in it")
-    ps = int(result.options.get("page_size", 4096))
+    ps = result.ksm.page_size
     ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
     ax.set_title("Sharing-degree histogram: pages by number of copies (zero pages included)")
     ax.legend(loc="upper left")

@@ -4,16 +4,16 @@ Stage 1 (reading and hashing) shows one bar per input and one for all inputs; st
 (comparing candidates byte for byte) one more. Bars are drawn only when the stream is a
 terminal, so pipes, logs and CI output stay clean; ``--quiet`` turns them off too.
 
-Library code reports through a :data:`ProgressCallback`, ``callback(done_bytes,
-total_bytes)``, and knows nothing of the display. Bars are refreshed from the caller's
+The library reports through callbacks (:mod:`ksm_analyze.settings`) and knows nothing of
+the display; this module, used by the CLI, draws. Bars are refreshed from the caller's
 thread (no refresh thread), so forking hash workers never copies a running thread.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
-from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TextIO
 
@@ -28,19 +28,20 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-__all__ = ["ProgressCallback", "ScanProgress"]
+from ..settings import ProgressCallback
 
-ProgressCallback = Callable[[int, int], None]
-"""``callback(done_bytes, total_bytes)``: work done so far out of the total."""
+__all__ = ["ScanProgress"]
 
 _REFRESH_SECONDS = 0.1
 
 
 class ScanProgress:
-    """The bars of one ``analyze`` run; a no-op unless ``enabled`` and ``stream`` is a tty.
+    """Progress bars, one per task; a no-op unless ``enabled`` and ``stream`` is a tty.
 
-    Use as a context manager; :meth:`reading` and :meth:`comparing` give callbacks for
-    ``fingerprint()`` and ``classify()``.
+    Use as a context manager. The object is a :data:`~ksm_analyze.settings.ProgressReporter`:
+    pass it as ``analyze(..., progress=bars)``, and it draws a bar for each task the library
+    names (each input, ``all inputs``, ``comparing``). :meth:`bar` gives a plain callback
+    for one task (``capture``).
     """
 
     def __init__(self, *, enabled: bool = True, stream: TextIO | None = None) -> None:
@@ -48,8 +49,7 @@ class ScanProgress:
         self.stream = sys.stderr if stream is None else stream
         self.active = enabled and self.stream.isatty()
         self._bars: Progress | None = None
-        self._overall: TaskID | None = None
-        self._overall_done: dict[TaskID, int] = {}
+        self._tasks: dict[str, TaskID] = {}
         self._last_refresh = 0.0
 
     def __enter__(self) -> Self:
@@ -81,41 +81,19 @@ class ScanProgress:
             self._bars.stop()
             self._bars = None
 
-    def overall(self, label: str, total_bytes: int) -> None:
-        """Add the bar that sums every :meth:`reading` bar."""
-        if self._bars is not None:
-            self._overall = self._bars.add_task(label, total=total_bytes)
-
-    def reading(self, label: str) -> ProgressCallback:
-        """A callback for one input's stage 1, feeding the overall bar too."""
-        return self._task(label, overall=True)
-
-    def comparing(self, label: str = "comparing") -> ProgressCallback:
-        """A callback for stage 2."""
-        return self._task(label, overall=False)
-
-    def bar(self, label: str) -> ProgressCallback:
-        """A callback for one more bar of its own (e.g. ``capture``)."""
-        return self._task(label, overall=False)
-
-    def _task(self, label: str, *, overall: bool) -> ProgressCallback:
+    def __call__(self, task: str, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` bytes on the bar of ``task`` (made on first use)."""
         bars = self._bars
         if bars is None:
-            return _ignore
-        task = bars.add_task(label, total=None)
+            return
+        if task not in self._tasks:
+            self._tasks[task] = bars.add_task(task, total=None)
+        bars.update(self._tasks[task], completed=done, total=total)
+        now = time.monotonic()
+        if done >= total or now - self._last_refresh >= _REFRESH_SECONDS:
+            self._last_refresh = now
+            bars.refresh()
 
-        def update(done: int, total: int) -> None:
-            bars.update(task, completed=done, total=total)
-            if overall and self._overall is not None:
-                self._overall_done[task] = done
-                bars.update(self._overall, completed=sum(self._overall_done.values()))
-            now = time.monotonic()
-            if done >= total or now - self._last_refresh >= _REFRESH_SECONDS:
-                self._last_refresh = now
-                bars.refresh()
-
-        return update
-
-
-def _ignore(done: int, total: int) -> None:
-    """The callback of an inactive :class:`ScanProgress`."""
+    def bar(self, label: str) -> ProgressCallback:
+        """A ``callback(done, total)`` for one task of its own (e.g. ``capture``)."""
+        return functools.partial(self, label)

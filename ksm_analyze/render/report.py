@@ -1,6 +1,6 @@
 """``ksm-analyze report``: a folder of CSV tables, PNG charts and one self-contained HTML page.
 
-Everything is written with :func:`~ksm_analyze.present.atomic_write`, files mode 0600 and
+Everything is written with :func:`~ksm_analyze.render.files.atomic_write`, files mode 0600 and
 the folder 0700 when created: the tables name inputs and contents of memory dumps. The HTML
 page embeds its charts as ``data:`` URIs and loads nothing, so it opens from disk in any
 browser. Page bytes appear only if the analysis was made with ``show_content=True``.
@@ -19,22 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import __version__
-from .present import atomic_write, human_bytes
+from .. import __version__
+from ..result import TABLES
+from ..units import human_bytes
+from .files import DIR_MODE, FILE_MODE, atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .analysis import Analysis
+    from ..result import Analysis
 
 __all__ = ["CHARTS", "TABLES", "write_report"]
 
-FILE_MODE = 0o600
-DIR_MODE = 0o700
-
-TABLES = ("per_input", "host", "savings", "histogram", "pairwise", "top_contents",
-          "address_map", "exclusions", "stages", "convergence")
-"""The CSV files of a report (``<name>.csv``), one per :class:`Analysis` table."""
 CHARTS = {
     "savings": "Memory before and after KSM",
     "histogram": "Sharing-degree histogram",
@@ -42,17 +38,6 @@ CHARTS = {
     "address_map": "Where the pages lie in each input's address space",
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
-
-
-def _table(result: Analysis, name: str) -> pd.DataFrame:
-    df: pd.DataFrame = getattr(result, name)
-    if name == "per_input":
-        return df.set_index("input")
-    if name == "histogram":
-        return df.set_index("copies")
-    if name in ("pairwise", "top_contents", "address_map"):
-        return df.set_index(df.columns[0])
-    return df
 
 
 def _png(fig: Figure) -> bytes:
@@ -70,7 +55,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Pa
         directory: the output folder; existing report files in it are replaced.
 
     Returns:
-        The files written: ``<table>.csv`` for each of ``TABLES``, ``<chart>.png`` for
+        The files written: ``<table>.csv`` for each of :data:`~ksm_analyze.result.TABLES`, ``<chart>.png`` for
         each of ``CHARTS``, and ``index.html``.
 
     Raises:
@@ -79,9 +64,9 @@ def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Pa
     out = Path(directory)
     out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     written = []
-    for name in TABLES:
+    for name, df in result.tables().items():
         path = out / f"{name}.csv"
-        atomic_write(path, _table(result, name).to_csv(), mode=FILE_MODE)
+        atomic_write(path, df.to_csv(), mode=FILE_MODE)
         written.append(path)
     images = {}
     for name in CHARTS:
@@ -208,7 +193,7 @@ def render_html(result: Analysis, images: dict[str, bytes]) -> str:
                  '<a href="address_map.csv">address_map.csv</a>; fingerprinting statistics '
                  'in <a href="stages.csv">stages.csv</a>, time to converge in '
                  '<a href="convergence.csv">convergence.csv</a>.</p>')
-    options = {**result.options, "show_content": show_content}
+    options = {**result.options_record(), "show_content": show_content}
     parts.append('<h2 id="options">Options</h2><table class="summary">')
     parts.extend(f"<tr><th>{e(str(k))}</th><td><code>{e(_option(v))}</code></td></tr>"
                  for k, v in options.items())

@@ -1,46 +1,31 @@
-"""Presentation: the Analysis tables as text a person reads, and files (CSV, JSON).
+"""The Analysis tables, and what ``info``, ``capture`` and ``ksm-status`` found, as text.
 
-Nothing here computes a number; it only formats what ``analysis.py`` returns.
+Nothing here computes a number; it only formats what the library returns.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .analysis import Analysis, json_safe
-from .eligibility import RULES
+from ..eligibility import RULES
+from ..result import Analysis
+from ..units import human_bytes
+from .files import to_json
 
 if TYPE_CHECKING:
-    from .capture import CaptureSummary
-    from .status import KsmStatus
+    from ..live.capture import CaptureSummary
+    from ..live.status import KsmStatus
 
-__all__ = [
-    "atomic_write", "human_bytes", "render_capture", "render_info", "render_scan",
-    "render_status", "to_json", "write_csvs",
-]
+__all__ = ["render_capture", "render_info", "render_scan", "render_status"]
 
 _SCENARIO_TITLES = {
     "with_zero_pages": "zero pages present",
     "without_zero_pages": "zero pages untouched",
 }
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; binary units, three significant digits."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _count(n: Any) -> str:
@@ -63,7 +48,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = 
 
 def render_scan(result: Analysis) -> str:
     """The readable ``scan`` report: inputs, host prediction, savings, histogram, stages."""
-    opts = result.options
+    ksm = result.ksm
     out = []
     pi = result.per_input
     out.append("Inputs")
@@ -90,8 +75,8 @@ def render_scan(result: Analysis) -> str:
         out += _process_sections(result)
     out.append("")
     out.append(
-        f"KSM prediction, all inputs on one host (max_page_sharing={opts['max_page_sharing']}, "
-        f"use_zero_pages={int(opts['use_zero_pages'])})"
+        f"KSM prediction, all inputs on one host (max_page_sharing={ksm.max_page_sharing}, "
+        f"use_zero_pages={int(ksm.use_zero_pages)})"
     )
     host = result.host
     scen = list(host.columns)
@@ -170,8 +155,8 @@ def render_scan(result: Analysis) -> str:
     conv = result.convergence["with_zero_pages"]
     out.append(
         f"Convergence: one full scan of {_count(conv['scanned_pages'])} pages takes "
-        f"{_duration(conv['full_scan_seconds'])} at pages_to_scan={opts['pages_to_scan']}, "
-        f"sleep_millisecs={opts['sleep_millisecs']}; identical pages merge on the second "
+        f"{_duration(conv['full_scan_seconds'])} at pages_to_scan={ksm.pages_to_scan}, "
+        f"sleep_millisecs={ksm.sleep_millisecs}; identical pages merge on the second "
         f"scan, so steady state comes after about {_duration(conv['steady_state_seconds'])}."
     )
     for w in result.warnings:
@@ -181,7 +166,7 @@ def render_scan(result: Analysis) -> str:
 
 def _process_sections(result: Analysis) -> list[str]:
     """Eligibility exclusions and per-process ksm_stat, for process memory inputs."""
-    scope = result.options.get("scope", "mergeable")
+    scope = result.options.scope.value
     ex = result.exclusions
     rules = [r for r in ex.columns if ex[r].any()]
     out = ["", f"Excluded from KSM's scan (--scope {scope}; pages per rule)"]
@@ -250,50 +235,6 @@ def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any
     return "\n".join(out)
 
 
-def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one."""
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_csvs(result: Analysis, directory: str | os.PathLike[str]) -> list[Path]:
-    """One CSV per table into ``directory`` (created if needed); returns the paths."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tables = {
-        "per_input": result.per_input.set_index("input"),
-        "host": result.host,
-        "savings": result.savings,
-        "histogram": result.histogram.set_index("copies"),
-        "stages": result.stages,
-        "convergence": result.convergence,
-        "exclusions": result.exclusions,
-    }
-    written = []
-    for name, df in tables.items():
-        path = d / f"{name}.csv"
-        atomic_write(path, df.to_csv())
-        written.append(path)
-    return written
-
-
-def to_json(result: Analysis) -> str:
-    """The whole analysis as indented JSON."""
-    return json.dumps(result.to_dict(), indent=2)
-
-
 _ZERO_SOURCES = {
     "kpageflags": "zero-page mappings found with /proc/kpageflags",
     "pagemap_scan": "zero-page mappings found with PAGEMAP_SCAN",
@@ -323,11 +264,11 @@ def render_capture(summary: CaptureSummary) -> str:
 def render_status(status: KsmStatus, *, as_json: bool = False) -> str:
     """The kernel's KSM counters, and the prediction beside them when there is one."""
     if as_json:
-        return json.dumps(json_safe({
+        return to_json({
             "knobs": status.knobs,
             "host": status.host.to_dict(orient="index"),
             "processes": status.processes.to_dict(orient="records"),
-        }), indent=2)
+        })
     knobs = ", ".join(f"{k}={v}" for k, v in status.knobs.items())
     out = [f"KSM on this host: {knobs}"]
     host = status.host

@@ -1,0 +1,198 @@
+"""The core table: for every input, how many of its scanned pages hold each content.
+
+Built once per analysis, after stage 2, from the fingerprints, the content classes and the
+scan masks; every number of the analysis (the KSM counters, per-input and per-process
+statistics, pairwise sharing, the histogram, the top contents) is computed from it. It holds
+no page bytes and no per-page arrays, so it is small, cheap to restrict to any subset of
+inputs (capacity planning does that many times), and serialisable as two data frames.
+
+Only pages KSM would scan under the analysis' scope are counted. Contents come in three
+kinds, stored three ways:
+
+* the zero page: a column ``zero_pages`` of :attr:`ContentTable.inputs`;
+* contents seen once among all scanned pages: a column ``unique_pages`` (they stay unique
+  in every subset, so they need no identity);
+* every other content: sparse rows ``(content, input, pages)``, sorted by content then
+  input, one row per input holding that content (at most 20 bytes per duplicated scanned
+  page, nothing per unique or zero page).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .dedup import UNIQUE, ContentClasses
+from .eligibility import ScanMask
+from .fingerprint import Fingerprints
+from .ksm import KsmCounters, KsmSettings, merged_pages, predict, predict_processes
+from .pages import PAGE_SIZE, PageState
+
+__all__ = ["INPUT_COLUMNS", "ContentTable", "build_content_table"]
+
+INPUT_COLUMNS = ("input", "format", "address_space", "pages", "hole_pages", "excluded_pages",
+                 "not_saved_pages", "ineligible_pages", "zero_pages", "unique_pages")
+"""Columns of :attr:`ContentTable.inputs`."""
+
+
+@dataclass(frozen=True)
+class ContentTable:
+    """Inputs x contents: the pages of each content class each input holds, KSM's view.
+
+    Attributes:
+        inputs: one row per input, in analysis order. Columns: ``input`` (path),
+            ``format``, ``address_space`` (``physical``/``virtual``), ``pages`` (every page
+            the dump describes), ``hole_pages``, ``excluded_pages``, ``not_saved_pages``
+            (pages with no bytes), ``ineligible_pages`` (bytes known, KSM would not scan
+            them), ``zero_pages`` (scanned all-zero pages), ``unique_pages`` (scanned
+            pages whose content no other scanned page holds).
+        content: int64 content class of each sparse row (sorted; ids need not be dense).
+        owner: int32 input (row of ``inputs``) of each sparse row.
+        pages: int64 pages of that content in that input (at least 1).
+        page_size: bytes per page.
+    """
+
+    inputs: pd.DataFrame
+    content: np.ndarray
+    owner: np.ndarray
+    pages: np.ndarray
+    page_size: int
+
+    @property
+    def names(self) -> list[str]:
+        """The input paths, in order."""
+        return [str(p) for p in self.inputs["input"]]
+
+    def subset(self, inputs: Sequence[int | str]) -> ContentTable:
+        """The table of a host holding only ``inputs`` (positions or paths), in that order.
+
+        Costs one pass over the sparse rows; contents the subset holds once become
+        ordinary rows of one page (the model counts them unshared).
+        """
+        names = self.names
+        index = [names.index(i) if isinstance(i, str) else int(i) for i in inputs]
+        if len(set(index)) != len(index):
+            raise ValueError("an input appears twice in the subset")
+        renumber = np.full(len(names), -1, np.int32)
+        renumber[index] = np.arange(len(index), dtype=np.int32)
+        keep = renumber[self.owner] >= 0
+        owner = renumber[self.owner[keep]]
+        content, pages = self.content[keep], self.pages[keep]
+        order = np.lexsort((owner, content))  # new input order within each content
+        return ContentTable(self.inputs.iloc[index].reset_index(drop=True), content[order],
+                            owner[order], pages[order], self.page_size)
+
+    def copies(self) -> np.ndarray:
+        """Scanned pages per duplicated content class (classes in content order)."""
+        if not len(self.content):
+            return np.empty(0, np.int64)
+        return np.add.reduceat(self.pages, self._starts())
+
+    def counters(self, settings: KsmSettings, *, zero_pages: bool = True) -> KsmCounters:
+        """The KSM counters of a host holding these inputs.
+
+        Args:
+            settings: the KSM knobs.
+            zero_pages: count the scanned zero pages as present (False: as never touched).
+        """
+        zero = int(self.inputs["zero_pages"].sum()) if zero_pages else 0
+        return predict(self.copies(), zero, settings,
+                       singletons=int(self.inputs["unique_pages"].sum()))
+
+    def nonzero_pages(self) -> np.ndarray:
+        """Scanned non-zero pages per input, duplicated or not."""
+        held = np.bincount(self.owner, weights=self.pages, minlength=len(self.inputs))
+        unique: np.ndarray = self.inputs["unique_pages"].to_numpy(np.int64)
+        return unique + held.astype(np.int64)
+
+    def per_input(self, settings: KsmSettings) -> pd.DataFrame:
+        """Per input: scanned pages, distinct contents, self-sharing and ``ksm_stat``.
+
+        Columns ``nonzero_pages``, ``zero_pages``, ``distinct_contents``,
+        ``self_sharing_pages`` (pages KSM saves merging within the input alone, zero pages
+        apart), then :data:`ksm_analyze.ksm.KSM_STAT_FIELDS` (zero pages present).
+        """
+        n = len(self.inputs)
+        unique = self.inputs["unique_pages"].to_numpy(np.int64)
+        zero = self.inputs["zero_pages"].to_numpy(np.int64)
+        nonzero = self.nonzero_pages()
+        ksm, unshared = merged_pages(self.pages, settings.max_page_sharing)
+        self_saved = np.bincount(self.owner, weights=self.pages - ksm - unshared, minlength=n)
+        stat = predict_processes(self.content, self.owner, self.pages, nonzero, zero, settings)
+        return pd.DataFrame({
+            "nonzero_pages": nonzero,
+            "zero_pages": zero,
+            "distinct_contents": unique + np.bincount(self.owner, minlength=n),
+            "self_sharing_pages": self_saved.astype(np.int64),
+            **stat,
+        })
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(inputs, rows)``: the table as two data frames, e.g. to store as Parquet."""
+        rows = pd.DataFrame({"content": self.content, "input": self.owner, "pages": self.pages})
+        return self.inputs.copy(), rows
+
+    @classmethod
+    def from_frames(cls, inputs: pd.DataFrame, rows: pd.DataFrame, page_size: int
+                    ) -> ContentTable:
+        """Rebuild a table from :meth:`frames`."""
+        missing = set(INPUT_COLUMNS) - set(inputs.columns)
+        if missing:
+            raise ValueError(f"inputs frame lacks columns {sorted(missing)}")
+        content = rows["content"].to_numpy(np.int64)
+        owner = rows["input"].to_numpy(np.int32)
+        order = np.lexsort((owner, content))
+        return cls(inputs.reset_index(drop=True), content[order], owner[order],
+                   rows["pages"].to_numpy(np.int64)[order], page_size)
+
+    def _starts(self) -> np.ndarray:
+        """Index of the first sparse row of each content."""
+        return np.flatnonzero(np.r_[True, self.content[1:] != self.content[:-1]])
+
+
+def build_content_table(
+    fingerprints: Sequence[Fingerprints], classes: ContentClasses, masks: Sequence[ScanMask]
+) -> ContentTable:
+    """Count, per input, the scanned pages of each content: the analysis' one core table."""
+    per_input = []
+    for k, (labels, mask) in enumerate(zip(classes.labels, masks, strict=True)):
+        scanned = labels[mask.scanned]
+        cls, n = np.unique(scanned[scanned >= 0], return_counts=True)
+        per_input.append((cls.astype(np.int64), np.full(len(cls), k, np.int32),
+                          n.astype(np.int64)))
+    if per_input:
+        content, owner, pages = (np.concatenate(part) for part in zip(*per_input, strict=True))
+    else:
+        content, owner, pages = np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+    order = np.lexsort((owner, content))
+    content, owner, pages = content[order], owner[order], pages[order]
+    # A class with one scanned page in all (its other copies unscanned, or a false
+    # candidate) is a unique page: fold it into unique_pages.
+    starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
+        np.empty(0, np.int64)
+    total = np.add.reduceat(pages, starts) if len(starts) else np.empty(0, np.int64)
+    alone = np.repeat(total == 1, np.diff(np.append(starts, len(content))))
+    folded = np.bincount(owner[alone], minlength=len(fingerprints))
+    rows = []
+    for k, (fp, labels, mask) in enumerate(zip(fingerprints, classes.labels, masks,
+                                               strict=True)):
+        states = fp.state_pages
+        rows.append({
+            "input": fp.path,
+            "format": fp.format.value,
+            "address_space": fp.address_space,
+            "pages": sum(e.npages for e in fp.extents),
+            "hole_pages": states.get(PageState.HOLE, 0),
+            "excluded_pages": states.get(PageState.EXCLUDED, 0),
+            "not_saved_pages": states.get(PageState.NOT_SAVED, 0),
+            "ineligible_pages": mask.ineligible_pages,
+            "zero_pages": int(np.count_nonzero(fp.zero[mask.scanned])) + mask.zero_state_pages,
+            "unique_pages": int(np.count_nonzero(labels[mask.scanned] == UNIQUE))
+            + int(folded[k]),
+        })
+    inputs = pd.DataFrame(rows, columns=list(INPUT_COLUMNS))
+    page_size = fingerprints[0].page_size if fingerprints else PAGE_SIZE
+    return ContentTable(inputs, content[~alone], owner[~alone], pages[~alone], page_size)

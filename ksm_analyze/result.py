@@ -1,0 +1,196 @@
+"""The result of an analysis: :class:`Analysis`, and the one list of its tables.
+
+``TABLES`` names every table once: ``scan --json``, ``scan --csv``, ``report`` and the docs
+all come from it, so adding a table is adding it here and to the analysis that builds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .contents import ContentTable
+from .ksm import KsmCounters, KsmSettings
+from .settings import ScanOptions
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["TABLES", "Analysis", "json_safe"]
+
+TABLES: dict[str, str] = {
+    "per_input": "records",
+    "host": "index",
+    "savings": "index",
+    "histogram": "records",
+    "stages": "value",
+    "convergence": "index",
+    "exclusions": "index",
+    "pairwise": "records",
+    "top_contents": "records",
+    "address_map": "records",
+}
+"""Every table of an :class:`Analysis`, in output order, with its JSON shape: ``records`` (a
+list of rows; the CSV is indexed by the first column), ``index`` (an object of rows keyed by
+the index) or ``value`` (one object: statistic -> value)."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of :func:`analyze`: every table the CLI prints, as DataFrames.
+
+    Attributes:
+        per_input: one row per input. Columns: ``input``, ``format``, ``address_space``,
+            ``pages`` (every page the dump describes), ``bytes``, ``nonzero_pages`` and
+            ``zero_pages`` (pages KSM may merge), ``hole_pages``, ``excluded_pages``,
+            ``not_saved_pages``, ``ineligible_pages`` (file-backed or shared memory in
+            process cores, which KSM never merges),
+            ``distinct_contents`` (non-zero contents in this input),
+            ``self_sharing_pages`` (pages KSM would save merging within this input alone,
+            zero pages apart), and the ``/proc/PID/ksm_stat`` fields KSM would show for the
+            input with zero pages present: ``ksm_rmap_items``, ``ksm_merging_pages``,
+            ``ksm_zero_pages``, ``ksm_process_profit`` (bytes).
+        host: the KSM counters, one row per counter (``pages_shared``, ``pages_sharing``,
+            ``pages_unshared``, ``pages_volatile``, ``ksm_zero_pages``, ``ksm_rmap_items``,
+            ``general_profit`` in bytes), one column per scenario.
+        savings: memory before and after KSM and where the savings come from; rows
+            ``memory_before``, ``zero_pages``, ``sharing_within_inputs``,
+            ``sharing_across_inputs``, ``saved``, ``memory_after``, ``rmap_overhead``;
+            columns ``<scenario>_pages``, ``<scenario>_bytes``, ``<scenario>_percent``.
+        histogram: the sharing-degree histogram (zdb -S style), one row per bucket of
+            copies (1, 2, 4, 8, ...: a bucket holds copies from it up to the next one).
+            Columns ``copies``, ``contents``, ``pages_referenced``, ``pages_after_merging``,
+            ``bytes_referenced``, ``bytes_after_merging`` (zero pages included, as present).
+        stages: fingerprinting statistics, one row per statistic (counts of pages, and
+            ``stage1_seconds``/``stage2_seconds``, the wall time of each stage).
+        convergence: seconds to one full scan and to steady state for each scenario.
+        exclusions: pages kept from KSM's scan, one row per input, one column per rule
+            (:data:`ksm_analyze.eligibility.RULES`: ``not_present``, ``swapped``,
+            ``not_saved``, ``excluded``, ``shared``, ``special``, ``hugetlb``,
+            ``file_backed``, ``zero_pfn``, ``not_mergeable``), under ``options.scope``.
+        counters: the KSM counters of the ``with_zero_pages`` scenario.
+        options: the reading and fingerprinting options the analysis ran with.
+        ksm: the KSM knobs the prediction assumed.
+        contents: the core inputs x contents table every number above comes from
+            (:class:`~ksm_analyze.contents.ContentTable`): restrict it to any subset of
+            inputs and ask for that host's counters.
+        inputs: the paths given, in order (a snapshot of N processes is one path, N inputs).
+        warnings: every warning the readers raised.
+        pairwise: sharing between each ordered pair of inputs, non-zero pages only.
+            Columns ``input_a``, ``input_b``, ``a_nonzero_pages``, ``a_pages_in_b`` (pages
+            of A whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
+            ``extra_saved_pages``/``extra_saved_bytes`` (saved on a host holding only A and
+            B beyond A and B alone).
+        top_contents: the most duplicated contents, most copies first (zero page
+            included). Columns ``content_hash`` (SHA-256, hex), ``copies``, ``bytes``,
+            ``input_count``, ``inputs`` (``name:copies`` separated by spaces),
+            ``content_class`` (``zero``, ``repeated_byte``, ``repeated_pattern``,
+            ``low_entropy``, ``other``), ``class_detail``, ``entropy_bits_per_byte``, and
+            ``content_hex`` (first 64 bytes) only with ``show_content=True``.
+        address_map: each input's pages in address order, in up to 256 bins. Columns
+            ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
+            ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
+            ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+    """
+
+    per_input: pd.DataFrame
+    host: pd.DataFrame
+    savings: pd.DataFrame
+    histogram: pd.DataFrame
+    stages: pd.DataFrame
+    convergence: pd.DataFrame
+    exclusions: pd.DataFrame
+    pairwise: pd.DataFrame
+    top_contents: pd.DataFrame
+    address_map: pd.DataFrame
+    counters: KsmCounters
+    options: ScanOptions
+    ksm: KsmSettings
+    contents: ContentTable
+    inputs: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table by name, in :data:`TABLES` order, indexed as its CSV file is."""
+        out = {}
+        for name, shape in TABLES.items():
+            df: pd.DataFrame = getattr(self, name)
+            out[name] = df.set_index(df.columns[0]) if shape == "records" else df
+        return out
+
+    def options_record(self) -> dict[str, Any]:
+        """The options the analysis ran with, as plain values (``options`` in ``--json``)."""
+        o, k = self.options, self.ksm
+        bases = o.bases_for(self.inputs)
+        return {
+            "inputs": list(self.inputs),
+            "format": o.format.value if o.format else "auto",
+            "page_size": k.page_size,
+            "prefix_bytes": int(self.stages.at["prefix_bytes", "value"]),
+            "base_address": bases if len(set(bases)) > 1 else bases[0],
+            "max_page_sharing": k.max_page_sharing,
+            "use_zero_pages": k.use_zero_pages,
+            "pages_to_scan": k.pages_to_scan,
+            "sleep_millisecs": k.sleep_millisecs,
+            "verify": o.verify,
+            "jobs": o.workers,
+            "scope": o.scope.value,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON values, no NaN (what ``scan --json`` prints)."""
+        out: dict[str, Any] = {"options": self.options_record()}
+        for name, shape in TABLES.items():
+            df: pd.DataFrame = getattr(self, name)
+            if shape == "records":
+                out[name] = df.to_dict(orient="records")
+            elif shape == "index":
+                out[name] = df.to_dict(orient="index")
+            else:
+                out[name] = df["value"].to_dict()
+        out["warnings"] = list(self.warnings)
+        return {k: json_safe(v) for k, v in out.items()}
+
+    # The one deliberate upward edge: plots live in render/, which imports this module, so
+    # these accessors import it when called (and matplotlib with it, only then).
+    def plot_savings(self) -> Figure:
+        """Waterfall: memory before, zero pages, sharing within and across, after."""
+        from .render.plots import plot_savings
+
+        return plot_savings(self)
+
+    def plot_histogram(self) -> Figure:
+        """Pages by number of copies, before and after merging (log scale)."""
+        from .render.plots import plot_histogram
+
+        return plot_histogram(self)
+
+    def plot_pairwise(self) -> Figure:
+        """Heatmap of pages of each input also present in each other input."""
+        from .render.plots import plot_pairwise
+
+        return plot_pairwise(self)
+
+    def plot_address_map(self) -> Figure:
+        """Where zero, unique and duplicated pages lie in each input's address space."""
+        from .render.plots import plot_address_map
+
+        return plot_address_map(self)
+
+
+def json_safe(value: Any) -> Any:
+    """numpy scalars and containers to plain Python values; NaN and infinities to None
+    (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,99 @@
+"""How an analysis reads and fingerprints its inputs: every option, its default and its check.
+
+This is the one place these options are declared. The CLI takes its defaults from here, the
+library receives them as a :class:`ScanOptions`, and a bad value is refused here, once, with
+one message. The KSM knobs live beside the model, in :class:`ksm_analyze.ksm.KsmSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ._parallel import default_jobs
+from .eligibility import Scope
+from .formats import DumpFormat
+
+__all__ = ["DEFAULT_OPTIONS", "ProgressCallback", "ProgressReporter", "ScanOptions"]
+
+ProgressCallback = Callable[[int, int], None]
+"""``callback(done_bytes, total_bytes)``: one task's work done so far out of its total."""
+ProgressReporter = Callable[[str, int, int], None]
+"""``reporter(task, done_bytes, total_bytes)``: progress of named tasks (an input's name,
+``"all inputs"``, ``"comparing"``). The library only calls it; the CLI draws bars."""
+
+_ADDRESS_LIMIT = 1 << 64
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How inputs are read and fingerprinted, and what the analysis reports of them.
+
+    Errors name each option as the command line spells it (``--top``), which is also its
+    field name with dashes.
+
+    Attributes:
+        format: read every input as this format (a :class:`DumpFormat` or its name);
+            None detects each input from its magic.
+        base_address: address of the first byte of raw images: one for all inputs, or a
+            tuple with one per input (``pmemsave`` pieces of one guest, say).
+        prefix_bytes: bytes of each page hashed in stage 1 (0 = the whole page).
+        verify: compare candidate pages byte for byte before counting two as one (off:
+            trust the 64-bit prefix and full-page hashes).
+        jobs: worker processes for hashing and comparing; None = every CPU available.
+        scope: which process memory KSM scans (:class:`~ksm_analyze.eligibility.Scope` or
+            its name). Guest dumps carry no mapping facts: every page counts whatever it is.
+        top: rows of the most duplicated contents table.
+        show_content: put the first bytes of each top content in that table (off: memory
+            dumps hold secrets).
+    """
+
+    format: DumpFormat | None = None
+    base_address: int | tuple[int, ...] = 0
+    prefix_bytes: int = 128
+    verify: bool = True
+    jobs: int | None = None
+    scope: Scope = Scope.MERGEABLE
+    top: int = 20
+    show_content: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalise what users may give as names or lists, then check every range once.
+        if self.format is not None:
+            object.__setattr__(self, "format", DumpFormat.parse(self.format))
+        object.__setattr__(self, "scope", Scope.parse(self.scope))
+        if not isinstance(self.base_address, int):
+            object.__setattr__(self, "base_address", tuple(self.base_address))
+        for address in self.base_addresses:
+            if not 0 <= address < _ADDRESS_LIMIT:
+                raise ValueError(f"--base-address {address:#x} is outside 0 to 2^64-1")
+        if self.prefix_bytes < 0:
+            raise ValueError(f"--prefix-bytes cannot be negative, not {self.prefix_bytes}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, not {self.jobs}")
+        if self.top < 0:
+            raise ValueError(f"--top cannot be negative, not {self.top}")
+
+    @property
+    def base_addresses(self) -> tuple[int, ...]:
+        """``base_address`` as a tuple (one element when one address serves all inputs)."""
+        return (self.base_address,) if isinstance(self.base_address, int) else self.base_address
+
+    def bases_for(self, inputs: Sequence[object]) -> list[int]:
+        """One base address per input; ValueError if the count fits neither rule."""
+        bases = list(self.base_addresses)
+        if len(bases) == 1:
+            return bases * len(inputs)
+        if len(bases) != len(inputs):
+            raise ValueError(
+                f"{len(bases)} base addresses for {len(inputs)} inputs: give one, or one per input"
+            )
+        return bases
+
+    @property
+    def workers(self) -> int:
+        """``jobs``, or every CPU this process may run on when it is None."""
+        return default_jobs() if self.jobs is None else self.jobs
+
+
+DEFAULT_OPTIONS = ScanOptions()

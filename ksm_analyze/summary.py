@@ -1,0 +1,168 @@
+"""The summary tables of an analysis, each computed from the core :class:`ContentTable`.
+
+Guest dumps cannot tell a page the guest zeroed (host-resident, mergeable) from one it never
+touched (costs the host nothing), so the host prediction is made twice: ``with_zero_pages``
+counts every scanned zero page as present on the host, ``without_zero_pages`` assumes none
+is. The footprint after KSM is nearly the same either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .contents import ContentTable
+from .dedup import StageStats
+from .eligibility import RULES, ScanMask
+from .fingerprint import Fingerprints
+from .ksm import RMAP_ITEM_BYTES, KsmCounters, KsmSettings, convergence, merged_pages
+
+__all__ = ["SCENARIOS", "host_counters", "summary_tables"]
+
+SCENARIOS = ("with_zero_pages", "without_zero_pages")
+"""The two columns of the host prediction: zero pages present, or never touched."""
+
+
+def host_counters(table: ContentTable, settings: KsmSettings) -> dict[str, KsmCounters]:
+    """The KSM counters of the whole table, per scenario."""
+    return {s: table.counters(settings, zero_pages=s == "with_zero_pages") for s in SCENARIOS}
+
+
+def summary_tables(
+    table: ContentTable,
+    settings: KsmSettings,
+    fingerprints: Sequence[Fingerprints],
+    masks: Sequence[ScanMask],
+    stats: StageStats,
+    timings: Mapping[str, float],
+) -> dict[str, pd.DataFrame]:
+    """``per_input``, ``host``, ``savings``, ``histogram``, ``stages``, ``convergence`` and
+    ``exclusions`` (columns documented on :class:`~ksm_analyze.result.Analysis`)."""
+    counters = host_counters(table, settings)
+    host = pd.DataFrame({k: v.as_dict() for k, v in counters.items()})
+    host.index.name = "counter"
+    per_input = _per_input(table, settings)
+    conv = pd.DataFrame({s: convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
+                         for s, c in counters.items()})
+    conv.index.name = "item"
+    exclusions = pd.DataFrame([m.excluded for m in masks], columns=list(RULES),
+                              index=pd.Index(table.names, name="input"))
+    return {
+        "per_input": per_input,
+        "host": host,
+        "savings": _savings(table, settings, counters, per_input),
+        "histogram": _histogram(table, settings),
+        "stages": _stages(stats, fingerprints, timings),
+        "convergence": conv,
+        "exclusions": exclusions,
+    }
+
+
+def _per_input(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
+    facts = table.inputs
+    counted = table.per_input(settings)
+    df = pd.DataFrame({
+        "input": facts["input"],
+        "format": facts["format"],
+        "address_space": facts["address_space"],
+        "pages": facts["pages"],
+        "bytes": facts["pages"] * table.page_size,
+        "nonzero_pages": counted["nonzero_pages"],
+        "zero_pages": counted["zero_pages"],
+        "hole_pages": facts["hole_pages"],
+        "excluded_pages": facts["excluded_pages"],
+        "not_saved_pages": facts["not_saved_pages"],
+        "ineligible_pages": facts["ineligible_pages"],
+    })
+    return pd.concat([df, counted.drop(columns=["nonzero_pages", "zero_pages"])], axis=1)
+
+
+def _savings(
+    table: ContentTable,
+    settings: KsmSettings,
+    counters: Mapping[str, KsmCounters],
+    per_input: pd.DataFrame,
+) -> pd.DataFrame:
+    """Memory before and after KSM, and where the savings come from, per scenario."""
+    ps, mps = table.page_size, settings.max_page_sharing
+    copies = table.copies()
+    zero = int(table.inputs["zero_pages"].sum())
+    nonzero_pages = int(copies.sum()) + int(table.inputs["unique_pages"].sum())
+    within = int(per_input["self_sharing_pages"].sum())
+    ksm, unshared = merged_pages(copies, mps)
+    across = int((copies - ksm - unshared).sum()) - within
+    if settings.use_zero_pages:
+        zero_saved = zero
+    else:
+        zk, zu = merged_pages(np.array([zero]), mps)
+        zero_saved = int(zero - zk[0] - zu[0])
+    savings: dict[str, dict[str, float | None]] = {}
+    for name, c in counters.items():
+        present = name == "with_zero_pages"
+        before = nonzero_pages + (zero if present else 0)
+        saved = (zero_saved if present else 0) + within + across
+        rows = {
+            "memory_before": before,
+            "zero_pages": zero_saved if present else 0,
+            "sharing_within_inputs": within,
+            "sharing_across_inputs": across,
+            "saved": saved,
+            "memory_after": before - saved,
+        }
+        overhead = c.ksm_rmap_items * RMAP_ITEM_BYTES
+        savings[f"{name}_pages"] = {**rows, "rmap_overhead": None}
+        savings[f"{name}_bytes"] = {**{k: v * ps for k, v in rows.items()},
+                                    "rmap_overhead": overhead}
+        savings[f"{name}_percent"] = {
+            **{k: (100.0 * v / before if before else 0.0) for k, v in rows.items()},
+            "rmap_overhead": (100.0 * overhead / (before * ps)) if before else 0.0,
+        }
+    df = pd.DataFrame(savings)
+    df.index.name = "item"
+    return df
+
+
+def _histogram(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
+    """zdb -S style: contents bucketed by the highest power of two not above their copies."""
+    ps, mps = table.page_size, settings.max_page_sharing
+    copies = table.copies()
+    zero = int(table.inputs["zero_pages"].sum())
+    singletons = int(table.inputs["unique_pages"].sum())
+    all_copies = np.append(copies, [zero]) if zero else copies
+    ksm, unshared = merged_pages(all_copies, mps)
+    after = ksm + unshared
+    if zero and settings.use_zero_pages:
+        after[-1] = 0  # every zero page maps the kernel's zero page
+    if singletons:
+        all_copies = np.append(all_copies, 1)
+        after = np.append(after, 1)
+    weights = np.ones(len(all_copies), np.int64)
+    if singletons:
+        weights[-1] = singletons  # one row standing for every content seen once
+    bucket = np.left_shift(1, np.floor(np.log2(np.maximum(all_copies, 1))).astype(np.int64))
+    df = pd.DataFrame({
+        "copies": bucket,
+        "contents": weights,
+        "pages_referenced": all_copies * weights,
+        "pages_after_merging": after * weights,
+    })
+    df = df.groupby("copies", as_index=False).sum().sort_values("copies")
+    df["bytes_referenced"] = df["pages_referenced"] * ps
+    df["bytes_after_merging"] = df["pages_after_merging"] * ps
+    return df.reset_index(drop=True)
+
+
+def _stages(
+    stats: StageStats, fingerprints: Sequence[Fingerprints], timings: Mapping[str, float]
+) -> pd.DataFrame:
+    values: dict[str, Any] = asdict(stats)
+    values["zero_pages_found"] = sum(fp.zero_pages for fp in fingerprints)
+    values["prefix_bytes"] = fingerprints[0].prefix_bytes if fingerprints else 0
+    values.update({k: round(v, 3) for k, v in timings.items()})
+    df = pd.DataFrame({"value": pd.Series(values, dtype=object)})
+    df.index.name = "statistic"
+    return df

@@ -1,0 +1,171 @@
+"""The shape of the package: no import cycle, each option declared once, one list of tables."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import typer.main
+
+import ksm_analyze
+from ksm_analyze.cli import app
+from ksm_analyze.ksm import KsmSettings
+from ksm_analyze.settings import ScanOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "ksm_analyze"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(path: Path, name: str) -> set[str]:
+    """Modules of the package that ``path`` imports when it is imported: top-level
+    statements only (imports inside functions are lazy; ``if TYPE_CHECKING`` never runs)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets = [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t.startswith("ksm_analyze"))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        # Keep only real modules; importing a package also runs its __init__.
+        deps = {d for d in _runtime_imports(path, name) if d in modules}
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return [*stack[stack.index(dep):], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    # Submodules of a package are imported with the package's __init__ first; ksm_analyze's
+    # own __init__ re-exports the API, so edges into it from inside are left out (a module
+    # importing `from .. import __version__` needs only the attribute, set before the rest).
+    for deps in graph.values():
+        deps.discard("ksm_analyze")
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_never_imports_the_renderers_at_module_level():
+    graph = _graph()
+    entry_points = ("ksm_analyze", "ksm_analyze.__main__")
+    lower = [m for m in graph if not m.startswith(("ksm_analyze.render", "ksm_analyze.cli",
+                                                   "ksm_analyze.live"))
+             and m not in entry_points]
+    for module in lower:
+        upward = {d for d in graph[module] if d.startswith(("ksm_analyze.render",
+                                                             "ksm_analyze.cli"))}
+        assert not upward, (module, upward)
+
+
+def _field_defaults() -> dict[str, object]:
+    defaults = {}
+    for cls in (ScanOptions, KsmSettings):
+        for f in dataclasses.fields(cls):
+            value = f.default
+            defaults[f.name] = getattr(value, "value", value)  # enums as the CLI spells them
+    return defaults
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    defaults = _field_defaults()
+    command = typer.main.get_command(app)
+    checked = set()
+    for name in ("scan", "report", "info", "ksm-status"):
+        for param in command.commands[name].params:  # type: ignore[attr-defined]
+            if param.name in defaults and param.name != "base_address":
+                assert param.default == defaults[param.name], (name, param.name)
+                checked.add(param.name)
+    assert {"prefix_bytes", "max_page_sharing", "scope", "top", "page_size",
+            "use_zero_pages", "pages_to_scan", "sleep_millisecs", "verify", "jobs"} <= checked
+
+
+def test_option_defaults_are_written_once_in_the_package():
+    # The defaults of the options the issue found repeated: written in the settings types
+    # only, and nowhere else as a parameter default.
+    pattern = re.compile(
+        r"(prefix_bytes|max_page_sharing|scope|page_size)\s*(:[^=\n]*)?=\s*"
+        r"(128|256|4096|[\"']mergeable[\"']|Scope\.MERGEABLE)\b"
+    )
+    offenders = [f"{p.relative_to(ROOT)}:{n}" for p in PACKAGE.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line) and p.name not in ("settings.py", "ksm.py")]
+    assert not offenders, offenders
+
+
+def _listed_tables(text: str) -> list[str]:
+    line = re.search(r"^\s*Tables: (.*)\.$", text, re.MULTILINE)
+    assert line, "no 'Tables:' line"
+    return [name.strip(" `") for name in line.group(1).split(",")]
+
+
+def test_readme_changelog_and_cli_doc_list_every_table_in_order():
+    for doc in ("README.md", "CHANGELOG.md", "docs/cli.md"):
+        assert _listed_tables((ROOT / doc).read_text()) == list(ksm_analyze.TABLES), doc
+
+
+def test_json_csv_and_report_write_the_one_list_of_tables(tmp_path):
+    from typer.testing import CliRunner
+
+    samples = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
+    runner = CliRunner()
+    r = runner.invoke(app, ["scan", *samples, "--json", "--csv", str(tmp_path / "csv")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    data = json.loads(r.stdout)
+    assert [k for k in data if k not in ("options", "warnings")] == list(ksm_analyze.TABLES)
+    assert sorted(p.stem for p in (tmp_path / "csv").iterdir()) == sorted(ksm_analyze.TABLES)
+    r = runner.invoke(app, ["report", *samples, "-o", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    csvs = sorted(p.stem for p in (tmp_path / "report").glob("*.csv"))
+    assert csvs == sorted(ksm_analyze.TABLES)
+    files = len(list((tmp_path / "report").iterdir()))
+    assert r.stdout.startswith(f"Wrote {files} files")
