@@ -52,12 +52,5 @@ def imap_shards(task: Callable[[int], T], shards: int, jobs: int) -> Iterator[T]
 
 def map_shards(task: Callable[[int], T], shards: int, jobs: int) -> list[T]:
     """``[task(0), ..., task(shards - 1)]`` in shard order (see :func:`imap_shards`)."""
-    global _TASK
-    if jobs <= 1 or shards <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [task(k) for k in range(shards)]
-    _TASK = task
-    try:
-        with multiprocessing.get_context("fork").Pool(min(jobs, shards)) as pool:
-            return pool.map(_run, range(shards), chunksize=1)
-    finally:
-        _TASK = None
+    done = dict(imap_shards(lambda k: (k, task(k)), shards, jobs))
+    return [done[k] for k in range(shards)]

@@ -12,7 +12,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -69,6 +69,7 @@ def _version(value: bool) -> None:
 
 _KSM = KsmSettings()
 """Defaults of the KSM knobs, read from their one declaration."""
+_SCAN_FIELDS = {f.name for f in fields(ScanOptions)}
 
 FormatOpt = Annotated[
     str | None,
@@ -175,21 +176,12 @@ def _analysis_command(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
         given = {n: kwargs.pop(n) for n in names}
+        quiet, bases = given.pop("quiet"), given.pop("base_address")
         with _errors():
-            bases = given.pop("base_address")
-            request = _Request(
-                options=ScanOptions(
-                    format=given.pop("format"),
-                    scope=given.pop("scope"),
-                    prefix_bytes=given.pop("prefix_bytes"),
-                    base_address=tuple(_address(b) for b in bases) if bases else 0,
-                    verify=given.pop("verify"),
-                    jobs=given.pop("jobs"),
-                ),
-                quiet=given.pop("quiet"),
-                ksm=KsmSettings(**given),
-            )
-        command(**kwargs, request=request)
+            given["base_address"] = tuple(map(_address, bases)) if bases else 0
+            options = ScanOptions(**{k: v for k, v in given.items() if k in _SCAN_FIELDS})
+            ksm = KsmSettings(**{k: v for k, v in given.items() if k not in _SCAN_FIELDS})
+        command(**kwargs, request=_Request(options, ksm, quiet))
 
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
            if p.name != "request"]
@@ -295,11 +287,7 @@ def info(
     """Show a dump's detected format, its ranges and its pages per state."""
     with _errors(), open_dump(dump, format, page_size=page_size,
                               base_address=_address(base_address)) as reader:
-        counts = {s.name.lower(): n for s, n in reader.page_counts().items()}
-        typer.echo(
-            render_info(str(dump), reader.format.value, reader.info(), reader.extents, counts,
-                        reader.page_size, reader.warnings, max_ranges=ranges)
-        )
+        typer.echo(render_info(str(dump), reader, max_ranges=ranges))
 
 
 @app.command()

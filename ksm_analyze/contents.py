@@ -111,7 +111,7 @@ class ContentTable:
     def per_input(self, settings: KsmSettings) -> pd.DataFrame:
         """Per input: scanned pages, distinct contents, self-sharing and ``ksm_stat``.
 
-        Columns ``nonzero_pages``, ``zero_pages``, ``distinct_contents``,
+        Columns ``nonzero_pages``, ``distinct_contents``,
         ``self_sharing_pages`` (pages KSM saves merging within the input alone, zero pages
         apart), then :data:`ksm_analyze.ksm.KSM_STAT_FIELDS` (zero pages present).
         """
@@ -124,7 +124,6 @@ class ContentTable:
         stat = predict_processes(self.content, self.owner, self.pages, nonzero, zero, settings)
         return pd.DataFrame({
             "nonzero_pages": nonzero,
-            "zero_pages": zero,
             "distinct_contents": unique + np.bincount(self.owner, minlength=n),
             "self_sharing_pages": self_saved.astype(np.int64),
             **stat,
@@ -139,9 +138,6 @@ class ContentTable:
     def from_frames(cls, inputs: pd.DataFrame, rows: pd.DataFrame, page_size: int
                     ) -> ContentTable:
         """Rebuild a table from :meth:`frames`."""
-        missing = set(INPUT_COLUMNS) - set(inputs.columns)
-        if missing:
-            raise ValueError(f"inputs frame lacks columns {sorted(missing)}")
         content = rows["content"].to_numpy(np.int64)
         owner = rows["input"].to_numpy(np.int32)
         order = np.lexsort((owner, content))
@@ -157,28 +153,19 @@ def build_content_table(
     fingerprints: Sequence[Fingerprints], classes: ContentClasses, masks: Sequence[ScanMask]
 ) -> ContentTable:
     """Count, per input, the scanned pages of each content: the analysis' one core table."""
-    per_input = []
-    for k, (labels, mask) in enumerate(zip(classes.labels, masks, strict=True)):
-        scanned = labels[mask.scanned]
-        cls, n = np.unique(scanned[scanned >= 0], return_counts=True)
-        per_input.append((cls.astype(np.int64), np.full(len(cls), k, np.int32),
-                          n.astype(np.int64)))
-    if per_input:
-        content, owner, pages = (np.concatenate(part) for part in zip(*per_input, strict=True))
-    else:
-        content, owner, pages = np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
-    order = np.lexsort((owner, content))
-    content, owner, pages = content[order], owner[order], pages[order]
+    n = len(fingerprints)
+    scanned = [labels[m.scanned] for labels, m in zip(classes.labels, masks, strict=True)]
+    # One key per scanned page of a class, class * n + input: sorted keys order the sparse
+    # rows by content, then input.
+    keys = [s[s >= 0].astype(np.int64) * n + k for k, s in enumerate(scanned)]
+    pairs, pages = np.unique(np.concatenate(keys or [np.empty(0, np.int64)]), return_counts=True)
+    content, owner = pairs // max(n, 1), (pairs % max(n, 1)).astype(np.int32)
     # A class with one scanned page in all (its other copies unscanned, or a false
     # candidate) is a unique page: fold it into unique_pages.
-    starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
-        np.empty(0, np.int64)
-    total = np.add.reduceat(pages, starts) if len(starts) else np.empty(0, np.int64)
-    alone = np.repeat(total == 1, np.diff(np.append(starts, len(content))))
-    folded = np.bincount(owner[alone], minlength=len(fingerprints))
+    alone = np.bincount(content, weights=pages)[content] == 1 if len(content) else pages == 1
+    folded = np.bincount(owner[alone], minlength=n)
     rows = []
-    for k, (fp, labels, mask) in enumerate(zip(fingerprints, classes.labels, masks,
-                                               strict=True)):
+    for k, (fp, labels, mask) in enumerate(zip(fingerprints, scanned, masks, strict=True)):
         states = fp.state_pages
         rows.append({
             "input": fp.path,
@@ -190,9 +177,9 @@ def build_content_table(
             "not_saved_pages": states.get(PageState.NOT_SAVED, 0),
             "ineligible_pages": mask.ineligible_pages,
             "zero_pages": int(np.count_nonzero(fp.zero[mask.scanned])) + mask.zero_state_pages,
-            "unique_pages": int(np.count_nonzero(labels[mask.scanned] == UNIQUE))
-            + int(folded[k]),
+            "unique_pages": int(np.count_nonzero(labels == UNIQUE)) + int(folded[k]),
         })
     inputs = pd.DataFrame(rows, columns=list(INPUT_COLUMNS))
     page_size = fingerprints[0].page_size if fingerprints else PAGE_SIZE
-    return ContentTable(inputs, content[~alone], owner[~alone], pages[~alone], page_size)
+    return ContentTable(inputs, content[~alone], owner[~alone], pages[~alone].astype(np.int64),
+                        page_size)

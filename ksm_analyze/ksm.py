@@ -155,18 +155,15 @@ def predict_processes(
     ``k * max_page_sharing + 1`` times one page stays unmerged, and which one is the kernel's
     scan order: it is charged here to the last input holding the content.
     """
-    mps = settings.max_page_sharing
-    n_inputs = len(nonzero_pages)
-    starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
-        np.empty(0, np.int64)
-    copies = np.add.reduceat(pages, starts) if len(starts) else np.empty(0, np.int64)
-    per_row = np.repeat(copies, np.diff(np.append(starts, len(content))))
-    last_in_run = np.append(starts[1:] - 1, len(content) - 1) if len(starts) else starts
-    leftover = np.zeros(len(content), bool)
-    leftover[last_in_run] = (copies % mps == 1) & (copies > 1)
-    merging = np.bincount(owner, weights=pages * (per_row >= 2), minlength=n_inputs)
-    merging -= np.bincount(owner, weights=leftover, minlength=n_inputs)
-    merging = merging.astype(np.int64)
+    mps, n_inputs = settings.max_page_sharing, len(nonzero_pages)
+    first = np.ones(len(content), bool)
+    first[1:] = content[1:] != content[:-1]
+    group = np.cumsum(first) - 1
+    copies = np.bincount(group, weights=pages).astype(np.int64)[group]  # per row, host-wide
+    last = np.append(first[1:], True)[: len(content)]
+    leftover = last & (copies % mps == 1) & (copies > 1)
+    merging = np.bincount(owner, weights=pages * (copies >= 2) - leftover,
+                          minlength=n_inputs).astype(np.int64)
     zero_pages = np.asarray(zero_pages, np.int64)
     nonzero_pages = np.asarray(nonzero_pages, np.int64)
     zero_total = int(zero_pages.sum())

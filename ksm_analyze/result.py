@@ -22,21 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TABLES", "Analysis", "json_safe"]
 
-TABLES: dict[str, str] = {
-    "per_input": "records",
-    "host": "index",
-    "savings": "index",
-    "histogram": "records",
-    "stages": "value",
-    "convergence": "index",
-    "exclusions": "index",
-    "pairwise": "records",
-    "top_contents": "records",
-    "address_map": "records",
-}
-"""Every table of an :class:`Analysis`, in output order, with its JSON shape: ``records`` (a
-list of rows; the CSV is indexed by the first column), ``index`` (an object of rows keyed by
-the index) or ``value`` (one object: statistic -> value)."""
+TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
+          "pairwise", "top_contents", "address_map")
+"""Every table of an :class:`Analysis`, in output order."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +103,10 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        """Every table by name, in :data:`TABLES` order, indexed as its CSV file is."""
-        out = {}
-        for name, shape in TABLES.items():
-            df: pd.DataFrame = getattr(self, name)
-            out[name] = df.set_index(df.columns[0]) if shape == "records" else df
-        return out
+        """Every table by name, in :data:`TABLES` order, indexed as its CSV file is: tables of
+        rows (a plain 0, 1, ... index) by their first column."""
+        return {name: df.set_index(df.columns[0]) if _is_rows(df) else df
+                for name, df in ((name, getattr(self, name)) for name in TABLES)}
 
     def options_record(self) -> dict[str, Any]:
         """The options the analysis ran with, as plain values (``options`` in ``--json``)."""
@@ -142,16 +128,17 @@ class Analysis:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything as plain JSON values, no NaN (what ``scan --json`` prints)."""
+        """Everything as plain JSON values, no NaN (what ``scan --json`` prints): tables of
+        rows as lists of rows, ``stages`` as statistic -> value, the others keyed by index."""
         out: dict[str, Any] = {"options": self.options_record()}
-        for name, shape in TABLES.items():
+        for name in TABLES:
             df: pd.DataFrame = getattr(self, name)
-            if shape == "records":
+            if _is_rows(df):
                 out[name] = df.to_dict(orient="records")
-            elif shape == "index":
-                out[name] = df.to_dict(orient="index")
-            else:
+            elif list(df.columns) == ["value"]:
                 out[name] = df["value"].to_dict()
+            else:
+                out[name] = df.to_dict(orient="index")
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
 
@@ -180,6 +167,11 @@ class Analysis:
         from .render.plots import plot_address_map
 
         return plot_address_map(self)
+
+
+def _is_rows(df: pd.DataFrame) -> bool:
+    """A table of rows (its index only numbers them), not one keyed by its index."""
+    return isinstance(df.index, pd.RangeIndex)
 
 
 def json_safe(value: Any) -> Any:

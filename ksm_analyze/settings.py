@@ -64,7 +64,9 @@ class ScanOptions:
         object.__setattr__(self, "scope", Scope.parse(self.scope))
         if not isinstance(self.base_address, int):
             object.__setattr__(self, "base_address", tuple(self.base_address))
-        for address in self.base_addresses:
+        addresses = [self.base_address] if isinstance(self.base_address, int) else \
+            self.base_address
+        for address in addresses:
             if not 0 <= address < _ADDRESS_LIMIT:
                 raise ValueError(f"--base-address {address:#x} is outside 0 to 2^64-1")
         if self.prefix_bytes < 0:
@@ -74,14 +76,10 @@ class ScanOptions:
         if self.top < 0:
             raise ValueError(f"--top cannot be negative, not {self.top}")
 
-    @property
-    def base_addresses(self) -> tuple[int, ...]:
-        """``base_address`` as a tuple (one element when one address serves all inputs)."""
-        return (self.base_address,) if isinstance(self.base_address, int) else self.base_address
-
     def bases_for(self, inputs: Sequence[object]) -> list[int]:
         """One base address per input; ValueError if the count fits neither rule."""
-        bases = list(self.base_addresses)
+        bases = [self.base_address] if isinstance(self.base_address, int) else \
+            list(self.base_address)
         if len(bases) == 1:
             return bases * len(inputs)
         if len(bases) != len(inputs):

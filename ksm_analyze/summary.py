@@ -19,10 +19,21 @@ from .contents import ContentTable
 from .dedup import StageStats
 from .eligibility import RULES, ScanMask
 from .fingerprint import Fingerprints
-from .ksm import RMAP_ITEM_BYTES, KsmCounters, KsmSettings, convergence, merged_pages
+from .ksm import (
+    KSM_STAT_FIELDS,
+    RMAP_ITEM_BYTES,
+    KsmCounters,
+    KsmSettings,
+    convergence,
+    merged_pages,
+)
 
 __all__ = ["SCENARIOS", "host_counters", "summary_tables"]
 
+PER_INPUT_COLUMNS = ("input", "format", "address_space", "pages", "bytes", "nonzero_pages",
+                     "zero_pages", "hole_pages", "excluded_pages", "not_saved_pages",
+                     "ineligible_pages", "distinct_contents", "self_sharing_pages",
+                     *KSM_STAT_FIELDS)
 SCENARIOS = ("with_zero_pages", "without_zero_pages")
 """The two columns of the host prediction: zero pages present, or never touched."""
 
@@ -63,22 +74,9 @@ def summary_tables(
 
 
 def _per_input(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
-    facts = table.inputs
-    counted = table.per_input(settings)
-    df = pd.DataFrame({
-        "input": facts["input"],
-        "format": facts["format"],
-        "address_space": facts["address_space"],
-        "pages": facts["pages"],
-        "bytes": facts["pages"] * table.page_size,
-        "nonzero_pages": counted["nonzero_pages"],
-        "zero_pages": counted["zero_pages"],
-        "hole_pages": facts["hole_pages"],
-        "excluded_pages": facts["excluded_pages"],
-        "not_saved_pages": facts["not_saved_pages"],
-        "ineligible_pages": facts["ineligible_pages"],
-    })
-    return pd.concat([df, counted.drop(columns=["nonzero_pages", "zero_pages"])], axis=1)
+    df = pd.concat([table.inputs, table.per_input(settings)], axis=1)
+    df["bytes"] = df["pages"] * table.page_size
+    return df[list(PER_INPUT_COLUMNS)]
 
 
 def _savings(

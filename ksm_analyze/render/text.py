@@ -17,6 +17,7 @@ from ..units import human_bytes
 from .files import to_json
 
 if TYPE_CHECKING:
+    from ..formats.base import DumpReader
     from ..live.capture import CaptureSummary
     from ..live.status import KsmStatus
 
@@ -201,15 +202,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any],
-                counts: dict[str, int], page_size: int, warnings: Sequence[str],
-                max_ranges: int = 50) -> str:
-    """The ``info`` report: format, header facts, segments and pages per state."""
-    out = [f"{path}: {fmt}"]
-    for k, v in info.items():
-        if isinstance(v, list | dict):
-            continue
-        out.append(f"  {k}: {v}")
+def render_info(path: str, reader: DumpReader, max_ranges: int = 50) -> str:
+    """The ``info`` report of an open dump: format, header facts, ranges, pages per state."""
+    out = [f"{path}: {reader.format.value}"]
+    out += [f"  {k}: {v}" for k, v in reader.info().items() if not isinstance(v, list | dict)]
+    extents, page_size = reader.extents, reader.page_size
+    counts = {s.name.lower(): n for s, n in reader.page_counts().items()}
     out.append("")
     shown = extents if len(extents) <= max_ranges else extents[:max_ranges]
     out.append(f"Ranges ({len(extents):,})")
@@ -230,8 +228,7 @@ def render_info(path: str, fmt: str, info: dict[str, Any], extents: Sequence[Any
     out.append("Pages per state (stored pages may still be all zero: 'scan' looks at content)")
     out.append(_table(["state", "pages", "size"],
                       ([k, _count(v), human_bytes(v * page_size)] for k, v in counts.items())))
-    for w in warnings:
-        out.append(f"Warning: {w}")
+    out += [f"Warning: {w}" for w in reader.warnings]
     return "\n".join(out)
 
 
