@@ -91,6 +91,10 @@ class ContentTable:
             return np.empty(0, np.int64)
         return np.add.reduceat(self.pages, self._starts())
 
+    def classes(self) -> np.ndarray:
+        """The duplicated content classes, in the order of :meth:`copies`."""
+        return self.content[self._starts()] if len(self.content) else self.content
+
     def counters(self, settings: KsmSettings, *, zero_pages: bool = True) -> KsmCounters:
         """The KSM counters of a host holding these inputs.
 

@@ -10,7 +10,6 @@ known; the first rule that matches names the exclusion.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .pages import Extent, MapFlags, PageState
+from .pages import Choice, Extent, MapFlags, PageState
 
 if TYPE_CHECKING:
     from .fingerprint import Fingerprints
@@ -27,7 +26,7 @@ __all__ = ["NO_BYTES_RULES", "RULES", "ScanMask", "Scope", "excluded_by", "scan_
            "split_maps_zero_subpages"]
 
 
-class Scope(enum.Enum):
+class Scope(Choice):
     """What KSM is assumed to scan."""
 
     MERGEABLE = "mergeable"
@@ -36,17 +35,6 @@ class Scope(enum.Enum):
     """Every compatible VMA, as if the process called ``prctl(PR_SET_MEMORY_MERGE, 1)``."""
     ALL = "all"
     """Every page whose bytes are known: an upper bound, not something KSM can do."""
-
-    @classmethod
-    def parse(cls, name: str | Scope) -> Scope:
-        """Normalise a user-given scope; ValueError lists the valid ones."""
-        if isinstance(name, Scope):
-            return name
-        try:
-            return cls(name.lower())
-        except ValueError:
-            valid = ", ".join(s.value for s in cls)
-            raise ValueError(f"unknown scope {name!r}; choose one of: {valid}") from None
 
 
 RULES: dict[str, str] = {

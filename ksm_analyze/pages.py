@@ -7,11 +7,12 @@ and hands out the stored bytes as :class:`PageBatch` blocks of whole pages.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import numpy as np
 
-__all__ = ["PAGE_SIZE", "Extent", "MapFlags", "PageBatch", "PageState", "check_page_size"]
+__all__ = ["PAGE_SIZE", "Choice", "Extent", "MapFlags", "PageBatch", "PageState",
+           "check_page_size"]
 
 PAGE_SIZE = 4096
 """The default analysis page: x86-64's base page, the unit KSM merges."""
@@ -21,6 +22,22 @@ def check_page_size(page_size: int) -> None:
     """Refuse a page size that is not a power of two of at least 512 (ValueError)."""
     if page_size < 512 or page_size & (page_size - 1):
         raise ValueError(f"page size must be a power of two of at least 512, not {page_size}")
+
+
+class Choice(enum.Enum):
+    """An option with named values (a format, a scope): :meth:`parse` reads what users type."""
+
+    @classmethod
+    def parse(cls, name: str | Self) -> Self:
+        """Normalise a user-given name; ValueError lists the valid ones."""
+        if isinstance(name, cls):
+            return name
+        try:
+            return cls(str(name).lower())
+        except ValueError:
+            what = cls.__name__.removeprefix("Dump").lower()  # DumpFormat -> format
+            valid = ", ".join(str(c.value) for c in cls)
+            raise ValueError(f"unknown {what} {name!r}; choose one of: {valid}") from None
 
 
 class PageState(enum.IntEnum):

@@ -112,20 +112,13 @@ class Analysis:
         """The options the analysis ran with, as plain values (``options`` in ``--json``)."""
         o, k = self.options, self.ksm
         bases = o.bases_for(self.inputs)
-        return {
-            "inputs": list(self.inputs),
-            "format": o.format.value if o.format else "auto",
-            "page_size": k.page_size,
-            "prefix_bytes": int(self.stages.at["prefix_bytes", "value"]),
-            "base_address": bases if len(set(bases)) > 1 else bases[0],
-            "max_page_sharing": k.max_page_sharing,
-            "use_zero_pages": k.use_zero_pages,
-            "pages_to_scan": k.pages_to_scan,
-            "sleep_millisecs": k.sleep_millisecs,
-            "verify": o.verify,
-            "jobs": o.workers,
-            "scope": o.scope.value,
-        }
+        knobs = ("max_page_sharing", "use_zero_pages", "pages_to_scan", "sleep_millisecs")
+        return {"inputs": list(self.inputs), "format": o.format.value if o.format else "auto",
+                "page_size": k.page_size,
+                "prefix_bytes": int(self.stages.at["prefix_bytes", "value"]),
+                "base_address": bases if len(set(bases)) > 1 else bases[0],
+                **{knob: getattr(k, knob) for knob in knobs},
+                "verify": o.verify, "jobs": o.workers, "scope": o.scope.value}
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON values, no NaN (what ``scan --json`` prints): tables of

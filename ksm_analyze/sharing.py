@@ -176,8 +176,7 @@ def top_contents(
     if show_content:
         columns.append("content_hex")
     total = table.copies()
-    cls = table.content[np.r_[True, table.content[1:] != table.content[:-1]]] \
-        if len(table.content) else np.empty(0, np.int64)
+    cls = table.classes()
     # Most copies first; ties by class number, so the order is repeatable.
     order = np.lexsort((cls, -total))[:top]
     chosen, chosen_total = cls[order], total[order]

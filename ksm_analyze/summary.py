@@ -26,6 +26,7 @@ from .ksm import (
     KsmSettings,
     convergence,
     merged_pages,
+    saved_pages,
 )
 
 __all__ = ["SCENARIOS", "host_counters", "summary_tables"]
@@ -91,13 +92,8 @@ def _savings(
     zero = int(table.inputs["zero_pages"].sum())
     nonzero_pages = int(copies.sum()) + int(table.inputs["unique_pages"].sum())
     within = int(per_input["self_sharing_pages"].sum())
-    ksm, unshared = merged_pages(copies, mps)
-    across = int((copies - ksm - unshared).sum()) - within
-    if settings.use_zero_pages:
-        zero_saved = zero
-    else:
-        zk, zu = merged_pages(np.array([zero]), mps)
-        zero_saved = int(zero - zk[0] - zu[0])
+    across = saved_pages(copies, mps) - within
+    zero_saved = zero if settings.use_zero_pages else saved_pages(np.array([zero]), mps)
     savings: dict[str, dict[str, float | None]] = {}
     for name, c in counters.items():
         present = name == "with_zero_pages"

@@ -9,7 +9,6 @@ random access from the memory map for free; compressed formats (kdump, AVML) ove
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
 import mmap
 import os
@@ -22,7 +21,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
-from ..pages import PAGE_SIZE, Extent, PageBatch, PageState
+from ..pages import PAGE_SIZE, Choice, Extent, PageBatch, PageState
 
 __all__ = ["DEFAULT_BATCH_PAGES", "DumpFormat", "DumpReader", "open_readonly"]
 
@@ -30,7 +29,7 @@ DEFAULT_BATCH_PAGES = 8192
 """Pages per batch: 32 MiB of 4 KiB pages, small enough to stay cheap, big enough for numpy."""
 
 
-class DumpFormat(enum.Enum):
+class DumpFormat(Choice):
     """The dump formats ksm-analyze reads (here, in the leaf module, so readers can name theirs)."""
 
     RAW = "raw"
@@ -39,17 +38,6 @@ class DumpFormat(enum.Enum):
     KDUMP = "kdump"
     LIME = "lime"
     AVML = "avml"
-
-    @classmethod
-    def parse(cls, name: str | DumpFormat) -> DumpFormat:
-        """Normalise a user-given name; ValueError lists the valid ones."""
-        if isinstance(name, DumpFormat):
-            return name
-        try:
-            return cls(name.lower())
-        except ValueError:
-            valid = ", ".join(f.value for f in cls)
-            raise ValueError(f"unknown format {name!r}; choose one of: {valid}") from None
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:

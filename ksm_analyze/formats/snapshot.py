@@ -1,28 +1,9 @@
 """Live-process snapshots (``ksm-analyze capture``): an ELF core with the host's page facts.
 
-A snapshot is a little-endian ELF64 ``ET_CORE`` file that ``readelf -n -l`` lists and any
-ELF library reads; ksm-analyze adds three notes, owner ``KSM-ANALYZE``:
-
-==========  =========  ======================================================================
-``n_type``  name       descriptor
-==========  =========  ======================================================================
-0x4B534D01  ID         ``ksm-analyze process snapshot``: the first note, at file offset 0x40,
-                       so the format is known from the first bytes
-0x4B534D02  META       UTF-8 JSON: ``version``, ``page_size``, ``created``, ``kernel``,
-                       ``pfn_flags`` (where zero-page facts came from), ``ksm`` (the KSM
-                       knobs and counters at capture time) and ``processes``: per process
-                       ``pid``, ``comm``, ``cmdline``, ``ksm_stat``, ``vmas`` (``start``,
-                       ``end``, ``perms``, ``offset``, ``path``, ``vmflags`` as in smaps),
-                       ``runs``: ``[first, count]`` into the RUNS table, and ``loads``:
-                       ``[first, count]`` into the file's PT_LOAD segments
-0x4B534D03  RUNS       runs of pages with equal flags, 16 bytes each (``<QII``: ``vaddr``,
-                       ``npages``, ``flags``, bits in :class:`RunFlags`), sorted by address
-                       within a process; every run lies inside one VMA
-==========  =========  ======================================================================
-
-The bytes of pages with ``STORED`` are in ``PT_LOAD`` segments (``p_vaddr`` = virtual
-address), one segment per run of consecutive stored pages, in the processes' order. Pages
-never present, swapped out or mapped to the zero page are not stored, only described by runs.
+A snapshot is a little-endian ELF64 ``ET_CORE`` file with three ``KSM-ANALYZE`` notes (ID,
+META JSON, RUNS of page flags) and the stored pages in ``PT_LOAD`` segments at their virtual
+addresses. The one full description of the layout is ``docs/formats.md`` (Snapshot format);
+the note types are ``NT_ID``/``NT_META``/``NT_RUNS`` below and the flag bits :class:`RunFlags`.
 """
 
 from __future__ import annotations

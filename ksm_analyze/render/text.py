@@ -47,96 +47,56 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = 
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
+_SAVINGS_LABELS = {
+    "memory_before": "memory before",
+    "zero_pages": "  zero pages merged",
+    "sharing_within_inputs": "  sharing within inputs",
+    "sharing_across_inputs": "  sharing across inputs",
+    "saved": "saved",
+    "memory_after": "memory after KSM",
+    "rmap_overhead": "rmap_item overhead",
+}
+_ZERO_NOTE = {
+    True: "  A snapshot knows which pages are resident and which map the zero page (unless\n"
+          "  capture said otherwise): 'zero pages present' is the prediction.",
+    False: "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged "
+           "by\n  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' "
+           "holds\n  either way; the savings are an upper and a lower bound.",
+}
+
+
 def render_scan(result: Analysis) -> str:
     """The readable ``scan`` report: inputs, host prediction, savings, histogram, stages."""
-    ksm = result.ksm
-    out = []
-    pi = result.per_input
-    out.append("Inputs")
-    out.append(
-        _table(
-            ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
-             "file/shared", "distinct", "self-sharing"],
-            (
-                [
-                    Path(r.input).name, r.format, human_bytes(r.bytes), _count(r.nonzero_pages),
-                    _count(r.zero_pages), _count(r.hole_pages), _count(r.excluded_pages),
-                    _count(r.not_saved_pages), _count(r.ineligible_pages),
-                    _count(r.distinct_contents), _count(r.self_sharing_pages),
-                ]
-                for r in pi.itertuples()
-            ),
-        )
-    )
-    out.append(
-        "  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
-        "   self-sharing = pages saved merging within that input alone)"
-    )
+    ksm, pi, host, sav = result.ksm, result.per_input, result.host, result.savings
+    scen = list(host.columns)
+    titles = [_SCENARIO_TITLES[s] for s in scen]
+    out = ["Inputs", _table(
+        ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
+         "file/shared", "distinct", "self-sharing"],
+        ([Path(r.input).name, r.format, human_bytes(r.bytes),
+          *map(_count, (r.nonzero_pages, r.zero_pages, r.hole_pages, r.excluded_pages,
+                        r.not_saved_pages, r.ineligible_pages, r.distinct_contents,
+                        r.self_sharing_pages))]
+         for r in pi.itertuples()),
+    ), ("  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
+        "   self-sharing = pages saved merging within that input alone)")]
     if (pi["address_space"] == "virtual").any():
         out += _process_sections(result)
-    out.append("")
-    out.append(
-        f"KSM prediction, all inputs on one host (max_page_sharing={ksm.max_page_sharing}, "
-        f"use_zero_pages={int(ksm.use_zero_pages)})"
-    )
-    host = result.host
-    scen = list(host.columns)
-    out.append(
-        _table(
-            ["counter", *(_SCENARIO_TITLES[s] for s in scen)],
-            (
-                [name, *(human_bytes(host.at[name, s]) if name == "general_profit"
-                         else _count(host.at[name, s]) for s in scen)]
-                for name in host.index
-            ),
-        )
-    )
-    out.append("")
-    out.append("Savings")
-    sav = result.savings
-    labels = {
-        "memory_before": "memory before",
-        "zero_pages": "  zero pages merged",
-        "sharing_within_inputs": "  sharing within inputs",
-        "sharing_across_inputs": "  sharing across inputs",
-        "saved": "saved",
-        "memory_after": "memory after KSM",
-        "rmap_overhead": "rmap_item overhead",
-    }
-    rows = []
-    for item, label in labels.items():
-        cells = [label]
-        for s in scen:
-            b = sav.at[item, f"{s}_bytes"]
-            pct = sav.at[item, f"{s}_percent"]
-            cells.append(f"{human_bytes(b)} ({pct:.1f}%)")
-        rows.append(cells)
-    out.append(_table(["", *(_SCENARIO_TITLES[s] for s in scen)], rows))
-    if (result.per_input["format"] == "snapshot").all():
-        out.append(
-            "  A snapshot knows which pages are resident and which map the zero page (unless\n"
-            "  capture said otherwise): 'zero pages present' is the prediction."
-        )
-    else:
-        out.append(
-            "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged by\n"
-            "  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' holds\n"
-            "  either way; the savings are an upper and a lower bound."
-        )
-    out.append("")
-    out.append("Sharing-degree histogram (zero pages included, as present)")
-    hist = result.histogram
-    out.append(
-        _table(
-            ["copies", "contents", "pages", "after merging", "size", "after merging"],
-            (
-                [_count(r.copies), _count(r.contents), _count(r.pages_referenced),
-                 _count(r.pages_after_merging), human_bytes(r.bytes_referenced),
-                 human_bytes(r.bytes_after_merging)]
-                for r in hist.itertuples()
-            ),
-        )
-    )
+    out += ["", (f"KSM prediction, all inputs on one host (max_page_sharing="
+                 f"{ksm.max_page_sharing}, use_zero_pages={int(ksm.use_zero_pages)})")]
+    out.append(_table(["counter", *titles], (
+        [name, *(human_bytes(host.at[name, s]) if name == "general_profit"
+                 else _count(host.at[name, s]) for s in scen)] for name in host.index)))
+    out += ["", "Savings", _table(["", *titles], (
+        [label, *(f"{human_bytes(sav.at[item, f'{s}_bytes'])} "
+                  f"({sav.at[item, f'{s}_percent']:.1f}%)" for s in scen)]
+        for item, label in _SAVINGS_LABELS.items()))]
+    out.append(_ZERO_NOTE[bool((pi["format"] == "snapshot").all())])
+    out += ["", "Sharing-degree histogram (zero pages included, as present)", _table(
+        ["copies", "contents", "pages", "after merging", "size", "after merging"],
+        ([*map(_count, (r.copies, r.contents, r.pages_referenced, r.pages_after_merging)),
+          human_bytes(r.bytes_referenced), human_bytes(r.bytes_after_merging)]
+         for r in result.histogram.itertuples()))]
     out.append("")
     st = result.stages["value"]
     verified = (
@@ -160,8 +120,7 @@ def render_scan(result: Analysis) -> str:
         f"sleep_millisecs={ksm.sleep_millisecs}; identical pages merge on the second "
         f"scan, so steady state comes after about {_duration(conv['steady_state_seconds'])}."
     )
-    for w in result.warnings:
-        out.append(f"Warning: {w}")
+    out += [f"Warning: {w}" for w in result.warnings]
     return "\n".join(out)
 
 
