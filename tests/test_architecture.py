@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 import typer.main
+from conftest import ROOT
 
 import ksm_analyze
 from ksm_analyze.cli import app
 from ksm_analyze.ksm import KsmSettings
 from ksm_analyze.settings import ScanOptions
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ksm_analyze"
 
 

@@ -7,6 +7,7 @@ import struct
 import cramjam
 import numpy as np
 import pytest
+from conftest import PS
 
 from dumpwriter.lime import AVML_CHUNK_BYTES, avml_record, lime_header, make_avml
 from ksm_analyze.errors import CorruptPageError, DumpFormatError, TruncatedDumpError
@@ -14,7 +15,6 @@ from ksm_analyze.formats import DumpFormat, detect_format, open_dump
 from ksm_analyze.formats.avml import AvmlReader
 from ksm_analyze.pages import PageState
 
-PS = 4096
 CHUNK = AVML_CHUNK_BYTES
 AVML_HEADER = struct.Struct("<IIQQQ")
 

@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import PS
 from typer.testing import CliRunner
 
 from dumpwriter.elf import make_elf_core
@@ -15,7 +16,6 @@ from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import lime_header, make_avml, make_lime
 from ksm_analyze.cli import app
 
-PS = 4096
 RNG = np.random.default_rng(11)
 PAGES = [RNG.integers(0, 256, PS, dtype=np.uint8).tobytes() for _ in range(4)]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import PS, runner
 
 import workload
 from ksm_analyze import analyze
@@ -32,8 +32,6 @@ from ksm_analyze.live.capture import capture
 from ksm_analyze.live.procfs import ProcessError
 from ksm_analyze.pages import PageState
 
-PS = 4096
-runner = CliRunner()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (kpageflags, setuid)")
 
 

@@ -9,12 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import PS, runner
 
 from ksm_analyze.cli import app
-
-PS = 4096
-runner = CliRunner()
 
 
 @pytest.fixture

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PS, SAMPLES
 
 from ksm_analyze import ContentTable, KsmSettings, analyze
-
-PS = 4096
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xxhash
+from conftest import PS
 
 from ksm_analyze.dedup import UNIQUE, classify
 from ksm_analyze.fingerprint import fingerprint
 from ksm_analyze.formats.raw import RawReader
 from ksm_analyze.settings import ScanOptions
-
-PS = 4096
 
 
 def _write(path, pages):

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import PS
 
 from dumpwriter.lime import make_avml, make_lime
 from dumpwriter.raw import make_raw
@@ -20,7 +21,6 @@ from ksm_analyze.formats import DumpFormat, base, detect_format, open_dump
 from ksm_analyze.formats.raw import RawReader
 from ksm_analyze.pages import PageState
 
-PS = 4096
 HYPERV = b"\x14\x20\x28\x01"  # LE u32 0x01282014
 
 REFUSED = [

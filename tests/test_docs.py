@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
+from conftest import ROOT
 from typer.testing import CliRunner
 
 import ksm_analyze
 from ksm_analyze.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CLI_DOC = (ROOT / "docs" / "cli.md").read_text()
 REPORTS_DOC = (ROOT / "docs" / "reports.md").read_text()

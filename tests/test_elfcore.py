@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PS
 
 from dumpwriter.elf import Seg, make_elf_core, make_xen_core
 from ksm_analyze.errors import DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
 from ksm_analyze.formats.elfcore import ElfCoreReader
 from ksm_analyze.pages import Extent, PageState
-
-PS = 4096
 
 
 def page(tag: object) -> bytes:

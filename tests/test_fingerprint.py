@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xxhash
+from conftest import PS
 
 from ksm_analyze.fingerprint import fingerprint, zero_rows
 from ksm_analyze.formats.raw import RawReader
 from ksm_analyze.settings import ScanOptions
-
-PS = 4096
 
 
 @pytest.mark.parametrize("pos", [0, 63, 64, 2047, 4095])

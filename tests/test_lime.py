@@ -7,14 +7,13 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import PS
 
 from dumpwriter.lime import AVML_CHUNK_BYTES, avml_record, lime_header, make_avml, make_lime
 from ksm_analyze.errors import DumpFormatError, TruncatedDumpError
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
 from ksm_analyze.formats.lime import LimeReader
 from ksm_analyze.pages import PageState
-
-PS = 4096
 
 
 def pages(n: int, seed: int) -> bytes:

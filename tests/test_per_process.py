@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import PS
 
 from ksm_analyze import analyze
-
-PS = 4096
 
 
 @pytest.mark.parametrize("max_page_sharing", [2, 3, 256])

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import SAMPLES, runner
 
 import ksm_analyze.cli
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
 from ksm_analyze.render.progress import ScanProgress
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
-runner = CliRunner()
 
 
 class FakeTty(io.StringIO):

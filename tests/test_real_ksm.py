@@ -11,6 +11,7 @@ import mmap
 
 import numpy as np
 import pytest
+from conftest import PS
 
 import ksm_sysfs
 from ksm_analyze import analyze
@@ -19,7 +20,6 @@ pytestmark = [
     pytest.mark.ksm,
     pytest.mark.skipif(ksm_sysfs.usable() is not None, reason=str(ksm_sysfs.usable())),
 ]
-PS = 4096
 
 
 def crafted_pages(seed: int) -> np.ndarray:

@@ -16,17 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+from conftest import PS, ROOT, SAMPLES, runner
 
 from dumpwriter.elf import make_elf_core
 from dumpwriter.raw import make_raw
 from ksm_analyze.cli import app
 from ksm_analyze.render.report import CHARTS, TABLES
-
-PS = 4096
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
-runner = CliRunner()
 
 SECRET = b"hunter2:correct-horse-battery-staple;"  # 37 bytes: not a power-of-two period
 SECRET_PAGE = (SECRET * (PS // len(SECRET) + 1))[:PS]

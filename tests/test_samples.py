@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from ksm_analyze import analyze
 
-ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((ROOT / "tests" / "sample_dumps.json").read_text())
 FILES = sorted(MANIFEST["files"])
 

@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import PS
 
 from dumpwriter.raw import make_raw
 from ksm_analyze import analyze
 from ksm_analyze.sharing import classify_content
 
-PS = 4096
 rng = np.random.default_rng(42)
 
 

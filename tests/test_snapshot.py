@@ -10,7 +10,7 @@ import json
 import os
 
 import numpy as np
-from typer.testing import CliRunner
+from conftest import PS, runner
 
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
@@ -18,8 +18,6 @@ from ksm_analyze.formats import DumpFormat, detect_format, open_inputs
 from ksm_analyze.formats.snapshot import RUN, RunFlags, SnapshotWriter
 from ksm_analyze.pages import MapFlags, PageState
 
-PS = 4096
-runner = CliRunner()
 R = RunFlags
 BASE = 0x7F0000000000
 
