@@ -26,7 +26,7 @@ from .ksm import KsmSettings
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
-from .result import Analysis
+from .result import TABLES, Analysis
 from .settings import DEFAULT_OPTIONS, ScanOptions
 
 app = typer.Typer(
@@ -58,7 +58,8 @@ def _address(value: str) -> int:
     try:
         return int(value, 0)
     except ValueError:
-        raise typer.BadParameter(f"not an address: {value!r} (use e.g. 0x100000)") from None
+        raise ValueError(f"--base-address {value!r} is not an address (use e.g. 0x100000)") \
+            from None
 
 
 def _version(value: bool) -> None:
@@ -215,6 +216,8 @@ def scan(
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
+        if csv_dir is not None:
+            _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in TABLES])
         result = request.run(dumps)
         if csv_dir is not None:
             try:
@@ -247,16 +250,27 @@ def report(
 ) -> None:
     """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host."""
     with _errors():
+        from .render.report import report_files, write_report  # matplotlib: only for a report
+
         options = replace(request.options, top=top, show_content=show_content)  # checks top
+        _refuse_overwriting(dumps, report_files(output))
         _make_dir(output)
         result = replace(request, options=options).run(dumps)
         try:
-            from .render.report import write_report  # matplotlib: only when a report is made
-
             written = write_report(result, output)
         except OSError as e:
             _cannot_write(output, e)
         typer.echo(f"Wrote {len(written)} files to {output}: open {output / 'index.html'}")
+
+
+def _refuse_overwriting(dumps: list[Path], outputs: list[Path]) -> None:
+    """ValueError if an output would replace one of the inputs (``-o`` the dumps' folder)."""
+    for out in outputs:
+        for dump in dumps:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(out, dump):
+                    raise ValueError(f"{dump}: this input would be overwritten by the output "
+                                     f"{out.name}; write into another folder")
 
 
 def _cannot_write(directory: Path, e: OSError) -> NoReturn:
@@ -285,8 +299,10 @@ def info(
     ranges: Annotated[int, typer.Option(help="Show at most this many ranges.")] = 50,
 ) -> None:
     """Show a dump's detected format, its ranges and its pages per state."""
-    with _errors(), open_dump(dump, format, page_size=page_size,
-                              base_address=_address(base_address)) as reader:
+    with _errors():
+        options = ScanOptions(format=format, base_address=_address(base_address))  # checks
+    with _errors(), open_dump(dump, options.format, page_size=page_size,
+                              base_address=options.bases_for([dump])[0]) as reader:
         typer.echo(render_info(str(dump), reader, max_ranges=ranges))
 
 

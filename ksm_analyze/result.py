@@ -16,6 +16,7 @@ import pandas as pd
 from .contents import ContentTable
 from .ksm import KsmCounters, KsmSettings
 from .settings import ScanOptions
+from .units import short_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,6 +102,12 @@ class Analysis:
     contents: ContentTable
     inputs: list[str]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        """A short, distinct name per input (``per_input`` order): its file name, with parent
+        folders where two inputs share one. Tables and charts show inputs by these."""
+        return short_names([str(p) for p in self.per_input["input"]])
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name, in :data:`TABLES` order, indexed as its CSV file is: tables of

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from .fingerprint import Fingerprints
 from .formats.base import DumpReader
 from .ksm import saved_pages
 from .pages import PageState
+from .units import short_names
 
 __all__ = [
     "ADDRESS_KINDS",
@@ -72,10 +72,6 @@ _POISON = {
 }
 
 
-def _name(path: str) -> str:
-    return Path(path).name
-
-
 def _by_input(table: ContentTable) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per input: the sorted content classes it holds and its scanned pages of each."""
     order = np.argsort(table.owner, kind="stable")  # stable: content order kept per input
@@ -99,7 +95,7 @@ def pairwise(table: ContentTable, *, max_page_sharing: int) -> pd.DataFrame:
         only A and B beyond what it saves on A and on B alone; the same both ways).
     """
     counts = _by_input(table)
-    names = [_name(p) for p in table.names]
+    names = short_names(table.names)
     nonzero = table.nonzero_pages().tolist()
     rows = []
     for a, b in itertools.permutations(range(len(counts)), 2):
@@ -190,14 +186,13 @@ def top_contents(
         data = r.read_pages(fp.locators[rows[first]])
         for c, page in zip(found.tolist(), data, strict=True):
             pages[c] = page.tobytes()
-    names = [_name(p) for p in table.names]
+    names = short_names(table.names)
     records = []
     # The zero page first: on a tie in copies it stays ahead of the others.
     zero = table.inputs[table.inputs["zero_pages"] > 0]
     zero_total = int(zero["zero_pages"].sum())
     if zero_total >= 2:
-        where = [f"{_name(p)}:{n}" for p, n in zip(zero["input"], zero["zero_pages"],
-                                                    strict=True)]
+        where = [f"{names[i]}:{n}" for i, n in zip(zero.index, zero["zero_pages"], strict=True)]
         records.append(_content_row(bytes(table.page_size), zero_total, table.page_size,
                                     where, show_content))
     for c, n in zip(chosen.tolist(), chosen_total.tolist(), strict=True):
@@ -256,7 +251,8 @@ def address_map(
     # Classes held by two or more inputs: a content's rows are adjacent in the table.
     across = np.unique(table.content[1:][table.content[1:] == table.content[:-1]])
     frames = []
-    for fp, c, mask in zip(fingerprints, classes.labels, masks, strict=True):
+    for input_name, fp, c, mask in zip(short_names(table.names), fingerprints, classes.labels,
+                                       masks, strict=True):
         elig = mask.scanned
         ps = fp.page_size
         ext = sorted(fp.extents, key=lambda e: e.addr)
@@ -293,7 +289,7 @@ def address_map(
         # The address of the first and last page of every bin.
         addr_of = _index_to_addr(starts, first_index, ps)
         frames.append(pd.DataFrame({
-            "input": _name(fp.path),
+            "input": input_name,
             "bin": np.arange(nb),
             "first_address": addr_of(edges[:-1]),
             "last_address": addr_of(np.maximum(edges[1:] - 1, edges[:-1])),

@@ -7,7 +7,6 @@ touching pyplot's global state, so it works without a display, in threads and in
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +44,16 @@ _KIND_STYLE = {
     "ineligible_pages": ("KSM does not scan (see exclusions)", "#9467bd"),
     "not_stored_pages": ("not in the dump", "#ffffff"),
 }
+
+
+MAX_INCHES = 20.0
+"""Largest side of the pairwise heatmap (2,000 pixels at 100 dpi)."""
+ANNOTATED_INPUTS = 12
+"""Inputs up to which each heatmap cell gets its numbers written in it."""
+LABELLED_INPUTS = 60
+"""Inputs up to which every heatmap row and column is labelled (beyond: every k-th)."""
+STRIPS = 24
+"""Inputs drawn in the address map chart."""
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -143,7 +152,7 @@ def plot_histogram(result: Analysis) -> Figure:
 def plot_pairwise(result: Analysis) -> Figure:
     """Heatmap: non-zero pages of the row input whose content is also in the column input."""
     pw = result.pairwise
-    names = [Path(p).name for p in result.per_input["input"]]
+    names = result.names
     n = len(names)
     frac = np.full((n, n), np.nan)
     pages = np.zeros((n, n), np.int64)
@@ -154,13 +163,14 @@ def plot_pairwise(result: Analysis) -> Figure:
         frac[a, b] = r.a_fraction_in_b
         pages[a, b] = r.a_pages_in_b
         extra[a, b] = r.extra_saved_bytes
-    side = max(5.0, 1.6 * n + 2.5)
+    # At most 20 inches a side: a hundred inputs must not need tens of thousands of pixels.
+    side = min(MAX_INCHES, max(5.0, 1.6 * n + 2.5))
     fig = _figure(side + 1.5, side)
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(frac) * 100, vmin=0, vmax=100, cmap="Blues")
     ax.set_facecolor("#eeeeee")
     fontsize = max(6, 11 - n)
-    for a in range(n):
+    for a in range(n if n <= ANNOTATED_INPUTS else 0):  # beyond, cells are too small to read
         for b in range(n):
             if a == b:
                 ax.text(b, a, "—", ha="center", va="center", fontsize=fontsize)
@@ -169,8 +179,10 @@ def plot_pairwise(result: Analysis) -> Figure:
                      f"{human_bytes(extra[a, b])} more saved")
             color = "white" if frac[a, b] > 0.6 else "black"
             ax.text(b, a, label, ha="center", va="center", fontsize=fontsize, color=color)
-    ax.set_xticks(range(n), names, rotation=30, ha="right")
-    ax.set_yticks(range(n), names)
+    step = -(-n // LABELLED_INPUTS)  # label every input, or every step-th of many
+    ax.set_xticks(range(0, n, step), names[::step], rotation=30, ha="right",
+                  fontsize=min(10, max(4, 300 // n)))
+    ax.set_yticks(range(0, n, step), names[::step], fontsize=min(10, max(4, 300 // n)))
     ax.set_xlabel("also present in (input B)")
     ax.set_ylabel("non-zero pages of (input A)")
     ax.set_title("Pairwise sharing: pages of A whose content is also in B\n"
@@ -183,7 +195,8 @@ def plot_pairwise(result: Analysis) -> Figure:
 def plot_address_map(result: Analysis) -> Figure:
     """A strip per input: the kinds of page in each bin of its address space, in percent."""
     amap = result.address_map
-    inputs = list(dict.fromkeys(amap["input"])) if len(amap) else []
+    every = list(dict.fromkeys(amap["input"])) if len(amap) else []
+    inputs = every[:STRIPS]  # a strip per input up to a readable page; the CSV has them all
     fig = _figure(11.0, 1.3 + 1.9 * max(1, len(inputs)))
     axes = fig.subplots(max(1, len(inputs)), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, inputs, strict=False):
@@ -217,11 +230,12 @@ def plot_address_map(result: Analysis) -> Figure:
     handles = [Patch(facecolor=c, edgecolor="#888888", label=label)
                for label, c in _KIND_STYLE.values()]
     fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=9)
-    fig.suptitle("Where the pages lie in each input's address space", fontsize=12)
+    more = (f" (the first {len(inputs)} of {len(every)} inputs; address_map.csv has all)"
+            if len(inputs) < len(every) else "")
+    fig.suptitle(f"Where the pages lie in each input's address space{more}", fontsize=12)
     return fig
 
 
 def _physical(result: Analysis, name: str) -> bool:
-    pi = result.per_input
-    match = pi[[Path(p).name == name for p in pi["input"]]]
-    return not len(match) or str(match["address_space"].iloc[0]) != "virtual"
+    spaces = dict(zip(result.names, result.per_input["address_space"], strict=True))
+    return spaces.get(name) != "virtual"

@@ -47,6 +47,13 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def report_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The files :func:`write_report` writes into ``directory``, in the order it writes them."""
+    out = Path(directory)
+    return ([out / f"{name}.csv" for name in TABLES] + [out / f"{name}.png" for name in CHARTS]
+            + [out / "index.html"])
+
+
 def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Path]:
     """Write the report of ``result`` into ``directory`` (created if needed).
 
@@ -142,7 +149,7 @@ def render_html(result: Analysis, images: dict[str, bytes]) -> str:
         "wrote (host memory, merged by KSM) from pages it never touched (no host memory), so "
         "numbers are given both ways; <b>memory after KSM</b> holds either way.</p>"
     )
-    names = ", ".join(Path(p).name for p in result.per_input["input"])
+    names = ", ".join(result.names)
     show_content = "content_hex" in result.top_contents.columns
     parts = [
         "<!DOCTYPE html>",

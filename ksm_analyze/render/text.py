@@ -73,11 +73,11 @@ def render_scan(result: Analysis) -> str:
     out = ["Inputs", _table(
         ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
          "file/shared", "distinct", "self-sharing"],
-        ([Path(r.input).name, r.format, human_bytes(r.bytes),
+        ([name, r.format, human_bytes(r.bytes),
           *map(_count, (r.nonzero_pages, r.zero_pages, r.hole_pages, r.excluded_pages,
                         r.not_saved_pages, r.ineligible_pages, r.distinct_contents,
                         r.self_sharing_pages))]
-         for r in pi.itertuples()),
+         for name, r in zip(result.names, pi.itertuples(), strict=True)),
     ), ("  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
         "   self-sharing = pages saved merging within that input alone)")]
     if (pi["address_space"] == "virtual").any():
@@ -132,8 +132,9 @@ def _process_sections(result: Analysis) -> list[str]:
     out = ["", f"Excluded from KSM's scan (--scope {scope}; pages per rule)"]
     if rules:
         out.append(_table(["input", *rules],
-                          ([Path(str(i)).name, *(_count(ex.at[i, r]) for r in rules)]
-                           for i in ex.index)))
+                          ([name, *map(_count, row)]
+                           for name, row in zip(result.names, ex[rules].to_numpy(),
+                                                strict=True))))
         out += [f"  {r}: {RULES[r]}" for r in rules]
     else:
         out.append("  none")
@@ -141,9 +142,9 @@ def _process_sections(result: Analysis) -> list[str]:
     out.append("Per process: /proc/PID/ksm_stat after KSM converges (zero pages present)")
     out.append(_table(
         ["input", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit"],
-        ([Path(r.input).name, _count(r.ksm_rmap_items), _count(r.ksm_merging_pages),
+        ([name, _count(r.ksm_rmap_items), _count(r.ksm_merging_pages),
           _count(r.ksm_zero_pages), human_bytes(r.ksm_process_profit)]
-         for r in result.per_input.itertuples()),
+         for name, r in zip(result.names, result.per_input.itertuples(), strict=True)),
     ))
     return out
 
