@@ -300,7 +300,8 @@ def info(
 ) -> None:
     """Show a dump's detected format, its ranges and its pages per state."""
     with _errors():
-        options = ScanOptions(format=format, base_address=_address(base_address))  # checks
+        options = ScanOptions(format=DumpFormat.parse(format) if format else None,
+                              base_address=_address(base_address))  # checks both
     with _errors(), open_dump(dump, options.format, page_size=page_size,
                               base_address=options.bases_for([dump])[0]) as reader:
         typer.echo(render_info(str(dump), reader, max_ranges=ranges))

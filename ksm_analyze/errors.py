@@ -2,12 +2,15 @@
 
 Every problem with an input is a :class:`KsmAnalyzeError` whose message is one line naming
 the file, the file offset (when there is one) and the problem. Only ``cli.py`` turns these
-into exit codes; library users catch them like any exception.
+into exit codes; library users catch them like any exception. Every one survives pickling
+whole (message, path, offset, detail), so an error raised in a worker process is raised
+again, the same, in the parent.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, TypeVar
 
 __all__ = [
     "CorruptPageError",
@@ -16,11 +19,26 @@ __all__ = [
     "KsmAnalyzeError",
     "TruncatedDumpError",
     "UnsupportedDumpError",
+    "WorkerError",
 ]
 
 
 class KsmAnalyzeError(Exception):
-    """Base class of every error ksm-analyze raises on bad input."""
+    """Base class of every error ksm-analyze raises on bad input (or a worker's death)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles as cls(*args), which keyword-only arguments do not survive;
+        # rebuild from the message and the attributes instead, whatever the signature.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _rebuild(cls: type[E], args: tuple[Any, ...], state: dict[str, Any]) -> E:
+    error = cls.__new__(cls, *args)  # sets .args, hence the message
+    error.__dict__.update(state)
+    return error
 
 
 class InputError(KsmAnalyzeError):
@@ -55,3 +73,7 @@ class UnsupportedDumpError(DumpFormatError):
 
 class CorruptPageError(DumpFormatError):
     """A stored page cannot be decoded (for example it fails to decompress)."""
+
+
+class WorkerError(KsmAnalyzeError):
+    """A worker process died without an answer: killed (``SIGKILL``, out of memory) or crashed."""
