@@ -51,10 +51,15 @@ class ProcessError(KsmAnalyzeError):
         return type(self), (self.pid, self.detail)
 
 
+PF_EXITING, PF_KTHREAD = 0x4, 0x00200000
+"""Task flags (``/proc/PID/stat`` field 9): exiting (its memory is going before it is a
+zombie), and a kernel thread (no user memory)."""
+
+
 def proc_error(pid: int, path: str, e: OSError) -> ProcessError:
     """An OSError from ``/proc/PID/...`` as the one-line reason a user can act on."""
     if isinstance(e, FileNotFoundError) or e.errno == errno.ESRCH or not Path(f"/proc/{pid}").exists():
-        return ProcessError(pid, "no such process (it does not exist or has exited)")
+        return ProcessError(pid, _no_memory(pid))
     if isinstance(e, PermissionError):
         return ProcessError(
             pid,
@@ -62,6 +67,20 @@ def proc_error(pid: int, path: str, e: OSError) -> ProcessError:
             "or as the process's user (see /proc/sys/kernel/yama/ptrace_scope)",
         )
     return ProcessError(pid, f"cannot read {path}: {e.strerror}")
+
+
+def _no_memory(pid: int) -> str:
+    """Why ``pid`` has no address space to open (ESRCH): a zombie, a kernel thread, or gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state, task_flags = fields[0], int(fields[6])
+    except (OSError, IndexError, ValueError):
+        return "no such process (it does not exist or has exited)"
+    if task_flags & PF_KTHREAD:
+        return "is a kernel thread: it has no user memory to capture"
+    if state in ("Z", "X"):
+        return "has exited (a zombie): no memory to capture"
+    return "no such process (it does not exist or has exited)"
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ def read_smaps(pid: int) -> list[Vma]:
 
 def process_facts(pid: int) -> dict[str, Any]:
     """``pid``'s command name, command line, start time (to notice a reused PID) and whether
-    it has exited (a zombie)."""
+    it has exited (a zombie, or exiting)."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -138,7 +157,9 @@ def process_facts(pid: int) -> dict[str, Any]:
         "comm": comm,
         "cmdline": [os.fsdecode(a) for a in cmdline if a],
         "start_time": int(fields[19]),
-        "exited": fields[0] in ("Z", "X"),  # a zombie's memory is gone already
+        # A zombie's memory is gone already; an exiting process's is going (it drops its
+        # memory before it is a zombie: a gone address space then means exit, not exec).
+        "exited": fields[0] in ("Z", "X") or bool(int(fields[6]) & PF_EXITING),
     }
 
 
