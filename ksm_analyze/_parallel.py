@@ -1,21 +1,29 @@
 """Run shards of one job on several CPU cores with forked worker processes.
 
 Hashing is per-page Python work, so threads would queue on the GIL; forked processes share
-the parent's open readers (and their page-cache-backed maps) without pickling them. The
-task is left in a module global before the fork, so only shard numbers cross the pipe.
+the parent's open readers (and their page-cache-backed maps) without pickling them. Each
+worker has a pipe: shard numbers go out, results (or the exception a shard raised) come
+back, one shard at a time. A worker that dies (killed, out of memory, a fault in a map)
+closes its pipe, which the parent sees at once. Either way the parent raises, killing the
+other workers on the way out; workers also die with the parent (PR_SET_PDEATHSIG), so no
+run leaves one behind. Workers print nothing and never flush the parent's buffers.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
+import signal
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from multiprocessing.connection import Connection, Pipe, wait
+from typing import Any, NoReturn, TypeVar, cast
+
+from ._signals import Interrupted, worker_signals
+from .errors import WorkerError
 
 __all__ = ["default_jobs", "imap_shards", "map_shards"]
 
 T = TypeVar("T")
-_TASK: Callable[[int], Any] | None = None
 
 
 def default_jobs() -> int:
@@ -26,31 +34,119 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def _run(shard: int) -> Any:
-    assert _TASK is not None
-    return _TASK(shard)
-
-
 def imap_shards(task: Callable[[int], T], shards: int, jobs: int) -> Iterator[T]:
     """``task(0), ..., task(shards - 1)`` in any order, from up to ``jobs`` forked processes.
 
-    Results arrive one at a time, so the caller can store each and drop it before the next.
-    With one job (or one shard), or where fork is unavailable, runs in this process.
+    Results arrive one at a time (a worker waits with its next one until the parent takes
+    it), so the caller can store each and drop it before the next. With one job (or one
+    shard), or where fork is unavailable, runs in this process.
+
+    Raises:
+        Exception: what ``task`` raised in a worker (the same type and message).
+        WorkerError: a worker died without an answer.
+        Interrupted: a worker was stopped by SIGINT or SIGTERM.
     """
-    global _TASK
-    if jobs <= 1 or shards <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if jobs <= 1 or shards <= 1 or not hasattr(os, "fork"):
         for k in range(shards):
             yield task(k)
         return
-    _TASK = task
+    workers: dict[Connection, int] = {}  # pipe -> pid, until reaped
+    finished = False
     try:
-        with multiprocessing.get_context("fork").Pool(min(jobs, shards)) as pool:
-            yield from pool.imap_unordered(_run, range(shards))
+        for k in range(min(jobs, shards)):
+            conn, pid = _fork(task, list(workers))
+            workers[conn] = pid
+            conn.send(k)
+        sent = len(workers)
+        busy = list(workers)
+        while busy:
+            for conn in cast(list[Connection], wait(busy)):
+                result = _receive(conn, workers)
+                if sent < shards:
+                    conn.send(sent)
+                    sent += 1
+                else:
+                    busy.remove(conn)
+                yield result
+        finished = True
     finally:
-        _TASK = None
+        for conn, pid in workers.items():  # all told first, so they end side by side
+            with contextlib.suppress(OSError):
+                if finished:
+                    conn.send(None)  # done: exit
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        for conn, pid in workers.items():
+            conn.close()
+            os.waitpid(pid, 0)
 
 
 def map_shards(task: Callable[[int], T], shards: int, jobs: int) -> list[T]:
     """``[task(0), ..., task(shards - 1)]`` in shard order (see :func:`imap_shards`)."""
     done = dict(imap_shards(lambda k: (k, task(k)), shards, jobs))
     return [done[k] for k in range(shards)]
+
+
+def _fork(task: Callable[[int], Any], others: list[Connection]) -> tuple[Connection, int]:
+    """Start a worker serving ``task``: the parent's end of its pipe, and its pid."""
+    parent, child = Pipe()
+    me = os.getpid()
+    # Ctrl-C during fork would raise inside its callbacks, which swallow it: hold it till after.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                worker_signals(me)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                for c in [parent, *others]:  # the parent's ends: only the parent holds them
+                    c.close()
+                _serve(task, child)
+                code = 0
+            finally:
+                os._exit(code)  # never back into the parent's code, nor flush its buffers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    child.close()
+    return parent, pid
+
+
+def _serve(task: Callable[[int], Any], conn: Connection) -> None:
+    """Run shards until told to stop (None) or the parent goes; send each outcome back."""
+    while (k := conn.recv()) is not None:
+        try:
+            reply: tuple[bool, Any] = (True, task(k))
+        except BaseException as e:  # noqa: BLE001 - the parent raises it
+            reply = (False, e)
+        try:
+            conn.send(reply)
+        except Exception as e:  # noqa: BLE001 - an exception or result that does not pickle
+            what = reply[1] if not reply[0] else e
+            conn.send((False, WorkerError(f"{type(what).__name__}: {what}")))
+
+
+def _receive(conn: Connection, workers: dict[Connection, int]) -> Any:
+    """The next result from ``conn``: the exception a worker sent is raised; a worker gone
+    (reaped and forgotten here) raises WorkerError or, stopped by a signal, Interrupted."""
+    try:
+        ok, value = conn.recv()
+    except (EOFError, OSError):
+        _, status = os.waitpid(workers.pop(conn), 0)
+        conn.close()
+        _died(os.waitstatus_to_exitcode(status))
+    if not ok:
+        raise value
+    return value
+
+
+def _died(code: int) -> NoReturn:
+    if -code in (signal.SIGINT, signal.SIGTERM):
+        raise Interrupted(-code)
+    if code == signal.SIGBUS:  # worker_signals: a fault reading a map
+        raise WorkerError("a worker process hit a bus error (SIGBUS) reading an input "
+                          "through its map: an I/O error, or a file that changed")
+    how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+           else f"exited with code {code}")
+    raise WorkerError(f"a worker process {how} (out of memory?)" if code == -signal.SIGKILL
+                      else f"a worker process {how}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 
+from ._signals import watching
 from .contents import build_content_table
 from .dedup import classify
 from .eligibility import Scope, scan_mask
@@ -76,6 +77,7 @@ def analyze(
                    for p, base in zip(paths, bases, strict=True)
                    for r in open_inputs(p, options.format, page_size=ksm.page_size,
                                         base_address=base)]
+        stack.enter_context(watching(r.path for r in readers))  # changed while reading?
         total = sum(r.page_counts()[PageState.DATA] for r in readers) * ksm.page_size
         done: dict[str, int] = {}
         report("all inputs", 0, total)

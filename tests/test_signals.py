@@ -1,0 +1,273 @@
+"""Signals and inputs that change underneath: Ctrl-C, SIGTERM, a dump truncated or rewritten
+while it is scanned. Each ends in one line and an exit code, at once, with no worker left.
+
+The command line runs in a subprocess (signals and SIGBUS must not reach pytest), from this
+tree, with an optional prelude that slows hashing down so a signal or a truncation lands
+mid-scan for certain; a timeout turns a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PS, ROOT
+
+from dumpwriter.elf import make_elf_core
+from dumpwriter.lime import make_lime
+from ksm_analyze._signals import Interrupted, watching
+from ksm_analyze.errors import InputError
+
+SLOW_BATCHES = """
+import os, time
+import ksm_analyze.fingerprint as _fp
+_zero_rows = _fp.zero_rows
+def _slow(pages):
+    os.write(2, b"BATCH\\n")
+    time.sleep(0.2)
+    return _zero_rows(pages)
+_fp.zero_rows = _slow
+"""
+"""Prelude: every batch of stage 1 (in whichever process hashes it) says ``BATCH`` on stderr,
+then takes 0.2 s more."""
+
+MARKERS = ("BATCH", "STARTED")
+
+
+class Cli:
+    """``ksm-analyze ARGS`` in a subprocess running this tree, its stderr read as it comes."""
+
+    def __init__(self, *args: object, prelude: str = "", new_session: bool = False,
+                 closed_stdout: bool = False) -> None:
+        code = f"{prelude}\nfrom ksm_analyze.cli import main\nmain()\n"
+        read_end, write_end = os.pipe()
+        if closed_stdout:  # like `| head -1` when head has gone: writing fails with EPIPE
+            os.close(read_end)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
+            stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE,
+            start_new_session=new_session,
+        )
+        os.close(write_end)
+        self.stderr: queue.Queue[str | None] = queue.Queue()
+        self.stdout = b""
+        threading.Thread(target=self._read, daemon=True).start()
+        self._out = threading.Thread(target=self._read_out, args=(read_end,), daemon=True)
+        if not closed_stdout:
+            self._out.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                self.stderr.put(line.decode(errors="replace").rstrip("\n"))
+        self.stderr.put(None)
+
+    def _read_out(self, fd: int) -> None:
+        with open(fd, "rb") as f:
+            self.stdout = f.read()
+
+    def wait_for(self, marker: str = "BATCH", timeout: float = 60) -> None:
+        """Block until the program writes ``marker`` on stderr."""
+        end = time.monotonic() + timeout
+        while (line := self.stderr.get(timeout=max(0.01, end - time.monotonic()))) != marker:
+            if line is None:
+                pytest.fail(f"the run ended before {marker!r}")
+
+    def workers(self, wanted: int = 0, timeout: float = 10) -> list[int]:
+        """The pids of its child processes now (waiting until there are ``wanted``)."""
+        pid, end = self.proc.pid, time.monotonic() + timeout
+        while True:
+            pids = []
+            with contextlib.suppress(OSError):
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+                pids = [int(p) for p in children.split()]
+            if len(pids) >= wanted or time.monotonic() > end:
+                return pids
+            time.sleep(0.005)
+
+    def finish(self, timeout: float = 60) -> tuple[int, list[str], float]:
+        """Exit code, stderr lines (markers left out) and seconds until it exited."""
+        start = time.monotonic()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"still running after {timeout} s: a hang")
+        took = time.monotonic() - start
+        if self._out.is_alive():
+            self._out.join(10)
+        lines = []
+        while (line := self.stderr.get(timeout=10)) is not None:
+            if line not in MARKERS:
+                lines.append(line)
+        return self.proc.returncode, lines, took
+
+
+def gone(pids: list[int], timeout: float = 5) -> bool:
+    """Whether every one of ``pids`` has exited (a zombie waiting for init counts as gone)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        if not alive:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def write_pages(path: Path, npages: int, salt: int = 0) -> Path:
+    """A raw dump of ``npages`` distinct non-zero pages (page i holds i + salt), fast to make."""
+    with open(path, "wb") as f:
+        for start in range(0, npages, 8192):
+            n = min(8192, npages - start)
+            words = np.repeat(np.arange(start, start + n, dtype=np.uint64) + salt + 1, PS // 8)
+            f.write(words.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_raw(tmp_path_factory) -> Path:
+    """256 MiB: 65,536 pages, several batches per worker under -j 2."""
+    return write_pages(tmp_path_factory.mktemp("big") / "big.raw", 65536)
+
+
+@pytest.fixture(scope="module")
+def big_dumps(big_raw) -> dict[str, Path]:
+    """The big dump's pages as a raw image, an ELF core and a LiME file: the formats whose
+    pages are read through the map as stored."""
+    data = big_raw.read_bytes()
+    elf, lime = big_raw.with_suffix(".elf"), big_raw.with_suffix(".lime")
+    make_elf_core(elf, [(0x100000, data)])
+    make_lime(lime, [(0x100000, data)])
+    return {"raw": big_raw, "elf": elf, "lime": lime}
+
+
+@pytest.fixture(params=["raw", "elf", "lime"])
+def dump(big_dumps, tmp_path, request) -> Path:
+    """A copy of a big dump that a test may truncate or rewrite."""
+    path = tmp_path / f"dump.{request.param}"
+    shutil.copyfile(big_dumps[request.param], path)
+    return path
+
+
+# -- Ctrl-C and SIGTERM ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize(("sig", "code", "group"), [
+    (signal.SIGINT, 130, True),  # Ctrl-C: the terminal signals the whole process group
+    (signal.SIGINT, 130, False),
+    (signal.SIGTERM, 143, False),  # kill PID
+    (signal.SIGTERM, 143, True),  # kill -TERM -PGID: the workers get it too
+])
+def test_a_signal_mid_scan_ends_it_at_once_with_one_line(big_raw, sig, code, group, jobs):
+    run = Cli("scan", big_raw, "-j", jobs, "-q", prelude=SLOW_BATCHES, new_session=True)
+    run.wait_for("BATCH")
+    workers = run.workers(jobs if jobs > 1 else 0)
+    assert len(workers) == (jobs if jobs > 1 else 0)
+    sent = time.monotonic()
+    if group:
+        os.killpg(run.proc.pid, sig)
+    else:
+        run.proc.send_signal(sig)
+    rc, lines, _ = run.finish()
+    took = time.monotonic() - sent
+    assert rc == code
+    assert lines == [f"Error: interrupted by {sig.name}"]
+    assert took < 1.0, f"exited {took:.2f} s after {sig.name}"
+    assert gone(workers), "a worker outlived the run"
+    assert run.stdout == b""  # no partial output
+
+
+def test_a_worker_stopped_by_sigterm_stops_the_run(big_raw):
+    run = Cli("scan", big_raw, "-j", 2, "-q", prelude=SLOW_BATCHES)
+    run.wait_for("BATCH")
+    workers = run.workers(2)
+    os.kill(workers[0], signal.SIGTERM)
+    rc, lines, took = run.finish()
+    assert (rc, lines) == (143, ["Error: interrupted by SIGTERM"])
+    assert took < 5
+    assert gone(workers)
+
+
+def test_output_to_a_closed_pipe_is_no_error(big_raw):
+    # `ksm-analyze scan BIG | head -1`: the reader is gone before the tables come; no
+    # traceback from the parent or the workers.
+    run = Cli("scan", big_raw, "-j", 2, closed_stdout=True)
+    rc, lines, _ = run.finish()
+    assert (rc, lines) == (0, [])
+
+
+def test_the_interrupted_exception_unwinds_but_is_no_error():
+    e = Interrupted(signal.SIGINT)
+    assert str(e) == "interrupted by SIGINT"
+    assert not isinstance(e, Exception)  # `except Exception` blocks let it through
+
+
+# -- files that change underneath -------------------------------------------------------------
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_dump_truncated_mid_scan_is_one_line_not_sigbus(dump, jobs):
+    size = dump.stat().st_size
+    run = Cli("scan", dump, "-j", jobs, "-q", prelude=SLOW_BATCHES)
+    run.wait_for("BATCH")
+    os.truncate(dump, 1 << 20)
+    rc, lines, took = run.finish()
+    assert rc == 1, lines  # not -SIGBUS
+    assert lines == [(f"Error: {dump}: changed while reading (size was {size:,} bytes, now "
+                      f"{1 << 20:,})")]
+    assert took < 10
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs):
+    run = Cli("scan", dump, "-j", jobs, "-q", prelude=SLOW_BATCHES)
+    run.wait_for("BATCH")
+    with open(dump, "r+b") as f:  # same size, other bytes
+        f.write(b"\xa5" * (8 << 20))
+    rc, lines, _ = run.finish()
+    assert (rc, lines) == (1, [(f"Error: {dump}: changed while reading (rewritten: same "
+                                "size, new modification time)")])
+
+
+def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump):
+    # No prelude: the real speed. Truncate as soon as the workers exist; whether the scan
+    # had read the pages or not, it must not die by SIGBUS or print a traceback.
+    run = Cli("scan", dump, "-j", 2, "-q")
+    end = time.monotonic() + 30
+    while not run.workers(timeout=0) and run.proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.002)
+    os.truncate(dump, 4096)
+    rc, lines, _ = run.finish()
+    assert rc in (0, 1)
+    if rc == 1:
+        assert len(lines) == 1 and "changed while reading" in lines[0], lines
+
+
+def test_watching_names_the_input_that_changed(tmp_path):
+    a, b = write_pages(tmp_path / "a.raw", 2), write_pages(tmp_path / "b.raw", 2)
+    with watching([str(a), str(b)]):
+        pass  # unchanged: nothing to say
+    with pytest.raises(InputError, match=r"b\.raw: changed while reading \(size was 8,192 "
+                       r"bytes, now 4,096\)"), watching([str(a), str(b)]):
+        os.truncate(b, 4096)
+    with pytest.raises(InputError, match="changed while reading") as info, \
+            watching([str(a)]):
+        os.truncate(a, 4096)
+        raise ValueError("what reading the changed file led to")
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(ValueError, match="unrelated"), watching([str(a)]):
+        raise ValueError("unrelated")
