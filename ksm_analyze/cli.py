@@ -19,10 +19,12 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from . import __version__
+from ._signals import Interrupted, raise_on_interrupt
 from .analysis import analyze
 from .errors import KsmAnalyzeError
 from .formats import DumpFormat, open_dump
 from .ksm import KsmSettings
+from .planning import PLAN_TABLES, Plan
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
@@ -49,8 +51,8 @@ def _errors() -> Iterator[None]:
     except ValueError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
-    except BrokenPipeError:
-        sys.stderr.close()  # e.g. `ksm-analyze scan ... | head`
+    except BrokenPipeError:  # e.g. `ksm-analyze scan ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop the rest quietly
         raise typer.Exit(0) from None
 
 
@@ -263,6 +265,86 @@ def report(
         typer.echo(f"Wrote {len(written)} files to {output}: open {output / 'index.html'}")
 
 
+@app.command()
+@_analysis_command
+def plan(
+    dumps: DumpsArg,
+    host_memory: Annotated[
+        str, typer.Option("--host-memory", help="Memory of one host, e.g. 256GiB.",
+                          show_default=False),
+    ],
+    reserve: Annotated[
+        str, typer.Option(help="Memory each host keeps for itself: a size (16GiB) or a "
+                          "percentage of --host-memory (10%).")
+    ] = "0",
+    hosts: Annotated[
+        int | None, typer.Option("--hosts", help="Spread over exactly this many hosts "
+                                 "instead of as few as possible.", show_default=False)
+    ] = None,
+    project: Annotated[
+        str | None, typer.Option("--project", help="Also project host memory for these "
+                                 "numbers of guests like the inputs, e.g. 10,50,100.",
+                                 show_default=False)
+    ] = None,
+    untouched_zero: Annotated[
+        bool, typer.Option("--zero-untouched", help="Count zero pages as never touched "
+                           "(scan's right-hand column) instead of present.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+    = False,
+    csv_dir: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Also write one CSV per table into this directory.",
+                     show_default=False),
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option("--png", help="Also draw the hosts (and the projection) "
+                                  "as PNG files with this name prefix.", show_default=False)
+    ] = None,
+    *,
+    request: _Request,
+) -> None:
+    """Place DUMPS on hosts of --host-memory: sharing-aware beside first-fit.
+
+    Sharing-aware: each host starts with the largest input left, then takes the input that
+    adds the least memory after KSM (exact, from the content classes) while one fits; then
+    the emptiest host is dissolved where its inputs fit elsewhere. First-fit decreasing
+    ignores sharing. Costs one pass over the inputs' content classes per input placed.
+    """
+    from .planning import plan as make_plan
+    from .render.text import render_plan
+    from .units import parse_size
+
+    with _errors():
+        size = parse_size(host_memory, what="--host-memory")
+        kept = (size * float(reserve.strip().rstrip("%")) / 100 if reserve.strip().endswith("%")
+                else parse_size(reserve, what="--reserve"))
+        counts = [int(c) for c in project.split(",")] if project else []
+        if csv_dir is not None:
+            _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
+        result = make_plan(request.run(dumps), size, reserve=int(kept), hosts=hosts,
+                           zero_pages=not untouched_zero, project=counts)
+        try:
+            if csv_dir is not None:
+                write_csvs(result, csv_dir)
+            if png is not None:
+                _write_pngs(result, png)
+        except OSError as e:
+            _cannot_write(csv_dir or png or Path("."), e)
+        typer.echo(to_json(result) if json_out else render_plan(result))
+
+
+def _write_pngs(result: Plan, prefix: Path) -> None:
+    from .render.files import FILE_MODE, atomic_write
+    from .render.report import png_bytes
+
+    charts = {"hosts": result.plot_hosts}
+    if len(result.projection):
+        charts["projection"] = result.plot_projection
+    for name, draw in charts.items():
+        atomic_write(f"{prefix}-{name}.png", png_bytes(draw()), mode=FILE_MODE)
+
+
 def _refuse_overwriting(dumps: list[Path], outputs: list[Path]) -> None:
     """ValueError if an output would replace one of the inputs (``-o`` the dumps' folder)."""
     for out in outputs:
@@ -351,5 +433,11 @@ def ksm_status(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. Ctrl-C and SIGTERM unwind (workers are killed, temporary
+    files removed), then print one line and exit with 128 + the signal (130, 143)."""
+    raise_on_interrupt()
+    try:
+        app()
+    except Interrupted as e:
+        typer.echo(f"Error: {e}", err=True)
+        sys.exit(128 + e.signum)

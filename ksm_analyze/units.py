@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePath
 
-__all__ = ["human_bytes", "short_names"]
+__all__ = ["human_bytes", "parse_size", "short_names"]
 
 
 def human_bytes(n: float) -> str:
@@ -37,3 +38,18 @@ def short_names(paths: Sequence[str]) -> list[str]:
         seen[n] += 1
         names[i] = n if seen[n] == 1 else f"{n}#{seen[n]}"
     return names
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """``"256GiB"``, ``"256G"``, ``"1.5 TiB"`` or ``"4096"`` -> bytes (binary units).
+
+    Raises:
+        ValueError: naming ``what`` and the text, if it is not a size.
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not found:
+        raise ValueError(f"{what} {text!r} is not a size (use e.g. 256GiB, 512M or bytes)")
+    return int(float(found[1]) * _UNITS[found[2].lower()])

@@ -71,3 +71,14 @@ def test_public_api_is_exported():
     for name in ksm_analyze.__all__:
         assert hasattr(ksm_analyze, name), name
     assert {"analyze", "open_dump", "Analysis", "KsmAnalyzeError"} <= set(ksm_analyze.__all__)
+
+
+def test_planning_doc_sample_output_is_what_plan_prints_today():
+    doc = (ROOT / "docs" / "planning.md").read_text()
+    shown = re.search(r"```text\n(.*?)\n```", doc, re.DOTALL)
+    assert shown, "docs/planning.md has no sample output block"
+    samples = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
+    result = CliRunner().invoke(app, ["plan", *samples, "--host-memory", "400KiB",
+                                      "--project", "1,2,10,100"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == shown.group(1)

@@ -45,7 +45,7 @@ def test_notebook_runs_and_shows_its_charts(executed):
               if o.output_type == "error"]
     assert not errors
     charts = [c for c in nb.cells if c.cell_type == "code" and ".plot_" in c.source]
-    assert len(charts) == 4
+    assert len(charts) == 5  # savings, histogram, pairwise, address map, hosts of a plan
     for cell in charts:
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
 

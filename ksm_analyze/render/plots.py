@@ -19,9 +19,11 @@ from ..sharing import ADDRESS_KINDS
 from ..units import human_bytes
 
 if TYPE_CHECKING:
+    from ..planning import Plan
     from ..result import Analysis
 
-__all__ = ["plot_address_map", "plot_histogram", "plot_pairwise", "plot_savings"]
+__all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_pairwise", "plot_projection",
+           "plot_savings"]
 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
@@ -239,3 +241,74 @@ def plot_address_map(result: Analysis) -> Figure:
 def _physical(result: Analysis, name: str) -> bool:
     spaces = dict(zip(result.names, result.per_input["address_space"], strict=True))
     return spaces.get(name) != "virtual"
+
+
+def plot_hosts(plan: Plan) -> Figure:
+    """Stacked bars per host, one panel per method: private pages, KSM pages, rmap_items,
+    free memory; the marker is memory before KSM (the copy-on-write worst case)."""
+    hosts = plan.hosts
+    methods = list(dict.fromkeys(hosts["method"]))
+    width = min(MAX_INCHES, max(9.0, 3.0 + 0.45 * len(hosts)))
+    fig = _figure(width, 5.5)
+    axes = fig.subplots(1, len(methods), squeeze=False, sharey=True,
+                        width_ratios=[max(1, (hosts["method"] == m).sum()) for m in methods])[0]
+    div, unit = _unit(max(plan.host_memory, 1))
+    parts = (("private_bytes", "private pages", "#4c78a8"),
+             ("shared_bytes", "KSM pages (shared)", "#f58518"),
+             ("rmap_bytes", "rmap_items", "#e45756"),
+             ("free_bytes", "free", "#e8e8e8"))
+    for ax, method in zip(axes, methods, strict=True):
+        rows = hosts[hosts["method"] == method]
+        x = np.arange(len(rows))
+        bottom = np.full(len(rows), plan.host_memory - plan.capacity, float) / div
+        if plan.capacity < plan.host_memory:
+            ax.bar(x, bottom, color="#bbbbbb", label="reserve")
+        for column, label, color in parts:
+            values = np.maximum(rows[column].to_numpy(float), 0) / div
+            ax.bar(x, values, bottom=bottom, color=color, label=label)
+            bottom = bottom + values
+        ax.scatter(x, rows["memory_before_bytes"].to_numpy(float) / div, marker="_", s=300,
+                   color="black", zorder=3, label="memory before KSM (worst case)")
+        ax.axhline(plan.host_memory / div, color="black", linewidth=0.8)
+        ax.set_xticks(x, [str(h) for h in rows["host"]], fontsize=8)
+        ax.set_xlabel("host")
+        ax.set_title(f"{method.replace('_', ' ')}: {len(rows)} host(s)", fontsize=11)
+    axes[0].set_ylabel(f"host memory ({unit})")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=9)
+    fig.suptitle(f"Hosts of {human_bytes(plan.host_memory)}: placement with and without "
+                 "sharing-awareness", fontsize=12)
+    return fig
+
+
+def plot_projection(plan: Plan) -> Figure:
+    """Host memory against the number of guests like the samples, with and without KSM."""
+    proj = plan.projection
+    fig = _figure(8.0, 5.0)
+    ax = fig.subplots()
+    if len(proj):
+        vms = proj["vms"].to_numpy()
+        div, unit = _unit(float(proj[["memory_before_bytes", "memory_after_high_bytes"]]
+                                .to_numpy().max()))
+        measured = proj["measured"].to_numpy(bool)
+        ax.plot(vms, proj["memory_before_bytes"] / div, color="#9467bd", marker="o",
+                label="without KSM")
+        ax.plot(vms, proj["memory_after_bytes"] / div, color="#2ca02c", marker="o",
+                label="with KSM (mean over random orders)")
+        ax.fill_between(vms, proj["memory_after_low_bytes"] / div,
+                        proj["memory_after_high_bytes"] / div, color="#2ca02c", alpha=0.2,
+                        label="10th-90th percentile band")
+        if (~measured).any():
+            ax.axvspan(vms[~measured].min() - 0.5, vms.max() + 0.5, color="#eeeeee",
+                       zorder=0, label="beyond the samples: a model")
+        ax.axhline(plan.capacity / div, color="black", linewidth=0.8, linestyle="--",
+                   label=f"host capacity ({human_bytes(plan.capacity)})")
+        ax.set_ylabel(f"host memory ({unit})")
+        ax.legend(fontsize=9)
+    ax.set_xlabel("guests like the samples on one host")
+    title = "Host memory for more guests like these"
+    if plan.fits is not None:
+        title += f": {plan.fits[0]:,} fit in {human_bytes(plan.capacity)}"
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    return fig

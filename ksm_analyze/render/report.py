@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from ..result import Analysis
 
-__all__ = ["CHARTS", "TABLES", "write_report"]
+__all__ = ["CHARTS", "TABLES", "png_bytes", "report_files", "write_report"]
 
 CHARTS = {
     "savings": "Memory before and after KSM",
@@ -40,7 +40,8 @@ CHARTS = {
 """The PNG files of a report (``<name>.png``) and their captions."""
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
+    """A figure as PNG bytes, the same for the same figure (no date or software tag)."""
     buf = io.BytesIO()
     # No "Software" or date metadata: the same analysis gives the same bytes.
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -77,7 +78,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Pa
         written.append(path)
     images = {}
     for name in CHARTS:
-        images[name] = _png(getattr(result, f"plot_{name}")())
+        images[name] = png_bytes(getattr(result, f"plot_{name}")())
         path = out / f"{name}.png"
         atomic_write(path, images[name], mode=FILE_MODE)
         written.append(path)

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from ..formats.base import DumpReader
     from ..live.capture import CaptureSummary
     from ..live.status import KsmStatus
+    from ..planning import Plan
 
-__all__ = ["render_capture", "render_info", "render_scan", "render_status"]
+__all__ = ["render_capture", "render_info", "render_plan", "render_scan", "render_status"]
 
 _SCENARIO_TITLES = {
     "with_zero_pages": "zero pages present",
@@ -261,4 +262,45 @@ def render_status(status: KsmStatus, *, as_json: bool = False) -> str:
         out.append("No captured process is still running: no per-process comparison.")
     if not compare and int(status.knobs.get("run", 0)) == 0:
         out.append("KSM is not running (run=0): turn it on with 'echo 1 > /sys/kernel/mm/ksm/run'.")
+    return "\n".join(out)
+
+
+_METHODS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing)",
+            "lower_bound": "lower bound (one infinite host)"}
+
+
+def render_plan(plan: Plan) -> str:
+    """The ``plan`` report: hosts per method, each host's inputs and memory, the projection."""
+    ksm = plan.analysis.ksm
+    out = [(f"Plan: hosts of {human_bytes(plan.host_memory)}, {human_bytes(plan.capacity)} "
+            f"for guests (max_page_sharing={ksm.max_page_sharing}, "
+            f"use_zero_pages={int(ksm.use_zero_pages)})")]
+    out.append(_table(["method", "hosts", "memory after KSM", "overcommit", "hosts saved"], (
+        [_METHODS[r.method], _count(r.hosts), human_bytes(r.memory_after_bytes),
+         f"{r.overcommit:.2f}", f"{r.hosts_saved:+,} ({r.hosts_saved_percent:+.0f}%)"]
+        for r in plan.summary.itertuples())))
+    out.append("  (overcommit = the guests' memory / the hosts' memory; hosts saved: against "
+               "first-fit)")
+    for method in ("sharing", "first_fit"):
+        rows = plan.hosts[plan.hosts["method"] == method]
+        out += ["", f"Hosts, {_METHODS[method]}"]
+        out.append(_table(["host", "before KSM", "after KSM", "saved", "free", "inputs"], (
+            [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
+             human_bytes(r.saved_bytes), human_bytes(r.free_bytes), r.inputs]
+            for r in rows.itertuples())))
+    out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM plus "
+               "rmap_item overhead)")
+    if len(plan.projection):
+        out += ["", "Guests like these on one host (beyond the samples: a model)"]
+        out.append(_table(["guests", "with KSM", "band (10%-90%)", "without KSM", ""], (
+            [_count(r.vms), human_bytes(r.memory_after_bytes),
+             (f"{human_bytes(r.memory_after_low_bytes)} - "
+              f"{human_bytes(r.memory_after_high_bytes)}"),
+             human_bytes(r.memory_before_bytes), "measured" if r.measured else "model"]
+            for r in plan.projection.itertuples())))
+        if plan.fits is not None:
+            expected, cautious, hopeful = plan.fits
+            out.append(f"  {expected:,} guests like these fit in {human_bytes(plan.capacity)} "
+                       f"({cautious:,} to {hopeful:,} by the band).")
+    out += [f"Warning: {w}" for w in plan.warnings]
     return "\n".join(out)

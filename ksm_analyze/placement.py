@@ -1,0 +1,302 @@
+"""Placement: which inputs share a host, and how many hosts they need.
+
+Every number comes from the core :class:`~ksm_analyze.contents.ContentTable`, exactly: a
+host's memory is the memory after KSM of its inputs (pages left after merging, plus one
+64-byte rmap_item per scanned page), the same number ``scan`` prints for those inputs. A
+host is held as its copies per content class, so the memory one more input would add (its
+*marginal footprint*) costs one pass over that input's classes, and a placement tries many
+groupings without analysing any of them again.
+
+Placements:
+
+* ``sharing``: sharing-aware greedy. A host starts with the largest input left; then the
+  input that adds the least memory is added while one fits; then a new host. Afterwards,
+  local improvement: the emptiest host is dissolved when its inputs fit elsewhere.
+  Cost: one pass over the remaining inputs' classes per input placed, O(inputs x classes).
+* ``first_fit``: sharing-oblivious first-fit decreasing: inputs by their own footprint
+  (KSM within the input only), each into the first host where the sum of footprints fits.
+* the lower bound: every input on one infinitely large host, divided by the host size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .contents import ContentTable
+from .ksm import RMAP_ITEM_BYTES, KsmSettings, merged_pages
+
+__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "spread"]
+
+
+def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
+    """Pages KSM frees for contents seen ``copies`` times (elementwise)."""
+    ksm, unshared = merged_pages(copies, max_page_sharing)
+    saved: np.ndarray = np.asarray(copies, np.int64) - ksm - unshared
+    return saved
+
+
+class HostModel:
+    """The inputs of a table as candidates for hosts: footprints, exact and incremental.
+
+    Content classes that every input holds alike (the same inputs, the same pages each: the
+    pages of a shared base image, say) behave alike on every host, so they are kept as one
+    *pattern* with a weight, the number of classes following it. A host is its copies per
+    pattern; an input is its pages per pattern. With one base image under hundreds of guests,
+    hundreds of thousands of classes become a handful of patterns.
+
+    Args:
+        table: the core table of every input to place.
+        settings: the KSM knobs.
+        zero_pages: count scanned zero pages as present on the host (the default, as
+            ``scan``'s ``with_zero_pages`` column); False: as never touched.
+    """
+
+    def __init__(self, table: ContentTable, settings: KsmSettings, *, zero_pages: bool = True
+                 ) -> None:
+        self.table, self.settings = table, settings
+        self.n = len(table.inputs)
+        self.nonzero = table.nonzero_pages()
+        self.zero = table.inputs["zero_pages"].to_numpy(np.int64) * zero_pages
+        pattern_rows, self.pattern, self.weight = _patterns(table)
+        self.n_patterns = len(self.weight)
+        owner, self.pages = table.owner[pattern_rows], table.pages[pattern_rows]
+        by_input = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[by_input], np.arange(self.n + 1))
+        self.rows = [by_input[a:b] for a, b in itertools.pairwise(bounds.tolist())]
+        self.owner = owner
+        self.alone = np.array([self.footprint([i]) for i in range(self.n)], np.int64)
+
+    def empty(self) -> HostState:
+        """A host holding nothing yet."""
+        return HostState(np.zeros(self.n_patterns, np.int64), [], 0, 0, 0)
+
+    def footprint(self, inputs: Sequence[int]) -> int:
+        """Bytes a host holding ``inputs`` needs after KSM (pages plus rmap_items)."""
+        host = self.empty()
+        for i in inputs:
+            self.add(host, i)
+        return self.bytes(host)
+
+    def bytes(self, host: HostState) -> int:
+        """Memory after KSM of ``host``, rmap_items included."""
+        s = self.settings
+        zero_saved = host.zero if s.use_zero_pages else int(_saved(np.array([host.zero]),
+                                                                     s.max_page_sharing)[0])
+        pages = host.nonzero + host.zero - host.saved - zero_saved
+        rmap = host.nonzero + (0 if s.use_zero_pages else host.zero)
+        return pages * self.table.page_size + rmap * RMAP_ITEM_BYTES
+
+    def before(self, inputs: Sequence[int]) -> int:
+        """Bytes ``inputs`` take before KSM (every scanned page)."""
+        idx = list(inputs)
+        return int(self.nonzero[idx].sum() + self.zero[idx].sum()) * self.table.page_size
+
+    def _gain(self, host: HostState, rows: np.ndarray, sign: int) -> np.ndarray:
+        """Pages KSM frees more when the pages of ``rows`` join (+1) or leave (-1) ``host``."""
+        g, p = self.pattern[rows], self.pages[rows]
+        h, mps = host.counts[g], self.settings.max_page_sharing
+        after, before = (h + p, h) if sign > 0 else (h, h - p)
+        gain: np.ndarray = (_saved(after, mps) - _saved(before, mps)) * self.weight[g]
+        return gain
+
+    def add(self, host: HostState, i: int) -> None:
+        """Put input ``i`` on ``host``."""
+        rows = self.rows[i]
+        host.saved += int(self._gain(host, rows, +1).sum())
+        host.counts[self.pattern[rows]] += self.pages[rows]
+        host.nonzero += int(self.nonzero[i])
+        host.zero += int(self.zero[i])
+        host.inputs.append(i)
+
+    def remove(self, host: HostState, i: int) -> None:
+        """Take input ``i`` off ``host``."""
+        rows = self.rows[i]
+        host.saved -= int(self._gain(host, rows, -1).sum())
+        host.counts[self.pattern[rows]] -= self.pages[rows]
+        host.nonzero -= int(self.nonzero[i])
+        host.zero -= int(self.zero[i])
+        host.inputs.remove(i)
+
+    def marginal(self, host: HostState, candidates: np.ndarray) -> np.ndarray:
+        """Bytes each of ``candidates`` would add to ``host``, all in one pass."""
+        s, ps, mps = self.settings, self.table.page_size, self.settings.max_page_sharing
+        rows = np.concatenate([self.rows[i] for i in candidates.tolist()] or [candidates])
+        saved = np.bincount(self.owner[rows], weights=self._gain(host, rows, +1),
+                            minlength=self.n).astype(np.int64)[candidates]
+        z = self.zero[candidates]
+        if s.use_zero_pages:
+            zero_saved, rmap = z, self.nonzero[candidates]
+        else:
+            zero_saved = (_saved(host.zero + z, mps)
+                          - _saved(np.array([host.zero]), mps)[0])
+            rmap = self.nonzero[candidates] + z
+        pages = self.nonzero[candidates] + z - saved - zero_saved
+        added: np.ndarray = pages * ps + rmap * RMAP_ITEM_BYTES
+        return added
+
+
+def _patterns(table: ContentTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table rows of one class per pattern (classes held alike), the pattern of each of
+    those rows, and each pattern's weight (its number of classes).
+
+    Classes are grouped by a 128-bit digest of their rows, then every class is compared row
+    by row with its group's first: a class that differs (a digest collision) is a pattern of
+    its own, so the grouping is exact.
+    """
+    content, owner, pages = table.content, table.owner.astype(np.uint64), table.pages
+    if not len(content):
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    first = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
+    length = np.diff(np.append(first, len(content)))
+    row_key = owner * np.uint64(0x9E3779B97F4A7C15) ^ pages.astype(np.uint64)
+    digests = [np.add.reduceat(_mix(row_key * np.uint64(k)), first) for k in (1, 3)]
+    _, rep, group = np.unique(np.stack([length.astype(np.uint64), *digests], axis=1),
+                              axis=0, return_index=True, return_inverse=True)
+    group = group.ravel()
+    # Exactness: each class must equal its group's first class, row by row.
+    mine = np.repeat(first, length) + _ranks(length)
+    theirs = np.repeat(first[rep[group]], length) + _ranks(length)
+    differs = ~((table.owner[mine] == table.owner[theirs]) & (pages[mine] == pages[theirs]))
+    lone = np.unique(np.repeat(np.arange(len(first)), length)[differs])
+    group[lone] = len(rep) + np.arange(len(lone))
+    rep = np.concatenate([rep, lone])
+    weight = np.bincount(group, minlength=len(rep))
+    rows = np.repeat(first[rep], length[rep]) + _ranks(length[rep])
+    return rows, np.repeat(np.arange(len(rep)), length[rep]), weight
+
+
+def _ranks(length: np.ndarray) -> np.ndarray:
+    """0, 1, ..., length-1 for each run, concatenated."""
+    ends = np.cumsum(length)
+    ranks: np.ndarray = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
+    return ranks
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads the bits of each uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed: np.ndarray = x ^ (x >> np.uint64(31))
+    return mixed
+
+
+@dataclass
+class HostState:
+    """One host of a placement in progress: copies per class, and what they add up to."""
+
+    counts: np.ndarray
+    inputs: list[int]
+    nonzero: int
+    zero: int
+    saved: int
+    """Non-zero pages KSM frees on this host."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Inputs assigned to hosts by one method.
+
+    Attributes:
+        method: ``sharing`` or ``first_fit``.
+        hosts: per host, the positions of its inputs in the table.
+    """
+
+    method: str
+    hosts: list[list[int]]
+
+
+def _too_big(model: HostModel, capacity: int) -> None:
+    big = np.flatnonzero(model.alone > capacity)
+    if len(big):
+        i = int(big[0])
+        raise ValueError(f"{model.table.names[i]} alone needs {int(model.alone[i]):,} bytes "
+                         f"after KSM, more than a host holds ({capacity:,} bytes)")
+
+
+def place(model: HostModel, capacity: int) -> Placement:
+    """Sharing-aware placement into hosts of ``capacity`` bytes (see the module doc)."""
+    _too_big(model, capacity)
+    left = set(range(model.n))
+    hosts: list[HostState] = []
+    while left:
+        host = model.empty()
+        seed = max(left, key=lambda i: (model.alone[i], -i))
+        model.add(host, seed)
+        left.discard(seed)
+        used = model.bytes(host)
+        while left:
+            cand = np.array(sorted(left))
+            added = model.marginal(host, cand)
+            fits = used + added <= capacity
+            if not fits.any():
+                break
+            best = int(cand[fits][np.argmin(added[fits])])
+            model.add(host, best)
+            used += int(added[fits].min())
+            left.discard(best)
+        hosts.append(host)
+    _dissolve(model, hosts, capacity)
+    return Placement("sharing", [sorted(h.inputs) for h in hosts])
+
+
+def _dissolve(model: HostModel, hosts: list[HostState], capacity: int) -> None:
+    """Empty the least used host into the others while its inputs fit there (moves)."""
+    while len(hosts) > 1:
+        victim = min(hosts, key=model.bytes)
+        others = [h for h in hosts if h is not victim]
+        moves = []
+        for i in sorted(victim.inputs, key=lambda i: -model.alone[i]):
+            room = [(model.marginal(h, np.array([i]))[0], k) for k, h in enumerate(others)
+                    if model.bytes(h) + model.marginal(h, np.array([i]))[0] <= capacity]
+            if not room:
+                break
+            _, k = min(room)
+            model.add(others[k], i)
+            moves.append((k, i))
+        if len(moves) < len(victim.inputs):
+            for k, i in moves:  # undo: this host cannot be emptied
+                model.remove(others[k], i)
+            return
+        hosts.remove(victim)
+
+
+def first_fit(model: HostModel, capacity: int) -> Placement:
+    """Sharing-oblivious first-fit decreasing by each input's own footprint."""
+    _too_big(model, capacity)
+    loads: list[int] = []
+    hosts: list[list[int]] = []
+    for i in sorted(range(model.n), key=lambda i: (-model.alone[i], i)):
+        k = next((k for k, load in enumerate(loads) if load + model.alone[i] <= capacity),
+                 len(loads))
+        if k == len(loads):
+            loads.append(0)
+            hosts.append([])
+        loads[k] += int(model.alone[i])
+        hosts[k].append(i)
+    return Placement("first_fit", [sorted(h) for h in hosts])
+
+
+def lower_bound(model: HostModel, capacity: int) -> int:
+    """Hosts no placement can beat: all inputs' footprint together over the host size."""
+    return max(1, math.ceil(model.footprint(range(model.n)) / capacity)) if model.n else 0
+
+
+def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
+    """Sharing-aware placement onto exactly ``hosts`` hosts: inputs largest first, each on
+    the host it adds the least memory to, among those where it fits."""
+    _too_big(model, capacity)
+    states = [model.empty() for _ in range(hosts)]
+    for i in sorted(range(model.n), key=lambda i: (-model.alone[i], i)):
+        options = [(int(model.marginal(h, np.array([i]))[0]), model.bytes(h), k)
+                   for k, h in enumerate(states)]
+        fitting = [o for o in options if o[1] + o[0] <= capacity]
+        if not fitting:
+            raise ValueError(f"{model.table.names[i]} does not fit on any of {hosts} hosts of "
+                             f"{capacity:,} bytes after the inputs placed before it")
+        model.add(states[min(fitting)[2]], i)
+    return Placement("sharing", [sorted(h.inputs) for h in states])

@@ -1,0 +1,180 @@
+"""``plan()``: hosts for a set of guests, with and without sharing-aware placement.
+
+Built on one analysis of every input (the core table); placements and projections are
+computed from it (:mod:`~ksm_analyze.placement`, :mod:`~ksm_analyze.projection`) without
+reading a dump again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .ksm import RMAP_ITEM_BYTES
+from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
+from .projection import Projection
+from .result import Analysis, json_safe
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["PLAN_TABLES", "Plan", "plan"]
+
+PLAN_TABLES = ("summary", "hosts", "assignments", "projection")
+"""Every table of a :class:`Plan`, in output order."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Hosts for the inputs of an analysis: a sharing-aware placement beside first-fit.
+
+    Attributes:
+        summary: one row per method (``sharing``, ``first_fit``, ``lower_bound``):
+            ``method``, ``hosts``, ``memory_after_bytes`` (all hosts), ``hosts_saved``
+            and ``hosts_saved_percent`` (against first-fit), ``overcommit`` (the guests'
+            memory over the hosts' memory: each input's described size).
+        hosts: one row per host of each placement: ``method``, ``host``, ``inputs``
+            (names, space-separated), ``input_count``, ``memory_before_bytes`` (the scanned
+            pages without KSM: also the worst case, when every merged page is written
+            again), ``memory_after_bytes`` (the number ``scan`` prints for these inputs:
+            pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
+            ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
+        assignments: ``method``, ``input``, ``host``: one row per input and method.
+        projection: VMs per host (:meth:`~ksm_analyze.projection.Projection.table`);
+            empty unless counts were asked for.
+        fits: guests like the samples that fit one host: (expected, cautious, hopeful);
+            None unless projected.
+        host_memory: bytes per host; ``capacity`` what is left for guests after the reserve.
+        analysis: the analysis every number comes from.
+    """
+
+    summary: pd.DataFrame
+    hosts: pd.DataFrame
+    assignments: pd.DataFrame
+    projection: pd.DataFrame
+    host_memory: int
+    capacity: int
+    analysis: Analysis
+    fits: tuple[int, int, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them."""
+        return {name: getattr(self, name) for name in PLAN_TABLES}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as strict JSON values (``plan --json``)."""
+        out: dict[str, Any] = {"host_memory": self.host_memory, "capacity": self.capacity,
+                               "fits": self.fits}
+        out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
+        out["warnings"] = list(self.warnings)
+        return {k: json_safe(v) for k, v in out.items()}
+
+    # Charts live in render/ (the one deliberate upward edge, as on Analysis).
+    def plot_hosts(self) -> Figure:
+        """Stacked bars per host of each method: memory after KSM, saved, free."""
+        from .render.plots import plot_hosts
+
+        return plot_hosts(self)
+
+    def plot_projection(self) -> Figure:
+        """Host memory against the number of guests, with and without KSM."""
+        from .render.plots import plot_projection
+
+        return plot_projection(self)
+
+
+def plan(
+    analysis: Analysis,
+    host_memory: int,
+    *,
+    reserve: int = 0,
+    hosts: int | None = None,
+    zero_pages: bool = True,
+    project: Sequence[int] = (),
+    orders: int = 200,
+) -> Plan:
+    """Place the inputs of ``analysis`` on hosts of ``host_memory`` bytes.
+
+    Args:
+        analysis: what :func:`~ksm_analyze.analyze` returned for every input (its KSM
+            settings and scope are the plan's).
+        host_memory: bytes of memory per host.
+        reserve: bytes each host keeps for itself (the rest is ``capacity``).
+        hosts: place onto exactly this many hosts instead of as few as possible.
+        zero_pages: count scanned zero pages as host memory (``scan``'s ``with_zero_pages``
+            column, the default); False: as never touched.
+        project: guest counts to project host memory for (VMs per host).
+        orders: random orders of the samples the projection measures.
+
+    Raises:
+        ValueError: a size out of range, or an input that alone does not fit a host.
+    """
+    capacity = host_memory - reserve
+    if host_memory <= 0 or reserve < 0 or capacity <= 0:
+        raise ValueError(f"a host of {host_memory:,} bytes with a reserve of {reserve:,} "
+                         "leaves no memory for guests")
+    if hosts is not None and hosts < 1:
+        raise ValueError(f"--hosts must be at least 1, not {hosts}")
+    model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
+    names = analysis.names
+    guest_bytes = [int(b) for b in analysis.per_input["bytes"]]
+    sharing = place(model, capacity) if hosts is None else spread(model, capacity, hosts)
+    placements = [sharing, first_fit(model, capacity)]
+    host_rows, assignments, summary = [], [], []
+    for p in placements:
+        frame = _host_frame(p, model, capacity, names, zero_pages)
+        host_rows.append(frame)
+        assignments += [{"method": p.method, "input": names[i], "host": k}
+                        for k, inputs in enumerate(p.hosts) for i in inputs]
+        summary.append({"method": p.method, "hosts": len(p.hosts),
+                        "memory_after_bytes": int(frame["memory_after_bytes"].sum()),
+                        "overcommit": sum(guest_bytes) / (len(p.hosts) * host_memory)})
+    bound = lower_bound(model, capacity)
+    summary.append({"method": "lower_bound", "hosts": bound,
+                    "memory_after_bytes": model.footprint(range(model.n)),
+                    "overcommit": sum(guest_bytes) / (bound * host_memory)})
+    table = pd.DataFrame(summary)
+    baseline = len(placements[1].hosts)
+    table["hosts_saved"] = baseline - table["hosts"]
+    table["hosts_saved_percent"] = 100.0 * table["hosts_saved"] / baseline
+    hosts_df = pd.concat(host_rows, ignore_index=True)
+    over = hosts_df[(hosts_df["method"] == "sharing") & ~hosts_df["worst_case_fits"]]
+    warnings = [] if over.empty else [
+        (f"{len(over)} of {len(sharing.hosts)} sharing-aware hosts (hosts "
+        f"{', '.join(map(str, over['host']))}) would need more than their "
+        f"{capacity:,} bytes if every merged page were written again (the copy-on-write worst "
+        f"case is memory before KSM, up to {int(over['memory_before_bytes'].max()):,} bytes): "
+        "keep headroom or swap")]
+    projection = Projection(model, orders=orders) if project else None
+    return Plan(
+        summary=table,
+        hosts=hosts_df,
+        assignments=pd.DataFrame(assignments, columns=["method", "input", "host"]),
+        projection=projection.table(project) if projection else pd.DataFrame(),
+        host_memory=host_memory,
+        capacity=capacity,
+        analysis=analysis,
+        fits=projection.fits(capacity) if projection else None,
+        warnings=warnings,
+    )
+
+
+def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
+                zero_pages: bool) -> pd.DataFrame:
+    rows = []
+    ps = model.table.page_size
+    for k, inputs in enumerate(p.hosts):
+        before, after = model.before(inputs), model.footprint(inputs)
+        c = model.table.subset(inputs).counters(model.settings, zero_pages=zero_pages)
+        rows.append({"method": p.method, "host": k,
+                     "inputs": " ".join(names[i] for i in inputs), "input_count": len(inputs),
+                     "memory_before_bytes": before, "memory_after_bytes": after,
+                     "private_bytes": c.pages_unshared * ps, "shared_bytes": c.pages_shared * ps,
+                     "rmap_bytes": c.ksm_rmap_items * RMAP_ITEM_BYTES,
+                     "saved_bytes": before - after, "free_bytes": capacity - after,
+                     "worst_case_fits": before <= capacity})
+    return pd.DataFrame(rows)
