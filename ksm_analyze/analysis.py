@@ -102,17 +102,26 @@ def analyze(
                            show_content=options.show_content)
 
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed}
+    # What the contents are and where they lie does not depend on a policy; what merges does.
+    where = address_map(table, classes, prints, masks, scope=options.scope)
+    unrestricted, domain_names = None, []
+    if options.policy:
+        unrestricted = table.counters(ksm)
+        domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
+        table = table.with_policy(domains, zero_only=options.merge == "zero-only")
     return Analysis(
         **summary_tables(table, ksm, prints, masks, classes.stats, timings),
         pairwise=pairwise(table, max_page_sharing=ksm.max_page_sharing),
         top_contents=top,
-        address_map=address_map(table, classes, prints, masks, scope=options.scope),
+        address_map=where,
         counters=table.counters(ksm),
         options=options,
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
         warnings=_warnings(prints, options),
+        unrestricted=unrestricted,
+        domains=domain_names,
     )
 
 

@@ -7,7 +7,9 @@ module that turns errors into exit codes: a bad input is one line on stderr and 
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
+import glob
 import inspect
 import os
 import sys
@@ -153,6 +155,21 @@ _ANALYSIS_PARAMS = (
         int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
                                  show_default=False)
     ], DEFAULT_OPTIONS.jobs),
+    _param("domain", Annotated[
+        list[str] | None,
+        typer.Option("--domain", help="NAME=GLOB: inputs whose path or file name match GLOB "
+                     "form trust domain NAME; pages never merge across domains (repeat it).",
+                     show_default=False),
+    ], None),
+    _param("domains_file", Annotated[
+        Path | None,
+        typer.Option("--domains", help="CSV file of input,domain rows: the same policy as "
+                     "--domain, one row per input.", show_default=False),
+    ], None),
+    _param("merge", Annotated[
+        str, typer.Option(help="all (what KSM does) or zero-only (what if only zero pages "
+                          "merged).")
+    ], DEFAULT_OPTIONS.merge),
     _param("quiet", QuietOpt, False),
 )
 
@@ -182,6 +199,7 @@ def _analysis_command(command: Callable[..., None]) -> Callable[..., None]:
         quiet, bases = given.pop("quiet"), given.pop("base_address")
         with _errors():
             given["base_address"] = tuple(map(_address, bases)) if bases else 0
+            given["domains"] = _domains(given.pop("domain") or [], given.pop("domains_file"))
             options = ScanOptions(**{k: v for k, v in given.items() if k in _SCAN_FIELDS})
             ksm = KsmSettings(**{k: v for k, v in given.items() if k not in _SCAN_FIELDS})
         command(**kwargs, request=_Request(options, ksm, quiet))
@@ -343,6 +361,27 @@ def _write_pngs(result: Plan, prefix: Path) -> None:
         charts["projection"] = result.plot_projection
     for name, draw in charts.items():
         atomic_write(f"{prefix}-{name}.png", png_bytes(draw()), mode=FILE_MODE)
+
+
+def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...]:
+    """``--domain NAME=GLOB`` and ``--domains FILE.csv`` as (name, pattern) pairs."""
+    pairs = []
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not (sep and name and pattern):
+            raise ValueError(f"--domain {spec!r} is not NAME=GLOB (e.g. web=web-*.elf)")
+        pairs.append((name, pattern))
+    if table is not None:
+        try:
+            with open(table, newline="") as f:
+                rows = [r for r in csv.reader(f) if r and r[0].strip() != "input"]
+        except (OSError, UnicodeDecodeError) as e:
+            raise KsmAnalyzeError(f"{table}: cannot read the domains: {e}") from None
+        for n, row in enumerate(rows, 1):
+            if len(row) != 2 or not all(cell.strip() for cell in row):
+                raise ValueError(f"{table} row {n}: expected input,domain, not {row!r}")
+            pairs.append((row[1].strip(), glob.escape(row[0].strip())))
+    return tuple(pairs)
 
 
 def _refuse_overwriting(dumps: list[Path], outputs: list[Path]) -> None:

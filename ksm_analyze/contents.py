@@ -34,7 +34,7 @@ from .pages import PAGE_SIZE, PageState
 __all__ = ["INPUT_COLUMNS", "ContentTable", "build_content_table"]
 
 INPUT_COLUMNS = ("input", "format", "address_space", "pages", "hole_pages", "excluded_pages",
-                 "not_saved_pages", "ineligible_pages", "zero_pages", "unique_pages")
+                 "not_saved_pages", "ineligible_pages", "zero_pages", "unique_pages", "domain")
 """Columns of :attr:`ContentTable.inputs`."""
 
 
@@ -48,7 +48,8 @@ class ContentTable:
             the dump describes), ``hole_pages``, ``excluded_pages``, ``not_saved_pages``
             (pages with no bytes), ``ineligible_pages`` (bytes known, KSM would not scan
             them), ``zero_pages`` (scanned all-zero pages), ``unique_pages`` (scanned
-            pages whose content no other scanned page holds).
+            pages whose content no other scanned page holds), ``domain`` (a number: pages
+            merge only within one domain, zero pages included; all 0 without a policy).
         content: int64 content class of each sparse row (sorted; ids need not be dense).
         owner: int32 input (row of ``inputs``) of each sparse row.
         pages: int64 pages of that content in that input (at least 1).
@@ -102,9 +103,33 @@ class ContentTable:
             settings: the KSM knobs.
             zero_pages: count the scanned zero pages as present (False: as never touched).
         """
-        zero = int(self.inputs["zero_pages"].sum()) if zero_pages else 0
+        zero = self.zero_by_domain() if zero_pages else 0
         return predict(self.copies(), zero, settings,
                        singletons=int(self.inputs["unique_pages"].sum()))
+
+    def zero_by_domain(self) -> np.ndarray:
+        """Scanned zero pages per domain (they merge within a domain only)."""
+        zero: np.ndarray = self.inputs.groupby("domain")["zero_pages"].sum().to_numpy(np.int64)
+        return zero
+
+    def with_policy(self, domains: Sequence[int] | None = None, *, zero_only: bool = False
+                    ) -> ContentTable:
+        """The table under a merging policy: pages of inputs in different ``domains`` never
+        merge (the class of a content becomes one class per domain); with ``zero_only``,
+        only zero pages merge (every other page counts as unique)."""
+        inputs = self.inputs.copy()
+        content, owner, pages = self.content, self.owner, self.pages
+        if domains is not None:
+            inputs["domain"] = np.asarray(domains, np.int64)
+            count = int(inputs["domain"].max()) + 1
+            content = content * count + inputs["domain"].to_numpy()[owner]
+            order = np.lexsort((owner, content))
+            content, owner, pages = content[order], owner[order], pages[order]
+        if zero_only:
+            inputs["unique_pages"] += np.bincount(owner, weights=pages,
+                                                  minlength=len(inputs)).astype(np.int64)
+            content, owner, pages = content[:0], owner[:0], pages[:0]
+        return ContentTable(inputs, content, owner, pages, self.page_size)
 
     def nonzero_pages(self) -> np.ndarray:
         """Scanned non-zero pages per input, duplicated or not."""
@@ -125,7 +150,8 @@ class ContentTable:
         nonzero = self.nonzero_pages()
         ksm, unshared = merged_pages(self.pages, settings.max_page_sharing)
         self_saved = np.bincount(self.owner, weights=self.pages - ksm - unshared, minlength=n)
-        stat = predict_processes(self.content, self.owner, self.pages, nonzero, zero, settings)
+        stat = predict_processes(self.content, self.owner, self.pages, nonzero, zero, settings,
+                                 domain=self.inputs["domain"].to_numpy(np.int64))
         return pd.DataFrame({
             "nonzero_pages": nonzero,
             "distinct_contents": unique + np.bincount(self.owner, minlength=n),
@@ -182,6 +208,7 @@ def build_content_table(
             "ineligible_pages": mask.ineligible_pages,
             "zero_pages": int(np.count_nonzero(fp.zero[mask.scanned])) + mask.zero_state_pages,
             "unique_pages": int(np.count_nonzero(labels == UNIQUE)) + int(folded[k]),
+            "domain": 0,
         })
     inputs = pd.DataFrame(rows, columns=list(INPUT_COLUMNS))
     page_size = fingerprints[0].page_size if fingerprints else PAGE_SIZE

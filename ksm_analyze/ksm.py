@@ -89,13 +89,15 @@ def merged_pages(copies: np.ndarray, max_page_sharing: int) -> tuple[np.ndarray,
 
 
 def predict(
-    copies: np.ndarray, zero_pages: int, settings: KsmSettings, *, singletons: int = 0
+    copies: np.ndarray, zero_pages: int | np.ndarray, settings: KsmSettings, *,
+    singletons: int = 0,
 ) -> KsmCounters:
     """Predict the converged KSM counters.
 
     Args:
         copies: for each distinct non-zero content, how many eligible pages hold it.
-        zero_pages: eligible all-zero pages (present on the host, so scanned).
+        zero_pages: eligible all-zero pages (present on the host, so scanned); an array
+            of them per domain when pages merge only within a domain.
         settings: the KSM knobs.
         singletons: further contents seen exactly once, passed as a count rather than as
             that many 1s in ``copies``.
@@ -104,14 +106,15 @@ def predict(
         The counters the kernel would show.
     """
     copies = np.asarray(copies, dtype=np.int64)
-    if not settings.use_zero_pages and zero_pages:
-        copies = np.append(copies, zero_pages)
+    zero = np.atleast_1d(np.asarray(zero_pages, np.int64))
+    if not settings.use_zero_pages:
+        copies = np.append(copies, zero[zero > 0])  # the zero page merges like any content
     ksm_pages, unshared = merged_pages(copies, settings.max_page_sharing)
     rmap_items = int(copies.sum()) + singletons
     shared = int(ksm_pages.sum())
     unshared_n = int(unshared.sum()) + singletons
     sharing = rmap_items - shared - unshared_n
-    ksm_zero = zero_pages if settings.use_zero_pages else 0
+    ksm_zero = int(zero.sum()) if settings.use_zero_pages else 0
     profit = (sharing + ksm_zero) * settings.page_size - rmap_items * RMAP_ITEM_BYTES
     return KsmCounters(
         pages_shared=shared,
@@ -137,6 +140,8 @@ def predict_processes(
     nonzero_pages: np.ndarray,
     zero_pages: np.ndarray,
     settings: KsmSettings,
+    *,
+    domain: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The ``/proc/PID/ksm_stat`` fields KSM would show for each input on one host.
 
@@ -147,6 +152,7 @@ def predict_processes(
         nonzero_pages: per input, every scanned non-zero page (duplicated or not).
         zero_pages: per input, scanned all-zero pages.
         settings: the KSM knobs.
+        domain: per input, its domain: zero pages merge within a domain only.
 
     Returns:
         One array per field of :data:`KSM_STAT_FIELDS`, one value per input.
@@ -166,15 +172,18 @@ def predict_processes(
                           minlength=n_inputs).astype(np.int64)
     zero_pages = np.asarray(zero_pages, np.int64)
     nonzero_pages = np.asarray(nonzero_pages, np.int64)
-    zero_total = int(zero_pages.sum())
     if settings.use_zero_pages:
         kzero, rmap = zero_pages, nonzero_pages
     else:
         kzero, rmap = np.zeros(n_inputs, np.int64), nonzero_pages + zero_pages
-        if zero_total >= 2:
-            merging += zero_pages
-            if zero_total % mps == 1:  # the zero page's leftover, charged like the others
-                merging[np.flatnonzero(zero_pages)[-1]] -= 1
+        domain = np.zeros(n_inputs, np.int64) if domain is None else domain
+        for d in np.unique(domain).tolist():
+            mine = domain == d
+            zero_total = int(zero_pages[mine].sum())
+            if zero_total >= 2:
+                merging[mine] += zero_pages[mine]
+                if zero_total % mps == 1:  # the zero page's leftover, charged like the others
+                    merging[np.flatnonzero(mine & (zero_pages > 0))[-1]] -= 1
     profit = (merging + kzero) * settings.page_size - rmap * RMAP_ITEM_BYTES
     return dict(zip(KSM_STAT_FIELDS, (rmap, merging, kzero, profit), strict=True))
 

@@ -62,6 +62,7 @@ class HostModel:
         self.n = len(table.inputs)
         self.nonzero = table.nonzero_pages()
         self.zero = table.inputs["zero_pages"].to_numpy(np.int64) * zero_pages
+        self.domain = table.inputs["domain"].to_numpy(np.int64)  # zero pages merge within one
         pattern_rows, self.pattern, self.weight = _patterns(table)
         self.n_patterns = len(self.weight)
         owner, self.pages = table.owner[pattern_rows], table.pages[pattern_rows]
@@ -73,7 +74,8 @@ class HostModel:
 
     def empty(self) -> HostState:
         """A host holding nothing yet."""
-        return HostState(np.zeros(self.n_patterns, np.int64), [], 0, 0, 0)
+        zero = np.zeros(int(self.domain.max(initial=0)) + 1, np.int64)
+        return HostState(np.zeros(self.n_patterns, np.int64), [], 0, zero, 0)
 
     def footprint(self, inputs: Sequence[int]) -> int:
         """Bytes a host holding ``inputs`` needs after KSM (pages plus rmap_items)."""
@@ -84,11 +86,10 @@ class HostModel:
 
     def bytes(self, host: HostState) -> int:
         """Memory after KSM of ``host``, rmap_items included."""
-        s = self.settings
-        zero_saved = host.zero if s.use_zero_pages else int(_saved(np.array([host.zero]),
-                                                                     s.max_page_sharing)[0])
-        pages = host.nonzero + host.zero - host.saved - zero_saved
-        rmap = host.nonzero + (0 if s.use_zero_pages else host.zero)
+        s, zero = self.settings, int(host.zero.sum())
+        zero_saved = zero if s.use_zero_pages else int(_saved(host.zero, s.max_page_sharing).sum())
+        pages = host.nonzero + zero - host.saved - zero_saved
+        rmap = host.nonzero + (0 if s.use_zero_pages else zero)
         return pages * self.table.page_size + rmap * RMAP_ITEM_BYTES
 
     def before(self, inputs: Sequence[int]) -> int:
@@ -110,7 +111,7 @@ class HostModel:
         host.saved += int(self._gain(host, rows, +1).sum())
         host.counts[self.pattern[rows]] += self.pages[rows]
         host.nonzero += int(self.nonzero[i])
-        host.zero += int(self.zero[i])
+        host.zero[self.domain[i]] += self.zero[i]
         host.inputs.append(i)
 
     def remove(self, host: HostState, i: int) -> None:
@@ -119,7 +120,7 @@ class HostModel:
         host.saved -= int(self._gain(host, rows, -1).sum())
         host.counts[self.pattern[rows]] -= self.pages[rows]
         host.nonzero -= int(self.nonzero[i])
-        host.zero -= int(self.zero[i])
+        host.zero[self.domain[i]] -= self.zero[i]
         host.inputs.remove(i)
 
     def marginal(self, host: HostState, candidates: np.ndarray) -> np.ndarray:
@@ -132,8 +133,8 @@ class HostModel:
         if s.use_zero_pages:
             zero_saved, rmap = z, self.nonzero[candidates]
         else:
-            zero_saved = (_saved(host.zero + z, mps)
-                          - _saved(np.array([host.zero]), mps)[0])
+            had = host.zero[self.domain[candidates]]
+            zero_saved = _saved(had + z, mps) - _saved(had, mps)
             rmap = self.nonzero[candidates] + z
         pages = self.nonzero[candidates] + z - saved - zero_saved
         added: np.ndarray = pages * ps + rmap * RMAP_ITEM_BYTES
@@ -192,7 +193,8 @@ class HostState:
     counts: np.ndarray
     inputs: list[int]
     nonzero: int
-    zero: int
+    zero: np.ndarray
+    """Zero pages per domain."""
     saved: int
     """Non-zero pages KSM frees on this host."""
 

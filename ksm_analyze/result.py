@@ -69,6 +69,9 @@ class Analysis:
             inputs and ask for that host's counters.
         inputs: the paths given, in order (a snapshot of N processes is one path, N inputs).
         warnings: every warning the readers raised.
+        unrestricted: under a merging policy (``options.domains``, ``options.merge``), the
+            counters KSM would show without it; None without a policy.
+        domains: the domains' names (``contents.inputs["domain"]`` numbers them).
         pairwise: sharing between each ordered pair of inputs, non-zero pages only.
             Columns ``input_a``, ``input_b``, ``a_nonzero_pages``, ``a_pages_in_b`` (pages
             of A whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
@@ -102,6 +105,8 @@ class Analysis:
     contents: ContentTable
     inputs: list[str]
     warnings: list[str] = field(default_factory=list)
+    unrestricted: KsmCounters | None = None
+    domains: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -140,6 +145,12 @@ class Analysis:
             else:
                 out[name] = df.to_dict(orient="index")
         out["warnings"] = list(self.warnings)
+        if self.unrestricted is not None:
+            out["policy"] = {"domains": dict(zip(self.names, (self.domains[d] for d in
+                                                   self.contents.inputs["domain"]), strict=True))
+                             if self.domains else {},
+                             "merge": self.options.merge,
+                             "unrestricted": self.unrestricted.as_dict()}
         return {k: json_safe(v) for k, v in out.items()}
 
     # The one deliberate upward edge: plots live in render/, which imports this module, so

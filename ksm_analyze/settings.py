@@ -7,6 +7,8 @@ one message. The KSM knobs live beside the model, in :class:`ksm_analyze.ksm.Ksm
 
 from __future__ import annotations
 
+import fnmatch
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +25,8 @@ ProgressReporter = Callable[[str, int, int], None]
 ``"all inputs"``, ``"comparing"``). The library only calls it; the CLI draws bars."""
 
 _ADDRESS_LIMIT = 1 << 64
+MERGE_POLICIES = ("all", "zero-only")
+"""``--merge``: KSM's rule, or the what-if where only zero pages merge."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class ScanOptions:
         top: rows of the most duplicated contents table.
         show_content: put the first bytes of each top content in that table (off: memory
             dumps hold secrets).
+        domains: a merging policy: ``(name, pattern)`` pairs; an input whose path or file
+            name matches ``pattern`` (``fnmatch``: ``*``, ``?``, ``[...]``) belongs to domain
+            ``name``, and pages never merge across domains. Every input must match one.
+        merge: ``all`` (KSM's rule) or ``zero-only`` (a what-if: only zero pages merge).
     """
 
     format: DumpFormat | None = None
@@ -56,6 +64,8 @@ class ScanOptions:
     scope: Scope = Scope.MERGEABLE
     top: int = 20
     show_content: bool = False
+    domains: tuple[tuple[str, str], ...] = ()
+    merge: str = "all"
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -75,6 +85,33 @@ class ScanOptions:
             raise ValueError(f"--jobs must be at least 1, not {self.jobs}")
         if self.top < 0:
             raise ValueError(f"--top cannot be negative, not {self.top}")
+        object.__setattr__(self, "domains", tuple((str(n), str(p)) for n, p in self.domains))
+        if self.merge not in MERGE_POLICIES:
+            raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
+                             + ", ".join(MERGE_POLICIES))
+
+    @property
+    def policy(self) -> bool:
+        """Whether a merging policy restricts KSM (domains, or zero pages only)."""
+        return bool(self.domains) or self.merge != "all"
+
+    def domain_of(self, names: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Each input's domain number, and the domains' names, from ``domains``.
+
+        Raises:
+            ValueError: an input matches no domain, or two.
+        """
+        labels = list(dict.fromkeys(name for name, _ in self.domains))
+        numbers = []
+        for path in names:
+            found = {name for name, pattern in self.domains
+                     if fnmatch.fnmatchcase(path, pattern)
+                     or fnmatch.fnmatchcase(os.path.basename(path), pattern)}
+            if len(found) != 1:
+                what = "no --domain" if not found else f"several domains ({', '.join(sorted(found))})"
+                raise ValueError(f"{path} matches {what}: give each input exactly one")
+            numbers.append(labels.index(found.pop()))
+        return numbers, labels
 
     def bases_for(self, inputs: Sequence[object]) -> list[int]:
         """One base address per input; ValueError if the count fits neither rule."""

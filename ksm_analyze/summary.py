@@ -93,7 +93,7 @@ def _savings(
     nonzero_pages = int(copies.sum()) + int(table.inputs["unique_pages"].sum())
     within = int(per_input["self_sharing_pages"].sum())
     across = saved_pages(copies, mps) - within
-    zero_saved = zero if settings.use_zero_pages else saved_pages(np.array([zero]), mps)
+    zero_saved = zero if settings.use_zero_pages else saved_pages(table.zero_by_domain(), mps)
     savings: dict[str, dict[str, float | None]] = {}
     for name, c in counters.items():
         present = name == "with_zero_pages"
@@ -124,13 +124,14 @@ def _histogram(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
     """zdb -S style: contents bucketed by the highest power of two not above their copies."""
     ps, mps = table.page_size, settings.max_page_sharing
     copies = table.copies()
-    zero = int(table.inputs["zero_pages"].sum())
+    zero = table.zero_by_domain()
+    zero = zero[zero > 0]  # the zero page: one content per domain
     singletons = int(table.inputs["unique_pages"].sum())
-    all_copies = np.append(copies, [zero]) if zero else copies
+    all_copies = np.append(copies, zero)
     ksm, unshared = merged_pages(all_copies, mps)
     after = ksm + unshared
-    if zero and settings.use_zero_pages:
-        after[-1] = 0  # every zero page maps the kernel's zero page
+    if settings.use_zero_pages:
+        after[len(copies):] = 0  # every zero page maps the kernel's zero page
     if singletons:
         all_copies = np.append(all_copies, 1)
         after = np.append(after, 1)

@@ -88,6 +88,7 @@ def render_scan(result: Analysis) -> str:
     out.append(_table(["counter", *titles], (
         [name, *(human_bytes(host.at[name, s]) if name == "general_profit"
                  else _count(host.at[name, s]) for s in scen)] for name in host.index)))
+    out += _policy(result)
     out += ["", "Savings", _table(["", *titles], (
         [label, *(f"{human_bytes(sav.at[item, f'{s}_bytes'])} "
                   f"({sav.at[item, f'{s}_percent']:.1f}%)" for s in scen)]
@@ -123,6 +124,24 @@ def render_scan(result: Analysis) -> str:
     )
     out += [f"Warning: {w}" for w in result.warnings]
     return "\n".join(out)
+
+
+def _policy(result: Analysis) -> list[str]:
+    """One line: what a merging policy costs against no policy (nothing without one)."""
+    u, c = result.unrestricted, result.counters
+    if u is None:
+        return []
+    if result.domains:
+        sizes = result.contents.inputs["domain"].value_counts()
+        what = "pages merge only within domains " + ", ".join(
+            f"{name} ({sizes.get(k, 0)} inputs)" for k, name in enumerate(result.domains))
+    else:
+        what = ""
+    if result.options.merge == "zero-only":
+        what = f"{what}; only zero pages merge" if what else "only zero pages merge"
+    lost = u.general_profit - c.general_profit
+    return [(f"  Policy: {what}. general_profit {human_bytes(c.general_profit)} against "
+            f"{human_bytes(u.general_profit)} with no policy: it costs {human_bytes(lost)}.")]
 
 
 def _process_sections(result: Analysis) -> list[str]:
@@ -281,6 +300,7 @@ def render_plan(plan: Plan) -> str:
         for r in plan.summary.itertuples())))
     out.append("  (overcommit = the guests' memory / the hosts' memory; hosts saved: against "
                "first-fit)")
+    out += _policy(plan.analysis)
     for method in ("sharing", "first_fit"):
         rows = plan.hosts[plan.hosts["method"] == method]
         out += ["", f"Hosts, {_METHODS[method]}"]
