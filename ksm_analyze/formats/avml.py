@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -84,10 +85,8 @@ class AvmlReader(DumpReader):
         self._recs: list[_Rec] = []
         self._cache: tuple[int, int, np.ndarray] | None = None
         # Per Snappy data chunk: file offset of its header, its end, and where its memory
-        # starts within the record.
-        chunk_off: list[int] = []
-        chunk_end: list[int] = []
-        chunk_start: list[int] = []
+        # starts within the record (arrays: 24 bytes a chunk, and a chunk may be 9 bytes).
+        chunk_off, chunk_end, chunk_start = array("q"), array("q"), array("q")
         self.stream_bytes = 0
         partial = PartialPages("AVML", self.page_size)
         extents: list[Extent] = []
@@ -122,9 +121,9 @@ class AvmlReader(DumpReader):
             extents.append(
                 Extent(rec.s_addr + lead, npages, PageState.DATA, file_offset, rec.label("AVML"))
             )
-        self._chunk_off = np.array(chunk_off, dtype=np.int64)
-        self._chunk_end = np.array(chunk_end, dtype=np.int64)
-        self._chunk_start = np.array(chunk_start, dtype=np.int64)
+        self._chunk_off = np.frombuffer(chunk_off, np.int64)
+        self._chunk_end = np.frombuffer(chunk_end, np.int64)
+        self._chunk_start = np.frombuffer(chunk_start, np.int64)
         if warning := partial.warning(self.path):
             self.warnings.append(warning)
         headers = [r.header for r in self._recs]
@@ -140,7 +139,7 @@ class AvmlReader(DumpReader):
         )
 
     def _index_stream(
-        self, rec: Record, offs: list[int], ends: list[int], starts: list[int]
+        self, rec: Record, offs: array[int], ends: array[int], starts: array[int]
     ) -> int:
         """Walk the Snappy chunk headers of ``rec`` and return the file offset after them."""
         pos = rec.offset + RECORD_HEADER.size

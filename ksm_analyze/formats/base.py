@@ -9,6 +9,7 @@ random access from the memory map for free; compressed formats (kdump, AVML) ove
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import mmap
 import os
@@ -23,10 +24,25 @@ import numpy as np
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
 from ..pages import PAGE_SIZE, Choice, Extent, PageBatch, PageState
 
-__all__ = ["DEFAULT_BATCH_PAGES", "DumpFormat", "DumpReader", "open_readonly"]
+__all__ = [
+    "ADDRESS_LIMIT", "DEFAULT_BATCH_PAGES", "MIN_LIMIT", "RANGE_BYTES", "DumpFormat", "DumpReader",
+    "open_readonly",
+]
 
 DEFAULT_BATCH_PAGES = 8192
 """Pages per batch: 32 MiB of 4 KiB pages, small enough to stay cheap, big enough for numpy."""
+ADDRESS_LIMIT = 1 << 56
+"""No range of a dump spans more, and none of guest-physical memory ends above: 2^56 bytes is
+half the largest virtual address space (x86-64 and RISC-V with 5-level paging) and the widest
+physical address of any Linux architecture (RISC-V Sv57). Past it, a size is damage, and
+counting it (as pages not saved, or zero) would be a wrong answer."""
+MIN_LIMIT = 1 << 16
+"""Every cap on a count a header claims allows at least this many, whatever the file size."""
+RANGE_BYTES = 12
+"""A dump describes at most MIN_LIMIT + one range (extent) per this many bytes of file. Each
+range costs ~200 bytes of Python objects here and downstream, so memory stays linear in the
+file. The cheapest ranges real dumps hold: kdump zero pages between excluded ones, a 24-byte
+descriptor per two ranges."""
 
 
 class DumpFormat(Choice):
@@ -41,9 +57,14 @@ class DumpFormat(Choice):
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Open ``path`` read-only and return ``(fd, size)``; every failure is an InputError."""
+    """Open ``path`` read-only and return ``(fd, size)``; every failure is an InputError.
+
+    ``O_NONBLOCK`` keeps ``open`` from waiting for a writer when ``path`` is a FIFO; anything
+    but a regular file is refused from ``fstat`` before a byte is read, and the flag is cleared
+    again on the regular file that remains.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise InputError("no such file", path=path) from None
     except PermissionError:
@@ -51,6 +72,8 @@ def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
     except IsADirectoryError:
         raise InputError("is a directory, not a dump file", path=path) from None
     except OSError as e:
+        if e.errno == errno.ENXIO:  # open(2): a socket, or a device with no driver
+            raise InputError("is not a regular file", path=path) from None
         raise InputError(f"cannot open: {e.strerror}", path=path) from None
     st = os.fstat(fd)
     problem = None
@@ -63,6 +86,7 @@ def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
     if problem:
         os.close(fd)
         raise InputError(problem, path=path)
+    os.set_blocking(fd, True)
     return fd, st.st_size
 
 
@@ -93,8 +117,7 @@ class DumpReader(ABC):
         self._views: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
         self._fd, self.file_size = open_readonly(self.path)
         try:
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-            self._mm.madvise(mmap.MADV_SEQUENTIAL)
+            self._mm = self._map()
             self.extents = self._validated(self._load_extents())
         except BaseException:
             self.close()
@@ -119,6 +142,16 @@ class DumpReader(ABC):
     def info(self) -> dict[str, Any]:
         """Format-specific header facts for ``ksm-analyze info`` (plain JSON-able values)."""
         return {}
+
+    def _map(self) -> mmap.mmap:
+        """Map the whole file read-only; the kernel refusing (no mmap support, no address
+        space) is an InputError."""
+        try:
+            mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise InputError(f"cannot map the file: {e.strerror}", path=self.path) from None
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+        return mm
 
     # -- pages ------------------------------------------------------------------------------
 
@@ -227,9 +260,22 @@ class DumpReader(ABC):
         """The one place headers are decoded: a short read becomes TruncatedDumpError."""
         return st.unpack(self._read(offset, st.size, what))
 
+    def _over_limit(self, count: int, what: str, per: int) -> str | None:
+        """Why ``count`` ``what`` are too many for this file, or None: the cap (MIN_LIMIT plus
+        one per ``per`` bytes) keeps what a reader builds proportional to the file's bytes."""
+        limit = MIN_LIMIT + self.file_size // per
+        if count <= limit:
+            return None
+        return (
+            f"more than {limit:,} {what}, the most a {self.file_size:,}-byte file may hold "
+            f"({MIN_LIMIT:,} plus one per {per} bytes)"
+        )
+
     def _validated(self, extents: list[Extent]) -> list[Extent]:
         """Sort extents, drop empty ones, and reject overlaps and stored bytes past EOF."""
         ps = self.page_size
+        if problem := self._over_limit(len(extents), "ranges of pages", RANGE_BYTES):
+            raise self._error(problem)
         for e in extents:
             if e.npages < 0 or e.addr < 0:
                 raise self._error(f"negative size or address in {e.label or 'range'}")

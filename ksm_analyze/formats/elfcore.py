@@ -20,18 +20,22 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 import os
 import struct
 from collections import Counter
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
 from ..errors import TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, MapFlags, PageState
-from .base import DumpFormat, DumpReader
+from .base import ADDRESS_LIMIT, DumpFormat, DumpReader
 
 __all__ = ["ElfCoreReader"]
+
+T = TypeVar("T")
 
 # ELF constants (System V gABI, "ELF Header" and "Program Header" chapters; <elf.h>).
 ELFMAG = b"\x7fELF"
@@ -46,8 +50,13 @@ NT_PRSTATUS, NT_PRPSINFO = 1, 3
 NT_FILE = 0x46494C45
 """Mapped files of a process core, owner "CORE" (linux/include/uapi/linux/elf.h)."""
 
-MAX_PHNUM = 1 << 24
-"""More program headers than any real dump has (a -p dump of a huge guest has ~1e5)."""
+MAX_PHNUM = 1 << 20
+"""More program headers than any real dump has: a process core has one per VMA (Linux allows
+65,530 by default, vm.max_map_count), a -p dump of a huge guest ~1e5. Each costs ~1 KiB of
+Python objects and ~30 us from here to the analysis, so 2^20 bounds a hostile table."""
+NOTE_BYTES = 128
+"""At most 65,536 notes plus one per this many bytes of file: real notes average 300 bytes
+or more (NT_PRSTATUS alone is 356), and each costs ~200 bytes of objects here."""
 _SHARED_ANON_PREFIXES = ("/dev/zero", "/memfd:", "/SYSV")
 """NT_FILE paths of shmem-backed shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, memfd,
 SysV shm): not private anonymous, so never KSM-mergeable."""
@@ -111,6 +120,11 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
+def _text(raw: bytes) -> str:
+    """Bytes from a dump as text any output can take: invalid UTF-8 becomes ``\\xNN``."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class ElfCoreReader(DumpReader):
     """An ELF core file (``e_type == ET_CORE``), 32- or 64-bit, either byte order."""
 
@@ -118,11 +132,9 @@ class ElfCoreReader(DumpReader):
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
-        """ELF magic and ``e_type`` ET_CORE in the byte order ``EI_DATA`` names (or either)."""
-        if len(head) < 18 or head[:4] != ELFMAG:
-            return False
-        orders = {ELFDATA2LSB: "<", ELFDATA2MSB: ">"}.get(head[5])
-        return any(struct.unpack_from(e + "H", head, 16)[0] == ET_CORE for e in (orders or "<>"))
+        """ELF magic. The reader checks the rest, so a damaged ``e_type`` or class is an error
+        naming it rather than a fall back to raw."""
+        return head[:4] == ELFMAG
 
     # -- headers ----------------------------------------------------------------------------
 
@@ -222,7 +234,7 @@ class ElfCoreReader(DumpReader):
         )
         return [strtab[h[0] :].split(b"\0")[0].decode("latin-1") for h in headers]
 
-    def _notes(self, index: int, offset: int, size: int) -> list[Note]:
+    def _notes(self, index: int, offset: int, size: int) -> None:
         """The notes of PT_NOTE ``index``; core notes are 4-byte aligned (also VirtualBox's,
         whose names are chosen so 4- and 8-byte alignment agree: DBGFCoreWrite.cpp)."""
         if size and offset + size > self.file_size:
@@ -233,8 +245,10 @@ class ElfCoreReader(DumpReader):
                 offset=offset,
             )
         nhdr = struct.Struct(self.endian + "III")  # n_namesz, n_descsz, n_type
-        notes, pos, end = [], offset, offset + size
+        notes, pos, end = self.notes, offset, offset + size
         while pos + nhdr.size <= end:
+            if problem := self._over_limit(len(notes) + 1, "ELF notes", NOTE_BYTES):
+                raise self._error(problem, pos)
             namesz, descsz, n_type = nhdr.unpack_from(self._mm, pos)
             desc = pos + nhdr.size + _align4(namesz)
             if desc + descsz > end:
@@ -246,7 +260,6 @@ class ElfCoreReader(DumpReader):
             name = self._mm[pos + nhdr.size : pos + nhdr.size + min(namesz, 64)]
             notes.append(Note(name.split(b"\0")[0].decode("latin-1"), n_type, desc, descsz))
             pos = desc + _align4(descsz)
-        return notes
 
     def _nt_file(self, note: Note) -> list[MappedFile]:
         """Decode NT_FILE: long count, page_size; {start, end, file_ofs}[count]; paths."""
@@ -263,7 +276,7 @@ class ElfCoreReader(DumpReader):
                 note.desc_offset,
             )
         triples = struct.unpack_from(f"{self.endian}{3 * count}{word}", desc, 2 * wsize)
-        paths = desc[table_end:].split(b"\0")
+        paths = desc[table_end:].split(b"\0", count)  # not one object per NUL of a flood
         if len(paths) < count:
             raise self._error(
                 f"NT_FILE lists {count} mappings but only {len(paths)} paths",
@@ -271,7 +284,7 @@ class ElfCoreReader(DumpReader):
             )
         start, end, ofs = triples[0::3], triples[1::3], triples[2::3]
         return [
-            MappedFile(start[i], end[i], ofs[i] * page_size, os.fsdecode(paths[i]))
+            MappedFile(start[i], end[i], ofs[i] * page_size, _text(paths[i]))
             for i in range(count)
         ]
 
@@ -328,7 +341,7 @@ class ElfCoreReader(DumpReader):
         self.phnum = phnum
         self.notes: list[Note] = []
         for i in np.flatnonzero(table["p_type"] == PT_NOTE).tolist():
-            self.notes += self._notes(i, int(table[i]["p_offset"]), int(table[i]["p_filesz"]))
+            self._notes(i, int(table[i]["p_offset"]), int(table[i]["p_filesz"]))
         load_idx = np.flatnonzero(table["p_type"] == PT_LOAD)
         rows = table[load_idx]
         cols = [rows[f].tolist() for f in ("p_offset", "p_vaddr", "p_paddr", "p_filesz")]
@@ -367,13 +380,15 @@ class ElfCoreReader(DumpReader):
         stored = self._stored_extents(loads)
         extents = stored + self._unsaved_extents(loads, stored)
         if process:
-            extents = self._split_holes(extents)
+            # Sorted and disjoint first, so each split below walks holes and mappings once.
+            extents = self._split_holes(self._validated(extents))
             if any(n.name == "CORE" and n.n_type == NT_FILE for n in self.notes):
                 extents = self._split_mappings(extents)
         return extents
 
     def _check_segments(self, loads: list[Segment]) -> None:
         ps, limit = self.page_size, 1 << self.bits
+        virtual = self.address_space == "virtual"
         odd = []
         for s in loads:
             where = self.e_phoff + s.ndx * self.e_phentsize
@@ -394,6 +409,13 @@ class ElfCoreReader(DumpReader):
                 raise self._error(
                     f"PT_LOAD[{s.ndx}] of {s.p_memsz:#x} bytes at address {s.addr:#x} runs "
                     f"past the end of the {self.bits}-bit address space",
+                    where,
+                )
+            # Virtual addresses may lie in the top half ([vsyscall]): there only the size counts.
+            if (s.p_memsz if virtual else s.addr + s.p_memsz) > ADDRESS_LIMIT:
+                raise self._error(
+                    f"PT_LOAD[{s.ndx}] of {s.p_memsz:#x} bytes at address {s.addr:#x} reaches "
+                    f"past 2^56 bytes (64 PiB), more memory than any machine addresses",
                     where,
                 )
             if s.p_memsz and (s.p_filesz % ps or s.p_memsz % ps or s.addr % ps):
@@ -521,7 +543,7 @@ class ElfCoreReader(DumpReader):
                 continue
             lo, hi = e.file_offset, e.file_offset + e.npages * ps
             cuts = []
-            for h_start, h_end in holes[bisect.bisect_right(ends, lo) :]:
+            for h_start, h_end in _tail(holes, bisect.bisect_right(ends, lo)):
                 if h_start >= hi:
                     break
                 k0 = max(0, -(-(h_start - lo) // ps))
@@ -556,12 +578,19 @@ class ElfCoreReader(DumpReader):
         memory) gives ``MapFlags.FILE`` and its path; pages no entry covers are private anon."""
         ps = self.page_size
         maps = sorted(self.mapped_files)
+        for prev, cur in itertools.pairwise(maps):
+            if cur.start < prev.end:  # VMAs never overlap: a damaged note
+                raise self._error(
+                    f"NT_FILE maps {cur.path} at [{cur.start:#x}, {cur.end:#x}), overlapping "
+                    f"{prev.path} at [{prev.start:#x}, {prev.end:#x})",
+                    next(n.desc_offset for n in self.notes if n.n_type == NT_FILE),
+                )
         ends = [m.end for m in maps]
         out = []
         for e in extents:
             lo, hi = e.addr, e.end_addr(ps)
             cuts = []
-            for m in maps[bisect.bisect_right(ends, lo) :]:
+            for m in _tail(maps, bisect.bisect_right(ends, lo)):
                 if m.start >= hi:
                     break
                 k0 = max(0, -(-(m.start - lo) // ps))
@@ -632,6 +661,11 @@ def _split(
     return out
 
 
+def _tail(items: list[T], start: int) -> Iterator[T]:
+    """``items[start:]`` without copying it: a copy (or an islice) per extent is quadratic."""
+    return map(items.__getitem__, range(start, len(items)))
+
+
 def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for lo, hi in sorted(intervals):
@@ -646,7 +680,7 @@ def _subtract(lo: int, hi: int, merged: list[tuple[int, int]]) -> list[tuple[int
     """The parts of [lo, hi) outside the sorted, disjoint ``merged`` intervals."""
     out = []
     i = max(0, bisect.bisect_right(merged, (lo, lo)) - 1)
-    for m_lo, m_hi in merged[i:]:
+    for m_lo, m_hi in _tail(merged, i):
         if m_lo >= hi:
             break
         if m_hi <= lo:

@@ -6,8 +6,6 @@ record per write; :class:`FlattenedFile` indexes them in place, reading as ``mak
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import mmap
 import struct
 from array import array
@@ -27,8 +25,9 @@ MAX_OFFSET = 1 << 60  # 2^40 page frames of 1 MiB: a record past this is corrupt
 
 
 def probe_flattened(head: bytes) -> bool:
-    """Whether ``head`` starts with a flattened header of type 1, version 1. Never raises."""
-    return len(head) >= _HEADER.size and _HEADER.unpack_from(head) == (MDF_SIGNATURE, 1, 1)
+    """Whether ``head`` starts with the flattened signature. Never raises; the type and version
+    are :class:`FlattenedFile`'s to check, so a damaged one is an error, not a raw image."""
+    return head[:16] == MDF_SIGNATURE
 
 
 class FlattenedFile:
@@ -100,7 +99,10 @@ class FlattenedFile:
         order = np.argsort(lstart, kind="stable")
         lstart, lend, fstart = lstart[order], lend[order], fstart[order]
         if len(lstart) > 1 and np.any(lend[:-1] > lstart[1:]):
-            lstart, lend, fstart = _paint(starts, sizes, datas)
+            lstart = np.frombuffer(starts, np.int64)
+            lstart, lend, fstart = _paint(
+                lstart, lstart + np.frombuffer(sizes, np.int64), np.frombuffer(datas, np.int64)
+            )
         self.segments = (lstart, lend, fstart)
         self.size = int(lend.max()) if len(lend) else 0
 
@@ -161,28 +163,44 @@ class FlattenedFile:
 
 
 def _paint(
-    starts: array[int], sizes: array[int], datas: array[int]
+    lstart: np.ndarray, lend: np.ndarray, fstart: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resolve overlapping records, the later winning: sorted disjoint segments."""
-    n = len(starts)
-    order = sorted(range(n), key=lambda r: starts[r])
-    bounds = sorted({*starts, *(s + z for s, z in zip(starts, sizes, strict=True))})
-    heap: list[int] = []  # -record, for a max-heap: the latest record covering a point wins
-    out: list[tuple[int, int, int]] = []
-    j = 0
-    for lo, hi in itertools.pairwise(bounds):
-        while j < n and starts[order[j]] <= lo:
-            heapq.heappush(heap, -order[j])
-            j += 1
-        while heap and starts[-heap[0]] + sizes[-heap[0]] <= lo:
-            heapq.heappop(heap)
-        if not heap:
-            continue
-        r = -heap[0]
-        f = datas[r] + lo - starts[r]
-        if out and out[-1][1] == lo and out[-1][2] + (lo - out[-1][0]) == f:
-            out[-1] = (out[-1][0], hi, out[-1][2])
-        else:
-            out.append((lo, hi, f))
-    seg = np.array(out, np.int64).reshape(-1, 3)
-    return seg[:, 0].copy(), seg[:, 1].copy(), seg[:, 2].copy()
+    """Resolve overlapping records (arrays in file order), the later winning: sorted disjoint
+    segments.
+
+    Each piece between two record bounds takes the latest record covering it. The records'
+    ranges go into a segment tree over the pieces (each range is O(log n) nodes holding the
+    latest record), then every piece takes the latest record among its ancestors: numpy work
+    in O(n log n), never a Python loop per record (a file may hold millions of them).
+    """
+    bounds = np.sort(np.concatenate((lstart, lend)))
+    bounds = bounds[np.append(True, bounds[1:] != bounds[:-1])]  # np.unique, without its hash
+    leaves = 1 << max(0, len(bounds) - 2).bit_length()  # a power of two >= the pieces
+    tree = np.full(2 * leaves, -1, np.int64)
+    rec = np.arange(len(lstart))
+    lo = np.searchsorted(bounds, lstart) + leaves
+    hi = np.searchsorted(bounds, lend) + leaves
+    while len(rec):
+        # The iterative segment tree update, for every live range at once: a left end that is
+        # a right child, or a right end that is a left one, is a node of the range.
+        left = (lo < hi) & (lo & 1 == 1)
+        np.maximum.at(tree, lo[left], rec[left])
+        right = (lo < hi) & (hi & 1 == 1)
+        np.maximum.at(tree, hi[right] - 1, rec[right])
+        lo, hi = (lo + left) >> 1, (hi - right) >> 1
+        live = lo < hi
+        lo, hi, rec = lo[live], hi[live], rec[live]
+    k = 1
+    while k < leaves:  # push each node's latest record down to its children
+        tree[2 * k : 4 * k] = np.maximum(tree[2 * k : 4 * k], np.repeat(tree[k : 2 * k], 2))
+        k *= 2
+    win = tree[leaves : leaves + len(bounds) - 1]
+    keep = win >= 0
+    r, lo_b, hi_b = win[keep], bounds[:-1][keep], bounds[1:][keep]
+    f = fstart[r] + lo_b - lstart[r]
+    # Join pieces that continue each other in the logical file and in the file.
+    new = np.ones(len(r), bool)
+    new[1:] = (lo_b[1:] != hi_b[:-1]) | (f[1:] != f[:-1] + hi_b[:-1] - lo_b[:-1])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, len(r) - 1)
+    return lo_b[first], hi_b[last], f[first]

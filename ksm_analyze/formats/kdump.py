@@ -30,7 +30,7 @@ import zstandard
 
 from ..errors import CorruptPageError, DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, PageBatch, PageState
-from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
+from .base import DEFAULT_BATCH_PAGES, RANGE_BYTES, DumpFormat, DumpReader
 from .flattened import MDF_SIGNATURE, FlattenedFile, probe_flattened
 
 SIGNATURES = (b"KDUMP   ", b"DISKDUMP")
@@ -91,7 +91,7 @@ class KdumpReader(DumpReader):
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
-        """``KDUMP   ``/``DISKDUMP`` at 0, or a makedumpfile flattened header (type 1, version 1)."""
+        """``KDUMP   ``/``DISKDUMP`` at 0, or the makedumpfile flattened signature."""
         return head[:8] in SIGNATURES or probe_flattened(head)
 
     # -- the logical file ------------------------------------------------------------------
@@ -237,11 +237,17 @@ class KdumpReader(DumpReader):
             )
         self._desc_start = bs * (1 + self.sub_hdr_size + self.bitmap_blocks)
         need = -(-self.max_mapnr // 8)
+        length = (self._bitmap2 - self._bitmap1) or self.bitmap_blocks * bs
         for name, at in (("bitmap 1", self._bitmap1), ("bitmap 2", self._bitmap2)):
-            if at + need > self._logical_size:
-                self._lread(at, need, f"{name} of {self.max_mapnr:#x} PFNs")  # raises
-            if self._flat:
-                self._flat.check_written(at, at + need, name)
+            # First the bits max_mapnr needs, then the whole bitmap: a bitmap larger than the
+            # file is refused before anything reads it.
+            for size, what in ((need, f"{name} of {self.max_mapnr:#x} PFNs"),
+                               (length, f"{name} of {length // bs} blocks")):
+                if at + size > self._logical_size:
+                    self._lread(at, size, what)  # raises
+            if self._flat:  # so the bitmap, like a plain file's, is bytes the file holds
+                self._flat.check_written(at, at + length, name)
+            self._check_clear_past_max_mapnr(name, at, length)
         hi = self.max_mapnr if self.end_pfn is None else min(self.end_pfn, self.max_mapnr)
         if not 0 <= self.start_pfn <= hi:
             raise self._fail(
@@ -255,6 +261,27 @@ class KdumpReader(DumpReader):
                 f"{self.path}: this file is one part of a split dump (makedumpfile --split) "
                 f"and holds PFNs {self.start_pfn:#x}-{hi:#x} only"
             )
+
+    def _check_clear_past_max_mapnr(self, name: str, at: int, length: int) -> None:
+        """Refuse a bit set past max_mapnr: a page that a damaged (shrunk) max_mapnr would hide.
+
+        Producers size the bitmaps from max_mapnr and set no bit past it (makedumpfile
+        ``create_1st_bitmap``, QEMU ``write_dump_bitmap``); the tail is read 16 MiB at a time.
+        """
+        first, bit = divmod(self.max_mapnr, 8)
+        for lo in range(first, length, 1 << 24):
+            raw = bytearray(self._lread(at + lo, min(1 << 24, length - lo), name))
+            if lo == first:
+                raw[0] &= 0xFF << bit & 0xFF  # not the bits of PFNs below max_mapnr
+            hit = np.flatnonzero(np.frombuffer(raw, np.uint8))
+            if len(hit):
+                k = int(hit[0])
+                pfn = (lo + k) * 8 + (raw[k] & -raw[k]).bit_length() - 1
+                raise self._fail(
+                    f"{name} marks PFN {pfn:#x}, past max_mapnr {self.max_mapnr:#x}: the "
+                    "header's max_mapnr is damaged and would hide pages",
+                    at + lo + k,
+                )
 
     def _bits(self, bitmap: int, first_pfn: int, npfns: int, what: str) -> np.ndarray:
         """Bits ``first_pfn`` to ``first_pfn + npfns`` of a bitmap, as bools."""
@@ -333,6 +360,10 @@ class KdumpReader(DumpReader):
             stops = np.concatenate((edges, [chunk.npfns]))
             values = state[starts]
             keep = values != _NOT_REPORTED
+            # Two bits of bitmap can make a range: count them before making objects of them.
+            nruns = len(extents) + int(np.count_nonzero(keep))
+            if problem := self._over_limit(nruns, "ranges of pages in the bitmaps", RANGE_BYTES):
+                raise self._fail(problem, self._bitmap1 + chunk.first_pfn // 8)
             addrs = ((chunk.first_pfn + starts[keep]) * bs).tolist()
             counts = ((stops[keep] - starts[keep]) * sub).tolist()
             kinds = [states[v] for v in values[keep].tolist()]
@@ -354,7 +385,10 @@ class KdumpReader(DumpReader):
         bad_flags = ~np.isin(flags, [0, *_CODEC_NAMES])
         bad_size = np.where(flags == 0, size != bs, (size == 0) | (size > bs))
         past_end = (offset < 0) | (offset + size > self._logical_size)
-        bad = np.flatnonzero((bad_flags | bad_size | past_end) & ~zero)
+        # Page data follows the descriptor table (makedumpfile IMPLEMENTATION): an offset
+        # before it points into the headers, bitmaps or descriptors, which are not pages.
+        too_low = offset < self._data_start
+        bad = np.flatnonzero((bad_flags | bad_size | past_end | too_low) & ~zero)
         if not len(bad):
             return
         k = int(bad[0])
@@ -369,6 +403,11 @@ class KdumpReader(DumpReader):
             )
         if bad_flags[k]:
             detail = f"page descriptor of PFN {pfn:#x} has unknown compression flags {f:#x}"
+        elif too_low[k] and not bad_size[k]:
+            detail = (
+                f"page descriptor of PFN {pfn:#x} points at offset {off:#x}, before the page "
+                f"data (from {self._data_start:#x}): into the headers, not at a page"
+            )
         else:
             kind = _CODEC_NAMES.get(f, "raw")
             detail = f"page descriptor of PFN {pfn:#x} gives a {kind} page of {n} bytes"

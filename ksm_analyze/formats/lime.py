@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from ..errors import TruncatedDumpError
 from ..pages import Extent, PageState
-from .base import DumpFormat, DumpReader
+from .base import ADDRESS_LIMIT, DumpFormat, DumpReader
 
 __all__ = ["AVML_CHUNK_BYTES", "LimeReader"]
 
@@ -31,6 +31,11 @@ LIME_VERSION = 1
 AVML_VERSION = 2
 LIME_KINDS = ((LIME_MAGIC, LIME_VERSION),)
 AVML_KINDS = ((AVML_MAGIC, AVML_VERSION), (LIME_MAGIC, LIME_VERSION))
+
+RECORD_BYTES = 4096
+"""At most 65,536 records plus one per this many bytes of file: a real record holds a RAM range
+or an AVML chunk of one, a page or more (compressed, 16 MiB take at least 780 KB), and each
+record costs ~500 bytes of objects here."""
 
 AVML_CHUNK_BYTES = 0x1000 * 0x1000
 """AVML's ``MAX_BLOCK_SIZE`` (16 MiB): ranges are cut into chunks of this size from their
@@ -62,8 +67,11 @@ def read_record(
 
     Raises:
         TruncatedDumpError: fewer than 32 bytes remain.
-        DumpFormatError: a magic or version not in ``kinds``, or ``e_addr < s_addr``.
+        DumpFormatError: a magic or version not in ``kinds``, ``e_addr < s_addr``, or more
+            records than :data:`RECORD_BYTES` allows.
     """
+    if problem := reader._over_limit(index + 1, f"{name} records", RECORD_BYTES):
+        raise reader._error(problem, offset)
     magic, version, s_addr, e_addr, _reserved = reader._unpack(
         RECORD_HEADER, offset, f"{name} record {index} header"
     )
@@ -72,6 +80,12 @@ def read_record(
     if e_addr < s_addr:
         raise reader._error(
             f"{name} record {index} ends before it starts: e_addr {e_addr:#x} < s_addr {s_addr:#x}",
+            offset,
+        )
+    if e_addr >= ADDRESS_LIMIT:  # its gaps would count as 2^64 bytes of zero pages
+        raise reader._error(
+            f"{name} record {index} ends at {e_addr + 1:#x}, above 2^56 (64 PiB): past any "
+            "physical address",
             offset,
         )
     return Record(index, offset, magic, version, s_addr, e_addr - s_addr + 1)

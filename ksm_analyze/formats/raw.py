@@ -29,6 +29,11 @@ class RawReader(DumpReader):
                 f"{self.path}: the last {tail} bytes are not a whole {self.page_size}-byte page "
                 "and are ignored"
             )
+        if not 0 <= self.base_address <= (1 << 64) - npages * self.page_size:
+            raise ValueError(
+                f"base address {self.base_address:#x} puts {self.path} outside the 64-bit "
+                "address space"
+            )
         return [Extent(self.base_address, npages, PageState.DATA, 0, "raw image")]
 
     def info(self) -> dict[str, Any]:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
+import mmap
 import os
 import struct
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -21,9 +24,9 @@ from typing import Any, Self
 import numpy as np
 
 from ..errors import InputError
-from ..pages import PAGE_SIZE, Extent, MapFlags, PageState
-from .base import DumpFormat
-from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader
+from ..pages import PAGE_SIZE, Extent, MapFlags, PageState, check_page_size
+from .base import MIN_LIMIT, DumpFormat
+from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader, Note, Segment
 
 __all__ = ["RunFlags", "SnapshotReader", "SnapshotWriter"]
 
@@ -40,6 +43,9 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")
 _NHDR = struct.Struct("<III")
 RUN = np.dtype([("vaddr", "<u8"), ("npages", "<u4"), ("flags", "<u4")])
 _MAX_RUN_PAGES = 0xFFFFFFFF
+MAX_PROCESSES = MIN_LIMIT
+"""Processes one snapshot may list: each becomes an input of the analysis (a reader, a row of
+every table), so a few MB of META claiming a million would not fit; a host's processes do."""
 
 
 class RunFlags(enum.IntFlag):
@@ -60,7 +66,8 @@ class RunFlags(enum.IntFlag):
     STORED = 1 << 6
     """The bytes are in a PT_LOAD segment."""
     UNREADABLE = 1 << 7
-    """Present, but reading ``/proc/PID/mem`` failed (EIO: ``[vvar]``, device memory)."""
+    """Present when pagemap was read, but not stored: reading ``/proc/PID/mem`` failed (EIO:
+    ``[vvar]``, device memory), or the page was gone, swapped out or the zero page by then."""
 
 
 _VMFLAG_BITS = {
@@ -193,6 +200,76 @@ def _machine() -> int:
     )
 
 
+class _Shared:
+    """What the readers of one snapshot file share: its map, and its headers and META parsed
+    once. A reader per process each parsing the whole file would be quadratic in processes,
+    and each holding a map (and its file descriptor) would run out of them."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self.mm = mm
+        self.parsed: tuple[list[Segment], dict[str, Any], Note, Note] | None = None
+
+
+_SHARED: weakref.WeakValueDictionary[tuple[int, ...], _Shared] = weakref.WeakValueDictionary()
+"""The snapshots open in this process, by file identity; each goes with its last reader."""
+
+
+def _field(value: Any, kind: type, what: str) -> Any:
+    """``value`` if it is a ``kind``: ints from 0 to 2^64 - 1, strings made writable as UTF-8
+    (JSON escapes can hold lone surrogates, which no output encodes)."""
+    if type(value) is not kind:
+        raise TypeError(f"{what} is {type(value).__name__}, not {kind.__name__}")
+    if isinstance(value, int) and not 0 <= value < 1 << 64:
+        raise ValueError(f"{what} {value} is not between 0 and 2^64 - 1")
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _checked_meta(raw: bytes) -> dict[str, Any]:
+    """META decoded, with every value the readers and the analysis use checked: a ValueError,
+    TypeError or KeyError (or RecursionError for deep nesting) says what is wrong."""
+    meta: dict[str, Any] = _field(
+        json.loads(raw, parse_float=_finite, parse_constant=_no_constant), dict, "META"
+    )
+    check_page_size(_field(meta["page_size"], int, "page_size"))
+    for key in ("kernel", "created", "pfn_flags"):
+        if meta.get(key) is not None:
+            meta[key] = _field(meta[key], str, key)
+    processes = _field(meta["processes"], list, "processes")
+    if len(processes) > MAX_PROCESSES:
+        raise ValueError(f"{len(processes):,} processes, more than the {MAX_PROCESSES:,} a "
+                         "snapshot may list")
+    pids: set[int] = set()
+    for i, p in enumerate(processes):
+        what = f"process {i}"
+        _field(p, dict, what)
+        if _field(p["pid"], int, f"{what} pid") in pids:
+            raise ValueError(f"{what} repeats pid {p['pid']}: a snapshot lists each process once")
+        pids.add(p["pid"])
+        if p.get("comm") is not None:
+            p["comm"] = _field(p["comm"], str, f"{what} comm")
+        p["cmdline"] = [_field(a, str, f"{what} cmdline")
+                        for a in _field(p.get("cmdline", []), list, f"{what} cmdline")]
+        for key in ("runs", "loads"):
+            if len(_field(p[key], list, f"{what} {key}")) != 2:
+                raise ValueError(f"{what} {key} is not [first, count]")
+            p[key] = [_field(x, int, f"{what} {key}") for x in p[key]]
+        for v in _field(p["vmas"], list, f"{what} vmas"):
+            for key, kind in (("start", int), ("end", int), ("vmflags", str), ("path", str)):
+                v[key] = _field(_field(v, dict, f"{what} vma")[key], kind, f"{what} vma {key}")
+    return meta
+
+
 class SnapshotReader(ElfCoreReader):
     """One process of a snapshot (``process`` is its index in the snapshot's process list)."""
 
@@ -217,31 +294,49 @@ class SnapshotReader(ElfCoreReader):
         """The input name in tables: the file and the process."""
         return f"{self.path}:{self.process['pid']}"
 
-    def _load_extents(self) -> list[Extent]:
+    def _map(self) -> mmap.mmap:
+        st = os.fstat(self._fd)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        shared = _SHARED.get(key)
+        if shared is None:
+            shared = _SHARED[key] = _Shared(super()._map())
+        self._shared: _Shared | None = shared
+        os.close(self._fd)  # the map holds the file
+        self._fd = -1
+        return shared.mm
+
+    def _parse(self) -> tuple[list[Segment], dict[str, Any], Note, Note]:
+        """The PT_LOAD headers, the checked META and the META and RUNS notes."""
         loads = self._headers()
-        self.producer = "ksm-analyze"
         notes = {n.n_type: n for n in self.notes if n.name == NOTE_OWNER}
         for n_type, what in ((NT_META, "META"), (NT_RUNS, "RUNS")):
             if n_type not in notes:
                 raise self._error(f"snapshot has no {NOTE_OWNER} {what} note (type {n_type})")
-        meta_note, runs_note = notes[NT_META], notes[NT_RUNS]
+        meta_note = notes[NT_META]
         try:
-            self.meta = json.loads(self._read(meta_note.desc_offset, meta_note.descsz, "META"))
-            self.processes: list[dict[str, Any]] = self.meta["processes"]
-            snapshot_page_size = int(self.meta["page_size"])
-            self.process = self.processes[self.process_index]
-            first, count = (int(x) for x in self.process["runs"])
-            load_first, load_count = (int(x) for x in self.process["loads"])
-            vmas = [(int(v["start"]), int(v["end"]), str(v["vmflags"]), str(v["path"]))
-                    for v in self.process["vmas"]]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            meta = _checked_meta(self._read(meta_note.desc_offset, meta_note.descsz, "META"))
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise self._error(f"bad snapshot metadata: {type(e).__name__} {e}",
                               meta_note.desc_offset) from None
-        if snapshot_page_size != self.page_size:
+        return loads, meta, meta_note, notes[NT_RUNS]
+
+    def _load_extents(self) -> list[Extent]:
+        assert self._shared is not None
+        if self._shared.parsed is None:
+            self._shared.parsed = self._parse()
+        loads, self.meta, meta_note, runs_note = self._shared.parsed
+        self.producer = "ksm-analyze"
+        self.processes: list[dict[str, Any]] = self.meta["processes"]
+        if self.meta["page_size"] != self.page_size:
             raise ValueError(
-                f"{self.path} holds {snapshot_page_size}-byte pages; analyze it with "
-                f"--page-size {snapshot_page_size}"
+                f"{self.path} holds {self.meta['page_size']}-byte pages; analyze it with "
+                f"--page-size {self.meta['page_size']}"
             )
+        if not 0 <= self.process_index < len(self.processes):
+            raise self._error(f"bad snapshot metadata: no process {self.process_index} in its "
+                              f"{len(self.processes)}", meta_note.desc_offset)
+        self.process = self.processes[self.process_index]
+        (first, count), (load_first, load_count) = self.process["runs"], self.process["loads"]
         if runs_note.descsz % RUN.itemsize or not 0 <= first <= first + count <= (
             runs_note.descsz // RUN.itemsize
         ):
@@ -255,13 +350,13 @@ class SnapshotReader(ElfCoreReader):
         self.run_flags = runs
         # Virtual addresses repeat across processes: only this process's segments count.
         mine = loads[load_first : load_first + load_count]
+        vmas = sorted((v["start"], v["end"], v["vmflags"], v["path"]) for v in self.process["vmas"])
         return self._extents(runs, vmas, [s for s in mine if s.p_filesz])
 
     def _extents(
         self, runs: np.ndarray, vmas: list[tuple[int, int, str, str]], loads: list[Any]
     ) -> list[Extent]:
         ps = self.page_size
-        vmas.sort()
         vma_starts = [v[0] for v in vmas]
         loads.sort(key=lambda s: s.p_vaddr)
         load_starts = np.array([s.p_vaddr for s in loads], dtype=np.uint64)
@@ -314,6 +409,12 @@ class SnapshotReader(ElfCoreReader):
             **{f"{str(f.name).lower()}_pages": int(pages[(flags & f) != 0].sum()) for f in RunFlags},
             "ksm_stat_at_capture": self.process.get("ksm_stat"),
         }
+
+    def close(self) -> None:
+        """Drop this reader's share of the map: it is released with the file's last reader."""
+        self._mm = None  # type: ignore[assignment]
+        self._shared = None
+        super().close()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "process": self.process_index}
