@@ -220,6 +220,44 @@ def _main(
     """Predict what Linux KSM would save, offline, from memory dumps."""
 
 
+HostMemoryOpt = Annotated[
+    str, typer.Option("--host-memory", help="Memory of one host, e.g. 256GiB.",
+                      show_default=False),
+]
+ReserveOpt = Annotated[
+    str, typer.Option(help="Memory each host keeps for itself: a size (16GiB) or a percentage "
+                      "of --host-memory (10%).")
+]
+ProjectOpt = Annotated[
+    str | None, typer.Option("--project", help="Also project host memory for these numbers "
+                             "of guests like the inputs, e.g. 10,50,100.", show_default=False)
+]
+
+
+def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | None,
+               **options: Any) -> Plan:
+    """The plan of ``result`` for the command-line spelling of its sizes and counts."""
+    from .planning import plan as make_plan
+    from .units import parse_size
+
+    size = parse_size(host_memory, what="--host-memory")
+    spec = reserve.strip()
+    if spec.endswith("%"):
+        try:
+            kept = int(size * float(spec[:-1]) / 100)
+        except ValueError:
+            raise ValueError(f"--reserve {reserve!r} is not a size or a percentage "
+                             "(e.g. 16GiB or 10%)") from None
+    else:
+        kept = parse_size(spec, what="--reserve")
+    try:
+        counts = [int(c) for c in project.split(",")] if project else []
+    except ValueError:
+        raise ValueError(f"--project {project!r} is not a list of guest counts "
+                         "(e.g. 10,50,100)") from None
+    return make_plan(result, size, reserve=kept, project=counts, **options)
+
+
 @app.command()
 @_analysis_command
 def scan(
@@ -265,6 +303,12 @@ def report(
                            help="Show the first 64 bytes of each most duplicated content. "
                            "Off by default: memory dumps hold secrets.")
     ] = DEFAULT_OPTIONS.show_content,
+    host_memory: Annotated[
+        str | None, typer.Option("--host-memory", help="Also plan hosts of this size, as "
+                                 "'plan' does, in a Capacity plan section.", show_default=False)
+    ] = None,
+    reserve: ReserveOpt = "0",
+    project: ProjectOpt = None,
     *,
     request: _Request,
 ) -> None:
@@ -276,8 +320,10 @@ def report(
         _refuse_overwriting(dumps, report_files(output))
         _make_dir(output)
         result = replace(request, options=options).run(dumps)
+        planned = None if host_memory is None else _make_plan(result, host_memory, reserve,
+                                                               project)
         try:
-            written = write_report(result, output)
+            written = write_report(result, output, planned)
         except OSError as e:
             _cannot_write(output, e)
         typer.echo(f"Wrote {len(written)} files to {output}: open {output / 'index.html'}")
@@ -287,23 +333,13 @@ def report(
 @_analysis_command
 def plan(
     dumps: DumpsArg,
-    host_memory: Annotated[
-        str, typer.Option("--host-memory", help="Memory of one host, e.g. 256GiB.",
-                          show_default=False),
-    ],
-    reserve: Annotated[
-        str, typer.Option(help="Memory each host keeps for itself: a size (16GiB) or a "
-                          "percentage of --host-memory (10%).")
-    ] = "0",
+    host_memory: HostMemoryOpt,
+    reserve: ReserveOpt = "0",
     hosts: Annotated[
         int | None, typer.Option("--hosts", help="Spread over exactly this many hosts "
                                  "instead of as few as possible.", show_default=False)
     ] = None,
-    project: Annotated[
-        str | None, typer.Option("--project", help="Also project host memory for these "
-                                 "numbers of guests like the inputs, e.g. 10,50,100.",
-                                 show_default=False)
-    ] = None,
+    project: ProjectOpt = None,
     untouched_zero: Annotated[
         bool, typer.Option("--zero-untouched", help="Count zero pages as never touched "
                            "(scan's right-hand column) instead of present.")
@@ -329,19 +365,13 @@ def plan(
     the emptiest host is dissolved where its inputs fit elsewhere. First-fit decreasing
     ignores sharing. Costs one pass over the inputs' content classes per input placed.
     """
-    from .planning import plan as make_plan
     from .render.text import render_plan
-    from .units import parse_size
 
     with _errors():
-        size = parse_size(host_memory, what="--host-memory")
-        kept = (size * float(reserve.strip().rstrip("%")) / 100 if reserve.strip().endswith("%")
-                else parse_size(reserve, what="--reserve"))
-        counts = [int(c) for c in project.split(",")] if project else []
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
-        result = make_plan(request.run(dumps), size, reserve=int(kept), hosts=hosts,
-                           zero_pages=not untouched_zero, project=counts)
+        result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
+                            zero_pages=not untouched_zero)
         try:
             if csv_dir is not None:
                 write_csvs(result, csv_dir)

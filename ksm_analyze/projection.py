@@ -50,7 +50,7 @@ class Projection:
     def memory(self, k: int) -> tuple[float, float, float]:
         """Host memory after KSM for ``k`` guests: (expected, low, high)."""
         if k < 1:
-            raise ValueError(f"VM counts must be at least 1, not {k}")
+            raise ValueError(f"--project guest counts must be at least 1, not {k}")
         if k <= self.samples:
             col = self.steps[:, k - 1]
             return float(col.mean()), float(np.percentile(col, 10)), \

@@ -27,6 +27,7 @@ from .files import DIR_MODE, FILE_MODE, atomic_write
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..planning import Plan
     from ..result import Analysis
 
 __all__ = ["CHARTS", "TABLES", "png_bytes", "report_files", "write_report"]
@@ -48,19 +49,38 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def report_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The files :func:`write_report` writes into ``directory``, in the order it writes them."""
+def report_files(directory: str | os.PathLike[str], plan: Plan | None = None) -> list[Path]:
+    """The files :func:`write_report` writes into ``directory``, in the order it writes them
+    (with a ``plan``: its tables as ``plan_<name>.csv`` and charts as ``plan_<name>.png``)."""
     out = Path(directory)
-    return ([out / f"{name}.csv" for name in TABLES] + [out / f"{name}.png" for name in CHARTS]
-            + [out / "index.html"])
+    files = [out / f"{name}.csv" for name in TABLES]
+    if plan is not None:
+        files += [out / f"plan_{name}.csv" for name in _plan_tables(plan)]
+    files += [out / f"{name}.png" for name in CHARTS]
+    if plan is not None:
+        files += [out / f"plan_{name}.png" for name in _plan_charts(plan)]
+    return [*files, out / "index.html"]
 
 
-def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Path]:
+def _plan_tables(plan: Plan) -> dict[str, pd.DataFrame]:
+    return {k: v for k, v in plan.tables().items() if len(v)}
+
+
+def _plan_charts(plan: Plan) -> dict[str, Any]:
+    charts = {"hosts": plan.plot_hosts}
+    if len(plan.projection):
+        charts["projection"] = plan.plot_projection
+    return charts
+
+
+def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan | None = None
+                 ) -> list[Path]:
     """Write the report of ``result`` into ``directory`` (created if needed).
 
     Args:
         result: what :func:`~ksm_analyze.analyze` returned.
         directory: the output folder; existing report files in it are replaced.
+        plan: a capacity plan of the same analysis, for a "Capacity plan" section.
 
     Returns:
         The files written: ``<table>.csv`` for each of :data:`~ksm_analyze.result.TABLES`, ``<chart>.png`` for
@@ -72,18 +92,23 @@ def write_report(result: Analysis, directory: str | os.PathLike[str]) -> list[Pa
     out = Path(directory)
     out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     written = []
-    for name, df in result.tables().items():
+    tables = dict(result.tables())
+    charts = {name: getattr(result, f"plot_{name}") for name in CHARTS}
+    if plan is not None:
+        tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
+        charts |= {f"plan_{k}": draw for k, draw in _plan_charts(plan).items()}
+    for name, df in tables.items():
         path = out / f"{name}.csv"
         atomic_write(path, df.to_csv(), mode=FILE_MODE)
         written.append(path)
     images = {}
-    for name in CHARTS:
-        images[name] = png_bytes(getattr(result, f"plot_{name}")())
+    for name, draw in charts.items():
+        images[name] = png_bytes(draw())
         path = out / f"{name}.png"
         atomic_write(path, images[name], mode=FILE_MODE)
         written.append(path)
     path = out / "index.html"
-    atomic_write(path, render_html(result, images), mode=FILE_MODE)
+    atomic_write(path, render_html(result, images, plan), mode=FILE_MODE)
     written.append(path)
     return written
 
@@ -140,8 +165,8 @@ code { font-size: 0.95em; } .scroll { overflow-x: auto; }
 """
 
 
-def render_html(result: Analysis, images: dict[str, bytes]) -> str:
-    """The report page: summary, charts (embedded PNGs), tables and options."""
+def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = None) -> str:
+    """The report page: summary, charts (embedded PNGs), tables, a plan and options."""
     e = html.escape
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     intro = (
@@ -202,11 +227,36 @@ def render_html(result: Analysis, images: dict[str, bytes]) -> str:
                  'in <a href="stages.csv">stages.csv</a>, time to converge in '
                  '<a href="convergence.csv">convergence.csv</a>.</p>')
     options = {**result.options_record(), "show_content": show_content}
+    if plan is not None:
+        parts += _plan_section(plan, images)
     parts.append('<h2 id="options">Options</h2><table class="summary">')
     parts.extend(f"<tr><th>{e(str(k))}</th><td><code>{e(_option(v))}</code></td></tr>"
                  for k, v in options.items())
     parts.append("</table></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
+    """Hosts needed with and without sharing-aware placement, and each host's guests."""
+    e = html.escape
+    parts = ['<h2 id="plan">Capacity plan</h2>',
+             (f'<p class="note">Hosts of {e(human_bytes(plan.host_memory))} '
+             f"({e(human_bytes(plan.capacity))} for guests). Each host's memory after KSM is "
+             "what a scan of its guests prints (memory after KSM plus rmap_item overhead); "
+             'see docs/planning.md.</p>'),
+             f'<div class="scroll">{_html_table(plan.summary, index=False)}</div>']
+    for name in ("plan_hosts", "plan_projection"):
+        if name in images:
+            data = base64.b64encode(images[name]).decode("ascii")
+            parts.append(f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
+                         f'alt="{name}"><figcaption>{name}.png</figcaption></figure>')
+    parts.append(f'<div class="scroll">{_html_table(plan.hosts, index=False)}</div>')
+    if plan.fits is not None:
+        expected, cautious, hopeful = plan.fits
+        parts.append(f"<p>{expected:,} guests like these fit in one host ({cautious:,} to "
+                     f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
+    parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings]
+    return parts
 
 
 def _short_hashes(top: pd.DataFrame) -> pd.DataFrame:
