@@ -47,9 +47,6 @@ class ProcessError(KsmAnalyzeError):
         self.detail = detail
         super().__init__(f"process {pid}: {detail}")
 
-    def __reduce__(self) -> tuple[type[ProcessError], tuple[int, str]]:
-        return type(self), (self.pid, self.detail)
-
 
 PF_EXITING, PF_KTHREAD = 0x4, 0x00200000
 """Task flags (``/proc/PID/stat`` field 9): exiting (its memory is going before it is a
