@@ -94,6 +94,13 @@ def render_scan(result: Analysis) -> str:
                   f"({sav.at[item, f'{s}_percent']:.1f}%)" for s in scen)]
         for item, label in _SAVINGS_LABELS.items()))]
     out.append(_ZERO_NOTE[bool((pi["format"] == "snapshot").all())])
+    before = sav.at["memory_before", "with_zero_pages_bytes"]
+    after = sav.at["memory_after", "with_zero_pages_bytes"] + sav.at["rmap_overhead",
+                                                                      "with_zero_pages_bytes"]
+    if after:
+        out.append(f"  Headroom: if every merged page were written again (copy-on-write), the "
+                   f"host would need\n  the memory before KSM, {human_bytes(before)}: "
+                   f"{before / after:.1f}x what it needs after KSM.")
     out += ["", "Sharing-degree histogram (zero pages included, as present)", _table(
         ["copies", "contents", "pages", "after merging", "size", "after merging"],
         ([*map(_count, (r.copies, r.contents, r.pages_referenced, r.pages_after_merging)),
