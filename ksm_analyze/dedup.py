@@ -103,10 +103,8 @@ def _shared_prefixes(tables: Sequence[Fingerprints]) -> tuple[np.ndarray, np.nda
 
 def _rows_with_prefix_in(table: Fingerprints, wanted: np.ndarray) -> np.ndarray:
     """Rows of ``table`` whose prefix hash is one of ``wanted`` (sorted)."""
-    if not len(wanted):
-        return np.empty(0, np.int64)
-    lo, hi = wanted[0], wanted[-1]
-    rows = []
+    lo, hi = (wanted[0], wanted[-1]) if len(wanted) else (1, 0)
+    rows = [np.empty(0, np.int64)]  # an input with no stored page has no chunk
     for sl in _chunks(len(table.prefix)):
         p = table.prefix[sl]
         maybe = np.flatnonzero((p >= lo) & (p <= hi))

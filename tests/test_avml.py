@@ -362,7 +362,7 @@ def test_overlapping_ranges(tmp_path):
     path = write(tmp_path, one, two)
     with pytest.raises(DumpFormatError) as e:
         AvmlReader(path)
-    assert str(e.value) == (
-        f"{path}: overlapping ranges: AVML record 1 (header at {len(one):#x}) at address 0x2000 "
-        "overlaps AVML record 0 (header at 0x0) [0x1000, 0x3000)"
+    assert str(e.value) == (  # issue 9: every error names an offset, here record 1's header
+        f"{path} at offset {len(one):#x}: overlapping ranges: AVML record 1 (header at "
+        f"{len(one):#x}) at address 0x2000 overlaps AVML record 0 (header at 0x0) [0x1000, 0x3000)"
     )

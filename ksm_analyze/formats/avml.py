@@ -121,13 +121,15 @@ class AvmlReader(DumpReader):
             extents.append(
                 Extent(rec.s_addr + lead, npages, PageState.DATA, file_offset, rec.label("AVML"))
             )
+            self._origins[rec.s_addr + lead] = rec.offset
         self._chunk_off = np.frombuffer(chunk_off, np.int64)
         self._chunk_end = np.frombuffer(chunk_end, np.int64)
         self._chunk_start = np.frombuffer(chunk_start, np.int64)
         if warning := partial.warning(self.path):
             self.warnings.append(warning)
         headers = [r.header for r in self._recs]
-        zeros, unknown = infer_omitted_zero_chunks(headers, self.page_size, "AVML")
+        zeros, unknown = infer_omitted_zero_chunks(headers, self.page_size, "AVML",
+                                                   self._origins)
         if unknown:
             self.warnings.append(unknown_gaps_warning(self.path, unknown))
         self.zero_pages = sum(e.npages for e in zeros)

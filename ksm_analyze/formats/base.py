@@ -115,6 +115,9 @@ class DumpReader(ABC):
         self.base_address = base_address
         self.warnings: list[str] = []
         self._views: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
+        self._origins: dict[int, int] = {}
+        """Address of an extent -> file offset of the header that described it (for errors
+        about extents whose bytes are not stored)."""
         self._fd, self.file_size = open_readonly(self.path)
         try:
             self._mm = self._map()
@@ -286,18 +289,26 @@ class DumpReader(ABC):
                     f"overlapping ranges: {cur.label or 'range'} at address {cur.addr:#x} "
                     f"overlaps {prev.label or 'range'} "
                     f"[{prev.addr:#x}, {prev.end_addr(ps):#x})",
-                    cur.file_offset if cur.file_offset >= 0 else None,
+                    cur.file_offset if cur.file_offset >= 0 else self._origins.get(cur.addr),
                 )
-        for e in out:
-            if e.state == PageState.DATA and e.file_offset >= 0:
-                end = e.file_offset + e.npages * ps
-                if end > self.file_size:
-                    raise TruncatedDumpError(
-                        f"{e.label or 'range'} of {e.npages * ps} bytes ends at {end:#x}, "
-                        f"past the end of the file ({self.file_size:#x})",
-                        path=self.path,
-                        offset=e.file_offset,
-                    )
+        stored = sorted((e for e in out if e.state == PageState.DATA and e.file_offset >= 0),
+                        key=lambda e: e.file_offset)
+        for e in stored:
+            end = e.file_offset + e.npages * ps
+            if end > self.file_size:
+                raise TruncatedDumpError(
+                    f"{e.label or 'range'} of {e.npages * ps} bytes ends at {end:#x}, "
+                    f"past the end of the file ({self.file_size:#x})",
+                    path=self.path,
+                    offset=e.file_offset,
+                )
+        # Each stored byte belongs to one page: locators (file offsets) must name one page.
+        for prev, cur in itertools.pairwise(stored):
+            if cur.file_offset < prev.file_offset + prev.npages * ps:
+                raise self._error(
+                    f"the stored bytes of {cur.label or 'a range'} (address {cur.addr:#x}) "
+                    f"overlap those of {prev.label or 'another range'} (address "
+                    f"{prev.addr:#x}) in the file", cur.file_offset)
         return out
 
     # -- lifetime ---------------------------------------------------------------------------

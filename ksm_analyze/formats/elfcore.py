@@ -454,7 +454,9 @@ class ElfCoreReader(DumpReader):
                 cover = s
         return kept
 
-    def _label(self, s: Segment) -> str:
+    def _label(self, s: Segment, addr: int) -> str:
+        """The name of segment ``s``'s extent at ``addr``, whose program header is noted."""
+        self._origins[addr] = self.e_phoff + s.ndx * self.e_phentsize
         return f"PT_LOAD[{s.ndx}]"
 
     def _stored_extents(self, loads: list[Segment]) -> list[Extent]:
@@ -479,7 +481,7 @@ class ElfCoreReader(DumpReader):
                 dropped += first
             if first < n:
                 addr, off = s.addr + first * ps, s.p_offset + first * ps
-                out.append(Extent(addr, n - first, PageState.DATA, off, self._label(s)))
+                out.append(Extent(addr, n - first, PageState.DATA, off, self._label(s, addr)))
             covered = max(covered, s.p_offset + n * ps)
         if dropped:
             self._warn(
@@ -511,7 +513,7 @@ class ElfCoreReader(DumpReader):
             first, end = s.p_filesz // ps, s.p_memsz // ps
             if end > first:
                 addr, n = s.addr + first * ps, end - first
-                out.append(Extent(addr, n, PageState.NOT_SAVED, -1, self._label(s)))
+                out.append(Extent(addr, n, PageState.NOT_SAVED, -1, self._label(s, addr)))
         if not self.paging:
             return out
         taken = _merge([(e.addr, e.end_addr(ps)) for e in stored])

@@ -160,9 +160,10 @@ class PartialPages:
 
 
 def infer_omitted_zero_chunks(
-    records: list[Record], page_size: int, name: str
+    records: list[Record], page_size: int, name: str, origins: dict[int, int]
 ) -> tuple[list[Extent], int]:
-    """ZERO extents for the all-zero chunks AVML left out, and how many gaps stay unknown.
+    """ZERO extents for the all-zero chunks AVML left out, and how many gaps stay unknown;
+    ``origins`` gets the file offset of the record header after each (for errors).
 
     AVML cuts a range into 16 MiB chunks from its start, so every chunk but the last of a range
     is exactly 16 MiB, and the chunks of one range start 16 MiB apart. A gap after a full chunk
@@ -184,6 +185,7 @@ def infer_omitted_zero_chunks(
         lead, npages = whole_pages(end, cur.s_addr - end, page_size)
         label = f"all-zero chunks left out between {name} records {prev.number} and {cur.number}"
         zeros.append(Extent(end + lead, npages, PageState.ZERO, -1, label))
+        origins[end + lead] = cur.offset  # the header of the record after the gap
     return zeros, unknown
 
 
@@ -235,7 +237,8 @@ class LimeReader(DumpReader):
             offset = data + rec.size
         if warning := partial.warning(self.path):
             self.warnings.append(warning)
-        zeros, unknown = infer_omitted_zero_chunks(self.records, self.page_size, "LiME")
+        zeros, unknown = infer_omitted_zero_chunks(self.records, self.page_size, "LiME",
+                                                   self._origins)
         if unknown:
             self.warnings.append(unknown_gaps_warning(self.path, unknown))
         self.zero_pages = sum(e.npages for e in zeros)

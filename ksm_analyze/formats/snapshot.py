@@ -181,7 +181,8 @@ class SnapshotWriter:
 
     def abort(self) -> None:
         """Delete the partial file."""
-        self._f.close()
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails too
+            self._f.close()
         with contextlib.suppress(OSError):
             os.unlink(self._tmp)
 
@@ -310,8 +311,10 @@ class SnapshotReader(ElfCoreReader):
         loads = self._headers()
         notes = {n.n_type: n for n in self.notes if n.name == NOTE_OWNER}
         for n_type, what in ((NT_META, "META"), (NT_RUNS, "RUNS")):
-            if n_type not in notes:
-                raise self._error(f"snapshot has no {NOTE_OWNER} {what} note (type {n_type})")
+            if n_type not in notes:  # placed after the ID note (0x40), where the notes are
+                where = max((n.desc_offset for n in self.notes), default=self.e_phoff)
+                raise self._error(f"snapshot has no {NOTE_OWNER} {what} note (type {n_type})",
+                                  where)
         meta_note = notes[NT_META]
         try:
             meta = _checked_meta(self._read(meta_note.desc_offset, meta_note.descsz, "META"))
@@ -351,22 +354,28 @@ class SnapshotReader(ElfCoreReader):
         # Virtual addresses repeat across processes: only this process's segments count.
         mine = loads[load_first : load_first + load_count]
         vmas = sorted((v["start"], v["end"], v["vmflags"], v["path"]) for v in self.process["vmas"])
-        return self._extents(runs, vmas, [s for s in mine if s.p_filesz])
+        return self._extents(runs, vmas, [s for s in mine if s.p_filesz],
+                             runs_note.desc_offset + first * RUN.itemsize)
 
     def _extents(
-        self, runs: np.ndarray, vmas: list[tuple[int, int, str, str]], loads: list[Any]
+        self, runs: np.ndarray, vmas: list[tuple[int, int, str, str]], loads: list[Any],
+        runs_at: int,
     ) -> list[Extent]:
+        """Extents of this process's runs (``runs_at``: file offset of its first record)."""
         ps = self.page_size
         vma_starts = [v[0] for v in vmas]
         loads.sort(key=lambda s: s.p_vaddr)
         load_starts = np.array([s.p_vaddr for s in loads], dtype=np.uint64)
         out = []
-        for vaddr, npages, raw_flags in runs.tolist():
+        for k, (vaddr, npages, raw_flags) in enumerate(runs.tolist()):
+            at = runs_at + k * RUN.itemsize  # this run's record, for errors
+            self._origins[vaddr] = at
             flags = RunFlags(raw_flags & 0xFF)
             i = np.searchsorted(vma_starts, vaddr, side="right") - 1
             end = vaddr + npages * ps
             if i < 0 or end > vmas[i][1]:
-                raise self._error(f"run of {npages} pages at {vaddr:#x} lies outside every VMA")
+                raise self._error(f"run of {npages} pages at {vaddr:#x} lies outside every VMA",
+                                  at)
             _, _, vmflags, path = vmas[i]
             mapping = vma_flags(vmflags) | (MapFlags.FILE if flags & RunFlags.FILE
                                             else MapFlags.ANON)
@@ -377,7 +386,7 @@ class SnapshotReader(ElfCoreReader):
                 j = int(np.searchsorted(load_starts, vaddr, side="right")) - 1
                 if j < 0 or end > loads[j].p_vaddr + loads[j].p_filesz:
                     raise self._error(f"stored run of {npages} pages at {vaddr:#x} is not "
-                                      "inside one PT_LOAD segment")
+                                      "inside one PT_LOAD segment", at)
                 offset = loads[j].p_offset + vaddr - loads[j].p_vaddr
                 out.append(Extent(vaddr, npages, PageState.DATA, offset, label, mapping))
             elif flags & RunFlags.ZERO_PFN:

@@ -1,0 +1,56 @@
+"""Write the seed corpora of the atheris harnesses: ``fuzz/corpus/<format>/`` and
+``fuzz/corpus/<format>.dict`` (libFuzzer dictionary of the format's magic strings).
+
+The seeds are the ones ``tests/test_fuzz.py`` mutates (``FUZZED``), so a format added there
+gets a corpus here; nothing binary is committed. Usage: ``python fuzz/make_corpus.py [DIR]``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+import test_fuzz
+
+from ksm_analyze.formats import DumpFormat
+
+TOKENS = {
+    DumpFormat.RAW: [],
+    DumpFormat.ELF: [b"\x7fELF", b"CORE\0", b"QEMU\0", b"VMCOREINFO\0", b"VBCORE\0",
+                     b"Xen\0", b"FILE", b"ELIF", b"\x04\x00", b"\x00\x04", b"\xff\xff"],
+    DumpFormat.KDUMP: [b"KDUMP   ", b"DISKDUMP", b"makedumpfile\0\0\0\0",
+                       b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+                       b"i686\0", b"x86_64\0", b"arm\0", b"\x00\x10\x00\x00", b"\x00\x00\x10\x00"],
+    DumpFormat.LIME: [b"EMiL", b"AVML", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00"],
+    DumpFormat.AVML: [b"AVML", b"EMiL", b"\xff\x06\x00\x00sNaPpY", b"\x02\x00\x00\x00",
+                      b"\x01\x00\x00\x00", b"\xfe", b"\x00\x00\x01\x00"],
+    DumpFormat.SNAPSHOT: [b"\x7fELF", b"KSM-ANALYZE\0", b"\x01MSK", b"\x02MSK", b"\x03MSK",
+                          b'"processes"', b'"page_size"', b'"runs"', b'"loads"', b'"vmas"',
+                          b'"start"', b'"end"', b'"vmflags"', b'"path"', b"1e999", b"[[[[",
+                          b"null", b"-1"],
+}
+
+
+def _dict_entry(token: bytes) -> str:
+    return '"' + "".join(f"\\x{b:02x}" for b in token) + '"'
+
+
+def write_corpus(out: Path) -> None:
+    for fmt in test_fuzz.FUZZED:
+        where = out / fmt.value
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        for seed in test_fuzz.build_seeds(fmt, out / ".build"):
+            (where / seed.name).write_bytes(seed.data)
+        lines = [f"kw{i}={_dict_entry(t)}" for i, t in enumerate(TOKENS.get(fmt, []))]
+        (out / f"{fmt.value}.dict").write_text("".join(f"{line}\n" for line in lines))
+        print(f"{where}: {len(list(where.iterdir()))} seeds")
+    shutil.rmtree(out / ".build", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    write_corpus(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "fuzz" / "corpus")
