@@ -3,6 +3,8 @@ constants with ``from conftest import ...``, tests/ being on the path)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -15,3 +17,15 @@ SAMPLES = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
 """The committed sample dumps, as paths in the order ``scan sample_dumps/*`` sees them."""
 runner = CliRunner()
 """Runs the command line in-process (stderr apart from stdout)."""
+
+
+def scan_memory(paths: Sequence[str], *options: str) -> int:
+    """What ``scan --json`` says a host of ``paths`` needs: memory after KSM plus rmap_item
+    overhead (zero pages present), the number a plan's hosts must equal."""
+    from ksm_analyze.cli import app
+
+    r = runner.invoke(app, ["scan", *paths, *options, "--json"])
+    assert r.exit_code == 0, r.output
+    savings = json.loads(r.stdout)["savings"]
+    return int(savings["memory_after"]["with_zero_pages_bytes"]
+               + savings["rmap_overhead"]["with_zero_pages_bytes"])

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import PS, SAMPLES, runner
+from conftest import PS, SAMPLES, runner, scan_memory
 
 from ksm_analyze import KsmSettings, analyze
 from ksm_analyze.cli import app
@@ -43,15 +43,6 @@ ALONE = (SHARED + PRIVATE) * PS + (SHARED + PRIVATE) * RMAP
 PAIR = (SHARED + 2 * PRIVATE) * PS + 2 * (SHARED + PRIVATE) * RMAP
 
 
-def _scan_memory(paths):
-    """What scan prints for these inputs: memory after KSM plus rmap_item overhead."""
-    r = runner.invoke(app, ["scan", *paths, "--json", "-j", "1"])
-    assert r.exit_code == 0, r.output
-    savings = json.loads(r.stdout)["savings"]
-    return (savings["memory_after"]["with_zero_pages_bytes"]
-            + savings["rmap_overhead"]["with_zero_pages_bytes"])
-
-
 def test_sharing_aware_placement_finds_the_pairs_first_fit_does_not(pairs):
     result = plan(analyze(pairs, jobs=1), PAIR)
     summary = result.summary.set_index("method")["hosts"].to_dict()
@@ -70,7 +61,7 @@ def test_every_host_of_every_plan_is_what_scan_prints(pairs):
         result = plan(analyze(pairs, jobs=1), capacity)
         for r in result.hosts.itertuples():
             inputs = [p for p in pairs for name in r.inputs.split() if p.endswith("/" + name)]
-            assert r.memory_after_bytes == _scan_memory(inputs), (capacity, r)
+            assert r.memory_after_bytes == scan_memory(inputs, "-j", "1"), (capacity, r)
             assert r.memory_after_bytes <= capacity
             assert r.memory_after_bytes == r.private_bytes + r.shared_bytes + r.rmap_bytes
 

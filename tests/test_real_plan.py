@@ -8,13 +8,10 @@ guests of one workload together, and every host must be what ``scan`` says.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import runner
+from conftest import scan_memory
 
 from ksm_analyze import analyze
-from ksm_analyze.cli import app
 from ksm_analyze.planning import plan
 from qemu_guest import Guest, ensure_guest_assets, qemu_available
 
@@ -38,32 +35,24 @@ def guests(tmp_path_factory):
     return paths
 
 
-def _scan_bytes(paths):
-    r = runner.invoke(app, ["scan", *paths, "--json"])
-    assert r.exit_code == 0, r.output
-    s = json.loads(r.stdout)["savings"]
-    return (s["memory_after"]["with_zero_pages_bytes"]
-            + s["rmap_overhead"]["with_zero_pages_bytes"])
-
-
 def test_real_guests_of_one_workload_share_a_host(guests):
     result = analyze(guests)
     # A host just big enough for the larger same-workload pair.
     web, db = [guests[0], guests[2]], [guests[1], guests[3]]
-    capacity = max(_scan_bytes(web), _scan_bytes(db))
+    capacity = max(scan_memory(web), scan_memory(db))
     planned = plan(result, capacity, project=[2, 4, 8])
     hosts = planned.hosts[planned.hosts["method"] == "sharing"]
     assert sorted(hosts["inputs"]) == ["db1.raw db2.raw", "web1.raw web2.raw"]
     for r in planned.hosts.itertuples():
         inputs = [p for p in guests for n in r.inputs.split() if p.endswith("/" + n)]
-        assert r.memory_after_bytes == _scan_bytes(inputs)
+        assert r.memory_after_bytes == scan_memory(inputs)
         assert r.memory_after_bytes <= capacity
     summary = planned.summary.set_index("method")["hosts"]
     # First-fit, blind to sharing, sees guests too big to pair: one host each.
     assert summary["sharing"] == 2 < summary["first_fit"]
     assert summary["lower_bound"] <= summary["sharing"]
     proj = planned.projection.set_index("vms")
-    assert proj.loc[4, "memory_after_bytes"] == _scan_bytes(guests)  # all four, any order
+    assert proj.loc[4, "memory_after_bytes"] == scan_memory(guests)  # all four, any order
     assert proj.loc[8, "memory_after_bytes"] < proj.loc[8, "memory_before_bytes"]
     # A random pair is of one workload a third of the time: on average two do not fit.
     assert planned.fits is not None
