@@ -1,25 +1,26 @@
-"""ksm-analyze: predict what Linux KSM would save, offline, from memory dumps."""
+"""ksm-analyze: predict what Linux KSM would save, offline, from memory dumps.
+
+The public names are loaded when first used (PEP 562), so ``import ksm_analyze`` and the
+command's start-up do not pay for numpy and pandas before they are needed, and Ctrl-C during
+start-up is handled like Ctrl-C later (``_entry``).
+"""
 
 from __future__ import annotations
 
-from .analysis import analyze
-from .contents import ContentTable
-from .eligibility import Scope
-from .errors import (
-    CorruptPageError,
-    DumpFormatError,
-    InputError,
-    KsmAnalyzeError,
-    TruncatedDumpError,
-    UnsupportedDumpError,
-)
-from .formats import DumpFormat, detect_format, open_dump
-from .ksm import KsmCounters, KsmSettings
-from .pages import Extent, PageBatch, PageState
-from .result import TABLES, Analysis
-from .settings import ScanOptions
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "TABLES": "result", "Analysis": "result", "ContentTable": "contents", "Scope": "eligibility",
+    "CorruptPageError": "errors", "DumpFormatError": "errors", "InputError": "errors",
+    "KsmAnalyzeError": "errors", "TruncatedDumpError": "errors",
+    "UnsupportedDumpError": "errors", "DumpFormat": "formats", "detect_format": "formats",
+    "open_dump": "formats", "KsmCounters": "ksm", "KsmSettings": "ksm", "Extent": "pages",
+    "PageBatch": "pages", "PageState": "pages", "ScanOptions": "settings", "analyze": "analysis",
+}
+"""Each public name and the module that defines it."""
 
 __all__ = [
     "TABLES",
@@ -43,3 +44,34 @@ __all__ = [
     "detect_format",
     "open_dump",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ksm_analyze' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from .analysis import analyze
+    from .contents import ContentTable
+    from .eligibility import Scope
+    from .errors import (
+        CorruptPageError,
+        DumpFormatError,
+        InputError,
+        KsmAnalyzeError,
+        TruncatedDumpError,
+        UnsupportedDumpError,
+    )
+    from .formats import DumpFormat, detect_format, open_dump
+    from .ksm import KsmCounters, KsmSettings
+    from .pages import Extent, PageBatch, PageState
+    from .result import TABLES, Analysis
+    from .settings import ScanOptions

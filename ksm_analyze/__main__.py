@@ -1,5 +1,5 @@
 """``python -m ksm_analyze``."""
 
-from .cli import main
+from ._entry import main
 
 main()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PS, ROOT
+from conftest import PS, ROOT, SAMPLES
 
 from dumpwriter.elf import make_elf_core
 from dumpwriter.lime import make_lime
@@ -271,3 +271,35 @@ def test_watching_names_the_input_that_changed(tmp_path):
     assert isinstance(info.value.__cause__, ValueError)
     with pytest.raises(ValueError, match="unrelated"), watching([str(a)]):
         raise ValueError("unrelated")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_start_up_is_one_line_too(sig, code):
+    # The first half second goes to importing numpy, pandas and typer: the console script's
+    # early handler must answer there as cli.main's does later (no KeyboardInterrupt trace).
+    proc = subprocess.Popen([sys.executable, "-c", "from ksm_analyze._entry import main; main()",
+                             "scan", *SAMPLES], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Wait until the early handlers are installed (SIGTERM, which Python leaves alone, shows
+    # as caught; SIGINT's is set just before it), then signal at once: the imports after it
+    # take far longer than this loop's step.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        caught = Path(f"/proc/{proc.pid}/status").read_text().split("SigCgt:")[1].split()[0]
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert b"Traceback" not in err
+    assert err.decode().strip() == f"Error: interrupted by {signal.Signals(sig).name}"
+    assert out == b""
+
+
+def test_importing_the_package_loads_no_heavy_module():
+    code = ("import sys, ksm_analyze; assert sorted(ksm_analyze.__all__) == "
+            "sorted(ksm_analyze._WHERE); print(sorted(m for m in ('numpy', 'pandas', 'typer') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
