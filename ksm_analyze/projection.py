@@ -3,9 +3,12 @@
 Measured, then modelled. For every k up to the number of samples, the k-th guest's marginal
 footprint (the memory it adds after KSM to a host already holding k - 1 of the samples) is
 measured exactly over many random orders of the samples. Beyond the samples it is a model:
-the marginal footprint of further guests is taken as that of the last sampled guest, whose
-spread over the orders gives the band (10th to 90th percentile). Content the samples share
-costs once; what each guest adds on top is what the last guest added.
+the mean marginal footprints of guests 2..n are fitted with ``a + b / k`` (what a guest
+adds levels off at ``a`` as ever more of its content is already on the host), and the sum
+of that curve extends the measured memory. With fewer than four samples there is too little
+to fit: each further guest adds what the last one added. The band: each further guest adds
+between the 10th and the 90th percentile of what the sampled guests added after the first
+(over every order), or the fitted curve where that lies outside.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ class Projection:
                 self.steps[r, k] = model.bytes(host)
         self.last = self.steps[:, -1] - (self.steps[:, -2] if n > 1 else 0)
         self.mean_before = model.before(range(n)) / n
+        self.a, self.b = float(self.last.mean()), 0.0  # too few samples: the last marginal
+        if n >= 4:
+            guest = np.arange(2, n + 1, dtype=np.float64)
+            marginal = np.diff(self.steps.mean(axis=0))
+            (a, b), *_ = np.linalg.lstsq(np.stack([np.ones(n - 1), 1 / guest], 1), marginal,
+                                         rcond=None)
+            if a > 0:  # a curve that levels off at a positive footprint; else keep the last
+                self.a, self.b = float(a), float(b)
+        # The band: what a further guest adds lies where the sampled guests' marginal
+        # footprints lay (every guest but the first of an order, which pays for all that is
+        # shared), 10th to 90th percentile.
+        later = np.diff(self.steps, axis=1) if n > 1 else self.last[:, None]
+        self.rates = float(np.percentile(later, 10)), float(np.percentile(later, 90))
 
     def memory(self, k: int) -> tuple[float, float, float]:
         """Host memory after KSM for ``k`` guests: (expected, low, high)."""
@@ -55,10 +71,11 @@ class Projection:
             col = self.steps[:, k - 1]
             return float(col.mean()), float(np.percentile(col, 10)), \
                 float(np.percentile(col, 90))
-        base, extra = float(self.steps[:, -1].mean()), k - self.samples
-        return (base + extra * float(self.last.mean()),
-                base + extra * float(np.percentile(self.last, 10)),
-                base + extra * float(np.percentile(self.last, 90)))
+        n = self.samples
+        base = float(self.steps[:, -1].mean())
+        extra = self.a * (k - n) + self.b * (_harmonic(k) - _harmonic(n))
+        low, high = (rate * (k - n) for rate in self.rates)
+        return base + extra, base + min(low, extra), base + max(high, extra)
 
     def table(self, counts: Sequence[int]) -> pd.DataFrame:
         """One row per count, sorted: ``vms``, ``measured`` (False beyond the sample count:
@@ -82,3 +99,10 @@ class Projection:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.memory(mid)[which] <= capacity else (lo, mid)
         return lo
+
+
+def _harmonic(k: int) -> float:
+    """1 + 1/2 + ... + 1/k (exact to 1e-12 for any k; k may be huge while bisecting)."""
+    if k < 1000:
+        return float(np.sum(1.0 / np.arange(1, k + 1)))
+    return float(np.log(k) + 0.5772156649015329 + 1 / (2 * k) - 1 / (12 * k * k))

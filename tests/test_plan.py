@@ -155,3 +155,26 @@ def test_patterns_stay_exact_when_digests_collide(pairs, monkeypatch):
     assert fooled.n_patterns > honest.n_patterns  # colliding classes were split again
     for group in ([0], [0, 2], [1, 3, 4], [0, 1, 2, 3, 4, 5]):
         assert fooled.footprint(group) == honest.footprint(group)
+
+
+def test_the_projection_band_holds_a_larger_fleet_of_the_same_kind(tmp_path):
+    # Guests share a base image, pairs of them a group's pages, and hold pages of their own.
+    # Projected from 8 of them, 16 such guests must land inside the band.
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 256, (100, PS), dtype=np.uint8)
+
+    def fleet(count: int, prefix: str) -> list[str]:
+        paths = []
+        for g in range(count):
+            group = np.random.default_rng(100 + g // 2).integers(0, 256, (20, PS), np.uint8)
+            path = tmp_path / f"{prefix}{g}.raw"
+            np.concatenate([base, group, rng.integers(0, 256, (30, PS), np.uint8)]).tofile(path)
+            paths.append(str(path))
+        return paths
+
+    sampled = analyze(fleet(8, "s"), jobs=1)
+    row = Projection(HostModel(sampled.contents, sampled.ksm), orders=100).table([16]).iloc[0]
+    truth = analyze(fleet(16, "t"), jobs=1)
+    actual = HostModel(truth.contents, truth.ksm).footprint(range(16))
+    assert not row["measured"]
+    assert row["memory_after_low_bytes"] <= actual <= row["memory_after_high_bytes"]
