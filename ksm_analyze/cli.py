@@ -386,10 +386,7 @@ def _write_pngs(result: Plan, prefix: Path) -> None:
     from .render.files import FILE_MODE, atomic_write
     from .render.report import png_bytes
 
-    charts = {"hosts": result.plot_hosts}
-    if len(result.projection):
-        charts["projection"] = result.plot_projection
-    for name, draw in charts.items():
+    for name, draw in result.charts().items():
         atomic_write(f"{prefix}-{name}.png", png_bytes(draw()), mode=FILE_MODE)
 
 

@@ -253,8 +253,8 @@ def _dissolve(model: HostModel, hosts: list[HostState], capacity: int) -> None:
         others = [h for h in hosts if h is not victim]
         moves = []
         for i in sorted(victim.inputs, key=lambda i: -model.alone[i]):
-            room = [(model.marginal(h, np.array([i]))[0], k) for k, h in enumerate(others)
-                    if model.bytes(h) + model.marginal(h, np.array([i]))[0] <= capacity]
+            added = [(int(model.marginal(h, np.array([i]))[0]), k) for k, h in enumerate(others)]
+            room = [(a, k) for a, k in added if model.bytes(others[k]) + a <= capacity]
             if not room:
                 break
             _, k = min(room)

@@ -7,7 +7,7 @@ reading a dump again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,13 @@ class Plan:
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
+
+    def charts(self) -> dict[str, Callable[[], Figure]]:
+        """Every chart by name: ``hosts``, and ``projection`` when one was made."""
+        charts = {"hosts": self.plot_hosts}
+        if len(self.projection):
+            charts["projection"] = self.plot_projection
+        return charts
 
     # Charts live in render/ (the one deliberate upward edge, as on Analysis).
     def plot_hosts(self) -> Figure:
@@ -168,8 +175,11 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
     rows = []
     ps = model.table.page_size
     for k, inputs in enumerate(p.hosts):
-        before, after = model.before(inputs), model.footprint(inputs)
         c = model.table.subset(inputs).counters(model.settings, zero_pages=zero_pages)
+        # Pages left after merging (KSM pages and unshared pages) plus rmap_items: the same
+        # number as the model's footprint, from the counters scan prints.
+        before = model.before(inputs)
+        after = (c.pages_shared + c.pages_unshared) * ps + c.ksm_rmap_items * RMAP_ITEM_BYTES
         rows.append({"method": p.method, "host": k,
                      "inputs": " ".join(names[i] for i in inputs), "input_count": len(inputs),
                      "memory_before_bytes": before, "memory_after_bytes": after,

@@ -58,19 +58,12 @@ def report_files(directory: str | os.PathLike[str], plan: Plan | None = None) ->
         files += [out / f"plan_{name}.csv" for name in _plan_tables(plan)]
     files += [out / f"{name}.png" for name in CHARTS]
     if plan is not None:
-        files += [out / f"plan_{name}.png" for name in _plan_charts(plan)]
+        files += [out / f"plan_{name}.png" for name in plan.charts()]
     return [*files, out / "index.html"]
 
 
 def _plan_tables(plan: Plan) -> dict[str, pd.DataFrame]:
     return {k: v for k, v in plan.tables().items() if len(v)}
-
-
-def _plan_charts(plan: Plan) -> dict[str, Any]:
-    charts = {"hosts": plan.plot_hosts}
-    if len(plan.projection):
-        charts["projection"] = plan.plot_projection
-    return charts
 
 
 def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan | None = None
@@ -96,7 +89,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
     charts = {name: getattr(result, f"plot_{name}") for name in CHARTS}
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
-        charts |= {f"plan_{k}": draw for k, draw in _plan_charts(plan).items()}
+        charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
     for name, df in tables.items():
         path = out / f"{name}.csv"
         atomic_write(path, df.to_csv(), mode=FILE_MODE)
