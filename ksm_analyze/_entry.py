@@ -1,7 +1,8 @@
 """The ``ksm-analyze`` console script: signals first, then the (slow to import) command line.
 
-Until ``cli.main`` installs its own handlers, importing numpy, pandas and typer takes most of
-a second; Ctrl-C or SIGTERM then must not print a ``KeyboardInterrupt`` traceback. Nothing
+Until ``cli.main`` installs its own handlers, importing numpy and typer (and pandas, for the
+commands that need it) takes a noticeable part of a second; Ctrl-C or SIGTERM then must not
+print a ``KeyboardInterrupt`` traceback. Nothing
 has been read or written yet, so the early handler just says so and exits.
 """
 

@@ -22,7 +22,7 @@ from .fingerprint import Fingerprints, fingerprint
 from .formats import DumpFormat, open_inputs
 from .ksm import KsmSettings
 from .pages import PageState
-from .result import Analysis
+from .result import TABLES, Analysis
 from .settings import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .sharing import address_map, pairwise, top_contents
 from .summary import summary_tables
@@ -109,11 +109,11 @@ def analyze(
         unrestricted = table.counters(ksm)
         domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
         table = table.with_policy(domains, zero_only=options.merge == "zero-only")
+    tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings),
+              "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
+              "top_contents": top, "address_map": where}
     return Analysis(
-        **summary_tables(table, ksm, prints, masks, classes.stats, timings),
-        pairwise=pairwise(table, max_page_sharing=ksm.max_page_sharing),
-        top_contents=top,
-        address_map=where,
+        columns={name: tables[name] for name in TABLES},
         counters=table.counters(ksm),
         options=options,
         ksm=ksm,

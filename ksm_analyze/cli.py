@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -26,12 +26,14 @@ from .analysis import analyze
 from .errors import KsmAnalyzeError
 from .formats import DumpFormat, open_dump
 from .ksm import KsmSettings
-from .planning import PLAN_TABLES, Plan
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
 from .result import TABLES, Analysis
 from .settings import DEFAULT_OPTIONS, ScanOptions
+
+if TYPE_CHECKING:
+    from .planning import Plan
 
 app = typer.Typer(
     name="ksm-analyze",
@@ -365,6 +367,7 @@ def plan(
     the emptiest host is dissolved where its inputs fit elsewhere. First-fit decreasing
     ignores sharing. Costs one pass over the inputs' content classes per input placed.
     """
+    from .planning import PLAN_TABLES  # pandas: only for a plan
     from .render.text import render_plan
 
     with _errors():

@@ -4,7 +4,9 @@ Built once per analysis, after stage 2, from the fingerprints, the content class
 scan masks; every number of the analysis (the KSM counters, per-input and per-process
 statistics, pairwise sharing, the histogram, the top contents) is computed from it. It holds
 no page bytes and no per-page arrays, so it is small, cheap to restrict to any subset of
-inputs (capacity planning does that many times), and serialisable as two data frames.
+inputs (capacity planning does that many times), and serialisable as two data frames. It is
+held as plain columns and arrays (pandas is imported only for :attr:`ContentTable.inputs`,
+:meth:`~ContentTable.per_input` and :meth:`~ContentTable.frames`).
 
 Only pages KSM would scan under the analysis' scope are counted. Contents come in three
 kinds, stored three ways:
@@ -21,15 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
+from .columns import Columns
 from .dedup import UNIQUE, ContentClasses
 from .eligibility import ScanMask
 from .fingerprint import Fingerprints
 from .ksm import KsmCounters, KsmSettings, merged_pages, predict, predict_processes
 from .pages import PAGE_SIZE, PageState
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["INPUT_COLUMNS", "ContentTable", "build_content_table"]
 
@@ -43,29 +49,40 @@ class ContentTable:
     """Inputs x contents: the pages of each content class each input holds, KSM's view.
 
     Attributes:
-        inputs: one row per input, in analysis order. Columns: ``input`` (path),
-            ``format``, ``address_space`` (``physical``/``virtual``), ``pages`` (every page
-            the dump describes), ``hole_pages``, ``excluded_pages``, ``not_saved_pages``
-            (pages with no bytes), ``ineligible_pages`` (bytes known, KSM would not scan
-            them), ``zero_pages`` (scanned all-zero pages), ``unique_pages`` (scanned
-            pages whose content no other scanned page holds), ``domain`` (a number: pages
-            merge only within one domain, zero pages included; all 0 without a policy).
+        inputs: one row per input, in analysis order, as a DataFrame (made from
+            ``input_columns`` when first read). Columns: ``input`` (path), ``format``,
+            ``address_space`` (``physical``/``virtual``), ``pages`` (every page the dump
+            describes), ``hole_pages``, ``excluded_pages``, ``not_saved_pages`` (pages with
+            no bytes), ``ineligible_pages`` (bytes known, KSM would not scan them),
+            ``zero_pages`` (scanned all-zero pages), ``unique_pages`` (scanned pages whose
+            content no other scanned page holds), ``domain`` (a number: pages merge only
+            within one domain, zero pages included; all 0 without a policy).
+        input_columns: ``inputs`` as plain columns (lists and arrays, no pandas).
         content: int64 content class of each sparse row (sorted; ids need not be dense).
         owner: int32 input (row of ``inputs``) of each sparse row.
         pages: int64 pages of that content in that input (at least 1).
         page_size: bytes per page.
     """
 
-    inputs: pd.DataFrame
+    input_columns: Columns
     content: np.ndarray
     owner: np.ndarray
     pages: np.ndarray
     page_size: int
 
     @property
+    def inputs(self) -> pd.DataFrame:
+        """One row per input (see the class' attributes), made from ``input_columns``."""
+        return self.input_columns.frame()
+
+    @property
     def names(self) -> list[str]:
         """The input paths, in order."""
-        return [str(p) for p in self.inputs["input"]]
+        return [str(p) for p in self.input_columns["input"]]
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric column of ``input_columns`` (``zero_pages``, ``domain``...) as int64."""
+        return np.asarray(self.input_columns[name], np.int64)
 
     def subset(self, inputs: Sequence[int | str]) -> ContentTable:
         """The table of a host holding only ``inputs`` (positions or paths), in that order.
@@ -83,8 +100,8 @@ class ContentTable:
         owner = renumber[self.owner[keep]]
         content, pages = self.content[keep], self.pages[keep]
         order = np.lexsort((owner, content))  # new input order within each content
-        return ContentTable(self.inputs.iloc[index].reset_index(drop=True), content[order],
-                            owner[order], pages[order], self.page_size)
+        return ContentTable(self.input_columns.take(index), content[order], owner[order],
+                            pages[order], self.page_size)
 
     def copies(self) -> np.ndarray:
         """Scanned pages per duplicated content class (classes in content order)."""
@@ -105,11 +122,13 @@ class ContentTable:
         """
         zero = self.zero_by_domain() if zero_pages else 0
         return predict(self.copies(), zero, settings,
-                       singletons=int(self.inputs["unique_pages"].sum()))
+                       singletons=int(self.column("unique_pages").sum()))
 
     def zero_by_domain(self) -> np.ndarray:
-        """Scanned zero pages per domain (they merge within a domain only)."""
-        zero: np.ndarray = self.inputs.groupby("domain")["zero_pages"].sum().to_numpy(np.int64)
+        """Scanned zero pages per domain (they merge within a domain only), by domain number."""
+        domains, which = np.unique(self.column("domain"), return_inverse=True)
+        zero = np.zeros(len(domains), np.int64)
+        np.add.at(zero, which, self.column("zero_pages"))
         return zero
 
     def with_policy(self, domains: Sequence[int] | None = None, *, zero_only: bool = False
@@ -117,50 +136,55 @@ class ContentTable:
         """The table under a merging policy: pages of inputs in different ``domains`` never
         merge (the class of a content becomes one class per domain); with ``zero_only``,
         only zero pages merge (every other page counts as unique)."""
-        inputs = self.inputs.copy()
+        changed: dict[str, np.ndarray] = {}
         content, owner, pages = self.content, self.owner, self.pages
         if domains is not None:
-            inputs["domain"] = np.asarray(domains, np.int64)
-            count = int(inputs["domain"].max()) + 1
-            content = content * count + inputs["domain"].to_numpy()[owner]
+            domain = changed["domain"] = np.asarray(domains, np.int64)
+            content = content * (int(domain.max()) + 1) + domain[owner]
             order = np.lexsort((owner, content))
             content, owner, pages = content[order], owner[order], pages[order]
         if zero_only:
-            inputs["unique_pages"] += np.bincount(owner, weights=pages,
-                                                  minlength=len(inputs)).astype(np.int64)
+            changed["unique_pages"] = self.column("unique_pages") + np.bincount(
+                owner, weights=pages, minlength=len(self.input_columns)).astype(np.int64)
             content, owner, pages = content[:0], owner[:0], pages[:0]
-        return ContentTable(inputs, content, owner, pages, self.page_size)
+        return ContentTable(self.input_columns.replace(**changed), content, owner, pages,
+                            self.page_size)
 
     def nonzero_pages(self) -> np.ndarray:
         """Scanned non-zero pages per input, duplicated or not."""
-        held = np.bincount(self.owner, weights=self.pages, minlength=len(self.inputs))
-        unique: np.ndarray = self.inputs["unique_pages"].to_numpy(np.int64)
-        return unique + held.astype(np.int64)
+        held = np.bincount(self.owner, weights=self.pages, minlength=len(self.input_columns))
+        return self.column("unique_pages") + held.astype(np.int64)
 
-    def per_input(self, settings: KsmSettings) -> pd.DataFrame:
+    def per_input_columns(self, settings: KsmSettings) -> Columns:
         """Per input: scanned pages, distinct contents, self-sharing and ``ksm_stat``.
 
         Columns ``nonzero_pages``, ``distinct_contents``,
         ``self_sharing_pages`` (pages KSM saves merging within the input alone, zero pages
         apart), then :data:`ksm_analyze.ksm.KSM_STAT_FIELDS` (zero pages present).
         """
-        n = len(self.inputs)
-        unique = self.inputs["unique_pages"].to_numpy(np.int64)
-        zero = self.inputs["zero_pages"].to_numpy(np.int64)
+        n = len(self.input_columns)
         nonzero = self.nonzero_pages()
         ksm, unshared = merged_pages(self.pages, settings.max_page_sharing)
         self_saved = np.bincount(self.owner, weights=self.pages - ksm - unshared, minlength=n)
-        stat = predict_processes(self.content, self.owner, self.pages, nonzero, zero, settings,
-                                 domain=self.inputs["domain"].to_numpy(np.int64))
-        return pd.DataFrame({
+        stat = predict_processes(self.content, self.owner, self.pages, nonzero,
+                                 self.column("zero_pages"), settings,
+                                 domain=self.column("domain"))
+        return Columns({
             "nonzero_pages": nonzero,
-            "distinct_contents": unique + np.bincount(self.owner, minlength=n),
+            "distinct_contents": self.column("unique_pages") + np.bincount(self.owner,
+                                                                           minlength=n),
             "self_sharing_pages": self_saved.astype(np.int64),
             **stat,
         })
 
+    def per_input(self, settings: KsmSettings) -> pd.DataFrame:
+        """:meth:`per_input_columns` as a DataFrame."""
+        return self.per_input_columns(settings).frame()
+
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(inputs, rows)``: the table as two data frames, e.g. to store as Parquet."""
+        import pandas as pd
+
         rows = pd.DataFrame({"content": self.content, "input": self.owner, "pages": self.pages})
         return self.inputs.copy(), rows
 
@@ -171,8 +195,8 @@ class ContentTable:
         content = rows["content"].to_numpy(np.int64)
         owner = rows["input"].to_numpy(np.int32)
         order = np.lexsort((owner, content))
-        return cls(inputs.reset_index(drop=True), content[order], owner[order],
-                   rows["pages"].to_numpy(np.int64)[order], page_size)
+        return cls(Columns.from_frame(inputs.reset_index(drop=True)), content[order],
+                   owner[order], rows["pages"].to_numpy(np.int64)[order], page_size)
 
     def _starts(self) -> np.ndarray:
         """Index of the first sparse row of each content."""
@@ -210,7 +234,7 @@ def build_content_table(
             "unique_pages": int(np.count_nonzero(labels == UNIQUE)) + int(folded[k]),
             "domain": 0,
         })
-    inputs = pd.DataFrame(rows, columns=list(INPUT_COLUMNS))
+    inputs = Columns.from_records(rows, INPUT_COLUMNS)
     page_size = fingerprints[0].page_size if fingerprints else PAGE_SIZE
     return ContentTable(inputs, content[~alone], owner[~alone], pages[~alone].astype(np.int64),
                         page_size)

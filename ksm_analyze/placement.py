@@ -59,10 +59,10 @@ class HostModel:
     def __init__(self, table: ContentTable, settings: KsmSettings, *, zero_pages: bool = True
                  ) -> None:
         self.table, self.settings = table, settings
-        self.n = len(table.inputs)
+        self.n = len(table.input_columns)
         self.nonzero = table.nonzero_pages()
-        self.zero = table.inputs["zero_pages"].to_numpy(np.int64) * zero_pages
-        self.domain = table.inputs["domain"].to_numpy(np.int64)  # zero pages merge within one
+        self.zero = table.column("zero_pages") * zero_pages
+        self.domain = table.column("domain")  # zero pages merge within one
         pattern_rows, self.pattern, self.weight = _patterns(table)
         self.n_patterns = len(self.weight)
         owner, self.pages = table.owner[pattern_rows], table.pages[pattern_rows]

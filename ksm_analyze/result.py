@@ -2,23 +2,28 @@
 
 ``TABLES`` names every table once: ``scan --json``, ``scan --csv``, ``report`` and the docs
 all come from it, so adding a table is adding it here and to the analysis that builds it.
+
+An analysis holds its tables as plain :class:`~ksm_analyze.columns.Columns`; each table
+attribute makes its DataFrame when first read, so pandas is imported only by a caller that
+reads one (``scan`` prints its text from the columns).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
-import pandas as pd
 
+from .columns import Columns
 from .contents import ContentTable
 from .ksm import KsmCounters, KsmSettings
 from .settings import ScanOptions
 from .units import short_names
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 __all__ = ["TABLES", "Analysis", "json_safe"]
@@ -28,9 +33,25 @@ TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", 
 """Every table of an :class:`Analysis`, in output order."""
 
 
+class _Table:
+    """A table attribute of :class:`Analysis`: the DataFrame of ``columns[<its name>]``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, result: None, owner: type) -> _Table: ...
+    @overload
+    def __get__(self, result: Analysis, owner: type) -> pd.DataFrame: ...
+    def __get__(self, result: Analysis | None, owner: type) -> _Table | pd.DataFrame:
+        return self if result is None else result.columns[self.name].frame()
+
+
 @dataclass(frozen=True)
 class Analysis:
     """The result of :func:`analyze`: every table the CLI prints, as DataFrames.
+
+    Each table is made from ``columns`` when first read, then stays the same object.
 
     Attributes:
         per_input: one row per input. Columns: ``input``, ``format``, ``address_space``,
@@ -87,18 +108,11 @@ class Analysis:
             ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
             ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
             ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+        columns: every table above by name, as plain columns (numpy arrays and lists, no
+            pandas): what the text report reads.
     """
 
-    per_input: pd.DataFrame
-    host: pd.DataFrame
-    savings: pd.DataFrame
-    histogram: pd.DataFrame
-    stages: pd.DataFrame
-    convergence: pd.DataFrame
-    exclusions: pd.DataFrame
-    pairwise: pd.DataFrame
-    top_contents: pd.DataFrame
-    address_map: pd.DataFrame
+    columns: dict[str, Columns]
     counters: KsmCounters
     options: ScanOptions
     ksm: KsmSettings
@@ -108,16 +122,27 @@ class Analysis:
     unrestricted: KsmCounters | None = None
     domains: list[str] = field(default_factory=list)
 
+    per_input = _Table()
+    host = _Table()
+    savings = _Table()
+    histogram = _Table()
+    stages = _Table()
+    convergence = _Table()
+    exclusions = _Table()
+    pairwise = _Table()
+    top_contents = _Table()
+    address_map = _Table()
+
     @property
     def names(self) -> list[str]:
         """A short, distinct name per input (``per_input`` order): its file name, with parent
         folders where two inputs share one. Tables and charts show inputs by these."""
-        return short_names([str(p) for p in self.per_input["input"]])
+        return short_names([str(p) for p in self.columns["per_input"]["input"]])
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name, in :data:`TABLES` order, indexed as its CSV file is: tables of
         rows (a plain 0, 1, ... index) by their first column."""
-        return {name: df.set_index(df.columns[0]) if _is_rows(df) else df
+        return {name: df.set_index(df.columns[0]) if self._is_rows(name) else df
                 for name, df in ((name, getattr(self, name)) for name in TABLES)}
 
     def options_record(self) -> dict[str, Any]:
@@ -127,7 +152,7 @@ class Analysis:
         knobs = ("max_page_sharing", "use_zero_pages", "pages_to_scan", "sleep_millisecs")
         return {"inputs": list(self.inputs), "format": o.format.value if o.format else "auto",
                 "page_size": k.page_size,
-                "prefix_bytes": int(self.stages.at["prefix_bytes", "value"]),
+                "prefix_bytes": int(self.columns["stages"].at("prefix_bytes", "value")),
                 "base_address": bases if len(set(bases)) > 1 else bases[0],
                 **{knob: getattr(k, knob) for knob in knobs},
                 "verify": o.verify, "jobs": o.workers, "scope": o.scope.value}
@@ -138,7 +163,7 @@ class Analysis:
         out: dict[str, Any] = {"options": self.options_record()}
         for name in TABLES:
             df: pd.DataFrame = getattr(self, name)
-            if _is_rows(df):
+            if self._is_rows(name):
                 out[name] = df.to_dict(orient="records")
             elif list(df.columns) == ["value"]:
                 out[name] = df["value"].to_dict()
@@ -147,11 +172,15 @@ class Analysis:
         out["warnings"] = list(self.warnings)
         if self.unrestricted is not None:
             out["policy"] = {"domains": dict(zip(self.names, (self.domains[d] for d in
-                                                   self.contents.inputs["domain"]), strict=True))
+                                                   self.contents.column("domain")), strict=True))
                              if self.domains else {},
                              "merge": self.options.merge,
                              "unrestricted": self.unrestricted.as_dict()}
         return {k: json_safe(v) for k, v in out.items()}
+
+    def _is_rows(self, table: str) -> bool:
+        """A table of rows (its index only numbers them), not one keyed by its index."""
+        return self.columns[table].index is None
 
     # The one deliberate upward edge: plots live in render/, which imports this module, so
     # these accessors import it when called (and matplotlib with it, only then).
@@ -178,11 +207,6 @@ class Analysis:
         from .render.plots import plot_address_map
 
         return plot_address_map(self)
-
-
-def _is_rows(df: pd.DataFrame) -> bool:
-    """A table of rows (its index only numbers them), not one keyed by its index."""
-    return isinstance(df.index, pd.RangeIndex)
 
 
 def json_safe(value: Any) -> Any:

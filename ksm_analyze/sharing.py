@@ -13,7 +13,8 @@ where pages lie, the labels of stage 2 and the scan masks):
   chart can show where in the address space the sharing lies.
 
 Zero pages are left out of ``pairwise``: the savings table has them in a row of their own,
-and they would make every pair of guests look alike.
+and they would make every pair of guests look alike. Each table is returned as plain
+:class:`~ksm_analyze.columns.Columns` (no pandas).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from .columns import Columns
 from .contents import ContentTable
 from .dedup import UNIQUE, ZERO, ContentClasses
 from .eligibility import ScanMask, Scope, excluded_by
@@ -75,12 +76,12 @@ _POISON = {
 def _by_input(table: ContentTable) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per input: the sorted content classes it holds and its scanned pages of each."""
     order = np.argsort(table.owner, kind="stable")  # stable: content order kept per input
-    bounds = np.searchsorted(table.owner[order], np.arange(len(table.inputs) + 1))
+    bounds = np.searchsorted(table.owner[order], np.arange(len(table.input_columns) + 1))
     return [(table.content[order[a:b]], table.pages[order[a:b]])
             for a, b in itertools.pairwise(bounds.tolist())]
 
 
-def pairwise(table: ContentTable, *, max_page_sharing: int) -> pd.DataFrame:
+def pairwise(table: ContentTable, *, max_page_sharing: int) -> Columns:
     """Sharing between every ordered pair of inputs (non-zero pages only).
 
     Args:
@@ -117,7 +118,7 @@ def pairwise(table: ContentTable, *, max_page_sharing: int) -> pd.DataFrame:
         })
     columns = ["input_a", "input_b", "a_nonzero_pages", "a_pages_in_b", "a_fraction_in_b",
                "extra_saved_pages", "extra_saved_bytes"]
-    return pd.DataFrame(rows, columns=columns)
+    return Columns.from_records(rows, columns)
 
 
 def classify_content(page: bytes) -> tuple[str, str, float]:
@@ -155,7 +156,7 @@ def top_contents(
     *,
     top: int,
     show_content: bool = False,
-) -> pd.DataFrame:
+) -> Columns:
     """The ``top`` contents with the most scanned copies across all inputs, zero page included.
 
     Reads one page of each (the readers must be open).
@@ -189,10 +190,10 @@ def top_contents(
     names = short_names(table.names)
     records = []
     # The zero page first: on a tie in copies it stays ahead of the others.
-    zero = table.inputs[table.inputs["zero_pages"] > 0]
-    zero_total = int(zero["zero_pages"].sum())
+    zero = table.column("zero_pages")
+    zero_total = int(zero.sum())
     if zero_total >= 2:
-        where = [f"{names[i]}:{n}" for i, n in zip(zero.index, zero["zero_pages"], strict=True)]
+        where = [f"{names[i]}:{zero[i]}" for i in np.flatnonzero(zero)]
         records.append(_content_row(bytes(table.page_size), zero_total, table.page_size,
                                     where, show_content))
     for c, n in zip(chosen.tolist(), chosen_total.tolist(), strict=True):
@@ -200,9 +201,8 @@ def top_contents(
         where = [f"{names[i]}:{k}" for i, k in zip(table.owner[mine].tolist(),
                                                      table.pages[mine].tolist(), strict=True)]
         records.append(_content_row(pages[c], n, table.page_size, where, show_content))
-    df = pd.DataFrame(records, columns=columns)
-    df = df.sort_values("copies", ascending=False, kind="stable").head(top)
-    return df.reset_index(drop=True)
+    records.sort(key=lambda r: -r["copies"])  # stable: the zero page first on a tie
+    return Columns.from_records(records[:top], columns)
 
 
 def _content_row(page: bytes, copies: int, page_size: int, where: list[str],
@@ -223,6 +223,10 @@ def _content_row(page: bytes, copies: int, page_size: int, where: list[str],
     return row
 
 
+_ROWS_AT_ONCE = 1 << 20
+"""Stored pages placed in bins at a time by :func:`address_map` (its working memory)."""
+
+
 def address_map(
     table: ContentTable,
     classes: ContentClasses,
@@ -231,7 +235,7 @@ def address_map(
     *,
     scope: Scope,
     bins: int = ADDRESS_BINS,
-) -> pd.DataFrame:
+) -> Columns:
     """Each input's pages in address order, cut into ``bins`` runs of equal page count.
 
     Bins follow the pages the dump describes, not raw addresses, so a sparse address space
@@ -249,8 +253,9 @@ def address_map(
         ``not_stored_pages`` (holes, excluded, not saved).
     """
     # Classes held by two or more inputs: a content's rows are adjacent in the table.
-    across = np.unique(table.content[1:][table.content[1:] == table.content[:-1]])
-    frames = []
+    across_mask = np.zeros(max(classes.n_classes, 1), bool)
+    across_mask[table.content[1:][table.content[1:] == table.content[:-1]]] = True
+    parts = []
     for input_name, fp, c, mask in zip(short_names(table.names), fingerprints, classes.labels,
                                        masks, strict=True):
         elig = mask.scanned
@@ -263,20 +268,23 @@ def address_map(
         nb = max(1, min(bins, total))
         edges = np.linspace(0, total, nb + 1).round().astype(np.int64)
         kinds = {k: np.zeros(nb, np.int64) for k in ADDRESS_KINDS}
-        # Stored pages, by content.
-        k = np.searchsorted(starts, fp.addrs, side="right") - 1
-        index = first_index[k] + ((fp.addrs - starts[k]) // np.uint64(ps)).astype(np.int64)
-        which = np.searchsorted(edges, index, side="right") - 1
-        dup = c >= 0
-        is_across = dup & np.isin(c, across)
-        for name, rows in (
-            ("zero_pages", elig & (c == ZERO)),
-            ("unique_pages", elig & (c == UNIQUE)),
-            ("duplicate_within_pages", elig & dup & ~is_across),
-            ("duplicate_across_pages", elig & is_across),
-            ("ineligible_pages", ~elig),
-        ):
-            kinds[name] += np.bincount(which[rows], minlength=nb)[:nb]
+        # Stored pages, by content, a slice of rows at a time (a few bytes a row at once).
+        for lo in range(0, len(fp.addrs), _ROWS_AT_ONCE):
+            rows = slice(lo, lo + _ROWS_AT_ONCE)
+            addrs, cls, ok = fp.addrs[rows], c[rows], elig[rows]
+            k = np.searchsorted(starts, addrs, side="right") - 1
+            index = first_index[k] + ((addrs - starts[k]) // np.uint64(ps)).astype(np.int64)
+            which = np.searchsorted(edges, index, side="right") - 1
+            dup = cls >= 0
+            is_across = dup & across_mask[np.maximum(cls, 0)]
+            for name, chosen in (
+                ("zero_pages", ok & (cls == ZERO)),
+                ("unique_pages", ok & (cls == UNIQUE)),
+                ("duplicate_within_pages", ok & dup & ~is_across),
+                ("duplicate_across_pages", ok & is_across),
+                ("ineligible_pages", ~ok),
+            ):
+                kinds[name] += np.bincount(which[chosen], minlength=nb)[:nb]
         # Pages with no stored bytes, run by run: pages of a run in each bin.
         for e, lo in zip(ext, first_index[:-1].tolist(), strict=True):
             if e.state == PageState.DATA:
@@ -288,8 +296,8 @@ def address_map(
             kinds[name] += np.maximum(overlap, 0)
         # The address of the first and last page of every bin.
         addr_of = _index_to_addr(starts, first_index, ps)
-        frames.append(pd.DataFrame({
-            "input": input_name,
+        parts.append(Columns({
+            "input": [input_name] * nb,
             "bin": np.arange(nb),
             "first_address": addr_of(edges[:-1]),
             "last_address": addr_of(np.maximum(edges[1:] - 1, edges[:-1])),
@@ -297,7 +305,10 @@ def address_map(
             **kinds,
         }))
     columns = ["input", "bin", "first_address", "last_address", "pages", *ADDRESS_KINDS]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    if not parts:
+        return Columns({c: [] for c in columns})
+    return Columns({"input": [name for p in parts for name in p["input"]],
+                    **{c: np.concatenate([p[c] for p in parts]) for c in columns[1:]}})
 
 
 def _index_to_addr(starts: np.ndarray, first_index: np.ndarray, ps: int

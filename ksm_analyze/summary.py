@@ -4,6 +4,9 @@ Guest dumps cannot tell a page the guest zeroed (host-resident, mergeable) from 
 touched (costs the host nothing), so the host prediction is made twice: ``with_zero_pages``
 counts every scanned zero page as present on the host, ``without_zero_pages`` assumes none
 is. The footprint after KSM is nearly the same either way.
+
+Each table is returned as plain :class:`~ksm_analyze.columns.Columns` (no pandas);
+:class:`~ksm_analyze.result.Analysis` makes the DataFrames when they are read.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from .columns import Columns
 from .contents import ContentTable
 from .dedup import StageStats
 from .eligibility import RULES, ScanMask
@@ -51,18 +54,16 @@ def summary_tables(
     masks: Sequence[ScanMask],
     stats: StageStats,
     timings: Mapping[str, float],
-) -> dict[str, pd.DataFrame]:
+) -> dict[str, Columns]:
     """``per_input``, ``host``, ``savings``, ``histogram``, ``stages``, ``convergence`` and
     ``exclusions`` (columns documented on :class:`~ksm_analyze.result.Analysis`)."""
     counters = host_counters(table, settings)
-    host = pd.DataFrame({k: v.as_dict() for k, v in counters.items()})
-    host.index.name = "counter"
+    host = Columns.from_dicts({k: v.as_dict() for k, v in counters.items()}, "counter")
     per_input = _per_input(table, settings)
-    conv = pd.DataFrame({s: convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
-                         for s, c in counters.items()})
-    conv.index.name = "item"
-    exclusions = pd.DataFrame([m.excluded for m in masks], columns=list(RULES),
-                              index=pd.Index(table.names, name="input"))
+    conv = Columns.from_dicts({s: convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
+                               for s, c in counters.items()}, "item")
+    exclusions = Columns({"input": table.names,
+                          **{r: [m.excluded[r] for m in masks] for r in RULES}}, "input")
     return {
         "per_input": per_input,
         "host": host,
@@ -74,23 +75,23 @@ def summary_tables(
     }
 
 
-def _per_input(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
-    df = pd.concat([table.inputs, table.per_input(settings)], axis=1)
-    df["bytes"] = df["pages"] * table.page_size
-    return df[list(PER_INPUT_COLUMNS)]
+def _per_input(table: ContentTable, settings: KsmSettings) -> Columns:
+    columns = {**table.input_columns.data, **table.per_input_columns(settings).data,
+               "bytes": table.column("pages") * table.page_size}
+    return Columns({c: columns[c] for c in PER_INPUT_COLUMNS})
 
 
 def _savings(
     table: ContentTable,
     settings: KsmSettings,
     counters: Mapping[str, KsmCounters],
-    per_input: pd.DataFrame,
-) -> pd.DataFrame:
+    per_input: Columns,
+) -> Columns:
     """Memory before and after KSM, and where the savings come from, per scenario."""
     ps, mps = table.page_size, settings.max_page_sharing
     copies = table.copies()
-    zero = int(table.inputs["zero_pages"].sum())
-    nonzero_pages = int(copies.sum()) + int(table.inputs["unique_pages"].sum())
+    zero = int(table.column("zero_pages").sum())
+    nonzero_pages = int(copies.sum()) + int(table.column("unique_pages").sum())
     within = int(per_input["self_sharing_pages"].sum())
     across = saved_pages(copies, mps) - within
     zero_saved = zero if settings.use_zero_pages else saved_pages(table.zero_by_domain(), mps)
@@ -115,18 +116,16 @@ def _savings(
             **{k: (100.0 * v / before if before else 0.0) for k, v in rows.items()},
             "rmap_overhead": (100.0 * overhead / (before * ps)) if before else 0.0,
         }
-    df = pd.DataFrame(savings)
-    df.index.name = "item"
-    return df
+    return Columns.from_dicts(savings, "item")
 
 
-def _histogram(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
+def _histogram(table: ContentTable, settings: KsmSettings) -> Columns:
     """zdb -S style: contents bucketed by the highest power of two not above their copies."""
     ps, mps = table.page_size, settings.max_page_sharing
     copies = table.copies()
     zero = table.zero_by_domain()
     zero = zero[zero > 0]  # the zero page: one content per domain
-    singletons = int(table.inputs["unique_pages"].sum())
+    singletons = int(table.column("unique_pages").sum())
     all_copies = np.append(copies, zero)
     ksm, unshared = merged_pages(all_copies, mps)
     after = ksm + unshared
@@ -139,25 +138,30 @@ def _histogram(table: ContentTable, settings: KsmSettings) -> pd.DataFrame:
     if singletons:
         weights[-1] = singletons  # one row standing for every content seen once
     bucket = np.left_shift(1, np.floor(np.log2(np.maximum(all_copies, 1))).astype(np.int64))
-    df = pd.DataFrame({
-        "copies": bucket,
-        "contents": weights,
-        "pages_referenced": all_copies * weights,
-        "pages_after_merging": after * weights,
+    copies_of, which = np.unique(bucket, return_inverse=True)
+
+    def per_bucket(values: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(copies_of), np.int64)
+        np.add.at(total, which, values)
+        return total
+
+    referenced, merged = per_bucket(all_copies * weights), per_bucket(after * weights)
+    return Columns({
+        "copies": copies_of,
+        "contents": per_bucket(weights),
+        "pages_referenced": referenced,
+        "pages_after_merging": merged,
+        "bytes_referenced": referenced * ps,
+        "bytes_after_merging": merged * ps,
     })
-    df = df.groupby("copies", as_index=False).sum().sort_values("copies")
-    df["bytes_referenced"] = df["pages_referenced"] * ps
-    df["bytes_after_merging"] = df["pages_after_merging"] * ps
-    return df.reset_index(drop=True)
 
 
 def _stages(
     stats: StageStats, fingerprints: Sequence[Fingerprints], timings: Mapping[str, float]
-) -> pd.DataFrame:
+) -> Columns:
     values: dict[str, Any] = asdict(stats)
     values["zero_pages_found"] = sum(fp.zero_pages for fp in fingerprints)
     values["prefix_bytes"] = fingerprints[0].prefix_bytes if fingerprints else 0
     values.update({k: round(v, 3) for k, v in timings.items()})
-    df = pd.DataFrame({"value": pd.Series(values, dtype=object)})
-    df.index.name = "statistic"
-    return df
+    return Columns({"statistic": list(values), "value": np.array(list(values.values()), object)},
+                   "statistic")

@@ -11,11 +11,12 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Protocol
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..result import json_safe
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["DIR_MODE", "FILE_MODE", "atomic_write", "to_json", "write_csvs"]
 

@@ -1,15 +1,15 @@
 """The Analysis tables, and what ``info``, ``capture`` and ``ksm-status`` found, as text.
 
-Nothing here computes a number; it only formats what the library returns.
+Nothing here computes a number; it only formats what the library returns. ``scan`` reads
+the analysis' plain columns (``Analysis.columns``), so printing it never imports pandas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import pandas as pd
 
 from ..eligibility import RULES
 from ..result import Analysis
@@ -68,46 +68,48 @@ _ZERO_NOTE = {
 
 def render_scan(result: Analysis) -> str:
     """The readable ``scan`` report: inputs, host prediction, savings, histogram, stages."""
-    ksm, pi, host, sav = result.ksm, result.per_input, result.host, result.savings
-    scen = list(host.columns)
+    ksm, tables = result.ksm, result.columns
+    pi, host, sav = tables["per_input"], tables["host"], tables["savings"]
+    scen = host.names
     titles = [_SCENARIO_TITLES[s] for s in scen]
     out = ["Inputs", _table(
         ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
          "file/shared", "distinct", "self-sharing"],
-        ([name, r.format, human_bytes(r.bytes),
-          *map(_count, (r.nonzero_pages, r.zero_pages, r.hole_pages, r.excluded_pages,
-                        r.not_saved_pages, r.ineligible_pages, r.distinct_contents,
-                        r.self_sharing_pages))]
-         for name, r in zip(result.names, pi.itertuples(), strict=True)),
+        ([name, r["format"], human_bytes(r["bytes"]),
+          *(_count(r[c]) for c in ("nonzero_pages", "zero_pages", "hole_pages",
+                                   "excluded_pages", "not_saved_pages", "ineligible_pages",
+                                   "distinct_contents", "self_sharing_pages"))]
+         for name, r in zip(result.names, pi.rows(), strict=True)),
     ), ("  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
         "   self-sharing = pages saved merging within that input alone)")]
-    if (pi["address_space"] == "virtual").any():
+    if any(space == "virtual" for space in pi["address_space"]):
         out += _process_sections(result)
     out += ["", (f"KSM prediction, all inputs on one host (max_page_sharing="
                  f"{ksm.max_page_sharing}, use_zero_pages={int(ksm.use_zero_pages)})")]
     out.append(_table(["counter", *titles], (
-        [name, *(human_bytes(host.at[name, s]) if name == "general_profit"
-                 else _count(host.at[name, s]) for s in scen)] for name in host.index)))
+        [name, *(human_bytes(host.at(name, s)) if name == "general_profit"
+                 else _count(host.at(name, s)) for s in scen)] for name in host.keys)))
     out += _policy(result)
     out += ["", "Savings", _table(["", *titles], (
-        [label, *(f"{human_bytes(sav.at[item, f'{s}_bytes'])} "
-                  f"({sav.at[item, f'{s}_percent']:.1f}%)" for s in scen)]
+        [label, *(f"{human_bytes(sav.at(item, f'{s}_bytes'))} "
+                  f"({sav.at(item, f'{s}_percent'):.1f}%)" for s in scen)]
         for item, label in _SAVINGS_LABELS.items()))]
-    out.append(_ZERO_NOTE[bool((pi["format"] == "snapshot").all())])
-    before = sav.at["memory_before", "with_zero_pages_bytes"]
-    after = sav.at["memory_after", "with_zero_pages_bytes"] + sav.at["rmap_overhead",
-                                                                      "with_zero_pages_bytes"]
+    out.append(_ZERO_NOTE[all(f == "snapshot" for f in pi["format"])])
+    before = sav.at("memory_before", "with_zero_pages_bytes")
+    after = sav.at("memory_after", "with_zero_pages_bytes") + sav.at("rmap_overhead",
+                                                                     "with_zero_pages_bytes")
     if after:
         out.append(f"  Headroom: if every merged page were written again (copy-on-write), the "
                    f"host would need\n  the memory before KSM, {human_bytes(before)}: "
                    f"{before / after:.1f}x what it needs after KSM.")
     out += ["", "Sharing-degree histogram (zero pages included, as present)", _table(
         ["copies", "contents", "pages", "after merging", "size", "after merging"],
-        ([*map(_count, (r.copies, r.contents, r.pages_referenced, r.pages_after_merging)),
-          human_bytes(r.bytes_referenced), human_bytes(r.bytes_after_merging)]
-         for r in result.histogram.itertuples()))]
+        ([*(_count(r[c]) for c in ("copies", "contents", "pages_referenced",
+                                   "pages_after_merging")),
+          human_bytes(r["bytes_referenced"]), human_bytes(r["bytes_after_merging"])]
+         for r in tables["histogram"].rows()))]
     out.append("")
-    st = result.stages["value"]
+    st = tables["stages"].by_key("value")
     verified = (
         "every merge verified byte for byte"
         if st["verified"]
@@ -122,7 +124,7 @@ def render_scan(result: Analysis) -> str:
         f"{_count(st['full_compares'])} full compares, "
         f"{_count(st['hash_collisions'])} hash collisions; {verified}."
     )
-    conv = result.convergence["with_zero_pages"]
+    conv = tables["convergence"].by_key("with_zero_pages")
     out.append(
         f"Convergence: one full scan of {_count(conv['scanned_pages'])} pages takes "
         f"{_duration(conv['full_scan_seconds'])} at pages_to_scan={ksm.pages_to_scan}, "
@@ -139,7 +141,7 @@ def _policy(result: Analysis) -> list[str]:
     if u is None:
         return []
     if result.domains:
-        sizes = result.contents.inputs["domain"].value_counts()
+        sizes = Counter(result.contents.column("domain").tolist())
         what = "pages merge only within domains " + ", ".join(
             f"{name} ({sizes.get(k, 0)} inputs)" for k, name in enumerate(result.domains))
     else:
@@ -154,14 +156,14 @@ def _policy(result: Analysis) -> list[str]:
 def _process_sections(result: Analysis) -> list[str]:
     """Eligibility exclusions and per-process ksm_stat, for process memory inputs."""
     scope = result.options.scope.value
-    ex = result.exclusions
-    rules = [r for r in ex.columns if ex[r].any()]
+    ex = result.columns["exclusions"]
+    rules = [r for r in ex.names if any(ex[r])]
     out = ["", f"Excluded from KSM's scan (--scope {scope}; pages per rule)"]
     if rules:
+        counts = zip(*(ex[r] for r in rules), strict=True)
         out.append(_table(["input", *rules],
                           ([name, *map(_count, row)]
-                           for name, row in zip(result.names, ex[rules].to_numpy(),
-                                                strict=True))))
+                           for name, row in zip(result.names, counts, strict=True))))
         out += [f"  {r}: {RULES[r]}" for r in rules]
     else:
         out.append("  none")
@@ -169,14 +171,14 @@ def _process_sections(result: Analysis) -> list[str]:
     out.append("Per process: /proc/PID/ksm_stat after KSM converges (zero pages present)")
     out.append(_table(
         ["input", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit"],
-        ([name, _count(r.ksm_rmap_items), _count(r.ksm_merging_pages),
-          _count(r.ksm_zero_pages), human_bytes(r.ksm_process_profit)]
-         for name, r in zip(result.names, result.per_input.itertuples(), strict=True)),
+        ([name, _count(r["ksm_rmap_items"]), _count(r["ksm_merging_pages"]),
+          _count(r["ksm_zero_pages"]), human_bytes(r["ksm_process_profit"])]
+         for name, r in zip(result.names, result.columns["per_input"].rows(), strict=True)),
     ))
     return out
 
 
-def _collision_bound(stats: pd.Series) -> float:
+def _collision_bound(stats: Mapping[str, Any]) -> float:
     n = float(stats["prefix_candidates"])
     return n * n / 2.0**65
 
