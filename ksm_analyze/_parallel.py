@@ -1,7 +1,9 @@
 """Run shards of one job on several CPU cores with forked worker processes.
 
-Hashing is per-page Python work, so threads would queue on the GIL; forked processes share
-the parent's open readers (and their page-cache-backed maps) without pickling them. Each
+Decoding compressed pages is per-page Python work, so threads would queue on the GIL; forked
+processes share the parent's open readers (and their page-cache-backed maps) without pickling
+them. (On the 2-vCPU machine of BENCHMARKS.md a second process adds only 15-30%: stage 1 and 2
+of raw dumps are bound by memory bandwidth.) Each
 worker has a pipe: shard numbers go out, results (or the exception a shard raised) come
 back, one shard at a time. A worker that dies (killed, out of memory, a fault in a map)
 closes its pipe, which the parent sees at once. Either way the parent raises, killing the

@@ -1,15 +1,23 @@
 """Stage 2: decide which pages are equal, byte for byte.
 
 Only pages whose prefix hash is shared by two or more non-zero pages (across all inputs) are
-candidates. Candidates are grouped by prefix hash, and each member of a group is compared
-byte for byte with the group's first page. Where that finds pages that differ (equal
-prefixes, different pages: "false candidates"), those pages get xxh3-64 of the whole page,
-are bucketed by it, and each bucket is compared byte for byte again; a page whose full hash
-matches but whose bytes do not is a hash collision and starts a class of its own. So two
-pages are counted as one only if their bytes are equal.
+candidates; a prefix hash shared by candidates makes a *group*. Candidates are read in file
+order, a block of pages at a time, never one page per Python call: the first member of each
+group read becomes its representative, kept in memory, and every other member is compared
+with it byte for byte (numpy, a block at once). Reading in file order matters: a page read out
+of order costs a page fault and a TLB miss, two to three times the read itself.
 
-With ``verify=False`` no page is compared: candidates are grouped by (prefix, full) hash,
-and the report says so with the collision bound.
+Members that differ from their group's representative (equal prefixes, different pages: "false
+candidates") get xxh3-64 of the whole page and go through the same pass again, grouped by
+(prefix, full hash); a page that still differs from its representative is a full-hash
+collision and is settled by comparing it with each distinct page of its group. So two pages
+are counted as one only if their bytes are equal.
+
+Representatives are held for at most REP_GROUPS groups at a time (64 MiB of pages); more
+groups make more passes over fewer pages each.
+
+With ``verify=False`` no page is compared: candidates are grouped by (prefix, full hash), and
+the report says so with the collision bound.
 """
 
 from __future__ import annotations
@@ -19,12 +27,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
 from ._parallel import map_shards
 from .fingerprint import Fingerprints
 from .formats.base import DumpReader
 from .settings import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
+from .xxh3 import xxh3_64_rows
 
 __all__ = ["UNIQUE", "ZERO", "ContentClasses", "StageStats", "classify"]
 
@@ -36,8 +44,13 @@ UNIQUE = -2
 PARALLEL_MIN_CANDIDATES = 20000
 """Fewer candidates than this are resolved in one process."""
 PART_CANDIDATES = 1 << 18
-"""Candidates resolved at a time: bounds stage 2's working memory to some 50 MiB."""
+"""Candidates resolved at a time: bounds stage 2's candidate arrays to some 10 MiB."""
+REP_GROUPS = 1 << 14
+"""Groups whose representatives are held at once: 64 MiB of 4 KiB pages per process."""
+BLOCK_PAGES = 256
+"""Candidate pages read and compared at a time: 1 MiB, which stays in the CPU cache."""
 _SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
+_PREFIX_PASSES = 4  # passes over the prefix hashes (by their top two bits) to find shared ones
 
 
 @dataclass(frozen=True)
@@ -81,98 +94,106 @@ def _chunks(n: int) -> Iterator[slice]:
 def _shared_prefixes(tables: Sequence[Fingerprints]) -> tuple[np.ndarray, np.ndarray]:
     """Prefix hashes that two or more non-zero pages share (sorted), and how many pages each.
 
-    The hash space is sorted a sixteenth at a time, so the sort needs about half a byte a
-    page instead of eight.
+    The hash space is sorted a quarter at a time, so the sort needs about two bytes a page
+    instead of eight.
     """
     shared, counts = [], []
-    for top in range(16):
+    for top in range(_PREFIX_PASSES):
         parts = []
         for t in tables:
             for sl in _chunks(len(t.prefix)):
                 p = t.prefix[sl]
-                parts.append(p[((p >> np.uint64(60)) == top) & (p != 0)])
+                parts.append(p[((p >> np.uint64(62)) == top) & (p != 0)])
         values = np.concatenate(parts) if parts else np.empty(0, np.uint64)
         del parts
         values.sort()
-        uniq, n = np.unique(values, return_counts=True)
-        del values
-        shared.append(uniq[n > 1])
-        counts.append(n[n > 1])
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else (
+            np.empty(0, np.int64))
+        runs = np.diff(np.r_[starts, len(values)])
+        shared.append(values[starts[runs > 1]])
+        counts.append(runs[runs > 1])
+        del values, starts, runs
     return np.concatenate(shared), np.concatenate(counts)
 
 
-def _rows_with_prefix_in(table: Fingerprints, wanted: np.ndarray) -> np.ndarray:
-    """Rows of ``table`` whose prefix hash is one of ``wanted`` (sorted)."""
-    lo, hi = (wanted[0], wanted[-1]) if len(wanted) else (1, 0)
-    rows = [np.empty(0, np.int64)]  # an input with no stored page has no chunk
+def _candidate_rows(table: Fingerprints, shared: np.ndarray) -> np.ndarray:
+    """Rows of ``table`` whose prefix hash is one of ``shared`` (sorted), as uint32: four
+    bytes a candidate, so that with the fingerprints and labels a page costs 24 bytes."""
+    if len(table.prefix) >= 1 << 32:
+        raise ValueError(f"{table.path}: more than 2^32 stored pages")
+    rows = [np.empty(0, np.uint32)]
     for sl in _chunks(len(table.prefix)):
         p = table.prefix[sl]
-        maybe = np.flatnonzero((p >= lo) & (p <= hi))
-        pos = np.minimum(np.searchsorted(wanted, p[maybe]), len(wanted) - 1)
-        rows.append(maybe[wanted[pos] == p[maybe]] + sl.start)
+        pos = np.minimum(np.searchsorted(shared, p), max(len(shared) - 1, 0))
+        hit = (shared[pos] == p) & (p != 0) if len(shared) else np.zeros(len(p), bool)
+        rows.append((np.flatnonzero(hit) + sl.start).astype(np.uint32))
     return np.concatenate(rows)
 
 
 class _Candidates:
-    """Candidate pages of all inputs (parallel arrays) and how to read them one by one.
+    """Candidate pages of all inputs, in file order: input number and page address.
 
-    Comparing one page at a time in Python beats gathering pages with numpy here: a slice
-    of the map is one 4 KiB copy and ``==`` is a memcmp, while fancy indexing copies every
-    page two or three times.
+    ``read`` hands out the bytes of a run of candidates with one reader call per input.
     """
 
     def __init__(
-        self, readers: Sequence[DumpReader], source: np.ndarray, locator: np.ndarray
+        self, readers: Sequence[DumpReader], source: np.ndarray, addrs: np.ndarray
     ) -> None:
         self.page_size = readers[0].page_size if readers else 4096
-        # Raw-stored pages are sliced straight from the map (one copy); others are decoded.
-        self.maps = [r._mm if type(r).read_pages is DumpReader.read_pages else None
-                     for r in readers]
-        self.readers = readers
-        self.src, self.loc = source.tolist(), locator.tolist()
+        self.readers, self.source, self.addrs = readers, source, addrs
 
-    def fetch(self, m: int) -> bytes:
-        """The bytes of candidate ``m``."""
-        s: int = self.src[m]
-        o: int = self.loc[m]
-        mm = self.maps[s]
-        if mm is not None:
-            return mm[o : o + self.page_size]
-        page: bytes = self.readers[s].read_pages(np.array([o], np.uint64))[0].tobytes()
-        return page
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """The ``(len(idx), page_size)`` bytes of candidates ``idx`` (sorted)."""
+        src = self.source[idx]
+        cuts = np.flatnonzero(src[1:] != src[:-1]) + 1
+        if not len(cuts):
+            return self.readers[int(src[0])].read_pages(self.addrs[idx]) if len(idx) else (
+                np.empty((0, self.page_size), np.uint8))
+        out = np.empty((len(idx), self.page_size), np.uint8)
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(idx)].tolist(), strict=True):
+            out[lo:hi] = self.readers[int(src[lo])].read_pages(self.addrs[idx[lo:hi]])
+        return out
+
+    def blocks(self, idx: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(where in idx, pages)`` for consecutive blocks of candidates ``idx``."""
+        for lo in range(0, len(idx), BLOCK_PAGES):
+            where = slice(lo, min(lo + BLOCK_PAGES, len(idx)))
+            yield where, self.read(idx[where])
 
     def full_hashes(self, idx: np.ndarray) -> np.ndarray:
-        """xxh3-64 of the whole page of each candidate ``idx``."""
-        fetch, digest = self.fetch, xxhash.xxh3_64_intdigest
-        return np.fromiter((digest(fetch(m)) for m in idx.tolist()), np.uint64, len(idx))
+        """xxh3-64 of the whole page of each candidate ``idx`` (sorted)."""
+        out = np.empty(len(idx), np.uint64)
+        for where, pages in self.blocks(idx):
+            out[where] = xxh3_64_rows(pages)
+        return out
 
-    def peel(self, members: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-        """Compare each member with the first member of its run of equal ``key``.
+    def match_representatives(
+        self, idx: np.ndarray, key: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Compare each candidate with the first one read of its ``key`` (dense ids).
 
-        ``members`` must be ordered so equal keys are adjacent. Returns a run number for
-        every member (meaningful for those equal to their run's first), the number of runs,
-        and the members whose bytes differ from their run's first.
+        ``idx`` is sorted (file order). Returns a bool per entry, "equal to its key's first"
+        (True for the first itself), and each key's first entry. Holds at most REP_GROUPS
+        pages: keys are taken a range at a time, one pass over their members each.
         """
-        if not len(members):
-            return np.empty(0, np.int64), 0, members
-        first = np.r_[True, key[1:] != key[:-1]]
-        run = np.cumsum(first) - 1
-        # The hot loop of stage 2: locals only, the raw-map case inline.
-        src, loc, maps, ps, fetch = self.src, self.loc, self.maps, self.page_size, self.fetch
-        differ = []
-        rep = b""
-        for m, starts_run in zip(members.tolist(), first.tolist(), strict=True):
-            mm = maps[src[m]]
-            if mm is not None:
-                o = loc[m]
-                page = mm[o : o + ps]
-            else:
-                page = fetch(m)
-            if starts_run:
-                rep = page
-            elif page != rep:
-                differ.append(m)
-        return run, int(run[-1]) + 1, np.array(differ, dtype=np.int64)
+        equal = np.zeros(len(idx), bool)
+        nkeys = int(key.max()) + 1 if len(key) else 0
+        first = np.full(nkeys, -1, np.int64)
+        # The first entry of each key in file order: scatter in reverse, so the earliest wins.
+        first[key[::-1]] = np.arange(len(key) - 1, -1, -1)
+        is_first = np.zeros(len(idx), bool)
+        is_first[first] = True
+        for k0 in range(0, nkeys, REP_GROUPS):
+            mine = np.flatnonzero((key >= k0) & (key < k0 + REP_GROUPS))
+            reps = np.empty((min(REP_GROUPS, nkeys - k0), self.page_size // 8), np.uint64)
+            for where, pages in self.blocks(idx[mine]):
+                at = mine[where]
+                k = key[at] - k0
+                words = pages.view(np.uint64)
+                new = is_first[at]
+                reps[k[new]] = words[new]
+                equal[at] = (words == reps[k]).all(axis=1)
+        return equal, first
 
 
 def _dense(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,53 +208,51 @@ def _dense(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.cumsum(new) - 1
 
 
-def _resolve_range(
-    cands: _Candidates, starts: np.ndarray, lo: int, hi: int
-) -> tuple[np.ndarray, int, int, int, int]:
-    """Split groups ``lo..hi-1`` of equal prefix hash into classes of equal bytes.
+def _dense_ids(*keys: np.ndarray) -> np.ndarray:
+    """A dense id per distinct key tuple, in the original order."""
+    order, dense = _dense(*keys)
+    ids = np.empty(len(order), np.int64)
+    ids[order] = dense
+    return ids
 
-    Group ``g`` spans candidates ``starts[g]:starts[g+1]``. Returns a class label (local to
-    this range) for each candidate of the range, the number of classes, and the compares,
-    hash collisions and full hashes made.
+
+def _resolve_range(
+    cands: _Candidates, group: np.ndarray, members: np.ndarray
+) -> tuple[np.ndarray, int, int, int, int]:
+    """Split candidates ``members`` (sorted; ``group`` is their prefix group) into classes
+    of equal bytes.
+
+    Returns a class label (local to this call) per member, the number of classes, and the
+    compares, hash collisions and full hashes made.
     """
-    first, last = int(starts[lo]), int(starts[hi])
-    members = np.arange(first, last)
-    group = np.repeat(np.arange(hi - lo), np.diff(starts[lo : hi + 1]))
-    labels, n, rest = cands.peel(members, group)
+    labels = np.full(len(members), -1, np.int64)
+    gid = group - group.min() if len(group) else group  # a range of groups, each present
+    equal, first = cands.match_representatives(members, gid)
+    labels[equal] = gid[equal]
+    n = len(first)
     compares = len(members) - n
+    rest = np.flatnonzero(~equal)
     full_hashes = collisions = 0
     if rest.size:
-        # Equal prefixes, different pages: bucket them by full hash within their group and
-        # compare each bucket with its first page again.
+        # Equal prefixes, different pages: the same again, grouped by full hash as well.
         full_hashes = len(rest)
-        order, key = _dense(cands.full_hashes(rest), group[rest - first])
-        rest = rest[order]
-        sub, nsub, rest_next = cands.peel(rest, key)
-        labels[rest - first] = sub + n
-        n += nsub
-        compares += len(rest) - nsub
-        rest = rest_next
+        sub = _dense_ids(cands.full_hashes(members[rest]), gid[rest])
+        equal, first = cands.match_representatives(members[rest], sub)
+        labels[rest[equal]] = sub[equal] + n
+        n += len(first)
+        compares += len(rest) - len(first)
+        rest = rest[~equal]
     while rest.size:
-        # Equal full hashes, different bytes: a real collision. Split by bytes alone, each
-        # round settling at least the first page of every bucket.
+        # Equal full hashes, different bytes: a real collision (about never). Each round
+        # settles at least the first page of every key.
         collisions += len(rest)
-        bucket = labels[rest - first]
-        order = np.argsort(bucket, kind="stable")
-        rest, bucket = rest[order], bucket[order]
-        sub, nsub, rest_next = cands.peel(rest, bucket)
-        labels[rest - first] = sub + n
-        n += nsub
-        compares += len(rest) - nsub
-        rest = rest_next
+        sub = _dense_ids(cands.full_hashes(members[rest]), gid[rest])
+        equal, first = cands.match_representatives(members[rest], sub)
+        labels[rest[equal]] = sub[equal] + n
+        n += len(first)
+        compares += len(rest) - len(first)
+        rest = rest[~equal]
     return labels, n, compares, collisions, full_hashes
-
-
-def _balanced_cuts(starts: np.ndarray, shards: int) -> list[int]:
-    """Group indices splitting the groups into ``shards`` runs of about equal members."""
-    ngroups = len(starts) - 1
-    targets = np.linspace(0, starts[-1], shards + 1)[1:-1]
-    inner = np.searchsorted(starts[:-1], targets).tolist()
-    return sorted({0, *inner, ngroups})
 
 
 def classify(
@@ -261,12 +280,13 @@ def classify(
         classes, and stage statistics.
     """
     verify, jobs = options.verify, options.workers
+    shared, counts = _shared_prefixes(tables)  # before the labels: its peak is the larger
     labels_of = []
     for t in tables:
         content = np.full(len(t.prefix), UNIQUE, np.int32)
         content[t.prefix == 0] = ZERO
         labels_of.append(content)
-    shared, counts = _shared_prefixes(tables)
+    cand_rows = [_candidate_rows(t, shared) for t in tables]
     ends = np.cumsum(counts)
     cuts = [0]
     while cuts[-1] < len(shared):
@@ -278,8 +298,8 @@ def classify(
     if progress is not None:
         progress(0, total_bytes)
     for a, b in itertools.pairwise(cuts):
-        part = _resolve_part(tables, readers, labels_of, shared[a:b], first_class=n_classes,
-                             verify=verify, jobs=jobs)
+        part = _resolve_part(tables, readers, labels_of, cand_rows, shared[a:b],
+                             first_class=n_classes, verify=verify, jobs=jobs)
         labels, n, done = part[0], part[1], part[2:]
         candidates += len(labels)
         false_candidates += int(np.count_nonzero(np.bincount(labels, minlength=n) == 1))
@@ -305,6 +325,7 @@ def _resolve_part(
     tables: Sequence[Fingerprints],
     readers: Sequence[DumpReader],
     labels_of: Sequence[np.ndarray],
+    cand_rows: Sequence[np.ndarray],
     wanted: np.ndarray,
     *,
     first_class: int,
@@ -316,47 +337,48 @@ def _resolve_part(
 
     Returns the part's labels, its number of classes, compares, collisions, full hashes.
     """
-    rows_per_table = [_rows_with_prefix_in(t, wanted) for t in tables]
+    lo, hi = wanted[0], wanted[-1]
+    rows_per_table = []
+    for t, rows in zip(tables, cand_rows, strict=True):
+        p = t.prefix[rows]
+        rows_per_table.append(rows[(p >= lo) & (p <= hi)].astype(np.int64))
     source = np.concatenate(
         [np.full(len(r), i, np.int32) for i, r in enumerate(rows_per_table)]
     )
     row = np.concatenate(rows_per_table)
     prefix = np.concatenate([t.prefix[r] for t, r in zip(tables, rows_per_table, strict=True)])
-    locator = np.concatenate(
-        [t.locators[r] for t, r in zip(tables, rows_per_table, strict=True)]
-    )
+    addrs = np.concatenate([t.addrs[r] for t, r in zip(tables, rows_per_table, strict=True)])
     del rows_per_table
-    # Group by prefix; within a group, read in file order.
-    order = np.lexsort((locator, source, prefix))
-    source, row, prefix, locator = source[order], row[order], prefix[order], locator[order]
+    # File order: input by input, by address.
+    order = np.lexsort((addrs, source))
+    source, row, prefix, addrs = source[order], row[order], prefix[order], addrs[order]
     del order
-    starts = np.append(np.flatnonzero(np.r_[True, prefix[1:] != prefix[:-1]]), len(row))
+    cands = _Candidates(readers, source, addrs)
+    group = np.searchsorted(wanted, prefix)
+    # Workers take the groups a share each (by prefix), each in file order.
     shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
-    cuts = _balanced_cuts(starts, shards)
-    cands = _Candidates(readers, source, locator)
+    share = group * shards // max(len(wanted), 1)
+    shard_members = [np.flatnonzero(share == k) for k in range(shards)]
     if verify:
         parts = map_shards(
-            lambda k: _resolve_range(cands, starts, cuts[k], cuts[k + 1]), len(cuts) - 1, jobs
+            lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k]),
+            shards, jobs,
         )
-        offsets = np.cumsum([0] + [p[1] for p in parts])
-        labels = np.concatenate([p[0] + off for p, off in zip(parts, offsets, strict=False)])
-        n = int(offsets[-1])
+        labels = np.empty(len(row), np.int64)
+        n = 0
+        for members, part in zip(shard_members, parts, strict=True):
+            labels[members] = part[0] + n
+            n += part[1]
         compares = sum(p[2] for p in parts)
         collisions = sum(p[3] for p in parts)
         full_hashes = sum(p[4] for p in parts)
     else:
-        bounds = [int(starts[c]) for c in cuts]
-        full = np.concatenate(
-            map_shards(
-                lambda k: cands.full_hashes(np.arange(bounds[k], bounds[k + 1])),
-                len(bounds) - 1,
-                jobs,
-            )
-        )
-        order, dense = _dense(full, prefix)
-        labels = np.empty(len(row), np.int64)
-        labels[order] = dense
-        n = int(dense[-1]) + 1 if len(dense) else 0
+        full = np.empty(len(row), np.uint64)
+        hashed = map_shards(lambda k: cands.full_hashes(shard_members[k]), shards, jobs)
+        for members, h in zip(shard_members, hashed, strict=True):
+            full[members] = h
+        labels = _dense_ids(full, prefix)
+        n = int(labels.max()) + 1 if len(labels) else 0
         compares = collisions = 0
         full_hashes = len(row)
     for i, content in enumerate(labels_of):

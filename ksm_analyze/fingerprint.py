@@ -1,9 +1,11 @@
 """Stage 1: one pass over a dump that flags zero pages and hashes every page's prefix.
 
-Zero pages are found in bulk with numpy (a cheap look at the first 64 bytes, then a full check
-of just those pages), never by hashing. Every other page gets xxh3-64 of its first
-``prefix_bytes`` bytes, the first KSM design's partial hash; stage 2 (``dedup.py``) decides
-which of them are really equal.
+Every batch is handled whole by numpy, with no Python per page: one gather copies the head of
+each page (its first ``max(prefix_bytes, 64)`` bytes, two cache lines by default), the first
+64 bytes rule out most pages being zero, the rest are checked run by run, and the prefixes of
+the non-zero pages are hashed together with xxh3-64 (:mod:`.xxh3`, bit-exact with the
+``xxhash`` library), the first KSM design's partial hash. Stage 2 (``dedup.py``) decides which
+pages are really equal.
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from ._parallel import imap_shards
 from .formats import DumpFormat
 from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
-from .pages import Extent, PageState
+from .pages import Extent, PageBatch, PageState
 from .settings import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
+from .xxh3 import xxh3_64_rows
 
-__all__ = ["Fingerprints", "fingerprint", "prefix_hashes", "zero_rows"]
+__all__ = ["Fingerprints", "fingerprint", "hash_batch", "zero_rows"]
 
-_PROBE_WORDS = 8  # 64 bytes: one cache line decides most pages are not zero
+_PROBE_BYTES = 64  # one cache line decides most pages are not zero
 PARALLEL_MIN_PAGES = 16384
 """Below 64 MiB of stored 4 KiB pages, forking workers costs more than it saves."""
 SHARDS_PER_JOB = 4
@@ -32,10 +34,11 @@ SHARDS_PER_JOB = 4
 
 @dataclass(frozen=True)
 class Fingerprints:
-    """What stage 1 learns of one input: one row per stored page, 24 bytes a page.
+    """What stage 1 learns of one input: one row per stored page, 16 bytes a page.
 
     Pages the format marks ZERO, HOLE, EXCLUDED or NOT_SAVED have no rows; they are counted
-    in ``state_pages`` from the extents.
+    in ``state_pages`` from the extents. Rows are in no particular order; stage 2 reads a page
+    again by its address.
     """
 
     path: str
@@ -48,8 +51,6 @@ class Fingerprints:
     warnings: list[str]
     addrs: np.ndarray
     """uint64 address of each stored page."""
-    locators: np.ndarray
-    """uint64 reader locator of each stored page (to read it again in stage 2)."""
     prefix: np.ndarray
     """uint64 xxh3-64 of the page's first ``prefix_bytes`` bytes; 0 marks an all-zero page
     (a non-zero page whose hash is 0 is stored as 1: stage 2 compares bytes anyway)."""
@@ -72,45 +73,55 @@ class Fingerprints:
         return int(np.count_nonzero(self.prefix))
 
 
-def zero_rows(pages: np.ndarray) -> np.ndarray:
-    """Return a bool per row of ``pages`` (n, page_size): is the row all zero bytes."""
+def zero_rows(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """bool per entry of ``rows`` (sorted row numbers of ``pages``, ``(n, page_size)``; all
+    rows by default): is that row all zero bytes. Consecutive rows are checked as one block,
+    without a copy."""
     words = pages.view(np.uint64)
-    maybe = np.flatnonzero(~words[:, :_PROBE_WORDS].any(axis=1))
-    zero = np.zeros(len(pages), dtype=bool)
-    if maybe.size == 0:
-        return zero
-    # Check candidates run by run: slices of the batch need no copy, fancy indexing would.
-    breaks = np.flatnonzero(np.diff(maybe) != 1) + 1
-    for run in np.split(maybe, breaks):
-        start, stop = int(run[0]), int(run[-1]) + 1
-        zero[start:stop] = ~words[start:stop].any(axis=1)
+    if rows is None:
+        rows = np.arange(len(pages))
+    zero = np.zeros(len(rows), dtype=bool)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    first, last = rows[np.r_[0, breaks]].tolist(), (rows[np.r_[breaks, len(rows)] - 1] + 1).tolist()
+    at = np.r_[0, breaks].tolist()
+    count = np.count_nonzero
+    for lo, start, stop in zip(at, first, last, strict=True):
+        block = words[start:stop]
+        # Zero pages come in runs: one count settles a whole run of them.
+        zero[lo : lo + stop - start] = True if not count(block) else block.max(axis=1) == 0
     return zero
 
 
-def prefix_hashes(pages: np.ndarray, rows: np.ndarray, nbytes: int) -> np.ndarray:
-    """xxh3-64 of the first ``nbytes`` bytes of the given rows of ``pages``."""
-    ps = pages.shape[1]
-    flat = np.ascontiguousarray(pages).reshape(-1).data
-    digest = xxhash.xxh3_64_intdigest
-    offsets = (rows * ps).tolist()
-    return np.fromiter(
-        (digest(flat[o : o + nbytes]) for o in offsets), dtype=np.uint64, count=len(offsets)
-    )
+def hash_batch(batch: PageBatch, nbytes: int) -> np.ndarray:
+    """The prefix column of a batch: xxh3-64 of each page's first ``nbytes`` bytes, 0 for an
+    all-zero page (and 1 for a non-zero page whose hash is 0)."""
+    pages = batch.pages
+    prefix = np.zeros(len(pages), np.uint64)
+    rows = np.arange(len(pages)) if batch.zero is None else np.flatnonzero(~batch.zero)
+    if not len(rows):
+        return prefix
+    head = pages[rows, : max(nbytes, _PROBE_BYTES)]  # the one gather: a row's first lines
+    probe = head[:, :_PROBE_BYTES].view(np.uint64)
+    any_set = probe[:, 0] | probe[:, 1]
+    for column in range(2, _PROBE_BYTES // 8):
+        any_set |= probe[:, column]
+    maybe = np.flatnonzero(any_set == 0)
+    nonzero = np.ones(len(rows), bool)
+    if len(maybe):
+        nonzero[maybe] = ~zero_rows(pages, rows[maybe])
+    hashed = xxh3_64_rows(np.ascontiguousarray(head[nonzero, :nbytes]))
+    hashed[hashed == 0] = 1  # 0 means "zero page"
+    prefix[rows[nonzero]] = hashed
+    return prefix
 
 
 def _hash_shard(
     reader: DumpReader, nbytes: int, batch_pages: int, shard: int, shards: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stage 1 over one shard of the reader's batches: (addrs, locators, prefix) per batch."""
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stage 1 over one shard of the reader's batches: (addrs, prefix) per batch."""
     for batch in reader.iter_batches(batch_pages, shard=shard, shards=shards):
-        zero = zero_rows(batch.pages)
-        prefix = np.zeros(len(zero), dtype=np.uint64)
-        rows = np.flatnonzero(~zero)
-        if rows.size:
-            hashed = prefix_hashes(batch.pages, rows, nbytes)
-            hashed[hashed == 0] = 1  # 0 means "zero page"
-            prefix[rows] = hashed
-        yield batch.addrs, batch.locators, prefix
+        yield batch.addrs, hash_batch(batch, nbytes)
+        del batch  # decoded batches are 32 MiB: let it go before the next is made
 
 
 def fingerprint(
@@ -139,7 +150,6 @@ def fingerprint(
     # Results go straight into arrays sized for every stored page, shard by shard as they
     # arrive, so the parent never holds the table twice.
     addrs = np.empty(stored, np.uint64)
-    locators = np.empty(stored, np.uint64)
     prefix = np.empty(stored, np.uint64)
     filled = 0
     if progress is not None:
@@ -153,11 +163,11 @@ def fingerprint(
             lambda k: list(_hash_shard(reader, nbytes, batch_pages, k, shards)), shards, jobs
         )
     for part in parts:
-        for a, loc, p in part:
+        for a, p in part:
             end = filled + len(a)
             if end > stored:
                 raise AssertionError(f"{reader.path}: reader yielded more pages than it stores")
-            addrs[filled:end], locators[filled:end], prefix[filled:end] = a, loc, p
+            addrs[filled:end], prefix[filled:end] = a, p
             filled = end
             if progress is not None:
                 progress(filled * ps, stored * ps)
@@ -174,7 +184,6 @@ def fingerprint(
         info=reader.info(),
         warnings=list(reader.warnings),
         addrs=addrs,
-        locators=locators,
         prefix=prefix,
         state_pages=reader.page_counts(),
     )

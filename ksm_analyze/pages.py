@@ -118,8 +118,9 @@ class PageBatch(NamedTuple):
     """A block of stored pages handed from a reader to fingerprinting."""
 
     addrs: np.ndarray
-    """uint64 address of each page."""
-    locators: np.ndarray
-    """uint64, opaque to everyone but the reader: what ``read_pages`` takes to find a page again."""
+    """uint64 address of each page: what ``read_pages`` takes to find a page again."""
     pages: np.ndarray
     """``(n, page_size)`` uint8; may be a read-only view of the file."""
+    zero: np.ndarray | None = None
+    """bool per page the format itself records as all zero (a kdump zero descriptor); the
+    bytes of those rows are not filled in and must not be read. None: no such page."""

@@ -184,7 +184,7 @@ def top_contents(
             break
         rows = np.flatnonzero(np.isin(labels, missing))
         found, first = np.unique(labels[rows], return_index=True)
-        data = r.read_pages(fp.locators[rows[first]])
+        data = r.read_pages(fp.addrs[rows[first]])
         for c, page in zip(found.tolist(), data, strict=True):
             pages[c] = page.tobytes()
     names = short_names(table.names)

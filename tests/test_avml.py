@@ -30,11 +30,11 @@ def pages(n: int, seed: int) -> bytes:
 def read_all(reader: AvmlReader, batch_pages: int = 8192) -> dict[int, bytes]:
     """Address -> page bytes from iter_batches, checked against read_pages."""
     out: dict[int, bytes] = {}
-    locators = []
+    locators = []  # addresses, in iteration order
     for batch in reader.iter_batches(batch_pages):
         assert batch.pages.shape == (len(batch.addrs), PS)
         assert len(batch.addrs) <= batch_pages
-        locators.append(batch.locators)
+        locators.append(batch.addrs)
         for addr, page in zip(batch.addrs.tolist(), batch.pages, strict=True):
             assert addr not in out
             out[addr] = page.tobytes()
@@ -218,7 +218,7 @@ def test_corrupt_snappy_data(tmp_path):
         )
         assert e.value.offset == off
         with pytest.raises(CorruptPageError, match="AVML record 1: cannot decompress"):
-            r.read_pages(np.array([1 << 32], np.uint64))
+            r.read_pages(np.array([0x100000], np.uint64))
 
 
 def test_bad_crc(tmp_path):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import xxhash
 from conftest import PS
 
+from ksm_analyze import dedup
+from ksm_analyze import fingerprint as stage1
 from ksm_analyze.dedup import UNIQUE, classify
 from ksm_analyze.fingerprint import fingerprint
 from ksm_analyze.formats.raw import RawReader
@@ -81,10 +82,18 @@ def test_lookalike_prefix_alone_is_a_false_candidate(tmp_path):
     assert classes.n_classes == 2
 
 
+def _hash_everything_to_42(monkeypatch):
+    def constant(rows):
+        return np.full(len(rows), 42, np.uint64)
+
+    monkeypatch.setattr(stage1, "xxh3_64_rows", constant)
+    monkeypatch.setattr(dedup, "xxh3_64_rows", constant)
+
+
 def test_forced_hash_collisions_are_split_by_bytes(mixed, monkeypatch):
     # Every page hashes to the same value in both stages: only the byte comparison can tell
     # the contents apart, and it must.
-    monkeypatch.setattr(xxhash, "xxh3_64_intdigest", lambda data: 42)
+    _hash_everything_to_42(monkeypatch)
     p1, p2, one, two = mixed
     tables, classes = _run([p1, p2])
     assert _class_counts(tables, classes) == _truth_counts(one, two)
@@ -94,7 +103,7 @@ def test_forced_hash_collisions_are_split_by_bytes(mixed, monkeypatch):
 
 
 def test_no_verify_trusts_the_hashes(mixed, monkeypatch):
-    monkeypatch.setattr(xxhash, "xxh3_64_intdigest", lambda data: 42)
+    _hash_everything_to_42(monkeypatch)
     p1, p2, _, _ = mixed
     _, classes = _run([p1, p2], verify=False)
     # With every hash equal and no comparison, all non-zero pages fall into one class:
@@ -119,9 +128,10 @@ def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
     # Stage 2 in parts of a few candidates each, and stage 1 and 2 in forked workers: the
     # classes must still be exactly the contents the bytes say.
     import ksm_analyze.fingerprint as fp
-    from ksm_analyze import dedup
 
     monkeypatch.setattr(dedup, "PART_CANDIDATES", 5)
+    monkeypatch.setattr(dedup, "REP_GROUPS", 2)  # many passes over representatives
+    monkeypatch.setattr(dedup, "BLOCK_PAGES", 3)  # groups span blocks
     monkeypatch.setattr(dedup, "PARALLEL_MIN_CANDIDATES", 1)
     monkeypatch.setattr(fp, "PARALLEL_MIN_PAGES", 1)
     rng = np.random.default_rng(9)
@@ -138,7 +148,7 @@ def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
     assert _class_counts(tables, classes) == _truth_counts(*picks)
     # Pages in one class hold the same bytes across parts and inputs.
     for k in range(classes.n_classes):
-        members = [picks[i][(np.asarray(t.locators) // PS)[classes.labels[i] == k]]
+        members = [picks[i][(np.asarray(t.addrs) // PS).astype(np.int64)[classes.labels[i] == k]]
                    for i, t in enumerate(tables)]
         rows = np.concatenate(members)
         assert (rows == rows[0]).all()

@@ -192,7 +192,7 @@ def test_raw_base_address(tmp_path):
         assert batch.addrs.tolist() == [0x100000, 0x101000, 0x102000]
         assert batch.pages.tobytes() == data
         assert (
-            r.read_pages(batch.locators[::-1]).tobytes()
+            r.read_pages(batch.addrs[::-1]).tobytes()
             == data[2 * PS :] + data[PS : 2 * PS] + data[:PS]
         )
         assert r.info() == {"base_address": 0x100000}

@@ -31,7 +31,7 @@ def stored(reader: ElfCoreReader) -> dict[int, bytes]:
     """Address -> bytes of every stored page, through iter_batches and read_pages."""
     out = {}
     for batch in reader.iter_batches(batch_pages=3):
-        again = reader.read_pages(batch.locators)
+        again = reader.read_pages(batch.addrs)
         assert np.array_equal(again, batch.pages)
         for addr, pg in zip(batch.addrs.tolist(), batch.pages, strict=True):
             out[addr] = pg.tobytes()

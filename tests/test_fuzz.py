@@ -769,12 +769,14 @@ def exercise(path: str, fmt: DumpFormat, *, also_analyze: bool = True) -> None:
             seen, locs, pages = 0, [], []
             for b in r.iter_batches(BATCH_PAGES):
                 n = len(b.addrs)
-                if b.pages.shape != (n, r.page_size) or len(b.locators) != n:
-                    raise Inconsistent(f"batch of {n} addresses has pages {b.pages.shape} "
-                                       f"and {len(b.locators)} locators")
+                if b.pages.shape != (n, r.page_size) or (b.zero is not None
+                                                          and len(b.zero) != n):
+                    raise Inconsistent(f"batch of {n} addresses has pages {b.pages.shape}")
                 seen += n
-                for k in sorted({0, n - 1}) if n and len(locs) < SAMPLED_PAGES else ():
-                    locs.append(int(b.locators[k]))
+                readable = range(n) if b.zero is None else np.flatnonzero(~b.zero).tolist()
+                for k in sorted({readable[0], readable[-1]}) if (
+                        len(readable) and len(locs) < SAMPLED_PAGES) else ():
+                    locs.append(int(b.addrs[k]))
                     pages.append(np.array(b.pages[k]))
             if seen != counts[PageState.DATA]:
                 raise Inconsistent(f"iter_batches gave {seen} pages; extents say "

@@ -26,7 +26,7 @@ def all_pages(reader: LimeReader, batch_pages: int = 8192) -> dict[int, bytes]:
     """Address -> page bytes from iter_batches, checked against read_pages."""
     out: dict[int, bytes] = {}
     for batch in reader.iter_batches(batch_pages):
-        again = reader.read_pages(batch.locators)
+        again = reader.read_pages(batch.addrs)
         assert np.array_equal(again, batch.pages)
         for addr, page in zip(batch.addrs.tolist(), batch.pages, strict=True):
             assert addr not in out

@@ -31,12 +31,12 @@ from ksm_analyze.errors import InputError
 SLOW_BATCHES = """
 import os, time
 import ksm_analyze.fingerprint as _fp
-_zero_rows = _fp.zero_rows
-def _slow(pages):
+_hash_batch = _fp.hash_batch
+def _slow(batch, nbytes):
     os.write(2, b"BATCH\\n")
     time.sleep(0.2)
-    return _zero_rows(pages)
-_fp.zero_rows = _slow
+    return _hash_batch(batch, nbytes)
+_fp.hash_batch = _slow
 """
 """Prelude: every batch of stage 1 (in whichever process hashes it) says ``BATCH`` on stderr,
 then takes 0.2 s more."""

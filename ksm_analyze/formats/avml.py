@@ -21,7 +21,6 @@ from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-import cramjam
 import numpy as np
 
 from ..errors import CorruptPageError, TruncatedDumpError
@@ -84,6 +83,7 @@ class AvmlReader(DumpReader):
     def _load_extents(self) -> list[Extent]:
         self._recs: list[_Rec] = []
         self._cache: tuple[int, int, np.ndarray] | None = None
+        self._by_addr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # Per Snappy data chunk: file offset of its header, its end, and where its memory
         # starts within the record (arrays: 24 bytes a chunk, and a chunk may be 9 bytes).
         chunk_off, chunk_end, chunk_start = array("q"), array("q"), array("q")
@@ -224,6 +224,7 @@ class AvmlReader(DumpReader):
         r = self._recs[index]
         if not r.nchunks:
             return 0, np.frombuffer(self._mm, np.uint8, r.header.size, r.data_offset)
+        import cramjam  # loaded on first use: most inputs are not compressed AVML
         lo = r.first_chunk
         hi = lo + r.nchunks
         starts = self._chunk_start
@@ -251,8 +252,7 @@ class AvmlReader(DumpReader):
     ) -> Iterator[PageBatch]:
         """Decode every record in file order, at most ``batch_pages`` (and 16 MiB) at a time.
 
-        Locators are ``record index << 32 | page index within the record``. With
-        ``shards > 1`` only batches ``shard``, ``shard + shards``, ... are decoded.
+        With ``shards > 1`` only batches ``shard``, ``shard + shards``, ... are decoded.
         """
         ps = self.page_size
         window = max(1, min(batch_pages, WINDOW_BYTES // ps))
@@ -267,19 +267,29 @@ class AvmlReader(DumpReader):
                 start = r.lead + p0 * ps
                 base, buf = self._decode(index, start, r.lead + p1 * ps)
                 pages = buf[start - base : start - base + (p1 - p0) * ps].reshape(-1, ps)
-                idx = np.arange(p0, p1, dtype=np.uint64)
-                addrs = np.uint64(addr0) + idx * np.uint64(ps)
-                yield PageBatch(addrs, (np.uint64(index) << np.uint64(32)) | idx, pages)
+                addrs = np.uint64(addr0 + p0 * ps) + np.arange(p1 - p0, dtype=np.uint64) * (
+                    np.uint64(ps))
+                yield PageBatch(addrs, pages)
+                del base, buf, pages  # one decoded window alive at a time
 
-    def read_pages(self, locators: np.ndarray) -> np.ndarray:
-        """Decode the pages named by ``iter_batches`` locators, reusing the last chunks decoded."""
+    def read_pages(self, addrs: np.ndarray) -> np.ndarray:
+        """Decode the pages at ``addrs``, reusing the last chunks decoded."""
         ps = self.page_size
-        out = np.empty((len(locators), ps), np.uint8)
-        for row, loc in enumerate(np.asarray(locators, dtype=np.uint64).tolist()):
-            index, page = loc >> 32, loc & 0xFFFFFFFF
-            if index >= len(self._recs) or page >= self._recs[index].npages:
-                raise ValueError(f"locator {loc:#x} names no page of {self.path}")
-            start = self._recs[index].lead + page * ps
+        want = np.asarray(addrs, dtype=np.uint64)
+        out = np.empty((len(want), ps), np.uint8)
+        if not len(want):
+            return out
+        if self._by_addr is None:
+            by_addr = sorted((i for i, r in enumerate(self._recs) if r.npages),
+                             key=lambda i: self._recs[i].header.s_addr + self._recs[i].lead)
+            lows = [self._recs[i].header.s_addr + self._recs[i].lead for i in by_addr]
+            highs = [a + self._recs[i].npages * ps for a, i in zip(lows, by_addr, strict=True)]
+            self._by_addr = (np.array(lows, np.uint64), np.array(highs, np.uint64),
+                             np.array(by_addr, np.int64))
+        starts, ends, recs = self._by_addr
+        which, page = self._locate(want, starts, ends)
+        for row, (index, p) in enumerate(zip(recs[which].tolist(), page.tolist(), strict=True)):
+            start = self._recs[index].lead + p * ps
             cache = self._cache
             if not (
                 cache

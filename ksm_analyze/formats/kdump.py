@@ -11,9 +11,10 @@ from makedumpfile ``IMPLEMENTATION``/``diskdump_mod.h`` and QEMU ``dump/dump.c``
     page_desc[]          one 24-byte descriptor per set bit of bitmap 2, in PFN order
     page data            the shared zero page first (QEMU; makedumpfile -d 1), then pages
 
-Every PFN in bitmap 2 whose descriptor is the shared zero descriptor is ZERO without being read;
-other dumpable PFNs are DATA (compressed, so ``file_offset`` is -1); PFNs in bitmap 1 only were
-excluded by the dump level (EXCLUDED); PFNs in neither are holes and not reported.
+Dumpable PFNs (bitmap 2) are DATA (compressed, so ``file_offset`` is -1); those whose descriptor
+is the shared zero descriptor are handed out flagged zero, never read (``PageBatch.zero``), so a
+dump whose zero and data pages alternate is one range, not one per page. PFNs in bitmap 1 only
+were excluded by the dump level (EXCLUDED); PFNs in neither are holes and not reported.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-import cramjam
-import lzallright
 import numpy as np
-import zstandard
 
 from ..errors import CorruptPageError, DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, PageBatch, PageState
@@ -55,7 +53,6 @@ _SUB_FMT = {"64": "QiiQQQQQQQQQQQ", "32pack": "IiiIIQIQIQIQQQ", "32pad": "IiiII4
 # Page descriptor flags and header status bits.
 _ZLIB, _LZO, _SNAPPY, _ZSTD = 0x1, 0x2, 0x4, 0x20
 _CODEC_NAMES = {_ZLIB: "zlib", _LZO: "lzo", _SNAPPY: "snappy", _ZSTD: "zstd"}
-_CODEC_ERRORS = (zlib.error, lzallright.LZOError, cramjam.DecompressionError, zstandard.ZstdError)
 _STATUS_INCOMPLETE = 0x8
 # dump_level bits (makedumpfile.8): 1 zero, 2 non-private cache, 4 private cache, 8 user, 16 free.
 _DL_USER, _DL_FREE = 8, 16
@@ -83,8 +80,7 @@ class KdumpReader(DumpReader):
     """A kdump-compressed dump, plain or flattened.
 
     Guest pages of ``block_size`` bytes larger than the analysis page are split into
-    ``block_size // page_size`` analysis pages; locators are ``descriptor index * that +
-    sub-page``.
+    ``block_size // page_size`` analysis pages.
     """
 
     format = DumpFormat.KDUMP
@@ -113,7 +109,8 @@ class KdumpReader(DumpReader):
 
     def _load_extents(self) -> list[Extent]:
         self._flat: FlattenedFile | None = None  # None: the plain form
-        self._zstd: zstandard.ZstdDecompressor | None = None
+        self._zstd: Any = None  # a zstandard.ZstdDecompressor, made on first use
+        self._rank: tuple[np.ndarray, np.ndarray] | None = None  # see _desc_index
         if self._mm[:16] == MDF_SIGNATURE:
             self._flat = FlattenedFile(self._mm, self.path)
             self.warnings += self._flat.warnings
@@ -342,6 +339,7 @@ class KdumpReader(DumpReader):
     def _classify(self) -> list[Extent]:
         bs, sub, ps = self.block_size, self._sub, self.page_size
         states = (PageState.DATA, PageState.ZERO, PageState.HOLE, PageState.EXCLUDED)
+        # The zero descriptors stay DATA: fingerprinting gets them flagged (iter_batches).
         extents: list[Extent] = []
         self.zero_pages = self.excluded_pages = 0
         for chunk in self._chunks:
@@ -352,7 +350,6 @@ class KdumpReader(DumpReader):
             state = np.full(chunk.npfns, _NOT_REPORTED, np.int8)
             state[b1] = PageState.EXCLUDED
             state[dumpable] = PageState.DATA
-            state[dumpable[zero]] = PageState.ZERO
             self.zero_pages += int(np.count_nonzero(zero))
             self.excluded_pages += int(np.count_nonzero(b1 & ~b2))
             edges = np.flatnonzero(np.diff(state)) + 1
@@ -420,8 +417,8 @@ class KdumpReader(DumpReader):
     ) -> Iterator[PageBatch]:
         """Yield the DATA pages in PFN order, decompressed, ``batch_pages`` at a time.
 
-        Locators are ``descriptor index * (block_size // page_size) + sub-page``. With
-        ``shards > 1`` only batches ``shard``, ``shard + shards``, ... are decoded.
+        Pages of the shared zero descriptor are flagged in ``PageBatch.zero`` and not decoded.
+        With ``shards > 1`` only batches ``shard``, ``shard + shards``, ... are decoded.
         """
         bs, ps, sub = self.block_size, self.page_size, self._sub
         per = max(1, batch_pages // sub)
@@ -429,28 +426,30 @@ class KdumpReader(DumpReader):
         batch = -1
         for chunk in self._chunks:
             b2, desc, zero = self._chunk_pages(chunk)
-            keep = np.flatnonzero(~zero)
-            pfns = chunk.first_pfn + np.flatnonzero(b2)[keep]
-            index = chunk.first_desc + keep
-            desc = desc[keep]
-            for i in range(0, len(keep), per):
+            pfns = chunk.first_pfn + np.flatnonzero(b2)
+            for i in range(0, len(pfns), per):
                 batch += 1
                 if batch % shards != shard:
                     continue
-                p, x = pfns[i : i + per].astype(np.uint64), index[i : i + per].astype(np.uint64)
-                pages = self._decode(desc[i : i + per], p).reshape(-1, ps)
+                p, z = pfns[i : i + per].astype(np.uint64), zero[i : i + per]
+                blocks = np.empty((len(p), bs), np.uint8)
+                self._decode(desc[i : i + per], p, blocks, skip=z)
                 addrs = (p[:, None] * np.uint64(bs) + first * np.uint64(ps)).ravel()
-                locators = (x[:, None] * np.uint64(sub) + first).ravel()
-                yield PageBatch(addrs, locators, pages)
+                yield PageBatch(addrs, blocks.reshape(-1, ps), np.repeat(z, sub))
+                del blocks  # one batch alive at a time: the next is 32 MiB
 
-    def read_pages(self, locators: np.ndarray) -> np.ndarray:
-        """The analysis pages given by locators from :meth:`iter_batches`, decoded again."""
-        locs = np.asarray(locators, dtype=np.uint64)
-        if len(locs) and int(locs.max()) >= self.num_dumpable * self._sub:
-            raise ValueError(f"locator {int(locs.max()):#x} is not from this dump")
-        if not len(locs):
-            return np.empty((0, self.page_size), np.uint8)
-        index, part = np.divmod(locs.astype(np.int64), self._sub)
+    def read_pages(self, addrs: np.ndarray) -> np.ndarray:
+        """The analysis pages at ``addrs`` (dumpable pages), decoded again."""
+        bs, ps = self.block_size, self.page_size
+        want = np.asarray(addrs, dtype=np.uint64)
+        if not len(want):
+            return np.empty((0, ps), np.uint8)
+        pfns, part = np.divmod(want, np.uint64(bs))
+        index = self._desc_index(pfns)
+        bad = (index < 0) | (part % np.uint64(ps) != 0)
+        if bad.any():
+            addr = int(want[np.flatnonzero(bad)[0]])
+            raise ValueError(f"address {addr:#x} is not a stored page of {self.path}")
         wanted, inverse = np.unique(index, return_inverse=True)
         if self._flat is None:
             table = np.frombuffer(self._mm, self._desc_dtype, self.num_dumpable, self._desc_start)
@@ -458,33 +457,52 @@ class KdumpReader(DumpReader):
             del table  # let the map close
         else:
             desc = np.concatenate([self._descriptors(i, 1) for i in wanted.tolist()])
-        blocks = self._decode(desc, None, wanted)
-        out = blocks.reshape(len(wanted), self._sub, self.page_size)[inverse.ravel(), part]
+        _, first = np.unique(inverse.ravel(), return_index=True)
+        blocks = np.empty((len(desc), bs), np.uint8)
+        self._decode(desc, pfns[first], blocks)
+        sub = (part // np.uint64(ps)).astype(np.int64)
+        out = blocks.reshape(len(wanted), self._sub, ps)[inverse.ravel(), sub]
         return np.ascontiguousarray(out)
 
-    def _pfn_of(self, index: int) -> int:
-        """The PFN of descriptor ``index``: its rank among the set bits of bitmap 2."""
-        starts = [c.first_desc for c in self._chunks]
-        chunk = self._chunks[int(np.searchsorted(starts, index, "right")) - 1]
-        b2 = self._bits(self._bitmap2, chunk.first_pfn, chunk.npfns, "bitmap 2")
-        return chunk.first_pfn + int(np.flatnonzero(b2)[index - chunk.first_desc])
+    def _desc_index(self, pfns: np.ndarray) -> np.ndarray:
+        """The descriptor number of each PFN (its rank among the dumpable PFNs), -1 where the
+        PFN is not dumpable. A popcount per 64 PFNs of bitmap 2, built once, makes it O(1)."""
+        if self._rank is None:
+            nbytes = -(-self._pfn_hi // 8)
+            raw = np.zeros(-(-nbytes // 8) * 8 + 8, np.uint8)
+            raw[:nbytes] = np.frombuffer(self._lread(self._bitmap2, nbytes, "bitmap 2"), np.uint8)
+            words = raw.view("<u8")
+            ranks = np.concatenate(([0], np.cumsum(np.bitwise_count(words), dtype=np.int64)))
+            self._rank = (words, ranks)
+        words, ranks = self._rank
+        p = pfns.astype(np.int64)
+        ok = (p >= self._pfn_lo) & (p < self._pfn_hi)
+        p = np.where(ok, p, self._pfn_lo)
+        w, bit = p // 64, (p % 64).astype(np.uint64)
+        below = words[w] & ((np.uint64(1) << bit) - np.uint64(1))
+        index = ranks[w] + np.bitwise_count(below).astype(np.int64) - self._rank_of_lo()
+        ok &= ((words[w] >> bit) & np.uint64(1)).astype(bool)
+        return np.where(ok, index, -1)
 
-    def _decode(
-        self, desc: np.ndarray, pfns: np.ndarray | None, index: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The ``(len(desc), block_size)`` bytes of the pages ``desc`` describes.
+    def _rank_of_lo(self) -> int:
+        """Dumpable PFNs below the first PFN this dump covers (a split dump's start_pfn)."""
+        words, ranks = self._rank  # type: ignore[misc]
+        w, bit = divmod(self._pfn_lo, 64)
+        return int(ranks[w]) + int(words[w] & np.uint64((1 << bit) - 1)).bit_count()
 
-        ``pfns`` (or else ``index``, the descriptor numbers) names the pages in errors.
-        """
+    def _decode(self, desc: np.ndarray, pfns: np.ndarray, blocks: np.ndarray,
+                skip: np.ndarray | None = None) -> None:
+        """Decode the pages ``desc`` describes into the rows of ``blocks`` (``block_size``
+        bytes each), leaving the rows ``skip`` marks alone; ``pfns`` name pages in errors."""
         bs = self.block_size
-        index_ = np.zeros(len(desc), np.int64) if index is None else index
-        blocks = np.empty((len(desc), bs), np.uint8)
+        todo = np.arange(len(desc)) if skip is None else np.flatnonzero(~skip)
+        desc, pfns = desc[todo], pfns[todo]
         offsets = desc["offset"].astype(np.int64)
         sizes = desc["size"].astype(np.int64)
         at = offsets if self._flat is None else self._flat.file_offsets(offsets, sizes)
         mm, end = self._mm, self.file_size
-        rows = zip(at.tolist(), sizes.tolist(), desc["flags"].tolist(), strict=True)
-        for k, (fo, size, flags) in enumerate(rows):
+        rows = zip(todo.tolist(), at.tolist(), sizes.tolist(), desc["flags"].tolist(), strict=True)
+        for k, (row, fo, size, flags) in enumerate(rows):
             if fo >= 0 and fo + size <= end:
                 data = mm[fo : fo + size]
             else:  # spread over flattened records (or past the end: _lread says so)
@@ -493,22 +511,28 @@ class KdumpReader(DumpReader):
                 if flags == 0:
                     if size != bs:
                         raise _DecodeError(f"raw page of {size} bytes; block_size is {bs}")
-                    blocks[k] = np.frombuffer(data, np.uint8)
+                    blocks[row] = np.frombuffer(data, np.uint8)
                 else:
-                    self._decompress(flags, data, blocks[k])
+                    self._decompress(flags, data, blocks[row])
             except _DecodeError as e:
-                pfn = int(pfns[k]) if pfns is not None else self._pfn_of(int(index_[k]))
+                pfn = int(pfns[k])
                 raise self._fail(
                     f"page at PFN {pfn:#x} fails to decompress ({e})",
                     int(offsets[k]),
                     CorruptPageError,
                 ) from None
-        return blocks
 
     def _decompress(self, flags: int, data: bytes, out: np.ndarray) -> None:
         """Decompress one page into ``out`` (block_size bytes) or raise _DecodeError."""
+        # The codec libraries load on first use: most dumps need one or none of them.
+        import cramjam
+        import lzallright
+        import zstandard
+
         bs = len(out)
         name = _CODEC_NAMES.get(flags, f"flags {flags:#x}")
+        codec_errors = (zlib.error, lzallright.LZOError, cramjam.DecompressionError,
+                        zstandard.ZstdError)
         try:
             if flags == _ZLIB:
                 d = zlib.decompressobj()
@@ -532,7 +556,7 @@ class KdumpReader(DumpReader):
                 res = self._zstd.decompress(data, max_output_size=bs)
             else:
                 raise _DecodeError(f"unknown compression flags {flags:#x}")
-        except _CODEC_ERRORS as e:
+        except codec_errors as e:
             raise _DecodeError(f"{name}: {e}") from None
         if len(res) != bs:
             raise _DecodeError(f"{name}: {len(res)} bytes, not {bs}")
