@@ -120,6 +120,9 @@ def _serve(task: Callable[[int], Any], conn: Connection) -> None:
         try:
             reply: tuple[bool, Any] = (True, task(k))
         except BaseException as e:  # noqa: BLE001 - the parent raises it
+            # Without its chain: once something installs tblib's exception pickling (Dask
+            # does), __context__ is pickled too, and a codec's own exception may not be.
+            e.__context__ = e.__cause__ = e.__traceback__ = None
             reply = (False, e)
         try:
             conn.send(reply)

@@ -18,13 +18,14 @@ from ._signals import watching
 from .contents import build_content_table
 from .dedup import classify
 from .eligibility import Scope, scan_mask
-from .fingerprint import Fingerprints, fingerprint
-from .formats import DumpFormat, open_inputs
+from .fingerprint import Fingerprints
+from .formats import DumpFormat
 from .ksm import KsmSettings
 from .pages import PageState
 from .result import TABLES, Analysis
 from .settings import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .sharing import address_map, pairwise, top_contents
+from .sources import fingerprint_sources, open_sources
 from .summary import summary_tables
 
 __all__ = ["analyze"]
@@ -73,12 +74,10 @@ def analyze(
     report = progress or _silent
 
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(r)
-                   for p, base in zip(paths, bases, strict=True)
-                   for r in open_inputs(p, options.format, page_size=ksm.page_size,
-                                        base_address=base)]
-        stack.enter_context(watching(r.path for r in readers))  # changed while reading?
-        total = sum(r.page_counts()[PageState.DATA] for r in readers) * ksm.page_size
+        sources = open_sources(paths, options, ksm.page_size, bases, stack)
+        stack.enter_context(watching(s.reader.path for s in sources if s.reader))  # changed?
+        total = sum(s.reader.page_counts()[PageState.DATA] for s in sources
+                    if s.reader is not None and s.prints is None) * ksm.page_size
         done: dict[str, int] = {}
         report("all inputs", 0, total)
 
@@ -90,8 +89,8 @@ def analyze(
             return update
 
         started = time.perf_counter()
-        prints = [fingerprint(r, options, progress=reading(os.path.basename(r.name)))
-                  for r in readers]
+        prints, readers = fingerprint_sources(sources, options, reading,
+                                              tasks=lambda n, of: report("Dask tasks", n, of))
         hashed = time.perf_counter()
         classes = classify(prints, readers, options,
                            progress=lambda n, of: report("comparing", n, of))
@@ -101,7 +100,9 @@ def analyze(
         top = top_contents(table, classes, prints, readers, top=options.top,
                            show_content=options.show_content)
 
-    timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed}
+    timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
+               "inputs_from_cache": sum(s.origin == "cache" for s in sources),
+               "inputs_from_fingerprint_files": sum(s.origin == "file" for s in sources)}
     # What the contents are and where they lie does not depend on a policy; what merges does.
     where = address_map(table, classes, prints, masks, scope=options.scope)
     unrestricted, domain_names = None, []

@@ -121,6 +121,13 @@ def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 
 # Every option of an analysis, declared once: `scan`, `report` (and later commands) get
 # them all through @_analysis_command, with defaults read from ScanOptions and KsmSettings.
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(help="Run stage 1 on a Dask cluster: tcp://HOST:PORT of its scheduler, or "
+                 "local[:N] for a local cluster of N workers (pip install "
+                 "'ksm-analyze[dask]').", show_default=False),
+]
+
 _ANALYSIS_PARAMS = (
     _param("format", FormatOpt, DEFAULT_OPTIONS.format),
     _param("scope", ScopeOpt, DEFAULT_OPTIONS.scope.value),
@@ -172,6 +179,13 @@ _ANALYSIS_PARAMS = (
         str, typer.Option(help="all (what KSM does) or zero-only (what if only zero pages "
                           "merged).")
     ], DEFAULT_OPTIONS.merge),
+    _param("cache", Annotated[
+        str | None,
+        typer.Option(help="Folder of fingerprint files: a dump fingerprinted before (same "
+                     "path, size, mtime, hashing options) is not read again in stage 1.",
+                     show_default=False),
+    ], DEFAULT_OPTIONS.cache),
+    _param("scheduler", SchedulerOpt, DEFAULT_OPTIONS.scheduler),
     _param("quiet", QuietOpt, False),
 )
 
@@ -439,6 +453,31 @@ def _make_dir(directory: Path) -> None:
             raise PermissionError(13, "Permission denied")
     except OSError as e:
         _cannot_write(directory, e)
+
+
+@app.command("fingerprint")
+@_analysis_command
+def fingerprint_cmd(
+    dumps: Annotated[list[Path], typer.Argument(help="Dump files.", show_default=False)],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the fingerprint files.",
+                           show_default=False)],
+    *,
+    request: _Request,
+) -> None:
+    """Write each dump's fingerprints to OUTPUT as Parquet (no page bytes), for scan, report
+    and plan on this machine or another; only the hashing options matter here."""
+    from .sources import write_fingerprint_files
+
+    with _errors():
+        _make_dir(output)
+        with ScanProgress(enabled=not request.quiet) as bars:
+            written = write_fingerprint_files(
+                dumps, output, request.options, request.ksm.page_size,
+                reading=lambda name: lambda n, of: bars(name, n, of),
+                tasks=lambda n, of: bars("Dask tasks", n, of))
+    for path in written:
+        typer.echo(f"Wrote {path}")
 
 
 @app.command()

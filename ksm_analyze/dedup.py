@@ -17,7 +17,9 @@ Representatives are held for at most REP_GROUPS groups at a time (64 MiB of page
 groups make more passes over fewer pages each.
 
 With ``verify=False`` no page is compared: candidates are grouped by (prefix, full hash), and
-the report says so with the collision bound.
+the report says so with the collision bound. So it is, with a 128-bit content hash, when an
+input's dump cannot be read here (its reader is None: a fingerprint file that carries
+content hashes, or a Dask worker's input on another machine).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._parallel import map_shards
+from .errors import InputError
 from .fingerprint import Fingerprints
 from .formats.base import DumpReader
 from .settings import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
@@ -70,6 +73,13 @@ class StageStats:
     hash_collisions: int
     """Pages with equal prefix and full hashes but different bytes."""
     verified: bool
+    """Every merge was verified byte for byte."""
+    merges: int = 0
+    """Candidate pages that merge into another (a class of n pages makes n - 1)."""
+    hash_bits: int = 0
+    """Without byte comparison, the bits of full-page hash trusted to tell pages apart: 64
+    with ``--no-verify``, 128 for inputs whose dumps are not readable here (fingerprint
+    files, Dask workers elsewhere); 0 when bytes were compared."""
 
 
 @dataclass(frozen=True)
@@ -136,10 +146,9 @@ class _Candidates:
     ``read`` hands out the bytes of a run of candidates with one reader call per input.
     """
 
-    def __init__(
-        self, readers: Sequence[DumpReader], source: np.ndarray, addrs: np.ndarray
-    ) -> None:
-        self.page_size = readers[0].page_size if readers else 4096
+    def __init__(self, readers: Sequence[DumpReader | None], source: np.ndarray,
+                 addrs: np.ndarray, page_size: int) -> None:
+        self.page_size = page_size
         self.readers, self.source, self.addrs = readers, source, addrs
 
     def read(self, idx: np.ndarray) -> np.ndarray:
@@ -147,12 +156,17 @@ class _Candidates:
         src = self.source[idx]
         cuts = np.flatnonzero(src[1:] != src[:-1]) + 1
         if not len(cuts):
-            return self.readers[int(src[0])].read_pages(self.addrs[idx]) if len(idx) else (
+            return self._reader(int(src[0])).read_pages(self.addrs[idx]) if len(idx) else (
                 np.empty((0, self.page_size), np.uint8))
         out = np.empty((len(idx), self.page_size), np.uint8)
         for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(idx)].tolist(), strict=True):
-            out[lo:hi] = self.readers[int(src[lo])].read_pages(self.addrs[idx[lo:hi]])
+            out[lo:hi] = self._reader(int(src[lo])).read_pages(self.addrs[idx[lo:hi]])
         return out
+
+    def _reader(self, i: int) -> DumpReader:
+        reader = self.readers[i]
+        assert reader is not None, "bytes are compared only when every dump is readable"
+        return reader
 
     def blocks(self, idx: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         """``(where in idx, pages)`` for consecutive blocks of candidates ``idx``."""
@@ -257,7 +271,7 @@ def _resolve_range(
 
 def classify(
     tables: Sequence[Fingerprints],
-    readers: Sequence[DumpReader],
+    readers: Sequence[DumpReader | None],
     options: ScanOptions = DEFAULT_OPTIONS,
     *,
     progress: ProgressCallback | None = None,
@@ -279,7 +293,9 @@ def classify(
         A label per stored page (class number, ``ZERO`` or ``UNIQUE``), the number of
         classes, and stage statistics.
     """
-    verify, jobs = options.verify, options.workers
+    jobs = options.workers
+    by_content = any(r is None for r in readers)  # a dump not readable here: 128-bit hashes
+    verify = options.verify and not by_content
     shared, counts = _shared_prefixes(tables)  # before the labels: its peak is the larger
     labels_of = []
     for t in tables:
@@ -293,16 +309,20 @@ def classify(
         target = (ends[cuts[-1] - 1] if cuts[-1] else 0) + PART_CANDIDATES
         cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, target, side="right"))))
     n_classes = candidates = false_candidates = compares = collisions = full_hashes = 0
+    merges = 0
     ps = tables[0].page_size if tables else 0
     total_bytes = int(counts.sum()) * ps
     if progress is not None:
         progress(0, total_bytes)
     for a, b in itertools.pairwise(cuts):
         part = _resolve_part(tables, readers, labels_of, cand_rows, shared[a:b],
-                             first_class=n_classes, verify=verify, jobs=jobs)
+                             first_class=n_classes, verify=verify, by_content=by_content,
+                             jobs=jobs)
         labels, n, done = part[0], part[1], part[2:]
         candidates += len(labels)
-        false_candidates += int(np.count_nonzero(np.bincount(labels, minlength=n) == 1))
+        sizes = np.bincount(labels, minlength=n)
+        false_candidates += int(np.count_nonzero(sizes == 1))
+        merges += int(np.sum(sizes[sizes > 1] - 1))
         compares, collisions, full_hashes = (
             x + y for x, y in zip((compares, collisions, full_hashes), done, strict=True)
         )
@@ -317,19 +337,22 @@ def classify(
         full_compares=compares,
         hash_collisions=collisions,
         verified=verify,
+        merges=merges,
+        hash_bits=0 if verify else 128 if by_content else 64,
     )
     return ContentClasses(labels_of, n_classes, stats)
 
 
 def _resolve_part(
     tables: Sequence[Fingerprints],
-    readers: Sequence[DumpReader],
+    readers: Sequence[DumpReader | None],
     labels_of: Sequence[np.ndarray],
     cand_rows: Sequence[np.ndarray],
     wanted: np.ndarray,
     *,
     first_class: int,
     verify: bool,
+    by_content: bool,
     jobs: int,
 ) -> tuple[np.ndarray, int, int, int, int]:
     """Classify the candidates whose prefix hash is in ``wanted`` and write their classes,
@@ -353,7 +376,7 @@ def _resolve_part(
     order = np.lexsort((addrs, source))
     source, row, prefix, addrs = source[order], row[order], prefix[order], addrs[order]
     del order
-    cands = _Candidates(readers, source, addrs)
+    cands = _Candidates(readers, source, addrs, tables[0].page_size)
     group = np.searchsorted(wanted, prefix)
     # Workers take the groups a share each (by prefix), each in file order.
     shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
@@ -372,6 +395,12 @@ def _resolve_part(
         compares = sum(p[2] for p in parts)
         collisions = sum(p[3] for p in parts)
         full_hashes = sum(p[4] for p in parts)
+    elif by_content:
+        content = _content_of(tables, readers, source, row, addrs)
+        labels = _dense_ids(content[:, 0], content[:, 1], prefix)
+        n = int(labels.max()) + 1 if len(labels) else 0
+        compares = collisions = 0
+        full_hashes = len(row)
     else:
         full = np.empty(len(row), np.uint64)
         hashed = map_shards(lambda k: cands.full_hashes(shard_members[k]), shards, jobs)
@@ -385,3 +414,24 @@ def _resolve_part(
         mine = source == i
         content[row[mine]] = labels[mine] + first_class
     return labels, n, compares, collisions, full_hashes
+
+
+def _content_of(tables: Sequence[Fingerprints], readers: Sequence[DumpReader | None],
+                source: np.ndarray, row: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+    """xxh3-128 of each candidate's page: stored in its fingerprints, or read from its dump."""
+    from .fpfile import content_hashes
+
+    content = np.empty((len(row), 2), np.uint64)
+    for i, (t, r) in enumerate(zip(tables, readers, strict=True)):
+        mine = np.flatnonzero(source == i)
+        if not len(mine):
+            continue
+        if t.content is not None:
+            content[mine] = t.content[row[mine]]
+        elif r is not None:
+            content[mine] = content_hashes(r, addrs[mine])
+        else:
+            raise InputError("its dump is not readable here and its fingerprints carry no "
+                             "content hashes (make them with ksm-analyze fingerprint)",
+                             path=t.path)
+    return content

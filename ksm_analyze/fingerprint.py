@@ -56,6 +56,11 @@ class Fingerprints:
     (a non-zero page whose hash is 0 is stored as 1: stage 2 compares bytes anyway)."""
     state_pages: dict[PageState, int] = field(default_factory=dict)
     """Pages per state from the extents (DATA counts stored pages, zero or not)."""
+    content: np.ndarray | None = None
+    """``(rows, 2)`` uint64 xxh3-128 of each whole page (0 for a zero page), when known: read
+    from a fingerprint file that carries it (:mod:`.fpfile`), for a dump not readable here."""
+    source: tuple[str, int, int] | None = None
+    """``(path, size, mtime_ns)`` of the dump, for fingerprints read from a file."""
 
     @property
     def zero(self) -> np.ndarray:

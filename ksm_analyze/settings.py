@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,11 @@ class ScanOptions:
             name matches ``pattern`` (``fnmatch``: ``*``, ``?``, ``[...]``) belongs to domain
             ``name``, and pages never merge across domains. Every input must match one.
         merge: ``all`` (KSM's rule) or ``zero-only`` (a what-if: only zero pages merge).
+        cache: a folder of fingerprint files: a dump fingerprinted before with the same
+            path, size, mtime and hashing options is not read again in stage 1.
+        scheduler: run stage 1 on a Dask cluster: ``tcp://HOST:PORT`` of its scheduler, or
+            ``local`` / ``local:N`` for a local cluster of N workers (``pip install
+            'ksm-analyze[dask]'``).
     """
 
     format: DumpFormat | None = None
@@ -66,6 +72,8 @@ class ScanOptions:
     show_content: bool = False
     domains: tuple[tuple[str, str], ...] = ()
     merge: str = "all"
+    cache: str | None = None
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -86,6 +94,10 @@ class ScanOptions:
         if self.top < 0:
             raise ValueError(f"--top cannot be negative, not {self.top}")
         object.__setattr__(self, "domains", tuple((str(n), str(p)) for n, p in self.domains))
+        if self.scheduler is not None and not re.fullmatch(
+                r"local(:[1-9][0-9]*)?|(tcp|tls|ucx|inproc)://\S+", self.scheduler):
+            raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT, local or "
+                             "local:N")
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
                              + ", ".join(MERGE_POLICIES))

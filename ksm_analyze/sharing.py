@@ -152,7 +152,7 @@ def top_contents(
     table: ContentTable,
     classes: ContentClasses,
     fingerprints: Sequence[Fingerprints],
-    readers: Sequence[DumpReader],
+    readers: Sequence[DumpReader | None],
     *,
     top: int,
     show_content: bool = False,
@@ -182,6 +182,8 @@ def top_contents(
         missing = np.setdiff1d(chosen, np.fromiter(pages, np.int64, len(pages)))
         if not len(missing):
             break
+        if r is None:
+            continue  # its dump is not readable here (a fingerprint file)
         rows = np.flatnonzero(np.isin(labels, missing))
         found, first = np.unique(labels[rows], return_index=True)
         data = r.read_pages(fp.addrs[rows[first]])
@@ -200,26 +202,29 @@ def top_contents(
         mine = table.content == c
         where = [f"{names[i]}:{k}" for i, k in zip(table.owner[mine].tolist(),
                                                      table.pages[mine].tolist(), strict=True)]
-        records.append(_content_row(pages[c], n, table.page_size, where, show_content))
+        records.append(_content_row(pages.get(c), n, table.page_size, where, show_content))
     records.sort(key=lambda r: -r["copies"])  # stable: the zero page first on a tie
     return Columns.from_records(records[:top], columns)
 
 
-def _content_row(page: bytes, copies: int, page_size: int, where: list[str],
+def _content_row(page: bytes | None, copies: int, page_size: int, where: list[str],
                  show_content: bool) -> dict[str, Any]:
-    kind, detail, entropy = classify_content(page)
+    if page is None:  # no dump holding it is readable here: known by its hashes only
+        kind, detail, entropy = "unknown", "no dump holding it is readable here", None
+    else:
+        kind, detail, entropy = classify_content(page)
     row: dict[str, Any] = {
-        "content_hash": hashlib.sha256(page).hexdigest(),
+        "content_hash": "" if page is None else hashlib.sha256(page).hexdigest(),
         "copies": copies,
         "bytes": copies * page_size,
         "input_count": len(where),
         "inputs": " ".join(where),
         "content_class": kind,
         "class_detail": detail,
-        "entropy_bits_per_byte": round(entropy, 3),
+        "entropy_bits_per_byte": None if entropy is None else round(entropy, 3),
     }
     if show_content:
-        row["content_hex"] = page[:CONTENT_HEAD_BYTES].hex()
+        row["content_hex"] = "" if page is None else page[:CONTENT_HEAD_BYTES].hex()
     return row
 
 

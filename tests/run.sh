@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash .ci/install-system-deps.sh          # QEMU, static busybox, gdb for the real-dump tests
-python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+python3 -m pip install --quiet --disable-pip-version-check -e '.[dev,dask]'
 python3 -m ruff check ksm_analyze tests benchmarks
 python3 -m mypy
 python3 -m pytest "$@"

@@ -6,49 +6,18 @@ so a reader sees the old file or the whole new one, never a part.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._files import DIR_MODE, FILE_MODE, atomic_write
 from ..result import json_safe
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["DIR_MODE", "FILE_MODE", "atomic_write", "to_json", "write_csvs"]
-
-FILE_MODE = 0o600
-"""Output files name inputs and contents of memory dumps: private to their owner."""
-DIR_MODE = 0o700
-
-
-def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, mode: int = FILE_MODE) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one.
-
-    A failure or an interruption (a full disk, Ctrl-C, SIGTERM) leaves ``path`` as it was and
-    no temporary file: the temporary name is chosen before the file exists, so its removal
-    is armed from the moment it is created.
-    """
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = os.fspath(path)  # a full disk: say which file could not be written
-        raise
 
 
 class Tables(Protocol):

@@ -110,12 +110,16 @@ def render_scan(result: Analysis) -> str:
          for r in tables["histogram"].rows()))]
     out.append("")
     st = tables["stages"].by_key("value")
-    verified = (
-        "every merge verified byte for byte"
-        if st["verified"]
-        else "NOT verified (--no-verify): two pages with equal 64-bit prefix and full hashes "
-        f"count as one; chance of any false merge below {_collision_bound(st):.1e}"
-    )
+    if st["verified"]:
+        verified = f"all {_count(st['merges'])} merges verified byte for byte"
+    elif st["hash_bits"] == 128:
+        verified = (f"{_count(st['merges'])} merges NOT verified byte for byte (a dump is not "
+                    "readable here): two pages with equal 128-bit content hashes count as one; "
+                    f"chance of any false merge below {_collision_bound(st, 128):.1e}")
+    else:
+        verified = ("NOT verified (--no-verify): two pages with equal 64-bit prefix and full "
+                    "hashes count as one; chance of any false merge below "
+                    f"{_collision_bound(st, 64):.1e}")
     out.append(
         f"Fingerprinting: {_count(st['pages_hashed'])} pages hashed over their first "
         f"{st['prefix_bytes']} bytes, {_count(st['zero_pages_found'])} zero pages, "
@@ -124,6 +128,14 @@ def render_scan(result: Analysis) -> str:
         f"{_count(st['full_compares'])} full compares, "
         f"{_count(st['hash_collisions'])} hash collisions; {verified}."
     )
+    reused = [f"{n} from the cache (not read again)" if what == "cache" else
+              f"{n} from fingerprint files"
+              for what, n in (("cache", st["inputs_from_cache"]),
+                              ("file", st["inputs_from_fingerprint_files"])) if n]
+    if reused:
+        skipped = st["inputs_from_cache"] + st["inputs_from_fingerprint_files"]
+        out.append(f"Stage 1 skipped for {skipped} of {len(result.names)} inputs: "
+                   f"{' and '.join(reused)}.")
     conv = tables["convergence"].by_key("with_zero_pages")
     out.append(
         f"Convergence: one full scan of {_count(conv['scanned_pages'])} pages takes "
@@ -178,9 +190,9 @@ def _process_sections(result: Analysis) -> list[str]:
     return out
 
 
-def _collision_bound(stats: Mapping[str, Any]) -> float:
+def _collision_bound(stats: Mapping[str, Any], bits: int) -> float:
     n = float(stats["prefix_candidates"])
-    return n * n / 2.0**65
+    return n * n / 2.0 ** (bits + 1)
 
 
 def _duration(seconds: float) -> str:

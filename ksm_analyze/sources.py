@@ -1,0 +1,279 @@
+"""Where stage 1's results come from: a dump read here, a fingerprint file, the cache, or a
+Dask cluster.
+
+:func:`open_sources` turns the paths given into inputs: an open reader where the dump can be
+read here (stage 2 reads candidate pages through it) and, where stage 1 is already done
+(a fingerprint file, a ``--cache`` hit), its fingerprints. :func:`fingerprint_sources` runs
+stage 1 for the rest: in this process, or as one Dask task per dump on the workers of
+``--scheduler``, where readers travel by path and a dead worker's task is run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import fpfile
+from .errors import InputError, KsmAnalyzeError
+from .fingerprint import Fingerprints, fingerprint
+from .formats import DumpFormat, open_inputs
+from .formats.base import DumpReader
+from .settings import ProgressCallback, ScanOptions
+
+__all__ = ["Source", "fingerprint_sources", "open_sources", "write_fingerprint_files"]
+
+TASK_RETRIES = 2
+"""Times Dask runs a dump's task again after the worker running it died."""
+
+
+@dataclass
+class Source:
+    """One input: its reader (None: the dump is not readable here) and, once stage 1 has
+    run or was found done, its fingerprints."""
+
+    path: str
+    """The path given (a dump or a fingerprint file)."""
+    reader: DumpReader | None
+    prints: Fingerprints | None = None
+    origin: str = "read"
+    """``read`` (stage 1 here or on a worker), ``cache``, ``file``, or ``worker``: a dump only
+    the Dask workers can read (its fingerprints then carry content hashes)."""
+    key: dict[str, Any] = field(default_factory=dict)
+    """The hashing options, as the cache keys them."""
+    more: list[Fingerprints] = field(default_factory=list)
+    """A ``worker`` dump's further inputs (the processes of a snapshot after the first)."""
+
+
+def _hash_key(options: ScanOptions, page_size: int, base: int, fmt: DumpFormat | None
+              ) -> dict[str, Any]:
+    """What changes a dump's fingerprints besides the dump itself."""
+    return {"format": fmt.value if fmt else None, "page_size": page_size, "base_address": base,
+            "prefix_bytes": options.prefix_bytes}
+
+
+def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, page_size: int,
+                 bases: Sequence[int], stack: contextlib.ExitStack) -> list[Source]:
+    """Open every input; readers are closed with ``stack``."""
+    cache = fpfile.Cache(options.cache) if options.cache else None
+    sources: list[Source] = []
+    for path, base in zip(paths, bases, strict=True):
+        path = os.fspath(path)
+        if fpfile.is_fingerprint_file(path):
+            sources += _from_file(path, options, page_size, stack)
+            continue
+        if options.scheduler and not readable_here(path):
+            key = _hash_key(options, page_size, base, options.format)
+            sources.append(Source(path, None, None, "worker", key))
+            continue
+        readers = [stack.enter_context(r) for r in open_inputs(
+            path, options.format, page_size=page_size, base_address=base)]
+        key = _hash_key(options, page_size, base, readers[0].format)
+        cached = cache.get(path, key) if cache else None
+        if cached is not None and len(cached) != len(readers):
+            cached = None
+        for k, r in enumerate(readers):
+            sources.append(Source(path, r, cached[k] if cached else None,
+                               "cache" if cached else "read", key))
+    return sources
+
+
+def readable_here(path: str) -> bool:
+    """Whether this machine can read ``path`` (else, with ``--scheduler``, only workers do)."""
+    return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
+def _from_file(path: str, options: ScanOptions, page_size: int,
+               stack: contextlib.ExitStack) -> list[Source]:
+    """The inputs of a fingerprint file, each with its dump's reader where that dump is here
+    and unchanged."""
+    prints = fpfile.load(path)
+    if prints and prints[0].page_size != page_size:
+        raise ValueError(f"{path} holds {prints[0].page_size}-byte pages; analyze it with "
+                         f"--page-size {prints[0].page_size}")
+    if prints and prints[0].prefix_bytes != (options.prefix_bytes or page_size):
+        raise ValueError(f"{path} was fingerprinted with --prefix-bytes "
+                         f"{prints[0].prefix_bytes}; give the same")
+    readers: list[DumpReader | None] = [None] * len(prints)
+    source = prints[0].source if prints else None
+    if source is not None and fpfile.unchanged(source):
+        base = int(fpfile.options_of(path).get("base_address", 0))
+        with contextlib.suppress(KsmAnalyzeError, OSError):
+            opened = open_inputs(source[0], prints[0].format, page_size=page_size,
+                                 base_address=base)
+            if [r.format for r in opened] == [fp.format for fp in prints]:
+                readers = [stack.enter_context(r) for r in opened]
+            else:
+                for r in opened:
+                    r.close()
+    return [Source(path, r, fp, "file") for r, fp in zip(readers, prints, strict=True)]
+
+
+def fingerprint_sources(sources: Sequence[Source], options: ScanOptions,
+                        reading: Callable[[str], ProgressCallback],
+                        tasks: ProgressCallback | None = None, *,
+                        with_content: bool = False
+                        ) -> tuple[list[Fingerprints], list[DumpReader | None]]:
+    """Stage 1 for every source that needs it, then the cache filled; returns every input's
+    fingerprints, and its reader for stage 2 (None: not readable here), in order.
+    ``with_content`` adds xxh3-128 of every non-zero page."""
+    todo = [s for s in sources if s.prints is None]
+    if todo and options.scheduler:
+        _on_cluster(todo, options, tasks, with_content)
+    for s in todo:
+        if s.prints is None:
+            assert s.reader is not None
+            s.prints = fingerprint(s.reader, options,
+                                   progress=reading(os.path.basename(s.reader.name)))
+            if with_content:
+                s.prints = _with_content(s.prints, s.reader)
+    if options.cache:
+        cache = fpfile.Cache(options.cache)
+        for path in dict.fromkeys(s.path for s in todo if s.origin == "read"):
+            mine = [s for s in sources if s.path == path]
+            cache.put(path, mine[0].key, [s.prints for s in mine if s.prints is not None])
+    prints: list[Fingerprints] = []
+    readers: list[DumpReader | None] = []
+    for s in sources:
+        assert s.prints is not None
+        prints += [s.prints, *s.more]
+        readers += [s.reader] * (1 + len(s.more))
+    return prints, readers
+
+
+# -- Dask --------------------------------------------------------------------------------------
+
+
+def _client(address: str) -> Any:
+    """A client of the scheduler at ``address``, or of a new local cluster (``local[:N]``)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("--scheduler needs Dask: pip install 'ksm-analyze[dask]'",
+                         path=address) from None
+    if address.startswith("local"):
+        workers = int(address.partition(":")[2] or 2)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster)
+    try:
+        return Client(address, timeout=10)
+    except OSError as e:
+        raise InputError(f"cannot reach the Dask scheduler: {e}", path=address) from None
+
+
+def _with_content(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
+    """``fp`` with the content hash of every non-zero page, read from ``reader``."""
+    content = np.zeros((len(fp.addrs), 2), np.uint64)
+    rows = np.flatnonzero(fp.prefix)
+    content[rows] = fpfile.content_hashes(reader, fp.addrs[rows])
+    return replace(fp, content=content)
+
+
+def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int,
+                      with_content: bool) -> list[Fingerprints]:
+    """Stage 1 of one dump, on a worker: the reader is opened there, by path."""
+    try:
+        readers = open_inputs(path, options.format, page_size=page_size, base_address=base)
+        try:
+            prints = [fingerprint(r, replace(options, jobs=1)) for r in readers]
+            if with_content:
+                prints = [_with_content(fp, r) for fp, r in zip(prints, readers, strict=True)]
+            return prints
+        finally:
+            for r in readers:
+                r.close()
+    except KsmAnalyzeError as e:
+        from distributed import get_worker
+
+        raise _on_worker(e, get_worker().address) from None
+
+
+def _on_worker(error: KsmAnalyzeError, worker: str) -> KsmAnalyzeError:
+    """``error`` with the worker that met it named at its end."""
+    error.args = (f"{error.args[0]} (on Dask worker {worker})", *error.args[1:])
+    error.__context__ = None  # a codec's own exception may not pickle back to the client
+    return error
+
+
+def _on_cluster(todo: Sequence[Source], options: ScanOptions,
+                tasks: ProgressCallback | None, with_content: bool) -> None:
+    """Stage 1 of ``todo`` as one task per dump on the cluster; fills ``prints``."""
+    client = _client(options.scheduler or "")  # first: says how to install Dask
+    from distributed import as_completed
+
+    by_dump: dict[str, list[Source]] = {}
+    for s in todo:
+        by_dump.setdefault(s.path, []).append(s)
+    try:
+        futures: dict[Any, list[Source]] = {}
+        for path, mine in by_dump.items():
+            key = mine[0].key
+            # A dump only the workers can read comes with content hashes for stage 2.
+            future = client.submit(_fingerprint_task, os.path.abspath(path), options,
+                                   key["page_size"], key["base_address"],
+                                   with_content or mine[0].reader is None,
+                                   key=f"fingerprint-{len(futures)}",
+                                   retries=TASK_RETRIES, pure=False)
+            futures[future] = mine
+        if tasks is not None:
+            tasks(0, len(futures))
+        for done, future in enumerate(as_completed(futures), 1):
+            prints = future.result()
+            mine = futures[future]
+            if mine[0].reader is None:  # read by the workers only: named as given here
+                named = [replace(fp, path=fp.path.replace(os.path.abspath(mine[0].path),
+                                                          mine[0].path, 1)) for fp in prints]
+                mine[0].prints, mine[0].more = named[0], named[1:]
+            elif [fp.format for fp in prints] != [s.reader.format for s in mine if s.reader]:
+                raise InputError("the worker read other inputs from it than this machine "
+                                 "does: is it the same file there?", path=mine[0].path)
+            else:
+                for s, fp in zip(mine, prints, strict=True):
+                    assert s.reader is not None
+                    s.prints = replace(fp, path=s.reader.name)  # named as given here
+            if tasks is not None:
+                tasks(done, len(futures))
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str | os.PathLike[str],
+                            options: ScanOptions, page_size: int,
+                            reading: Callable[[str], ProgressCallback],
+                            tasks: ProgressCallback | None = None) -> list[Path]:
+    """Fingerprint each dump, content hashes included, into ``folder`` (one file a dump,
+    named after it); returns the files written."""
+    from .units import short_names
+
+    out = Path(folder)
+    with contextlib.ExitStack() as stack:
+        sources = open_sources(paths, replace(options, cache=None), page_size,
+                               options.bases_for(paths), stack)
+        if any(s.origin == "file" for s in sources):
+            raise ValueError("fingerprint reads dumps, not fingerprint files")
+        fingerprint_sources(sources, replace(options, cache=None), reading, tasks,
+                            with_content=True)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        written = []
+        names = short_names([os.fspath(p) for p in paths])
+        for path, name in zip(paths, names, strict=True):
+            mine = [s for s in sources if s.path == os.fspath(path)]
+            target = out / (name.replace(os.sep, "_") + fpfile.SUFFIX)
+            if any(os.path.realpath(target) == os.path.realpath(p) for p in paths):
+                raise ValueError(f"{target} would overwrite an input")
+            mine_prints = [fp for s in mine if s.prints is not None for fp in (s.prints, *s.more)]
+            source = fpfile.source_of(path) if readable_here(os.fspath(path)) else (
+                os.path.abspath(path), 0, 0)  # read by the workers only
+            fpfile.save(target, mine_prints, source=source, options=mine[0].key,
+                        contents=[fp.content for fp in mine_prints if fp.content is not None])
+            written.append(target)
+    return written
