@@ -103,6 +103,24 @@ class Columns:
         """The table with ``columns`` replaced (same names, same length)."""
         return Columns({**self.data, **columns}, self.index)
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every row as ``{column: value}``, index included, with the values the DataFrame's
+        ``to_dict(orient="records")`` gives (so ``--json`` needs no pandas)."""
+        names = list(self.data)
+        columns = [_as_pandas_types(self.data[c]) for c in names]
+        return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+    def keyed(self) -> dict[Any, Any]:
+        """The DataFrame's ``to_dict(orient="index")``: ``{row name: {column: value}}``, or
+        ``{row name: value}`` for a table whose one column is ``value``."""
+        keys = _as_pandas_types(self.data[self.index]) if self.index else list(range(len(self)))
+        names = self.names
+        columns = [_as_pandas_types(self.data[c]) for c in names]
+        if names == ["value"]:
+            return dict(zip(keys, columns[0], strict=True))
+        return {k: dict(zip(names, values, strict=True))
+                for k, values in zip(keys, zip(*columns, strict=True), strict=True)}
+
     def frame(self) -> pd.DataFrame:
         """The table as a DataFrame (made once, then the same object)."""
         if self._frame is None:
@@ -112,3 +130,17 @@ class Columns:
                                for c, v in self.data.items()})
             self._frame = df.set_index(self.index) if self.index else df
         return self._frame
+
+
+def _as_pandas_types(values: Column) -> list[Any]:
+    """A column's values as plain Python values, typed as pandas types a list column: numbers
+    with a float or a None among them become floats (None: NaN), as in a float64 column."""
+    if isinstance(values, np.ndarray):
+        return list(values.tolist()) if values.dtype != object else list(values)
+    numbers = [v for v in values if v is not None]
+    numeric = values and all(isinstance(v, int | float | np.integer | np.floating)
+                             and not isinstance(v, bool | np.bool_) for v in numbers)
+    if numeric and (len(numbers) < len(values)
+                    or any(isinstance(v, float | np.floating) for v in numbers)):
+        return [float("nan") if v is None else float(v) for v in values]
+    return [v.item() if isinstance(v, np.generic) else v for v in values]

@@ -144,7 +144,7 @@ def _count_partitions(folder: str, partitions: int, ninputs: int
 def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     """``np.concatenate(parts)``, freeing each part as it is copied: the rows of a fleet are
     the largest thing here, and concatenating would hold them twice."""
-    out = np.empty(sum(len(p) for p in parts), dtype)
+    out: np.ndarray = np.empty(sum(len(p) for p in parts), dtype)
     at = 0
     while parts:
         part = parts.pop(0)

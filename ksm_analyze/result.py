@@ -161,14 +161,9 @@ class Analysis:
         """Everything as plain JSON values, no NaN (what ``scan --json`` prints): tables of
         rows as lists of rows, ``stages`` as statistic -> value, the others keyed by index."""
         out: dict[str, Any] = {"options": self.options_record()}
-        for name in TABLES:
-            df: pd.DataFrame = getattr(self, name)
-            if self._is_rows(name):
-                out[name] = df.to_dict(orient="records")
-            elif list(df.columns) == ["value"]:
-                out[name] = df["value"].to_dict()
-            else:
-                out[name] = df.to_dict(orient="index")
+        for name in TABLES:  # from the columns, as the DataFrames would give them: no pandas
+            table = self.columns[name]
+            out[name] = table.records() if self._is_rows(name) else table.keyed()
         out["warnings"] = list(self.warnings)
         if self.unrestricted is not None:
             out["policy"] = {"domains": dict(zip(self.names, (self.domains[d] for d in

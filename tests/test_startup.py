@@ -1,8 +1,8 @@
-"""Start-up cost: the plain text ``scan`` never imports pandas or matplotlib (issue 11).
+"""Start-up cost: ``scan`` and ``scan --json`` never import pandas or matplotlib (issue 11).
 
 pandas alone takes a quarter of a second to import, about five times what the analysis of
-the samples takes; only a caller that reads a DataFrame (``--json``, ``--csv``, ``report``,
-``plan``, the Python API's table attributes) pays for it.
+the samples takes; only a caller that reads a DataFrame (``--csv``, ``report``, ``plan``,
+the Python API's table attributes) pays for it.
 """
 
 from __future__ import annotations
@@ -43,8 +43,14 @@ def test_a_text_scan_imports_neither_pandas_nor_matplotlib():
     assert loaded == []
 
 
-def test_the_check_sees_pandas_where_a_data_frame_is_made():
+def test_json_is_made_from_the_columns_without_pandas():
     output, loaded = _modules_loaded_by("scan", *SAMPLES, "--json")
     assert json.loads(output)["per_input"]
+    assert loaded == []
+
+
+def test_the_check_sees_pandas_where_a_data_frame_is_made(tmp_path):
+    output, loaded = _modules_loaded_by("scan", *SAMPLES, "--csv", str(tmp_path / "csv"))
+    assert (tmp_path / "csv" / "per_input.csv").exists()
     assert "pandas" in loaded
     assert not any(m.split(".")[0] == "matplotlib" for m in loaded)
