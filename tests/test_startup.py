@@ -50,7 +50,7 @@ def test_json_is_made_from_the_columns_without_pandas():
 
 
 def test_the_check_sees_pandas_where_a_data_frame_is_made(tmp_path):
-    output, loaded = _modules_loaded_by("scan", *SAMPLES, "--csv", str(tmp_path / "csv"))
+    _, loaded = _modules_loaded_by("scan", *SAMPLES, "--csv", str(tmp_path / "csv"))
     assert (tmp_path / "csv" / "per_input.csv").exists()
     assert "pandas" in loaded
     assert not any(m.split(".")[0] == "matplotlib" for m in loaded)
