@@ -553,11 +553,11 @@ def parse_args() -> argparse.Namespace:
                     help="also time every dump file in DIR (QEMU ELF, kdump, raw)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the sampled memory runs")
-    # C = 62 MiB of interpreter and libraries (Pss_Anon of `scan --json` of the 4 MB
+    # C = 25 MiB of interpreter and libraries (Pss_Anon of `scan --json` of the 4 MB
     # samples) + 34 MiB of working buffers (stage 2's part of 2^18 candidates, 16 MiB;
-    # representatives of up to 4,096 groups, 16 MiB; a gathered batch head, 1 MiB).
-    ap.add_argument("--mem-constant-mib", type=float, default=96.0, metavar="C",
-                    help="the constant C of the memory budget 24 B/page + C (default 96)")
+    # representatives of up to 4,096 groups, 16 MiB; a gathered batch head, 1 MiB), rounded.
+    ap.add_argument("--mem-constant-mib", type=float, default=64.0, metavar="C",
+                    help="the constant C of the memory budget 24 B/page + C (default 64)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md",
                     help="file whose bench markers get the results (default BENCHMARKS.md)")
     return ap.parse_args()
