@@ -2,8 +2,8 @@
 
 Every table of an analysis is built once, as a :class:`Columns`: named columns of numpy arrays
 or lists. The text report reads them as they are; :meth:`Columns.frame` makes the DataFrame
-the Python API hands out, and imports pandas only then, so ``scan`` without ``--json`` or
-``--csv`` never loads it. A column given as a list is typed by pandas as it types the values
+the Python API hands out, and imports pandas only then, so ``scan`` (text or ``--json``)
+never loads it. A column given as a list is typed by pandas as it types the values
 of records (whole numbers as int64, text as str, None among numbers as NaN; no values at all
 as object, like a frame of no records); an array keeps its dtype.
 """
