@@ -73,6 +73,21 @@ def test_fingerprint_files_give_the_scan_of_the_dumps(tmp_path):
     _same_prediction(_scan(files[0], _samples()[1]), dumps)
 
 
+def test_plan_and_report_take_fingerprint_files_too(tmp_path):
+    files = _fingerprint(_samples(), tmp_path / "fp")
+
+    def plan(*inputs: Path) -> dict:
+        out = runner.invoke(app, ["plan", *map(str, inputs), "--host-memory", "400KiB",
+                                  "--json", "-q"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)
+
+    assert plan(*files) == plan(*_samples())
+    out = runner.invoke(app, ["report", *map(str, files), "-o", str(tmp_path / "r"), "-q"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "r" / "index.html").exists()
+
+
 def test_fingerprint_files_without_their_dumps_use_content_hashes(tmp_path):
     moved = [shutil.copy(p, tmp_path / p.name) for p in _samples()]
     files = _fingerprint(moved, tmp_path / "fp")
