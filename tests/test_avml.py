@@ -30,16 +30,16 @@ def pages(n: int, seed: int) -> bytes:
 def read_all(reader: AvmlReader, batch_pages: int = 8192) -> dict[int, bytes]:
     """Address -> page bytes from iter_batches, checked against read_pages."""
     out: dict[int, bytes] = {}
-    locators = []  # addresses, in iteration order
+    addresses = []  # in iteration order
     for batch in reader.iter_batches(batch_pages):
         assert batch.pages.shape == (len(batch.addrs), PS)
         assert len(batch.addrs) <= batch_pages
-        locators.append(batch.addrs)
+        addresses.append(batch.addrs)
         for addr, page in zip(batch.addrs.tolist(), batch.pages, strict=True):
             assert addr not in out
             out[addr] = page.tobytes()
-    if locators:
-        locs = np.concatenate(locators)
+    if addresses:
+        locs = np.concatenate(addresses)
         assert [p.tobytes() for p in reader.read_pages(locs)] == list(out.values())
         values = list(out.values())
         sample = np.random.default_rng(0).permutation(len(locs))[:300]  # random access

@@ -313,7 +313,7 @@ class DumpReader(ABC):
                     path=self.path,
                     offset=e.file_offset,
                 )
-        # Each stored byte belongs to one page: locators (file offsets) must name one page.
+        # Each stored byte belongs to one page: a file offset must name one page.
         for prev, cur in itertools.pairwise(stored):
             if cur.file_offset < prev.file_offset + prev.npages * ps:
                 raise self._error(
