@@ -228,7 +228,7 @@ def _content_row(page: bytes | None, copies: int, page_size: int, where: list[st
     return row
 
 
-_ROWS_AT_ONCE = 1 << 20
+_ROWS_AT_ONCE = 1 << 18
 """Stored pages placed in bins at a time by :func:`address_map` (its working memory)."""
 
 
