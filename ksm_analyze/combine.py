@@ -28,10 +28,10 @@ import numpy as np
 
 from . import fpfile
 from .columns import Columns
-from .contents import INPUT_COLUMNS, ContentTable
+from .contents import INPUT_COLUMNS, ContentTable, input_row
 from .eligibility import Scope, scan_mask
 from .errors import InputError
-from .pages import PAGE_SIZE, PageState
+from .pages import PAGE_SIZE
 from .settings import DEFAULT_OPTIONS
 
 __all__ = ["combine"]
@@ -82,30 +82,13 @@ def combine(files: Sequence[str | os.PathLike[str]], *, partitions: int = 16,
                     cuts = np.searchsorted(part[order], np.arange(partitions + 1))
                     for p in range(partitions):
                         spill[order[cuts[p]:cuts[p + 1]]].tofile(spills[p])
-                    rows.append(_input_row(fp, mask))
+                    rows.append(input_row(fp, mask, unique_pages=0))  # counted below
                     del spill, part, order
         content, owner, pages, unique = _count_partitions(tmp, partitions, len(rows))
     for row, n in zip(rows, unique.tolist(), strict=True):
         row["unique_pages"] = n
     return ContentTable(Columns.from_records(rows, INPUT_COLUMNS), content, owner, pages,
                         page_size)
-
-
-def _input_row(fp: Any, mask: Any) -> dict[str, Any]:
-    states = fp.state_pages
-    return {
-        "input": fp.path,
-        "format": fp.format.value,
-        "address_space": fp.address_space,
-        "pages": sum(e.npages for e in fp.extents),
-        "hole_pages": states.get(PageState.HOLE, 0),
-        "excluded_pages": states.get(PageState.EXCLUDED, 0),
-        "not_saved_pages": states.get(PageState.NOT_SAVED, 0),
-        "ineligible_pages": mask.ineligible_pages,
-        "zero_pages": int(np.count_nonzero(fp.zero[mask.scanned])) + mask.zero_state_pages,
-        "unique_pages": 0,
-        "domain": 0,
-    }
 
 
 def _count_partitions(folder: str, partitions: int, ninputs: int

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -203,6 +203,24 @@ class ContentTable:
         return np.flatnonzero(np.r_[True, self.content[1:] != self.content[:-1]])
 
 
+def input_row(fp: Fingerprints, mask: ScanMask, unique_pages: int) -> dict[str, Any]:
+    """One input's row of :attr:`ContentTable.inputs` (``domain`` 0: no policy yet)."""
+    states = fp.state_pages
+    return {
+        "input": fp.path,
+        "format": fp.format.value,
+        "address_space": fp.address_space,
+        "pages": sum(e.npages for e in fp.extents),
+        "hole_pages": states.get(PageState.HOLE, 0),
+        "excluded_pages": states.get(PageState.EXCLUDED, 0),
+        "not_saved_pages": states.get(PageState.NOT_SAVED, 0),
+        "ineligible_pages": mask.ineligible_pages,
+        "zero_pages": int(np.count_nonzero(fp.zero[mask.scanned])) + mask.zero_state_pages,
+        "unique_pages": unique_pages,
+        "domain": 0,
+    }
+
+
 def build_content_table(
     fingerprints: Sequence[Fingerprints], classes: ContentClasses, masks: Sequence[ScanMask]
 ) -> ContentTable:
@@ -218,22 +236,9 @@ def build_content_table(
     # candidate) is a unique page: fold it into unique_pages.
     alone = np.bincount(content, weights=pages)[content] == 1 if len(content) else pages == 1
     folded = np.bincount(owner[alone], minlength=n)
-    rows = []
-    for k, (fp, labels, mask) in enumerate(zip(fingerprints, scanned, masks, strict=True)):
-        states = fp.state_pages
-        rows.append({
-            "input": fp.path,
-            "format": fp.format.value,
-            "address_space": fp.address_space,
-            "pages": sum(e.npages for e in fp.extents),
-            "hole_pages": states.get(PageState.HOLE, 0),
-            "excluded_pages": states.get(PageState.EXCLUDED, 0),
-            "not_saved_pages": states.get(PageState.NOT_SAVED, 0),
-            "ineligible_pages": mask.ineligible_pages,
-            "zero_pages": int(np.count_nonzero(fp.zero[mask.scanned])) + mask.zero_state_pages,
-            "unique_pages": int(np.count_nonzero(labels == UNIQUE)) + int(folded[k]),
-            "domain": 0,
-        })
+    rows = [input_row(fp, mask, int(np.count_nonzero(labels == UNIQUE)) + int(folded[k]))
+            for k, (fp, labels, mask) in enumerate(zip(fingerprints, scanned, masks,
+                                                       strict=True))]
     inputs = Columns.from_records(rows, INPUT_COLUMNS)
     page_size = fingerprints[0].page_size if fingerprints else PAGE_SIZE
     return ContentTable(inputs, content[~alone], owner[~alone], pages[~alone].astype(np.int64),

@@ -246,26 +246,19 @@ def _resolve_range(
     n = len(first)
     compares = len(members) - n
     rest = np.flatnonzero(~equal)
-    full_hashes = collisions = 0
-    if rest.size:
-        # Equal prefixes, different pages: the same again, grouped by full hash as well.
-        full_hashes = len(rest)
-        sub = _dense_ids(cands.full_hashes(members[rest]), gid[rest])
-        equal, first = cands.match_representatives(members[rest], sub)
-        labels[rest[equal]] = sub[equal] + n
-        n += len(first)
-        compares += len(rest) - len(first)
-        rest = rest[~equal]
+    full_hashes, collisions = len(rest), 0
+    full = cands.full_hashes(members[rest]) if len(rest) else np.empty(0, np.uint64)
     while rest.size:
-        # Equal full hashes, different bytes: a real collision (about never). Each round
-        # settles at least the first page of every key.
-        collisions += len(rest)
-        sub = _dense_ids(cands.full_hashes(members[rest]), gid[rest])
+        # First round: equal prefixes, different pages, grouped by full hash as well. Any
+        # later one: equal full hashes, different bytes, a real collision (about never);
+        # each round settles at least the first page of every key.
+        sub = _dense_ids(full, gid[rest])
         equal, first = cands.match_representatives(members[rest], sub)
         labels[rest[equal]] = sub[equal] + n
         n += len(first)
         compares += len(rest) - len(first)
-        rest = rest[~equal]
+        rest, full = rest[~equal], full[~equal]
+        collisions += len(rest)
     return labels, n, compares, collisions, full_hashes
 
 
