@@ -438,21 +438,21 @@ def _refuse_overwriting(dumps: list[Path], outputs: list[Path]) -> None:
                                      f"{out.name}; write into another folder")
 
 
-def _cannot_write(directory: Path, e: OSError) -> NoReturn:
+def _cannot_write(directory: Path, e: OSError, what: str = "the report") -> NoReturn:
     where = f" ({e.filename})" if e.filename and str(e.filename) != str(directory) else ""
-    typer.echo(f"Error: {directory}: cannot write the report: {e.strerror or e}{where}",
+    typer.echo(f"Error: {directory}: cannot write {what}: {e.strerror or e}{where}",
                err=True)
     raise typer.Exit(1)
 
 
-def _make_dir(directory: Path) -> None:
+def _make_dir(directory: Path, what: str = "the report") -> None:
     """Create the output folder before the long work, so a bad -o fails at once."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
-        _cannot_write(directory, e)
+        _cannot_write(directory, e, what)
 
 
 @app.command("fingerprint")
@@ -470,12 +470,15 @@ def fingerprint_cmd(
     from .sources import write_fingerprint_files
 
     with _errors():
-        _make_dir(output)
+        _make_dir(output, "fingerprint files")
         with ScanProgress(enabled=not request.quiet) as bars:
-            written = write_fingerprint_files(
-                dumps, output, request.options, request.ksm.page_size,
-                reading=lambda name: lambda n, of: bars(name, n, of),
-                tasks=lambda n, of: bars("Dask tasks", n, of))
+            try:
+                written = write_fingerprint_files(
+                    dumps, output, request.options, request.ksm.page_size,
+                    reading=lambda name: lambda n, of: bars(name, n, of),
+                    tasks=lambda n, of: bars("Dask tasks", n, of))
+            except OSError as e:  # a full disk, say: the folder was writable at the start
+                _cannot_write(output, e, "fingerprint files")
     for path in written:
         typer.echo(f"Wrote {path}")
 
