@@ -98,6 +98,12 @@ BaseOpt = Annotated[
 DumpsArg = Annotated[
     list[Path], typer.Argument(help="Dump files, all on one host.", show_default=False)
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+CsvOpt = Annotated[
+    Path | None,
+    typer.Option("--csv", help="Also write one CSV per table into this directory.",
+                 show_default=False),
+]
 QuietOpt = Annotated[
     bool,
     typer.Option("--quiet", "-q",
@@ -278,13 +284,8 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
 @_analysis_command
 def scan(
     dumps: DumpsArg,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-    = False,
-    csv_dir: Annotated[
-        Path | None,
-        typer.Option("--csv", help="Also write one CSV per table into this directory.",
-                     show_default=False),
-    ] = None,
+    json_out: JsonOpt = False,
+    csv_dir: CsvOpt = None,
     *,
     request: _Request,
 ) -> None:
@@ -360,13 +361,8 @@ def plan(
         bool, typer.Option("--zero-untouched", help="Count zero pages as never touched "
                            "(scan's right-hand column) instead of present.")
     ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-    = False,
-    csv_dir: Annotated[
-        Path | None,
-        typer.Option("--csv", help="Also write one CSV per table into this directory.",
-                     show_default=False),
-    ] = None,
+    json_out: JsonOpt = False,
+    csv_dir: CsvOpt = None,
     png: Annotated[
         Path | None, typer.Option("--png", help="Also draw the hosts (and the projection) "
                                   "as PNG files with this name prefix.", show_default=False)
