@@ -1,10 +1,10 @@
-"""Run shards of one job on several CPU cores with forked worker processes.
+"""Run shards of one job on several CPU cores: forked worker processes, or threads.
 
-Decoding compressed pages is per-page Python work, so threads would queue on the GIL; forked
-processes share the parent's open readers (and their page-cache-backed maps) without pickling
-them. (On the 2-vCPU machine of BENCHMARKS.md a second process adds only 15-30%: stage 1 and 2
-of raw dumps are bound by memory bandwidth.) Each
-worker has a pipe: shard numbers go out, results (or the exception a shard raised) come
+Threads (:func:`imap_threads`) serve work done by the compiled kernels on pages read in place
+(raw-stored formats): the kernels release the GIL, and threads share the maps' page tables.
+Decoding compressed pages is per-page Python work, where threads would queue on the GIL: that
+goes to forked processes (:func:`imap_shards`), which share the parent's open readers (and
+their page-cache-backed maps) without pickling them. Each worker has a pipe: shard numbers go out, results (or the exception a shard raised) come
 back, one shard at a time. A worker that dies (killed, out of memory, a fault in a map)
 closes its pipe, which the parent sees at once. Either way the parent raises, killing the
 other workers on the way out; workers also die with the parent (PR_SET_PDEATHSIG), so no
@@ -16,14 +16,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from multiprocessing.connection import Connection, Pipe, wait
 from typing import Any, NoReturn, TypeVar, cast
 
 from ._signals import Interrupted, worker_signals
 from .errors import WorkerError
 
-__all__ = ["default_jobs", "imap_shards", "map_shards"]
+__all__ = ["default_jobs", "imap_shards", "imap_threads", "map_shards"]
 
 T = TypeVar("T")
 
@@ -83,10 +85,60 @@ def imap_shards(task: Callable[[int], T], shards: int, jobs: int) -> Iterator[T]
             os.waitpid(pid, 0)
 
 
-def map_shards(task: Callable[[int], T], shards: int, jobs: int) -> list[T]:
-    """``[task(0), ..., task(shards - 1)]`` in shard order (see :func:`imap_shards`)."""
-    done = dict(imap_shards(lambda k: (k, task(k)), shards, jobs))
+def map_shards(task: Callable[[int], T], shards: int, jobs: int, *,
+               threads: bool = False) -> list[T]:
+    """``[task(0), ..., task(shards - 1)]`` in shard order, from forked processes
+    (:func:`imap_shards`) or, with ``threads``, from threads (:func:`imap_threads`)."""
+    if threads:
+        done = dict(item for part in imap_threads(lambda k: [(k, task(k))], shards, jobs)
+                    for item in part)
+    else:
+        done = dict(imap_shards(lambda k: (k, task(k)), shards, jobs))
     return [done[k] for k in range(shards)]
+
+
+class _Stopped(Exception):
+    """A thread's shard given up because the run is ending."""
+
+
+def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
+                 jobs: int) -> Iterator[list[T]]:
+    """``list(task(0)), ..., list(task(shards - 1))`` in any order, from up to ``jobs``
+    threads of this process.
+
+    For tasks that spend their time in code that releases the GIL (the compiled kernels
+    reading pages in place): threads share the maps' page tables and send no results back.
+    A task yields its results piece by piece (a batch of pages each); between pieces its
+    thread checks whether the run is ending (a shard's exception, Ctrl-C in the main thread)
+    and stops, so no thread reads a map for more than one piece after that, and the maps
+    can be closed.
+
+    Raises:
+        Exception: what ``task`` raised in a thread.
+    """
+    if jobs <= 1 or shards <= 1:
+        for k in range(shards):
+            yield list(task(k))
+        return
+    stop = threading.Event()
+
+    def collect(k: int) -> list[T]:
+        out = []
+        for item in task(k):
+            if stop.is_set():
+                raise _Stopped
+            out.append(item)
+        return out
+
+    with ThreadPoolExecutor(min(jobs, shards), thread_name_prefix="ksm-analyze") as pool:
+        futures = [pool.submit(collect, k) for k in range(shards)]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            stop.set()  # leaving the block waits for the threads: one piece at most
+            for future in futures:
+                future.cancel()
 
 
 def _fork(task: Callable[[int], Any], others: list[Connection]) -> tuple[Connection, int]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from ._parallel import map_shards
 from .errors import InputError
 from .fingerprint import Fingerprints
@@ -174,9 +175,34 @@ class _Candidates:
             where = slice(lo, min(lo + BLOCK_PAGES, len(idx)))
             yield where, self.read(idx[where])
 
+    def in_place(self, idx: np.ndarray) -> list[tuple[slice, np.ndarray, np.ndarray]] | None:
+        """Where candidates ``idx`` (sorted) lie in their dumps' memory maps, for the compiled
+        kernels to read them in place: ``(where in idx, view, rows of view)`` per run of one
+        input and one stored extent. None if the kernels are not built or an input's pages
+        are not stored raw (compressed formats): then pages are read as copies."""
+        if kernels.native is None:
+            return None
+        runs = []
+        src = self.source[idx]
+        cuts = (np.flatnonzero(src[1:] != src[:-1]) + 1).tolist()
+        for lo, hi in itertools.pairwise([0, *cuts, len(idx)]):
+            placed = self._reader(int(src[lo])).page_views(self.addrs[idx[lo:hi]])
+            if placed is None:
+                return None
+            views, which, rows = placed
+            breaks = (np.flatnonzero(which[1:] != which[:-1]) + 1).tolist()
+            for a, b in itertools.pairwise([0, *breaks, hi - lo]):
+                runs.append((slice(lo + a, lo + b), views[int(which[a])], rows[a:b]))
+        return runs
+
     def full_hashes(self, idx: np.ndarray) -> np.ndarray:
         """xxh3-64 of the whole page of each candidate ``idx`` (sorted)."""
         out = np.empty(len(idx), np.uint64)
+        runs = self.in_place(idx)
+        if runs is not None:
+            for where, view, rows in runs:
+                out[where] = kernels.page_hashes(view, rows)
+            return out
         for where, pages in self.blocks(idx):
             out[where] = xxh3_64_rows(pages)
         return out
@@ -199,14 +225,25 @@ class _Candidates:
         is_first[first] = True
         for k0 in range(0, nkeys, REP_GROUPS):
             mine = np.flatnonzero((key >= k0) & (key < k0 + REP_GROUPS))
-            reps = np.empty((min(REP_GROUPS, nkeys - k0), self.page_size // 8), np.uint64)
+            reps = np.empty((min(REP_GROUPS, nkeys - k0), self.page_size), np.uint8)
+            runs = self.in_place(idx[mine])
+            if runs is not None:
+                # Representatives first (copies), then every member compared in place.
+                firsts = mine[is_first[mine]]
+                for where, pages in self.blocks(idx[firsts]):
+                    reps[key[firsts[where]] - k0] = pages
+                for where, view, rows in runs:
+                    at = mine[where]
+                    equal[at] = kernels.equal_rows(view, rows, reps, key[at] - k0)
+                continue
+            words = reps.view(np.uint64)
             for where, pages in self.blocks(idx[mine]):
                 at = mine[where]
                 k = key[at] - k0
-                words = pages.view(np.uint64)
+                page_words = pages.view(np.uint64)
                 new = is_first[at]
-                reps[k[new]] = words[new]
-                equal[at] = (words == reps[k]).all(axis=1)
+                words[k[new]] = page_words[new]
+                equal[at] = (page_words == words[k]).all(axis=1)
         return equal, first
 
 
@@ -375,10 +412,12 @@ def _resolve_part(
     shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
     share = group * shards // max(len(wanted), 1)
     shard_members = [np.flatnonzero(share == k) for k in range(shards)]
+    # Where every page is compared in place by the kernels, threads do (see fingerprint.py).
+    threads = kernels.native is not None and all(r is not None and r.in_place for r in readers)
     if verify:
         parts = map_shards(
             lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k]),
-            shards, jobs,
+            shards, jobs, threads=threads,
         )
         labels = np.empty(len(row), np.int64)
         n = 0
@@ -396,7 +435,8 @@ def _resolve_part(
         full_hashes = len(row)
     else:
         full = np.empty(len(row), np.uint64)
-        hashed = map_shards(lambda k: cands.full_hashes(shard_members[k]), shards, jobs)
+        hashed = map_shards(lambda k: cands.full_hashes(shard_members[k]), shards, jobs,
+                            threads=threads)
         for members, h in zip(shard_members, hashed, strict=True):
             full[members] = h
         labels = _dense_ids(full, prefix)

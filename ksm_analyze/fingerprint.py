@@ -1,10 +1,12 @@
 """Stage 1: one pass over a dump that flags zero pages and hashes every page's prefix.
 
-Every batch is handled whole by numpy, with no Python per page: one gather copies the head of
-each page (its first ``max(prefix_bytes, 64)`` bytes, two cache lines by default), the first
-64 bytes rule out most pages being zero, the rest are checked run by run, and the prefixes of
-the non-zero pages are hashed together with xxh3-64 (:mod:`.xxh3`, bit-exact with the
-``xxhash`` library), the first KSM design's partial hash. Stage 2 (``dedup.py``) decides which
+Every batch is handled whole, with no Python per page. Where the compiled kernels are built
+(:mod:`.kernels`), one call reads each page in place: a probe of its first cache line, a full
+zero check only if that is zero, else xxh3-64 of its prefix (the first KSM design's partial
+hash). Otherwise numpy does the same in passes: one gather copies the head of each page (its
+first ``max(prefix_bytes, 64)`` bytes), the first 64 bytes rule out most pages being zero, the
+rest are checked run by run, and the prefixes of the non-zero pages are hashed together by
+:mod:`.xxh3`, bit-exact with the ``xxhash`` library. Stage 2 (``dedup.py``) decides which
 pages are really equal.
 """
 
@@ -16,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ._parallel import imap_shards
+from . import kernels
+from ._parallel import imap_shards, imap_threads
 from .formats import DumpFormat
 from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
 from .pages import Extent, PageBatch, PageState
@@ -101,6 +104,8 @@ def hash_batch(batch: PageBatch, nbytes: int) -> np.ndarray:
     """The prefix column of a batch: xxh3-64 of each page's first ``nbytes`` bytes, 0 for an
     all-zero page (and 1 for a non-zero page whose hash is 0)."""
     pages = batch.pages
+    if kernels.usable(pages):
+        return kernels.prefix_hashes(pages, nbytes, batch.zero)  # in place, one call
     prefix = np.zeros(len(pages), np.uint64)
     rows = np.arange(len(pages)) if batch.zero is None else np.flatnonzero(~batch.zero)
     if not len(rows):
@@ -164,9 +169,17 @@ def fingerprint(
             _hash_shard(reader, nbytes, batch_pages, 0, 1)
         ]
     else:
-        parts = imap_shards(
-            lambda k: list(_hash_shard(reader, nbytes, batch_pages, k, shards)), shards, jobs
-        )
+        # The kernels hash pages in place without the GIL: threads then share the map's
+        # page tables and send nothing back. Decoding formats need processes.
+        if kernels.native is not None and reader.in_place:
+            parts = imap_threads(
+                lambda k: _hash_shard(reader, nbytes, batch_pages, k, shards), shards, jobs
+            )
+        else:
+            parts = imap_shards(
+                lambda k: list(_hash_shard(reader, nbytes, batch_pages, k, shards)), shards,
+                jobs,
+            )
     for part in parts:
         for a, p in part:
             end = filled + len(a)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 PS = 4096
@@ -29,3 +30,18 @@ def scan_memory(paths: Sequence[str], *options: str) -> int:
     savings = json.loads(r.stdout)["savings"]
     return int(savings["memory_after"]["with_zero_pages_bytes"]
                + savings["rmap_overhead"]["with_zero_pages_bytes"])
+
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Run a test once with the compiled kernels and once with the numpy code they replace
+    (ksm_analyze/kernels.py). The compiled run fails, not skips, where the extension was not
+    built: CI builds it, and its results are what the tests are for."""
+    from ksm_analyze import kernels
+
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "native", None)
+    else:
+        assert kernels.native is not None, "ksm_analyze._kernels is not built (no C compiler?)"
+    return request.param

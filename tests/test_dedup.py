@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from conftest import PS
 
-from ksm_analyze import dedup
+from ksm_analyze import dedup, kernels
 from ksm_analyze import fingerprint as stage1
 from ksm_analyze.dedup import UNIQUE, classify
 from ksm_analyze.fingerprint import fingerprint
 from ksm_analyze.formats.raw import RawReader
 from ksm_analyze.settings import ScanOptions
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # each test with both kernel paths
 
 
 def _write(path, pages):
@@ -86,8 +88,15 @@ def _hash_everything_to_42(monkeypatch):
     def constant(rows):
         return np.full(len(rows), 42, np.uint64)
 
+    real_prefixes = kernels.prefix_hashes
+
+    def prefixes(pages, nbytes, skip=None):  # zero pages keep 0, every other page hashes 42
+        return np.where(real_prefixes(pages, nbytes, skip) == 0, 0, 42).astype(np.uint64)
+
     monkeypatch.setattr(stage1, "xxh3_64_rows", constant)
     monkeypatch.setattr(dedup, "xxh3_64_rows", constant)
+    monkeypatch.setattr(kernels, "prefix_hashes", prefixes)
+    monkeypatch.setattr(kernels, "page_hashes", lambda pages, rows: constant(rows))
 
 
 def test_forced_hash_collisions_are_split_by_bytes(mixed, monkeypatch):

@@ -11,6 +11,8 @@ from ksm_analyze.fingerprint import fingerprint, zero_rows
 from ksm_analyze.formats.raw import RawReader
 from ksm_analyze.settings import ScanOptions
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # each test with both kernel paths
+
 
 @pytest.mark.parametrize("pos", [0, 63, 64, 2047, 4095])
 def test_a_single_nonzero_byte_anywhere_makes_a_page_nonzero(pos):

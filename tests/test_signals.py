@@ -43,6 +43,21 @@ then takes 0.2 s more."""
 
 MARKERS = ("BATCH", "STARTED")
 
+NUMPY_ONLY = """
+import ksm_analyze.kernels as _kernels
+_kernels.native = None
+"""
+"""Prelude: no compiled kernels, so raw dumps are hashed by forked worker processes under
+``-j 2`` instead of threads (both must end a run cleanly)."""
+
+JOBS = [pytest.param(1, False, id="1"), pytest.param(2, False, id="2-threads"),
+        pytest.param(2, True, id="2-processes")]
+"""``(jobs, forked)``: one job, two threads (the kernels on a raw dump), two processes."""
+
+
+def _prelude(forked: bool) -> str:
+    return SLOW_BATCHES + (NUMPY_ONLY if forked else "")
+
 
 class Cli:
     """``ksm-analyze ARGS`` in a subprocess running this tree, its stderr read as it comes."""
@@ -166,18 +181,19 @@ def dump(big_dumps, tmp_path, request) -> Path:
 
 # -- Ctrl-C and SIGTERM ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize(("jobs", "forked"), JOBS)
 @pytest.mark.parametrize(("sig", "code", "group"), [
     (signal.SIGINT, 130, True),  # Ctrl-C: the terminal signals the whole process group
     (signal.SIGINT, 130, False),
     (signal.SIGTERM, 143, False),  # kill PID
     (signal.SIGTERM, 143, True),  # kill -TERM -PGID: the workers get it too
 ])
-def test_a_signal_mid_scan_ends_it_at_once_with_one_line(big_raw, sig, code, group, jobs):
-    run = Cli("scan", big_raw, "-j", jobs, "-q", prelude=SLOW_BATCHES, new_session=True)
+def test_a_signal_mid_scan_ends_it_at_once_with_one_line(big_raw, sig, code, group, jobs,
+                                                         forked):
+    run = Cli("scan", big_raw, "-j", jobs, "-q", prelude=_prelude(forked), new_session=True)
     run.wait_for("BATCH")
-    workers = run.workers(jobs if jobs > 1 else 0)
-    assert len(workers) == (jobs if jobs > 1 else 0)
+    workers = run.workers(jobs if forked else 0)
+    assert len(workers) == (jobs if forked else 0)
     sent = time.monotonic()
     if group:
         os.killpg(run.proc.pid, sig)
@@ -193,7 +209,7 @@ def test_a_signal_mid_scan_ends_it_at_once_with_one_line(big_raw, sig, code, gro
 
 
 def test_a_worker_stopped_by_sigterm_stops_the_run(big_raw):
-    run = Cli("scan", big_raw, "-j", 2, "-q", prelude=SLOW_BATCHES)
+    run = Cli("scan", big_raw, "-j", 2, "-q", prelude=_prelude(forked=True))
     run.wait_for("BATCH")
     workers = run.workers(2)
     os.kill(workers[0], signal.SIGTERM)
@@ -219,10 +235,10 @@ def test_the_interrupted_exception_unwinds_but_is_no_error():
 
 # -- files that change underneath -------------------------------------------------------------
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_dump_truncated_mid_scan_is_one_line_not_sigbus(dump, jobs):
+@pytest.mark.parametrize(("jobs", "forked"), JOBS)
+def test_a_dump_truncated_mid_scan_is_one_line_not_sigbus(dump, jobs, forked):
     size = dump.stat().st_size
-    run = Cli("scan", dump, "-j", jobs, "-q", prelude=SLOW_BATCHES)
+    run = Cli("scan", dump, "-j", jobs, "-q", prelude=_prelude(forked))
     run.wait_for("BATCH")
     os.truncate(dump, 1 << 20)
     rc, lines, took = run.finish()
@@ -232,9 +248,9 @@ def test_a_dump_truncated_mid_scan_is_one_line_not_sigbus(dump, jobs):
     assert took < 10
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs):
-    run = Cli("scan", dump, "-j", jobs, "-q", prelude=SLOW_BATCHES)
+@pytest.mark.parametrize(("jobs", "forked"), JOBS)
+def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs, forked):
+    run = Cli("scan", dump, "-j", jobs, "-q", prelude=_prelude(forked))
     run.wait_for("BATCH")
     with open(dump, "r+b") as f:  # same size, other bytes
         f.write(b"\xa5" * (8 << 20))
@@ -243,13 +259,19 @@ def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs):
                                 "size, new modification time)")])
 
 
-def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump):
-    # No prelude: the real speed. Truncate as soon as the workers exist; whether the scan
-    # had read the pages or not, it must not die by SIGBUS or print a traceback.
-    run = Cli("scan", dump, "-j", 2, "-q")
-    end = time.monotonic() + 30
-    while not run.workers(timeout=0) and run.proc.poll() is None and time.monotonic() < end:
-        time.sleep(0.002)
+@pytest.mark.parametrize("forked", [False, True], ids=["threads", "processes"])
+def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump, forked):
+    # The real speed. Truncate as soon as the workers exist (threads: once the program has
+    # started); whether the scan had read the pages or not, it must not die by SIGBUS or
+    # print a traceback.
+    run = Cli("scan", dump, "-j", 2, "-q", prelude=NUMPY_ONLY if forked else "")
+    if forked:
+        end = time.monotonic() + 30
+        while not run.workers(timeout=0) and run.proc.poll() is None and (
+                time.monotonic() < end):
+            time.sleep(0.002)
+    else:
+        time.sleep(0.3)
     os.truncate(dump, 4096)
     rc, lines, _ = run.finish()
     assert rc in (0, 1)

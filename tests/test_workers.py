@@ -15,19 +15,21 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, SAMPLES, runner
-from test_signals import SLOW_BATCHES, Cli, gone
+from test_signals import NUMPY_ONLY, SLOW_BATCHES, Cli, gone
 
 import ksm_analyze.fingerprint as fp
 from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import make_avml
-from ksm_analyze import dedup
-from ksm_analyze._parallel import imap_shards, map_shards
+from ksm_analyze import dedup, kernels
+from ksm_analyze._parallel import imap_shards, imap_threads, map_shards
 from ksm_analyze.cli import app
 from ksm_analyze.errors import KsmAnalyzeError, WorkerError
 from ksm_analyze.formats.avml import AvmlReader
@@ -167,6 +169,49 @@ def test_results_come_one_at_a_time(tmp_path):
     assert len(list(results)) == 19
 
 
+# -- imap_threads: the kernels' shards ----------------------------------------------------------
+
+def _pieces(k: int) -> Iterator[int]:
+    yield from (k, k * k)
+
+
+@pytest.mark.parametrize(("shards", "jobs"), [(1, 4), (5, 1), (8, 2), (3, 8)])
+def test_every_thread_shard_once(shards, jobs):
+    assert sorted(imap_threads(_pieces, shards, jobs)) == [[k, k * k] for k in range(shards)]
+    assert map_shards(_square, shards, jobs, threads=True) == [k * k for k in range(shards)]
+
+
+def test_a_failing_thread_stops_the_others_after_one_piece():
+    seen: list[int] = []
+
+    def task(k: int) -> Iterator[int]:
+        if k == 0:
+            raise LookupError("shard 0 failed")
+        for piece in range(1000):
+            time.sleep(0.001)
+            seen.append(piece)
+            yield piece
+
+    start = time.monotonic()
+    with pytest.raises(LookupError, match="shard 0 failed"):
+        list(imap_threads(task, 4, 2))
+    assert time.monotonic() - start < 0.5  # not the 1 s a shard's 1,000 pieces take
+    assert len(seen) < 100
+    assert not [t for t in threading.enumerate() if t.name.startswith("ksm-analyze")]
+
+
+def test_a_consumer_that_stops_early_leaves_no_thread():
+    def task(k: int) -> Iterator[int]:
+        for piece in range(1000):
+            time.sleep(0.001)
+            yield piece
+
+    results = imap_threads(task, 50, 2)
+    next(results)
+    results.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ksm-analyze")]
+
+
 @pytest.mark.usefixtures("no_worker_left")
 def test_a_worker_killed_by_sigkill_is_an_error_not_a_hang():
     def task(k: int) -> int:
@@ -269,6 +314,7 @@ def test_a_worker_killed_in_stage_1_is_one_line(tmp_path, small_shards, monkeypa
 
 @pytest.mark.usefixtures("no_worker_left")
 def test_a_worker_killed_in_stage_2_is_one_line(small_shards, monkeypatch):
+    monkeypatch.setattr(kernels, "native", None)  # stage 2 in forked workers, not threads
     resolve = dedup._resolve_range
 
     def killed(*args):
@@ -319,7 +365,7 @@ def test_a_corrupt_chunk_in_a_real_size_avml(tmp_path):
 def test_a_worker_killed_from_outside(tmp_path):
     path = tmp_path / "big.raw"
     np.repeat(np.arange(1, 65537, dtype=np.uint64), 512).tofile(path)  # 256 MiB, distinct pages
-    run = Cli("scan", path, "-j", 2, "-q", prelude=SLOW_BATCHES)
+    run = Cli("scan", path, "-j", 2, "-q", prelude=SLOW_BATCHES + NUMPY_ONLY)  # processes
     run.wait_for("BATCH")
     workers = run.workers(2)
     killed = time.monotonic()

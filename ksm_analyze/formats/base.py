@@ -200,18 +200,42 @@ class DumpReader(ABC):
             ValueError: an address that is not the start of a stored page of this dump.
         """
         ps = self.page_size
-        want = np.asarray(addrs, dtype=np.uint64)
-        if not len(want):
+        placed = self.page_views(addrs)
+        if placed is None:
+            raise NotImplementedError(f"{type(self).__name__} must override read_pages")
+        views, which, rel = placed
+        if not len(which):
             return np.empty((0, ps), np.uint8)
-        starts, ends, views = self._stored_views()
-        which, rel = self._locate(want, starts, ends)
         if which[0] == which[-1] and (which == which[0]).all():
             return np.asarray(views[int(which[0])][rel])  # the usual case: one copy
-        out = np.empty((len(want), ps), np.uint8)
+        out = np.empty((len(which), ps), np.uint8)
         for ext in np.unique(which).tolist():
             mine = np.flatnonzero(which == ext)
             out[mine] = views[ext][rel[mine]]
         return out
+
+    @property
+    def in_place(self) -> bool:
+        """Pages are stored raw and read straight from the map (:meth:`page_views`); False
+        for a format that decodes them (it overrides :meth:`read_pages`)."""
+        return type(self).read_pages is DumpReader.read_pages
+
+    def page_views(
+        self, addrs: np.ndarray
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
+        """Where the pages at ``addrs`` lie in the memory map, to be read in place: the
+        ``(npages, page_size)`` views of the stored extents (address order), and for each
+        address the index of its view and its row there. None for a format whose pages are
+        not stored raw (it overrides :meth:`read_pages` to decode them).
+
+        Raises:
+            ValueError: an address that is not the start of a stored page of this dump.
+        """
+        if not self.in_place:
+            return None
+        starts, ends, views = self._stored_views()
+        which, rel = self._locate(np.asarray(addrs, dtype=np.uint64), starts, ends)
+        return views, which, rel
 
     def _locate(
         self, addrs: np.ndarray, starts: np.ndarray, ends: np.ndarray

@@ -1,0 +1,204 @@
+/* Compiled inner loops of stage 1 and stage 2, on pages in place (no gather, no per-page
+ * Python). Optional: without a C compiler at install time the package uses its numpy code
+ * (ksm_analyze/kernels.py says which one runs); both give the same results.
+ *
+ * Every function takes buffers (numpy arrays, memory maps) and checks every length and index
+ * against them before it releases the GIL, so a caller's mistake is a ValueError, never a read
+ * outside a buffer. xxh3 comes from the vendored xxHash library (_vendor/xxhash, the same
+ * code the `xxhash` Python package builds), so hashes are those of xxhash.xxh3_64_intdigest.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+#define PROBE_BYTES 64 /* one cache line settles most pages as not zero */
+
+static int
+is_zero(const unsigned char *page, Py_ssize_t size)
+{
+    Py_ssize_t probe = size < PROBE_BYTES ? size : PROBE_BYTES;
+    unsigned char any = 0;
+    for (Py_ssize_t i = 0; i < probe; i++)
+        any |= page[i];
+    if (any)
+        return 0;
+    /* All bytes equal to the first (zero): memcmp of the page with itself one byte on,
+     * which libc runs with its vector loop. */
+    return size <= probe || memcmp(page, page + 1, (size_t)size - 1) == 0;
+}
+
+static int
+check_pages(Py_buffer *pages, Py_ssize_t page_size, const char *what)
+{
+    if (page_size <= 0 || pages->len % page_size != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte pages",
+                     what, pages->len, page_size);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+check_rows(Py_buffer *rows, Py_ssize_t limit, const char *what, Py_ssize_t *count)
+{
+    if (rows->len % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: not an int64 array", what);
+        return -1;
+    }
+    *count = rows->len / 8;
+    const int64_t *r = rows->buf;
+    for (Py_ssize_t i = 0; i < *count; i++) {
+        if (r[i] < 0 || r[i] >= limit) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] = %lld is outside 0..%zd", what, i,
+                         (long long)r[i], limit - 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(prefix_hashes_doc,
+"prefix_hashes(pages, page_size, nbytes, skip, out)\n\n"
+"For each page of ``pages`` (contiguous, a whole number of pages): out[i] = 0 if the page is\n"
+"all zero (or skip[i] is true: a page the format records as zero), else xxh3-64 of its first\n"
+"``nbytes`` bytes, with 1 standing for a hash of 0. ``skip`` is a bool buffer or None;\n"
+"``out`` a writable uint64 buffer with one entry per page.");
+
+static PyObject *
+prefix_hashes(PyObject *self, PyObject *args)
+{
+    Py_buffer pages, out, skip = {0};
+    Py_ssize_t page_size, nbytes;
+    PyObject *skip_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnOw*", &pages, &page_size, &nbytes, &skip_obj, &out))
+        return NULL;
+    if (skip_obj != Py_None && PyObject_GetBuffer(skip_obj, &skip, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (check_pages(&pages, page_size, "pages") < 0)
+        goto done;
+    Py_ssize_t n = pages.len / page_size;
+    if (nbytes <= 0 || nbytes > page_size) {
+        PyErr_Format(PyExc_ValueError, "nbytes %zd is outside 1..%zd", nbytes, page_size);
+        goto done;
+    }
+    if (out.len != n * 8 || (skip.buf != NULL && skip.len != n)) {
+        PyErr_SetString(PyExc_ValueError, "out (uint64) and skip (bool) need one entry a page");
+        goto done;
+    }
+    const unsigned char *base = pages.buf, *skipped = skip.buf;
+    uint64_t *hashes = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *page = base + i * page_size;
+        if ((skipped != NULL && skipped[i]) || is_zero(page, page_size)) {
+            hashes[i] = 0;
+        } else {
+            uint64_t h = XXH3_64bits(page, (size_t)nbytes);
+            hashes[i] = h ? h : 1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (skip.buf != NULL)
+        PyBuffer_Release(&skip);
+    PyBuffer_Release(&pages);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(equal_rows_doc,
+"equal_rows(pages, page_size, rows, reps, keys, out)\n\n"
+"out[i] = page rows[i] of ``pages`` has the same bytes as page keys[i] of ``reps`` (both\n"
+"contiguous pages; rows and keys int64 buffers; out a writable bool buffer).");
+
+static PyObject *
+equal_rows(PyObject *self, PyObject *args)
+{
+    Py_buffer pages, rows, reps, keys, out;
+    Py_ssize_t page_size, n, nkeys;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*w*", &pages, &page_size, &rows, &reps, &keys, &out))
+        return NULL;
+    if (check_pages(&pages, page_size, "pages") < 0 || check_pages(&reps, page_size, "reps") < 0
+        || check_rows(&rows, pages.len / page_size, "rows", &n) < 0
+        || check_rows(&keys, reps.len / page_size, "keys", &nkeys) < 0)
+        goto done;
+    if (nkeys != n || out.len != n) {
+        PyErr_SetString(PyExc_ValueError, "rows, keys and out need the same length");
+        goto done;
+    }
+    const unsigned char *base = pages.buf, *firsts = reps.buf;
+    const int64_t *row = rows.buf, *key = keys.buf;
+    unsigned char *equal = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        equal[i] = memcmp(base + row[i] * page_size, firsts + key[i] * page_size,
+                          (size_t)page_size) == 0;
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&pages);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&reps);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(page_hashes_doc,
+"page_hashes(pages, page_size, rows, out)\n\n"
+"out[i] = xxh3-64 of the whole page rows[i] of ``pages`` (out a writable uint64 buffer).");
+
+static PyObject *
+page_hashes(PyObject *self, PyObject *args)
+{
+    Py_buffer pages, rows, out;
+    Py_ssize_t page_size, n;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*w*", &pages, &page_size, &rows, &out))
+        return NULL;
+    if (check_pages(&pages, page_size, "pages") < 0
+        || check_rows(&rows, pages.len / page_size, "rows", &n) < 0)
+        goto done;
+    if (out.len != n * 8) {
+        PyErr_SetString(PyExc_ValueError, "out (uint64) needs one entry a row");
+        goto done;
+    }
+    const unsigned char *base = pages.buf;
+    const int64_t *row = rows.buf;
+    uint64_t *hashes = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        hashes[i] = XXH3_64bits(base + row[i] * page_size, (size_t)page_size);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&pages);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"prefix_hashes", prefix_hashes, METH_VARARGS, prefix_hashes_doc},
+    {"equal_rows", equal_rows, METH_VARARGS, equal_rows_doc},
+    {"page_hashes", page_hashes, METH_VARARGS, page_hashes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "Stage 1 and stage 2 inner loops over pages in place (see ksm_analyze/kernels.py).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__kernels(void)
+{
+    return PyModule_Create(&module);
+}

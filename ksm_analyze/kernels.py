@@ -1,0 +1,68 @@
+"""The compiled inner loops (``_kernels.c``), where they were built, behind typed wrappers.
+
+Stage 1 and stage 2 work on pages in place with them: stage 1 hashes each page's prefix
+straight from the memory map, stage 2 compares a candidate with its representative with one
+``memcmp``, with no gather copy in between (a copy of each page doubled the memory traffic,
+the bound of both stages). ``native`` is None where the extension was not built (no C
+compiler when the package was installed); callers then run their numpy code, which gives
+the same results. Tests run both.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+__all__ = ["equal_rows", "native", "page_hashes", "prefix_hashes", "usable"]
+
+
+def _load() -> ModuleType | None:
+    try:
+        from . import _kernels
+    except ImportError:
+        return None
+    module: ModuleType = _kernels
+    return module
+
+
+native: ModuleType | None = _load()
+"""The extension module, or None (then every caller takes its numpy path)."""
+
+
+def usable(*pages: np.ndarray) -> bool:
+    """The kernels are built and can read these page arrays in place (each row contiguous
+    and the rows one after another)."""
+    return native is not None and all(p.flags.c_contiguous for p in pages)
+
+
+def prefix_hashes(pages: np.ndarray, nbytes: int, skip: np.ndarray | None = None) -> np.ndarray:
+    """Per page of ``pages`` ``(n, page_size)``: 0 if all zero (or ``skip``), else xxh3-64 of
+    its first ``nbytes`` bytes (1 for a hash of 0)."""
+    assert native is not None
+    out = np.empty(len(pages), np.uint64)
+    flags = None if skip is None else np.ascontiguousarray(skip, dtype=np.bool_)
+    native.prefix_hashes(pages, pages.shape[1], nbytes, flags, out)
+    return out
+
+
+def equal_rows(pages: np.ndarray, rows: np.ndarray, reps: np.ndarray,
+               keys: np.ndarray) -> np.ndarray:
+    """bool per entry: page ``rows[i]`` of ``pages`` equals page ``keys[i]`` of ``reps``."""
+    assert native is not None
+    out = np.empty(len(rows), np.bool_)
+    native.equal_rows(pages, pages.shape[1], _int64(rows), np.ascontiguousarray(reps),
+                      _int64(keys), out)
+    return out
+
+
+def page_hashes(pages: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """xxh3-64 of the whole page ``rows[i]`` of ``pages``, for each entry."""
+    assert native is not None
+    out = np.empty(len(rows), np.uint64)
+    native.page_hashes(pages, pages.shape[1], _int64(rows), out)
+    return out
+
+
+def _int64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
