@@ -14,6 +14,8 @@ run leaves one behind. Workers print nothing and never flush the parent's buffer
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import threading
@@ -120,6 +122,7 @@ def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
         for k in range(shards):
             yield list(task(k))
         return
+    _one_malloc_arena()
     stop = threading.Event()
 
     def collect(k: int) -> list[T]:
@@ -139,6 +142,22 @@ def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
             stop.set()  # leaving the block waits for the threads: one piece at most
             for future in futures:
                 future.cancel()
+
+
+@functools.cache
+def _one_malloc_arena() -> None:
+    """Have every thread allocate from glibc's main heap, as ``MALLOC_ARENA_MAX=1`` would.
+
+    glibc gives each thread that allocates its own arena and keeps what is freed there for
+    later: with two threads the peak private memory of a 16 GiB scan grew from 160 to 212 MiB
+    (the threads make few, large allocations, so sharing one lock costs nothing measurable).
+    Must run before a second arena exists; elsewhere than glibc this does nothing.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
+
+
+_M_ARENA_MAX = -8  # glibc malloc.h
 
 
 def _fork(task: Callable[[int], Any], others: list[Connection]) -> tuple[Connection, int]:
