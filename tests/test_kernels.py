@@ -3,16 +3,23 @@ xxhash library for hashes, numpy for zero pages and byte comparison."""
 
 from __future__ import annotations
 
+import json
 import mmap
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
 
 import numpy as np
 import pytest
 import xxhash
-from conftest import PS, SAMPLES
+from conftest import PS, ROOT, SAMPLES, runner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ksm_analyze import analyze, kernels
+from ksm_analyze.cli import app
 
 
 def test_built():
@@ -147,3 +154,30 @@ def test_stage_2_compares_in_place_through_the_kernel(tmp_path, monkeypatch):
     assert compiled.host.equals(reference.host)
     for row in ("prefix_candidates", "false_candidates", "full_compares", "full_hashes"):
         assert compiled.stages.loc[row].equals(reference.stages.loc[row]), row
+
+
+def test_installs_and_runs_without_a_c_compiler(tmp_path):
+    # `pip install .` on a machine without a compiler: the extension is optional, the wheel
+    # builds without it, and the package runs its numpy code with the same prediction.
+    env = {**os.environ, "CC": "/bin/false", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                    str(tmp_path / "wheel"), str(ROOT)], env=env, check=True, timeout=300,
+                   capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("ksm_analyze-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert not [n for n in z.namelist() if n.endswith(".so")]
+        z.extractall(tmp_path / "site")
+    code = ("import json, sys; import ksm_analyze.kernels as k; assert k.native is None, k; "
+            "from ksm_analyze.cli import main; main()")
+    # -S: no site hooks, so this checkout's editable install (and its extension) is not
+    # found; the dependencies come from site-packages on the path.
+    path = [str(tmp_path / "site"), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    out = subprocess.run([sys.executable, "-S", "-c", code, "scan", *SAMPLES, "--json"],
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True)
+    compiled = runner.invoke(app, ["scan", *SAMPLES, "--json"])
+    assert compiled.exit_code == 0
+    without, with_kernels = json.loads(out.stdout), json.loads(compiled.stdout)
+    for run in (without, with_kernels):
+        run["stages"].pop("stage1_seconds"), run["stages"].pop("stage2_seconds")
+    assert without == with_kernels
