@@ -13,8 +13,8 @@ candidates") get xxh3-64 of the whole page and go through the same pass again, g
 collision and is settled by comparing it with each distinct page of its group. So two pages
 are counted as one only if their bytes are equal.
 
-Representatives are held for at most REP_GROUPS groups at a time (64 MiB of pages); more
-groups make more passes over fewer pages each.
+Representatives are held for at most REP_GROUPS groups at a time (64 MiB of pages, shared
+out among the jobs); more groups make more passes over fewer pages each.
 
 With ``verify=False`` no page is compared: candidates are grouped by (prefix, full hash), and
 the report says so with the collision bound. So it is, with a 128-bit content hash, when an
@@ -169,8 +169,8 @@ class _Candidates:
     """
 
     def __init__(self, readers: Sequence[DumpReader | None], source: np.ndarray,
-                 addrs: np.ndarray, page_size: int) -> None:
-        self.page_size = page_size
+                 addrs: np.ndarray, page_size: int, rep_groups: int = REP_GROUPS) -> None:
+        self.page_size, self.rep_groups = page_size, rep_groups
         self.readers, self.source, self.addrs = readers, source, addrs
 
     def read(self, idx: np.ndarray) -> np.ndarray:
@@ -234,7 +234,7 @@ class _Candidates:
         """Compare each candidate with the first one read of its ``key`` (dense ids).
 
         ``idx`` is sorted (file order). Returns a bool per entry, "equal to its key's first"
-        (True for the first itself), and each key's first entry. Holds at most REP_GROUPS
+        (True for the first itself), and each key's first entry. Holds at most ``rep_groups``
         pages: keys are taken a range at a time, one pass over their members each.
         """
         equal = np.zeros(len(idx), bool)
@@ -244,9 +244,10 @@ class _Candidates:
         first[key[::-1]] = np.arange(len(key) - 1, -1, -1)
         is_first = np.zeros(len(idx), bool)
         is_first[first] = True
-        for k0 in range(0, nkeys, REP_GROUPS):
-            mine = np.flatnonzero((key >= k0) & (key < k0 + REP_GROUPS))
-            reps = np.empty((min(REP_GROUPS, nkeys - k0), self.page_size), np.uint8)
+        step = self.rep_groups
+        for k0 in range(0, nkeys, step):
+            mine = np.flatnonzero((key >= k0) & (key < k0 + step))
+            reps = np.empty((min(step, nkeys - k0), self.page_size), np.uint8)
             runs = self.in_place(idx[mine])
             if runs is not None:
                 # Representatives first (copies), then every member compared in place.
@@ -429,10 +430,12 @@ def _resolve_part(
     order = np.lexsort((addrs, source))
     source, row, prefix, addrs = source[order], row[order], prefix[order], addrs[order]
     del order
-    cands = _Candidates(readers, source, addrs, tables[0].page_size)
+    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
+    # The representatives' budget is shared: each of the shards resolved at once gets a part.
+    cands = _Candidates(readers, source, addrs, tables[0].page_size,
+                        rep_groups=max(1, REP_GROUPS // shards))
     group = np.searchsorted(wanted, prefix)
     # Workers take the groups a share each (by prefix), each in file order.
-    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
     share = group * shards // max(len(wanted), 1)
     shard_members = [np.flatnonzero(share == k) for k in range(shards)]
     # Where every page is compared in place by the kernels, threads do (see fingerprint.py).
