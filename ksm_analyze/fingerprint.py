@@ -12,6 +12,7 @@ pages are really equal.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,41 +158,46 @@ def fingerprint(
     nbytes = ps if options.prefix_bytes == 0 else min(options.prefix_bytes, ps)
     stored = reader.page_counts()[PageState.DATA]
     shards = jobs * SHARDS_PER_JOB if jobs > 1 and stored >= PARALLEL_MIN_PAGES else 1
-    # Results go straight into arrays sized for every stored page, shard by shard as they
-    # arrive, so the parent never holds the table twice.
+    # Results go straight into arrays sized for every stored page, a batch at a time, so
+    # the table is never held twice; each batch claims the next free rows.
     addrs = np.empty(stored, np.uint64)
     prefix = np.empty(stored, np.uint64)
-    filled = 0
+    claimed = 0
+    claiming = threading.Lock()
+
+    def place(a: np.ndarray, p: np.ndarray) -> int:
+        nonlocal claimed
+        with claiming:
+            start = claimed
+            claimed += len(a)
+        if claimed > stored:
+            raise AssertionError(f"{reader.path}: reader yielded more pages than it stores")
+        addrs[start : start + len(a)], prefix[start : start + len(a)] = a, p
+        return len(a)
+
+    def placed(shard: int, of: int) -> Iterator[int]:
+        for a, p in _hash_shard(reader, nbytes, batch_pages, shard, of):
+            yield place(a, p)
+
     if progress is not None:
         progress(0, stored * ps)
+    parts: Iterable[list[int]]
     if shards == 1:
-        parts: Iterable[Iterable[tuple[np.ndarray, ...]]] = [
-            _hash_shard(reader, nbytes, batch_pages, 0, 1)
-        ]
+        parts = ([n] for n in placed(0, 1))
+    elif kernels.native is not None and reader.in_place:
+        # The kernels hash pages in place without the GIL: threads share the map's page
+        # tables and write their rows themselves. Decoding formats need processes.
+        parts = imap_threads(lambda k: placed(k, shards), shards, jobs)
     else:
-        # The kernels hash pages in place without the GIL: threads then share the map's
-        # page tables and send nothing back. Decoding formats need processes.
-        if kernels.native is not None and reader.in_place:
-            parts = imap_threads(
-                lambda k: _hash_shard(reader, nbytes, batch_pages, k, shards), shards, jobs
-            )
-        else:
-            parts = imap_shards(
-                lambda k: list(_hash_shard(reader, nbytes, batch_pages, k, shards)), shards,
-                jobs,
-            )
-    for part in parts:
-        for a, p in part:
-            end = filled + len(a)
-            if end > stored:
-                raise AssertionError(f"{reader.path}: reader yielded more pages than it stores")
-            addrs[filled:end], prefix[filled:end] = a, p
-            filled = end
-            if progress is not None:
-                progress(filled * ps, stored * ps)
-        del part
-    if filled != stored:
-        raise AssertionError(f"{reader.path}: reader yielded {filled} of {stored} stored pages")
+        parts = ([place(a, p) for a, p in part] for part in imap_shards(
+            lambda k: list(_hash_shard(reader, nbytes, batch_pages, k, shards)), shards, jobs))
+    done = 0
+    for counts in parts:
+        done += sum(counts)
+        if progress is not None:
+            progress(done * ps, stored * ps)
+    if claimed != stored:
+        raise AssertionError(f"{reader.path}: reader yielded {claimed} of {stored} stored pages")
     return Fingerprints(
         path=reader.name,
         format=reader.format,
