@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install the system packages the tests need: QEMU, static busybox, gdb, makedumpfile for the
-# real-guest tests; chromium to render the HTML report headless.
+# real-guest tests; chromium to render the HTML report headless; gcc to build the compiled
+# kernels (ksm_analyze/_kernels.c), which the tests check.
 # Idempotent: does nothing when all are installed; runs apt-get update only when one is missing.
 set -euo pipefail
 
-packages=(qemu-system-x86 busybox-static gdb makedumpfile chromium)
+packages=(qemu-system-x86 busybox-static gdb makedumpfile chromium gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
