@@ -17,10 +17,10 @@ import contextlib
 import ctypes
 import functools
 import os
+import queue
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from multiprocessing.connection import Connection, Pipe, wait
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -99,10 +99,6 @@ def map_shards(task: Callable[[int], T], shards: int, jobs: int, *,
     return [done[k] for k in range(shards)]
 
 
-class _Stopped(Exception):
-    """A thread's shard given up because the run is ending."""
-
-
 def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
                  jobs: int) -> Iterator[list[T]]:
     """``list(task(0)), ..., list(task(shards - 1))`` in any order, from up to ``jobs``
@@ -113,7 +109,8 @@ def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
     A task yields its results piece by piece (a batch of pages each); between pieces its
     thread checks whether the run is ending (a shard's exception, Ctrl-C in the main thread)
     and stops, so no thread reads a map for more than one piece after that, and the maps
-    can be closed.
+    can be closed. The main thread waits in ``SimpleQueue.get``, a C call: a signal raises
+    there, never inside a Python ``with lock:`` that would then stay locked.
 
     Raises:
         Exception: what ``task`` raised in a thread.
@@ -124,24 +121,41 @@ def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
         return
     _one_malloc_arena()
     stop = threading.Event()
+    shard_numbers = iter(range(shards))
+    taking = threading.Lock()
+    results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
 
-    def collect(k: int) -> list[T]:
-        out = []
-        for item in task(k):
-            if stop.is_set():
-                raise _Stopped
-            out.append(item)
-        return out
+    def work() -> None:
+        while not stop.is_set():
+            with taking:
+                k = next(shard_numbers, None)
+            if k is None:
+                return
+            try:
+                out = []
+                for item in task(k):
+                    if stop.is_set():
+                        return
+                    out.append(item)
+                results.put((True, out))
+            except BaseException as e:  # noqa: BLE001 - raised in the main thread
+                results.put((False, e))
+                return
 
-    with ThreadPoolExecutor(min(jobs, shards), thread_name_prefix="ksm-analyze") as pool:
-        futures = [pool.submit(collect, k) for k in range(shards)]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            stop.set()  # leaving the block waits for the threads: one piece at most
-            for future in futures:
-                future.cancel()
+    threads = [threading.Thread(target=work, name=f"ksm-analyze-{i}")
+               for i in range(min(jobs, shards))]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(shards):
+            ok, value = results.get()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()
+        for t in threads:  # one piece at most each
+            t.join()
 
 
 @functools.cache

@@ -20,6 +20,8 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from types import FrameType
 
@@ -109,13 +111,22 @@ if _libc is not None:
 
 
 def _on_sigbus(signum: int) -> None:
-    """Runs in the signal context of a fault in a mapped input: one line, exit 1."""
+    """Runs in the signal context of a fault in a mapped input: one line, exit 1.
+
+    Threads reading the same map fault together: the first says it and exits, the others
+    wait for that (returning would run the faulting instruction again)."""
+    if not _REPORTING.acquire(blocking=False):
+        time.sleep(10)  # the first one exits meanwhile
+        os._exit(1)
     try:
         error = changed_input()
         line = f"Error: {error or _BUS_ERROR}\n"
         os.write(2, line.encode(errors="replace"))
     finally:
         os._exit(1)  # returning would run the faulting instruction again
+
+
+_REPORTING = threading.Lock()
 
 
 _SIGBUS_HANDLER = _HANDLER(_on_sigbus)

@@ -261,17 +261,22 @@ def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs, forked):
 
 @pytest.mark.parametrize("forked", [False, True], ids=["threads", "processes"])
 def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump, forked):
-    # The real speed. Truncate as soon as the workers exist (threads: once the program has
-    # started); whether the scan had read the pages or not, it must not die by SIGBUS or
+    # The real speed. Truncate as soon as the workers exist (threads: once the file is
+    # mapped); whether the scan had read the pages or not, it must not die by SIGBUS or
     # print a traceback.
     run = Cli("scan", dump, "-j", 2, "-q", prelude=NUMPY_ONLY if forked else "")
-    if forked:
-        end = time.monotonic() + 30
-        while not run.workers(timeout=0) and run.proc.poll() is None and (
-                time.monotonic() < end):
-            time.sleep(0.002)
-    else:
-        time.sleep(0.3)
+    maps = Path(f"/proc/{run.proc.pid}/maps")
+
+    def started() -> bool:
+        if forked:
+            return bool(run.workers(timeout=0))
+        with contextlib.suppress(OSError):
+            return str(dump) in maps.read_text()
+        return False
+
+    end = time.monotonic() + 30
+    while not started() and run.proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.002)
     os.truncate(dump, 4096)
     rc, lines, _ = run.finish()
     assert rc in (0, 1)
