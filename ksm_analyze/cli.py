@@ -167,8 +167,9 @@ _ANALYSIS_PARAMS = (
                            help="Compare candidate pages byte for byte before merging them.")
     ], DEFAULT_OPTIONS.verify),
     _param("jobs", Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: all CPUs).",
-                                 show_default=False)
+        int | None, typer.Option("--jobs", "-j", show_default=False,
+                                 help="Parallel jobs, threads or worker processes "
+                                      "(default: all CPUs).")
     ], DEFAULT_OPTIONS.jobs),
     _param("domain", Annotated[
         list[str] | None,

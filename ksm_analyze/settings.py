@@ -45,7 +45,8 @@ class ScanOptions:
         prefix_bytes: bytes of each page hashed in stage 1 (0 = the whole page).
         verify: compare candidate pages byte for byte before counting two as one (off:
             trust the 64-bit prefix and full-page hashes).
-        jobs: worker processes for hashing and comparing; None = every CPU available.
+        jobs: parallel jobs for hashing and comparing (threads where the compiled kernels read
+            pages in place, worker processes where pages are decoded); None = every CPU.
         scope: which process memory KSM scans (:class:`~ksm_analyze.eligibility.Scope` or
             its name). Guest dumps carry no mapping facts: every page counts whatever it is.
         top: rows of the most duplicated contents table.
