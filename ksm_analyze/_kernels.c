@@ -192,9 +192,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels",
-    "Stage 1 and stage 2 inner loops over pages in place (see ksm_analyze/kernels.py).", -1,
-    methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_kernels",
+    .m_doc = "Stage 1 and stage 2 inner loops over pages in place (see ksm_analyze/kernels.py).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC
