@@ -45,3 +45,23 @@ def test_prefix_hash_is_xxh3_of_the_first_bytes(tmp_path, prefix_bytes):
         assert int(t.prefix[i]) == xxhash.xxh3_64_intdigest(pages[i, :n].tobytes())
     assert t.zero_pages == 1
     assert t.nonzero_pages == 3
+
+
+def test_parallel_stage_1_gives_the_same_fingerprints(tmp_path, monkeypatch):
+    # Two jobs (threads with the kernels, forked processes without) each write the batches
+    # they hash into the one table: every page once, with the prefix one job gives it.
+    import ksm_analyze.fingerprint as fp
+
+    monkeypatch.setattr(fp, "PARALLEL_MIN_PAGES", 1)
+    rng = np.random.default_rng(5)
+    pages = rng.integers(0, 256, (300, PS), dtype=np.uint8)
+    pages[::7] = 0
+    path = tmp_path / "r.raw"
+    pages.tofile(path)
+    with RawReader(path) as r:
+        one = fingerprint(r, ScanOptions(jobs=1), batch_pages=16)
+        two = fingerprint(r, ScanOptions(jobs=2), batch_pages=16)
+    assert sorted(one.addrs.tolist()) == [i * PS for i in range(300)]
+    assert dict(zip(one.addrs.tolist(), one.prefix.tolist(), strict=True)) == dict(
+        zip(two.addrs.tolist(), two.prefix.tolist(), strict=True))
+    assert len(two.addrs) == 300
