@@ -438,8 +438,7 @@ def _resolve_part(
     # Workers take the groups a share each (by prefix), each in file order.
     share = group * shards // max(len(wanted), 1)
     shard_members = [np.flatnonzero(share == k) for k in range(shards)]
-    # Where every page is compared in place by the kernels, threads do (see fingerprint.py).
-    threads = kernels.native is not None and all(r is not None and r.in_place for r in readers)
+    threads = kernels.reads_in_place(readers)
     if verify:
         parts = map_shards(
             lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k]),

@@ -184,7 +184,7 @@ def fingerprint(
     parts: Iterable[list[int]]
     if shards == 1:
         parts = ([n] for n in placed(0, 1))
-    elif kernels.native is not None and reader.in_place:
+    elif kernels.reads_in_place([reader]):
         # The kernels hash pages in place without the GIL: threads share the map's page
         # tables and write their rows themselves. Decoding formats need processes.
         parts = imap_threads(lambda k: placed(k, shards), shards, jobs)

@@ -10,11 +10,16 @@ the same results. Tests run both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["equal_rows", "native", "page_hashes", "prefix_hashes", "usable"]
+if TYPE_CHECKING:
+    from .formats.base import DumpReader
+
+__all__ = ["equal_rows", "native", "page_hashes", "prefix_hashes", "reads_in_place", "usable"]
 
 
 def _load() -> ModuleType | None:
@@ -34,6 +39,12 @@ def usable(*pages: np.ndarray) -> bool:
     """The kernels are built and can read these page arrays in place (each row contiguous
     and the rows one after another)."""
     return native is not None and all(p.flags.c_contiguous for p in pages)
+
+
+def reads_in_place(readers: Iterable[DumpReader | None]) -> bool:
+    """The kernels are built and every one of ``readers`` stores its pages raw, so work on
+    them reads pages in place, without the GIL: threads rather than forked processes."""
+    return native is not None and all(r is not None and r.in_place for r in readers)
 
 
 def prefix_hashes(pages: np.ndarray, nbytes: int, skip: np.ndarray | None = None) -> np.ndarray:
