@@ -70,7 +70,11 @@ def _address(value: str) -> int:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"ksm-analyze {__version__}")
+        from . import kernels
+
+        built = ("yes" if kernels.native is not None
+                 else "no (numpy code: no C compiler when it was installed)")
+        typer.echo(f"ksm-analyze {__version__}\ncompiled kernels: {built}")
         raise typer.Exit()
 
 
