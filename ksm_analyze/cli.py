@@ -40,6 +40,7 @@ app = typer.Typer(
     help="Predict what Linux KSM would save, offline, from memory dumps.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs are rewrapped to the terminal
     pretty_exceptions_enable=False,
 )
 
@@ -466,8 +467,11 @@ def fingerprint_cmd(
     *,
     request: _Request,
 ) -> None:
-    """Write each dump's fingerprints to OUTPUT as Parquet (no page bytes), for scan, report
-    and plan on this machine or another; only the hashing options matter here."""
+    """Write each dump's fingerprints to OUTPUT as Parquet, for scan, report and plan.
+
+    No page bytes are written. The files can be read on this machine or another; only the
+    hashing options matter here.
+    """
     from .sources import write_fingerprint_files
 
     with _errors():
