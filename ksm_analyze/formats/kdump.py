@@ -53,6 +53,7 @@ _SUB_FMT = {"64": "QiiQQQQQQQQQQQ", "32pack": "IiiIIQIQIQIQQQ", "32pad": "IiiII4
 # Page descriptor flags and header status bits.
 _ZLIB, _LZO, _SNAPPY, _ZSTD = 0x1, 0x2, 0x4, 0x20
 _CODEC_NAMES = {_ZLIB: "zlib", _LZO: "lzo", _SNAPPY: "snappy", _ZSTD: "zstd"}
+_DESC_SPAN = 1 << 15  # descriptors read at once by read_pages of a flattened dump: 768 KiB
 _STATUS_INCOMPLETE = 0x8
 # dump_level bits (makedumpfile.8): 1 zero, 2 non-private cache, 4 private cache, 8 user, 16 free.
 _DL_USER, _DL_FREE = 8, 16
@@ -322,6 +323,19 @@ class KdumpReader(DumpReader):
         raw = self._lread(self._desc_start + DESC_SIZE * first, DESC_SIZE * n, "page descriptors")
         return np.frombuffer(raw, self._desc_dtype)
 
+    def _descriptors_at(self, wanted: np.ndarray) -> np.ndarray:
+        """The descriptors numbered ``wanted`` (sorted, distinct): each read of the file covers
+        the wanted ones within a span of at most _DESC_SPAN descriptors."""
+        parts = [np.empty(0, self._desc_dtype)]
+        start = 0
+        while start < len(wanted):
+            lo = int(wanted[start])
+            stop = int(np.searchsorted(wanted, lo + _DESC_SPAN))
+            span = self._descriptors(lo, int(wanted[stop - 1]) - lo + 1)
+            parts.append(span[wanted[start:stop] - lo])
+            start = stop
+        return np.concatenate(parts)
+
     def _is_zero(self, desc: np.ndarray) -> np.ndarray:
         """Which descriptors are the shared zero descriptor."""
         zero: np.ndarray = np.zeros(len(desc), bool)
@@ -455,8 +469,8 @@ class KdumpReader(DumpReader):
             table = np.frombuffer(self._mm, self._desc_dtype, self.num_dumpable, self._desc_start)
             desc = table[wanted]
             del table  # let the map close
-        else:
-            desc = np.concatenate([self._descriptors(i, 1) for i in wanted.tolist()])
+        else:  # read through the records: a span of descriptors at a time, not one each
+            desc = self._descriptors_at(wanted)
         _, first = np.unique(inverse.ravel(), return_index=True)
         blocks = np.empty((len(desc), bs), np.uint8)
         self._decode(desc, pfns[first], blocks)
@@ -524,6 +538,26 @@ class KdumpReader(DumpReader):
 
     def _decompress(self, flags: int, data: bytes, out: np.ndarray) -> None:
         """Decompress one page into ``out`` (block_size bytes) or raise _DecodeError."""
+        bs = len(out)
+        res: bytes | None
+        if flags == _ZLIB:  # QEMU's codec: the hot path, with no other library to load
+            d = zlib.decompressobj()
+            try:
+                res = d.decompress(data, bs)  # at most bs bytes, whatever the stream claims
+            except zlib.error as e:
+                raise _DecodeError(f"zlib: {e}") from None
+            if len(res) == bs and not d.eof:
+                raise _DecodeError(f"zlib: more than {bs} bytes or a truncated stream")
+        else:
+            res = self._decompress_other(flags, data, out)
+            if res is None:
+                return
+        if len(res) != bs:
+            raise _DecodeError(f"{_CODEC_NAMES[flags]}: {len(res)} bytes, not {bs}")
+        out.data[:] = res  # a copy into the row, without making an array of res
+
+    def _decompress_other(self, flags: int, data: bytes, out: np.ndarray) -> bytes | None:
+        """LZO, Snappy (written into ``out``: None) or zstd."""
         # The codec libraries load on first use: most dumps need one or none of them.
         import cramjam
         import lzallright
@@ -531,21 +565,15 @@ class KdumpReader(DumpReader):
 
         bs = len(out)
         name = _CODEC_NAMES.get(flags, f"flags {flags:#x}")
-        codec_errors = (zlib.error, lzallright.LZOError, cramjam.DecompressionError,
-                        zstandard.ZstdError)
+        codec_errors = (lzallright.LZOError, cramjam.DecompressionError, zstandard.ZstdError)
         try:
-            if flags == _ZLIB:
-                d = zlib.decompressobj()
-                res = d.decompress(data, bs)
-                if len(res) == bs and not d.eof:
-                    raise _DecodeError(f"zlib: more than {bs} bytes or a truncated stream")
-            elif flags == _LZO:
-                res = lzallright.LZOCompressor.decompress(data, output_size_hint=bs)
+            if flags == _LZO:
+                res: bytes = lzallright.LZOCompressor.decompress(data, output_size_hint=bs)
             elif flags == _SNAPPY:
                 n = cramjam.snappy.decompress_raw_into(data, out.data)
                 if n != bs:
                     raise _DecodeError(f"snappy: {n} bytes, not {bs}")
-                return
+                return None
             elif flags == _ZSTD:
                 # Bound the output before zstd allocates what the frame header claims.
                 size = zstandard.frame_content_size(data)
@@ -558,9 +586,7 @@ class KdumpReader(DumpReader):
                 raise _DecodeError(f"unknown compression flags {flags:#x}")
         except codec_errors as e:
             raise _DecodeError(f"{name}: {e}") from None
-        if len(res) != bs:
-            raise _DecodeError(f"{name}: {len(res)} bytes, not {bs}")
-        out[:] = np.frombuffer(res, np.uint8)
+        return res
 
     # -- facts -----------------------------------------------------------------------------
 
