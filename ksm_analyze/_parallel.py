@@ -4,11 +4,12 @@ Threads (:func:`imap_threads`) serve work done by the compiled kernels on pages 
 (raw-stored formats): the kernels release the GIL, and threads share the maps' page tables.
 Decoding compressed pages is per-page Python work, where threads would queue on the GIL: that
 goes to forked processes (:func:`imap_shards`), which share the parent's open readers (and
-their page-cache-backed maps) without pickling them. Each worker has a pipe: shard numbers go out, results (or the exception a shard raised) come
-back, one shard at a time. A worker that dies (killed, out of memory, a fault in a map)
-closes its pipe, which the parent sees at once. Either way the parent raises, killing the
-other workers on the way out; workers also die with the parent (PR_SET_PDEATHSIG), so no
-run leaves one behind. Workers print nothing and never flush the parent's buffers.
+their page-cache-backed maps) without pickling them. Each worker has a pipe: shard numbers go
+out, results (or the exception a shard raised) come back, one shard at a time. A worker that
+dies (killed, out of memory, a fault in a map) closes its pipe, which the parent sees at
+once. Either way the parent raises, killing the other workers on the way out; workers also
+die with the parent (PR_SET_PDEATHSIG), so no run leaves one behind. Workers print nothing
+and never flush the parent's buffers.
 """
 
 from __future__ import annotations
