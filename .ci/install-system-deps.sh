@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the tests need: QEMU, static busybox, gdb, makedumpfile for the
 # real-guest tests; chromium to render the HTML report headless; gcc to build the compiled
-# kernels (ksm_analyze/_kernels.c), which the tests check.
+# kernels (ksm_analyze/hashing/_compiled.c), which the tests check.
 # Idempotent: does nothing when all are installed; runs apt-get update only when one is missing.
 set -euo pipefail
 

@@ -4,7 +4,7 @@ process.
 
 1. Writes ``--files`` synthetic fingerprint files of ``--rows`` pages each (default 100 x 1M =
    100 million pages; generated here, never committed): 25% zero pages, 50% copies drawn from
-   a pool of ``--pool`` contents, 25% unique. Then runs ``ksm_analyze.combine.combine()`` in a
+   a pool of ``--pool`` contents, 25% unique. Then runs ``ksm_analyze.fleet.combine.combine()`` in a
    fresh process, sampling its private memory (``Pss_Anon`` of ``smaps_rollup``) every 50 ms,
    and checks the counters against a hand model of the draws.
 2. With ``--dumps FILE...``: times ``scan FILES --json`` with ``--jobs 2`` and with
@@ -47,9 +47,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def generate(folder: Path, files: int, rows: int, pool: int, seed: int = 7) -> dict[str, int]:
     """Write the files; return the hand model's counters for what was drawn."""
-    from ksm_analyze import fpfile
-    from ksm_analyze.fingerprint import Fingerprints
+    from ksm_analyze.fleet import fingerprint_files as fpfile
     from ksm_analyze.formats import DumpFormat
+    from ksm_analyze.hashing.stage1 import Fingerprints
     from ksm_analyze.pages import Extent, PageState
 
     rng = np.random.default_rng(seed)
@@ -130,7 +130,7 @@ def run_sampled(cmd: list[str]) -> tuple[float, int, bytes]:
 
 COMBINE = """
 import glob, json, sys, time, tracemalloc
-from ksm_analyze.combine import combine
+from ksm_analyze.fleet.combine import combine
 from ksm_analyze.ksm import KsmSettings
 tracemalloc.start()  # numpy reports its arrays to it: the peak of each step
 t = time.perf_counter()

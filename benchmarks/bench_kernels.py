@@ -5,7 +5,7 @@
 
 Times, back to back on a warm page cache, ``cat FILE > /dev/null`` and fresh ``scan FILE
 --json`` processes with ``--jobs 2`` and ``--jobs 1``, once as installed (the compiled
-kernels, ``ksm_analyze/_kernels.c``) and once with ``ksm_analyze.kernels.native = None``
+kernels, ``ksm_analyze/hashing/_compiled.c``) and once with ``ksm_analyze.hashing.compiled.native = None``
 set before the command line runs (the numpy code a machine without a C compiler gets).
 Best of ``--repeat`` each; the counters of both paths must be equal (the script fails if
 not). Prints a Markdown table. Make a dump with ``bench_scan.py --keep``.
@@ -24,7 +24,7 @@ from bench_scan import ROOT, best_of, cat_cmd, machine, scan_counters, timed
 
 PATHS = {
     "compiled kernels": "",
-    "numpy": "import ksm_analyze.kernels as k; k.native = None\n",
+    "numpy": "import ksm_analyze.hashing.compiled as k; k.native = None\n",
 }
 
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_scan import machine
 from ksm_analyze import ContentTable, KsmSettings, analyze
-from ksm_analyze.contents import INPUT_COLUMNS
-from ksm_analyze.placement import HostModel, first_fit, place
+from ksm_analyze.content_table import INPUT_COLUMNS
+from ksm_analyze.planning.placement import HostModel, first_fit, place
 
 PS = 4096
 GROUP = 10

@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 # Instrument every module of the package: it must be the first import of ksm_analyze.
 with atheris.instrument_imports(include=["ksm_analyze"]):
     import ksm_analyze
-    import ksm_analyze.analysis
+    import ksm_analyze.pipeline
     import ksm_analyze.formats  # noqa: F401
 
 import test_fuzz  # the seeds, exercise() and the property, shared with the hypothesis tests

@@ -10,15 +10,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _WHERE = {
-    "TABLES": "result", "Analysis": "result", "ContentTable": "contents", "Scope": "eligibility",
+    "TABLES": "analysis", "Analysis": "analysis", "ContentTable": "content_table",
+    "Scope": "eligibility",
     "CorruptPageError": "errors", "DumpFormatError": "errors", "InputError": "errors",
     "KsmAnalyzeError": "errors", "TruncatedDumpError": "errors",
     "UnsupportedDumpError": "errors", "DumpFormat": "formats", "detect_format": "formats",
     "open_dump": "formats", "KsmCounters": "ksm", "KsmSettings": "ksm", "Extent": "pages",
-    "PageBatch": "pages", "PageState": "pages", "ScanOptions": "settings", "analyze": "analysis",
+    "PageBatch": "pages", "PageState": "pages", "ScanOptions": "options", "analyze": "pipeline",
 }
 """Each public name and the module that defines it."""
 
@@ -59,8 +60,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see
-    from .analysis import analyze
-    from .contents import ContentTable
+    from .analysis import TABLES, Analysis
+    from .content_table import ContentTable
     from .eligibility import Scope
     from .errors import (
         CorruptPageError,
@@ -72,6 +73,6 @@ if TYPE_CHECKING:  # what type checkers and editors see
     )
     from .formats import DumpFormat, detect_format, open_dump
     from .ksm import KsmCounters, KsmSettings
+    from .options import ScanOptions
     from .pages import Extent, PageBatch, PageState
-    from .result import TABLES, Analysis
-    from .settings import ScanOptions
+    from .pipeline import analyze

@@ -1,162 +1,218 @@
-"""``analyze()``: readers -> fingerprints -> content classes -> the core table -> tables.
+"""The result of an analysis: :class:`Analysis`, and the one list of its tables.
 
-Orchestration only: each step is a function of its own module that returns a value, and
-:class:`~ksm_analyze.result.Analysis` is built once, complete, at the end. All inputs of
-one call are treated as one host.
+``TABLES`` names every table once: ``scan --json``, ``scan --csv``, ``report`` and the docs
+all come from it, so adding a table is adding it here and to the analysis that builds it.
+
+An analysis holds its tables as plain :class:`~ksm_analyze.columns.Columns`; each table
+attribute makes its DataFrame when first read, so pandas is imported only by a caller that
+reads one (``scan`` prints its text from the columns).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
-from collections.abc import Sequence
-from dataclasses import fields, replace
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, overload
 
-from ._signals import watching
-from .contents import build_content_table
-from .dedup import classify
-from .eligibility import Scope, scan_mask
-from .fingerprint import Fingerprints
-from .formats import DumpFormat
-from .ksm import KsmSettings
-from .pages import PageState
-from .result import TABLES, Analysis
-from .settings import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
-from .sharing import address_map, pairwise, top_contents
-from .sources import fingerprint_sources, open_sources
-from .summary import summary_tables
+import numpy as np
 
-__all__ = ["analyze"]
+from .columns import Columns
+from .content_table import ContentTable
+from .ksm import KsmCounters, KsmSettings
+from .options import ScanOptions
+from .units import short_names
 
-_OPTION_FIELDS = {f.name for f in fields(ScanOptions)}
-_KSM_FIELDS = {f.name for f in fields(KsmSettings)}
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+__all__ = ["TABLES", "Analysis", "json_safe"]
+
+TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
+          "pairwise", "top_contents", "address_map")
+"""Every table of an :class:`Analysis`, in output order."""
 
 
-def analyze(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    options: ScanOptions = DEFAULT_OPTIONS,
-    ksm: KsmSettings | None = None,
-    *,
-    progress: ProgressReporter | None = None,
-    **settings: Any,
-) -> Analysis:
-    """Predict what KSM would save on a host holding all of ``paths``.
+class _Table:
+    """A table attribute of :class:`Analysis`: the DataFrame of ``columns[<its name>]``."""
 
-    Args:
-        paths: one dump or several (all on one host).
-        options: how to read and fingerprint the inputs (:class:`ScanOptions`).
-        ksm: the KSM knobs to predict with (:class:`KsmSettings`; kernel defaults).
-        progress: called as ``progress(task, done_bytes, total_bytes)`` while reading
-            (a task per input, and ``"all inputs"``) and comparing (``"comparing"``).
-        **settings: any field of :class:`ScanOptions` or :class:`KsmSettings` by name, as a
-            shorthand in notebooks: ``analyze(paths, max_page_sharing=4, jobs=1)``.
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
-    Returns:
-        An :class:`Analysis`.
+    @overload
+    def __get__(self, result: None, owner: type) -> _Table: ...
+    @overload
+    def __get__(self, result: Analysis, owner: type) -> pd.DataFrame: ...
+    def __get__(self, result: Analysis | None, owner: type) -> _Table | pd.DataFrame:
+        return self if result is None else result.columns[self.name].frame()
 
-    Raises:
-        KsmAnalyzeError: an input cannot be read (the message names file, offset, problem).
-        ValueError: an option is out of range.
-        TypeError: ``settings`` names no option.
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of :func:`analyze`: every table the CLI prints, as DataFrames.
+
+    Each table is made from ``columns`` when first read, then stays the same object.
+
+    Attributes:
+        per_input: one row per input. Columns: ``input``, ``format``, ``address_space``,
+            ``pages`` (every page the dump describes), ``bytes``, ``nonzero_pages`` and
+            ``zero_pages`` (pages KSM may merge), ``hole_pages``, ``excluded_pages``,
+            ``not_saved_pages``, ``ineligible_pages`` (file-backed or shared memory in
+            process cores, which KSM never merges),
+            ``distinct_contents`` (non-zero contents in this input),
+            ``self_sharing_pages`` (pages KSM would save merging within this input alone,
+            zero pages apart), and the ``/proc/PID/ksm_stat`` fields KSM would show for the
+            input with zero pages present: ``ksm_rmap_items``, ``ksm_merging_pages``,
+            ``ksm_zero_pages``, ``ksm_process_profit`` (bytes).
+        host: the KSM counters, one row per counter (``pages_shared``, ``pages_sharing``,
+            ``pages_unshared``, ``pages_volatile``, ``ksm_zero_pages``, ``ksm_rmap_items``,
+            ``general_profit`` in bytes), one column per scenario.
+        savings: memory before and after KSM and where the savings come from; rows
+            ``memory_before``, ``zero_pages``, ``sharing_within_inputs``,
+            ``sharing_across_inputs``, ``saved``, ``memory_after``, ``rmap_overhead``;
+            columns ``<scenario>_pages``, ``<scenario>_bytes``, ``<scenario>_percent``.
+        histogram: the sharing-degree histogram (zdb -S style), one row per bucket of
+            copies (1, 2, 4, 8, ...: a bucket holds copies from it up to the next one).
+            Columns ``copies``, ``contents``, ``pages_referenced``, ``pages_after_merging``,
+            ``bytes_referenced``, ``bytes_after_merging`` (zero pages included, as present).
+        stages: fingerprinting statistics, one row per statistic (counts of pages, and
+            ``stage1_seconds``/``stage2_seconds``, the wall time of each stage).
+        convergence: seconds to one full scan and to steady state for each scenario.
+        exclusions: pages kept from KSM's scan, one row per input, one column per rule
+            (:data:`ksm_analyze.eligibility.RULES`: ``not_present``, ``swapped``,
+            ``not_saved``, ``excluded``, ``shared``, ``special``, ``hugetlb``,
+            ``file_backed``, ``zero_pfn``, ``not_mergeable``), under ``options.scope``.
+        counters: the KSM counters of the ``with_zero_pages`` scenario.
+        options: the reading and fingerprinting options the analysis ran with.
+        ksm: the KSM knobs the prediction assumed.
+        contents: the core inputs x contents table every number above comes from
+            (:class:`~ksm_analyze.content_table.ContentTable`): restrict it to any subset of
+            inputs and ask for that host's counters.
+        inputs: the paths given, in order (a snapshot of N processes is one path, N inputs).
+        warnings: every warning the readers raised.
+        unrestricted: under a merging policy (``options.domains``, ``options.merge``), the
+            counters KSM would show without it; None without a policy.
+        domains: the domains' names (``contents.inputs["domain"]`` numbers them).
+        pairwise: sharing between each ordered pair of inputs, non-zero pages only.
+            Columns ``input_a``, ``input_b``, ``a_nonzero_pages``, ``a_pages_in_b`` (pages
+            of A whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
+            ``extra_saved_pages``/``extra_saved_bytes`` (saved on a host holding only A and
+            B beyond A and B alone).
+        top_contents: the most duplicated contents, most copies first (zero page
+            included). Columns ``content_hash`` (SHA-256, hex), ``copies``, ``bytes``,
+            ``input_count``, ``inputs`` (``name:copies`` separated by spaces),
+            ``content_class`` (``zero``, ``repeated_byte``, ``repeated_pattern``,
+            ``low_entropy``, ``other``), ``class_detail``, ``entropy_bits_per_byte``, and
+            ``content_hex`` (first 64 bytes) only with ``show_content=True``.
+        address_map: each input's pages in address order, in up to 256 bins. Columns
+            ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
+            ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
+            ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+        columns: every table above by name, as plain columns (numpy arrays and lists, no
+            pandas): what the text report reads.
     """
-    unknown = set(settings) - _OPTION_FIELDS - _KSM_FIELDS
-    if unknown:
-        raise TypeError(f"analyze() got unknown options: {', '.join(sorted(unknown))}")
-    options = replace(options, **{k: v for k, v in settings.items() if k in _OPTION_FIELDS})
-    ksm = replace(ksm or KsmSettings(), **{k: v for k, v in settings.items() if k in _KSM_FIELDS})
-    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    if not paths:
-        raise ValueError("no input given")
-    bases = options.bases_for(paths)
-    _refuse_repeats(paths)
-    report = progress or _silent
 
-    with contextlib.ExitStack() as stack:
-        sources = open_sources(paths, options, ksm.page_size, bases, stack)
-        stack.enter_context(watching(s.reader.path for s in sources if s.reader))  # changed?
-        total = sum(s.reader.page_counts()[PageState.DATA] for s in sources
-                    if s.reader is not None and s.prints is None) * ksm.page_size
-        done: dict[str, int] = {}
-        report("all inputs", 0, total)
+    columns: dict[str, Columns]
+    counters: KsmCounters
+    options: ScanOptions
+    ksm: KsmSettings
+    contents: ContentTable
+    inputs: list[str]
+    warnings: list[str] = field(default_factory=list)
+    unrestricted: KsmCounters | None = None
+    domains: list[str] = field(default_factory=list)
 
-        def reading(name: str) -> ProgressCallback:
-            def update(n: int, of: int) -> None:
-                report(name, n, of)
-                done[name] = n
-                report("all inputs", sum(done.values()), total)
-            return update
+    per_input = _Table()
+    host = _Table()
+    savings = _Table()
+    histogram = _Table()
+    stages = _Table()
+    convergence = _Table()
+    exclusions = _Table()
+    pairwise = _Table()
+    top_contents = _Table()
+    address_map = _Table()
 
-        started = time.perf_counter()
-        prints, readers = fingerprint_sources(sources, options, reading,
-                                              tasks=lambda n, of: report("Dask tasks", n, of))
-        hashed = time.perf_counter()
-        classes = classify(prints, readers, options,
-                           progress=lambda n, of: report("comparing", n, of))
-        compared = time.perf_counter()
-        masks = [scan_mask(fp, options.scope) for fp in prints]
-        table = build_content_table(prints, classes, masks)
-        top = top_contents(table, classes, prints, readers, top=options.top,
-                           show_content=options.show_content)
+    @property
+    def names(self) -> list[str]:
+        """A short, distinct name per input (``per_input`` order): its file name, with parent
+        folders where two inputs share one. Tables and charts show inputs by these."""
+        return short_names([str(p) for p in self.columns["per_input"]["input"]])
 
-    timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
-               "inputs_from_cache": sum(s.origin == "cache" for s in sources),
-               "inputs_from_fingerprint_files": sum(s.origin == "file" for s in sources)}
-    # What the contents are and where they lie does not depend on a policy; what merges does.
-    where = address_map(table, classes, prints, masks, scope=options.scope)
-    unrestricted, domain_names = None, []
-    if options.policy:
-        unrestricted = table.counters(ksm)
-        domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
-        table = table.with_policy(domains, zero_only=options.merge == "zero-only")
-    tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings),
-              "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
-              "top_contents": top, "address_map": where}
-    return Analysis(
-        columns={name: tables[name] for name in TABLES},
-        counters=table.counters(ksm),
-        options=options,
-        ksm=ksm,
-        contents=table,
-        inputs=[os.fspath(p) for p in paths],
-        warnings=_warnings(prints, options),
-        unrestricted=unrestricted,
-        domains=domain_names,
-    )
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table by name, in :data:`TABLES` order, indexed as its CSV file is: tables of
+        rows (a plain 0, 1, ... index) by their first column."""
+        return {name: df.set_index(df.columns[0]) if self._is_rows(name) else df
+                for name, df in ((name, getattr(self, name)) for name in TABLES)}
 
+    def options_record(self) -> dict[str, Any]:
+        """The options the analysis ran with, as plain values (``options`` in ``--json``)."""
+        o, k = self.options, self.ksm
+        bases = o.bases_for(self.inputs)
+        knobs = ("max_page_sharing", "use_zero_pages", "pages_to_scan", "sleep_millisecs")
+        return {"inputs": list(self.inputs), "format": o.format.value if o.format else "auto",
+                "page_size": k.page_size,
+                "prefix_bytes": int(self.columns["stages"].at("prefix_bytes", "value")),
+                "base_address": bases if len(set(bases)) > 1 else bases[0],
+                **{knob: getattr(k, knob) for knob in knobs},
+                "verify": o.verify, "jobs": o.workers, "scope": o.scope.value}
 
-def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]:
-    """The readers' warnings, and one per process core read under ``--scope mergeable``."""
-    warnings = [w for fp in prints for w in fp.warnings]
-    if options.scope is Scope.MERGEABLE:
-        warnings += [
-            f"{fp.path}: a process core does not record which VMAs are mergeable; its "
-            "pages are counted as with --scope anon"
-            for fp in prints
-            if fp.address_space == "virtual" and fp.format is not DumpFormat.SNAPSHOT
-        ]
-    return warnings
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON values, no NaN (what ``scan --json`` prints): tables of
+        rows as lists of rows, ``stages`` as statistic -> value, the others keyed by index."""
+        out: dict[str, Any] = {"options": self.options_record()}
+        for name in TABLES:  # from the columns, as the DataFrames would give them: no pandas
+            table = self.columns[name]
+            out[name] = table.records() if self._is_rows(name) else table.keyed()
+        out["warnings"] = list(self.warnings)
+        if self.unrestricted is not None:
+            out["policy"] = {"domains": dict(zip(self.names, (self.domains[d] for d in
+                                                   self.contents.column("domain")), strict=True))
+                             if self.domains else {},
+                             "merge": self.options.merge,
+                             "unrestricted": self.unrestricted.as_dict()}
+        return {k: json_safe(v) for k, v in out.items()}
 
+    def _is_rows(self, table: str) -> bool:
+        """A table of rows (its index only numbers them), not one keyed by its index."""
+        return self.columns[table].index is None
 
-def _refuse_repeats(paths: Sequence[str | os.PathLike[str]]) -> None:
-    """ValueError if one file is given twice (also through a link): it would be counted as
-    two guests that share every page."""
-    seen: dict[tuple[int, int], int] = {}
-    for k, p in enumerate(paths):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue  # opening it says what is wrong
-        first = seen.setdefault((st.st_dev, st.st_ino), k)
-        if first != k:
-            alias = "" if os.fspath(paths[first]) == os.fspath(p) else \
-                f", the first time as {os.fspath(paths[first])}"
-            raise ValueError(
-                f"{os.fspath(p)} is given twice (inputs {first + 1} and {k + 1}{alias}): each "
-                "input is one guest or process; to model two identical guests, give a copy"
-            )
+    # The one deliberate upward edge: plots live in render/, which imports this module, so
+    # these accessors import it when called (and matplotlib with it, only then).
+    def plot_savings(self) -> Figure:
+        """Waterfall: memory before, zero pages, sharing within and across, after."""
+        from .render.plots import plot_savings
+
+        return plot_savings(self)
+
+    def plot_histogram(self) -> Figure:
+        """Pages by number of copies, before and after merging (log scale)."""
+        from .render.plots import plot_histogram
+
+        return plot_histogram(self)
+
+    def plot_pairwise(self) -> Figure:
+        """Heatmap of pages of each input also present in each other input."""
+        from .render.plots import plot_pairwise
+
+        return plot_pairwise(self)
+
+    def plot_address_map(self) -> Figure:
+        """Where zero, unique and duplicated pages lie in each input's address space."""
+        from .render.plots import plot_address_map
+
+        return plot_address_map(self)
 
 
-def _silent(task: str, done: int, total: int) -> None:
-    """The progress reporter when nobody listens."""
+def json_safe(value: Any) -> Any:
+    """numpy scalars and containers to plain Python values; NaN and infinities to None
+    (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

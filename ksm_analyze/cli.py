@@ -20,20 +20,20 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from . import __version__
 from ._signals import Interrupted, raise_on_interrupt
-from .analysis import analyze
+from ._version import __version__
+from .analysis import TABLES, Analysis
 from .errors import KsmAnalyzeError
 from .formats import DumpFormat, open_dump
 from .ksm import KsmSettings
+from .options import DEFAULT_OPTIONS, ScanOptions
+from .pipeline import analyze
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
-from .result import TABLES, Analysis
-from .settings import DEFAULT_OPTIONS, ScanOptions
 
 if TYPE_CHECKING:
-    from .planning import Plan
+    from .planning.plan import Plan
 
 app = typer.Typer(
     name="ksm-analyze",
@@ -71,9 +71,9 @@ def _address(value: str) -> int:
 
 def _version(value: bool) -> None:
     if value:
-        from . import kernels
+        from .hashing import compiled
 
-        built = ("yes" if kernels.native is not None
+        built = ("yes" if compiled.native is not None
                  else "no (numpy code: no C compiler when it was installed)")
         typer.echo(f"ksm-analyze {__version__}\ncompiled kernels: {built}")
         raise typer.Exit()
@@ -265,7 +265,7 @@ ProjectOpt = Annotated[
 def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | None,
                **options: Any) -> Plan:
     """The plan of ``result`` for the command-line spelling of its sizes and counts."""
-    from .planning import plan as make_plan
+    from .planning.plan import plan as make_plan
     from .units import parse_size
 
     size = parse_size(host_memory, what="--host-memory")
@@ -383,7 +383,7 @@ def plan(
     the emptiest host is dissolved where its inputs fit elsewhere. First-fit decreasing
     ignores sharing. Costs one pass over the inputs' content classes per input placed.
     """
-    from .planning import PLAN_TABLES  # pandas: only for a plan
+    from .planning.plan import PLAN_TABLES  # pandas: only for a plan
     from .render.text import render_plan
 
     with _errors():
@@ -472,7 +472,7 @@ def fingerprint_cmd(
     No page bytes are written. The files can be read on this machine or another; only the
     hashing options matter here.
     """
-    from .sources import write_fingerprint_files
+    from .fleet.sources import write_fingerprint_files
 
     with _errors():
         _make_dir(output, "fingerprint files")

@@ -20,7 +20,7 @@ import numpy as np
 from .pages import Choice, Extent, MapFlags, PageState
 
 if TYPE_CHECKING:
-    from .fingerprint import Fingerprints
+    from .hashing.stage1 import Fingerprints
 
 __all__ = ["NO_BYTES_RULES", "RULES", "ScanMask", "Scope", "excluded_by", "scan_mask",
            "split_maps_zero_subpages"]

@@ -1,6 +1,6 @@
 """Who shares with whom, what is shared, and where: the tables behind ``report``.
 
-Three tables, built from the core :class:`~ksm_analyze.contents.ContentTable` (and, for
+Three tables, built from the core :class:`~ksm_analyze.content_table.ContentTable` (and, for
 where pages lie, the labels of stage 2 and the scan masks):
 
 * ``pairwise``: for each ordered pair of inputs, the non-zero pages of one whose content
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from .columns import Columns
-from .contents import ContentTable
-from .dedup import UNIQUE, ZERO, ContentClasses
+from .content_table import ContentTable
 from .eligibility import ScanMask, Scope, excluded_by
-from .fingerprint import Fingerprints
 from .formats.base import DumpReader
+from .hashing.stage1 import Fingerprints
+from .hashing.stage2 import UNIQUE, ZERO, ContentClasses
 from .ksm import saved_pages
 from .pages import PageState
 from .units import short_names

@@ -6,7 +6,7 @@ counts every scanned zero page as present on the host, ``without_zero_pages`` as
 is. The footprint after KSM is nearly the same either way.
 
 Each table is returned as plain :class:`~ksm_analyze.columns.Columns` (no pandas);
-:class:`~ksm_analyze.result.Analysis` makes the DataFrames when they are read.
+:class:`~ksm_analyze.analysis.Analysis` makes the DataFrames when they are read.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from .columns import Columns
-from .contents import ContentTable
-from .dedup import StageStats
+from .content_table import ContentTable
 from .eligibility import RULES, ScanMask
-from .fingerprint import Fingerprints
+from .hashing.stage1 import Fingerprints
+from .hashing.stage2 import StageStats
 from .ksm import (
     KSM_STAT_FIELDS,
     RMAP_ITEM_BYTES,
@@ -56,7 +56,7 @@ def summary_tables(
     timings: Mapping[str, float],
 ) -> dict[str, Columns]:
     """``per_input``, ``host``, ``savings``, ``histogram``, ``stages``, ``convergence`` and
-    ``exclusions`` (columns documented on :class:`~ksm_analyze.result.Analysis`)."""
+    ``exclusions`` (columns documented on :class:`~ksm_analyze.analysis.Analysis`)."""
     counters = host_counters(table, settings)
     host = Columns.from_dicts({k: v.as_dict() for k, v in counters.items()}, "counter")
     per_input = _per_input(table, settings)

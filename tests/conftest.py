@@ -36,12 +36,12 @@ def scan_memory(paths: Sequence[str], *options: str) -> int:
 @pytest.fixture(params=["compiled", "numpy"])
 def kernel_path(request, monkeypatch):
     """Run a test once with the compiled kernels and once with the numpy code they replace
-    (ksm_analyze/kernels.py). The compiled run fails, not skips, where the extension was not
+    (ksm_analyze/hashing/compiled.py). The compiled run fails, not skips, where the extension was not
     built: CI builds it, and its results are what the tests are for."""
-    from ksm_analyze import kernels
+    from ksm_analyze.hashing import compiled as kernels
 
     if request.param == "numpy":
         monkeypatch.setattr(kernels, "native", None)
     else:
-        assert kernels.native is not None, "ksm_analyze._kernels is not built (no C compiler?)"
+        assert kernels.native is not None, "ksm_analyze.hashing._compiled is not built (no C compiler?)"
     return request.param

@@ -1,10 +1,15 @@
-"""The shape of the package: no import cycle, each option declared once, one list of tables."""
+"""The shape of the package: the layer order, no import cycle, each option declared once, one
+list of tables."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import re
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import typer.main
@@ -13,7 +18,7 @@ from conftest import ROOT
 import ksm_analyze
 from ksm_analyze.cli import app
 from ksm_analyze.ksm import KsmSettings
-from ksm_analyze.settings import ScanOptions
+from ksm_analyze.options import ScanOptions
 
 PACKAGE = ROOT / "ksm_analyze"
 
@@ -93,16 +98,56 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_the_library_never_imports_the_renderers_at_module_level():
-    graph = _graph()
-    entry_points = ("ksm_analyze", "ksm_analyze.__main__")
-    lower = [m for m in graph if not m.startswith(("ksm_analyze.render", "ksm_analyze.cli",
-                                                   "ksm_analyze.live"))
-             and m not in entry_points]
-    for module in lower:
-        upward = {d for d in graph[module] if d.startswith(("ksm_analyze.render",
-                                                             "ksm_analyze.cli"))}
-        assert not upward, (module, upward)
+def _layers() -> list[str]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = config["contracts"]
+    return list(contract["layers"])
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    # The console script of this Python's import-linter, run where `root` is the package's
+    # top folder, so it analyses that tree's ksm_analyze.
+    script = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(script), "--config", str(root / "pyproject.toml")], cwd=root,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(root)},
+                          check=False)
+
+
+def test_imports_go_down_the_layers_only():
+    r = _lint_imports(ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 kept, 0 broken" in r.stdout
+
+
+def test_the_layer_contract_fails_on_an_import_going_up(tmp_path):
+    # A copy of the package where a bottom module imports the command line lazily, inside a
+    # function (the kind of edge the old cycle check let through): the contract must break.
+    shutil.copytree(PACKAGE, tmp_path / "ksm_analyze",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_vendor"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    pages = tmp_path / "ksm_analyze" / "pages.py"
+    pages.write_text(pages.read_text() + "\n\ndef _up() -> None:\n    from .cli import app  # noqa\n")
+    r = _lint_imports(tmp_path)
+    assert r.returncode != 0
+    assert "ksm_analyze.pages is not allowed to import ksm_analyze.cli" in r.stdout
+
+
+def test_every_module_is_in_a_layer():
+    # A new module left out of the list would escape the contract.
+    layers = {part.strip() for layer in _layers() for part in re.split(r"[|:]", layer)}
+    top = {p.stem if p.suffix else p.name for p in PACKAGE.iterdir()
+           if (p.suffix == ".py" and p.stem != "__init__")
+           or (p.is_dir() and (p / "__init__.py").exists())}
+    assert top == layers, (top - layers, layers - top)
+
+
+def test_the_architecture_doc_draws_the_layer_order():
+    # docs/architecture.md's drawing names each layer's modules first on its line, top down.
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    drawing = doc.split("## Layers", 1)[1].split("```", 2)[1]
+    drawn = [line.split()[0] for line in drawing.strip().splitlines()]
+    expected = [re.split(r"\s*[|:]\s*", layer)[0] for layer in _layers()]
+    assert [d.removesuffix(".py").removesuffix("/") for d in drawn] == expected
 
 
 def _field_defaults() -> dict[str, object]:
@@ -136,7 +181,7 @@ def test_option_defaults_are_written_once_in_the_package():
     )
     offenders = [f"{p.relative_to(ROOT)}:{n}" for p in PACKAGE.rglob("*.py")
                  for n, line in enumerate(p.read_text().splitlines(), 1)
-                 if pattern.search(line) and p.name not in ("settings.py", "ksm.py")]
+                 if pattern.search(line) and p.name not in ("options.py", "ksm.py")]
     assert not offenders, offenders
 
 

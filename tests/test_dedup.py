@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from conftest import PS
 
-from ksm_analyze import dedup, kernels
-from ksm_analyze import fingerprint as stage1
-from ksm_analyze.dedup import UNIQUE, classify
-from ksm_analyze.fingerprint import fingerprint
 from ksm_analyze.formats.raw import RawReader
-from ksm_analyze.settings import ScanOptions
+from ksm_analyze.hashing import compiled as kernels
+from ksm_analyze.hashing import stage1
+from ksm_analyze.hashing import stage2 as dedup
+from ksm_analyze.hashing.stage1 import fingerprint
+from ksm_analyze.hashing.stage2 import UNIQUE, classify
+from ksm_analyze.options import ScanOptions
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # each test with both kernel paths
 
@@ -136,7 +137,7 @@ def test_random_mix_against_numpy_unique(tmp_path):
 def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
     # Stage 2 in parts of a few candidates each, and stage 1 and 2 in forked workers: the
     # classes must still be exactly the contents the bytes say.
-    import ksm_analyze.fingerprint as fp
+    import ksm_analyze.hashing.stage1 as fp
 
     monkeypatch.setattr(dedup, "PART_CANDIDATES", 5)
     monkeypatch.setattr(dedup, "REP_GROUPS", 2)  # many passes over representatives

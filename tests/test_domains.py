@@ -9,7 +9,7 @@ from conftest import SAMPLES, runner, scan_memory
 
 from ksm_analyze import KsmSettings, analyze
 from ksm_analyze.cli import app
-from ksm_analyze.planning import plan
+from ksm_analyze.planning.plan import plan
 
 
 @pytest.mark.parametrize("mps", [256, 3])

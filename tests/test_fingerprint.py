@@ -7,9 +7,9 @@ import pytest
 import xxhash
 from conftest import PS
 
-from ksm_analyze.fingerprint import fingerprint, zero_rows
 from ksm_analyze.formats.raw import RawReader
-from ksm_analyze.settings import ScanOptions
+from ksm_analyze.hashing.stage1 import fingerprint, zero_rows
+from ksm_analyze.options import ScanOptions
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # each test with both kernel paths
 
@@ -50,7 +50,7 @@ def test_prefix_hash_is_xxh3_of_the_first_bytes(tmp_path, prefix_bytes):
 def test_parallel_stage_1_gives_the_same_fingerprints(tmp_path, monkeypatch):
     # Two jobs (threads with the kernels, forked processes without) each write the batches
     # they hash into the one table: every page once, with the prefix one job gives it.
-    import ksm_analyze.fingerprint as fp
+    import ksm_analyze.hashing.stage1 as fp
 
     monkeypatch.setattr(fp, "PARALLEL_MIN_PAGES", 1)
     rng = np.random.default_rng(5)

@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 from test_fuzz import run_isolated
 
 import workload
-from ksm_analyze import analyze, fpfile
+from ksm_analyze import analyze
 from ksm_analyze.cli import app
 from ksm_analyze.errors import DumpFormatError, InputError
+from ksm_analyze.fleet import fingerprint_files as fpfile
 from qemu_guest import Guest, ensure_guest_assets, qemu_available
 
 PREDICTION = ("per_input", "host", "savings", "histogram", "exclusions", "convergence",
@@ -118,7 +119,7 @@ def test_a_damaged_fingerprint_file_is_one_line(tmp_path):
 
 
 def test_the_cache_skips_reading_and_says_so(tmp_path, monkeypatch):
-    from ksm_analyze import sources
+    from ksm_analyze.fleet import sources
 
     dumps = [shutil.copy(p, tmp_path / p.name) for p in _samples()]
     first = _scan(*dumps, "--cache", tmp_path / "cache")
@@ -166,7 +167,7 @@ def test_a_local_cluster_gives_the_single_process_prediction(tmp_path):
 
 
 def test_a_dump_only_the_workers_can_read_is_hashed_there(tmp_path, monkeypatch):
-    from ksm_analyze import sources
+    from ksm_analyze.fleet import sources
 
     inputs = _many_inputs(tmp_path, 4)
     want = _scan(*inputs, "-j", "1")
@@ -188,7 +189,7 @@ def _free_port() -> int:
 
 SLOW_WORKER = """
 import os, time
-import ksm_analyze.fingerprint as _fp
+import ksm_analyze.hashing.stage1 as _fp
 _hash_batch = _fp.hash_batch
 def _slow(batch, nbytes):
     with open(os.environ["KSM_TEST_MARKS"], "a") as f:
@@ -255,8 +256,8 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, cluster):
 
 
 def test_an_input_a_worker_cannot_read_is_one_line_naming_it_and_the_worker(tmp_path):
-    from ksm_analyze.settings import ScanOptions
-    from ksm_analyze.sources import fingerprint_sources, open_sources
+    from ksm_analyze.fleet.sources import fingerprint_sources, open_sources
+    from ksm_analyze.options import ScanOptions
 
     path = shutil.copy(_samples()[1], tmp_path / "gone.raw")
     options = ScanOptions(scheduler="local:1")
@@ -317,7 +318,7 @@ def test_a_fingerprint_file_is_small(tmp_path):
 
 @pytest.mark.parametrize("partitions", [1, 4, 64])
 def test_combine_builds_the_core_table_of_analyze(tmp_path, partitions):
-    from ksm_analyze.combine import combine
+    from ksm_analyze.fleet.combine import combine
     from ksm_analyze.ksm import KsmSettings
 
     inputs = _many_inputs(tmp_path)
@@ -333,7 +334,7 @@ def test_combine_builds_the_core_table_of_analyze(tmp_path, partitions):
 
 
 def test_combine_refuses_files_without_content_hashes(tmp_path):
-    from ksm_analyze.combine import combine
+    from ksm_analyze.fleet.combine import combine
 
     dump = shutil.copy(_samples()[0], tmp_path / "a.elf")
     _scan(dump, "--cache", tmp_path / "cache")  # cache files carry no content hashes

@@ -1,4 +1,4 @@
-"""The compiled kernels (ksm_analyze/_kernels.c) against the references they replace: the
+"""The compiled kernels (ksm_analyze/hashing/_compiled.c) against the references they replace: the
 xxhash library for hashes, numpy for zero pages and byte comparison."""
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from conftest import PS, ROOT, SAMPLES, runner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ksm_analyze import analyze, kernels
+from ksm_analyze import analyze
 from ksm_analyze.cli import app
+from ksm_analyze.hashing import compiled as kernels
 
 
 def test_built():
     # CI installs with a C compiler; without one the numpy code runs, and these tests fail.
-    assert kernels.native is not None, "ksm_analyze._kernels was not built (no C compiler?)"
+    assert kernels.native is not None, "ksm_analyze.hashing._compiled was not built (no C compiler?)"
 
 
 def _pages(n: int, seed: int = 0, size: int = PS) -> np.ndarray:
@@ -176,7 +177,7 @@ def test_installs_and_runs_without_a_c_compiler(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         assert not [n for n in z.namelist() if n.endswith(".so")]
         z.extractall(tmp_path / "site")
-    code = ("import json, sys; import ksm_analyze.kernels as k; assert k.native is None, k; "
+    code = ("import json, sys; import ksm_analyze.hashing.compiled as k; assert k.native is None, k; "
             "from ksm_analyze.cli import main; main()")
     # -S: no site hooks, so this checkout's editable install (and its extension) is not
     # found; the dependencies come from site-packages on the path.

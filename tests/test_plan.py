@@ -11,9 +11,9 @@ from conftest import PS, SAMPLES, runner, scan_memory
 
 from ksm_analyze import KsmSettings, analyze
 from ksm_analyze.cli import app
-from ksm_analyze.placement import HostModel
-from ksm_analyze.planning import plan
-from ksm_analyze.projection import Projection
+from ksm_analyze.planning.placement import HostModel
+from ksm_analyze.planning.plan import plan
+from ksm_analyze.planning.projection import Projection
 
 RMAP = 64  # bytes per rmap_item
 SHARED, PRIVATE = 200, 20  # pages each pair shares, pages each input has alone
@@ -147,7 +147,7 @@ def test_plan_of_the_samples_from_the_readme():
 def test_patterns_stay_exact_when_digests_collide(pairs, monkeypatch):
     # With a digest that says every class is alike, the row-by-row check must still keep
     # classes held differently apart: footprints must not change.
-    from ksm_analyze import placement
+    from ksm_analyze.planning import placement
 
     result = analyze([*pairs, *SAMPLES], ksm=KsmSettings(max_page_sharing=3), jobs=1)
     honest = HostModel(result.contents, result.ksm)

@@ -12,7 +12,7 @@ import pytest
 from conftest import scan_memory
 
 from ksm_analyze import analyze
-from ksm_analyze.planning import plan
+from ksm_analyze.planning.plan import plan
 from qemu_guest import Guest, ensure_guest_assets, qemu_available
 
 pytestmark = [

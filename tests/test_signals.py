@@ -30,7 +30,7 @@ from ksm_analyze.errors import InputError
 
 SLOW_BATCHES = """
 import os, time
-import ksm_analyze.fingerprint as _fp
+import ksm_analyze.hashing.stage1 as _fp
 _hash_batch = _fp.hash_batch
 def _slow(batch, nbytes):
     os.write(2, b"BATCH\\n")
@@ -44,7 +44,7 @@ then takes 0.2 s more."""
 MARKERS = ("BATCH", "STARTED")
 
 NUMPY_ONLY = """
-import ksm_analyze.kernels as _kernels
+import ksm_analyze.hashing.compiled as _kernels
 _kernels.native = None
 """
 """Prelude: no compiled kernels, so raw dumps are hashed by forked worker processes under

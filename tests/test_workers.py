@@ -25,14 +25,15 @@ import pytest
 from conftest import ROOT, SAMPLES, runner
 from test_signals import NUMPY_ONLY, SLOW_BATCHES, Cli, gone
 
-import ksm_analyze.fingerprint as fp
+import ksm_analyze.hashing.stage1 as fp
 from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import make_avml
-from ksm_analyze import dedup, kernels
 from ksm_analyze._parallel import imap_shards, imap_threads, map_shards
 from ksm_analyze.cli import app
 from ksm_analyze.errors import KsmAnalyzeError, WorkerError
 from ksm_analyze.formats.avml import AvmlReader
+from ksm_analyze.hashing import compiled as kernels
+from ksm_analyze.hashing import stage2 as dedup
 
 PAGE = bytes(range(256)) * 16
 

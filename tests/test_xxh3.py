@@ -12,7 +12,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ksm_analyze.xxh3 import _mul128_fold64, xxh3_64_rows
+from ksm_analyze.hashing.xxh3 import _mul128_fold64, xxh3_64_rows
 
 # As in test_fuzz.py: on a failure hypothesis imports its patch writer, whose libcst warns at
 # import, which filterwarnings=error turns into an INTERNALERROR hiding the failure.

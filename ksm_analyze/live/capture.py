@@ -34,15 +34,15 @@ import numpy as np
 
 from ..errors import InputError
 from ..formats.snapshot import RUN, RunFlags, SnapshotWriter, vma_flags
+from ..options import ProgressCallback
 from ..pages import MapFlags
-from ..settings import ProgressCallback
 from .procfs import (
+    HOST_PAGE_SIZE,
     KPF_KSM,
     KPF_THP,
     KPF_ZERO_PAGE,
     PAGE_IS_HUGE,
     PAGE_IS_PFNZERO,
-    PAGE_SIZE,
     PM_FILE,
     PM_PFN_MASK,
     PM_PRESENT,
@@ -137,7 +137,7 @@ def _capture_all(
         pfn_facts = _PfnFacts(kpf)
         summary = CaptureSummary(out, "")
         try:
-            writer = SnapshotWriter(out, page_size=PAGE_SIZE, meta=meta)
+            writer = SnapshotWriter(out, page_size=HOST_PAGE_SIZE, meta=meta)
         except OSError as e:
             raise InputError(f"cannot write the snapshot here: {e.strerror}", path=out) from None
         with writer:
@@ -220,11 +220,11 @@ class _PfnFacts:
         """Without kpageflags, add ZERO_PFN and THP to ``flags`` of the pages from ``start``."""
         if self.kpf.available or self.scan_works is False:
             return
-        found = pagemap_scan(pagemap_fd, start, start + len(flags) * PAGE_SIZE,
+        found = pagemap_scan(pagemap_fd, start, start + len(flags) * HOST_PAGE_SIZE,
                              PAGE_IS_PFNZERO | PAGE_IS_HUGE)
         self.scan_works = found is not None
         for lo, hi, categories in found or ():
-            first, end = (lo - start) // PAGE_SIZE, (hi - start) // PAGE_SIZE
+            first, end = (lo - start) // HOST_PAGE_SIZE, (hi - start) // HOST_PAGE_SIZE
             # The huge zero page is both; it is the zero page that matters to KSM.
             bit = RunFlags.ZERO_PFN if categories & PAGE_IS_PFNZERO else RunFlags.THP
             flags[first:end] |= np.uint32(bit)
@@ -297,7 +297,7 @@ def _capture_vma(
     runs = []
     for first in range(0, vma.npages, CHUNK_PAGES):
         count = min(CHUNK_PAGES, vma.npages - first)
-        addr = vma.start + first * PAGE_SIZE
+        addr = vma.start + first * HOST_PAGE_SIZE
         entries = _pagemap_entries(pid, pagemap_fd, addr, count)
         flags = _pagemap_flags(entries, pfn_facts.kpf)
         _mark(pid, pfn_facts, flags, pagemap_fd, addr)
@@ -314,7 +314,7 @@ def _pagemap_entries(pid: int, pagemap_fd: int, addr: int, count: int) -> np.nda
     """The pagemap entries of ``count`` pages from ``addr`` (zeros past a short read:
     beyond the task's addresses, or an address space that is gone)."""
     try:
-        raw = os.pread(pagemap_fd, count * 8, addr // PAGE_SIZE * 8)
+        raw = os.pread(pagemap_fd, count * 8, addr // HOST_PAGE_SIZE * 8)
     except OSError as e:
         raise proc_error(pid, f"/proc/{pid}/pagemap", e) from None
     entries = np.zeros(count, np.uint64)
@@ -359,13 +359,13 @@ def _store(
         return
     runs = np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1)
     for run in (r[i : i + READ_PAGES] for r in runs for i in range(0, len(r), READ_PAGES)):
-        kept = copier.copy(start + int(run[0]) * PAGE_SIZE, entries[run])
+        kept = copier.copy(start + int(run[0]) * HOST_PAGE_SIZE, entries[run])
         if kept is None:  # EIO for the block: try page by page, keep what reads
-            one = [copier.copy(start + k * PAGE_SIZE, entries[k : k + 1]) for k in run.tolist()]
+            one = [copier.copy(start + k * HOST_PAGE_SIZE, entries[k : k + 1]) for k in run.tolist()]
             kept = np.array([k is not None and bool(k[0]) for k in one])
         flags[run[kept]] |= np.uint32(RunFlags.STORED)
         flags[run[~kept]] |= np.uint32(RunFlags.UNREADABLE)
-        meter.add(int(kept.sum()) * PAGE_SIZE)
+        meter.add(int(kept.sum()) * HOST_PAGE_SIZE)
 
 
 class _PageCopier:
@@ -380,7 +380,7 @@ class _PageCopier:
                  still_there: Callable[[int, np.ndarray], np.ndarray]) -> None:
         self.pid, self.fd, self.writer, self.pool = pid, fd, writer, pool
         self.still_there = still_there
-        self.buffers = [memoryview(bytearray(READ_PAGES * PAGE_SIZE)) for _ in range(2)]
+        self.buffers = [memoryview(bytearray(READ_PAGES * HOST_PAGE_SIZE)) for _ in range(2)]
         self.pending: list[Future[None] | None] = [None, None]
         self.turn = 0
 
@@ -394,7 +394,7 @@ class _PageCopier:
             previous.result()  # the buffer's previous write is done (or raises)
         if addr >= 1 << 63:  # [vsyscall] lies beyond a signed off_t
             return None
-        buffer = self.buffers[i][: npages * PAGE_SIZE]
+        buffer = self.buffers[i][: npages * HOST_PAGE_SIZE]
         try:
             got = os.preadv(self.fd, [buffer], addr)
         except OSError as e:
@@ -415,7 +415,7 @@ class _PageCopier:
 
     def _write(self, addr: int, buffer: memoryview, spans: list[tuple[int, int]]) -> None:
         for lo, hi in spans:
-            self.writer.write_pages(addr + lo * PAGE_SIZE, buffer[lo * PAGE_SIZE : hi * PAGE_SIZE])
+            self.writer.write_pages(addr + lo * HOST_PAGE_SIZE, buffer[lo * HOST_PAGE_SIZE : hi * HOST_PAGE_SIZE])
 
     def drain(self) -> None:
         """Wait for every write (before the next process, and before commit)."""
@@ -431,7 +431,7 @@ def _runs(start: int, flags: np.ndarray) -> np.ndarray:
         return np.zeros(0, RUN)
     firsts = np.concatenate([[0], np.flatnonzero(np.diff(flags)) + 1])
     out = np.zeros(len(firsts), RUN)
-    out["vaddr"] = start + firsts.astype(np.uint64) * PAGE_SIZE
+    out["vaddr"] = start + firsts.astype(np.uint64) * HOST_PAGE_SIZE
     out["npages"] = np.diff(np.concatenate([firsts, [len(flags)]]))
     out["flags"] = flags[firsts]
     return out
@@ -456,6 +456,6 @@ def _absent_runs(start: int, npages: int) -> np.ndarray:
     step = 0xFFFFFFFF
     firsts = np.arange(0, npages, step, dtype=np.uint64)
     out = np.zeros(len(firsts), RUN)
-    out["vaddr"] = start + firsts * PAGE_SIZE
+    out["vaddr"] = start + firsts * HOST_PAGE_SIZE
     out["npages"] = np.minimum(step, npages - firsts)
     return out

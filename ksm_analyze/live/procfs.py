@@ -22,8 +22,9 @@ import numpy as np
 
 from ..errors import KsmAnalyzeError
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-"""The running kernel's page size: pagemap has one entry per page of this size."""
+HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+"""The running kernel's page size: pagemap has one entry per page of this size (an
+analysis's page size is ``KsmSettings.page_size``, by default ``pages.PAGE_SIZE``)."""
 
 __all__ = [
     "KSM_SYSFS", "KPageFlags", "ProcessError", "Vma", "ksm_stat", "ksm_sysfs",
@@ -96,7 +97,7 @@ class Vma:
     @property
     def npages(self) -> int:
         """Pages of the running kernel's page size in the VMA."""
-        return (self.end - self.start) // PAGE_SIZE if self.end > self.start else 0
+        return (self.end - self.start) // HOST_PAGE_SIZE if self.end > self.start else 0
 
     def as_meta(self) -> dict[str, object]:
         """The snapshot's META entry for this VMA."""

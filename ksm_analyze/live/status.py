@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from ..analysis import analyze
+from ..analysis import Analysis
 from ..eligibility import Scope
 from ..errors import KsmAnalyzeError
 from ..formats import open_inputs
 from ..ksm import KSM_STAT_FIELDS, KsmSettings
-from ..result import Analysis
-from ..settings import DEFAULT_OPTIONS
+from ..options import DEFAULT_OPTIONS
+from ..pipeline import analyze
 from .procfs import ksm_stat, ksm_sysfs, process_facts
 
 __all__ = ["HOST_COUNTERS", "KsmStatus", "ksm_status"]

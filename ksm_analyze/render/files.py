@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._files import DIR_MODE, FILE_MODE, atomic_write
-from ..result import json_safe
+from ..analysis import json_safe
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,4 +1,4 @@
-"""matplotlib figures of an :class:`~ksm_analyze.analysis.Analysis`, for reports and notebooks.
+"""matplotlib figures of an :class:`~ksm_analyze.pipeline.Analysis`, for reports and notebooks.
 
 Every function returns a :class:`matplotlib.figure.Figure` drawn on an Agg canvas, never
 touching pyplot's global state, so it works without a display, in threads and in Jupyter
@@ -19,8 +19,8 @@ from ..sharing import ADDRESS_KINDS
 from ..units import human_bytes
 
 if TYPE_CHECKING:
-    from ..planning import Plan
-    from ..result import Analysis
+    from ..analysis import Analysis
+    from ..planning.plan import Plan
 
 __all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_pairwise", "plot_projection",
            "plot_savings"]

@@ -4,7 +4,7 @@ Stage 1 (reading and hashing) shows one bar per input and one for all inputs; st
 (comparing candidates byte for byte) one more. Bars are drawn only when the stream is a
 terminal, so pipes, logs and CI output stay clean; ``--quiet`` turns them off too.
 
-The library reports through callbacks (:mod:`ksm_analyze.settings`) and knows nothing of
+The library reports through callbacks (:mod:`ksm_analyze.options`) and knows nothing of
 the display; this module, used by the CLI, draws. Bars are refreshed from the caller's
 thread (no refresh thread), so forking hash workers never copies a running thread.
 """
@@ -28,7 +28,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..settings import ProgressCallback
+from ..options import ProgressCallback
 
 __all__ = ["ScanProgress"]
 
@@ -38,7 +38,7 @@ _REFRESH_SECONDS = 0.1
 class ScanProgress:
     """Progress bars, one per task; a no-op unless ``enabled`` and ``stream`` is a tty.
 
-    Use as a context manager. The object is a :data:`~ksm_analyze.settings.ProgressReporter`:
+    Use as a context manager. The object is a :data:`~ksm_analyze.options.ProgressReporter`:
     pass it as ``analyze(..., progress=bars)``, and it draws a bar for each task the library
     names (each input, ``all inputs``, ``comparing``). :meth:`bar` gives a plain callback
     for one task (``capture``).

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .. import __version__
-from ..result import TABLES
+from .._version import __version__
+from ..analysis import TABLES
 from ..units import human_bytes
 from .files import DIR_MODE, FILE_MODE, atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ..planning import Plan
-    from ..result import Analysis
+    from ..analysis import Analysis
+    from ..planning.plan import Plan
 
 __all__ = ["CHARTS", "TABLES", "png_bytes", "report_files", "write_report"]
 
@@ -76,7 +76,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
         plan: a capacity plan of the same analysis, for a "Capacity plan" section.
 
     Returns:
-        The files written: ``<table>.csv`` for each of :data:`~ksm_analyze.result.TABLES`, ``<chart>.png`` for
+        The files written: ``<table>.csv`` for each of :data:`~ksm_analyze.analysis.TABLES`, ``<chart>.png`` for
         each of ``CHARTS``, and ``index.html``.
 
     Raises:

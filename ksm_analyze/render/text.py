@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis import Analysis
 from ..eligibility import RULES
-from ..result import Analysis
 from ..units import human_bytes
 from .files import to_json
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..formats.base import DumpReader
     from ..live.capture import CaptureSummary
     from ..live.status import KsmStatus
-    from ..planning import Plan
+    from ..planning.plan import Plan
 
 __all__ = ["render_capture", "render_info", "render_plan", "render_scan", "render_status"]
 

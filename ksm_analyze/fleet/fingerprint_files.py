@@ -27,15 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._files import atomic_write
-from .errors import DumpFormatError, InputError
-from .fingerprint import Fingerprints
-from .formats import DumpFormat
-from .formats.base import DumpReader, open_readonly
-from .pages import Extent, MapFlags, PageState, check_page_size
+from .._files import atomic_write
+from .._version import __version__
+from ..errors import DumpFormatError, InputError
+from ..formats import DumpFormat
+from ..formats.base import open_readonly
+from ..hashing.stage1 import Fingerprints
+from ..pages import Extent, MapFlags, PageState, check_page_size
 
-__all__ = ["META_KEY", "SUFFIX", "Cache", "content_hashes", "is_fingerprint_file", "load",
+__all__ = ["META_KEY", "SUFFIX", "Cache", "is_fingerprint_file", "load",
            "options_of", "save", "source_of", "unchanged"]
 
 META_KEY = b"ksm-analyze.fingerprints"
@@ -45,7 +45,6 @@ VERSION = 1
 _MAGIC = b"PAR1"
 _MAX_META = 64 << 20
 """Metadata larger than this is damage (a real one is a few bytes per range)."""
-_BLOCK = 4096  # pages read at a time for content hashes
 _ROWS_PER_BYTE = 16
 """More pages than this per byte of file is a hostile header: the best compression seen, a
 dump of zero pages only, is 0.6 pages a byte. Reading a file so costs at most 512 bytes of
@@ -66,24 +65,6 @@ def unchanged(source: tuple[str, int, int] | None) -> bool:
         return source_of(source[0]) == tuple(source) and os.access(source[0], os.R_OK)
     except OSError:
         return False
-
-
-def content_hashes(reader: DumpReader, addrs: np.ndarray) -> np.ndarray:
-    """``(n, 2)`` uint64: xxh3-128 (low, high) of the stored pages at ``addrs``; 0 for a page
-    of zeros."""
-    import xxhash
-
-    out = np.zeros((len(addrs), 2), np.uint64)
-    digest = xxhash.xxh3_128_intdigest
-    for lo in range(0, len(addrs), _BLOCK):
-        pages = reader.read_pages(addrs[lo : lo + _BLOCK])
-        # The C library per page: one pass over 4 KiB at memory speed (0.3 us), faster than
-        # any numpy formulation of a 128-bit hash.
-        values = [digest(p) for p in pages]
-        out[lo : lo + len(values), 0] = [v & 0xFFFFFFFFFFFFFFFF for v in values]
-        out[lo : lo + len(values), 1] = [v >> 64 for v in values]
-        out[lo : lo + len(values)][~pages.any(axis=1)] = 0
-    return out
 
 
 def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from . import fpfile
-from .errors import InputError, KsmAnalyzeError
-from .fingerprint import Fingerprints, fingerprint
-from .formats import DumpFormat, open_inputs
-from .formats.base import DumpReader
-from .settings import ProgressCallback, ScanOptions
+from ..errors import InputError, KsmAnalyzeError
+from ..formats import DumpFormat, open_inputs
+from ..formats.base import DumpReader
+from ..hashing.stage1 import Fingerprints, fingerprint
+from ..hashing.stage2 import content_hashes
+from ..options import ProgressCallback, ScanOptions
+from . import fingerprint_files
 
 __all__ = ["Source", "fingerprint_sources", "open_sources", "write_fingerprint_files"]
 
@@ -60,11 +61,11 @@ def _hash_key(options: ScanOptions, page_size: int, base: int, fmt: DumpFormat |
 def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, page_size: int,
                  bases: Sequence[int], stack: contextlib.ExitStack) -> list[Source]:
     """Open every input; readers are closed with ``stack``."""
-    cache = fpfile.Cache(options.cache) if options.cache else None
+    cache = fingerprint_files.Cache(options.cache) if options.cache else None
     sources: list[Source] = []
     for path, base in zip(paths, bases, strict=True):
         path = os.fspath(path)
-        if fpfile.is_fingerprint_file(path):
+        if fingerprint_files.is_fingerprint_file(path):
             sources += _from_file(path, options, page_size, stack)
             continue
         if options.scheduler and not readable_here(path):
@@ -92,7 +93,7 @@ def _from_file(path: str, options: ScanOptions, page_size: int,
                stack: contextlib.ExitStack) -> list[Source]:
     """The inputs of a fingerprint file, each with its dump's reader where that dump is here
     and unchanged."""
-    prints = fpfile.load(path)
+    prints = fingerprint_files.load(path)
     if prints and prints[0].page_size != page_size:
         raise ValueError(f"{path} holds {prints[0].page_size}-byte pages; analyze it with "
                          f"--page-size {prints[0].page_size}")
@@ -101,8 +102,8 @@ def _from_file(path: str, options: ScanOptions, page_size: int,
                          f"{prints[0].prefix_bytes}; give the same")
     readers: list[DumpReader | None] = [None] * len(prints)
     source = prints[0].source if prints else None
-    if source is not None and fpfile.unchanged(source):
-        base = int(fpfile.options_of(path).get("base_address", 0))
+    if source is not None and fingerprint_files.unchanged(source):
+        base = int(fingerprint_files.options_of(path).get("base_address", 0))
         with contextlib.suppress(KsmAnalyzeError, OSError):
             opened = open_inputs(source[0], prints[0].format, page_size=page_size,
                                  base_address=base)
@@ -133,7 +134,7 @@ def fingerprint_sources(sources: Sequence[Source], options: ScanOptions,
             if with_content:
                 s.prints = _with_content(s.prints, s.reader)
     if options.cache:
-        cache = fpfile.Cache(options.cache)
+        cache = fingerprint_files.Cache(options.cache)
         for path in dict.fromkeys(s.path for s in todo if s.origin == "read"):
             mine = [s for s in sources if s.path == path]
             cache.put(path, mine[0].key, [s.prints for s in mine if s.prints is not None])
@@ -171,7 +172,7 @@ def _with_content(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
     """``fp`` with the content hash of every non-zero page, read from ``reader``."""
     content = np.zeros((len(fp.addrs), 2), np.uint64)
     rows = np.flatnonzero(fp.prefix)
-    content[rows] = fpfile.content_hashes(reader, fp.addrs[rows])
+    content[rows] = content_hashes(reader, fp.addrs[rows])
     return replace(fp, content=content)
 
 
@@ -252,7 +253,7 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
                             tasks: ProgressCallback | None = None) -> list[Path]:
     """Fingerprint each dump, content hashes included, into ``folder`` (one file a dump,
     named after it); returns the files written."""
-    from .units import short_names
+    from ..units import short_names
 
     out = Path(folder)
     with contextlib.ExitStack() as stack:
@@ -267,13 +268,13 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
         names = short_names([os.fspath(p) for p in paths])
         for path, name in zip(paths, names, strict=True):
             mine = [s for s in sources if s.path == os.fspath(path)]
-            target = out / (name.replace(os.sep, "_") + fpfile.SUFFIX)
+            target = out / (name.replace(os.sep, "_") + fingerprint_files.SUFFIX)
             if any(os.path.realpath(target) == os.path.realpath(p) for p in paths):
                 raise ValueError(f"{target} would overwrite an input")
             mine_prints = [fp for s in mine if s.prints is not None for fp in (s.prints, *s.more)]
-            source = fpfile.source_of(path) if readable_here(os.fspath(path)) else (
+            source = fingerprint_files.source_of(path) if readable_here(os.fspath(path)) else (
                 os.path.abspath(path), 0, 0)  # read by the workers only
-            fpfile.save(target, mine_prints, source=source, options=mine[0].key,
+            fingerprint_files.save(target, mine_prints, source=source, options=mine[0].key,
                         contents=[fp.content for fp in mine_prints if fp.content is not None])
             written.append(target)
     return written

@@ -1,7 +1,7 @@
 """``plan()``: hosts for a set of guests, with and without sharing-aware placement.
 
 Built on one analysis of every input (the core table); placements and projections are
-computed from it (:mod:`~ksm_analyze.placement`, :mod:`~ksm_analyze.projection`) without
+computed from it (:mod:`~ksm_analyze.planning.placement`, :mod:`~ksm_analyze.planning.projection`) without
 reading a dump again.
 """
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .ksm import RMAP_ITEM_BYTES
+from ..analysis import Analysis, json_safe
+from ..ksm import RMAP_ITEM_BYTES
 from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
 from .projection import Projection
-from .result import Analysis, json_safe
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,7 +43,7 @@ class Plan:
             pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
             ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
         assignments: ``method``, ``input``, ``host``: one row per input and method.
-        projection: VMs per host (:meth:`~ksm_analyze.projection.Projection.table`);
+        projection: VMs per host (:meth:`~ksm_analyze.planning.projection.Projection.table`);
             empty unless counts were asked for.
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
             None unless projected.
@@ -83,13 +83,13 @@ class Plan:
     # Charts live in render/ (the one deliberate upward edge, as on Analysis).
     def plot_hosts(self) -> Figure:
         """Stacked bars per host of each method: memory after KSM, saved, free."""
-        from .render.plots import plot_hosts
+        from ..render.plots import plot_hosts
 
         return plot_hosts(self)
 
     def plot_projection(self) -> Figure:
         """Host memory against the number of guests, with and without KSM."""
-        from .render.plots import plot_projection
+        from ..render.plots import plot_projection
 
         return plot_projection(self)
 

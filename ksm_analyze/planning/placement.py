@@ -1,6 +1,6 @@
 """Placement: which inputs share a host, and how many hosts they need.
 
-Every number comes from the core :class:`~ksm_analyze.contents.ContentTable`, exactly: a
+Every number comes from the core :class:`~ksm_analyze.content_table.ContentTable`, exactly: a
 host's memory is the memory after KSM of its inputs (pages left after merging, plus one
 64-byte rmap_item per scanned page), the same number ``scan`` prints for those inputs. A
 host is held as its copies per content class, so the memory one more input would add (its
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contents import ContentTable
-from .ksm import RMAP_ITEM_BYTES, KsmSettings, merged_pages
+from ..content_table import ContentTable
+from ..ksm import RMAP_ITEM_BYTES, KsmSettings, merged_pages
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "spread"]
 

@@ -1,4 +1,4 @@
-"""The compiled inner loops (``_kernels.c``), where they were built, behind typed wrappers.
+"""The compiled inner loops (``_compiled.c``), where they were built, behind typed wrappers.
 
 Stage 1 and stage 2 work on pages in place with them: stage 1 hashes each page's prefix
 straight from the memory map, stage 2 compares a candidate with its representative with one
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .formats.base import DumpReader
+    from ..formats.base import DumpReader
 
 __all__ = ["equal_rows", "native", "page_hashes", "prefix_hashes", "reads_in_place", "usable"]
 
 
 def _load() -> ModuleType | None:
     try:
-        from . import _kernels
+        from . import _compiled
     except ImportError:
         return None
-    module: ModuleType = _kernels
+    module: ModuleType = _compiled
     return module
 
 

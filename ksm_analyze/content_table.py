@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .columns import Columns
-from .dedup import UNIQUE, ContentClasses
 from .eligibility import ScanMask
-from .fingerprint import Fingerprints
+from .hashing.stage1 import Fingerprints
+from .hashing.stage2 import UNIQUE, ContentClasses
 from .ksm import KsmCounters, KsmSettings, merged_pages, predict, predict_processes
 from .pages import PAGE_SIZE, PageState
 

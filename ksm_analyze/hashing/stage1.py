@@ -1,7 +1,7 @@
 """Stage 1: one pass over a dump that flags zero pages and hashes every page's prefix.
 
 Every batch is handled whole, with no Python per page. Where the compiled kernels are built
-(:mod:`.kernels`), one call reads each page in place: a probe of its first cache line, a full
+(:mod:`.compiled`), one call reads each page in place: a probe of its first cache line, a full
 zero check only if that is zero, else xxh3-64 of its prefix (the first KSM design's partial
 hash). Otherwise numpy does the same in passes: one gather copies the head of each page (its
 first ``max(prefix_bytes, 64)`` bytes), the first 64 bytes rule out most pages being zero, the
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
-from ._parallel import imap_shards, imap_threads
-from .formats import DumpFormat
-from .formats.base import DEFAULT_BATCH_PAGES, DumpReader
-from .pages import Extent, PageBatch, PageState
-from .settings import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
+from .._parallel import imap_shards, imap_threads
+from ..formats import DumpFormat
+from ..formats.base import DEFAULT_BATCH_PAGES, DumpReader
+from ..options import DEFAULT_OPTIONS, ProgressCallback, ScanOptions
+from ..pages import Extent, PageBatch, PageState
+from . import compiled
 from .xxh3 import xxh3_64_rows
 
 __all__ = ["Fingerprints", "fingerprint", "hash_batch", "zero_rows"]
@@ -105,8 +105,8 @@ def hash_batch(batch: PageBatch, nbytes: int) -> np.ndarray:
     """The prefix column of a batch: xxh3-64 of each page's first ``nbytes`` bytes, 0 for an
     all-zero page (and 1 for a non-zero page whose hash is 0)."""
     pages = batch.pages
-    if kernels.usable(pages):
-        return kernels.prefix_hashes(pages, nbytes, batch.zero)  # in place, one call
+    if compiled.usable(pages):
+        return compiled.prefix_hashes(pages, nbytes, batch.zero)  # in place, one call
     prefix = np.zeros(len(pages), np.uint64)
     rows = np.arange(len(pages)) if batch.zero is None else np.flatnonzero(~batch.zero)
     if not len(rows):
@@ -184,7 +184,7 @@ def fingerprint(
     parts: Iterable[list[int]]
     if shards == 1:
         parts = ([n] for n in placed(0, 1))
-    elif kernels.reads_in_place([reader]):
+    elif compiled.reads_in_place([reader]):
         # The kernels hash pages in place without the GIL: threads share the map's page
         # tables and write their rows themselves. Decoding formats need processes.
         parts = imap_threads(lambda k: placed(k, shards), shards, jobs)

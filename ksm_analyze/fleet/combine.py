@@ -12,7 +12,7 @@ Pages are told apart by their xxh3-128 content hashes (``ksm-analyze fingerprint
 them), not by comparing bytes: the dumps of a fleet are not on one machine. The chance that
 two different pages share a hash is below n^2 / 2^129 for n pages.
 
-The result is the same core table ``analyze()`` builds (:class:`~ksm_analyze.contents.
+The result is the same core table ``analyze()`` builds (:class:`~ksm_analyze.content_table.
 ContentTable`), so counters, subsets and planning work on it unchanged.
 """
 
@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from . import fpfile
-from .columns import Columns
-from .contents import INPUT_COLUMNS, ContentTable, input_row
-from .eligibility import Scope, scan_mask
-from .errors import InputError
-from .pages import PAGE_SIZE
-from .settings import DEFAULT_OPTIONS
+from ..columns import Columns
+from ..content_table import INPUT_COLUMNS, ContentTable, input_row
+from ..eligibility import Scope, scan_mask
+from ..errors import InputError
+from ..options import DEFAULT_OPTIONS
+from ..pages import PAGE_SIZE
+from . import fingerprint_files
 
 __all__ = ["combine"]
 
@@ -66,7 +66,7 @@ def combine(files: Sequence[str | os.PathLike[str]], *, partitions: int = 16,
             spills = [stack.enter_context(open(os.path.join(tmp, f"part-{p}"), "wb"))
                       for p in range(partitions)]
             for path in files:
-                for fp in fpfile.load(path):
+                for fp in fingerprint_files.load(path):
                     if fp.content is None:
                         raise InputError("no content hashes: write it with ksm-analyze "
                                          "fingerprint", path=path)

@@ -193,14 +193,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "_kernels",
+    .m_name = "_compiled",
     .m_doc = "Stage 1 and stage 2 inner loops over pages in place (see ksm_analyze/kernels.py).",
     .m_size = -1,
     .m_methods = methods,
 };
 
 PyMODINIT_FUNC
-PyInit__kernels(void)
+PyInit__compiled(void)
 {
     return PyModule_Create(&module);
 }

@@ -1,0 +1,162 @@
+"""``analyze()``: readers -> fingerprints -> content classes -> the core table -> tables.
+
+Orchestration only: each step is a function of its own module that returns a value, and
+:class:`~ksm_analyze.analysis.Analysis` is built once, complete, at the end. All inputs of
+one call are treated as one host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from typing import Any
+
+from ._signals import watching
+from .analysis import TABLES, Analysis
+from .content_table import build_content_table
+from .eligibility import Scope, scan_mask
+from .fleet.sources import fingerprint_sources, open_sources
+from .formats import DumpFormat
+from .hashing.stage1 import Fingerprints
+from .hashing.stage2 import classify
+from .ksm import KsmSettings
+from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
+from .pages import PageState
+from .sharing import address_map, pairwise, top_contents
+from .summary import summary_tables
+
+__all__ = ["analyze"]
+
+_OPTION_FIELDS = {f.name for f in fields(ScanOptions)}
+_KSM_FIELDS = {f.name for f in fields(KsmSettings)}
+
+
+def analyze(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    options: ScanOptions = DEFAULT_OPTIONS,
+    ksm: KsmSettings | None = None,
+    *,
+    progress: ProgressReporter | None = None,
+    **settings: Any,
+) -> Analysis:
+    """Predict what KSM would save on a host holding all of ``paths``.
+
+    Args:
+        paths: one dump or several (all on one host).
+        options: how to read and fingerprint the inputs (:class:`ScanOptions`).
+        ksm: the KSM knobs to predict with (:class:`KsmSettings`; kernel defaults).
+        progress: called as ``progress(task, done_bytes, total_bytes)`` while reading
+            (a task per input, and ``"all inputs"``) and comparing (``"comparing"``).
+        **settings: any field of :class:`ScanOptions` or :class:`KsmSettings` by name, as a
+            shorthand in notebooks: ``analyze(paths, max_page_sharing=4, jobs=1)``.
+
+    Returns:
+        An :class:`Analysis`.
+
+    Raises:
+        KsmAnalyzeError: an input cannot be read (the message names file, offset, problem).
+        ValueError: an option is out of range.
+        TypeError: ``settings`` names no option.
+    """
+    unknown = set(settings) - _OPTION_FIELDS - _KSM_FIELDS
+    if unknown:
+        raise TypeError(f"analyze() got unknown options: {', '.join(sorted(unknown))}")
+    options = replace(options, **{k: v for k, v in settings.items() if k in _OPTION_FIELDS})
+    ksm = replace(ksm or KsmSettings(), **{k: v for k, v in settings.items() if k in _KSM_FIELDS})
+    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if not paths:
+        raise ValueError("no input given")
+    bases = options.bases_for(paths)
+    _refuse_repeats(paths)
+    report = progress or _silent
+
+    with contextlib.ExitStack() as stack:
+        sources = open_sources(paths, options, ksm.page_size, bases, stack)
+        stack.enter_context(watching(s.reader.path for s in sources if s.reader))  # changed?
+        total = sum(s.reader.page_counts()[PageState.DATA] for s in sources
+                    if s.reader is not None and s.prints is None) * ksm.page_size
+        done: dict[str, int] = {}
+        report("all inputs", 0, total)
+
+        def reading(name: str) -> ProgressCallback:
+            def update(n: int, of: int) -> None:
+                report(name, n, of)
+                done[name] = n
+                report("all inputs", sum(done.values()), total)
+            return update
+
+        started = time.perf_counter()
+        prints, readers = fingerprint_sources(sources, options, reading,
+                                              tasks=lambda n, of: report("Dask tasks", n, of))
+        hashed = time.perf_counter()
+        classes = classify(prints, readers, options,
+                           progress=lambda n, of: report("comparing", n, of))
+        compared = time.perf_counter()
+        masks = [scan_mask(fp, options.scope) for fp in prints]
+        table = build_content_table(prints, classes, masks)
+        top = top_contents(table, classes, prints, readers, top=options.top,
+                           show_content=options.show_content)
+
+    timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
+               "inputs_from_cache": sum(s.origin == "cache" for s in sources),
+               "inputs_from_fingerprint_files": sum(s.origin == "file" for s in sources)}
+    # What the contents are and where they lie does not depend on a policy; what merges does.
+    where = address_map(table, classes, prints, masks, scope=options.scope)
+    unrestricted, domain_names = None, []
+    if options.policy:
+        unrestricted = table.counters(ksm)
+        domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
+        table = table.with_policy(domains, zero_only=options.merge == "zero-only")
+    tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings),
+              "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
+              "top_contents": top, "address_map": where}
+    return Analysis(
+        columns={name: tables[name] for name in TABLES},
+        counters=table.counters(ksm),
+        options=options,
+        ksm=ksm,
+        contents=table,
+        inputs=[os.fspath(p) for p in paths],
+        warnings=_warnings(prints, options),
+        unrestricted=unrestricted,
+        domains=domain_names,
+    )
+
+
+def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]:
+    """The readers' warnings, and one per process core read under ``--scope mergeable``."""
+    warnings = [w for fp in prints for w in fp.warnings]
+    if options.scope is Scope.MERGEABLE:
+        warnings += [
+            f"{fp.path}: a process core does not record which VMAs are mergeable; its "
+            "pages are counted as with --scope anon"
+            for fp in prints
+            if fp.address_space == "virtual" and fp.format is not DumpFormat.SNAPSHOT
+        ]
+    return warnings
+
+
+def _refuse_repeats(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """ValueError if one file is given twice (also through a link): it would be counted as
+    two guests that share every page."""
+    seen: dict[tuple[int, int], int] = {}
+    for k, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # opening it says what is wrong
+        first = seen.setdefault((st.st_dev, st.st_ino), k)
+        if first != k:
+            alias = "" if os.fspath(paths[first]) == os.fspath(p) else \
+                f", the first time as {os.fspath(paths[first])}"
+            raise ValueError(
+                f"{os.fspath(p)} is given twice (inputs {first + 1} and {k + 1}{alias}): each "
+                "input is one guest or process; to model two identical guests, give a copy"
+            )
+
+
+def _silent(task: str, done: int, total: int) -> None:
+    """The progress reporter when nobody listens."""

@@ -1,0 +1,1 @@
+"""Capacity planning on the core table: hosts, placement, VMs-per-host projection."""
