@@ -8,4 +8,5 @@ bash .ci/install-system-deps.sh          # QEMU, static busybox, gdb for the rea
 python3 -m pip install --quiet --disable-pip-version-check -e '.[dev,dask]'
 python3 -m ruff check ksm_analyze tests benchmarks
 python3 -m mypy
+lint-imports --config pyproject.toml     # the layer order ([tool.importlinter], docs/architecture.md)
 python3 -m pytest "$@"
