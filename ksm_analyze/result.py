@@ -72,7 +72,7 @@ class Analysis:
             ``sharing_across_inputs``, ``saved``, ``memory_after`` (what the host needs, the
             number ``plan`` counts per host: ``pages_after_merging`` plus
             ``rmap_overhead``, the 64-byte rmap_item per page KSM tracks), and those two
-            parts; columns ``<scenario>_pages`` (None for ``memory_after`` and
+            parts; columns ``<scenario>_pages`` (empty, null in JSON, for ``memory_after`` and
             ``rmap_overhead``, not whole pages), ``<scenario>_bytes``,
             ``<scenario>_percent`` (of memory before).
         histogram: the sharing-degree histogram (zdb -S style), one row per bucket of
