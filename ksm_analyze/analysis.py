@@ -69,8 +69,12 @@ class Analysis:
             ``general_profit`` in bytes), one column per scenario.
         savings: memory before and after KSM and where the savings come from; rows
             ``memory_before``, ``zero_pages``, ``sharing_within_inputs``,
-            ``sharing_across_inputs``, ``saved``, ``memory_after``, ``rmap_overhead``;
-            columns ``<scenario>_pages``, ``<scenario>_bytes``, ``<scenario>_percent``.
+            ``sharing_across_inputs``, ``saved``, ``memory_after`` (what the host needs, the
+            number ``plan`` counts per host: ``pages_after_merging`` plus
+            ``rmap_overhead``, the 64-byte rmap_item per page KSM tracks), and those two
+            parts; columns ``<scenario>_pages`` (empty, null in JSON, for ``memory_after`` and
+            ``rmap_overhead``, not whole pages), ``<scenario>_bytes``,
+            ``<scenario>_percent`` (of memory before).
         histogram: the sharing-degree histogram (zdb -S style), one row per bucket of
             copies (1, 2, 4, 8, ...: a bucket holds copies from it up to the next one).
             Columns ``copies``, ``contents``, ``pages_referenced``, ``pages_after_merging``,

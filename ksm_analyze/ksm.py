@@ -13,23 +13,41 @@ Definitions follow ``Documentation/admin-guide/mm/ksm.rst`` and ``mm/ksm.c`` (no
   (``ksm_zero_pages``); its rmap_item is freed on the next scan, since the zero page is not
   an anonymous folio.
 * ``general_profit = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - ksm_rmap_items * 64``.
+* Memory after KSM (:func:`memory_after`) is what the host then needs: the pages left after
+  merging plus those 64-byte rmap_items, so memory before minus memory after is
+  ``general_profit``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from .pages import PAGE_SIZE, check_page_size
 
-__all__ = ["KSM_STAT_FIELDS", "KsmCounters", "KsmSettings", "convergence", "merged_pages",
-           "predict", "predict_processes", "saved_pages"]
+__all__ = ["KSM_STAT_FIELDS", "KsmCounters", "KsmSettings", "convergence", "memory_after",
+           "merged_pages", "predict", "predict_processes", "saved_pages"]
 
 RMAP_ITEM_BYTES = 64
 """sizeof(struct ksm_rmap_item) on 64-bit kernels."""
 KSM_STAT_FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit")
 """The ``/proc/PID/ksm_stat`` fields predicted per input."""
+
+_Count = TypeVar("_Count", int, np.ndarray)
+
+
+def memory_after(pages_left: _Count, rmap_items: _Count, page_size: int) -> _Count:
+    """Bytes a host needs after KSM: the one definition of "memory after KSM".
+
+    The pages left after merging (KSM pages and pages that stay unmerged, ``page_size``
+    bytes each) plus the ``RMAP_ITEM_BYTES`` of metadata KSM keeps for every page it
+    tracks (``ksm_rmap_items``). ``scan``'s savings table, ``plan``'s hosts, placement's
+    footprints and the report all take it from here; elementwise on arrays.
+    """
+    after: _Count = pages_left * page_size + rmap_items * RMAP_ITEM_BYTES
+    return after
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .ksm import (
     KsmCounters,
     KsmSettings,
     convergence,
+    memory_after,
     merged_pages,
     saved_pages,
 )
@@ -87,7 +88,12 @@ def _savings(
     counters: Mapping[str, KsmCounters],
     per_input: Columns,
 ) -> Columns:
-    """Memory before and after KSM, and where the savings come from, per scenario."""
+    """Memory before and after KSM, and where the savings come from, per scenario.
+
+    ``memory_after`` is what the host needs (:func:`~ksm_analyze.ksm.memory_after`):
+    ``pages_after_merging`` plus ``rmap_overhead``, the number ``plan`` gives a host of
+    these inputs; ``memory_before - memory_after`` is the counters' ``general_profit``.
+    """
     ps, mps = table.page_size, settings.max_page_sharing
     copies = table.copies()
     zero = int(table.column("zero_pages").sum())
@@ -106,16 +112,19 @@ def _savings(
             "sharing_within_inputs": within,
             "sharing_across_inputs": across,
             "saved": saved,
-            "memory_after": before - saved,
         }
+        left = before - saved
         overhead = c.ksm_rmap_items * RMAP_ITEM_BYTES
-        savings[f"{name}_pages"] = {**rows, "rmap_overhead": None}
-        savings[f"{name}_bytes"] = {**{k: v * ps for k, v in rows.items()},
-                                    "rmap_overhead": overhead}
+        # What the host needs, and its two parts: the rows that are not whole pages have no
+        # pages value.
+        after = {"memory_after": memory_after(left, c.ksm_rmap_items, ps),
+                 "pages_after_merging": left * ps, "rmap_overhead": overhead}
+        savings[f"{name}_pages"] = {**rows, "memory_after": None, "pages_after_merging": left,
+                                    "rmap_overhead": None}
+        savings[f"{name}_bytes"] = {**{k: v * ps for k, v in rows.items()}, **after}
         savings[f"{name}_percent"] = {
-            **{k: (100.0 * v / before if before else 0.0) for k, v in rows.items()},
-            "rmap_overhead": (100.0 * overhead / (before * ps)) if before else 0.0,
-        }
+            k: (100.0 * v / (before * ps) if before else 0.0)
+            for k, v in savings[f"{name}_bytes"].items() if v is not None}
     return Columns.from_dicts(savings, "item")
 
 

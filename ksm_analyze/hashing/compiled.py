@@ -10,6 +10,7 @@ the same results. Tests run both.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -23,12 +24,10 @@ __all__ = ["equal_rows", "native", "page_hashes", "prefix_hashes", "reads_in_pla
 
 
 def _load() -> ModuleType | None:
-    try:
-        from . import _compiled
+    try:  # by name: mypy cannot see inside the extension
+        return importlib.import_module("._compiled", __package__)
     except ImportError:
         return None
-    module: ModuleType = _compiled
-    return module
 
 
 native: ModuleType | None = _load()

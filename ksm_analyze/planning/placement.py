@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..content_table import ContentTable
-from ..ksm import RMAP_ITEM_BYTES, KsmSettings, merged_pages
+from ..ksm import KsmSettings, memory_after, merged_pages
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "spread"]
 
@@ -90,7 +90,7 @@ class HostModel:
         zero_saved = zero if s.use_zero_pages else int(_saved(host.zero, s.max_page_sharing).sum())
         pages = host.nonzero + zero - host.saved - zero_saved
         rmap = host.nonzero + (0 if s.use_zero_pages else zero)
-        return pages * self.table.page_size + rmap * RMAP_ITEM_BYTES
+        return memory_after(pages, rmap, self.table.page_size)
 
     def before(self, inputs: Sequence[int]) -> int:
         """Bytes ``inputs`` take before KSM (every scanned page)."""
@@ -137,7 +137,7 @@ class HostModel:
             zero_saved = _saved(had + z, mps) - _saved(had, mps)
             rmap = self.nonzero[candidates] + z
         pages = self.nonzero[candidates] + z - saved - zero_saved
-        added: np.ndarray = pages * ps + rmap * RMAP_ITEM_BYTES
+        added: np.ndarray = memory_after(pages, rmap, ps)
         return added
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis import Analysis, json_safe
-from ..ksm import RMAP_ITEM_BYTES
+from ..ksm import RMAP_ITEM_BYTES, memory_after
 from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
 from .projection import Projection
 
@@ -177,9 +177,9 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
     for k, inputs in enumerate(p.hosts):
         c = model.table.subset(inputs).counters(model.settings, zero_pages=zero_pages)
         # Pages left after merging (KSM pages and unshared pages) plus rmap_items: the same
-        # number as the model's footprint, from the counters scan prints.
+        # number as the model's footprint, and as scan's memory after KSM, from the counters.
         before = model.before(inputs)
-        after = (c.pages_shared + c.pages_unshared) * ps + c.ksm_rmap_items * RMAP_ITEM_BYTES
+        after = memory_after(c.pages_shared + c.pages_unshared, c.ksm_rmap_items, ps)
         rows.append({"method": p.method, "host": k,
                      "inputs": " ".join(names[i] for i in inputs), "input_count": len(inputs),
                      "memory_before_bytes": before, "memory_after_bytes": after,

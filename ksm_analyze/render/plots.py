@@ -36,6 +36,7 @@ _STEPS = (
     ("zero_pages", "zero pages\nmerged"),
     ("sharing_within_inputs", "sharing\nwithin inputs"),
     ("sharing_across_inputs", "sharing\nacross inputs"),
+    ("rmap_overhead", "rmap_item\noverhead"),
     ("memory_after", "memory\nafter KSM"),
 )
 _KIND_STYLE = {
@@ -73,10 +74,11 @@ def _unit(largest: float) -> tuple[float, str]:
 
 
 def plot_savings(result: Analysis) -> Figure:
-    """Waterfall per scenario: memory before, minus each source of savings, memory after."""
+    """Waterfall per scenario: memory before, minus each source of savings, plus the
+    rmap_items' metadata, memory after KSM (what the host needs)."""
     sav = result.savings
     scen = [s for s in _SCENARIOS if f"{s}_bytes" in sav.columns]
-    fig = _figure(6.0 * len(scen), 5.0)
+    fig = _figure(7.0 * len(scen), 5.0)
     axes = fig.subplots(1, len(scen), squeeze=False)[0]
     for ax, s in zip(axes, scen, strict=True):
         # Each panel its own scale: the untouched scenario is often a fifth of the other.
@@ -91,6 +93,10 @@ def plot_savings(result: Analysis) -> Figure:
                 bottom, height, color = 0.0, value, "#4c78a8" if i == 0 else "#2ca02c"
                 text = f"{human_bytes(nbytes)}\n({pct:.1f}%)"
                 level = value
+            elif item == "rmap_overhead":  # metadata KSM adds back
+                bottom, height, color = level, value, "#9467bd"
+                text = f"+{human_bytes(nbytes)}\n({pct:.1f}%)"
+                level += value
             else:
                 bottom, height, color = level - value, value, "#f58518"
                 text = f"{_MINUS if nbytes else ''}{human_bytes(nbytes)}\n({pct:.1f}%)"

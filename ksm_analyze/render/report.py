@@ -129,10 +129,13 @@ def _summary(result: Analysis) -> list[tuple[str, str]]:
             continue
         before = sav.at["memory_before", f"{scen}_bytes"]
         after = sav.at["memory_after", f"{scen}_bytes"]
+        left = sav.at["pages_after_merging", f"{scen}_bytes"]
+        rmap = sav.at["rmap_overhead", f"{scen}_bytes"]
         saved = sav.at["saved", f"{scen}_bytes"]
         pct = sav.at["saved", f"{scen}_percent"]
-        change = (f"{human_bytes(before)} → {human_bytes(after)}, "
-                  f"{human_bytes(saved)} saved ({pct:.1f}%)")
+        change = (f"{human_bytes(before)} → {human_bytes(after)} ({human_bytes(left)} of pages "
+                  f"left after merging + {human_bytes(rmap)} of rmap_items), "
+                  f"{human_bytes(saved)} of pages saved ({pct:.1f}%)")
         rows.append((f"Memory before → after KSM ({title})", change))
         rows.append((f"general_profit ({title})", human_bytes(host.at["general_profit", scen])))
     rows.append(("Inputs", f"{len(result.per_input):,}"))
@@ -166,7 +169,9 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         f'<p class="note">ksm-analyze {e(__version__)}, {e(stamp)}. '
         "All inputs are treated as one host. A guest dump cannot tell zero pages the guest "
         "wrote (host memory, merged by KSM) from pages it never touched (no host memory), so "
-        "numbers are given both ways; <b>memory after KSM</b> holds either way.</p>"
+        "numbers are given both ways; <b>memory after KSM</b> (what the host needs: the pages "
+        "left after merging plus KSM's rmap_items, as <code>plan</code> counts a host) differs "
+        "only by what merged zero pages still cost.</p>"
     )
     names = ", ".join(result.names)
     show_content = "content_hex" in result.top_contents.columns
@@ -235,7 +240,7 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
     parts = ['<h2 id="plan">Capacity plan</h2>',
              (f'<p class="note">Hosts of {e(human_bytes(plan.host_memory))} '
              f"({e(human_bytes(plan.capacity))} for guests). Each host's memory after KSM is "
-             "what a scan of its guests prints (memory after KSM plus rmap_item overhead); "
+             "what a scan of its guests prints (rmap_items included); "
              'see docs/planning.md.</p>'),
              f'<div class="scroll">{_html_table(plan.summary, index=False)}</div>']
     for name in ("plan_hosts", "plan_projection"):

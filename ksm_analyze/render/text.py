@@ -55,14 +55,16 @@ _SAVINGS_LABELS = {
     "sharing_across_inputs": "  sharing across inputs",
     "saved": "saved",
     "memory_after": "memory after KSM",
-    "rmap_overhead": "rmap_item overhead",
+    "pages_after_merging": "  pages left after merging",
+    "rmap_overhead": "  rmap_item overhead",
 }
 _ZERO_NOTE = {
     True: "  A snapshot knows which pages are resident and which map the zero page (unless\n"
           "  capture said otherwise): 'zero pages present' is the prediction.",
     False: "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged "
            "by\n  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' "
-           "holds\n  either way; the savings are an upper and a lower bound.",
+           "differs\n  only by what merged zero pages still cost; the savings are an upper and "
+           "a lower bound.",
 }
 
 
@@ -94,10 +96,12 @@ def render_scan(result: Analysis) -> str:
         [label, *(f"{human_bytes(sav.at(item, f'{s}_bytes'))} "
                   f"({sav.at(item, f'{s}_percent'):.1f}%)" for s in scen)]
         for item, label in _SAVINGS_LABELS.items()))]
+    out.append("  Memory after KSM is what the host needs: the pages left after merging plus "
+               "KSM's\n  64-byte rmap_item per page it tracks; 'plan' counts each host the same "
+               "way.")
     out.append(_ZERO_NOTE[all(f == "snapshot" for f in pi["format"])])
     before = sav.at("memory_before", "with_zero_pages_bytes")
-    after = sav.at("memory_after", "with_zero_pages_bytes") + sav.at("rmap_overhead",
-                                                                     "with_zero_pages_bytes")
+    after = sav.at("memory_after", "with_zero_pages_bytes")
     if after:
         out.append(f"  Headroom: if every merged page were written again (copy-on-write), the "
                    f"host would need\n  the memory before KSM, {human_bytes(before)}: "
@@ -329,8 +333,8 @@ def render_plan(plan: Plan) -> str:
             [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
              human_bytes(r.saved_bytes), human_bytes(r.free_bytes), r.inputs]
             for r in rows.itertuples())))
-    out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM plus "
-               "rmap_item overhead)")
+    out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM, "
+               "rmap_items included)")
     if len(plan.projection):
         out += ["", "Guests like these on one host (beyond the samples: a model)"]
         out.append(_table(["guests", "with KSM", "band (10%-90%)", "without KSM", ""], (
