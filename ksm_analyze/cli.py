@@ -31,6 +31,7 @@ from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
 from .result import TABLES, Analysis
 from .settings import DEFAULT_OPTIONS, ScanOptions
+from .units import counted
 
 if TYPE_CHECKING:
     from .planning import Plan
@@ -304,8 +305,8 @@ HostMemoryOpt = Annotated[
                              "hosts of this size.", show_default=False),
 ]
 ReserveOpt = Annotated[
-    str, typer.Option("--reserve", help="Memory each host keeps for itself: a size (16GiB) or a percentage "
-                      "of --host-memory (10%).")
+    str, typer.Option("--reserve", help="Memory each host keeps for itself: a size (16GiB) "
+                      "or a percentage of --host-memory (10%).")
 ]
 ProjectOpt = Annotated[
     str | None, typer.Option("--project", help="Also project host memory for these numbers "
@@ -398,7 +399,8 @@ def report(
             written = write_report(result, output, planned)
         except OSError as e:
             _cannot_write(output, e)
-        typer.echo(f"Wrote {len(written)} files to {output}: open {output / 'index.html'}")
+        typer.echo(f"Wrote {counted(len(written), 'file')} to {output}: "
+                   f"open {output / 'index.html'}")
 
 
 @app.command()
