@@ -123,8 +123,8 @@ DumpsArg = Annotated[
     list[Path], typer.Argument(help="Dump files, all on one host.", show_default=False)
 ]
 PlanDumpsArg = Annotated[
-    list[Path], typer.Argument(help="Dump files, to be placed on as few hosts as they fit "
-                               "(or on --hosts).", show_default=False)
+    list[Path], typer.Argument(help="Dump files to spread over hosts: as few as hold them, "
+                               "or exactly --hosts.", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 CsvOpt = Annotated[
