@@ -31,6 +31,7 @@ from .pipeline import analyze
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
+from .units import counted
 
 if TYPE_CHECKING:
     from .planning.plan import Plan
@@ -83,6 +84,15 @@ _KSM = KsmSettings()
 """Defaults of the KSM knobs, read from their one declaration."""
 _SCAN_FIELDS = {f.name for f in fields(ScanOptions)}
 
+# Every option is declared once, here, and reused by each command that takes it. The options
+# of an analysis come in bundles (reading and hashing, comparing, KSM knobs, merging policy):
+# a command lists the bundles it uses (@_analysis_command), so its --help shows only options
+# it reads, grouped in one panel per bundle. Defaults come from ScanOptions and KsmSettings.
+_READING_PANEL = "Reading and hashing"
+_COMPARING_PANEL = "Comparing"
+_KSM_PANEL = "KSM knobs"
+_POLICY_PANEL = "Merging policy"
+
 FormatOpt = Annotated[
     str | None,
     typer.Option(
@@ -91,17 +101,30 @@ FormatOpt = Annotated[
         help="Read inputs as this format instead of detecting it: "
         + ", ".join(f.value for f in DumpFormat) + ".",
         show_default=False,
+        rich_help_panel=_READING_PANEL,
     ),
 ]
 PageSizeOpt = Annotated[
-    int, typer.Option(help="Page size in bytes; larger guest pages are split into these.")
+    int, typer.Option("--page-size",
+                      help="Page size in bytes; larger guest pages are split into these.",
+                      rich_help_panel=_READING_PANEL)
 ]
 BaseOpt = Annotated[
-    str,
-    typer.Option(help="Address of the first byte of a raw image (e.g. 0x100000)."),
+    list[str] | None,
+    typer.Option(
+        "--base-address",
+        help="Address of the first byte of raw images (e.g. 0x100000): once for all "
+        "inputs, or once per input in order.",
+        show_default=str(DEFAULT_OPTIONS.base_address),
+        rich_help_panel=_READING_PANEL,
+    ),
 ]
 DumpsArg = Annotated[
     list[Path], typer.Argument(help="Dump files, all on one host.", show_default=False)
+]
+PlanDumpsArg = Annotated[
+    list[Path], typer.Argument(help="Dump files to spread over hosts: as few as hold them, "
+                               "or exactly --hosts.", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 CsvOpt = Annotated[
@@ -121,8 +144,21 @@ ScopeOpt = Annotated[
         help="Process memory KSM scans: mergeable (VMAs marked mergeable, what KSM does), "
         "anon (as with prctl PR_SET_MEMORY_MERGE), all (every readable page, an upper bound). "
         "Guest dumps count every page whatever the scope.",
+        rich_help_panel=_POLICY_PANEL,
     ),
 ]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option("--scheduler",
+                 help="Run stage 1 on a Dask cluster: tcp://HOST:PORT of its scheduler, or "
+                 "local[:N] for a local cluster of N workers (pip install "
+                 "'ksm-analyze[dask]').", show_default=False, rich_help_panel=_READING_PANEL),
+]
+
+
+def _output(help: str) -> Any:
+    """``--output``/``-o``, required: one declaration, with what each command writes there."""
+    return typer.Option("--output", "-o", help=help, show_default=False)
 
 
 def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -130,76 +166,82 @@ def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
                              default=default)
 
 
-# Every option of an analysis, declared once: `scan`, `report` (and later commands) get
-# them all through @_analysis_command, with defaults read from ScanOptions and KsmSettings.
-SchedulerOpt = Annotated[
-    str | None,
-    typer.Option(help="Run stage 1 on a Dask cluster: tcp://HOST:PORT of its scheduler, or "
-                 "local[:N] for a local cluster of N workers (pip install "
-                 "'ksm-analyze[dask]').", show_default=False),
-]
-
-_ANALYSIS_PARAMS = (
+READING = (
     _param("format", FormatOpt, DEFAULT_OPTIONS.format),
-    _param("scope", ScopeOpt, DEFAULT_OPTIONS.scope.value),
     _param("page_size", PageSizeOpt, _KSM.page_size),
     _param("prefix_bytes", Annotated[
-        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
+        int, typer.Option("--prefix-bytes",
+                          help="Bytes of each page hashed in stage 1 (0 = whole page).",
+                          rich_help_panel=_READING_PANEL)
     ], DEFAULT_OPTIONS.prefix_bytes),
-    _param("base_address", Annotated[
-        list[str] | None,
-        typer.Option(
-            "--base-address",
-            help="Address of the first byte of raw images (e.g. 0x100000): once for all "
-            "inputs, or once per input in order.",
-            show_default=str(DEFAULT_OPTIONS.base_address),
-        ),
-    ], None),
-    _param("max_page_sharing", Annotated[
-        int, typer.Option(help="KSM's max_page_sharing: mappings per KSM page.")
-    ], _KSM.max_page_sharing),
-    _param("use_zero_pages", Annotated[
-        bool, typer.Option("--use-zero-pages",
-                           help="Predict with use_zero_pages=1 (zero pages map the zero page).")
-    ], _KSM.use_zero_pages),
-    _param("pages_to_scan", Annotated[int, typer.Option(help="ksmd pages per wake-up.")],
-           _KSM.pages_to_scan),
-    _param("sleep_millisecs", Annotated[
-        int, typer.Option(help="ksmd sleep between wake-ups.")
-    ], _KSM.sleep_millisecs),
-    _param("verify", Annotated[
-        bool, typer.Option("--verify/--no-verify",
-                           help="Compare candidate pages byte for byte before merging them.")
-    ], DEFAULT_OPTIONS.verify),
+    _param("base_address", BaseOpt, None),
     _param("jobs", Annotated[
         int | None, typer.Option("--jobs", "-j", show_default=False,
                                  help="Parallel jobs, threads or worker processes "
-                                      "(default: all CPUs).")
+                                      "(default: all CPUs).", rich_help_panel=_READING_PANEL)
     ], DEFAULT_OPTIONS.jobs),
+    _param("scheduler", SchedulerOpt, DEFAULT_OPTIONS.scheduler),
+    _param("quiet", QuietOpt, False),
+)
+"""How dumps are read and stage 1 hashes them: all that ``fingerprint`` uses."""
+COMPARING = (
+    _param("verify", Annotated[
+        bool, typer.Option("--verify/--no-verify",
+                           help="Compare candidate pages byte for byte before merging them.",
+                           rich_help_panel=_COMPARING_PANEL)
+    ], DEFAULT_OPTIONS.verify),
+    _param("cache", Annotated[
+        str | None,
+        typer.Option("--cache",
+                     help="Folder of fingerprint files: a dump fingerprinted before (same "
+                     "path, size, mtime, hashing options) is not read again in stage 1.",
+                     show_default=False, rich_help_panel=_COMPARING_PANEL),
+    ], DEFAULT_OPTIONS.cache),
+)
+"""Stage 2 and the fingerprint cache of an analysis."""
+KSM_KNOBS = (
+    _param("max_page_sharing", Annotated[
+        int, typer.Option("--max-page-sharing",
+                          help="KSM's max_page_sharing: mappings per KSM page.",
+                          rich_help_panel=_KSM_PANEL)
+    ], _KSM.max_page_sharing),
+    _param("use_zero_pages", Annotated[
+        bool, typer.Option("--use-zero-pages",
+                           help="Predict with use_zero_pages=1 (zero pages map the zero page).",
+                           rich_help_panel=_KSM_PANEL)
+    ], _KSM.use_zero_pages),
+    _param("pages_to_scan", Annotated[
+        int, typer.Option("--pages-to-scan", help="ksmd pages per wake-up.",
+                          rich_help_panel=_KSM_PANEL)
+    ], _KSM.pages_to_scan),
+    _param("sleep_millisecs", Annotated[
+        int, typer.Option("--sleep-millisecs", help="ksmd sleep between wake-ups.",
+                          rich_help_panel=_KSM_PANEL)
+    ], _KSM.sleep_millisecs),
+)
+"""The KSM knobs of the prediction (KsmSettings; its page_size comes from READING)."""
+POLICY = (
+    _param("scope", ScopeOpt, DEFAULT_OPTIONS.scope.value),
     _param("domain", Annotated[
         list[str] | None,
         typer.Option("--domain", help="NAME=GLOB: inputs whose path or file name match GLOB "
                      "form trust domain NAME; pages never merge across domains (repeat it).",
-                     show_default=False),
+                     show_default=False, rich_help_panel=_POLICY_PANEL),
     ], None),
     _param("domains_file", Annotated[
         Path | None,
         typer.Option("--domains", help="CSV file of input,domain rows: the same policy as "
-                     "--domain, one row per input.", show_default=False),
+                     "--domain, one row per input.", show_default=False,
+                     rich_help_panel=_POLICY_PANEL),
     ], None),
     _param("merge", Annotated[
-        str, typer.Option(help="all (what KSM does) or zero-only (what if only zero pages "
-                          "merged).")
+        str, typer.Option("--merge", help="all (what KSM does) or zero-only (what if only zero "
+                          "pages merged).", rich_help_panel=_POLICY_PANEL)
     ], DEFAULT_OPTIONS.merge),
-    _param("cache", Annotated[
-        str | None,
-        typer.Option(help="Folder of fingerprint files: a dump fingerprinted before (same "
-                     "path, size, mtime, hashing options) is not read again in stage 1.",
-                     show_default=False),
-    ], DEFAULT_OPTIONS.cache),
-    _param("scheduler", SchedulerOpt, DEFAULT_OPTIONS.scheduler),
-    _param("quiet", QuietOpt, False),
 )
+"""Which pages KSM may merge: its scope and a merging policy."""
+ANALYSIS = READING + COMPARING + KSM_KNOBS + POLICY
+"""Every bundle: what ``scan``, ``report`` and ``plan`` take."""
 
 
 @dataclass(frozen=True)
@@ -217,25 +259,35 @@ class _Request:
             return analyze(dumps, options, self.ksm, progress=bars)
 
 
-def _analysis_command(command: Callable[..., None]) -> Callable[..., None]:
-    """Give ``command`` every analysis option; it receives them as ``request: _Request``."""
-    names = [p.name for p in _ANALYSIS_PARAMS]
+def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
+                      ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the options of ``bundles``; it receives them as ``request: _Request``
+    (an option not taken keeps its default)."""
+    params = [p for bundle in bundles for p in bundle]
+    names = [p.name for p in params]
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> None:
-        given = {n: kwargs.pop(n) for n in names}
-        quiet, bases = given.pop("quiet"), given.pop("base_address")
-        with _errors():
-            given["base_address"] = tuple(map(_address, bases)) if bases else 0
-            given["domains"] = _domains(given.pop("domain") or [], given.pop("domains_file"))
-            options = ScanOptions(**{k: v for k, v in given.items() if k in _SCAN_FIELDS})
-            ksm = KsmSettings(**{k: v for k, v in given.items() if k not in _SCAN_FIELDS})
-        command(**kwargs, request=_Request(options, ksm, quiet))
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            given = {n: kwargs.pop(n) for n in names}
+            quiet = given.pop("quiet", False)
+            with _errors():
+                if "base_address" in given:
+                    bases = given.pop("base_address")
+                    given["base_address"] = tuple(map(_address, bases)) if bases else 0
+                if "domain" in given:
+                    given["domains"] = _domains(given.pop("domain") or [],
+                                                given.pop("domains_file"))
+                options = ScanOptions(**{k: v for k, v in given.items() if k in _SCAN_FIELDS})
+                ksm = KsmSettings(**{k: v for k, v in given.items() if k not in _SCAN_FIELDS})
+            command(**kwargs, request=_Request(options, ksm, quiet))
 
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
-           if p.name != "request"]
-    wrapper.__signature__ = inspect.Signature(own + list(_ANALYSIS_PARAMS))  # type: ignore[attr-defined]
-    return wrapper
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.name != "request"]
+        wrapper.__signature__ = inspect.Signature(own + params)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
 
 
 @app.callback()
@@ -249,12 +301,12 @@ def _main(
 
 
 HostMemoryOpt = Annotated[
-    str, typer.Option("--host-memory", help="Memory of one host, e.g. 256GiB.",
-                      show_default=False),
+    str | None, typer.Option("--host-memory", help="Memory of one host, e.g. 256GiB: plan "
+                             "hosts of this size.", show_default=False),
 ]
 ReserveOpt = Annotated[
-    str, typer.Option(help="Memory each host keeps for itself: a size (16GiB) or a percentage "
-                      "of --host-memory (10%).")
+    str, typer.Option("--reserve", help="Memory each host keeps for itself: a size (16GiB) "
+                      "or a percentage of --host-memory (10%).")
 ]
 ProjectOpt = Annotated[
     str | None, typer.Option("--project", help="Also project host memory for these numbers "
@@ -287,7 +339,7 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
 
 
 @app.command()
-@_analysis_command
+@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY)
 def scan(
     dumps: DumpsArg,
     json_out: JsonOpt = False,
@@ -310,32 +362,30 @@ def scan(
 
 
 @app.command()
-@_analysis_command
+@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY)
 def report(
     dumps: DumpsArg,
     output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="Folder for the CSV, PNG and index.html files "
-                     "(created if needed).", show_default=False),
+        Path, _output("Folder for the CSV, PNG and index.html files (created if needed).")
     ],
     top: Annotated[
-        int, typer.Option(help="Rows in the table of most duplicated contents.")
+        int, typer.Option("--top", help="Rows in the table of most duplicated contents.")
     ] = DEFAULT_OPTIONS.top,
     show_content: Annotated[
         bool, typer.Option("--show-content",
                            help="Show the first 64 bytes of each most duplicated content. "
                            "Off by default: memory dumps hold secrets.")
     ] = DEFAULT_OPTIONS.show_content,
-    host_memory: Annotated[
-        str | None, typer.Option("--host-memory", help="Also plan hosts of this size, as "
-                                 "'plan' does, in a Capacity plan section.", show_default=False)
-    ] = None,
+    host_memory: HostMemoryOpt = None,
     reserve: ReserveOpt = "0",
     project: ProjectOpt = None,
     *,
     request: _Request,
 ) -> None:
-    """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host."""
+    """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host.
+
+    With --host-memory, also a Capacity plan section, as `plan` makes it.
+    """
     with _errors():
         from .render.report import report_files, write_report  # matplotlib: only for a report
 
@@ -349,13 +399,14 @@ def report(
             written = write_report(result, output, planned)
         except OSError as e:
             _cannot_write(output, e)
-        typer.echo(f"Wrote {len(written)} files to {output}: open {output / 'index.html'}")
+        typer.echo(f"Wrote {counted(len(written), 'file')} to {output}: "
+                   f"open {output / 'index.html'}")
 
 
 @app.command()
-@_analysis_command
+@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY)
 def plan(
-    dumps: DumpsArg,
+    dumps: PlanDumpsArg,
     host_memory: HostMemoryOpt,
     reserve: ReserveOpt = "0",
     hosts: Annotated[
@@ -386,6 +437,7 @@ def plan(
     from .planning.plan import PLAN_TABLES  # pandas: only for a plan
     from .render.text import render_plan
 
+    assert host_memory is not None  # a required option: typer refuses the command without it
     with _errors():
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
@@ -458,12 +510,10 @@ def _make_dir(directory: Path, what: str = "the report") -> None:
 
 
 @app.command("fingerprint")
-@_analysis_command
+@_analysis_command(READING)
 def fingerprint_cmd(
     dumps: Annotated[list[Path], typer.Argument(help="Dump files.", show_default=False)],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder for the fingerprint files.",
-                           show_default=False)],
+    output: Annotated[Path, _output("Folder for the fingerprint files.")],
     *,
     request: _Request,
 ) -> None:
@@ -493,25 +543,25 @@ def info(
     dump: Annotated[Path, typer.Argument(help="A dump file.", show_default=False)],
     format: FormatOpt = None,
     page_size: PageSizeOpt = _KSM.page_size,
-    base_address: BaseOpt = str(DEFAULT_OPTIONS.base_address),
-    ranges: Annotated[int, typer.Option(help="Show at most this many ranges.")] = 50,
+    base_address: BaseOpt = None,
+    ranges: Annotated[int, typer.Option("--ranges", help="Show at most this many ranges.")]
+    = 50,
 ) -> None:
     """Show a dump's detected format, its ranges and its pages per state."""
     with _errors():
         options = ScanOptions(format=DumpFormat.parse(format) if format else None,
-                              base_address=_address(base_address))  # checks both
+                              base_address=tuple(map(_address, base_address))
+                              if base_address else 0)  # checks both
+        base = options.bases_for([dump])[0]
     with _errors(), open_dump(dump, options.format, page_size=page_size,
-                              base_address=options.bases_for([dump])[0]) as reader:
+                              base_address=base) as reader:
         typer.echo(render_info(str(dump), reader, max_ranges=ranges))
 
 
 @app.command()
 def capture(
     pids: Annotated[list[int], typer.Argument(help="Process IDs to capture.", show_default=False)],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Snapshot file to write (mode 0600).",
-                           show_default=False)
-    ],
+    output: Annotated[Path, _output("Snapshot file to write (mode 0600).")],
     quiet: QuietOpt = False,
 ) -> None:
     """Snapshot live processes' memory and page flags, for `scan` to analyse later.
@@ -533,8 +583,7 @@ def ksm_status(
         typer.Argument(help="Snapshots to predict from (optional).", show_default=False),
     ] = None,
     scope: ScopeOpt = DEFAULT_OPTIONS.scope.value,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-    = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Show the kernel's KSM counters, beside a prediction from SNAPSHOTS if given.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ._parallel import default_jobs
 from .eligibility import Scope
 from .formats import DumpFormat
+from .units import counted
 
 __all__ = ["DEFAULT_OPTIONS", "ProgressCallback", "ProgressReporter", "ScanOptions"]
 
@@ -134,7 +135,8 @@ class ScanOptions:
             return bases * len(inputs)
         if len(bases) != len(inputs):
             raise ValueError(
-                f"{len(bases)} base addresses for {len(inputs)} inputs: give one, or one per input"
+                f"{counted(len(bases), 'base address', 'base addresses')} for "
+                f"{counted(len(inputs), 'input')}: give one, or one per input"
             )
         return bases
 

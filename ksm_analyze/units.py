@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePath
 
-__all__ = ["human_bytes", "parse_size", "short_names"]
+__all__ = ["counted", "human_bytes", "parse_size", "short_names"]
 
 
 def human_bytes(n: float) -> str:
@@ -18,6 +18,12 @@ def human_bytes(n: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """1, 'input' -> '1 input'; 2 -> '2 inputs'; 1234 -> '1,234 inputs'. ``plural`` for a
+    noun that does not take an s ('process', 'processes')."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def short_names(paths: Sequence[str]) -> list[str]:

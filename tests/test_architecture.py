@@ -163,13 +163,74 @@ def test_cli_defaults_are_the_settings_defaults():
     defaults = _field_defaults()
     command = typer.main.get_command(app)
     checked = set()
-    for name in ("scan", "report", "info", "ksm-status"):
+    for name in ("scan", "report", "plan", "fingerprint", "info", "ksm-status"):
         for param in command.commands[name].params:  # type: ignore[attr-defined]
             if param.name in defaults and param.name != "base_address":
                 assert param.default == defaults[param.name], (name, param.name)
                 checked.add(param.name)
     assert {"prefix_bytes", "max_page_sharing", "scope", "top", "page_size",
             "use_zero_pages", "pages_to_scan", "sleep_millisecs", "verify", "jobs"} <= checked
+
+
+_KSM_KNOBS_AND_POLICY = {"--max-page-sharing", "--use-zero-pages", "--pages-to-scan",
+                         "--sleep-millisecs", "--scope", "--domain", "--domains", "--merge"}
+
+
+def _flags(command_name: str) -> set[str]:
+    command = typer.main.get_command(app).commands[command_name]  # type: ignore[attr-defined]
+    return {flag for param in command.params
+            for flag in (*param.opts, *getattr(param, "secondary_opts", ()))}
+
+
+def test_fingerprint_shows_only_the_options_it_uses():
+    # fingerprint reads and hashes: it never compares pages (stage 2), never uses the cache
+    # (it writes the files a cache holds), and predicts nothing, so it takes no KSM knob and
+    # no merging policy.
+    flags = _flags("fingerprint")
+    assert not flags & _KSM_KNOBS_AND_POLICY, flags & _KSM_KNOBS_AND_POLICY
+    assert not flags & {"--verify", "--no-verify", "--cache"}
+    assert {"--format", "--page-size", "--prefix-bytes", "--base-address", "--jobs",
+            "--scheduler", "--quiet", "--output"} <= flags
+
+
+def test_analysis_commands_take_every_bundle():
+    for name in ("scan", "report", "plan"):
+        flags = _flags(name)
+        assert _KSM_KNOBS_AND_POLICY | {"--verify", "--cache", "--prefix-bytes",
+                                        "--scheduler"} <= flags, name
+
+
+def _option_flags_declared(tree: ast.AST) -> list[tuple[str, int]]:
+    """Every flag string of every ``typer.Option(...)`` call, with its line."""
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "Option"):
+            flags = [a.value for a in node.args
+                     if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            assert flags, f"line {node.lineno}: typer.Option without its flags spelled out"
+            found += [(flag, node.lineno) for spec in flags for flag in spec.split("/")]
+    return found
+
+
+def _declared_twice(source: str) -> dict[str, list[int]]:
+    lines: dict[str, list[int]] = {}
+    for flag, line in _option_flags_declared(ast.parse(source)):
+        lines.setdefault(flag, []).append(line)
+    return {flag: at for flag, at in lines.items() if len(at) > 1}
+
+
+def test_each_cli_option_is_declared_once():
+    twice = _declared_twice((PACKAGE / "cli.py").read_text())
+    assert not twice, f"declared in several typer.Option calls (flag: lines): {twice}"
+
+
+def test_the_declared_once_check_finds_a_repeat():
+    source = ('a = typer.Option("--json", help="x")\n'
+              'b = typer.Option("--quiet", "-q")\n'
+              'c = typer.Option("--json", help="y")\n'
+              'd = typer.Option("--verify/--no-verify")\n')
+    assert _declared_twice(source) == {"--json": [1, 3]}
 
 
 def test_option_defaults_are_written_once_in_the_package():

@@ -168,3 +168,21 @@ def test_scan_json_is_strict_json(two_raw):
     # The one value that has no number: rmap_item overhead counted in pages.
     assert data["savings"]["rmap_overhead"]["with_zero_pages_pages"] is None
     assert "address_map" in data
+
+
+def test_counts_of_one_are_singular(two_raw):
+    from ksm_analyze.units import counted
+
+    assert [counted(n, "input") for n in (0, 1, 2, 1234)] == [
+        "0 inputs", "1 input", "2 inputs", "1,234 inputs"]
+    assert counted(1, "process", "processes") == "1 process"
+    assert counted(3, "process", "processes") == "3 processes"
+    # A domain of one input, and two base addresses for one input.
+    r = runner.invoke(app, ["scan", str(two_raw[0]), "--domain", "solo=*", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "within domains solo (1 input)." in r.stdout
+    r = runner.invoke(app, ["info", str(two_raw[0]), "--base-address", "0",
+                            "--base-address", "0x1000"])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == ("Error: 2 base addresses for 1 input: give one, or one per "
+                                "input")

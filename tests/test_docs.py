@@ -82,3 +82,54 @@ def test_planning_doc_sample_output_is_what_plan_prints_today():
                                       "--project", "1,2,10,100"])
     assert result.exit_code == 0, result.output
     assert result.stdout.rstrip("\n") == shown.group(1)
+
+
+def _cells(row: str) -> int:
+    """Cells of a GFM table row: its unescaped pipes split it (inside code spans too)."""
+    return len(re.split(r"(?<!\\)\|", row.strip().strip("|")))
+
+
+def _broken_tables(text: str) -> list[str]:
+    """Tables whose rows have another number of cells than the header, and runs of table
+    rows with no header (a blank line inside a table starts a run that renders as text)."""
+    problems = []
+    lines = text.splitlines()
+    fenced = False
+    block: list[tuple[int, str]] = []
+    for number, line in enumerate([*lines, ""], 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if not fenced and line.lstrip().startswith("|"):
+            block.append((number, line))
+            continue
+        if block:
+            first, header = block[0]
+            delimiter = block[1][1] if len(block) > 1 else ""
+            if not re.fullmatch(r"\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*", delimiter):
+                problems.append(f"line {first}: table rows with no header and delimiter row")
+            else:
+                problems += [f"line {n}: {_cells(row)} cells, the header has {_cells(header)}"
+                             for n, row in block[1:] if _cells(row) != _cells(header)]
+            block = []
+    return problems
+
+
+def test_every_markdown_table_has_a_header_and_as_many_cells_per_row():
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert not _broken_tables(doc.read_text()), (doc.name, _broken_tables(doc.read_text()))
+
+
+def test_the_table_check_finds_broken_tables():
+    good = "| a | b |\n|---|---|\n| `x \\| y` | 2 |\n"
+    assert _broken_tables(good) == []
+    assert _broken_tables("| a | b |\n|---|---|\n| 1 | 2 | 3 |\n") == [
+        "line 3: 3 cells, the header has 2"]
+    assert _broken_tables(good + "\n| c | d |\n") == [
+        "line 5: table rows with no header and delimiter row"]
+
+
+def test_plan_help_does_not_put_the_dumps_on_one_host():
+    result = CliRunner().invoke(app, ["plan", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "on one host" not in result.stdout
+    assert "Dump files to spread over hosts" in result.stdout

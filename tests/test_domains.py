@@ -59,7 +59,7 @@ def test_the_cost_of_the_policy_is_one_line_and_in_the_json(tmp_path):
     r = runner.invoke(app, ["scan", *SAMPLES, "--domains", str(csv)])
     assert r.exit_code == 0, r.output
     lines = [line for line in r.stdout.splitlines() if "Policy:" in line]
-    assert lines == [("  Policy: pages merge only within domains web (1 inputs), db (1 inputs). "
+    assert lines == [("  Policy: pages merge only within domains web (1 input), db (1 input). "
                      "general_profit 3.38 MiB against 3.53 MiB with no policy: it costs "
                      "160 KiB.")]
     data = json.loads(runner.invoke(app, ["scan", *SAMPLES, "--domains", str(csv), "--json"]

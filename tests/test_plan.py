@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_spread_over_a_fixed_number_of_hosts(pairs):
     result = plan(analyze(pairs, jobs=1), 4 * ALONE, hosts=2)
     hosts = result.hosts[result.hosts["method"] == "sharing"]
     assert len(hosts) == 2 and sorted(hosts["inputs"]) == ["A1.raw A2.raw", "B1.raw B2.raw"]
-    with pytest.raises(ValueError, match="does not fit on any of 1 hosts"):
+    with pytest.raises(ValueError, match="does not fit on the one host of"):
         plan(analyze(pairs, jobs=1), 3 * PAIR // 2, hosts=1)
 
 
@@ -180,3 +181,24 @@ def test_the_projection_band_holds_a_larger_fleet_of_the_same_kind(tmp_path):
     actual = HostModel(truth.contents, truth.ksm).footprint(range(16))
     assert not row["measured"]
     assert row["memory_after_low_bytes"] <= actual <= row["memory_after_high_bytes"]
+
+
+_PLURAL_AFTER_ONE = r"\b1 (inputs|hosts|guests|files|merges|processes|base addresses)\b"
+
+
+def test_one_guest_and_one_host_are_singular():
+    # vm-a.elf alone: 272 KiB after KSM, 2 MiB before (docs/planning.md): it fits a 400 KiB
+    # host, two like it (544 KiB) do not, and its copy-on-write worst case exceeds the host.
+    r = runner.invoke(app, ["plan", SAMPLES[0], "--host-memory", "400KiB", "--project", "2",
+                            "-q"])
+    assert r.exit_code == 0, r.output
+    assert "  1 guest like these fits in 400 KiB (1 to 1 by the band)." in r.stdout
+    assert "Warning: 1 of 1 sharing-aware host (host 0) would need more than its " in r.stdout
+    assert not re.search(_PLURAL_AFTER_ONE, r.output), r.output
+
+
+def test_an_input_that_does_not_fit_one_host_says_host():
+    r = runner.invoke(app, ["plan", *SAMPLES, "--host-memory", "400KiB", "--hosts", "1"])
+    assert r.exit_code != 0
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not re.search(_PLURAL_AFTER_ONE, r.stderr), r.stderr

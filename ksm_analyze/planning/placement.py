@@ -298,7 +298,8 @@ def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
                    for k, h in enumerate(states)]
         fitting = [o for o in options if o[1] + o[0] <= capacity]
         if not fitting:
-            raise ValueError(f"{model.table.names[i]} does not fit on any of {hosts} hosts of "
+            where = "the one host" if hosts == 1 else f"any of the {hosts:,} hosts"
+            raise ValueError(f"{model.table.names[i]} does not fit on {where} of "
                              f"{capacity:,} bytes after the inputs placed before it")
         model.add(states[min(fitting)[2]], i)
     return Placement("sharing", [sorted(h.inputs) for h in states])

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..analysis import Analysis, json_safe
 from ..ksm import RMAP_ITEM_BYTES, memory_after
+from ..units import counted
 from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
 from .projection import Projection
 
@@ -150,12 +151,13 @@ def plan(
     table["hosts_saved_percent"] = 100.0 * table["hosts_saved"] / baseline
     hosts_df = pd.concat(host_rows, ignore_index=True)
     over = hosts_df[(hosts_df["method"] == "sharing") & ~hosts_df["worst_case_fits"]]
+    one = len(over) == 1
     warnings = [] if over.empty else [
-        (f"{len(over)} of {len(sharing.hosts)} sharing-aware hosts (hosts "
-        f"{', '.join(map(str, over['host']))}) would need more than their "
-        f"{capacity:,} bytes if every merged page were written again (the copy-on-write worst "
-        f"case is memory before KSM, up to {int(over['memory_before_bytes'].max()):,} bytes): "
-        "keep headroom or swap")]
+        (f"{len(over)} of {counted(len(sharing.hosts), 'sharing-aware host')} "
+        f"({'host' if one else 'hosts'} {', '.join(map(str, over['host']))}) would need more "
+        f"than {'its' if one else 'their'} {capacity:,} bytes if every merged page were "
+        "written again (the copy-on-write worst case is memory before KSM, up to "
+        f"{int(over['memory_before_bytes'].max()):,} bytes): keep headroom or swap")]
     projection = Projection(model, orders=orders) if project else None
     return Plan(
         summary=table,

@@ -16,7 +16,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..sharing import ADDRESS_KINDS
-from ..units import human_bytes
+from ..units import counted, human_bytes
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
@@ -226,7 +226,7 @@ def plot_address_map(result: Analysis) -> Figure:
         ax.set_yticks([0, 50, 100])
         ax.set_ylabel("% of bin")
         pages = int(rows["pages"].sum())
-        ax.set_title(f"{name}: {pages:,} pages in {len(rows)} bins of "
+        ax.set_title(f"{name}: {counted(pages, 'page')} in {counted(len(rows), 'bin')} of "
                      f"{pages / max(len(rows), 1):,.0f} pages", fontsize=10, loc="left")
         ticks = MaxNLocator(nbins=7, integer=True).tick_values(0, len(rows) - 1)
         ticks = [int(t) for t in ticks if 0 <= t < len(rows)]

@@ -251,7 +251,8 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
     parts.append(f'<div class="scroll">{_html_table(plan.hosts, index=False)}</div>')
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
-        parts.append(f"<p>{expected:,} guests like these fit in one host ({cautious:,} to "
+        fit = "guest like these fits" if expected == 1 else "guests like these fit"
+        parts.append(f"<p>{expected:,} {fit} in one host ({cautious:,} to "
                      f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
     parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings]
     return parts

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..analysis import Analysis
 from ..eligibility import RULES
-from ..units import human_bytes
+from ..units import counted, human_bytes
 from .files import to_json
 
 if TYPE_CHECKING:
@@ -115,10 +115,11 @@ def render_scan(result: Analysis) -> str:
     out.append("")
     st = tables["stages"].by_key("value")
     if st["verified"]:
-        verified = f"all {_count(st['merges'])} merges verified byte for byte"
+        verified = f"all {counted(int(st['merges']), 'merge')} verified byte for byte"
     elif st["hash_bits"] == 128:
-        verified = (f"{_count(st['merges'])} merges NOT verified byte for byte (a dump is not "
-                    "readable here): two pages with equal 128-bit content hashes count as one; "
+        verified = (f"{counted(int(st['merges']), 'merge')} NOT verified byte for byte (a "
+                    "dump is not readable here): two pages with equal 128-bit content hashes "
+                    "count as one; "
                     f"chance of any false merge below {_collision_bound(st, 128):.1e}")
     else:
         verified = ("NOT verified (--no-verify): two pages with equal 64-bit prefix and full "
@@ -138,7 +139,7 @@ def render_scan(result: Analysis) -> str:
                               ("file", st["inputs_from_fingerprint_files"])) if n]
     if reused:
         skipped = st["inputs_from_cache"] + st["inputs_from_fingerprint_files"]
-        out.append(f"Stage 1 skipped for {skipped} of {len(result.names)} inputs: "
+        out.append(f"Stage 1 skipped for {skipped} of {counted(len(result.names), 'input')}: "
                    f"{' and '.join(reused)}.")
     conv = tables["convergence"].by_key("with_zero_pages")
     out.append(
@@ -159,7 +160,8 @@ def _policy(result: Analysis) -> list[str]:
     if result.domains:
         sizes = Counter(result.contents.column("domain").tolist())
         what = "pages merge only within domains " + ", ".join(
-            f"{name} ({sizes.get(k, 0)} inputs)" for k, name in enumerate(result.domains))
+            f"{name} ({counted(sizes.get(k, 0), 'input')})"
+            for k, name in enumerate(result.domains))
     else:
         what = ""
     if result.options.merge == "zero-only":
@@ -249,8 +251,8 @@ _ZERO_SOURCES = {
 def render_capture(summary: CaptureSummary) -> str:
     """What ``capture`` wrote: per process, pages by what the kernel said of them."""
     size = human_bytes(summary.bytes_written)
-    head = (f"Captured {len(summary.processes)} process(es) into {summary.path} ({size}, "
-            f"mode 0600); {_ZERO_SOURCES[summary.pfn_flags]}.")
+    head = (f"Captured {counted(len(summary.processes), 'process', 'processes')} into "
+            f"{summary.path} ({size}, mode 0600); {_ZERO_SOURCES[summary.pfn_flags]}.")
     out = [head]
     out.append(_table(
         ["pid", "command", "VMAs", "present", "stored", "zero page", "swapped", "unreadable"],
@@ -345,7 +347,8 @@ def render_plan(plan: Plan) -> str:
             for r in plan.projection.itertuples())))
         if plan.fits is not None:
             expected, cautious, hopeful = plan.fits
-            out.append(f"  {expected:,} guests like these fit in {human_bytes(plan.capacity)} "
+            fit = "guest like these fits" if expected == 1 else "guests like these fit"
+            out.append(f"  {expected:,} {fit} in {human_bytes(plan.capacity)} "
                        f"({cautious:,} to {hopeful:,} by the band).")
     out += [f"Warning: {w}" for w in plan.warnings]
     return "\n".join(out)
