@@ -135,7 +135,7 @@ def test_console_script_and_module_entry_points(two_raw):
         r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("ksm-analyze ")
-        assert "compiled kernels: yes" in r.stdout  # CI builds them (tests/test_kernels.py)
+        assert "compiled kernels: yes" in r.stdout  # CI builds them (tests/test_compiled.py)
 
 
 def test_report_options_reach_the_model(two_raw, tmp_path):
