@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -14,6 +15,7 @@ from ksm_analyze.cli import app
 from ksm_analyze.placement import HostModel
 from ksm_analyze.planning import plan
 from ksm_analyze.projection import Projection
+from ksm_analyze.units import human_bytes
 
 RMAP = 64  # bytes per rmap_item
 SHARED, PRIVATE = 200, 20  # pages each pair shares, pages each input has alone
@@ -180,3 +182,31 @@ def test_the_projection_band_holds_a_larger_fleet_of_the_same_kind(tmp_path):
     actual = HostModel(truth.contents, truth.ksm).footprint(range(16))
     assert not row["measured"]
     assert row["memory_after_low_bytes"] <= actual <= row["memory_after_high_bytes"]
+
+
+def _summary_rows(page: str) -> dict[str, str]:
+    """The report's summary table (between its heading and the charts) as label: value."""
+    section = page[page.index('id="summary"'):page.index('id="charts"')]
+    return dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", section))
+
+
+def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["report", *pairs, "-o", str(out), "--host-memory", str(PAIR),
+                            "--project", "2,8"])
+    assert r.exit_code == 0, r.output
+    rows = _summary_rows((out / "index.html").read_text())
+    size = human_bytes(PAIR)
+    # Counted by hand (above): the pairs fill two hosts; first-fit puts one input per host.
+    assert rows[f"Hosts of {size} needed, sharing-aware"] == (
+        f"2, saving 2 hosts (50%) against first-fit; memory after KSM {human_bytes(2 * PAIR)}")
+    assert rows[f"Hosts of {size} needed, first-fit (ignores sharing)"] == (
+        f"4; memory after KSM {human_bytes(4 * ALONE)}")
+    assert rows[f"Hosts of {size}, lower bound (one infinite host)"] == "2"
+    assert rows[f"Guests like these per host of {size}"].startswith("1 (")
+    assert next(iter(rows)).startswith("Hosts of")  # the plan comes first
+    # Without --host-memory, no plan in the summary.
+    r = runner.invoke(app, ["report", *pairs, "-o", str(tmp_path / "plain")])
+    assert r.exit_code == 0, r.output
+    assert not any("Hosts" in k for k in _summary_rows((tmp_path / "plain" / "index.html")
+                                                        .read_text()))

@@ -120,9 +120,35 @@ def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
     return text
 
 
-def _summary(result: Analysis) -> list[tuple[str, str]]:
-    sav, host = result.savings, result.host
+def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
+    """The plan's headline: hosts needed by each method (and guests per host if projected)."""
+    from .text import _METHODS  # the names the text report gives the methods
+
     rows = []
+    size = human_bytes(plan.host_memory)
+    for r in plan.summary.itertuples():
+        hosts, after = int(r.hosts), human_bytes(int(r.memory_after_bytes))
+        method = _METHODS.get(r.method, r.method)
+        if r.method == "lower_bound":
+            rows.append((f"Hosts of {size}, {method}", f"{hosts:,}"))
+            continue
+        what = f"{hosts:,}; memory after KSM {after}"
+        if r.method == "sharing":
+            saved = int(r.hosts_saved)
+            against = (f"saving {saved:,} hosts ({float(r.hosts_saved_percent):.0f}%)"
+                       if saved >= 0 else f"{-saved:,} hosts more")
+            what = f"{hosts:,}, {against} against first-fit; memory after KSM {after}"
+        rows.append((f"Hosts of {size} needed, {method}", what))
+    if plan.fits is not None:
+        expected, cautious, hopeful = plan.fits
+        rows.append((f"Guests like these per host of {size}",
+                     f"{expected:,} ({cautious:,} to {hopeful:,} by the band)"))
+    return rows
+
+
+def _summary(result: Analysis, plan: Plan | None = None) -> list[tuple[str, str]]:
+    sav, host = result.savings, result.host
+    rows = [] if plan is None else _plan_summary(plan)
     for scen, title in (("with_zero_pages", "zero pages present"),
                         ("without_zero_pages", "zero pages untouched")):
         if f"{scen}_bytes" not in sav.columns:
@@ -179,7 +205,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         f"<h1>KSM savings report: {e(names)}</h1>",
         intro,
         '<h2 id="summary">Summary</h2><table class="summary">',
-        *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(result)),
+        *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(result, plan)),
         "</table>",
     ]
     if show_content:
