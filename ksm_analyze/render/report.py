@@ -14,6 +14,7 @@ import html
 import io
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,13 @@ def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
         if shown[col].dtype.kind in "iuf":
             shown[col] = [number(v.item() if hasattr(v, "item") else v) for v in shown[col]]
     text: str = shown.to_html(escape=True, border=0, classes="data", na_rep="", **kwargs)
-    return text
+    # Long column names (memory_before_bytes) may break after an underscore, so a table of
+    # many columns fits the page; the wrapper scrolls sideways what still does not.
+    head, sep, body = text.partition("</thead>")
+    head = re.sub(r"<th>([^<]*)</th>", lambda m: f"<th>{m[1].replace('_', '_<wbr>')}</th>",
+                  head)
+    text = head + sep + body
+    return f'<div class="scroll">{text}</div>'
 
 
 def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
@@ -174,13 +181,14 @@ h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 table.data, table.summary { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 table.data th, table.data td, table.summary th, table.summary td {
   padding: 0.2em 0.6em; border-bottom: 1px solid #e3e3e3; }
+table.data th { vertical-align: bottom; }
 table.data td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.summary th { text-align: left; font-weight: normal; color: #555; }
 table.summary td { font-weight: bold; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 .note { color: #555; font-size: 0.9em; } .warn { color: #a00; }
-code { font-size: 0.95em; } .scroll { overflow-x: auto; }
+code { font-size: 0.95em; overflow-wrap: anywhere; } .scroll { overflow-x: auto; }
 """
 
 
@@ -239,7 +247,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     )
     for name, title, df, index in sections:
         parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
-        parts.append(f'<div class="scroll">{_html_table(df, index=index)}</div>')
+        parts.append(_html_table(df, index=index))
         parts.append(f'<p class="note">Also in <a href="{name}.csv">{name}.csv</a>.</p>')
     parts.append('<p class="note">The page kinds per address bin are in '
                  '<a href="address_map.csv">address_map.csv</a>; fingerprinting statistics '
@@ -263,13 +271,13 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
              f"({e(human_bytes(plan.capacity))} for guests). Each host's memory after KSM is "
              "what a scan of its guests prints (memory after KSM plus rmap_item overhead); "
              'see docs/planning.md.</p>'),
-             f'<div class="scroll">{_html_table(plan.summary, index=False)}</div>']
+             _html_table(plan.summary, index=False)]
     for name in ("plan_hosts", "plan_projection"):
         if name in images:
             data = base64.b64encode(images[name]).decode("ascii")
             parts.append(f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
                          f'alt="{name}"><figcaption>{name}.png</figcaption></figure>')
-    parts.append(f'<div class="scroll">{_html_table(plan.hosts, index=False)}</div>')
+    parts.append(_html_table(plan.hosts, index=False))
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
         parts.append(f"<p>{expected:,} guests like these fit in one host ({cautious:,} to "
