@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 
@@ -210,3 +211,69 @@ def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
     assert r.exit_code == 0, r.output
     assert not any("Hosts" in k for k in _summary_rows((tmp_path / "plain" / "index.html")
                                                         .read_text()))
+
+
+# -- charts: the Figure objects ----------------------------------------------------------
+
+
+def _axes_fraction(ax, y: float) -> float:
+    """Where the height y (data units) sits on the axis: 0 at the bottom, 1 at the top."""
+    return float(ax.transAxes.inverted().transform(ax.transData.transform((0, y)))[1])
+
+
+@pytest.fixture(scope="module")
+def samples_analysis():
+    return analyze(SAMPLES, jobs=1)
+
+
+def test_host_chart_is_scaled_for_the_bars_with_the_worst_case_written(samples_analysis):
+    host = 400 * 1024
+    result = plan(samples_analysis, host)
+    fig = result.plot_hosts()
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 2  # sharing-aware, first-fit
+    # Before KSM each sample is its whole 2 MiB (the raw one's file size): five hosts' worth
+    # of memory, so on a scale for the bars it is written, not drawn.
+    worst = human_bytes(os.path.getsize(next(s for s in SAMPLES if s.endswith(".raw"))))
+    assert worst == "2 MiB"
+    for ax in panels:
+        capacity = next(line for line in ax.lines if line.get_ydata()[0] > 0).get_ydata()[0]
+        # The host's memory (where the bars end) fills most of the axis.
+        assert 0.75 <= _axes_fraction(ax, capacity) < 1
+        tops = [p.get_y() + p.get_height() for p in ax.patches]
+        assert max(tops) <= ax.get_ylim()[1]
+        # Each host's worst case, above the scale, written with its size.
+        hosts = len(ax.get_xticks())
+        assert [t.get_text() for t in ax.texts].count(f"\N{UPWARDS ARROW} {worst}") == hosts
+        # The bars are named by their inputs: every input once per method.
+        labels = " ".join(t.get_text() for t in ax.get_xticklabels())
+        for name in ("vm-a.elf", "vm-b.raw"):
+            assert labels.count(name) == 1, labels
+    title = fig.get_suptitle()
+    assert "merge=all" in title and "zero pages present" in title
+    assert "max_page_sharing=256" in title
+
+
+def test_projection_shows_the_with_ksm_curve_and_a_small_hosts_capacity(samples_analysis):
+    result = plan(samples_analysis, 400 * 1024, project=[1, 2, 10, 100])
+    ax = result.plot_projection().axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    capacity = next(v for k, v in lines.items() if k.startswith("host capacity"))
+    with_ksm = lines["with KSM (mean over random orders)"]
+    # 400 KiB against 100 guests of 2 MiB (200 MiB without KSM): on a linear axis the
+    # capacity and the with-KSM curve lie along the bottom 7%.
+    assert 0.1 <= _axes_fraction(ax, capacity.get_ydata()[0]) <= 0.9
+    heights = [_axes_fraction(ax, y) for y in with_ksm.get_ydata()]
+    assert all(0 < h < 1 for h in heights)
+    assert max(heights) - min(heights) >= 0.3  # the curve spreads over the axis
+    assert "merge=all, zero pages present" in ax.get_title()
+
+
+def test_every_plan_chart_names_the_policy(samples_analysis):
+    zero_only = analyze(SAMPLES, jobs=1, merge="zero-only")
+    result = plan(zero_only, 600 * 1024, zero_pages=False, project=[1, 4])
+    hosts = result.plot_hosts().get_suptitle()
+    projection = result.plot_projection().axes[0].get_title()
+    for title in (hosts, projection):
+        assert "merge=zero-only" in title and "zero pages untouched" in title, title
+        assert "max_page_sharing=256" in title, title

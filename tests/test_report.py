@@ -181,6 +181,19 @@ def test_report_tables_fit_or_scroll_in_headless_chromium(plan_report, tmp_path)
     assert fits[2] and fits[-1], tables  # the savings, the plan's hosts
 
 
+def test_charts_that_change_with_the_policy_name_it_in_their_titles():
+    from ksm_analyze import analyze
+
+    for merge in ("all", "zero-only"):
+        result = analyze(SAMPLES, jobs=1, merge=merge)
+        titles = {"savings": result.plot_savings().get_suptitle(),
+                  "histogram": result.plot_histogram().axes[0].get_title(),
+                  "pairwise": result.plot_pairwise().axes[0].get_title()}
+        for chart, title in titles.items():
+            assert f"merge={merge}," in title, (chart, title)
+            assert "max_page_sharing=256" in title, (chart, title)
+
+
 # -- page bytes stay out ---------------------------------------------------------------
 
 
