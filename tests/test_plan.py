@@ -277,3 +277,14 @@ def test_every_plan_chart_names_the_policy(samples_analysis):
     for title in (hosts, projection):
         assert "merge=zero-only" in title and "zero pages untouched" in title, title
         assert "max_page_sharing=256" in title, title
+
+
+def test_projection_axis_spans_the_counts_asked_for(samples_analysis):
+    # 8 MiB holds more guests than the 4 projected: that number is in the title, and the
+    # x axis stays on the counts asked for.
+    result = plan(samples_analysis, 8 * 1024 * 1024, project=[1, 2, 4])
+    assert result.fits is not None and result.fits[0] > 4
+    ax = result.plot_projection().axes[0]
+    assert ax.get_xlim()[1] < 5
+    assert f"{result.fits[0]:,} fit in 8 MiB" in ax.get_title()
+    assert all(float(t).is_integer() for t in ax.get_xticks() if 1 <= t <= 4)

@@ -380,7 +380,7 @@ def plot_projection(plan: Plan) -> Figure:
                        color="#eeeeee", zorder=0, label="beyond the samples: a model")
         ax.axhline(plan.capacity / div, color="black", linewidth=0.8, linestyle="--",
                    label=f"host capacity ({human_bytes(plan.capacity)})")
-        if plan.fits is not None and plan.fits[0] > 0:
+        if plan.fits is not None and vms.min() <= plan.fits[0] <= vms.max():  # else: title
             ax.axvline(plan.fits[0], color="black", linewidth=0.8, linestyle=":",
                        label=f"{plan.fits[0]:,} fit (with KSM)")
         if logy:
@@ -399,6 +399,7 @@ def plot_projection(plan: Plan) -> Figure:
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("guests like the samples on one host (log scale)")
         else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("guests like the samples on one host")
         ax.legend(fontsize=9)
     else:
