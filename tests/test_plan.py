@@ -196,8 +196,15 @@ def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
     r = runner.invoke(app, ["report", *pairs, "-o", str(out), "--host-memory", str(PAIR),
                             "--project", "2,8"])
     assert r.exit_code == 0, r.output
-    rows = _summary_rows((out / "index.html").read_text())
+    page = (out / "index.html").read_text()
+    rows = _summary_rows(page)
     size = human_bytes(PAIR)
+    hosts_caption = ("Each host&#x27;s memory after KSM, with and without sharing-aware "
+                     "placement (plan_hosts.png)")
+    projection_caption = ("Host memory for more guests like these, with and without KSM "
+                          "(plan_projection.png)")
+    for caption in (hosts_caption, projection_caption):
+        assert f"<figcaption>{caption}</figcaption>" in page
     # Counted by hand (above): the pairs fill two hosts; first-fit puts one input per host.
     assert rows[f"Hosts of {size} needed, sharing-aware"] == (
         f"2, saving 2 hosts (50%) against first-fit; memory after KSM {human_bytes(2 * PAIR)}")

@@ -40,6 +40,11 @@ CHARTS = {
     "address_map": "Where the pages lie in each input's address space",
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
+PLAN_CHARTS = {
+    "plan_hosts": "Each host's memory after KSM, with and without sharing-aware placement",
+    "plan_projection": "Host memory for more guests like these, with and without KSM",
+}
+"""The PNG files of a report's capacity plan and their captions."""
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -272,11 +277,12 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
              "what a scan of its guests prints (memory after KSM plus rmap_item overhead); "
              'see docs/planning.md.</p>'),
              _html_table(plan.summary, index=False)]
-    for name in ("plan_hosts", "plan_projection"):
+    for name, caption in PLAN_CHARTS.items():
         if name in images:
             data = base64.b64encode(images[name]).decode("ascii")
             parts.append(f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
-                         f'alt="{name}"><figcaption>{name}.png</figcaption></figure>')
+                         f'alt="{e(caption)}"><figcaption>{e(caption)} ({name}.png)'
+                         "</figcaption></figure>")
     parts.append(_html_table(plan.hosts, index=False))
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
