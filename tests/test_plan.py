@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 
@@ -15,6 +16,7 @@ from ksm_analyze.cli import app
 from ksm_analyze.planning.placement import HostModel
 from ksm_analyze.planning.plan import plan
 from ksm_analyze.planning.projection import Projection
+from ksm_analyze.units import human_bytes
 
 RMAP = 64  # bytes per rmap_item
 SHARED, PRIVATE = 200, 20  # pages each pair shares, pages each input has alone
@@ -202,3 +204,115 @@ def test_an_input_that_does_not_fit_one_host_says_host():
     assert r.exit_code != 0
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not re.search(_PLURAL_AFTER_ONE, r.stderr), r.stderr
+
+
+def _summary_rows(page: str) -> dict[str, str]:
+    """The report's summary table (between its heading and the charts) as label: value."""
+    section = page[page.index('id="summary"'):page.index('id="charts"')]
+    return dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", section))
+
+
+def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["report", *pairs, "-o", str(out), "--host-memory", str(PAIR),
+                            "--project", "2,8"])
+    assert r.exit_code == 0, r.output
+    page = (out / "index.html").read_text()
+    rows = _summary_rows(page)
+    size = human_bytes(PAIR)
+    hosts_caption = ("Each host&#x27;s memory after KSM, with and without sharing-aware "
+                     "placement (plan_hosts.png)")
+    projection_caption = ("Host memory for more guests like these, with and without KSM "
+                          "(plan_projection.png)")
+    for caption in (hosts_caption, projection_caption):
+        assert f"<figcaption>{caption}</figcaption>" in page
+    # Counted by hand (above): the pairs fill two hosts; first-fit puts one input per host.
+    assert rows[f"Hosts of {size} needed, sharing-aware"] == (
+        f"2, saving 2 hosts (50%) against first-fit; memory after KSM {human_bytes(2 * PAIR)}")
+    assert rows[f"Hosts of {size} needed, first-fit (ignores sharing)"] == (
+        f"4; memory after KSM {human_bytes(4 * ALONE)}")
+    assert rows[f"Hosts of {size}, lower bound (one infinite host)"] == "2"
+    assert rows[f"Guests like these per host of {size}"].startswith("1 (")
+    assert next(iter(rows)).startswith("Hosts of")  # the plan comes first
+    # Without --host-memory, no plan in the summary.
+    r = runner.invoke(app, ["report", *pairs, "-o", str(tmp_path / "plain")])
+    assert r.exit_code == 0, r.output
+    assert not any("Hosts" in k for k in _summary_rows((tmp_path / "plain" / "index.html")
+                                                        .read_text()))
+
+
+# -- charts: the Figure objects ----------------------------------------------------------
+
+
+def _axes_fraction(ax, y: float) -> float:
+    """Where the height y (data units) sits on the axis: 0 at the bottom, 1 at the top."""
+    return float(ax.transAxes.inverted().transform(ax.transData.transform((0, y)))[1])
+
+
+@pytest.fixture(scope="module")
+def samples_analysis():
+    return analyze(SAMPLES, jobs=1)
+
+
+def test_host_chart_is_scaled_for_the_bars_with_the_worst_case_written(samples_analysis):
+    host = 400 * 1024
+    result = plan(samples_analysis, host)
+    fig = result.plot_hosts()
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 2  # sharing-aware, first-fit
+    # Before KSM each sample is its whole 2 MiB (the raw one's file size): five hosts' worth
+    # of memory, so on a scale for the bars it is written, not drawn.
+    worst = human_bytes(os.path.getsize(next(s for s in SAMPLES if s.endswith(".raw"))))
+    assert worst == "2 MiB"
+    for ax in panels:
+        capacity = next(line for line in ax.lines if line.get_ydata()[0] > 0).get_ydata()[0]
+        # The host's memory (where the bars end) fills most of the axis.
+        assert 0.75 <= _axes_fraction(ax, capacity) < 1
+        tops = [p.get_y() + p.get_height() for p in ax.patches]
+        assert max(tops) <= ax.get_ylim()[1]
+        # Each host's worst case, above the scale, written with its size.
+        hosts = len(ax.get_xticks())
+        assert [t.get_text() for t in ax.texts].count(f"\N{UPWARDS ARROW} {worst}") == hosts
+        # The bars are named by their inputs: every input once per method.
+        labels = " ".join(t.get_text() for t in ax.get_xticklabels())
+        for name in ("vm-a.elf", "vm-b.raw"):
+            assert labels.count(name) == 1, labels
+    title = fig.get_suptitle()
+    assert "merge=all" in title and "zero pages present" in title
+    assert "max_page_sharing=256" in title
+
+
+def test_projection_shows_the_with_ksm_curve_and_a_small_hosts_capacity(samples_analysis):
+    result = plan(samples_analysis, 400 * 1024, project=[1, 2, 10, 100])
+    ax = result.plot_projection().axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    capacity = next(v for k, v in lines.items() if k.startswith("host capacity"))
+    with_ksm = lines["with KSM (mean over random orders)"]
+    # 400 KiB against 100 guests of 2 MiB (200 MiB without KSM): on a linear axis the
+    # capacity and the with-KSM curve lie along the bottom 7%.
+    assert 0.1 <= _axes_fraction(ax, capacity.get_ydata()[0]) <= 0.9
+    heights = [_axes_fraction(ax, y) for y in with_ksm.get_ydata()]
+    assert all(0 < h < 1 for h in heights)
+    assert max(heights) - min(heights) >= 0.3  # the curve spreads over the axis
+    assert "merge=all, zero pages present" in ax.get_title()
+
+
+def test_every_plan_chart_names_the_policy(samples_analysis):
+    zero_only = analyze(SAMPLES, jobs=1, merge="zero-only")
+    result = plan(zero_only, 600 * 1024, zero_pages=False, project=[1, 4])
+    hosts = result.plot_hosts().get_suptitle()
+    projection = result.plot_projection().axes[0].get_title()
+    for title in (hosts, projection):
+        assert "merge=zero-only" in title and "zero pages untouched" in title, title
+        assert "max_page_sharing=256" in title, title
+
+
+def test_projection_axis_spans_the_counts_asked_for(samples_analysis):
+    # 8 MiB holds more guests than the 4 projected: that number is in the title, and the
+    # x axis stays on the counts asked for.
+    result = plan(samples_analysis, 8 * 1024 * 1024, project=[1, 2, 4])
+    assert result.fits is not None and result.fits[0] > 4
+    ax = result.plot_projection().axes[0]
+    assert ax.get_xlim()[1] < 5
+    assert f"{result.fits[0]:,} fit in 8 MiB" in ax.get_title()
+    assert all(float(t).is_integer() for t in ax.get_xticks() if 1 <= t <= 4)

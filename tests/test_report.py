@@ -127,6 +127,73 @@ def test_report_renders_in_headless_chromium(sample_report, tmp_path):
     assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50  # not blank
 
 
+_FIT = """<script>
+window.addEventListener("load", () => {
+  const page = document.documentElement;
+  const tables = [...document.querySelectorAll("table.data")].map(t => {
+    const box = t.parentElement;
+    let h = box.previousElementSibling;  // the section's heading
+    while (h && !/^H[23]$/.test(h.tagName)) h = h.previousElementSibling;
+    return [h ? h.id : "", box.className, box.scrollWidth <= box.clientWidth];
+  });
+  document.body.setAttribute("data-fit", JSON.stringify(
+    {page: [page.scrollWidth, page.clientWidth], tables}));
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def plan_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan-report") / "out"
+    code, stdout, stderr = _report(*SAMPLES, "-o", str(out), "--host-memory", "400KiB",
+                                   "--project", "1,2,10,100")
+    assert code == 0, stdout + stderr
+    return out
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium missing (.ci/install-system-deps.sh installs it)")
+def test_report_tables_fit_or_scroll_in_headless_chromium(plan_report, tmp_path):
+    page = (plan_report / "index.html").read_text()
+    check = tmp_path / "fit.html"
+    check.write_text(page.replace("</body>", _FIT + "</body>"))
+    r = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+         "--window-size=1200,2000", "--dump-dom", check.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = re.search(r'data-fit="([^"]*)"', r.stdout)
+    assert found, r.stdout[:2000]
+    fit = json.loads(found.group(1).replace("&quot;", '"'))
+    width, visible = fit["page"]
+    assert width <= visible  # the page itself never scrolls sideways
+    # Every table sits in a wrapper that scrolls sideways (the inputs' 17 columns with
+    # absolute paths need it); the savings and the plan's hosts, numbers under long column
+    # names, fit a 1,200-pixel window whole.
+    tables = fit["tables"]
+    assert [h for h, _, _ in tables] == [
+        "table-per_input", "table-host", "table-savings", "table-histogram", "table-pairwise",
+        "table-top_contents", "plan", "plan"]
+    assert all(cls == "scroll" for _, cls, _ in tables)
+    fits = [f for _, _, f in tables]
+    assert fits[2] and fits[-1], tables  # the savings, the plan's hosts
+
+
+def test_charts_that_change_with_the_policy_name_it_in_their_titles():
+    from ksm_analyze import analyze
+
+    for merge in ("all", "zero-only"):
+        result = analyze(SAMPLES, jobs=1, merge=merge)
+        titles = {"savings": result.plot_savings().get_suptitle(),
+                  "histogram": result.plot_histogram().axes[0].get_title(),
+                  "pairwise": result.plot_pairwise().axes[0].get_title()}
+        for chart, title in titles.items():
+            assert f"merge={merge}," in title, (chart, title)
+            assert "max_page_sharing=256" in title, (chart, title)
+
+
 # -- page bytes stay out ---------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ class Plan:
             None unless projected.
         host_memory: bytes per host; ``capacity`` what is left for guests after the reserve.
         analysis: the analysis every number comes from.
+        zero_pages: scanned zero pages counted as host memory (True) or as never touched.
     """
 
     summary: pd.DataFrame
@@ -61,6 +62,7 @@ class Plan:
     analysis: Analysis
     fits: tuple[int, int, int] | None = None
     warnings: list[str] = field(default_factory=list)
+    zero_pages: bool = True
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them."""
@@ -169,6 +171,7 @@ def plan(
         analysis=analysis,
         fits=projection.fits(capacity) if projection else None,
         warnings=warnings,
+        zero_pages=zero_pages,
     )
 
 

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from ..sharing import ADDRESS_KINDS
 from ..units import counted, human_bytes
@@ -109,13 +110,8 @@ def plot_savings(result: Analysis) -> Figure:
         ax.set_ylim(0, largest / div * 1.22)
         ax.set_title(_SCENARIOS[s], fontsize=11)
         ax.grid(axis="y", alpha=0.3)
-    ksm = result.ksm
-    fig.suptitle(
-        "Memory before and after KSM, all inputs on one host "
-        f"(max_page_sharing={ksm.max_page_sharing}, "
-        f"use_zero_pages={int(ksm.use_zero_pages)})",
-        fontsize=12,
-    )
+    fig.suptitle(f"Memory before and after KSM, all inputs on one host ({_policy_words(result)})",
+                 fontsize=12)
     return fig
 
 
@@ -126,7 +122,7 @@ def _bucket_label(copies: int) -> str:
 def plot_histogram(result: Analysis) -> Figure:
     """Pages held by contents seen 1, 2-3, 4-7, ... times, before and after merging."""
     hist = result.histogram
-    fig = _figure(max(6.0, 1.1 * len(hist) + 3), 5.0)
+    fig = _figure(max(7.0, 1.1 * len(hist) + 3), 5.0)
     ax = fig.subplots()
     x = np.arange(len(hist))
     before = hist["pages_referenced"].to_numpy()
@@ -151,7 +147,8 @@ def plot_histogram(result: Analysis) -> Figure:
     ax.set_xlabel("copies of a content (bucket), and how many contents fall in it")
     ps = result.ksm.page_size
     ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
-    ax.set_title("Sharing-degree histogram: pages by number of copies (zero pages included)")
+    ax.set_title("Sharing-degree histogram: pages by number of copies (zero pages included)\n"
+                 f"({_policy_words(result)})", fontsize=10)
     ax.legend(loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -194,7 +191,8 @@ def plot_pairwise(result: Analysis) -> Figure:
     ax.set_xlabel("also present in (input B)")
     ax.set_ylabel("non-zero pages of (input A)")
     ax.set_title("Pairwise sharing: pages of A whose content is also in B\n"
-                 "(and the extra memory saved if only A and B shared a host)", fontsize=11)
+                 "(and the extra memory saved if only A and B shared a host)\n"
+                 f"({_policy_words(result)})", fontsize=11)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("pages of A also in B (% of A's non-zero pages)")
     return fig
@@ -249,16 +247,64 @@ def _physical(result: Analysis, name: str) -> bool:
     return spaces.get(name) != "virtual"
 
 
+def _policy_words(analysis: Analysis, zero_pages: bool | None = None) -> str:
+    """The merging policy and KSM knobs a chart's numbers assume, for its title: ``merge=``
+    as ``--merge`` spells it, the domains, how zero pages count (when one way is chosen),
+    ``max_page_sharing`` and ``use_zero_pages``."""
+    words = [f"merge={analysis.options.merge}"]
+    if analysis.domains:
+        words.append(f"{len(analysis.domains)} domains")
+    if zero_pages is not None:
+        words.append(_ZERO_WORDS[zero_pages])
+    ksm = analysis.ksm
+    words += [f"max_page_sharing={ksm.max_page_sharing}",
+              f"use_zero_pages={int(ksm.use_zero_pages)}"]
+    return ", ".join(words)
+
+
+_ZERO_WORDS = {True: "zero pages present", False: "zero pages untouched"}
+_METHOD_WORDS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing)"}
+NAMED_INPUTS = 4
+"""Input names written under a host's bar (beyond: "+N more")."""
+LABEL_CHARS = 48
+"""Longest rotated label of a host's inputs (many bars), cut with an ellipsis beyond."""
+
+
+def _host_label(host: int, names: list[str], upright: bool) -> str:
+    shown = names[:NAMED_INPUTS]
+    more = [f"+{len(names) - len(shown)} more"] if len(names) > len(shown) else []
+    if upright:
+        return "\n".join([f"host {host}", *shown, *more])
+    line = f"host {host}: " + ", ".join(names)
+    return line if len(line) <= LABEL_CHARS else line[:LABEL_CHARS - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
 def plot_hosts(plan: Plan) -> Figure:
-    """Stacked bars per host, one panel per method: private pages, KSM pages, rmap_items,
-    free memory; the marker is memory before KSM (the copy-on-write worst case)."""
+    """Stacked bars per host, one panel per method: reserve, private pages, KSM pages,
+    rmap_items, free memory, each bar named by its inputs. The scale is the host's: memory
+    before KSM (the copy-on-write worst case) is a tick where it fits and an arrow with its
+    size at the top where it does not."""
     hosts = plan.hosts
     methods = list(dict.fromkeys(hosts["method"]))
-    width = min(MAX_INCHES, max(9.0, 3.0 + 0.45 * len(hosts)))
-    fig = _figure(width, 5.5)
+    guests: dict[tuple[str, int], list[str]] = {}
+    for a in plan.assignments.itertuples():
+        guests.setdefault((str(a.method), int(a.host)), []).append(str(a.input))
+    most = max((hosts["method"] == m).sum() for m in methods)
+    upright = most <= 8  # few bars: names stacked under each; many: one rotated line each
+    labels = {key: _host_label(key[1], names, upright) for key, names in guests.items()}
+    lines = max((label.count("\n") + 1 for label in labels.values()), default=1)
+    chars = max((len(label) for label in labels.values()), default=0)
+    width = min(MAX_INCHES, max(9.0, 3.0 + (1.6 if upright else 0.45) * len(hosts)))
+    fig = _figure(width, 5.0 + (0.16 * lines if upright else 0.065 * chars))
     axes = fig.subplots(1, len(methods), squeeze=False, sharey=True,
                         width_ratios=[max(1, (hosts["method"] == m).sum()) for m in methods])[0]
-    div, unit = _unit(max(plan.host_memory, 1))
+    used = (hosts["memory_after_bytes"].to_numpy(float).max(initial=0)
+            + plan.host_memory - plan.capacity)
+    # The bars' and the capacity's scale, with room above for the worst cases it leaves out.
+    off_scale = (hosts["memory_before_bytes"] + plan.host_memory - plan.capacity
+                 > 1.15 * max(plan.host_memory, used, 1)).any()
+    top = (1.15 if upright or not off_scale else 1.35) * max(plan.host_memory, used, 1)
+    div, unit = _unit(top)
     parts = (("private_bytes", "private pages", "#4c78a8"),
              ("shared_bytes", "KSM pages (shared)", "#f58518"),
              ("rmap_bytes", "rmap_items", "#e45756"),
@@ -273,48 +319,100 @@ def plot_hosts(plan: Plan) -> Figure:
             values = np.maximum(rows[column].to_numpy(float), 0) / div
             ax.bar(x, values, bottom=bottom, color=color, label=label)
             bottom = bottom + values
-        ax.scatter(x, rows["memory_before_bytes"].to_numpy(float) / div, marker="_", s=300,
-                   color="black", zorder=3, label="memory before KSM (worst case)")
+        # On the reserve, as the bars are.
+        before = rows["memory_before_bytes"].to_numpy(float) + plan.host_memory - plan.capacity
+        inside = before <= top
+        if inside.any():
+            ax.scatter(x[inside], before[inside] / div, marker="_", s=400, linewidths=2,
+                       color="black", zorder=3, label="memory before KSM (worst case)")
+        for i in np.flatnonzero(~inside):
+            worst = int(rows["memory_before_bytes"].iloc[i])
+            ax.annotate(f"\N{UPWARDS ARROW} {human_bytes(worst)}", (x[i], top / div),
+                        xytext=(0, -3), textcoords="offset points", ha="center", va="top",
+                        fontsize=8 if upright else 7, rotation=0 if upright else 90)
         ax.axhline(plan.host_memory / div, color="black", linewidth=0.8)
-        ax.set_xticks(x, [str(h) for h in rows["host"]], fontsize=8)
-        ax.set_xlabel("host")
-        ax.set_title(f"{method.replace('_', ' ')}: {len(rows)} host(s)", fontsize=11)
+        ax.set_ylim(0, top / div)
+        ax.set_xticks(x, [labels.get((method, int(h)), f"host {h}") for h in rows["host"]],
+                      fontsize=8, rotation=0 if upright else 90)
+        n = len(rows)
+        ax.set_title(f"{_METHOD_WORDS.get(method, method)}: {n} host{'s' if n != 1 else ''}",
+                     fontsize=11)
     axes[0].set_ylabel(f"host memory ({unit})")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=9)
-    fig.suptitle(f"Hosts of {human_bytes(plan.host_memory)}: placement with and without "
-                 "sharing-awareness", fontsize=12)
+    handles, names = axes[0].get_legend_handles_labels()
+    if "memory before KSM (worst case)" not in names:  # drawn in a later panel
+        handles.append(Line2D([], [], linestyle="none", marker="_", markersize=15,
+                              markeredgewidth=2, color="black"))
+        names.append("memory before KSM (worst case)")
+    if off_scale:
+        handles.append(Line2D([], [], linestyle="none", marker="$\u2191$", color="black"))
+        names.append("memory before KSM above the scale (its size written)")
+    fig.legend(handles, names, loc="outside lower center", ncols=3, fontsize=9)
+    reserve = (f" ({human_bytes(plan.capacity)} for guests)"
+               if plan.capacity < plan.host_memory else "")
+    fig.suptitle(f"Hosts of {human_bytes(plan.host_memory)}{reserve}: placement with and "
+                 f"without sharing-awareness\n({_policy_words(plan.analysis, plan.zero_pages)})",
+                 fontsize=12)
     return fig
 
 
 def plot_projection(plan: Plan) -> Figure:
-    """Host memory against the number of guests like the samples, with and without KSM."""
+    """Host memory against the number of guests like the samples, with and without KSM.
+
+    On log scales when the values span more than a factor of 20 (a small host beside a
+    hundred guests), so the with-KSM curve and the capacity stay apart from the axis."""
     proj = plan.projection
     fig = _figure(8.0, 5.0)
     ax = fig.subplots()
     if len(proj):
         vms = proj["vms"].to_numpy()
-        div, unit = _unit(float(proj[["memory_before_bytes", "memory_after_high_bytes"]]
-                                .to_numpy().max()))
+        before = proj["memory_before_bytes"].to_numpy(float)
+        after = proj["memory_after_bytes"].to_numpy(float)
+        low = proj["memory_after_low_bytes"].to_numpy(float)
+        high = proj["memory_after_high_bytes"].to_numpy(float)
+        values = np.concatenate([before, after, low, high, [plan.capacity]])
+        values = values[values > 0]
+        logy = len(values) > 0 and values.max() / values.min() > 20
+        div, unit = (1.0, "") if logy else _unit(float(values.max(initial=1)))
         measured = proj["measured"].to_numpy(bool)
-        ax.plot(vms, proj["memory_before_bytes"] / div, color="#9467bd", marker="o",
-                label="without KSM")
-        ax.plot(vms, proj["memory_after_bytes"] / div, color="#2ca02c", marker="o",
+        ax.plot(vms, before / div, color="#9467bd", marker="o", label="without KSM")
+        ax.plot(vms, after / div, color="#2ca02c", marker="o",
                 label="with KSM (mean over random orders)")
-        ax.fill_between(vms, proj["memory_after_low_bytes"] / div,
-                        proj["memory_after_high_bytes"] / div, color="#2ca02c", alpha=0.2,
-                        label="10th-90th percentile band")
+        ax.fill_between(vms, low / div, high / div, color="#2ca02c", alpha=0.2,
+                        label=f"10th{_EN_DASH}90th percentile band")
         if (~measured).any():
-            ax.axvspan(vms[~measured].min() - 0.5, vms.max() + 0.5, color="#eeeeee",
-                       zorder=0, label="beyond the samples: a model")
+            first = vms[~measured].min()
+            ax.axvspan(first * 0.9 if vms.max() / vms.min() > 20 else first - 0.5,
+                       vms.max() * 1.1 if vms.max() / vms.min() > 20 else vms.max() + 0.5,
+                       color="#eeeeee", zorder=0, label="beyond the samples: a model")
         ax.axhline(plan.capacity / div, color="black", linewidth=0.8, linestyle="--",
                    label=f"host capacity ({human_bytes(plan.capacity)})")
-        ax.set_ylabel(f"host memory ({unit})")
+        if plan.fits is not None and vms.min() <= plan.fits[0] <= vms.max():  # else: title
+            ax.axvline(plan.fits[0], color="black", linewidth=0.8, linestyle=":",
+                       label=f"{plan.fits[0]:,} fit (with KSM)")
+        if logy:
+            ax.set_yscale("log", base=2)
+            ax.set_ylim(values.min() / 1.5, values.max() * 1.5)
+            ax.yaxis.set_major_locator(LogLocator(base=4))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(int(v))))
+            ax.set_ylabel("host memory (log scale)")
+        else:
+            ax.set_ylim(0, values.max(initial=1) / div * 1.1)
+            ax.set_ylabel(f"host memory ({unit})")
+        if vms.max() / max(vms.min(), 1) > 20:
+            ax.set_xscale("log")
+            ax.set_xticks(vms, [f"{int(v):,}" for v in vms])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("guests like the samples on one host (log scale)")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("guests like the samples on one host")
         ax.legend(fontsize=9)
-    ax.set_xlabel("guests like the samples on one host")
+    else:
+        ax.set_xlabel("guests like the samples on one host")
     title = "Host memory for more guests like these"
     if plan.fits is not None:
         title += f": {plan.fits[0]:,} fit in {human_bytes(plan.capacity)}"
-    ax.set_title(title, fontsize=11)
+    ax.set_title(f"{title}\n({_policy_words(plan.analysis, plan.zero_pages)})", fontsize=11)
     ax.grid(alpha=0.3)
     return fig

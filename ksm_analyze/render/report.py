@@ -14,6 +14,7 @@ import html
 import io
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,11 @@ CHARTS = {
     "address_map": "Where the pages lie in each input's address space",
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
+PLAN_CHARTS = {
+    "plan_hosts": "Each host's memory after KSM, with and without sharing-aware placement",
+    "plan_projection": "Host memory for more guests like these, with and without KSM",
+}
+"""The PNG files of a report's capacity plan and their captions."""
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -117,12 +123,44 @@ def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
         if shown[col].dtype.kind in "iuf":
             shown[col] = [number(v.item() if hasattr(v, "item") else v) for v in shown[col]]
     text: str = shown.to_html(escape=True, border=0, classes="data", na_rep="", **kwargs)
-    return text
+    # Long column names (memory_before_bytes) may break after an underscore, so a table of
+    # many columns fits the page; the wrapper scrolls sideways what still does not.
+    head, sep, body = text.partition("</thead>")
+    head = re.sub(r"<th>([^<]*)</th>", lambda m: f"<th>{m[1].replace('_', '_<wbr>')}</th>",
+                  head)
+    text = head + sep + body
+    return f'<div class="scroll">{text}</div>'
 
 
-def _summary(result: Analysis) -> list[tuple[str, str]]:
-    sav, host = result.savings, result.host
+def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
+    """The plan's headline: hosts needed by each method (and guests per host if projected)."""
+    from .text import _METHODS  # the names the text report gives the methods
+
     rows = []
+    size = human_bytes(plan.host_memory)
+    for r in plan.summary.itertuples():
+        hosts, after = int(r.hosts), human_bytes(int(r.memory_after_bytes))
+        method = _METHODS.get(r.method, r.method)
+        if r.method == "lower_bound":
+            rows.append((f"Hosts of {size}, {method}", f"{hosts:,}"))
+            continue
+        what = f"{hosts:,}; memory after KSM {after}"
+        if r.method == "sharing":
+            saved = int(r.hosts_saved)
+            against = (f"saving {saved:,} hosts ({float(r.hosts_saved_percent):.0f}%)"
+                       if saved >= 0 else f"{-saved:,} hosts more")
+            what = f"{hosts:,}, {against} against first-fit; memory after KSM {after}"
+        rows.append((f"Hosts of {size} needed, {method}", what))
+    if plan.fits is not None:
+        expected, cautious, hopeful = plan.fits
+        rows.append((f"Guests like these per host of {size}",
+                     f"{expected:,} ({cautious:,} to {hopeful:,} by the band)"))
+    return rows
+
+
+def _summary(result: Analysis, plan: Plan | None = None) -> list[tuple[str, str]]:
+    sav, host = result.savings, result.host
+    rows = [] if plan is None else _plan_summary(plan)
     for scen, title in (("with_zero_pages", "zero pages present"),
                         ("without_zero_pages", "zero pages untouched")):
         if f"{scen}_bytes" not in sav.columns:
@@ -151,13 +189,14 @@ h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 table.data, table.summary { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 table.data th, table.data td, table.summary th, table.summary td {
   padding: 0.2em 0.6em; border-bottom: 1px solid #e3e3e3; }
+table.data th { vertical-align: bottom; }
 table.data td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.summary th { text-align: left; font-weight: normal; color: #555; }
 table.summary td { font-weight: bold; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 .note { color: #555; font-size: 0.9em; } .warn { color: #a00; }
-code { font-size: 0.95em; } .scroll { overflow-x: auto; }
+code { font-size: 0.95em; overflow-wrap: anywhere; } .scroll { overflow-x: auto; }
 """
 
 
@@ -184,7 +223,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         f"<h1>KSM savings report: {e(names)}</h1>",
         intro,
         '<h2 id="summary">Summary</h2><table class="summary">',
-        *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(result)),
+        *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(result, plan)),
         "</table>",
     ]
     if show_content:
@@ -218,7 +257,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     )
     for name, title, df, index in sections:
         parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
-        parts.append(f'<div class="scroll">{_html_table(df, index=index)}</div>')
+        parts.append(_html_table(df, index=index))
         parts.append(f'<p class="note">Also in <a href="{name}.csv">{name}.csv</a>.</p>')
     parts.append('<p class="note">The page kinds per address bin are in '
                  '<a href="address_map.csv">address_map.csv</a>; fingerprinting statistics '
@@ -242,13 +281,14 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
              f"({e(human_bytes(plan.capacity))} for guests). Each host's memory after KSM is "
              "what a scan of its guests prints (rmap_items included); "
              'see docs/planning.md.</p>'),
-             f'<div class="scroll">{_html_table(plan.summary, index=False)}</div>']
-    for name in ("plan_hosts", "plan_projection"):
+             _html_table(plan.summary, index=False)]
+    for name, caption in PLAN_CHARTS.items():
         if name in images:
             data = base64.b64encode(images[name]).decode("ascii")
             parts.append(f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
-                         f'alt="{name}"><figcaption>{name}.png</figcaption></figure>')
-    parts.append(f'<div class="scroll">{_html_table(plan.hosts, index=False)}</div>')
+                         f'alt="{e(caption)}"><figcaption>{e(caption)} ({name}.png)'
+                         "</figcaption></figure>")
+    parts.append(_html_table(plan.hosts, index=False))
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
         fit = "guest like these fits" if expected == 1 else "guests like these fit"
