@@ -144,7 +144,8 @@ _ANALYSIS_PARAMS = (
     _param("scope", ScopeOpt, DEFAULT_OPTIONS.scope.value),
     _param("page_size", PageSizeOpt, _KSM.page_size),
     _param("prefix_bytes", Annotated[
-        int, typer.Option(help="Bytes of each page hashed in stage 1 (0 = whole page).")
+        int, typer.Option(help="Bytes of each page hashed in stage 1 (0, or more than a page: the "
+                          "whole page).")
     ], DEFAULT_OPTIONS.prefix_bytes),
     _param("base_address", Annotated[
         list[str] | None,
