@@ -360,8 +360,9 @@ def plan(
     host_memory: HostMemoryOpt,
     reserve: ReserveOpt = "0",
     hosts: Annotated[
-        int | None, typer.Option("--hosts", help="Spread over exactly this many hosts "
-                                 "instead of as few as possible.", show_default=False)
+        int | None, typer.Option("--hosts", help="Spread over exactly this many hosts, "
+                                 "each holding an input, instead of as few as possible.",
+                                 show_default=False)
     ] = None,
     project: ProjectOpt = None,
     untouched_zero: Annotated[

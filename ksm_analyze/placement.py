@@ -29,8 +29,10 @@ import numpy as np
 
 from .contents import ContentTable
 from .ksm import RMAP_ITEM_BYTES, KsmSettings, merged_pages
+from .units import human_bytes
 
-__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "spread"]
+__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "split",
+           "spread"]
 
 
 def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
@@ -289,16 +291,73 @@ def lower_bound(model: HostModel, capacity: int) -> int:
 
 
 def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
-    """Sharing-aware placement onto exactly ``hosts`` hosts: inputs largest first, each on
-    the host it adds the least memory to, among those where it fits."""
+    """Sharing-aware placement onto exactly ``hosts`` hosts, every one holding an input.
+
+    Seeds: the largest input, then each time the input that adds the most memory to a host
+    holding every seed so far (the largest input sharing least with them), one per host.
+    Then the other inputs, largest first, each onto the host it leaves least full among
+    those where it fits: memory is balanced, and an input joins the guests it shares with
+    because there it adds least. Where that greedy finds no room, the placement of
+    :func:`place` is split over the hosts instead (:func:`split`).
+
+    Raises:
+        ValueError: more hosts than inputs, an input that alone does not fit a host, or
+            inputs that neither way fit on ``hosts`` hosts.
+    """
+    if hosts > model.n:
+        raise ValueError(f"--hosts {hosts} is more hosts than the {model.n} inputs: every "
+                         "host needs at least one")
     _too_big(model, capacity)
+    greedy = _balanced(model, capacity, hosts)
+    if greedy is not None:
+        return Placement("sharing", greedy)
+    packed = place(model, capacity).hosts
+    if len(packed) > hosts:
+        plural = "s" if hosts > 1 else ""
+        raise ValueError(
+            f"the inputs do not fit on {hosts} host{plural} of {human_bytes(capacity)} for guests: "
+            f"the sharing-aware placement needs {len(packed)} (no placement can use fewer than "
+            f"{lower_bound(model, capacity)})")
+    return Placement("sharing", split(model, packed, hosts))
+
+
+def _balanced(model: HostModel, capacity: int, hosts: int) -> list[list[int]] | None:
+    """The greedy of :func:`spread`, or None where an input fits on no host."""
     states = [model.empty() for _ in range(hosts)]
-    for i in sorted(range(model.n), key=lambda i: (-model.alone[i], i)):
-        options = [(int(model.marginal(h, np.array([i]))[0]), model.bytes(h), k)
-                   for k, h in enumerate(states)]
-        fitting = [o for o in options if o[1] + o[0] <= capacity]
-        if not fitting:
-            raise ValueError(f"{model.table.names[i]} does not fit on any of {hosts} hosts of "
-                             f"{capacity:,} bytes after the inputs placed before it")
-        model.add(states[min(fitting)[2]], i)
-    return Placement("sharing", [sorted(h.inputs) for h in states])
+    union = model.empty()  # every seed: the next seed is what adds most to it
+    left = list(range(model.n))
+    for state in states:
+        cand = np.array(left)
+        added = model.marginal(union, cand)
+        seed = int(cand[np.lexsort((cand, -model.alone[cand], -added))[0]])
+        model.add(union, seed)
+        model.add(state, seed)
+        left.remove(seed)
+    for i in sorted(left, key=lambda i: (-model.alone[i], i)):
+        options = []
+        for k, h in enumerate(states):
+            after = model.bytes(h) + int(model.marginal(h, np.array([i]))[0])
+            if after <= capacity:
+                options.append((after, k))
+        if not options:
+            return None
+        model.add(states[min(options)[1]], i)
+    return [sorted(h.inputs) for h in states]
+
+
+def split(model: HostModel, packed: list[list[int]], hosts: int) -> list[list[int]]:
+    """``packed`` (a placement on at most ``hosts`` hosts) spread to exactly ``hosts``: while
+    a host is empty, the input whose leaving frees most on the fullest host of two or more
+    inputs (the one sharing least there) moves to it. Taking an input off a host never adds memory to it, and every input fits a host
+    alone, so every host still fits."""
+    states = [model.empty() for _ in range(hosts)]
+    for state, inputs in zip(states, packed, strict=False):
+        for i in inputs:
+            model.add(state, i)
+    for empty in states[len(packed):]:
+        donor = max((h for h in states if len(h.inputs) > 1), key=model.bytes)
+        cheapest = min(donor.inputs, key=lambda i: (
+            model.footprint([j for j in donor.inputs if j != i]) - model.bytes(donor), i))
+        model.remove(donor, cheapest)
+        model.add(empty, cheapest)
+    return [sorted(h.inputs) for h in states]

@@ -6,6 +6,7 @@ the analysis' plain columns (``Analysis.columns``), so printing it never imports
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -309,6 +310,13 @@ _METHODS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing
             "lower_bound": "lower bound (one infinite host)"}
 
 
+def _hosts_saved(saved: int | None, percent: float | None) -> str:
+    """``+2 (+50%)``; a dash where the count of hosts was given, not found."""
+    if saved is None or percent is None or math.isnan(percent):  # NaN: pandas' None
+        return "-"
+    return f"{int(saved):+,} ({percent:+.0f}%)"
+
+
 def render_plan(plan: Plan) -> str:
     """The ``plan`` report: hosts per method, each host's inputs and memory, the projection."""
     ksm = plan.analysis.ksm
@@ -317,14 +325,17 @@ def render_plan(plan: Plan) -> str:
             f"use_zero_pages={int(ksm.use_zero_pages)})")]
     out.append(_table(["method", "hosts", "memory after KSM", "overcommit", "hosts saved"], (
         [_METHODS[r.method], _count(r.hosts), human_bytes(r.memory_after_bytes),
-         f"{r.overcommit:.2f}", f"{r.hosts_saved:+,} ({r.hosts_saved_percent:+.0f}%)"]
+         f"{r.overcommit:.2f}", _hosts_saved(r.hosts_saved, r.hosts_saved_percent)]
         for r in plan.summary.itertuples())))
     out.append("  (overcommit = the guests' memory / the hosts' memory; hosts saved: against "
-               "first-fit)")
+               "first-fit" + (", not for a number of hosts given" if plan.hosts_asked else "")
+               + ")")
     out += _policy(plan.analysis)
     for method in ("sharing", "first_fit"):
         rows = plan.hosts[plan.hosts["method"] == method]
-        out += ["", f"Hosts, {_METHODS[method]}"]
+        spread = (f", spread over {plan.hosts_asked} hosts as asked (--hosts "
+                  f"{plan.hosts_asked})" if plan.hosts_asked and method == "sharing" else "")
+        out += ["", f"Hosts, {_METHODS[method]}{spread}"]
         out.append(_table(["host", "before KSM", "after KSM", "saved", "free", "inputs"], (
             [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
              human_bytes(r.saved_bytes), human_bytes(r.free_bytes), r.inputs]
