@@ -24,7 +24,7 @@ from .ksm import KsmSettings
 from .pages import PageState
 from .result import TABLES, Analysis
 from .settings import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
-from .sharing import address_map, pairwise, top_contents
+from .sharing import address_map, pairwise, top_contents, twin_warnings
 from .sources import fingerprint_sources, open_sources
 from .summary import summary_tables
 
@@ -120,7 +120,7 @@ def analyze(
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
-        warnings=_warnings(prints, options),
+        warnings=_warnings(prints, options) + twin_warnings(tables["pairwise"], prints),
         unrestricted=unrestricted,
         domains=domain_names,
     )

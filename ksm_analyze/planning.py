@@ -48,6 +48,8 @@ class Plan:
             empty unless counts were asked for.
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
             None unless projected.
+        warnings: the analysis' warnings (nearly identical inputs among them), then the
+            plan's own (hosts whose copy-on-write worst case does not fit).
         host_memory: bytes per host; ``capacity`` what is left for guests after the reserve.
         hosts_asked: the sharing-aware placement was spread over exactly this many hosts
             (``hosts=``); None: as few as it could.
@@ -160,12 +162,13 @@ def plan(
                                     for g, n in zip(given, table["hosts"], strict=True)]
     hosts_df = pd.concat(host_rows, ignore_index=True)
     over = hosts_df[(hosts_df["method"] == "sharing") & ~hosts_df["worst_case_fits"]]
-    warnings = [] if over.empty else [
+    # The analysis' warnings first (nearly identical inputs mislead the projection below).
+    warnings = list(analysis.warnings) + ([] if over.empty else [
         (f"{len(over)} of {len(sharing.hosts)} sharing-aware hosts (hosts "
         f"{', '.join(map(str, over['host']))}) would need more than their "
         f"{capacity:,} bytes if every merged page were written again (the copy-on-write worst "
         f"case is memory before KSM, up to {int(over['memory_before_bytes'].max()):,} bytes): "
-        "keep headroom or swap")]
+        "keep headroom or swap")])
     projection = Projection(model, orders=orders) if project else None
     return Plan(
         summary=table,
