@@ -498,10 +498,19 @@ def info(
     base_address: BaseOpt = str(DEFAULT_OPTIONS.base_address),
     ranges: Annotated[int, typer.Option(help="Show at most this many ranges.")] = 50,
 ) -> None:
-    """Show a dump's detected format, its ranges and its pages per state."""
+    """Show a dump's detected format, its ranges and its pages per state; of a fingerprint
+    file, its source dump, hashing options and what it holds of each input."""
     with _errors():
         options = ScanOptions(format=DumpFormat.parse(format) if format else None,
                               base_address=_address(base_address))  # checks both
+        from . import fpfile
+
+        if options.format is None and fpfile.is_fingerprint_file(dump):
+            from .render.text import render_fingerprint_info
+
+            typer.echo(render_fingerprint_info(str(dump), fpfile.load(dump),
+                                               fpfile.metadata(dump), max_ranges=ranges))
+            return
     with _errors(), open_dump(dump, options.format, page_size=page_size,
                               base_address=options.bases_for([dump])[0]) as reader:
         typer.echo(render_info(str(dump), reader, max_ranges=ranges))
