@@ -107,6 +107,19 @@ def test_hosts_n_puts_an_input_on_every_host_and_never_saves_negative_hosts():
     assert "spread over 2 hosts as asked (--hosts 2)" in r.stdout
 
 
+def test_spread_balances_memory_over_the_hosts(tmp_path):
+    # Four inputs of 40, 30, 20 and 10 random pages (nothing shared): over two hosts,
+    # 40 + 10 and 30 + 20, 50 pages each, the balanced split (not 40 + 30 + 20 and 10).
+    rng = np.random.default_rng(3)
+    paths = []
+    for n in (10, 40, 20, 30):
+        paths.append(str(tmp_path / f"p{n}.raw"))
+        rng.integers(0, 256, (n, PS), dtype=np.uint8).tofile(paths[-1])
+    hosts = plan(analyze(paths, jobs=1), 1 << 30, hosts=2).hosts.query("method == 'sharing'")
+    assert sorted(hosts["inputs"]) == ["p10.raw p40.raw", "p20.raw p30.raw"]
+    assert list(hosts["memory_after_bytes"]) == [50 * (PS + RMAP)] * 2
+
+
 def test_more_hosts_than_inputs_is_one_line():
     r = runner.invoke(app, ["plan", *SAMPLES, "--host-memory", "1GiB", "--hosts", "3", "-q"])
     assert r.exit_code == 2
@@ -114,9 +127,10 @@ def test_more_hosts_than_inputs_is_one_line():
                         "at least one\n")
 
 
-def test_a_split_of_a_packed_placement_fills_every_host(pairs):
+def test_a_split_of_a_packed_placement_fills_every_host(pairs, monkeypatch):
     # The fallback of spread(): a placement on fewer hosts, split until each of N holds one.
-    from ksm_analyze.placement import place, split
+    from ksm_analyze import placement
+    from ksm_analyze.placement import place, split, spread
 
     model = HostModel(analyze(pairs, jobs=1).contents, KsmSettings())
     packed = place(model, 4 * ALONE).hosts
@@ -125,6 +139,11 @@ def test_a_split_of_a_packed_placement_fills_every_host(pairs):
         hosts = split(model, packed, n)
         assert len(hosts) == n and all(hosts) and sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
         assert all(model.footprint(h) <= 4 * ALONE for h in hosts)
+    # spread() falls back to it where its greedy finds no room.
+    monkeypatch.setattr(placement, "_balanced", lambda *args: None)
+    assert spread(model, 4 * ALONE, 3).hosts == split(model, packed, 3)
+    with pytest.raises(ValueError, match="do not fit on 3 hosts"):
+        spread(model, ALONE, 3)  # each input alone fits; four need four hosts
 
 
 def test_an_input_that_alone_does_not_fit_is_one_line(pairs):
