@@ -293,12 +293,13 @@ def lower_bound(model: HostModel, capacity: int) -> int:
 def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
     """Sharing-aware placement onto exactly ``hosts`` hosts, every one holding an input.
 
-    Seeds: the largest input, then each time the input that adds the most memory to a host
-    holding every seed so far (the largest input sharing least with them), one per host.
-    Then the other inputs, largest first, each onto the host it leaves least full among
-    those where it fits: memory is balanced, and an input joins the guests it shares with
-    because there it adds least. Where that greedy finds no room, the placement of
-    :func:`place` is split over the hosts instead (:func:`split`).
+    Two candidates; the one whose fullest host holds least wins (then the least memory in
+    all). *Tightest*: the sharing-aware placement of :func:`place` into hosts made as small
+    as still gives at most ``hosts`` of them (a bisection of the host size), then split
+    over the rest (:func:`split`): inputs that share stay together. *Balanced*: seeds the
+    largest input, then each time the input that adds most memory to a host holding every
+    seed so far (the one sharing least with them), one per host; then the other inputs,
+    largest first, each onto the host it leaves least full among those where it fits.
 
     Raises:
         ValueError: more hosts than inputs, an input that alone does not fit a host, or
@@ -308,21 +309,49 @@ def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
         raise ValueError(f"--hosts {hosts} is more hosts than the {model.n} inputs: every "
                          "host needs at least one")
     _too_big(model, capacity)
-    greedy = _balanced(model, capacity, hosts)
-    if greedy is not None:
-        return Placement("sharing", greedy)
     packed = place(model, capacity).hosts
-    if len(packed) > hosts:
+    candidates = [] if len(packed) > hosts else [
+        split(model, _tightest(model, capacity, hosts, packed), hosts)]
+    balanced = _balanced(model, capacity, hosts)
+    if balanced is not None:
+        candidates.append(balanced)
+    if not candidates:
         plural = "s" if hosts > 1 else ""
         raise ValueError(
-            f"the inputs do not fit on {hosts} host{plural} of {human_bytes(capacity)} for guests: "
-            f"the sharing-aware placement needs {len(packed)} (no placement can use fewer than "
-            f"{lower_bound(model, capacity)})")
-    return Placement("sharing", split(model, packed, hosts))
+            f"the inputs do not fit on {hosts} host{plural} of {human_bytes(capacity)} for "
+            f"guests: the sharing-aware placement needs {len(packed)} (no placement can use "
+            f"fewer than {lower_bound(model, capacity)})")
+
+    def fullest_then_total(p: list[list[int]]) -> tuple[int, int]:
+        loads = [model.footprint(h) for h in p]
+        return max(loads), sum(loads)
+
+    return Placement("sharing", min(candidates, key=fullest_then_total))
+
+
+TIGHTEN_STEPS = 12
+"""Bisection steps of :func:`spread`'s host size (to 1/4096 of the range)."""
+
+
+def _tightest(model: HostModel, capacity: int, hosts: int, packed: list[list[int]]
+              ) -> list[list[int]]:
+    """The sharing-aware placement into the smallest host size (down to the largest input
+    alone) that still needs at most ``hosts`` hosts; ``packed`` is that of ``capacity``."""
+    lo, hi, best = int(model.alone.max()), max(model.footprint(h) for h in packed), packed
+    for _ in range(TIGHTEN_STEPS):
+        if hi - lo <= model.table.page_size:
+            break
+        mid = (lo + hi) // 2
+        trial = place(model, mid).hosts
+        if len(trial) <= hosts:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return best
 
 
 def _balanced(model: HostModel, capacity: int, hosts: int) -> list[list[int]] | None:
-    """The greedy of :func:`spread`, or None where an input fits on no host."""
+    """The balanced greedy of :func:`spread`, or None where an input fits on no host."""
     states = [model.empty() for _ in range(hosts)]
     union = model.empty()  # every seed: the next seed is what adds most to it
     left = list(range(model.n))

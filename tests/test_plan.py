@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,27 @@ def test_spread_balances_memory_over_the_hosts(tmp_path):
     assert list(hosts["memory_after_bytes"]) == [50 * (PS + RMAP)] * 2
 
 
+def test_spread_keeps_copies_of_one_guest_together(tmp_path):
+    # Four near-copies of each sample (one page changed each): over two hosts, each host
+    # takes the copies of one guest; mixing them would lose most of what they share.
+    rng = np.random.default_rng(4)
+    paths = []
+    for k in range(8):
+        src = Path(SAMPLES[k % 2])
+        data = bytearray(src.read_bytes())
+        at = len(data) - (k + 1) * PS  # a page of the guest's memory, past any header
+        data[at:at + PS] = rng.integers(0, 256, PS, dtype=np.uint8).tobytes()
+        paths.append(str(tmp_path / f"{src.stem}-{k}{src.suffix}"))
+        Path(paths[-1]).write_bytes(bytes(data))
+    result = plan(analyze(paths, jobs=1), 1 << 30, hosts=2)
+    hosts = result.hosts.query("method == 'sharing'")
+    assert sorted(hosts["inputs"]) == ["vm-a-0.elf vm-a-2.elf vm-a-4.elf vm-a-6.elf",
+                                       "vm-b-1.raw vm-b-3.raw vm-b-5.raw vm-b-7.raw"]
+    for r in hosts.itertuples():
+        assert r.memory_after_bytes == scan_memory([p for p in paths
+                                                    if Path(p).name in r.inputs.split()])
+
+
 def test_more_hosts_than_inputs_is_one_line():
     r = runner.invoke(app, ["plan", *SAMPLES, "--host-memory", "1GiB", "--hosts", "3", "-q"])
     assert r.exit_code == 2
@@ -139,9 +161,10 @@ def test_a_split_of_a_packed_placement_fills_every_host(pairs, monkeypatch):
         hosts = split(model, packed, n)
         assert len(hosts) == n and all(hosts) and sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
         assert all(model.footprint(h) <= 4 * ALONE for h in hosts)
-    # spread() falls back to it where its greedy finds no room.
+    # spread() still fills every host where its balanced greedy finds no room.
     monkeypatch.setattr(placement, "_balanced", lambda *args: None)
-    assert spread(model, 4 * ALONE, 3).hosts == split(model, packed, 3)
+    hosts = spread(model, 4 * ALONE, 3).hosts
+    assert len(hosts) == 3 and all(hosts) and sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="do not fit on 3 hosts"):
         spread(model, ALONE, 3)  # each input alone fits; four need four hosts
 
