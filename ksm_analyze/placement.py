@@ -377,8 +377,8 @@ def _balanced(model: HostModel, capacity: int, hosts: int) -> list[list[int]] | 
 def split(model: HostModel, packed: list[list[int]], hosts: int) -> list[list[int]]:
     """``packed`` (a placement on at most ``hosts`` hosts) spread to exactly ``hosts``: while
     a host is empty, the input whose leaving frees most on the fullest host of two or more
-    inputs (the one sharing least there) moves to it. Taking an input off a host never adds memory to it, and every input fits a host
-    alone, so every host still fits."""
+    inputs (the one sharing least there) moves to it. Taking an input off a host never adds
+    memory to it, and every input fits a host alone, so every host still fits."""
     states = [model.empty() for _ in range(hosts)]
     for state, inputs in zip(states, packed, strict=False):
         for i in inputs:

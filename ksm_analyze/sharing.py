@@ -154,12 +154,12 @@ def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
     for small, big, nonzero, shared in twins[:TWINS_SHOWN]:
         ps = prints[small].page_size
         out.append(
-            f"{names[small]} and {names[big]} are nearly the same input: {_percent(shared, nonzero)}"
-            f" of the {nonzero:,} non-zero pages ({human_bytes(nonzero * ps)}) of "
-            f"{names[small]} are also in {names[big]}. If they are one guest (or process) given "
-            "twice or in two formats, every figure counts it twice and a projection of guests per host "
-            "overstates what fits: give each guest once (guests cloned from one image may "
-            "well be this alike)")
+            f"{names[small]} and {names[big]} are nearly the same input: "
+            f"{_percent(shared, nonzero)} of the {nonzero:,} non-zero pages "
+            f"({human_bytes(nonzero * ps)}) of {names[small]} are also in {names[big]}. If "
+            "they are one guest (or process) given twice or in two formats, every figure "
+            "counts it twice and a projection of guests per host overstates what fits: give "
+            "each guest once (guests cloned from one image may well be this alike)")
         if prints[small].address_space == prints[big].address_space == "physical":
             for x, y in ((small, big), (big, small)):
                 missing = _minus(_held(prints[x]), _held(prints[y]))
@@ -167,7 +167,7 @@ def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
                     out.append(_ranges_warning(names[x], names[y], missing, ps))
     if len(twins) > TWINS_SHOWN:
         out.append(f"{len(twins) - TWINS_SHOWN:,} more pairs of inputs are nearly the same "
-                   f"(over {TWIN_SHARE:.0%} of the smaller one's non-zero pages shared): see "
+                   f"(at least {TWIN_SHARE:.0%} of the smaller one's non-zero pages shared): see "
                    "the pairwise table")
     return out
 

@@ -159,7 +159,8 @@ def test_a_split_of_a_packed_placement_fills_every_host(pairs, monkeypatch):
     assert packed == [[0, 1, 2, 3]]
     for n in (2, 3, 4):
         hosts = split(model, packed, n)
-        assert len(hosts) == n and all(hosts) and sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
+        assert len(hosts) == n and all(hosts)
+        assert sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
         assert all(model.footprint(h) <= 4 * ALONE for h in hosts)
     # spread() still fills every host where its balanced greedy finds no room.
     monkeypatch.setattr(placement, "_balanced", lambda *args: None)
