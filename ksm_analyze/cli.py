@@ -171,7 +171,8 @@ READING = (
     _param("page_size", PageSizeOpt, _KSM.page_size),
     _param("prefix_bytes", Annotated[
         int, typer.Option("--prefix-bytes",
-                          help="Bytes of each page hashed in stage 1 (0 = whole page).",
+                          help="Bytes of each page hashed in stage 1 (0, or more than a page: "
+                          "the whole page).",
                           rich_help_panel=_READING_PANEL)
     ], DEFAULT_OPTIONS.prefix_bytes),
     _param("base_address", BaseOpt, None),
@@ -410,8 +411,9 @@ def plan(
     host_memory: HostMemoryOpt,
     reserve: ReserveOpt = "0",
     hosts: Annotated[
-        int | None, typer.Option("--hosts", help="Spread over exactly this many hosts "
-                                 "instead of as few as possible.", show_default=False)
+        int | None, typer.Option("--hosts", help="Spread over exactly this many hosts, "
+                                 "each holding an input, instead of as few as possible.",
+                                 show_default=False)
     ] = None,
     project: ProjectOpt = None,
     untouched_zero: Annotated[
@@ -547,12 +549,22 @@ def info(
     ranges: Annotated[int, typer.Option("--ranges", help="Show at most this many ranges.")]
     = 50,
 ) -> None:
-    """Show a dump's detected format, its ranges and its pages per state."""
+    """Show a dump's detected format, its ranges and its pages per state; of a fingerprint
+    file, its source dump, hashing options and what it holds of each input."""
     with _errors():
         options = ScanOptions(format=DumpFormat.parse(format) if format else None,
                               base_address=tuple(map(_address, base_address))
                               if base_address else 0)  # checks both
         base = options.bases_for([dump])[0]
+        from .fleet import fingerprint_files
+
+        if options.format is None and fingerprint_files.is_fingerprint_file(dump):
+            from .render.text import render_fingerprint_info
+
+            typer.echo(render_fingerprint_info(str(dump), fingerprint_files.load(dump),
+                                               fingerprint_files.metadata(dump),
+                                               max_ranges=ranges))
+            return
     with _errors(), open_dump(dump, options.format, page_size=page_size,
                               base_address=base) as reader:
         typer.echo(render_info(str(dump), reader, max_ranges=ranges))

@@ -43,7 +43,8 @@ class ScanOptions:
             None detects each input from its magic.
         base_address: address of the first byte of raw images: one for all inputs, or a
             tuple with one per input (``pmemsave`` pieces of one guest, say).
-        prefix_bytes: bytes of each page hashed in stage 1 (0 = the whole page).
+        prefix_bytes: bytes of each page hashed in stage 1 (0, or more than a page: the
+            whole page; :meth:`hashed_bytes`).
         verify: compare candidate pages byte for byte before counting two as one (off:
             trust the 64-bit prefix and full-page hashes).
         jobs: parallel jobs for hashing and comparing (threads where the compiled kernels read
@@ -103,6 +104,12 @@ class ScanOptions:
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
                              + ", ".join(MERGE_POLICIES))
+
+    def hashed_bytes(self, page_size: int) -> int:
+        """Bytes of each page stage 1 hashes for ``prefix_bytes``: the whole page for 0 or
+        for anything longer than a page. The one rule fingerprinting, the cache key and the
+        fingerprint-file reader share (so 0, the page size and more all mean one length)."""
+        return page_size if self.prefix_bytes == 0 else min(self.prefix_bytes, page_size)
 
     @property
     def policy(self) -> bool:

@@ -25,7 +25,7 @@ from .hashing.stage2 import classify
 from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .pages import PageState
-from .sharing import address_map, pairwise, top_contents
+from .sharing import address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 
 __all__ = ["analyze"]
@@ -120,7 +120,7 @@ def analyze(
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
-        warnings=_warnings(prints, options),
+        warnings=_warnings(prints, options) + twin_warnings(tables["pairwise"], prints),
         unrestricted=unrestricted,
         domains=domain_names,
     )

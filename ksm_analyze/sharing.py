@@ -34,7 +34,7 @@ from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import UNIQUE, ZERO, ContentClasses
 from .ksm import saved_pages
 from .pages import PageState
-from .units import short_names
+from .units import human_bytes, short_names
 
 __all__ = [
     "ADDRESS_KINDS",
@@ -43,6 +43,7 @@ __all__ = [
     "classify_content",
     "pairwise",
     "top_contents",
+    "twin_warnings",
 ]
 
 CONTENT_HEAD_BYTES = 64
@@ -60,6 +61,11 @@ ADDRESS_KINDS = (
     "not_stored_pages",
 )
 """Columns of ``address_map`` that count pages, in the order charts stack them."""
+TWIN_SHARE = 0.9
+"""Two inputs are nearly the same when at least this share of the smaller one's non-zero
+pages also occur in the other (one guest given twice, or in two formats)."""
+TWINS_SHOWN = 5
+"""Pairs of nearly identical inputs named one by one; more are counted in one line."""
 
 # include/linux/poison.h and mm/slub.c: bytes the kernel fills freed or guarded memory with.
 _POISON = {
@@ -119,6 +125,98 @@ def pairwise(table: ContentTable, *, max_page_sharing: int) -> Columns:
     columns = ["input_a", "input_b", "a_nonzero_pages", "a_pages_in_b", "a_fraction_in_b",
                "extra_saved_pages", "extra_saved_bytes"]
     return Columns.from_records(rows, columns)
+
+
+def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
+    """Warnings for pairs of inputs that are nearly the same (:data:`TWIN_SHARE`), and, for
+    guests (physical address space), the address ranges one of such a pair holds and the
+    other does not.
+
+    One guest given twice, or in two formats (a QEMU ELF dump and a ``pmemsave`` image),
+    shares nearly every page with itself: every figure counts it twice, and a projection
+    of guests per host takes it for two guests that share almost everything.
+
+    Args:
+        pairs: :func:`pairwise` of the inputs of ``prints`` (rows in its order).
+        prints: every input's fingerprints, in table order.
+    """
+    names = list(dict.fromkeys(pairs.data["input_a"]))  # each input's, in order
+    share = dict(zip(itertools.permutations(range(len(prints)), 2),
+                     zip(pairs.data["a_nonzero_pages"], pairs.data["a_pages_in_b"],
+                         strict=True), strict=True))
+    twins = []
+    for a, b in itertools.combinations(range(len(prints)), 2):
+        small, big = (a, b) if share[a, b][0] <= share[b, a][0] else (b, a)
+        nonzero, shared = share[small, big]
+        if nonzero and shared >= TWIN_SHARE * nonzero:
+            twins.append((small, big, nonzero, shared))
+    out = []
+    for small, big, nonzero, shared in twins[:TWINS_SHOWN]:
+        ps = prints[small].page_size
+        out.append(
+            f"{names[small]} and {names[big]} are nearly the same input: "
+            f"{_percent(shared, nonzero)} of the {nonzero:,} non-zero pages "
+            f"({human_bytes(nonzero * ps)}) of {names[small]} are also in {names[big]}. If "
+            "they are one guest (or process) given twice or in two formats, every figure "
+            "counts it twice and a projection of guests per host overstates what fits: give "
+            "each guest once (guests cloned from one image may well be this alike)")
+        if prints[small].address_space == prints[big].address_space == "physical":
+            for x, y in ((small, big), (big, small)):
+                missing = _minus(_held(prints[x]), _held(prints[y]))
+                if missing:
+                    out.append(_ranges_warning(names[x], names[y], missing, ps))
+    if len(twins) > TWINS_SHOWN:
+        out.append(f"{len(twins) - TWINS_SHOWN:,} more pairs of inputs are nearly the same "
+                   f"(at least {TWIN_SHARE:.0%} of the smaller one's non-zero pages shared): see "
+                   "the pairwise table")
+    return out
+
+
+def _percent(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage rounded down to 0.1 (99.96% is not 100%)."""
+    tenths = part * 1000 // whole
+    return f"{tenths // 10}%" if tenths % 10 == 0 else f"{tenths / 10:.1f}%"
+
+
+def _held(fp: Fingerprints) -> list[tuple[int, int]]:
+    """The address ranges ``[start, end)`` whose pages ``fp`` holds (stored or known to be
+    zero), sorted and merged."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted((e.addr, e.addr + e.npages * fp.page_size) for e in fp.extents
+                             if e.state in (PageState.DATA, PageState.ZERO)):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ranges ``a`` outside ranges ``b`` (both sorted and merged)."""
+    out, j = [], 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        cur, k = start, j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur, k = max(cur, b[k][1]), k + 1
+        if cur < end:
+            out.append((cur, end))
+    return out
+
+
+def _ranges_warning(has: str, lacks: str, ranges: list[tuple[int, int]], page_size: int,
+                    shown: int = 3) -> str:
+    total = sum(end - start for start, end in ranges)
+    where = ", ".join(f"{s:#x}-{e - 1:#x} ({human_bytes(e - s)})" for s, e in ranges[:shown])
+    if len(ranges) > shown:
+        where += f" and {len(ranges) - shown:,} more ranges"
+    return (f"{has} holds {total // page_size:,} pages ({human_bytes(total)}) that {lacks} "
+            f"does not: {where}. One format covers address ranges the other leaves out (a "
+            "pmemsave image holds the BIOS ROM at 0xc0000-0xfffff, an ELF dump does not), so "
+            "their page counts differ by that much")
 
 
 def classify_content(page: bytes) -> tuple[str, str, float]:

@@ -130,6 +130,33 @@ def test_info_lists_ranges(two_raw):
     assert "raw" in r.stdout and "0x100000" in r.stdout
 
 
+def test_info_shows_what_a_fingerprint_file_holds(two_raw, tmp_path):
+    dump = two_raw[0]  # 5 pages at 0x100000: a page three times, a zero page, another
+    r = runner.invoke(app, ["fingerprint", str(dump), "-o", str(tmp_path / "fp"), "-q",
+                            "--base-address", "0x100000", "--prefix-bytes", "64"])
+    assert r.exit_code == 0, r.output
+    (fp,) = (tmp_path / "fp").iterdir()
+    r = runner.invoke(app, ["info", str(fp)])
+    assert r.exit_code == 0, r.output
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    assert lines[0].startswith(f"{fp}: fingerprint file (written by ksm-analyze ")
+    assert f"source dump: {dump} (20 KiB), here and unchanged" in lines
+    assert ("hashing: format raw, page size 4096, base address 0x100000, the first 64 "
+            "bytes of each page hashed") in lines
+    assert ("content hashes: stored (scan, report and plan work without the source dump)"
+            in lines)
+    assert f"Input {dump}: raw, physical address space" in lines
+    assert "0x100000 20 KiB 0x0 data raw image" in lines  # address, size, offset, state, label
+    assert "data 5 20 KiB" in lines and "zero 0 0 B" in lines
+    assert "stored pages found all zero when fingerprinted: 1 (4 KiB)" in lines
+    # Without its dump, it says so.
+    dump.rename(tmp_path / "elsewhere.raw")
+    r = runner.invoke(app, ["info", str(fp)])
+    assert r.exit_code == 0, r.output
+    assert (f"source dump: {dump} (20 KiB), not here or changed since: stage 2 compares "
+            "content hashes") in [" ".join(line.split()) for line in r.stdout.splitlines()]
+
+
 def test_console_script_and_module_entry_points(two_raw):
     for cmd in (["ksm-analyze"], [sys.executable, "-m", "ksm_analyze"]):
         r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)

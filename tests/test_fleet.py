@@ -144,6 +144,36 @@ def test_the_cache_skips_reading_and_says_so(tmp_path, monkeypatch):
         "stages"]["inputs_from_cache"] == 0
 
 
+HASHED = {0: PS, 1: 1, 64: 64, 128: 128, 4095: 4095, 4096: PS, 8192: PS, 1 << 20: PS}
+"""--prefix-bytes -> the bytes of a 4 KiB page stage 1 hashes: 0 and anything past the page
+mean the whole page."""
+
+
+@pytest.mark.parametrize("prefix", sorted(HASHED))
+def test_every_prefix_length_round_trips_through_files_and_the_cache(tmp_path, prefix):
+    dumps = [shutil.copy(p, tmp_path / p.name) for p in _samples()]
+    given = ("--prefix-bytes", str(prefix))
+    want = _scan(*dumps, *given)
+    assert want["options"]["prefix_bytes"] == HASHED[prefix]
+    files = _fingerprint(dumps, tmp_path / "fp", *given)
+    got = _scan(*files, *given)
+    _same_prediction(got, want)
+    assert got["stages"]["inputs_from_fingerprint_files"] == 2
+    assert got["options"]["prefix_bytes"] == HASHED[prefix]
+    # Every spelling of the same hashed length reads the file; another length is refused.
+    for other, hashed in HASHED.items():
+        out = runner.invoke(app, ["scan", *map(str, files), "--prefix-bytes", str(other), "-q"])
+        assert (out.exit_code == 0) == (hashed == HASHED[prefix]), (other, out.output)
+    # The cache: filled once, then hit, under every spelling of the same length.
+    cache = ("--cache", tmp_path / "cache")
+    assert _scan(*dumps, *cache, *given)["stages"]["inputs_from_cache"] == 0
+    for other, hashed in HASHED.items():
+        if hashed == HASHED[prefix]:
+            hit = _scan(*dumps, *cache, "--prefix-bytes", other)
+            assert hit["stages"]["inputs_from_cache"] == 2, other
+            _same_prediction(hit, want)
+
+
 # -- Dask ---------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,11 +73,104 @@ def test_every_host_of_every_plan_is_what_scan_prints(pairs):
 
 
 def test_spread_over_a_fixed_number_of_hosts(pairs):
-    result = plan(analyze(pairs, jobs=1), 4 * ALONE, hosts=2)
+    analysis = analyze(pairs, jobs=1)
+    result = plan(analysis, 4 * ALONE, hosts=2)
     hosts = result.hosts[result.hosts["method"] == "sharing"]
     assert len(hosts) == 2 and sorted(hosts["inputs"]) == ["A1.raw A2.raw", "B1.raw B2.raw"]
-    with pytest.raises(ValueError, match="does not fit on the one host of"):
-        plan(analyze(pairs, jobs=1), 3 * PAIR // 2, hosts=1)
+    # Three hosts for two pairs: one pair kept together (it shares), the other split.
+    three = plan(analysis, 4 * ALONE, hosts=3).hosts.query("method == 'sharing'")
+    assert sorted(three["memory_after_bytes"]) == [ALONE, ALONE, PAIR]
+    assert sorted(three["input_count"]) == [1, 1, 2]
+    # Four: each alone.
+    four = plan(analysis, 4 * ALONE, hosts=4).hosts.query("method == 'sharing'")
+    assert list(four["memory_after_bytes"]) == [ALONE] * 4
+    with pytest.raises(ValueError, match=r"do not fit on 1 host of .*: the sharing-aware "
+                       r"placement needs 2 \(no placement can use fewer than 2\)"):
+        plan(analysis, 3 * PAIR // 2, hosts=1)
+
+
+def test_hosts_n_puts_an_input_on_every_host_and_never_saves_negative_hosts():
+    # The two samples share little: as few hosts as possible is one; asked for two, each
+    # host gets one of them (the bug: both on host 0, host 1 empty, "hosts saved -1").
+    result = plan(analyze(SAMPLES, jobs=1), 1 << 30, hosts=2)
+    hosts = result.hosts.query("method == 'sharing'")
+    assert list(hosts["input_count"]) == [1, 1]
+    for r in hosts.itertuples():
+        assert r.memory_after_bytes == scan_memory([p for p in SAMPLES if p.endswith(r.inputs)])
+    summary = result.summary.set_index("method")
+    assert summary.loc["first_fit", "hosts"] == 1 and summary.loc["sharing", "hosts"] == 2
+    data = result.to_dict()
+    assert data["hosts_asked"] == 2
+    sharing = next(row for row in data["summary"] if row["method"] == "sharing")
+    assert sharing["hosts_saved"] is None and sharing["hosts_saved_percent"] is None
+    assert [row["hosts_saved"] for row in data["summary"][1:]] == [0, 0]  # integers
+    assert all(type(row["hosts_saved"]) is int for row in data["summary"][1:])
+    r = runner.invoke(app, ["plan", *SAMPLES, "--host-memory", "1GiB", "--hosts", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "-1" not in r.stdout and "-100%" not in r.stdout
+    assert "spread over 2 hosts as asked (--hosts 2)" in r.stdout
+
+
+def test_spread_balances_memory_over_the_hosts(tmp_path):
+    # Four inputs of 40, 30, 20 and 10 random pages (nothing shared): over two hosts,
+    # 40 + 10 and 30 + 20, 50 pages each, the balanced split (not 40 + 30 + 20 and 10).
+    rng = np.random.default_rng(3)
+    paths = []
+    for n in (10, 40, 20, 30):
+        paths.append(str(tmp_path / f"p{n}.raw"))
+        rng.integers(0, 256, (n, PS), dtype=np.uint8).tofile(paths[-1])
+    hosts = plan(analyze(paths, jobs=1), 1 << 30, hosts=2).hosts.query("method == 'sharing'")
+    assert sorted(hosts["inputs"]) == ["p10.raw p40.raw", "p20.raw p30.raw"]
+    assert list(hosts["memory_after_bytes"]) == [50 * (PS + RMAP)] * 2
+
+
+def test_spread_keeps_copies_of_one_guest_together(tmp_path):
+    # Four near-copies of each sample (one page changed each): over two hosts, each host
+    # takes the copies of one guest; mixing them would lose most of what they share.
+    rng = np.random.default_rng(4)
+    paths = []
+    for k in range(8):
+        src = Path(SAMPLES[k % 2])
+        data = bytearray(src.read_bytes())
+        at = len(data) - (k + 1) * PS  # a page of the guest's memory, past any header
+        data[at:at + PS] = rng.integers(0, 256, PS, dtype=np.uint8).tobytes()
+        paths.append(str(tmp_path / f"{src.stem}-{k}{src.suffix}"))
+        Path(paths[-1]).write_bytes(bytes(data))
+    result = plan(analyze(paths, jobs=1), 1 << 30, hosts=2)
+    hosts = result.hosts.query("method == 'sharing'")
+    assert sorted(hosts["inputs"]) == ["vm-a-0.elf vm-a-2.elf vm-a-4.elf vm-a-6.elf",
+                                       "vm-b-1.raw vm-b-3.raw vm-b-5.raw vm-b-7.raw"]
+    for r in hosts.itertuples():
+        assert r.memory_after_bytes == scan_memory([p for p in paths
+                                                    if Path(p).name in r.inputs.split()])
+
+
+def test_more_hosts_than_inputs_is_one_line():
+    r = runner.invoke(app, ["plan", *SAMPLES, "--host-memory", "1GiB", "--hosts", "3", "-q"])
+    assert r.exit_code == 2
+    assert r.stderr == ("Error: --hosts 3 is more hosts than the 2 inputs: every host needs "
+                        "at least one\n")
+
+
+def test_a_split_of_a_packed_placement_fills_every_host(pairs, monkeypatch):
+    # The fallback of spread(): a placement on fewer hosts, split until each of N holds one.
+    from ksm_analyze.planning import placement
+    from ksm_analyze.planning.placement import place, split, spread
+
+    model = HostModel(analyze(pairs, jobs=1).contents, KsmSettings())
+    packed = place(model, 4 * ALONE).hosts
+    assert packed == [[0, 1, 2, 3]]
+    for n in (2, 3, 4):
+        hosts = split(model, packed, n)
+        assert len(hosts) == n and all(hosts)
+        assert sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
+        assert all(model.footprint(h) <= 4 * ALONE for h in hosts)
+    # spread() still fills every host where its balanced greedy finds no room.
+    monkeypatch.setattr(placement, "_balanced", lambda *args: None)
+    hosts = spread(model, 4 * ALONE, 3).hosts
+    assert len(hosts) == 3 and all(hosts) and sorted(i for h in hosts for i in h) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="do not fit on 3 hosts"):
+        spread(model, ALONE, 3)  # each input alone fits; four need four hosts
 
 
 def test_an_input_that_alone_does_not_fit_is_one_line(pairs):

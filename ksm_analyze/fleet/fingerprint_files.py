@@ -135,10 +135,18 @@ def is_fingerprint_file(path: str | os.PathLike[str]) -> bool:
 
 def options_of(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The hashing options a fingerprint file was written with (after :func:`load`)."""
+    options: dict[str, Any] = metadata(path)["options"]
+    return options
+
+
+def metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A fingerprint file's metadata (after :func:`load`): ``version``, ``tool`` (the
+    ksm-analyze that wrote it), ``source`` (``path``, ``size``, ``mtime_ns``), ``options``
+    (the hashing options) and ``inputs``."""
     import pyarrow.parquet as pq
 
-    options: dict[str, Any] = json.loads(pq.read_schema(path).metadata[META_KEY])["options"]
-    return options
+    meta: dict[str, Any] = json.loads(pq.read_schema(path).metadata[META_KEY])
+    return meta
 
 
 def load(path: str | os.PathLike[str]) -> list[Fingerprints]:

@@ -55,7 +55,7 @@ def _hash_key(options: ScanOptions, page_size: int, base: int, fmt: DumpFormat |
               ) -> dict[str, Any]:
     """What changes a dump's fingerprints besides the dump itself."""
     return {"format": fmt.value if fmt else None, "page_size": page_size, "base_address": base,
-            "prefix_bytes": options.prefix_bytes}
+            "prefix_bytes": options.hashed_bytes(page_size)}
 
 
 def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, page_size: int,
@@ -97,7 +97,7 @@ def _from_file(path: str, options: ScanOptions, page_size: int,
     if prints and prints[0].page_size != page_size:
         raise ValueError(f"{path} holds {prints[0].page_size}-byte pages; analyze it with "
                          f"--page-size {prints[0].page_size}")
-    if prints and prints[0].prefix_bytes != (options.prefix_bytes or page_size):
+    if prints and prints[0].prefix_bytes != options.hashed_bytes(page_size):
         raise ValueError(f"{path} was fingerprinted with --prefix-bytes "
                          f"{prints[0].prefix_bytes}; give the same")
     readers: list[DumpReader | None] = [None] * len(prints)

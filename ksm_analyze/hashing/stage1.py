@@ -62,7 +62,7 @@ class Fingerprints:
     """Pages per state from the extents (DATA counts stored pages, zero or not)."""
     content: np.ndarray | None = None
     """``(rows, 2)`` uint64 xxh3-128 of each whole page (0 for a zero page), when known: read
-    from a fingerprint file that carries it (:mod:`.fpfile`), for a dump not readable here."""
+    from a fingerprint file that carries it (:mod:`ksm_analyze.fleet.fingerprint_files`), for a dump not readable here."""
     source: tuple[str, int, int] | None = None
     """``(path, size, mtime_ns)`` of the dump, for fingerprints read from a file."""
 
@@ -146,8 +146,9 @@ def fingerprint(
 
     Args:
         reader: an open dump.
-        options: ``prefix_bytes`` (0 or the page size hashes the whole page) and ``jobs``
-            (inputs below PARALLEL_MIN_PAGES stored pages use one process).
+        options: ``prefix_bytes`` (bytes hashed:
+            :meth:`~ksm_analyze.options.ScanOptions.hashed_bytes`) and ``jobs`` (inputs
+            below PARALLEL_MIN_PAGES stored pages use one process).
         batch_pages: pages handed from the reader at a time.
         progress: called as ``progress(bytes_done, bytes_total)`` as batches arrive.
 
@@ -155,7 +156,7 @@ def fingerprint(
         The input's fingerprints (rows in no particular order).
     """
     ps, jobs = reader.page_size, options.workers
-    nbytes = ps if options.prefix_bytes == 0 else min(options.prefix_bytes, ps)
+    nbytes = options.hashed_bytes(ps)
     stored = reader.page_counts()[PageState.DATA]
     shards = jobs * SHARDS_PER_JOB if jobs > 1 and stored >= PARALLEL_MIN_PAGES else 1
     # Results go straight into arrays sized for every stored page, a batch at a time, so

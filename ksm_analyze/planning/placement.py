@@ -29,8 +29,10 @@ import numpy as np
 
 from ..content_table import ContentTable
 from ..ksm import KsmSettings, memory_after, merged_pages
+from ..units import human_bytes
 
-__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "spread"]
+__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "split",
+           "spread"]
 
 
 def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
@@ -289,17 +291,102 @@ def lower_bound(model: HostModel, capacity: int) -> int:
 
 
 def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
-    """Sharing-aware placement onto exactly ``hosts`` hosts: inputs largest first, each on
-    the host it adds the least memory to, among those where it fits."""
+    """Sharing-aware placement onto exactly ``hosts`` hosts, every one holding an input.
+
+    Two candidates; the one whose fullest host holds least wins (then the least memory in
+    all). *Tightest*: the sharing-aware placement of :func:`place` into hosts made as small
+    as still gives at most ``hosts`` of them (a bisection of the host size), then split
+    over the rest (:func:`split`): inputs that share stay together. *Balanced*: seeds the
+    largest input, then each time the input that adds most memory to a host holding every
+    seed so far (the one sharing least with them), one per host; then the other inputs,
+    largest first, each onto the host it leaves least full among those where it fits.
+
+    Raises:
+        ValueError: more hosts than inputs, an input that alone does not fit a host, or
+            inputs that neither way fit on ``hosts`` hosts.
+    """
+    if hosts > model.n:
+        raise ValueError(f"--hosts {hosts} is more hosts than the {model.n} inputs: every "
+                         "host needs at least one")
     _too_big(model, capacity)
+    packed = place(model, capacity).hosts
+    candidates = [] if len(packed) > hosts else [
+        split(model, _tightest(model, capacity, hosts, packed), hosts)]
+    balanced = _balanced(model, capacity, hosts)
+    if balanced is not None:
+        candidates.append(balanced)
+    if not candidates:
+        plural = "s" if hosts > 1 else ""
+        raise ValueError(
+            f"the inputs do not fit on {hosts} host{plural} of {human_bytes(capacity)} for "
+            f"guests: the sharing-aware placement needs {len(packed)} (no placement can use "
+            f"fewer than {lower_bound(model, capacity)})")
+
+    def fullest_then_total(p: list[list[int]]) -> tuple[int, int]:
+        loads = [model.footprint(h) for h in p]
+        return max(loads), sum(loads)
+
+    return Placement("sharing", min(candidates, key=fullest_then_total))
+
+
+TIGHTEN_STEPS = 12
+"""Bisection steps of :func:`spread`'s host size (to 1/4096 of the range)."""
+
+
+def _tightest(model: HostModel, capacity: int, hosts: int, packed: list[list[int]]
+              ) -> list[list[int]]:
+    """The sharing-aware placement into the smallest host size (down to the largest input
+    alone) that still needs at most ``hosts`` hosts; ``packed`` is that of ``capacity``."""
+    lo, hi, best = int(model.alone.max()), max(model.footprint(h) for h in packed), packed
+    for _ in range(TIGHTEN_STEPS):
+        if hi - lo <= model.table.page_size:
+            break
+        mid = (lo + hi) // 2
+        trial = place(model, mid).hosts
+        if len(trial) <= hosts:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return best
+
+
+def _balanced(model: HostModel, capacity: int, hosts: int) -> list[list[int]] | None:
+    """The balanced greedy of :func:`spread`, or None where an input fits on no host."""
     states = [model.empty() for _ in range(hosts)]
-    for i in sorted(range(model.n), key=lambda i: (-model.alone[i], i)):
-        options = [(int(model.marginal(h, np.array([i]))[0]), model.bytes(h), k)
-                   for k, h in enumerate(states)]
-        fitting = [o for o in options if o[1] + o[0] <= capacity]
-        if not fitting:
-            where = "the one host" if hosts == 1 else f"any of the {hosts:,} hosts"
-            raise ValueError(f"{model.table.names[i]} does not fit on {where} of "
-                             f"{capacity:,} bytes after the inputs placed before it")
-        model.add(states[min(fitting)[2]], i)
-    return Placement("sharing", [sorted(h.inputs) for h in states])
+    union = model.empty()  # every seed: the next seed is what adds most to it
+    left = list(range(model.n))
+    for state in states:
+        cand = np.array(left)
+        added = model.marginal(union, cand)
+        seed = int(cand[np.lexsort((cand, -model.alone[cand], -added))[0]])
+        model.add(union, seed)
+        model.add(state, seed)
+        left.remove(seed)
+    for i in sorted(left, key=lambda i: (-model.alone[i], i)):
+        options = []
+        for k, h in enumerate(states):
+            after = model.bytes(h) + int(model.marginal(h, np.array([i]))[0])
+            if after <= capacity:
+                options.append((after, k))
+        if not options:
+            return None
+        model.add(states[min(options)[1]], i)
+    return [sorted(h.inputs) for h in states]
+
+
+def split(model: HostModel, packed: list[list[int]], hosts: int) -> list[list[int]]:
+    """``packed`` (a placement on at most ``hosts`` hosts) spread to exactly ``hosts``: while
+    a host is empty, the input whose leaving frees most on the fullest host of two or more
+    inputs (the one sharing least there) moves to it. Taking an input off a host never adds
+    memory to it, and every input fits a host alone, so every host still fits."""
+    states = [model.empty() for _ in range(hosts)]
+    for state, inputs in zip(states, packed, strict=False):
+        for i in inputs:
+            model.add(state, i)
+    for empty in states[len(packed):]:
+        donor = max((h for h in states if len(h.inputs) > 1), key=model.bytes)
+        cheapest = min(donor.inputs, key=lambda i: (
+            model.footprint([j for j in donor.inputs if j != i]) - model.bytes(donor), i))
+        model.remove(donor, cheapest)
+        model.add(empty, cheapest)
+    return [sorted(h.inputs) for h in states]

@@ -35,8 +35,9 @@ class Plan:
     Attributes:
         summary: one row per method (``sharing``, ``first_fit``, ``lower_bound``):
             ``method``, ``hosts``, ``memory_after_bytes`` (all hosts), ``hosts_saved``
-            and ``hosts_saved_percent`` (against first-fit), ``overcommit`` (the guests'
-            memory over the hosts' memory: each input's described size).
+            and ``hosts_saved_percent`` (against first-fit; None for the sharing-aware
+            row under ``hosts_asked``: that count was given, not found), ``overcommit``
+            (the guests' memory over the hosts' memory: each input's described size).
         hosts: one row per host of each placement: ``method``, ``host``, ``inputs``
             (names, space-separated), ``input_count``, ``memory_before_bytes`` (the scanned
             pages without KSM: also the worst case, when every merged page is written
@@ -48,7 +49,11 @@ class Plan:
             empty unless counts were asked for.
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
             None unless projected.
+        warnings: the analysis' warnings (nearly identical inputs among them), then the
+            plan's own (hosts whose copy-on-write worst case does not fit).
         host_memory: bytes per host; ``capacity`` what is left for guests after the reserve.
+        hosts_asked: the sharing-aware placement was spread over exactly this many hosts
+            (``hosts=``); None: as few as it could.
         analysis: the analysis every number comes from.
         zero_pages: scanned zero pages counted as host memory (True) or as never touched.
     """
@@ -63,6 +68,7 @@ class Plan:
     fits: tuple[int, int, int] | None = None
     warnings: list[str] = field(default_factory=list)
     zero_pages: bool = True
+    hosts_asked: int | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them."""
@@ -71,7 +77,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """Everything as strict JSON values (``plan --json``)."""
         out: dict[str, Any] = {"host_memory": self.host_memory, "capacity": self.capacity,
-                               "fits": self.fits}
+                               "hosts_asked": self.hosts_asked, "fits": self.fits}
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
@@ -114,14 +120,16 @@ def plan(
             settings and scope are the plan's).
         host_memory: bytes of memory per host.
         reserve: bytes each host keeps for itself (the rest is ``capacity``).
-        hosts: place onto exactly this many hosts instead of as few as possible.
+        hosts: spread onto exactly this many hosts, each holding an input, instead of as
+            few as possible (:func:`~ksm_analyze.planning.placement.spread`).
         zero_pages: count scanned zero pages as host memory (``scan``'s ``with_zero_pages``
             column, the default); False: as never touched.
         project: guest counts to project host memory for (VMs per host).
         orders: random orders of the samples the projection measures.
 
     Raises:
-        ValueError: a size out of range, or an input that alone does not fit a host.
+        ValueError: a size out of range, an input that alone does not fit a host, more
+            ``hosts`` than inputs, or inputs that do not fit on ``hosts`` hosts.
     """
     capacity = host_memory - reserve
     if host_memory <= 0 or reserve < 0 or capacity <= 0:
@@ -149,17 +157,22 @@ def plan(
                     "overcommit": sum(guest_bytes) / (bound * host_memory)})
     table = pd.DataFrame(summary)
     baseline = len(placements[1].hosts)
-    table["hosts_saved"] = baseline - table["hosts"]
-    table["hosts_saved_percent"] = 100.0 * table["hosts_saved"] / baseline
+    # Hosts a method saves against first-fit; not for a count that was given (--hosts).
+    given = (table["method"] == "sharing") & (hosts is not None)
+    table["hosts_saved"] = pd.Series([None if g else int(baseline - n) for g, n in zip(
+        given, table["hosts"], strict=True)], dtype=object)  # integers, None where given
+    table["hosts_saved_percent"] = [None if g else 100.0 * (baseline - n) / baseline
+                                    for g, n in zip(given, table["hosts"], strict=True)]
     hosts_df = pd.concat(host_rows, ignore_index=True)
     over = hosts_df[(hosts_df["method"] == "sharing") & ~hosts_df["worst_case_fits"]]
+    # The analysis' warnings first (nearly identical inputs mislead the projection below).
     one = len(over) == 1
-    warnings = [] if over.empty else [
+    warnings = list(analysis.warnings) + ([] if over.empty else [
         (f"{len(over)} of {counted(len(sharing.hosts), 'sharing-aware host')} "
-        f"({'host' if one else 'hosts'} {', '.join(map(str, over['host']))}) would need more "
-        f"than {'its' if one else 'their'} {capacity:,} bytes if every merged page were "
-        "written again (the copy-on-write worst case is memory before KSM, up to "
-        f"{int(over['memory_before_bytes'].max()):,} bytes): keep headroom or swap")]
+         f"({'host' if one else 'hosts'} {', '.join(map(str, over['host']))}) would need more "
+         f"than {'its' if one else 'their'} {capacity:,} bytes if every merged page were "
+         "written again (the copy-on-write worst case is memory before KSM, up to "
+         f"{int(over['memory_before_bytes'].max()):,} bytes): keep headroom or swap")])
     projection = Projection(model, orders=orders) if project else None
     return Plan(
         summary=table,
@@ -172,6 +185,7 @@ def plan(
         fits=projection.fits(capacity) if projection else None,
         warnings=warnings,
         zero_pages=zero_pages,
+        hosts_asked=hosts,
     )
 
 

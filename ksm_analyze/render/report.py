@@ -294,7 +294,8 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
         fit = "guest like these fits" if expected == 1 else "guests like these fit"
         parts.append(f"<p>{expected:,} {fit} in one host ({cautious:,} to "
                      f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
-    parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings]
+    parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings
+              if w not in plan.analysis.warnings]  # those are shown with the analysis
     return parts
 
 

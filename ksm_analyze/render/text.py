@@ -6,6 +6,7 @@ the analysis' plain columns (``Analysis.columns``), so printing it never imports
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..analysis import Analysis
 from ..eligibility import RULES
+from ..pages import Extent, PageState
 from ..units import counted, human_bytes
 from .files import to_json
 
 if TYPE_CHECKING:
     from ..formats.base import DumpReader
+    from ..hashing.stage1 import Fingerprints
     from ..live.capture import CaptureSummary
     from ..live.status import KsmStatus
     from ..planning.plan import Plan
@@ -213,8 +216,53 @@ def render_info(path: str, reader: DumpReader, max_ranges: int = 50) -> str:
     """The ``info`` report of an open dump: format, header facts, ranges, pages per state."""
     out = [f"{path}: {reader.format.value}"]
     out += [f"  {k}: {v}" for k, v in reader.info().items() if not isinstance(v, list | dict)]
-    extents, page_size = reader.extents, reader.page_size
-    counts = {s.name.lower(): n for s, n in reader.page_counts().items()}
+    out += _ranges_and_states(reader.extents, reader.page_size, reader.page_counts(),
+                              max_ranges)
+    out += [f"Warning: {w}" for w in reader.warnings]
+    return "\n".join(out)
+
+
+def render_fingerprint_info(path: str, prints: Sequence[Fingerprints], meta: Mapping[str, Any],
+                            max_ranges: int = 50) -> str:
+    """The ``info`` report of a fingerprint file: where it came from, how it was hashed,
+    and per input what ``info`` shows of a dump (header facts, ranges, pages per state)."""
+    from ..fleet.fingerprint_files import unchanged
+
+    src, opts = meta["source"], meta["options"]
+    here = unchanged((src["path"], src["size"], src["mtime_ns"])) if src["size"] else False
+    if not prints:
+        hashed = "nothing (no inputs)"
+    elif prints[0].prefix_bytes < prints[0].page_size:
+        hashed = f"the first {prints[0].prefix_bytes} bytes of each page"
+    else:
+        hashed = "the whole of each page"
+    stored = all(fp.content is not None for fp in prints)
+    out = [f"{path}: fingerprint file (written by {meta['tool']})",
+           f"  source dump: {src['path']} ({human_bytes(int(src['size']))}), "
+           + ("here and unchanged" if here else
+              "not here or changed since: stage 2 compares content hashes"),
+           (f"  hashing: format {opts['format']}, page size {opts['page_size']}, base "
+            f"address {int(opts['base_address']):#x}, {hashed} hashed"),
+           "  content hashes: " + ("stored (scan, report and plan work without the source "
+                                   "dump)" if stored else "not stored (a cache entry: needs "
+                                   "its dump)"),
+           f"  inputs: {len(prints):,}"]
+    for fp in prints:
+        out += ["", f"Input {fp.path}: {fp.format.value}, {fp.address_space} address space"]
+        out += [f"  {k}: {v}" for k, v in fp.info.items() if not isinstance(v, list | dict)]
+        out += _ranges_and_states(fp.extents, fp.page_size, fp.state_pages, max_ranges)
+        zero = fp.zero_pages - fp.state_pages[PageState.ZERO]  # stored, found by content
+        out.append(f"  stored pages found all zero when fingerprinted: {zero:,} "
+                   f"({human_bytes(zero * fp.page_size)})")
+        out += [f"Warning: {w}" for w in fp.warnings]
+    return "\n".join(out)
+
+
+def _ranges_and_states(extents: Sequence[Extent], page_size: int,
+                       page_counts: Mapping[PageState, int], max_ranges: int) -> list[str]:
+    """The ranges and pages-per-state tables of ``info``."""
+    out: list[str] = []
+    counts = {s.name.lower(): n for s, n in page_counts.items()}
     out.append("")
     shown = extents if len(extents) <= max_ranges else extents[:max_ranges]
     out.append(f"Ranges ({len(extents):,})")
@@ -235,8 +283,7 @@ def render_info(path: str, reader: DumpReader, max_ranges: int = 50) -> str:
     out.append("Pages per state (stored pages may still be all zero: 'scan' looks at content)")
     out.append(_table(["state", "pages", "size"],
                       ([k, _count(v), human_bytes(v * page_size)] for k, v in counts.items())))
-    out += [f"Warning: {w}" for w in reader.warnings]
-    return "\n".join(out)
+    return out
 
 
 _ZERO_SOURCES = {
@@ -315,6 +362,13 @@ _METHODS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing
             "lower_bound": "lower bound (one infinite host)"}
 
 
+def _hosts_saved(saved: int | None, percent: float | None) -> str:
+    """``+2 (+50%)``; a dash where the count of hosts was given, not found."""
+    if saved is None or percent is None or math.isnan(percent):  # NaN: pandas' None
+        return "-"
+    return f"{int(saved):+,} ({percent:+.0f}%)"
+
+
 def render_plan(plan: Plan) -> str:
     """The ``plan`` report: hosts per method, each host's inputs and memory, the projection."""
     ksm = plan.analysis.ksm
@@ -323,14 +377,17 @@ def render_plan(plan: Plan) -> str:
             f"use_zero_pages={int(ksm.use_zero_pages)})")]
     out.append(_table(["method", "hosts", "memory after KSM", "overcommit", "hosts saved"], (
         [_METHODS[r.method], _count(r.hosts), human_bytes(r.memory_after_bytes),
-         f"{r.overcommit:.2f}", f"{r.hosts_saved:+,} ({r.hosts_saved_percent:+.0f}%)"]
+         f"{r.overcommit:.2f}", _hosts_saved(r.hosts_saved, r.hosts_saved_percent)]
         for r in plan.summary.itertuples())))
     out.append("  (overcommit = the guests' memory / the hosts' memory; hosts saved: against "
-               "first-fit)")
+               "first-fit" + (", not for a number of hosts given" if plan.hosts_asked else "")
+               + ")")
     out += _policy(plan.analysis)
     for method in ("sharing", "first_fit"):
         rows = plan.hosts[plan.hosts["method"] == method]
-        out += ["", f"Hosts, {_METHODS[method]}"]
+        spread = (f", spread over {plan.hosts_asked} hosts as asked (--hosts "
+                  f"{plan.hosts_asked})" if plan.hosts_asked and method == "sharing" else "")
+        out += ["", f"Hosts, {_METHODS[method]}{spread}"]
         out.append(_table(["host", "before KSM", "after KSM", "saved", "free", "inputs"], (
             [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
              human_bytes(r.saved_bytes), human_bytes(r.free_bytes), r.inputs]
