@@ -74,7 +74,7 @@ def _version(value: bool) -> None:
         from . import kernels
 
         built = ("yes" if kernels.native is not None
-                 else "no (numpy code: no C compiler when it was installed)")
+                 else f"no (numpy code: {kernels.numpy_reason or 'turned off'})")
         typer.echo(f"ksm-analyze {__version__}\ncompiled kernels: {built}")
         raise typer.Exit()
 

@@ -50,7 +50,8 @@ _kernels.native = None
 """Prelude: no compiled kernels, so raw dumps are hashed by forked worker processes under
 ``-j 2`` instead of threads (both must end a run cleanly)."""
 
-JOBS = [pytest.param(1, False, id="1"), pytest.param(2, False, id="2-threads"),
+JOBS = [pytest.param(1, False, id="1"),
+        pytest.param(2, False, id="2-threads", marks=pytest.mark.compiled),
         pytest.param(2, True, id="2-processes")]
 """``(jobs, forked)``: one job, two threads (the kernels on a raw dump), two processes."""
 
@@ -259,7 +260,8 @@ def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs, forked):
                                 "size, new modification time)")])
 
 
-@pytest.mark.parametrize("forked", [False, True], ids=["threads", "processes"])
+@pytest.mark.parametrize("forked", [pytest.param(False, marks=pytest.mark.compiled), True],
+                         ids=["threads", "processes"])
 def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump, forked):
     # The real speed. Truncate as soon as the workers exist (threads: once the file is
     # mapped); whether the scan had read the pages or not, it must not die by SIGBUS or
