@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from . import __version__
+from . import __version__, _parallel, _signals
 from ._signals import Interrupted, raise_on_interrupt
 from .analysis import analyze
 from .errors import KsmAnalyzeError
@@ -550,8 +550,14 @@ def ksm_status(
 
 def main() -> None:
     """Console-script entry point. Ctrl-C and SIGTERM unwind (workers are killed, temporary
-    files removed), then print one line and exit with 128 + the signal (130, 143)."""
+    files removed), then print one line and exit with 128 + the signal (130, 143).
+
+    The process is the command line's own, so it also takes the settings a library call
+    leaves alone: one malloc arena for the threads, one line and exit 1 for a SIGBUS that
+    is no input's."""
     raise_on_interrupt()
+    _parallel.ONE_MALLOC_ARENA = True
+    _signals.EXIT_ON_OTHER_BUS_ERRORS = True
     try:
         app()
     except Interrupted as e:
