@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TypeVar, cast
 from ._signals import Interrupted, worker_signals
 from .errors import WorkerError
 
-__all__ = ["default_jobs", "imap_shards", "imap_threads", "map_shards"]
+__all__ = ["ONE_MALLOC_ARENA", "default_jobs", "imap_shards", "imap_threads", "map_shards"]
 
 T = TypeVar("T")
 
@@ -120,7 +120,8 @@ def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
         for k in range(shards):
             yield list(task(k))
         return
-    _one_malloc_arena()
+    if ONE_MALLOC_ARENA:
+        _one_malloc_arena()
     stop = threading.Event()
     shard_numbers = iter(range(shards))
     taking = threading.Lock()
@@ -157,6 +158,12 @@ def imap_threads(task: Callable[[int], Iterable[T]], shards: int,
         stop.set()
         for t in threads:  # one piece at most each
             t.join()
+
+
+ONE_MALLOC_ARENA = False
+"""Set by the command line (``cli.main``), whose process is its own: threads then allocate
+from one malloc arena (:func:`_one_malloc_arena`). A library caller's process is left as it
+was; ``MALLOC_ARENA_MAX=1`` in its environment has the same effect, where wanted."""
 
 
 @functools.cache

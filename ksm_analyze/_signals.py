@@ -5,18 +5,27 @@
   killed, temporary files removed); signals that follow are ignored while that unwinds.
 - ``SIGBUS``: reading a map past the end of a file that shrank faults inside C code, and the
   faulting instruction runs again after a Python-level handler, forever. While inputs are
-  :func:`watching`, a C-level handler (through ctypes) names the input that changed and
-  exits 1; forked workers just exit (:func:`worker_signals`) and leave the telling to the
-  parent, which sees a worker die and finds the input that changed.
+  :func:`watching`, a C-level handler (through ctypes) maps zeros over the rest of the
+  faulting input's map, so the reading goes on and ends, and :func:`watching` then raises
+  ``FILE: changed while reading ...``: a library caller gets an exception, and the process
+  lives on. The handler before is put back exactly when the watch ends. A SIGBUS elsewhere
+  goes to that previous handler (the default: the process dies), or, in the command line
+  (:data:`EXIT_ON_OTHER_BUS_ERRORS`), says one line and exits 1. Forked workers just exit
+  (:func:`worker_signals`) and leave the telling to the parent, which sees a worker die
+  and finds the input that changed.
 - :func:`watching` notes each input's size and modification time when its reading starts;
   if the reading fails, or ends, with an input changed, that is the error
   (``FILE: changed while reading (size was X, now Y)``): nothing read from it can be trusted.
+
+Nothing here is installed at import: the library changes no signal disposition outside a
+watched reading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -27,7 +36,13 @@ from types import FrameType
 
 from .errors import InputError
 
-__all__ = ["Interrupted", "changed_input", "raise_on_interrupt", "watching", "worker_signals"]
+__all__ = ["EXIT_ON_OTHER_BUS_ERRORS", "Interrupted", "changed_input", "raise_on_interrupt",
+           "watching", "worker_signals"]
+
+EXIT_ON_OTHER_BUS_ERRORS = False
+"""Set by the command line (``cli.main``): a SIGBUS the watch cannot pin on an input says
+one line and exits 1, instead of going to the handler before (a library's caller keeps
+whatever it had, the default being death by SIGBUS)."""
 
 
 class Interrupted(BaseException):
@@ -87,10 +102,10 @@ def watching(paths: Iterable[str]) -> Iterator[None]:
             try:
                 yield
             except Exception as e:
-                if error := changed_input(mine):
+                if error := changed_input(mine) or _faulted(mine):
                     raise error from e
                 raise
-            if error := changed_input(mine):
+            if error := changed_input(mine) or _faulted(mine):
                 raise error
     finally:
         for p in mine:
@@ -101,29 +116,112 @@ def watching(paths: Iterable[str]) -> Iterator[None]:
 # -- SIGBUS, through the C library (Linux) ---------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _BUS_ERROR = ("bus error (SIGBUS) reading an input through its map: an I/O error, or a file "
               "that changed")
+_SA_SIGINFO = 4
+_PROT_READ, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 1, 2, 0x10, 0x20  # Linux, every arch
+_SI_ADDR = 16 if ctypes.sizeof(ctypes.c_void_p) == 8 else 12  # siginfo_t: 3 ints, then it
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Sigaction(ctypes.Structure):
+    """``struct sigaction`` as glibc and musl lay it out on Linux."""
+
+    _fields_ = [("handler", ctypes.c_void_p),
+                ("mask", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
 if _libc is not None:
+    _libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     _libc.signal.restype = ctypes.c_void_p
     _libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    _libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_long]
+
+_PREVIOUS = ctypes.create_string_buffer(512)
+"""The SIGBUS action before the outermost watch (an opaque ``struct sigaction``, any libc's
+fits), put back when it ends, or at once for a fault that is not ours."""
+_ZEROED: list[tuple[int, int]] = []
+"""Address ranges of inputs' maps that the handler replaced by zeros during this watch."""
+_FAULTED: set[str] = set()
+"""Watched inputs whose map faulted during this watch."""
 
 
-def _on_sigbus(signum: int) -> None:
-    """Runs in the signal context of a fault in a mapped input: one line, exit 1.
+def _faulted(paths: Iterable[str]) -> InputError | None:
+    """The error for the first of ``paths`` whose map faulted, though its size and mtime
+    stayed (an I/O error)."""
+    for path in paths:
+        if path in _FAULTED:
+            return InputError(_BUS_ERROR, path=path)
+    return None
 
-    Threads reading the same map fault together: the first says it and exits, the others
-    wait for that (returning would run the faulting instruction again)."""
-    if not _REPORTING.acquire(blocking=False):
-        time.sleep(10)  # the first one exits meanwhile
-        os._exit(1)
+
+def _on_sigbus(signum: int, info: int | None, context: int | None) -> None:
+    """Runs in the signal context of a fault in a map.
+
+    The fault is in an input's map: zeros over the rest of that map (from the faulting page
+    to its end), noted for :func:`watching`, and the faulting instruction runs again and
+    reads zeros. It is in a range zeroed already (another thread faulted first): nothing to
+    do. Anywhere else, the command line says one line and exits; a library caller's process
+    gets the handler it had."""
+    enabled = gc.isenabled()
+    gc.disable()  # no finalizers run in the middle of the interrupted C code
     try:
-        error = changed_input()
-        line = f"Error: {error or _BUS_ERROR}\n"
-        os.write(2, line.encode(errors="replace"))
+        if ctypes.c_int.from_address((info or 0) + 8).value <= 0:  # si_code: sent, no fault
+            _not_ours(sent=True)
+            return
+        address = ctypes.c_void_p.from_address((info or 0) + _SI_ADDR).value or 0
+        if any(lo <= address < hi for lo, hi in _ZEROED):
+            return
+        if (where := _input_map(address)) is not None:
+            path, lo, hi = where
+            if _libc is not None and _libc.mmap(lo, hi - lo, _PROT_READ,
+                                                 _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS,
+                                                 -1, 0) != _MAP_FAILED:
+                _ZEROED.append((lo, hi))
+                _FAULTED.add(path)
+                return
+        _not_ours()
     finally:
-        os._exit(1)  # returning would run the faulting instruction again
+        if enabled:
+            gc.enable()
+
+
+def _input_map(address: int) -> tuple[str, int, int] | None:
+    """(watched input, first page, end) of the map holding ``address``, if it maps one."""
+    devices = {(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino): path
+               for path, st in ((p, os.fstat(fd)) for p, (fd, _, _) in _WATCHED.items())}
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            span, _, _, device, inode = line.split()[:5]
+            lo, hi = (int(x, 16) for x in span.split(b"-"))
+            if lo <= address < hi:
+                major, minor = (int(x, 16) for x in device.split(b":"))
+                path = devices.get((major, minor, int(inode)))
+                return None if path is None else (path, address & ~(page - 1), hi)
+    return None
+
+
+def _not_ours(sent: bool = False) -> None:
+    """A SIGBUS that is no input's: the command line's one line and exit 1, or the handler
+    before, which runs when the faulting instruction does again (or, for a signal sent,
+    when it is sent again here)."""
+    if EXIT_ON_OTHER_BUS_ERRORS:
+        if not _REPORTING.acquire(blocking=False):  # threads faulting together: one says it
+            time.sleep(10)  # the first one exits meanwhile
+            os._exit(1)
+        try:
+            os.write(2, f"Error: {changed_input() or _BUS_ERROR}\n".encode(errors="replace"))
+        finally:
+            os._exit(1)  # returning would run the faulting instruction again
+    if _libc is not None:
+        _libc.sigaction(signal.SIGBUS, _PREVIOUS, None)
+        if sent:
+            signal.raise_signal(signal.SIGBUS)  # blocked till this handler returns
 
 
 _REPORTING = threading.Lock()
@@ -138,13 +236,16 @@ def _sigbus_handled() -> Iterator[None]:
     if _libc is None:
         yield
         return
-    old = ctypes.create_string_buffer(512)  # an opaque struct sigaction (any libc's fits)
-    _libc.sigaction(signal.SIGBUS, None, old)
-    _libc.signal(signal.SIGBUS, ctypes.cast(_SIGBUS_HANDLER, ctypes.c_void_p))
+    action = _Sigaction(handler=ctypes.cast(_SIGBUS_HANDLER, ctypes.c_void_p).value,
+                        flags=_SA_SIGINFO)
+    _libc.sigaction(signal.SIGBUS, None, _PREVIOUS)
+    _libc.sigaction(signal.SIGBUS, ctypes.byref(action), None)
     try:
         yield
     finally:
-        _libc.sigaction(signal.SIGBUS, old, None)
+        _libc.sigaction(signal.SIGBUS, _PREVIOUS, None)
+        _ZEROED.clear()
+        _FAULTED.clear()
 
 
 def worker_signals(parent: int) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from . import _parallel, _signals
 from ._signals import Interrupted, raise_on_interrupt
 from ._version import __version__
 from .analysis import TABLES, Analysis
@@ -75,7 +76,7 @@ def _version(value: bool) -> None:
         from .hashing import compiled
 
         built = ("yes" if compiled.native is not None
-                 else "no (numpy code: no C compiler when it was installed)")
+                 else f"no (numpy code: {compiled.numpy_reason or 'turned off'})")
         typer.echo(f"ksm-analyze {__version__}\ncompiled kernels: {built}")
         raise typer.Exit()
 
@@ -611,8 +612,14 @@ def ksm_status(
 
 def main() -> None:
     """Console-script entry point. Ctrl-C and SIGTERM unwind (workers are killed, temporary
-    files removed), then print one line and exit with 128 + the signal (130, 143)."""
+    files removed), then print one line and exit with 128 + the signal (130, 143).
+
+    The process is the command line's own, so it also takes the settings a library call
+    leaves alone: one malloc arena for the threads, one line and exit 1 for a SIGBUS that
+    is no input's."""
     raise_on_interrupt()
+    _parallel.ONE_MALLOC_ARENA = True
+    _signals.EXIT_ON_OTHER_BUS_ERRORS = True
     try:
         app()
     except Interrupted as e:

@@ -3,14 +3,18 @@ xxhash library for hashes, numpy for zero pages and byte comparison."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,14 +29,20 @@ from ksm_analyze.hashing import compiled as kernels
 
 
 def test_built():
-    # CI installs with a C compiler; without one the numpy code runs, and these tests fail.
-    assert kernels.native is not None, "ksm_analyze.hashing._compiled was not built (no C compiler?)"
+    # CI installs with a C compiler. Without one the numpy code runs, the tests marked
+    # `compiled` skip, and this one fails to say so; KSM_ANALYZE_NO_KERNELS asks for the
+    # numpy code on purpose, and then this one skips too.
+    if os.environ.get(kernels.SWITCH, "0") not in ("", "0"):
+        pytest.skip(f"{kernels.numpy_reason}: the numpy code on purpose")
+    assert kernels.native is not None, (
+        f"compiled kernels not built (no C compiler at install time?): {kernels.numpy_reason}")
 
 
 def _pages(n: int, seed: int = 0, size: int = PS) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size), dtype=np.uint8)
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("nbytes", [1, 3, 4, 8, 9, 16, 17, 64, 127, 128, 129, 240, 241, 1000,
                                     PS])
 def test_prefix_hashes_are_xxh3_of_the_first_bytes(nbytes):
@@ -43,6 +53,7 @@ def test_prefix_hashes_are_xxh3_of_the_first_bytes(nbytes):
     assert kernels.prefix_hashes(pages, nbytes).tolist() == expect
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("pos", [0, 1, 63, 64, 65, 2047, PS - 1])
 def test_one_nonzero_byte_anywhere_makes_a_page_nonzero(pos):
     pages = np.zeros((3, PS), np.uint8)
@@ -52,6 +63,7 @@ def test_one_nonzero_byte_anywhere_makes_a_page_nonzero(pos):
     assert hashes[1] != 0
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("page_size", [64, 512, 65536])
 def test_other_page_sizes(page_size):
     pages = _pages(3, size=page_size)
@@ -63,6 +75,7 @@ def test_other_page_sizes(page_size):
     assert out[2] == (xxhash.xxh3_64_intdigest(pages[2, :min(128, page_size)].tobytes()) or 1)
 
 
+@pytest.mark.compiled
 def test_skipped_pages_are_zero_and_not_read():
     pages = _pages(4)
     skip = np.array([False, True, False, True])
@@ -71,6 +84,7 @@ def test_skipped_pages_are_zero_and_not_read():
     assert out[0] == xxhash.xxh3_64_intdigest(pages[0, :128].tobytes())
 
 
+@pytest.mark.compiled
 def test_pages_at_an_odd_offset_of_a_map(tmp_path):
     # An ELF segment may start at any file offset: a view one byte into a map.
     data = _pages(4).tobytes()
@@ -89,6 +103,7 @@ def test_pages_at_an_odd_offset_of_a_map(tmp_path):
         del view, reps
 
 
+@pytest.mark.compiled
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_equal_rows_and_page_hashes_match_numpy(data):
@@ -107,6 +122,7 @@ def test_equal_rows_and_page_hashes_match_numpy(data):
         xxhash.xxh3_64_intdigest(pages[r].tobytes()) for r in rows]
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("bad", [-1, 4, 1 << 40])
 def test_indices_outside_the_buffers_are_refused(bad):
     pages, reps = _pages(4), _pages(2)
@@ -118,6 +134,7 @@ def test_indices_outside_the_buffers_are_refused(bad):
         kernels.page_hashes(pages, np.array([bad]))
 
 
+@pytest.mark.compiled
 def test_mismatched_buffers_are_refused():
     native = kernels.native
     assert native is not None
@@ -137,6 +154,7 @@ def test_mismatched_buffers_are_refused():
         native.page_hashes(pages, PS, np.array([0]), b"\0" * 8)
 
 
+@pytest.mark.compiled
 def test_stage_2_compares_in_place_through_the_kernel(tmp_path, monkeypatch):
     # A raw dump's candidates go through equal_rows (no gather copy), and the classes match
     # the numpy path's.
@@ -158,36 +176,117 @@ def test_stage_2_compares_in_place_through_the_kernel(tmp_path, monkeypatch):
         assert compiled.stages.loc[row].equals(reference.stages.loc[row]), row
 
 
-def test_installs_and_runs_without_a_c_compiler(tmp_path):
-    # `pip install .` on a machine without a compiler: the extension is optional, the wheel
-    # builds without it, and the package runs its numpy code with the same prediction.
-    # From the committed files only, as a fresh clone has them: not this checkout's built
-    # extension or build folders.
-    source = tmp_path / "source"
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_the_switch_turns_the_kernels_off_and_says_so(value):
+    # KSM_ANALYZE_NO_KERNELS (like msgpack's MSGPACK_PUREPYTHON): the numpy code on purpose,
+    # the extension not even imported, and --version gives that as the reason.
+    env = {**os.environ, "KSM_ANALYZE_NO_KERNELS": value}
+    version = subprocess.run([sys.executable, "-m", "ksm_analyze", "--version"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, check=True).stdout
+    assert version.splitlines()[1] == (f"compiled kernels: no (numpy code: "
+                                       f"KSM_ANALYZE_NO_KERNELS={value})")
+    code = ("import sys, ksm_analyze; a = ksm_analyze.analyze(sys.argv[1:], jobs=2); "
+            "from ksm_analyze.hashing import compiled as kernels; "
+            "print(kernels.native, 'ksm_analyze.hashing._compiled' in sys.modules, "
+            "a.counters.pages_sharing)")
+    out = subprocess.run([sys.executable, "-c", code, *SAMPLES], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    # pages_sharing as the compiled path counts it (README's sample output: 920)
+    assert out.split() == ["None", "False", "920"]
+
+
+@pytest.mark.compiled
+def test_the_switch_at_0_leaves_the_kernels_on():
+    env = {**os.environ, "KSM_ANALYZE_NO_KERNELS": "0"}
+    version = subprocess.run([sys.executable, "-m", "ksm_analyze", "--version"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, check=True).stdout
+    assert version.splitlines()[1] == "compiled kernels: yes"
+
+
+def _fresh_clone(dest):
+    """The committed files only, as a fresh clone has them (not this checkout's built
+    extension or build folders)."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
     for name in filter(None, files):
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, source / name)
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def test_installs_and_runs_without_a_c_compiler(tmp_path):
+    # `pip install .` on a machine without a compiler: the extension is optional, the wheel
+    # builds without it, and the package runs its numpy code with the same prediction.
+    # In a tree built before: an editable install's extension in place, and a `pip install .`
+    # one in build/lib.*/, which setuptools would call up to date and package. Where the
+    # kernels are built here, the planted ones are real, and would load if packaged.
+    source = _fresh_clone(tmp_path / "source")
+    stale = (Path(kernels.native.__file__).read_bytes() if kernels.native is not None
+             else b"stale")
+    name = "_compiled" + sysconfig.get_config_var("EXT_SUFFIX")
+    build_lib = f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    for folder in (source / "ksm_analyze" / "hashing",
+                   source / "build" / build_lib / "ksm_analyze" / "hashing"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(stale)
     env = {**os.environ, "CC": "/bin/false", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                     str(tmp_path / "wheel"), str(source)], env=env, check=True, timeout=300,
                    capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("ksm_analyze-*.whl")
     with zipfile.ZipFile(wheel) as z:
-        assert not [n for n in z.namelist() if n.endswith(".so")]
+        names = z.namelist()
+        # No extension, and no C sources: the sdist needs those, an installed package not.
+        assert not [n for n in names if n.endswith((".so", ".c", ".h"))], names
+        assert "ksm_analyze/hashing/_vendor/xxhash/LICENSE" in names  # xxHash's terms travel along
         z.extractall(tmp_path / "site")
-    code = ("import json, sys; import ksm_analyze.hashing.compiled as k; assert k.native is None, k; "
-            "from ksm_analyze.cli import main; main()")
     # -S: no site hooks, so this checkout's editable install (and its extension) is not
     # found; the dependencies come from site-packages on the path.
     path = [str(tmp_path / "site"), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    env = {k: v for k, v in os.environ.items() if k != "KSM_ANALYZE_NO_KERNELS"}
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    code = "from ksm_analyze.cli import main; main()"
+    version = subprocess.run([sys.executable, "-S", "-c", code, "--version"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    assert version.splitlines()[1] == ("compiled kernels: no (numpy code: no C compiler "
+                                       "when it was installed)")
     out = subprocess.run([sys.executable, "-S", "-c", code, "scan", *SAMPLES, "--json"],
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True)
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         check=True)
     compiled = runner.invoke(app, ["scan", *SAMPLES, "--json"])
     assert compiled.exit_code == 0
     without, with_kernels = json.loads(out.stdout), json.loads(compiled.stdout)
     for run in (without, with_kernels):
         run["stages"].pop("stage1_seconds"), run["stages"].pop("stage2_seconds")
     assert without == with_kernels
+
+
+def test_the_sdist_carries_the_c_sources_and_no_shared_object(tmp_path):
+    # The sdist is what a machine with a compiler builds the kernels from: the C file, the
+    # vendored header, its licence and version record; never a shared object of this tree.
+    source = _fresh_clone(tmp_path / "source")
+    (source / "ksm_analyze" / "hashing" / ("_compiled" + sysconfig.get_config_var("EXT_SUFFIX"))) \
+        .write_bytes(b"stale")
+    code = ("import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))")
+    built = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=source,
+                           capture_output=True, text=True, check=True, timeout=120)
+    with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    assert {"setup.py", "ksm_analyze/hashing/_compiled.c", "ksm_analyze/hashing/_vendor/xxhash/xxhash.h",
+            "ksm_analyze/hashing/_vendor/xxhash/LICENSE",
+            "ksm_analyze/hashing/_vendor/xxhash/README.md"} <= names
+    assert not [n for n in names if n.endswith(".so")]
+
+
+def test_the_vendored_xxhash_header_is_the_version_recorded_beside_it():
+    folder = ROOT / "ksm_analyze" / "hashing" / "_vendor" / "xxhash"
+    header = (folder / "xxhash.h").read_bytes()
+    record = (folder / "README.md").read_text()
+    macros = dict(re.findall(rb"#define XXH_VERSION_(MAJOR|MINOR|RELEASE) +(\d+)", header))
+    version = b".".join(macros[k] for k in (b"MAJOR", b"MINOR", b"RELEASE")).decode()
+    assert re.search(r"^- Version: (\S+) ", record, re.MULTILINE).group(1) == version
+    assert re.search(r"^- sha256 of `xxhash.h`: (\w+)$", record, re.MULTILINE).group(1) == \
+        hashlib.sha256(header).hexdigest()  # an update that forgot its record fails here
+    assert "Yann Collet" in record and "BSD 2-Clause" in record

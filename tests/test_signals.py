@@ -25,6 +25,7 @@ from conftest import PS, ROOT, SAMPLES
 
 from dumpwriter.elf import make_elf_core
 from dumpwriter.lime import make_lime
+from ksm_analyze.hashing import compiled as kernels
 from ksm_analyze._signals import Interrupted, watching
 from ksm_analyze.errors import InputError
 
@@ -50,7 +51,8 @@ _kernels.native = None
 """Prelude: no compiled kernels, so raw dumps are hashed by forked worker processes under
 ``-j 2`` instead of threads (both must end a run cleanly)."""
 
-JOBS = [pytest.param(1, False, id="1"), pytest.param(2, False, id="2-threads"),
+JOBS = [pytest.param(1, False, id="1"),
+        pytest.param(2, False, id="2-threads", marks=pytest.mark.compiled),
         pytest.param(2, True, id="2-processes")]
 """``(jobs, forked)``: one job, two threads (the kernels on a raw dump), two processes."""
 
@@ -60,11 +62,13 @@ def _prelude(forked: bool) -> str:
 
 
 class Cli:
-    """``ksm-analyze ARGS`` in a subprocess running this tree, its stderr read as it comes."""
+    """``ksm-analyze ARGS`` (or another ``program``) in a subprocess running this tree, its
+    stderr read as it comes."""
 
     def __init__(self, *args: object, prelude: str = "", new_session: bool = False,
-                 closed_stdout: bool = False) -> None:
-        code = f"{prelude}\nfrom ksm_analyze.cli import main\nmain()\n"
+                 closed_stdout: bool = False,
+                 program: str = "from ksm_analyze.cli import main\nmain()\n") -> None:
+        code = f"{prelude}\n{program}"
         read_end, write_end = os.pipe()
         if closed_stdout:  # like `| head -1` when head has gone: writing fails with EPIPE
             os.close(read_end)
@@ -259,7 +263,102 @@ def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs, forked):
                                 "size, new modification time)")])
 
 
-@pytest.mark.parametrize("forked", [False, True], ids=["threads", "processes"])
+LIBRARY_CALL = """
+import signal, sys, ksm_analyze
+def caught():  # the C-level disposition: SIGBUS caught by a handler, or not
+    status = open("/proc/self/status").read().split("SigCgt:")[1].split()[0]
+    return bool(int(status, 16) >> (signal.SIGBUS - 1) & 1)
+before = (signal.getsignal(signal.SIGBUS), caught())
+try:
+    ksm_analyze.analyze(sys.argv[1:], jobs=JOBS)
+    print("no error")
+except ksm_analyze.KsmAnalyzeError as e:
+    print(f"{type(e).__name__}: {e}")
+print("the interpreter goes on; SIGBUS as before:",
+      (signal.getsignal(signal.SIGBUS), caught()) == before)
+"""
+"""A notebook's call of ``analyze()``: what it raises, then whether the process's SIGBUS
+disposition is what it was."""
+
+
+@pytest.mark.parametrize(("jobs", "forked"), JOBS)
+def test_a_dump_truncated_under_a_library_call_raises_and_the_process_lives_on(big_raw,
+                                                                               tmp_path,
+                                                                               jobs, forked):
+    # The command line may exit on SIGBUS; a library call must not: the caller gets the
+    # same "changed while reading" as an exception, and its code after the call runs.
+    dump = tmp_path / "dump.raw"
+    shutil.copyfile(big_raw, dump)
+    size = dump.stat().st_size
+    run = Cli(dump, prelude=_prelude(forked),
+              program=LIBRARY_CALL.replace("JOBS", str(jobs)))
+    run.wait_for("BATCH")
+    os.truncate(dump, 1 << 20)
+    rc, lines, _ = run.finish()
+    assert (rc, lines) == (0, [])
+    assert run.stdout.decode().splitlines() == [
+        (f"InputError: {dump}: changed while reading (size was {size:,} bytes, now "
+         f"{1 << 20:,})"),
+        "the interpreter goes on; SIGBUS as before: True"]
+
+
+def test_a_library_call_leaves_sigbus_and_malloc_as_they_were(big_raw):
+    # A notebook with its own SIGBUS handler: after analyze() (threads, -j 2) the handler is
+    # the same and still runs (its C-level action put back exactly), and glibc's malloc was
+    # not told to use one arena; mallopt is seen where _parallel calls libc.
+    code = SPY_MALLOPT + """
+import os, signal, ksm_analyze
+got = []
+signal.signal(signal.SIGBUS, lambda signum, frame: got.append(signum))
+mine = signal.getsignal(signal.SIGBUS)
+ksm_analyze.analyze([BIG], jobs=2)
+os.kill(os.getpid(), signal.SIGBUS)
+print(signal.getsignal(signal.SIGBUS) is mine, got == [signal.SIGBUS], THREADS, MALLOPT)
+""".replace("BIG", repr(str(big_raw)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    threads = "True" if kernels.native is not None else "False"  # numpy: forked workers
+    assert out.split() == ["True", "True", threads, "[]"]
+
+
+def test_the_command_line_does_take_one_malloc_arena_for_its_threads(big_raw):
+    code = SPY_MALLOPT + """
+import atexit, sys
+atexit.register(lambda: print(THREADS, MALLOPT, file=sys.stderr))
+from ksm_analyze.cli import main
+main()
+"""
+    r = subprocess.run([sys.executable, "-c", code, "scan", str(big_raw), "-j", "2", "-q"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert r.stderr.split() == ["True", "[(-8,", "1)]"]  # glibc's M_ARENA_MAX is -8
+
+
+SPY_MALLOPT = """
+import ctypes, threading
+import ksm_analyze._parallel as _parallel
+MALLOPT, THREADS = [], False
+class _Libc:
+    def __init__(self, name):
+        self._libc = ctypes.CDLL(name)
+    def mallopt(self, param, value):
+        MALLOPT.append((param, value))
+        return self._libc.mallopt(param, value)
+class _Ctypes:
+    CDLL = _Libc
+_parallel.ctypes = _Ctypes
+_start = threading.Thread.start
+def _started(self):
+    global THREADS
+    THREADS = THREADS or self.name.startswith("ksm-analyze-")
+    _start(self)
+threading.Thread.start = _started
+"""
+"""Prelude: ``MALLOPT`` lists the calls of glibc's ``mallopt`` made by ``_parallel``;
+``THREADS`` says whether it started its worker threads."""
+
+
+@pytest.mark.parametrize("forked", [pytest.param(False, marks=pytest.mark.compiled), True],
+                         ids=["threads", "processes"])
 def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump, forked):
     # The real speed. Truncate as soon as the workers exist (threads: once the file is
     # mapped); whether the scan had read the pages or not, it must not die by SIGBUS or

@@ -1,6 +1,6 @@
 /* Compiled inner loops of stage 1 and stage 2, on pages in place (no gather, no per-page
  * Python). Optional: without a C compiler at install time the package uses its numpy code
- * (ksm_analyze/kernels.py says which one runs); both give the same results.
+ * (ksm_analyze/hashing/compiled.py says which one runs); both give the same results.
  *
  * Every function takes buffers (numpy arrays, memory maps) and checks every length and index
  * against them before it releases the GIL, so a caller's mistake is a ValueError, never a read
@@ -194,7 +194,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_compiled",
-    .m_doc = "Stage 1 and stage 2 inner loops over pages in place (see ksm_analyze/kernels.py).",
+    .m_doc = "Stage 1 and stage 2 inner loops over pages in place (see ksm_analyze/hashing/compiled.py).",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -4,13 +4,17 @@ Stage 1 and stage 2 work on pages in place with them: stage 1 hashes each page's
 straight from the memory map, stage 2 compares a candidate with its representative with one
 ``memcmp``, with no gather copy in between (a copy of each page doubled the memory traffic,
 the bound of both stages). ``native`` is None where the extension was not built (no C
-compiler when the package was installed); callers then run their numpy code, which gives
-the same results. Tests run both.
+compiler when the package was installed) or ``KSM_ANALYZE_NO_KERNELS`` is set (to anything
+but ``0``: the numpy code on purpose, as msgpack's ``MSGPACK_PUREPYTHON``); callers then run
+their numpy code, which gives the same results, and ``numpy_reason`` says why. This module
+alone decides: every caller asks ``native`` (or :func:`usable`, :func:`reads_in_place`).
+Tests run both.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -20,18 +24,29 @@ import numpy as np
 if TYPE_CHECKING:
     from ..formats.base import DumpReader
 
-__all__ = ["equal_rows", "native", "page_hashes", "prefix_hashes", "reads_in_place", "usable"]
+__all__ = ["SWITCH", "equal_rows", "native", "numpy_reason", "page_hashes", "prefix_hashes",
+           "reads_in_place", "usable"]
+
+SWITCH = "KSM_ANALYZE_NO_KERNELS"
+"""The environment variable that turns the compiled kernels off (any value but ``0``)."""
 
 
-def _load() -> ModuleType | None:
-    try:  # by name: mypy cannot see inside the extension
-        return importlib.import_module("._compiled", __package__)
-    except ImportError:
-        return None
+def _load() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get(SWITCH, "0") not in ("", "0"):
+        return None, f"{SWITCH}={os.environ[SWITCH]}"  # not even imported
+    try:
+        return importlib.import_module(f"{__package__}._compiled"), None
+    except ModuleNotFoundError:
+        return None, "no C compiler when it was installed"
+    except ImportError as e:  # built, but this interpreter cannot load it
+        return None, f"the built extension does not load ({e})"
 
 
-native: ModuleType | None = _load()
-"""The extension module, or None (then every caller takes its numpy path)."""
+native: ModuleType | None
+numpy_reason: str | None
+native, numpy_reason = _load()
+"""``native``: the extension module, or None (then every caller takes its numpy path);
+``numpy_reason``: why it is None (for ``--version``), else None."""
 
 
 def usable(*pages: np.ndarray) -> bool:
