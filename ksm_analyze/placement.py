@@ -29,6 +29,7 @@ import numpy as np
 
 from .contents import ContentTable
 from .ksm import RMAP_ITEM_BYTES, KsmSettings, merged_pages
+from .units import size_text
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "spread"]
 
@@ -216,8 +217,8 @@ def _too_big(model: HostModel, capacity: int) -> None:
     big = np.flatnonzero(model.alone > capacity)
     if len(big):
         i = int(big[0])
-        raise ValueError(f"{model.table.names[i]} alone needs {int(model.alone[i]):,} bytes "
-                         f"after KSM, more than a host holds ({capacity:,} bytes)")
+        raise ValueError(f"{model.table.names[i]} alone needs {size_text(int(model.alone[i]))} "
+                         f"after KSM, more than a host holds: {size_text(capacity)}")
 
 
 def place(model: HostModel, capacity: int) -> Placement:
@@ -299,6 +300,6 @@ def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
         fitting = [o for o in options if o[1] + o[0] <= capacity]
         if not fitting:
             raise ValueError(f"{model.table.names[i]} does not fit on any of {hosts} hosts of "
-                             f"{capacity:,} bytes after the inputs placed before it")
+                             f"{size_text(capacity)} after the inputs placed before it")
         model.add(states[min(fitting)[2]], i)
     return Placement("sharing", [sorted(h.inputs) for h in states])

@@ -17,6 +17,7 @@ from .ksm import RMAP_ITEM_BYTES
 from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
 from .projection import Projection
 from .result import Analysis, json_safe
+from .units import human_bytes, size_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,13 +38,13 @@ class Plan:
             and ``hosts_saved_percent`` (against first-fit), ``overcommit`` (the guests'
             memory over the hosts' memory: each input's described size).
         hosts: one row per host of each placement: ``method``, ``host``, ``inputs``
-            (names, space-separated), ``input_count``, ``memory_before_bytes`` (the scanned
+            (a list of the inputs' names; separated by spaces in CSV), ``input_count``, ``memory_before_bytes`` (the scanned
             pages without KSM: also the worst case, when every merged page is written
             again), ``memory_after_bytes`` (the number ``scan`` prints for these inputs:
             pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
             ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
         assignments: ``method``, ``input``, ``host``: one row per input and method.
-        projection: VMs per host (:meth:`~ksm_analyze.projection.Projection.table`);
+        projection: inputs per host (:meth:`~ksm_analyze.projection.Projection.table`);
             empty unless counts were asked for.
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
             None unless projected.
@@ -67,8 +68,13 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as strict JSON values (``plan --json``)."""
-        out: dict[str, Any] = {"host_memory": self.host_memory, "capacity": self.capacity,
-                               "fits": self.fits}
+        fits = None if self.fits is None else dict(zip(("expected", "cautious", "hopeful"),
+                                                        self.fits, strict=True))
+        out: dict[str, Any] = {
+            "host_memory_bytes": self.host_memory, "host_memory_human": human_bytes(self.host_memory),
+            "capacity_bytes": self.capacity, "capacity_human": human_bytes(self.capacity),
+            "inputs_per_host": fits,
+        }
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
@@ -114,7 +120,7 @@ def plan(
         hosts: place onto exactly this many hosts instead of as few as possible.
         zero_pages: count scanned zero pages as host memory (``scan``'s ``with_zero_pages``
             column, the default); False: as never touched.
-        project: guest counts to project host memory for (VMs per host).
+        project: guest counts to project host memory for (inputs per host).
         orders: random orders of the samples the projection measures.
 
     Raises:
@@ -122,8 +128,8 @@ def plan(
     """
     capacity = host_memory - reserve
     if host_memory <= 0 or reserve < 0 or capacity <= 0:
-        raise ValueError(f"a host of {host_memory:,} bytes with a reserve of {reserve:,} "
-                         "leaves no memory for guests")
+        raise ValueError(f"a host of {size_text(host_memory)} with a reserve of "
+                         f"{size_text(reserve)} leaves no memory for inputs")
     if hosts is not None and hosts < 1:
         raise ValueError(f"--hosts must be at least 1, not {hosts}")
     model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
@@ -153,8 +159,8 @@ def plan(
     warnings = [] if over.empty else [
         (f"{len(over)} of {len(sharing.hosts)} sharing-aware hosts (hosts "
         f"{', '.join(map(str, over['host']))}) would need more than their "
-        f"{capacity:,} bytes if every merged page were written again (the copy-on-write worst "
-        f"case is memory before KSM, up to {int(over['memory_before_bytes'].max()):,} bytes): "
+        f"{size_text(capacity)} if every merged page were written again (the copy-on-write "
+        f"worst case is memory before KSM, up to {size_text(int(over['memory_before_bytes'].max()))}): "
         "keep headroom or swap")]
     projection = Projection(model, orders=orders) if project else None
     return Plan(
@@ -181,7 +187,7 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
         before = model.before(inputs)
         after = (c.pages_shared + c.pages_unshared) * ps + c.ksm_rmap_items * RMAP_ITEM_BYTES
         rows.append({"method": p.method, "host": k,
-                     "inputs": " ".join(names[i] for i in inputs), "input_count": len(inputs),
+                     "inputs": [names[i] for i in inputs], "input_count": len(inputs),
                      "memory_before_bytes": before, "memory_after_bytes": after,
                      "private_bytes": c.pages_unshared * ps, "shared_bytes": c.pages_shared * ps,
                      "rmap_bytes": c.ksm_rmap_items * RMAP_ITEM_BYTES,

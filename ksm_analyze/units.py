@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePath
 
-__all__ = ["human_bytes", "parse_size", "short_names"]
+__all__ = ["human_bytes", "parse_size", "short_names", "size_text"]
 
 
 def human_bytes(n: float) -> str:
@@ -18,6 +18,17 @@ def human_bytes(n: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def size_text(n: int) -> str:
+    """A size for a message a person reads: ``human_bytes``, with the exact count after it
+    where the human form rounds (1048576 -> '1 MiB'; 1000001 -> '977 KiB (1,000,001 bytes)')."""
+    text = human_bytes(n)
+    number, unit = text.split(" ")
+    scale = 1024 ** ("B", "KiB", "MiB", "GiB", "TiB", "PiB").index(unit)
+    if float(number) * scale == n:
+        return text
+    return f"{text} ({int(n):,} bytes)"
 
 
 def short_names(paths: Sequence[str]) -> list[str]:

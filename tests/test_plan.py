@@ -48,7 +48,7 @@ def test_sharing_aware_placement_finds_the_pairs_first_fit_does_not(pairs):
     summary = result.summary.set_index("method")["hosts"].to_dict()
     assert summary == {"sharing": 2, "first_fit": 4, "lower_bound": 2}
     hosts = result.hosts[result.hosts["method"] == "sharing"]
-    assert sorted(hosts["inputs"]) == ["A1.raw A2.raw", "B1.raw B2.raw"]
+    assert sorted(hosts["inputs"]) == [["A1.raw", "A2.raw"], ["B1.raw", "B2.raw"]]
     assert list(hosts["memory_after_bytes"]) == [PAIR, PAIR]
     ffd = result.hosts[result.hosts["method"] == "first_fit"]
     assert list(ffd["memory_after_bytes"]) == [ALONE] * 4
@@ -62,7 +62,7 @@ def test_every_host_of_every_plan_is_what_scan_prints(pairs):
     for capacity in (PAIR, PAIR + 10 * PS, 2 * PAIR, 3 * ALONE, 10 * ALONE):
         result = plan(analysis, capacity)
         for r in result.hosts.itertuples():
-            inputs = [p for p in pairs for name in r.inputs.split() if p.endswith("/" + name)]
+            inputs = [p for p in pairs for name in r.inputs if p.endswith("/" + name)]
             assert r.memory_after_bytes == scan_memory(inputs, "-j", "1"), (capacity, r)
             assert r.memory_after_bytes == model.footprint([pairs.index(p) for p in inputs])
             assert r.memory_after_bytes <= capacity
@@ -71,7 +71,7 @@ def test_every_host_of_every_plan_is_what_scan_prints(pairs):
 def test_spread_over_a_fixed_number_of_hosts(pairs):
     result = plan(analyze(pairs, jobs=1), 4 * ALONE, hosts=2)
     hosts = result.hosts[result.hosts["method"] == "sharing"]
-    assert len(hosts) == 2 and sorted(hosts["inputs"]) == ["A1.raw A2.raw", "B1.raw B2.raw"]
+    assert len(hosts) == 2 and sorted(hosts["inputs"]) == [["A1.raw", "A2.raw"], ["B1.raw", "B2.raw"]]
     with pytest.raises(ValueError, match="does not fit on any of 1 hosts"):
         plan(analyze(pairs, jobs=1), 3 * PAIR // 2, hosts=1)
 
@@ -79,8 +79,10 @@ def test_spread_over_a_fixed_number_of_hosts(pairs):
 def test_an_input_that_alone_does_not_fit_is_one_line(pairs):
     r = runner.invoke(app, ["plan", *pairs, "--host-memory", str(ALONE - 1)])
     assert r.exit_code == 2
-    assert r.stderr.strip() == (f"Error: {pairs[0]} alone needs {ALONE:,} bytes after KSM, "
-                                f"more than a host holds ({ALONE - 1:,} bytes)")
+    # 915,200 bytes = 893.75 KiB: the exact counts follow the rounded sizes.
+    assert ALONE == 915_200
+    assert r.stderr.strip() == (f"Error: {pairs[0]} alone needs 894 KiB (915,200 bytes) after "
+                                "KSM, more than a host holds: 894 KiB (915,199 bytes)")
 
 
 def test_marginal_footprints_are_exact_for_any_knobs(pairs):
@@ -121,7 +123,7 @@ def test_plan_cli_writes_json_csv_and_pngs(pairs, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout, parse_constant=lambda c: 1 / 0)
     assert [row["hosts"] for row in data["summary"]] == [2, 4, 2]
-    assert data["fits"][0] == 1  # two random samples are a sharing pair one time in three
+    assert data["inputs_per_host"]["expected"] == 1  # two random samples are a sharing pair one time in three
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == [
         "assignments.csv", "hosts.csv", "projection.csv", "summary.csv"]
     for chart in ("hosts", "projection"):

@@ -287,7 +287,7 @@ def plot_projection(plan: Plan) -> Figure:
     fig = _figure(8.0, 5.0)
     ax = fig.subplots()
     if len(proj):
-        vms = proj["vms"].to_numpy()
+        vms = proj["input_count"].to_numpy()
         div, unit = _unit(float(proj[["memory_before_bytes", "memory_after_high_bytes"]]
                                 .to_numpy().max()))
         measured = proj["measured"].to_numpy(bool)

@@ -22,7 +22,7 @@ import pandas as pd
 from .. import __version__
 from ..result import TABLES
 from ..units import human_bytes
-from .files import DIR_MODE, FILE_MODE, atomic_write
+from .files import DIR_MODE, FILE_MODE, atomic_write, csv_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -92,7 +92,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
     for name, df in tables.items():
         path = out / f"{name}.csv"
-        atomic_write(path, df.to_csv(), mode=FILE_MODE)
+        atomic_write(path, csv_text(df), mode=FILE_MODE)
         written.append(path)
     images = {}
     for name, draw in charts.items():
@@ -108,13 +108,20 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
 
 def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
     def number(v: Any) -> str:
+        if v is pd.NA:  # a count some rows do not have (nullable Int64)
+            return ""
         if isinstance(v, float):
             return "" if math.isnan(v) else f"{v:,.3f}".rstrip("0").rstrip(".")
         return f"{v:,}" if isinstance(v, int) else html.escape(str(v))
 
     shown = df.copy()
     for col in shown.columns:
-        if shown[col].dtype.kind in "iuf":
+        if col == "bytes" or str(col).endswith("_bytes"):  # sizes for people: KiB, MiB, GiB
+            shown[col] = ["" if pd.isna(v) else human_bytes(v) for v in shown[col]]
+        elif shown[col].dtype == object and any(isinstance(v, list) for v in shown[col]):
+            shown[col] = [", ".join(map(str, v)) if isinstance(v, list) else v
+                          for v in shown[col]]
+        elif shown[col].dtype.kind in "iuf":
             shown[col] = [number(v.item() if hasattr(v, "item") else v) for v in shown[col]]
     text: str = shown.to_html(escape=True, border=0, classes="data", na_rep="", **kwargs)
     return text
@@ -203,7 +210,8 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     )
     sections = (
         ("per_input", "Inputs (pages)", result.per_input, False),
-        ("host", "KSM counters, all inputs on one host (general_profit in bytes)",
+        ("host", ("KSM counters, all inputs on one host (general_profit in bytes; sizes "
+                  "are in the savings table)"),
          result.host, True),
         ("savings", "Savings", result.savings, True),
         ("histogram", "Sharing-degree histogram", result.histogram, False),

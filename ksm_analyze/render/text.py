@@ -327,14 +327,14 @@ def render_plan(plan: Plan) -> str:
         out += ["", f"Hosts, {_METHODS[method]}"]
         out.append(_table(["host", "before KSM", "after KSM", "saved", "free", "inputs"], (
             [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
-             human_bytes(r.saved_bytes), human_bytes(r.free_bytes), r.inputs]
+             human_bytes(r.saved_bytes), human_bytes(r.free_bytes), " ".join(r.inputs)]
             for r in rows.itertuples())))
     out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM plus "
                "rmap_item overhead)")
     if len(plan.projection):
         out += ["", "Guests like these on one host (beyond the samples: a model)"]
         out.append(_table(["guests", "with KSM", "band (10%-90%)", "without KSM", ""], (
-            [_count(r.vms), human_bytes(r.memory_after_bytes),
+            [_count(r.input_count), human_bytes(r.memory_after_bytes),
              (f"{human_bytes(r.memory_after_low_bytes)} - "
               f"{human_bytes(r.memory_after_high_bytes)}"),
              human_bytes(r.memory_before_bytes), "measured" if r.measured else "model"]
