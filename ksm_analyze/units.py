@@ -22,7 +22,10 @@ def human_bytes(n: float) -> str:
 
 def size_text(n: int) -> str:
     """A size for a message a person reads: ``human_bytes``, with the exact count after it
-    where the human form rounds (1048576 -> '1 MiB'; 1000001 -> '977 KiB (1,000,001 bytes)')."""
+    where the human form rounds (1048576 -> '1 MiB'; 1000001 -> '977 KiB (1,000,001 bytes)');
+    under 1 KiB, the bytes (200 -> '200 bytes')."""
+    if abs(n) < 1024:
+        return f"{int(n)} bytes"
     text = human_bytes(n)
     number, unit = text.split(" ")
     scale = 1024 ** ("B", "KiB", "MiB", "GiB", "TiB", "PiB").index(unit)

@@ -174,8 +174,8 @@ def test_truncated_header(tmp_path):
     with pytest.raises(TruncatedDumpError) as e:
         LimeReader(path)
     assert str(e.value) == (
-        f"{path} at offset {32 + PS:#x}: LiME record 1 header (32 bytes) runs past the end of "
-        f"the file ({32 + PS + 20} bytes)"
+        f"{path} at offset {32 + PS:#x}: truncated: LiME record 1 header, 32 bytes, runs past "
+        "the end of the file, which holds 4.05 KiB (4,148 bytes)"  # 32 + 4096 + 20
     )
 
 
@@ -184,8 +184,8 @@ def test_record_past_eof(tmp_path):
     with pytest.raises(TruncatedDumpError) as e:
         LimeReader(path)
     assert str(e.value) == (
-        f"{path} at offset {32 + PS:#x}: LiME record 1 [0x10000, 0x14000) claims 16384 bytes "
-        "but only 4096 remain in the file"
+        f"{path} at offset {32 + PS:#x}: truncated: LiME record 1 [0x10000, 0x14000) claims "
+        "16 KiB but only 4 KiB remain in the file"
     )
 
 
