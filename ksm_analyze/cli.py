@@ -258,7 +258,7 @@ ReserveOpt = Annotated[
 ]
 ProjectOpt = Annotated[
     str | None, typer.Option("--project", help="Also project host memory for these numbers "
-                             "of guests like the inputs, e.g. 10,50,100.", show_default=False)
+                             "of inputs like these, e.g. 10,50,100.", show_default=False)
 ]
 
 
@@ -281,7 +281,7 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
     try:
         counts = [int(c) for c in project.split(",")] if project else []
     except ValueError:
-        raise ValueError(f"--project {project!r} is not a list of guest counts "
+        raise ValueError(f"--project {project!r} is not a list of input counts "
                          "(e.g. 10,50,100)") from None
     return make_plan(result, size, reserve=kept, project=counts, **options)
 
@@ -365,7 +365,7 @@ def plan(
     project: ProjectOpt = None,
     untouched_zero: Annotated[
         bool, typer.Option("--zero-untouched", help="Count zero pages as never touched "
-                           "(scan's right-hand column) instead of present.")
+                           "(scan's 'without zero pages' column) instead of as host memory.")
     ] = False,
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,

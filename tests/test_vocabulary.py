@@ -117,7 +117,7 @@ def test_plan_csv_has_no_unnamed_column(tmp_path):
 # --- sizes a person reads ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("n", "text"), [
-    (0, "0 B"), (56, "56 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (1 << 20, "1 MiB"),
+    (0, "0 bytes"), (56, "56 bytes"), (1024, "1 KiB"), (1536, "1.5 KiB"), (1 << 20, "1 MiB"),
     (1_000_001, "977 KiB (1,000,001 bytes)"), (102_400, "100 KiB"),
 ])
 def test_size_text(n, text):

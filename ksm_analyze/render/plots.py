@@ -28,8 +28,8 @@ __all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_pairwise", 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
 _SCENARIOS = {
-    "with_zero_pages": "zero pages present on the host",
-    "without_zero_pages": "zero pages never touched",
+    "with_zero_pages": "with zero pages (each one host memory)",
+    "without_zero_pages": "without zero pages (never touched)",
 }
 _STEPS = (
     ("memory_before", "memory\nbefore"),
@@ -145,7 +145,7 @@ def plot_histogram(result: Analysis) -> Figure:
     ax.set_xlabel("copies of a content (bucket), and how many contents fall in it")
     ps = result.ksm.page_size
     ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
-    ax.set_title("Sharing-degree histogram: pages by number of copies (zero pages included)")
+    ax.set_title("Sharing-degree histogram: pages by number of copies (with zero pages)")
     ax.legend(loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -282,7 +282,7 @@ def plot_hosts(plan: Plan) -> Figure:
 
 
 def plot_projection(plan: Plan) -> Figure:
-    """Host memory against the number of guests like the samples, with and without KSM."""
+    """Host memory against the number of inputs like these, with and without KSM."""
     proj = plan.projection
     fig = _figure(8.0, 5.0)
     ax = fig.subplots()
@@ -305,8 +305,8 @@ def plot_projection(plan: Plan) -> Figure:
                    label=f"host capacity ({human_bytes(plan.capacity)})")
         ax.set_ylabel(f"host memory ({unit})")
         ax.legend(fontsize=9)
-    ax.set_xlabel("guests like the samples on one host")
-    title = "Host memory for more guests like these"
+    ax.set_xlabel("inputs like these on one host")
+    title = "Host memory for more inputs like these"
     if plan.fits is not None:
         title += f": {plan.fits[0]:,} fit in {human_bytes(plan.capacity)}"
     ax.set_title(title, fontsize=11)

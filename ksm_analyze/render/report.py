@@ -130,8 +130,8 @@ def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
 def _summary(result: Analysis) -> list[tuple[str, str]]:
     sav, host = result.savings, result.host
     rows = []
-    for scen, title in (("with_zero_pages", "zero pages present"),
-                        ("without_zero_pages", "zero pages untouched")):
+    for scen, title in (("with_zero_pages", "with zero pages"),
+                        ("without_zero_pages", "without zero pages")):
         if f"{scen}_bytes" not in sav.columns:
             continue
         before = sav.at["memory_before", f"{scen}_bytes"]
@@ -238,12 +238,12 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
-    """Hosts needed with and without sharing-aware placement, and each host's guests."""
+    """Hosts needed with and without sharing-aware placement, and each host's inputs."""
     e = html.escape
     parts = ['<h2 id="plan">Capacity plan</h2>',
              (f'<p class="note">Hosts of {e(human_bytes(plan.host_memory))} '
-             f"({e(human_bytes(plan.capacity))} for guests). Each host's memory after KSM is "
-             "what a scan of its guests prints (memory after KSM plus rmap_item overhead); "
+             f"({e(human_bytes(plan.capacity))} for inputs). Each host's memory after KSM is "
+             "what a scan of its inputs prints (memory after KSM plus rmap_item overhead); "
              'see docs/planning.md.</p>'),
              f'<div class="scroll">{_html_table(plan.summary, index=False)}</div>']
     for name in ("plan_hosts", "plan_projection"):
@@ -254,7 +254,7 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
     parts.append(f'<div class="scroll">{_html_table(plan.hosts, index=False)}</div>')
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
-        parts.append(f"<p>{expected:,} guests like these fit in one host ({cautious:,} to "
+        parts.append(f"<p>{expected:,} input{'' if expected == 1 else 's'} like these fit in one host ({cautious:,} to "
                      f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
     parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings]
     return parts

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["render_capture", "render_info", "render_plan", "render_scan", "render_status"]
 
-_SCENARIO_TITLES = {
-    "with_zero_pages": "zero pages present",
-    "without_zero_pages": "zero pages untouched",
+_SCENARIO_TITLES = {  # each key's words (docs/glossary.md)
+    "with_zero_pages": "with zero pages",
+    "without_zero_pages": "without zero pages",
 }
 
 
@@ -59,10 +59,11 @@ _SAVINGS_LABELS = {
 }
 _ZERO_NOTE = {
     True: "  A snapshot knows which pages are resident and which map the zero page (unless\n"
-          "  capture said otherwise): 'zero pages present' is the prediction.",
+          "  capture said otherwise): 'with zero pages' is the prediction.",
     False: "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged "
-           "by\n  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' "
-           "holds\n  either way; the savings are an upper and a lower bound.",
+           "by\n  KSM) from pages it never touched (cost the host nothing): 'with zero pages' "
+           "counts every\n  zero page as host memory, 'without zero pages' none. 'memory after "
+           "KSM' holds either\n  way; the savings are an upper and a lower bound.",
 }
 
 
@@ -102,7 +103,7 @@ def render_scan(result: Analysis) -> str:
         out.append(f"  Headroom: if every merged page were written again (copy-on-write), the "
                    f"host would need\n  the memory before KSM, {human_bytes(before)}: "
                    f"{before / after:.1f}x what it needs after KSM.")
-    out += ["", "Sharing-degree histogram (zero pages included, as present)", _table(
+    out += ["", "Sharing-degree histogram (with zero pages)", _table(
         ["copies", "contents", "pages", "after merging", "size", "after merging"],
         ([*(_count(r[c]) for c in ("copies", "contents", "pages_referenced",
                                    "pages_after_merging")),
@@ -180,7 +181,7 @@ def _process_sections(result: Analysis) -> list[str]:
     else:
         out.append("  none")
     out.append("")
-    out.append("Per process: /proc/PID/ksm_stat after KSM converges (zero pages present)")
+    out.append("Per process: /proc/PID/ksm_stat after KSM converges (with zero pages)")
     out.append(_table(
         ["input", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit"],
         ([name, _count(r["ksm_rmap_items"]), _count(r["ksm_merging_pages"]),
@@ -237,8 +238,8 @@ _ZERO_SOURCES = {
     "kpageflags": "zero-page mappings found with /proc/kpageflags",
     "pagemap_scan": "zero-page mappings found with PAGEMAP_SCAN",
     "none": "zero-page mappings could NOT be told from written zero pages (needs root, or "
-    "Linux 6.7+ for PAGEMAP_SCAN): they count as zero pages, so 'zero pages present' is an "
-    "upper bound and 'zero pages untouched' a lower one",
+    "Linux 6.7+ for PAGEMAP_SCAN): they count as zero pages, so 'with zero pages' is an "
+    "upper bound and 'without zero pages' a lower one",
 }
 
 
@@ -313,13 +314,13 @@ def render_plan(plan: Plan) -> str:
     """The ``plan`` report: hosts per method, each host's inputs and memory, the projection."""
     ksm = plan.analysis.ksm
     out = [(f"Plan: hosts of {human_bytes(plan.host_memory)}, {human_bytes(plan.capacity)} "
-            f"for guests (max_page_sharing={ksm.max_page_sharing}, "
+            f"for inputs (max_page_sharing={ksm.max_page_sharing}, "
             f"use_zero_pages={int(ksm.use_zero_pages)})")]
     out.append(_table(["method", "hosts", "memory after KSM", "overcommit", "hosts saved"], (
         [_METHODS[r.method], _count(r.hosts), human_bytes(r.memory_after_bytes),
          f"{r.overcommit:.2f}", f"{r.hosts_saved:+,} ({r.hosts_saved_percent:+.0f}%)"]
         for r in plan.summary.itertuples())))
-    out.append("  (overcommit = the guests' memory / the hosts' memory; hosts saved: against "
+    out.append("  (overcommit = the inputs' memory / the hosts' memory; hosts saved: against "
                "first-fit)")
     out += _policy(plan.analysis)
     for method in ("sharing", "first_fit"):
@@ -332,8 +333,8 @@ def render_plan(plan: Plan) -> str:
     out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM plus "
                "rmap_item overhead)")
     if len(plan.projection):
-        out += ["", "Guests like these on one host (beyond the samples: a model)"]
-        out.append(_table(["guests", "with KSM", "band (10%-90%)", "without KSM", ""], (
+        out += ["", "Inputs like these on one host (beyond the samples: a model)"]
+        out.append(_table(["inputs", "with KSM", "band (10%-90%)", "without KSM", ""], (
             [_count(r.input_count), human_bytes(r.memory_after_bytes),
              (f"{human_bytes(r.memory_after_low_bytes)} - "
               f"{human_bytes(r.memory_after_high_bytes)}"),
@@ -341,7 +342,7 @@ def render_plan(plan: Plan) -> str:
             for r in plan.projection.itertuples())))
         if plan.fits is not None:
             expected, cautious, hopeful = plan.fits
-            out.append(f"  {expected:,} guests like these fit in {human_bytes(plan.capacity)} "
+            out.append(f"  {expected:,} input{'' if expected == 1 else 's'} like these fit in {human_bytes(plan.capacity)} "
                        f"({cautious:,} to {hopeful:,} by the band).")
     out += [f"Warning: {w}" for w in plan.warnings]
     return "\n".join(out)
