@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLES, runner
+from conftest import ROOT, SAMPLES, runner
 
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
@@ -159,3 +159,71 @@ def test_report_plan_tables_show_sizes_in_human_units(tmp_path):
     assert "4,194,304" not in page
     assert "<td>vm-a.elf, vm-b.raw</td>" in plan
 
+
+
+# --- the glossary names what the outputs use ---------------------------------------------
+
+def _glossary() -> list[tuple[str, list[str]]]:
+    """(text name, [keys]) of every row of docs/glossary.md's name tables."""
+    rows = []
+    for line in (ROOT / "docs" / "glossary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or cells[:2] == ["text", "key"]:
+            continue
+        keys = re.findall(r"`([a-z_]+)`", cells[1])
+        assert keys, f"docs/glossary.md: a row without a key: {line}"
+        rows.append((cells[0], keys))
+    return rows
+
+
+def _keys(value) -> set[str]:
+    """Every key of a JSON value, and the values of its ``method`` fields (names too)."""
+    if isinstance(value, dict):
+        out = set(value)
+        if isinstance(value.get("method"), str):
+            out.add(value["method"])
+        for v in value.values():
+            out |= _keys(v)
+        return out
+    if isinstance(value, list):
+        return set().union(*map(_keys, value)) if value else set()
+    return set()
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, scan_json):
+    """Every key and every line of text the outputs use: scan and plan, text, JSON, CSV."""
+    plan = ["plan", *SAMPLES, "--host-memory", "1MiB", "--project", "1,2,10"]
+    csv_dir = tmp_path_factory.mktemp("csv")
+    keys = _keys(scan_json) | _keys(_json(*plan))
+    texts = []
+    for args in (["scan", *SAMPLES, "--csv", str(csv_dir / "scan")],
+                 [*plan, "--csv", str(csv_dir / "plan")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        texts.append(r.stdout)
+    for path in csv_dir.rglob("*.csv"):
+        with open(path, newline="") as f:
+            keys |= set(next(csv.reader(f), []))
+    return keys, "\n".join(texts)
+
+
+def test_the_glossary_keys_are_the_keys_the_outputs_use(outputs):
+    keys, _ = outputs
+    rows = _glossary()
+    assert len(rows) > 50
+    missing = sorted({k for _, ks in rows for k in ks} - keys)
+    assert not missing, f"docs/glossary.md names keys no output uses: {missing}"
+
+
+def test_the_glossary_text_names_are_the_names_the_text_prints(outputs):
+    _, text = outputs
+    missing = [name for name, _ in _glossary() if name not in text]
+    assert not missing, f"docs/glossary.md names text no output prints: {missing}"
+
+
+def test_the_scenarios_text_names_are_their_keys_words(outputs):
+    _, text = outputs
+    for key in SCENARIOS:
+        assert key.replace("_", " ") in text
+    assert "zero pages present" not in text and "untouched" not in text
