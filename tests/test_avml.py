@@ -125,7 +125,7 @@ def test_left_out_zero_chunks(tmp_path):
             (
                 f"{path}: 1 AVML record(s) do not start and end on 4096-byte page boundaries "
                 "(the first is record 2, [0x3100000, 0x3100fff)); "
-                "their 4095 partial-page bytes are ignored"
+                "their partial pages, 4 KiB (4,095 bytes), are ignored"  # 4095 B = 3.999 KiB
             )
         ]
         assert r.info()["omitted_zero_pages"] == 4096

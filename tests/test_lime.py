@@ -86,8 +86,8 @@ def test_partial_pages_are_skipped_with_one_warning(tmp_path):
         assert r.warnings == [
             (
                 f"{path}: 2 LiME record(s) do not start and end on 4096-byte page boundaries "
-                "(the first is record 0, [0x9f000, 0x9fc00)); their 5120 partial-page bytes "
-                "are ignored"
+                "(the first is record 0, [0x9f000, 0x9fc00)); their partial pages, 5 KiB, "
+                "are ignored"  # 5120 bytes
             )
         ]
 

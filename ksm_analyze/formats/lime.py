@@ -155,8 +155,8 @@ class PartialPages:
         return (
             f"{path}: {self.count} {self.name} record(s) do not start and end on "
             f"{self.page_size}-byte page boundaries (the first is record {r.number}, "
-            f"[{r.s_addr:#x}, {r.s_addr + r.size:#x})); their {self.bytes} partial-page bytes "
-            "are ignored"
+            f"[{r.s_addr:#x}, {r.s_addr + r.size:#x})); their partial pages, "
+            f"{size_text(self.bytes)}, are ignored"
         )
 
 
