@@ -78,6 +78,15 @@ def test_the_savings_frame_holds_page_counts_as_integers():
     assert savings.at["memory_before", "with_zero_pages_pages"] == 2 * PAGES
 
 
+def test_scan_json_copies_per_input_are_a_mapping(scan_json, tmp_path):
+    zero = scan_json["top_contents"][0]  # the zero page: 419 in each sample
+    assert (zero["content_class"], zero["inputs"]) == ("zero", dict.fromkeys(NAMES, ZERO))
+    r = runner.invoke(app, ["scan", *SAMPLES, "--csv", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "top_contents.csv", newline="") as f:
+        assert next(csv.DictReader(f))["inputs"] == " ".join(f"{n}:{ZERO}" for n in NAMES)
+
+
 @pytest.fixture(scope="module")
 def plan_json():
     return _json("plan", *SAMPLES, "--host-memory", "1MiB", "--project", "2,5")

@@ -118,8 +118,10 @@ def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
     for col in shown.columns:
         if col == "bytes" or str(col).endswith("_bytes"):  # sizes for people: KiB, MiB, GiB
             shown[col] = ["" if pd.isna(v) else human_bytes(v) for v in shown[col]]
-        elif shown[col].dtype == object and any(isinstance(v, list) for v in shown[col]):
-            shown[col] = [", ".join(map(str, v)) if isinstance(v, list) else v
+        elif shown[col].dtype == object and any(isinstance(v, list | dict)
+                                                for v in shown[col]):
+            shown[col] = [", ".join(f"{k}: {n:,}" for k, n in v.items()) if isinstance(v, dict)
+                          else ", ".join(map(str, v)) if isinstance(v, list) else v
                           for v in shown[col]]
         elif shown[col].dtype.kind in "iuf":
             shown[col] = [number(v.item() if hasattr(v, "item") else v) for v in shown[col]]
