@@ -236,3 +236,9 @@ def test_the_scenarios_text_names_are_their_keys_words(outputs):
     for key in SCENARIOS:
         assert key.replace("_", " ") in text
     assert "zero pages present" not in text and "untouched" not in text
+
+
+def test_the_savings_chart_names_the_scenarios_as_the_text_does():
+    fig = analyze(SAMPLES, jobs=1).plot_savings()
+    titles = [ax.get_title() for ax in fig.axes]
+    assert [t.split(" (")[0] for t in titles] == ["with zero pages", "without zero pages"]

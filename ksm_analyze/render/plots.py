@@ -28,7 +28,7 @@ __all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_pairwise", 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
 _SCENARIOS = {
-    "with_zero_pages": "with zero pages (each one host memory)",
+    "with_zero_pages": "with zero pages (each is host memory)",
     "without_zero_pages": "without zero pages (never touched)",
 }
 _STEPS = (
