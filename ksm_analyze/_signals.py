@@ -15,7 +15,7 @@
   and finds the input that changed.
 - :func:`watching` notes each input's size and modification time when its reading starts;
   if the reading fails, or ends, with an input changed, that is the error
-  (``FILE: changed while reading (size was X, now Y)``): nothing read from it can be trusted.
+  (``FILE: truncated while reading (size was X, now Y)``, or ``changed``): nothing read from it can be trusted.
 
 Nothing here is installed at import: the library changes no signal disposition outside a
 watched reading.
@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from types import FrameType
 
 from .errors import InputError
+from .units import size_text
 
 __all__ = ["EXIT_ON_OTHER_BUS_ERRORS", "Interrupted", "changed_input", "raise_on_interrupt",
            "watching", "worker_signals"]
@@ -78,8 +79,9 @@ def changed_input(paths: Iterable[str] | None = None) -> InputError | None:
         fd, size, mtime = _WATCHED[path]
         st = os.fstat(fd)  # the file we read, even if the name now points elsewhere
         if st.st_size != size:
-            return InputError(f"changed while reading (size was {size:,} bytes, now "
-                              f"{st.st_size:,})", path=path)
+            how = "truncated" if st.st_size < size else "changed"
+            return InputError(f"{how} while reading (size was {size_text(size)}, now "
+                              f"{size_text(st.st_size)})", path=path)
         if st.st_mtime_ns != mtime:
             return InputError("changed while reading (rewritten: same size, new "
                               "modification time)", path=path)
@@ -90,7 +92,7 @@ def changed_input(paths: Iterable[str] | None = None) -> InputError | None:
 def watching(paths: Iterable[str]) -> Iterator[None]:
     """Read ``paths`` (opened, regular files) under watch: a SIGBUS or an error while
     reading, or the end of the reading, with one of them changed raises (or writes, for
-    SIGBUS) ``FILE: changed while reading ...``."""
+    SIGBUS) ``FILE: truncated while reading ...`` (or ``changed``)."""
     outermost = not _WATCHED  # installs the SIGBUS handler
     mine = [p for p in dict.fromkeys(paths) if p not in _WATCHED]
     try:

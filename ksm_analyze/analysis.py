@@ -104,7 +104,8 @@ class Analysis:
             B beyond A and B alone).
         top_contents: the most duplicated contents, most copies first (zero page
             included). Columns ``content_hash`` (SHA-256, hex), ``copies``, ``bytes``,
-            ``input_count``, ``inputs`` (``name:copies`` separated by spaces),
+            ``input_count``, ``inputs`` (``{name: copies}``; ``name:copies`` separated by
+            spaces in CSV),
             ``content_class`` (``zero``, ``repeated_byte``, ``repeated_pattern``,
             ``low_entropy``, ``other``), ``class_detail``, ``entropy_bits_per_byte``, and
             ``content_hex`` (first 64 bytes) only with ``show_content=True``.

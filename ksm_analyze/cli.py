@@ -312,7 +312,7 @@ ReserveOpt = Annotated[
 ]
 ProjectOpt = Annotated[
     str | None, typer.Option("--project", help="Also project host memory for these numbers "
-                             "of guests like the inputs, e.g. 10,50,100.", show_default=False)
+                             "of inputs like these, e.g. 10,50,100.", show_default=False)
 ]
 
 
@@ -335,7 +335,7 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
     try:
         counts = [int(c) for c in project.split(",")] if project else []
     except ValueError:
-        raise ValueError(f"--project {project!r} is not a list of guest counts "
+        raise ValueError(f"--project {project!r} is not a list of input counts "
                          "(e.g. 10,50,100)") from None
     return make_plan(result, size, reserve=kept, project=counts, **options)
 
@@ -417,9 +417,9 @@ def plan(
                                  show_default=False)
     ] = None,
     project: ProjectOpt = None,
-    untouched_zero: Annotated[
-        bool, typer.Option("--zero-untouched", help="Count zero pages as never touched "
-                           "(scan's right-hand column) instead of present.")
+    without_zero_pages: Annotated[
+        bool, typer.Option("--without-zero-pages", help="Plan with scan's 'without zero "
+                           "pages' column: zero pages never touched, not host memory.")
     ] = False,
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,
@@ -445,7 +445,7 @@ def plan(
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
         result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
-                            zero_pages=not untouched_zero)
+                            zero_pages=not without_zero_pages)
         try:
             if csv_dir is not None:
                 write_csvs(result, csv_dir)

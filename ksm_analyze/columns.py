@@ -4,8 +4,10 @@ Every table of an analysis is built once, as a :class:`Columns`: named columns o
 or lists. The text report reads them as they are; :meth:`Columns.frame` makes the DataFrame
 the Python API hands out, and imports pandas only then, so ``scan`` (text or ``--json``)
 never loads it. A column given as a list is typed by pandas as it types the values
-of records (whole numbers as int64, text as str, None among numbers as NaN; no values at all
-as object, like a frame of no records); an array keeps its dtype.
+of records (whole numbers as int64, text as str, None among floats as NaN; no values at all
+as object, like a frame of no records), except that whole numbers with a None among them
+stay whole numbers (pandas' nullable ``Int64``; None in JSON, an empty cell in CSV): a count
+is never a float. An array keeps its dtype.
 """
 
 from __future__ import annotations
@@ -126,17 +128,30 @@ class Columns:
         if self._frame is None:
             import pandas as pd
 
-            df = pd.DataFrame({c: np.array(v, object) if isinstance(v, list) and not v else v
+            df = pd.DataFrame({c: np.array(v, object) if isinstance(v, list) and not v
+                               else pd.array(v, "Int64") if _nullable_ints(v) else v
                                for c, v in self.data.items()})
             self._frame = df.set_index(self.index) if self.index else df
         return self._frame
 
 
+def _nullable_ints(values: Column) -> bool:
+    """A list of whole numbers with a None among them (a count some rows do not have)."""
+    if not isinstance(values, list) or None not in values:
+        return False
+    numbers = [v for v in values if v is not None]
+    return bool(numbers) and all(isinstance(v, int | np.integer)
+                                 and not isinstance(v, bool | np.bool_) for v in numbers)
+
+
 def _as_pandas_types(values: Column) -> list[Any]:
     """A column's values as plain Python values, typed as pandas types a list column: numbers
-    with a float or a None among them become floats (None: NaN), as in a float64 column."""
+    with a float among them become floats (None: NaN), as in a float64 column; whole numbers
+    with a None among them stay whole (None stays None), as in an ``Int64`` column."""
     if isinstance(values, np.ndarray):
         return list(values.tolist()) if values.dtype != object else list(values)
+    if _nullable_ints(values):
+        return [None if v is None else int(v) for v in values]
     numbers = [v for v in values if v is not None]
     numeric = values and all(isinstance(v, int | float | np.integer | np.floating)
                              and not isinstance(v, bool | np.bool_) for v in numbers)

@@ -53,6 +53,9 @@ class InputError(KsmAnalyzeError):
 class DumpFormatError(KsmAnalyzeError):
     """The file's bytes do not make a valid dump of the format being read."""
 
+    _KIND = ""
+    """What kind of problem, said before the detail (``truncated: ``)."""
+
     def __init__(
         self, detail: str, *, path: str | os.PathLike[str], offset: int | None = None
     ) -> None:
@@ -60,11 +63,14 @@ class DumpFormatError(KsmAnalyzeError):
         self.offset = offset
         self.detail = detail
         where = f" at offset {offset:#x}" if offset is not None else ""
-        super().__init__(f"{self.path}{where}: {detail}")
+        super().__init__(f"{self.path}{where}: {self._KIND}{detail}")
 
 
 class TruncatedDumpError(DumpFormatError):
-    """A structure or page runs past the end of the file."""
+    """A structure or page runs past the end of the file: the message says ``truncated``
+    (``detail`` is what ran past the end, and where)."""
+
+    _KIND = "truncated: "
 
 
 class UnsupportedDumpError(DumpFormatError):

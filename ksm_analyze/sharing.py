@@ -262,7 +262,8 @@ def top_contents(
     Returns:
         One row per content, most copies first. Columns: ``content_hash`` (SHA-256 of the
         page, hex), ``copies`` (scanned pages holding it), ``bytes`` (``copies`` times the
-        page size), ``input_count``, ``inputs`` (file names and copies, ``a.elf:13 b.raw:12``),
+        page size), ``input_count``, ``inputs`` (copies per input name, ``{"a.elf": 13, "b.raw": 12}``;
+        ``a.elf:13 b.raw:12`` in CSV),
         ``content_class``, ``class_detail``, ``entropy_bits_per_byte``; with
         ``show_content``, also ``content_hex``: the first ``CONTENT_HEAD_BYTES`` bytes.
     """
@@ -293,19 +294,19 @@ def top_contents(
     zero = table.column("zero_pages")
     zero_total = int(zero.sum())
     if zero_total >= 2:
-        where = [f"{names[i]}:{zero[i]}" for i in np.flatnonzero(zero)]
+        where = {names[i]: int(zero[i]) for i in np.flatnonzero(zero)}
         records.append(_content_row(bytes(table.page_size), zero_total, table.page_size,
                                     where, show_content))
     for c, n in zip(chosen.tolist(), chosen_total.tolist(), strict=True):
         mine = table.content == c
-        where = [f"{names[i]}:{k}" for i, k in zip(table.owner[mine].tolist(),
-                                                     table.pages[mine].tolist(), strict=True)]
+        where = {names[i]: k for i, k in zip(table.owner[mine].tolist(),
+                                             table.pages[mine].tolist(), strict=True)}
         records.append(_content_row(pages.get(c), n, table.page_size, where, show_content))
     records.sort(key=lambda r: -r["copies"])  # stable: the zero page first on a tie
     return Columns.from_records(records[:top], columns)
 
 
-def _content_row(page: bytes | None, copies: int, page_size: int, where: list[str],
+def _content_row(page: bytes | None, copies: int, page_size: int, where: dict[str, int],
                  show_content: bool) -> dict[str, Any]:
     if page is None:  # no dump holding it is readable here: known by its hashes only
         kind, detail, entropy = "unknown", "no dump holding it is readable here", None
@@ -316,7 +317,7 @@ def _content_row(page: bytes | None, copies: int, page_size: int, where: list[st
         "copies": copies,
         "bytes": copies * page_size,
         "input_count": len(where),
-        "inputs": " ".join(where),
+        "inputs": where,
         "content_class": kind,
         "class_detail": detail,
         "entropy_bits_per_byte": None if entropy is None else round(entropy, 3),

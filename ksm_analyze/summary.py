@@ -63,6 +63,9 @@ def summary_tables(
     per_input = _per_input(table, settings)
     conv = Columns.from_dicts({s: convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
                                for s, c in counters.items()}, "item")
+    # Pages and seconds in one column: kept as objects (as ``stages`` is), so the page count
+    # stays a whole number and is not made a float beside the seconds.
+    conv = conv.replace(**{s: np.array(conv[s], object) for s in conv.names})
     exclusions = Columns({"input": table.names,
                           **{r: [m.excluded[r] for m in masks] for r in RULES}}, "input")
     return {

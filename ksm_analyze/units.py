@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePath
 
-__all__ = ["counted", "human_bytes", "parse_size", "short_names"]
+__all__ = ["counted", "human_bytes", "parse_size", "short_names", "size_text"]
 
 
 def human_bytes(n: float) -> str:
@@ -24,6 +24,20 @@ def counted(n: int, noun: str, plural: str = "") -> str:
     """1, 'input' -> '1 input'; 2 -> '2 inputs'; 1234 -> '1,234 inputs'. ``plural`` for a
     noun that does not take an s ('process', 'processes')."""
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def size_text(n: int) -> str:
+    """A size for a message a person reads: ``human_bytes``, with the exact count after it
+    where the human form rounds (1048576 -> '1 MiB'; 1000001 -> '977 KiB (1,000,001 bytes)');
+    under 1 KiB, the bytes (200 -> '200 bytes')."""
+    if abs(n) < 1024:
+        return f"{int(n)} bytes"
+    text = human_bytes(n)
+    number, unit = text.split(" ")
+    scale = 1024 ** ("B", "KiB", "MiB", "GiB", "TiB", "PiB").index(unit)
+    if float(number) * scale == n:
+        return text
+    return f"{text} ({int(n):,} bytes)"
 
 
 def short_names(paths: Sequence[str]) -> list[str]:

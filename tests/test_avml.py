@@ -14,6 +14,7 @@ from ksm_analyze.errors import CorruptPageError, DumpFormatError, TruncatedDumpE
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
 from ksm_analyze.formats.avml import AvmlReader
 from ksm_analyze.pages import PageState
+from ksm_analyze.units import size_text
 
 CHUNK = AVML_CHUNK_BYTES
 AVML_HEADER = struct.Struct("<IIQQQ")
@@ -124,7 +125,7 @@ def test_left_out_zero_chunks(tmp_path):
             (
                 f"{path}: 1 AVML record(s) do not start and end on 4096-byte page boundaries "
                 "(the first is record 2, [0x3100000, 0x3100fff)); "
-                "their 4095 partial-page bytes are ignored"
+                "their partial pages, 4 KiB (4,095 bytes), are ignored"  # 4095 B = 3.999 KiB
             )
         ]
         assert r.info()["omitted_zero_pages"] == 4096
@@ -286,7 +287,7 @@ def test_truncated_stream(tmp_path):
     assert str(e.value).startswith(f"{path} at offset ")
     assert "AVML record 1: Snappy chunk of " in str(e.value)
     assert str(e.value).endswith(
-        f"runs past the end of the file ({len(good) + len(rec) - 5000} bytes)"
+        f"runs past the end of the file, which holds {size_text(len(good) + len(rec) - 5000)}"
     )
 
 
@@ -296,8 +297,8 @@ def test_missing_size_trailer(tmp_path):
     with pytest.raises(TruncatedDumpError) as e:
         AvmlReader(path)
     assert str(e.value) == (
-        f"{path} at offset {len(rec) - 8:#x}: AVML record 0 size trailer (8 bytes) runs past the "
-        f"end of the file ({len(rec) - 8} bytes)"
+        f"{path} at offset {len(rec) - 8:#x}: truncated: AVML record 0 size trailer, 8 bytes, "
+        f"runs past the end of the file, which holds {size_text(len(rec) - 8)}"
     )
 
 
@@ -342,8 +343,8 @@ def test_truncated_header(tmp_path):
     with pytest.raises(TruncatedDumpError) as e:
         AvmlReader(path)
     assert str(e.value) == (
-        f"{path} at offset {len(good):#x}: AVML record 1 header (32 bytes) runs past the end of "
-        f"the file ({len(good) + 31} bytes)"
+        f"{path} at offset {len(good):#x}: truncated: AVML record 1 header, 32 bytes, runs past "
+        f"the end of the file, which holds {size_text(len(good) + 31)}"
     )
 
 

@@ -75,8 +75,8 @@ def test_unknown_bytes_that_are_not_whole_pages(tmp_path):
     assert type(e.value) is DumpFormatError
     assert str(e.value) == (
         f"{path} at offset 0x0: unknown format: no known magic (first bytes "
-        "01 02 03 04 05 06 07 08) and the size, 5000 bytes, is not a whole number of 4096-byte "
-        "pages; use --format raw to read it as a flat memory image anyway"
+        "01 02 03 04 05 06 07 08) and the size, 4.88 KiB (5,000 bytes), is not a whole number of "
+        "4096-byte pages; use --format raw to read it as a flat memory image anyway"
     )
     with pytest.raises(DumpFormatError, match="unknown format: no known magic"):
         open_dump(path)

@@ -48,7 +48,7 @@ def test_plan_with_domains_is_scan_with_domains_host_by_host(tmp_path):
     result = analyze(SAMPLES, domains=(("a", "vm-a*"), ("b", "vm-b*")), jobs=1)
     planned = plan(result, 1 << 30)
     for r in planned.hosts.itertuples():
-        inputs = [p for p in SAMPLES for n in r.inputs.split() if p.endswith("/" + n)]
+        inputs = [p for p in SAMPLES for n in r.inputs if p.endswith("/" + n)]
         assert r.memory_after_bytes == scan_memory(inputs, "--domain", "a=vm-a*",
                                                    "--domain", "b=vm-b*")
 

@@ -381,7 +381,7 @@ def test_pn_xnum_section_header_past_eof(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     struct.pack_into("<Q", data, 0x28, len(data) - 10)
     e = _open_broken(path, data, TruncatedDumpError)
-    assert e.detail.startswith("section header 0 (64 bytes) runs past the end of the file")
+    assert e.detail.startswith("section header 0, 64 bytes, runs past the end of the file")
 
 
 def test_wrong_e_phentsize(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def test_gap_reads_as_zero_but_is_not_written(tmp_path: Path) -> None:
     with pytest.raises(TruncatedDumpError) as e:
         f.check_written(5, 15, "table")
     assert str(e.value) == (
-        f"{path}: part of the table (10 bytes at offset 0x5 of the reassembled dump) was never "
+        f"{path}: truncated: part of the table (10 bytes at offset 0x5 of the reassembled dump) was never "
         "written by any flattened record: the dump is incomplete"
     )
     with pytest.raises(TruncatedDumpError, match=r"runs past its end \(0xd2\)"):
@@ -78,8 +78,8 @@ def test_record_past_eof(tmp_path: Path) -> None:
         FlattenedFile(cut, str(path))
     assert e.value.offset == MDF_HEADER_SIZE + REC + 100
     assert str(e.value) == (
-        f"{path} at offset {MDF_HEADER_SIZE + REC + 100:#x}: flattened record of 100 bytes for "
-        f"offset 0x64 runs past the end of the file ({len(cut):#x})"
+        f"{path} at offset {MDF_HEADER_SIZE + REC + 100:#x}: truncated: flattened record of "
+        f"100 bytes for offset 0x64 runs past the end of the file ({len(cut):#x})"
     )
 
 
@@ -88,8 +88,8 @@ def test_missing_end_marker(tmp_path: Path) -> None:
     with pytest.raises(TruncatedDumpError) as e:
         FlattenedFile(data, str(path))
     assert str(e.value) == (
-        f"{path} at offset {len(data):#x}: flattened dump ends without its end marker (offset "
-        "-1, size -1): the dump is incomplete (the writer did not finish)"
+        f"{path} at offset {len(data):#x}: truncated: flattened dump ends without its end marker "
+        "(offset -1, size -1): the dump is incomplete (the writer did not finish)"
     )
 
 

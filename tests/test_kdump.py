@@ -363,7 +363,8 @@ def test_truncated_header(tmp_path: Path) -> None:
     with pytest.raises(TruncatedDumpError) as e:
         KdumpReader(path)
     assert str(e.value) == (
-        f"{path} at offset 0x0: kdump header (464 bytes) runs past the end of the file (200 bytes)"
+        f"{path} at offset 0x0: truncated: kdump header, 464 bytes, runs past the end of the file, "
+        "which holds 200 bytes"
     )
 
 
@@ -374,7 +375,9 @@ def test_truncated_bitmap(tmp_path: Path) -> None:
     with pytest.raises(TruncatedDumpError) as e:
         KdumpReader(path)
     assert e.value.offset == layout.bitmap2
-    assert "bitmap 2 of 0x11170 PFNs (8750 bytes) runs past the end of the file" in str(e.value)
+    # 8750 bytes = 8.545 KiB
+    assert ("truncated: bitmap 2 of 0x11170 PFNs, 8.54 KiB (8,750 bytes), runs past the end of "
+            "the file" in str(e.value))
 
 
 def test_descriptor_table_past_eof(tmp_path: Path) -> None:
@@ -514,8 +517,8 @@ def test_flattened_without_end_marker(tmp_path: Path) -> None:
     with pytest.raises(TruncatedDumpError) as e:
         KdumpReader(path)
     assert str(e.value) == (
-        f"{path} at offset {size:#x}: flattened dump ends without its end marker (offset -1, "
-        "size -1): the dump is incomplete (the writer did not finish)"
+        f"{path} at offset {size:#x}: truncated: flattened dump ends without its end marker "
+        "(offset -1, size -1): the dump is incomplete (the writer did not finish)"
     )
 
 

@@ -86,8 +86,8 @@ def test_partial_pages_are_skipped_with_one_warning(tmp_path):
         assert r.warnings == [
             (
                 f"{path}: 2 LiME record(s) do not start and end on 4096-byte page boundaries "
-                "(the first is record 0, [0x9f000, 0x9fc00)); their 5120 partial-page bytes "
-                "are ignored"
+                "(the first is record 0, [0x9f000, 0x9fc00)); their partial pages, 5 KiB, "
+                "are ignored"  # 5120 bytes
             )
         ]
 
@@ -174,8 +174,8 @@ def test_truncated_header(tmp_path):
     with pytest.raises(TruncatedDumpError) as e:
         LimeReader(path)
     assert str(e.value) == (
-        f"{path} at offset {32 + PS:#x}: LiME record 1 header (32 bytes) runs past the end of "
-        f"the file ({32 + PS + 20} bytes)"
+        f"{path} at offset {32 + PS:#x}: truncated: LiME record 1 header, 32 bytes, runs past "
+        "the end of the file, which holds 4.05 KiB (4,148 bytes)"  # 32 + 4096 + 20
     )
 
 
@@ -184,8 +184,8 @@ def test_record_past_eof(tmp_path):
     with pytest.raises(TruncatedDumpError) as e:
         LimeReader(path)
     assert str(e.value) == (
-        f"{path} at offset {32 + PS:#x}: LiME record 1 [0x10000, 0x14000) claims 16384 bytes "
-        "but only 4096 remain in the file"
+        f"{path} at offset {32 + PS:#x}: truncated: LiME record 1 [0x10000, 0x14000) claims "
+        "16 KiB but only 4 KiB remain in the file"
     )
 
 

@@ -52,7 +52,7 @@ def test_sharing_aware_placement_finds_the_pairs_first_fit_does_not(pairs):
     summary = result.summary.set_index("method")["hosts"].to_dict()
     assert summary == {"sharing": 2, "first_fit": 4, "lower_bound": 2}
     hosts = result.hosts[result.hosts["method"] == "sharing"]
-    assert sorted(hosts["inputs"]) == ["A1.raw A2.raw", "B1.raw B2.raw"]
+    assert sorted(hosts["inputs"]) == [["A1.raw", "A2.raw"], ["B1.raw", "B2.raw"]]
     assert list(hosts["memory_after_bytes"]) == [PAIR, PAIR]
     ffd = result.hosts[result.hosts["method"] == "first_fit"]
     assert list(ffd["memory_after_bytes"]) == [ALONE] * 4
@@ -66,7 +66,7 @@ def test_every_host_of_every_plan_is_what_scan_prints(pairs):
     for capacity in (PAIR, PAIR + 10 * PS, 2 * PAIR, 3 * ALONE, 10 * ALONE):
         result = plan(analysis, capacity)
         for r in result.hosts.itertuples():
-            inputs = [p for p in pairs for name in r.inputs.split() if p.endswith("/" + name)]
+            inputs = [p for p in pairs for name in r.inputs if p.endswith("/" + name)]
             assert r.memory_after_bytes == scan_memory(inputs, "-j", "1"), (capacity, r)
             assert r.memory_after_bytes == model.footprint([pairs.index(p) for p in inputs])
             assert r.memory_after_bytes <= capacity
@@ -76,7 +76,7 @@ def test_spread_over_a_fixed_number_of_hosts(pairs):
     analysis = analyze(pairs, jobs=1)
     result = plan(analysis, 4 * ALONE, hosts=2)
     hosts = result.hosts[result.hosts["method"] == "sharing"]
-    assert len(hosts) == 2 and sorted(hosts["inputs"]) == ["A1.raw A2.raw", "B1.raw B2.raw"]
+    assert len(hosts) == 2 and sorted(hosts["inputs"]) == [["A1.raw", "A2.raw"], ["B1.raw", "B2.raw"]]
     # Three hosts for two pairs: one pair kept together (it shares), the other split.
     three = plan(analysis, 4 * ALONE, hosts=3).hosts.query("method == 'sharing'")
     assert sorted(three["memory_after_bytes"]) == [ALONE, ALONE, PAIR]
@@ -96,7 +96,7 @@ def test_hosts_n_puts_an_input_on_every_host_and_never_saves_negative_hosts():
     hosts = result.hosts.query("method == 'sharing'")
     assert list(hosts["input_count"]) == [1, 1]
     for r in hosts.itertuples():
-        assert r.memory_after_bytes == scan_memory([p for p in SAMPLES if p.endswith(r.inputs)])
+        assert r.memory_after_bytes == scan_memory([p for p in SAMPLES if Path(p).name in r.inputs])
     summary = result.summary.set_index("method")
     assert summary.loc["first_fit", "hosts"] == 1 and summary.loc["sharing", "hosts"] == 2
     data = result.to_dict()
@@ -120,7 +120,7 @@ def test_spread_balances_memory_over_the_hosts(tmp_path):
         paths.append(str(tmp_path / f"p{n}.raw"))
         rng.integers(0, 256, (n, PS), dtype=np.uint8).tofile(paths[-1])
     hosts = plan(analyze(paths, jobs=1), 1 << 30, hosts=2).hosts.query("method == 'sharing'")
-    assert sorted(hosts["inputs"]) == ["p10.raw p40.raw", "p20.raw p30.raw"]
+    assert sorted(hosts["inputs"]) == [["p10.raw", "p40.raw"], ["p20.raw", "p30.raw"]]
     assert list(hosts["memory_after_bytes"]) == [50 * (PS + RMAP)] * 2
 
 
@@ -138,11 +138,11 @@ def test_spread_keeps_copies_of_one_guest_together(tmp_path):
         Path(paths[-1]).write_bytes(bytes(data))
     result = plan(analyze(paths, jobs=1), 1 << 30, hosts=2)
     hosts = result.hosts.query("method == 'sharing'")
-    assert sorted(hosts["inputs"]) == ["vm-a-0.elf vm-a-2.elf vm-a-4.elf vm-a-6.elf",
-                                       "vm-b-1.raw vm-b-3.raw vm-b-5.raw vm-b-7.raw"]
+    assert sorted(hosts["inputs"]) == [["vm-a-0.elf", "vm-a-2.elf", "vm-a-4.elf", "vm-a-6.elf"],
+                                       ["vm-b-1.raw", "vm-b-3.raw", "vm-b-5.raw", "vm-b-7.raw"]]
     for r in hosts.itertuples():
         assert r.memory_after_bytes == scan_memory([p for p in paths
-                                                    if Path(p).name in r.inputs.split()])
+                                                    if Path(p).name in r.inputs])
 
 
 def test_more_hosts_than_inputs_is_one_line():
@@ -176,8 +176,10 @@ def test_a_split_of_a_packed_placement_fills_every_host(pairs, monkeypatch):
 def test_an_input_that_alone_does_not_fit_is_one_line(pairs):
     r = runner.invoke(app, ["plan", *pairs, "--host-memory", str(ALONE - 1)])
     assert r.exit_code == 2
-    assert r.stderr.strip() == (f"Error: {pairs[0]} alone needs {ALONE:,} bytes after KSM, "
-                                f"more than a host holds ({ALONE - 1:,} bytes)")
+    # 915,200 bytes = 893.75 KiB: the exact counts follow the rounded sizes.
+    assert ALONE == 915_200
+    assert r.stderr.strip() == (f"Error: {pairs[0]} alone needs 894 KiB (915,200 bytes) after "
+                                "KSM, more than a host holds: 894 KiB (915,199 bytes)")
 
 
 def test_marginal_footprints_are_exact_for_any_knobs(pairs):
@@ -218,7 +220,7 @@ def test_plan_cli_writes_json_csv_and_pngs(pairs, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout, parse_constant=lambda c: 1 / 0)
     assert [row["hosts"] for row in data["summary"]] == [2, 4, 2]
-    assert data["fits"][0] == 1  # two random samples are a sharing pair one time in three
+    assert data["inputs_per_host"]["expected"] == 1  # two random samples are a sharing pair one time in three
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == [
         "assignments.csv", "hosts.csv", "projection.csv", "summary.csv"]
     for chart in ("hosts", "projection"):
@@ -288,7 +290,7 @@ def test_one_guest_and_one_host_are_singular():
     r = runner.invoke(app, ["plan", SAMPLES[0], "--host-memory", "400KiB", "--project", "2",
                             "-q"])
     assert r.exit_code == 0, r.output
-    assert "  1 guest like these fits in 400 KiB (1 to 1 by the band)." in r.stdout
+    assert "  1 input like these fits in 400 KiB (1 to 1 by the band)." in r.stdout
     assert "Warning: 1 of 1 sharing-aware host (host 0) would need more than its " in r.stdout
     assert not re.search(_PLURAL_AFTER_ONE, r.output), r.output
 
@@ -316,7 +318,7 @@ def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
     size = human_bytes(PAIR)
     hosts_caption = ("Each host&#x27;s memory after KSM, with and without sharing-aware "
                      "placement (plan_hosts.png)")
-    projection_caption = ("Host memory for more guests like these, with and without KSM "
+    projection_caption = ("Host memory for more inputs like these, with and without KSM "
                           "(plan_projection.png)")
     for caption in (hosts_caption, projection_caption):
         assert f"<figcaption>{caption}</figcaption>" in page
@@ -326,7 +328,7 @@ def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
     assert rows[f"Hosts of {size} needed, first-fit (ignores sharing)"] == (
         f"4; memory after KSM {human_bytes(4 * ALONE)}")
     assert rows[f"Hosts of {size}, lower bound (one infinite host)"] == "2"
-    assert rows[f"Guests like these per host of {size}"].startswith("1 (")
+    assert rows[f"Inputs like these per host of {size}"].startswith("1 (")
     assert next(iter(rows)).startswith("Hosts of")  # the plan comes first
     # Without --host-memory, no plan in the summary.
     r = runner.invoke(app, ["report", *pairs, "-o", str(tmp_path / "plain")])
@@ -372,7 +374,7 @@ def test_host_chart_is_scaled_for_the_bars_with_the_worst_case_written(samples_a
         for name in ("vm-a.elf", "vm-b.raw"):
             assert labels.count(name) == 1, labels
     title = fig.get_suptitle()
-    assert "merge=all" in title and "zero pages present" in title
+    assert "merge=all" in title and "with zero pages" in title
     assert "max_page_sharing=256" in title
 
 
@@ -388,7 +390,7 @@ def test_projection_shows_the_with_ksm_curve_and_a_small_hosts_capacity(samples_
     heights = [_axes_fraction(ax, y) for y in with_ksm.get_ydata()]
     assert all(0 < h < 1 for h in heights)
     assert max(heights) - min(heights) >= 0.3  # the curve spreads over the axis
-    assert "merge=all, zero pages present" in ax.get_title()
+    assert "merge=all, with zero pages" in ax.get_title()
 
 
 def test_every_plan_chart_names_the_policy(samples_analysis):
@@ -397,7 +399,7 @@ def test_every_plan_chart_names_the_policy(samples_analysis):
     hosts = result.plot_hosts().get_suptitle()
     projection = result.plot_projection().axes[0].get_title()
     for title in (hosts, projection):
-        assert "merge=zero-only" in title and "zero pages untouched" in title, title
+        assert "merge=zero-only" in title and "without zero pages" in title, title
         assert "max_page_sharing=256" in title, title
 
 

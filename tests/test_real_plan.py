@@ -42,16 +42,16 @@ def test_real_guests_of_one_workload_share_a_host(guests):
     capacity = max(scan_memory(web), scan_memory(db))
     planned = plan(result, capacity, project=[2, 4, 8])
     hosts = planned.hosts[planned.hosts["method"] == "sharing"]
-    assert sorted(hosts["inputs"]) == ["db1.raw db2.raw", "web1.raw web2.raw"]
+    assert sorted(hosts["inputs"]) == [["db1.raw", "db2.raw"], ["web1.raw", "web2.raw"]]
     for r in planned.hosts.itertuples():
-        inputs = [p for p in guests for n in r.inputs.split() if p.endswith("/" + n)]
+        inputs = [p for p in guests for n in r.inputs if p.endswith("/" + n)]
         assert r.memory_after_bytes == scan_memory(inputs)
         assert r.memory_after_bytes <= capacity
     summary = planned.summary.set_index("method")["hosts"]
     # First-fit, blind to sharing, sees guests too big to pair: one host each.
     assert summary["sharing"] == 2 < summary["first_fit"]
     assert summary["lower_bound"] <= summary["sharing"]
-    proj = planned.projection.set_index("vms")
+    proj = planned.projection.set_index("input_count")
     assert proj.loc[4, "memory_after_bytes"] == scan_memory(guests)  # all four, any order
     assert proj.loc[8, "memory_after_bytes"] < proj.loc[8, "memory_before_bytes"]
     # A random pair is of one workload a third of the time: on average two do not fit.

@@ -25,9 +25,10 @@ from conftest import PS, ROOT, SAMPLES
 
 from dumpwriter.elf import make_elf_core
 from dumpwriter.lime import make_lime
-from ksm_analyze.hashing import compiled as kernels
 from ksm_analyze._signals import Interrupted, watching
 from ksm_analyze.errors import InputError
+from ksm_analyze.hashing import compiled as kernels
+from ksm_analyze.units import size_text
 
 SLOW_BATCHES = """
 import os, time
@@ -247,8 +248,8 @@ def test_a_dump_truncated_mid_scan_is_one_line_not_sigbus(dump, jobs, forked):
     os.truncate(dump, 1 << 20)
     rc, lines, took = run.finish()
     assert rc == 1, lines  # not -SIGBUS
-    assert lines == [(f"Error: {dump}: changed while reading (size was {size:,} bytes, now "
-                      f"{1 << 20:,})")]
+    assert lines == [(f"Error: {dump}: truncated while reading (size was {size_text(size)}, "
+                      "now 1 MiB)")]
     assert took < 10
 
 
@@ -380,17 +381,17 @@ def test_a_dump_truncated_before_the_scan_reads_it_without_the_slow_path(dump, f
     rc, lines, _ = run.finish()
     assert rc in (0, 1)
     if rc == 1:
-        assert len(lines) == 1 and "changed while reading" in lines[0], lines
+        assert len(lines) == 1 and "truncated while reading" in lines[0], lines
 
 
 def test_watching_names_the_input_that_changed(tmp_path):
     a, b = write_pages(tmp_path / "a.raw", 2), write_pages(tmp_path / "b.raw", 2)
     with watching([str(a), str(b)]):
         pass  # unchanged: nothing to say
-    with pytest.raises(InputError, match=r"b\.raw: changed while reading \(size was 8,192 "
-                       r"bytes, now 4,096\)"), watching([str(a), str(b)]):
+    with pytest.raises(InputError, match=r"b\.raw: truncated while reading \(size was 8 KiB, "
+                       r"now 4 KiB\)"), watching([str(a), str(b)]):
         os.truncate(b, 4096)
-    with pytest.raises(InputError, match="changed while reading") as info, \
+    with pytest.raises(InputError, match="truncated while reading") as info, \
             watching([str(a)]):
         os.truncate(a, 4096)
         raise ValueError("what reading the changed file led to")

@@ -68,7 +68,7 @@ def test_the_same_guest_given_twice_is_named_in_scan_and_plan(tmp_path):
     assert any(w.startswith(want) for w in _json(*plan)["warnings"])
     text = runner.invoke(app, [*plan, "-q"]).stdout
     assert "Warning: " + want in text
-    assert text.index("guests like these fit") < text.index("Warning: " + want)
+    assert text.index("inputs like these fit") < text.index("Warning: " + want)
 
 
 def test_one_guest_in_two_formats_says_which_ranges_one_holds(pmemsave):

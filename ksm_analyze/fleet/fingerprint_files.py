@@ -34,6 +34,7 @@ from ..formats import DumpFormat
 from ..formats.base import open_readonly
 from ..hashing.stage1 import Fingerprints
 from ..pages import Extent, MapFlags, PageState, check_page_size
+from ..units import size_text
 
 __all__ = ["META_KEY", "SUFFIX", "Cache", "is_fingerprint_file", "load",
            "options_of", "save", "source_of", "unchanged"]
@@ -176,8 +177,8 @@ def load(path: str | os.PathLike[str]) -> list[Fingerprints]:
             raise bad("the addr and prefix columns are missing")
         rows, limit = pf.metadata.num_rows, _ROWS_PER_BYTE * os.path.getsize(path) + (1 << 20)
         if rows > limit:
-            raise bad(f"it claims {rows:,} pages, more than a {os.path.getsize(path):,}-byte "
-                      f"file can hold ({limit:,})")
+            raise bad(f"it claims {rows:,} pages, more than a file of "
+                      f"{size_text(os.path.getsize(path))} can hold ({limit:,})")
         table = pf.read(columns=wanted)
     except DumpFormatError:
         raise

@@ -12,6 +12,7 @@ import struct
 
 from ..errors import DumpFormatError, UnsupportedDumpError
 from ..pages import PAGE_SIZE, check_page_size
+from ..units import size_text
 from .avml import AvmlReader
 from .base import DumpFormat, DumpReader, open_readonly
 from .elfcore import ElfCoreReader
@@ -86,7 +87,7 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -
         return DumpFormat.RAW
     raise DumpFormatError(
         f"unknown format: no known magic (first bytes {head[:8].hex(' ')}) and the size, "
-        f"{size} bytes, is not a whole number of {page_size}-byte pages; "
+        f"{size_text(size)}, is not a whole number of {page_size}-byte pages; "
         "use --format raw to read it as a flat memory image anyway",
         path=path,
         offset=0,

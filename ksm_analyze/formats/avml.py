@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CorruptPageError, TruncatedDumpError
 from ..pages import Extent, PageBatch, PageState
+from ..units import size_text
 from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
 from .lime import (
     AVML_KINDS,
@@ -169,7 +170,7 @@ class AvmlReader(DumpReader):
             if body + length > size:
                 raise TruncatedDumpError(
                     f"AVML record {rec.number}: Snappy chunk of {length} bytes at {pos:#x} runs "
-                    f"past the end of the file ({size} bytes)",
+                    f"past the end of the file, which holds {size_text(size)}",
                     path=self.path,
                     offset=pos,
                 )

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
 from ..pages import PAGE_SIZE, Choice, Extent, PageBatch, PageState
+from ..units import size_text
 
 __all__ = [
     "ADDRESS_LIMIT", "DEFAULT_BATCH_PAGES", "MIN_LIMIT", "RANGE_BYTES", "DumpFormat", "DumpReader",
@@ -287,8 +288,8 @@ class DumpReader(ABC):
         """Read exactly ``size`` bytes at ``offset`` or raise TruncatedDumpError naming ``what``."""
         if offset < 0 or size < 0 or offset + size > self.file_size:
             raise TruncatedDumpError(
-                f"{what} ({size} bytes) runs past the end of the file "
-                f"({self.file_size} bytes)",
+                f"{what}, {size_text(size)}, runs past the end of the file, which holds "
+                f"{size_text(self.file_size)}",
                 path=self.path,
                 offset=offset,
             )
@@ -305,7 +306,7 @@ class DumpReader(ABC):
         if count <= limit:
             return None
         return (
-            f"more than {limit:,} {what}, the most a {self.file_size:,}-byte file may hold "
+            f"more than {limit:,} {what}, the most a file of {size_text(self.file_size)} may hold "
             f"({MIN_LIMIT:,} plus one per {per} bytes)"
         )
 
@@ -332,7 +333,7 @@ class DumpReader(ABC):
             end = e.file_offset + e.npages * ps
             if end > self.file_size:
                 raise TruncatedDumpError(
-                    f"{e.label or 'range'} of {e.npages * ps} bytes ends at {end:#x}, "
+                    f"{e.label or 'range'} of {size_text(e.npages * ps)} ends at {end:#x}, "
                     f"past the end of the file ({self.file_size:#x})",
                     path=self.path,
                     offset=e.file_offset,

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, MapFlags, PageState
+from ..units import size_text
 from .base import ADDRESS_LIMIT, DumpFormat, DumpReader
 
 __all__ = ["ElfCoreReader"]
@@ -495,8 +496,8 @@ class ElfCoreReader(DumpReader):
             unmapped = self.file_size - first_data - described
             if unmapped >= ps:
                 self._warn(
-                    f"paging dump (dump-guest-memory -p): {unmapped:#x} stored bytes lie in "
-                    "no PT_LOAD (memory the guest had not mapped) and are not analysed; "
+                    f"paging dump (dump-guest-memory -p): the file stores {size_text(unmapped)} in "
+                    "no PT_LOAD (memory the guest had not mapped), not analysed; "
                     "dump without -p to analyse all guest RAM"
                 )
         return out

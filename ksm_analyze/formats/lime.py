@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from ..errors import TruncatedDumpError
 from ..pages import Extent, PageState
+from ..units import size_text
 from .base import ADDRESS_LIMIT, DumpFormat, DumpReader
 
 __all__ = ["AVML_CHUNK_BYTES", "LimeReader"]
@@ -112,7 +113,7 @@ def check_stored(reader: DumpReader, rec: Record, name: str) -> None:
     if rec.size > remain:
         raise TruncatedDumpError(
             f"{name} record {rec.number} [{rec.s_addr:#x}, {rec.s_addr + rec.size:#x}) claims "
-            f"{rec.size} bytes but only {remain} remain in the file",
+            f"{size_text(rec.size)} but only {size_text(remain)} remain in the file",
             path=reader.path,
             offset=rec.offset,
         )
@@ -154,8 +155,8 @@ class PartialPages:
         return (
             f"{path}: {self.count} {self.name} record(s) do not start and end on "
             f"{self.page_size}-byte page boundaries (the first is record {r.number}, "
-            f"[{r.s_addr:#x}, {r.s_addr + r.size:#x})); their {self.bytes} partial-page bytes "
-            "are ignored"
+            f"[{r.s_addr:#x}, {r.s_addr + r.size:#x})); their partial pages, "
+            f"{size_text(self.bytes)}, are ignored"
         )
 
 

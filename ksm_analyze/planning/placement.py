@@ -29,7 +29,7 @@ import numpy as np
 
 from ..content_table import ContentTable
 from ..ksm import KsmSettings, memory_after, merged_pages
-from ..units import human_bytes
+from ..units import counted, size_text
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "split",
            "spread"]
@@ -218,8 +218,8 @@ def _too_big(model: HostModel, capacity: int) -> None:
     big = np.flatnonzero(model.alone > capacity)
     if len(big):
         i = int(big[0])
-        raise ValueError(f"{model.table.names[i]} alone needs {int(model.alone[i]):,} bytes "
-                         f"after KSM, more than a host holds ({capacity:,} bytes)")
+        raise ValueError(f"{model.table.names[i]} alone needs {size_text(int(model.alone[i]))} "
+                         f"after KSM, more than a host holds: {size_text(capacity)}")
 
 
 def place(model: HostModel, capacity: int) -> Placement:
@@ -316,10 +316,9 @@ def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
     if balanced is not None:
         candidates.append(balanced)
     if not candidates:
-        plural = "s" if hosts > 1 else ""
         raise ValueError(
-            f"the inputs do not fit on {hosts} host{plural} of {human_bytes(capacity)} for "
-            f"guests: the sharing-aware placement needs {len(packed)} (no placement can use "
+            f"the inputs do not fit on {counted(hosts, 'host')} of {size_text(capacity)} for "
+            f"inputs: the sharing-aware placement needs {len(packed)} (no placement can use "
             f"fewer than {lower_bound(model, capacity)})")
 
     def fullest_then_total(p: list[list[int]]) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..analysis import Analysis, json_safe
 from ..ksm import RMAP_ITEM_BYTES, memory_after
-from ..units import counted
+from ..units import counted, human_bytes, size_text
 from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
 from .projection import Projection
 
@@ -39,13 +39,13 @@ class Plan:
             row under ``hosts_asked``: that count was given, not found), ``overcommit``
             (the guests' memory over the hosts' memory: each input's described size).
         hosts: one row per host of each placement: ``method``, ``host``, ``inputs``
-            (names, space-separated), ``input_count``, ``memory_before_bytes`` (the scanned
+            (a list of the inputs' names; separated by spaces in CSV), ``input_count``, ``memory_before_bytes`` (the scanned
             pages without KSM: also the worst case, when every merged page is written
             again), ``memory_after_bytes`` (the number ``scan`` prints for these inputs:
             pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
             ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
         assignments: ``method``, ``input``, ``host``: one row per input and method.
-        projection: VMs per host (:meth:`~ksm_analyze.planning.projection.Projection.table`);
+        projection: inputs per host (:meth:`~ksm_analyze.planning.projection.Projection.table`);
             empty unless counts were asked for.
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
             None unless projected.
@@ -76,8 +76,13 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as strict JSON values (``plan --json``)."""
-        out: dict[str, Any] = {"host_memory": self.host_memory, "capacity": self.capacity,
-                               "hosts_asked": self.hosts_asked, "fits": self.fits}
+        fits = None if self.fits is None else dict(zip(("expected", "cautious", "hopeful"),
+                                                        self.fits, strict=True))
+        out: dict[str, Any] = {
+            "host_memory_bytes": self.host_memory, "host_memory_human": human_bytes(self.host_memory),
+            "capacity_bytes": self.capacity, "capacity_human": human_bytes(self.capacity),
+            "hosts_asked": self.hosts_asked, "inputs_per_host": fits,
+        }
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
@@ -124,7 +129,7 @@ def plan(
             few as possible (:func:`~ksm_analyze.planning.placement.spread`).
         zero_pages: count scanned zero pages as host memory (``scan``'s ``with_zero_pages``
             column, the default); False: as never touched.
-        project: guest counts to project host memory for (VMs per host).
+        project: guest counts to project host memory for (inputs per host).
         orders: random orders of the samples the projection measures.
 
     Raises:
@@ -133,8 +138,8 @@ def plan(
     """
     capacity = host_memory - reserve
     if host_memory <= 0 or reserve < 0 or capacity <= 0:
-        raise ValueError(f"a host of {host_memory:,} bytes with a reserve of {reserve:,} "
-                         "leaves no memory for guests")
+        raise ValueError(f"a host of {size_text(host_memory)} with a reserve of "
+                         f"{size_text(reserve)} leaves no memory for inputs")
     if hosts is not None and hosts < 1:
         raise ValueError(f"--hosts must be at least 1, not {hosts}")
     model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
@@ -170,9 +175,9 @@ def plan(
     warnings = list(analysis.warnings) + ([] if over.empty else [
         (f"{len(over)} of {counted(len(sharing.hosts), 'sharing-aware host')} "
          f"({'host' if one else 'hosts'} {', '.join(map(str, over['host']))}) would need more "
-         f"than {'its' if one else 'their'} {capacity:,} bytes if every merged page were "
+         f"than {'its' if one else 'their'} {size_text(capacity)} if every merged page were "
          "written again (the copy-on-write worst case is memory before KSM, up to "
-         f"{int(over['memory_before_bytes'].max()):,} bytes): keep headroom or swap")])
+         f"{size_text(int(over['memory_before_bytes'].max()))}): keep headroom or swap")])
     projection = Projection(model, orders=orders) if project else None
     return Plan(
         summary=table,
@@ -200,7 +205,7 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
         before = model.before(inputs)
         after = memory_after(c.pages_shared + c.pages_unshared, c.ksm_rmap_items, ps)
         rows.append({"method": p.method, "host": k,
-                     "inputs": " ".join(names[i] for i in inputs), "input_count": len(inputs),
+                     "inputs": [names[i] for i in inputs], "input_count": len(inputs),
                      "memory_before_bytes": before, "memory_after_bytes": after,
                      "private_bytes": c.pages_unshared * ps, "shared_bytes": c.pages_shared * ps,
                      "rmap_bytes": c.ksm_rmap_items * RMAP_ITEM_BYTES,

@@ -1,4 +1,4 @@
-"""VMs per host: how much memory K guests "like these samples" need, and how many fit.
+"""Inputs per host: how much memory K guests "like these samples" need, and how many fit.
 
 Measured, then modelled. For every k up to the number of samples, the k-th guest's marginal
 footprint (the memory it adds after KSM to a host already holding k - 1 of the samples) is
@@ -22,7 +22,7 @@ from .placement import HostModel
 
 __all__ = ["PROJECTION_COLUMNS", "Projection"]
 
-PROJECTION_COLUMNS = ("vms", "measured", "memory_after_bytes", "memory_after_low_bytes",
+PROJECTION_COLUMNS = ("input_count", "measured", "memory_after_bytes", "memory_after_low_bytes",
                       "memory_after_high_bytes", "memory_before_bytes")
 """Columns of :func:`project`'s table."""
 
@@ -66,7 +66,7 @@ class Projection:
     def memory(self, k: int) -> tuple[float, float, float]:
         """Host memory after KSM for ``k`` guests: (expected, low, high)."""
         if k < 1:
-            raise ValueError(f"--project guest counts must be at least 1, not {k}")
+            raise ValueError(f"--project counts must be at least 1, not {k}")
         if k <= self.samples:
             col = self.steps[:, k - 1]
             return float(col.mean()), float(np.percentile(col, 10)), \
@@ -78,8 +78,8 @@ class Projection:
         return base + extra, base + min(low, extra), base + max(high, extra)
 
     def table(self, counts: Sequence[int]) -> pd.DataFrame:
-        """One row per count, sorted: ``vms``, ``measured`` (False beyond the sample count:
-        a model), ``memory_after_bytes`` (mean over the orders, or the model), the band
+        """One row per count, sorted: ``input_count`` (inputs like the samples on one host),
+        ``measured`` (False beyond the sample count: a model), ``memory_after_bytes`` (mean over the orders, or the model), the band
         ``memory_after_low_bytes``/``memory_after_high_bytes`` (10th/90th percentile), and
         ``memory_before_bytes`` (without KSM: the mean guest's pages times the count)."""
         rows = [(k, k <= self.samples, *(round(v) for v in self.memory(k)),

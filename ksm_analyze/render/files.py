@@ -17,7 +17,7 @@ from ..analysis import json_safe
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write", "to_json", "write_csvs"]
+__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write", "csv_text", "to_json", "write_csvs"]
 
 
 class Tables(Protocol):
@@ -36,9 +36,28 @@ def write_csvs(result: Tables, directory: str | os.PathLike[str]) -> list[Path]:
     written = []
     for name, df in result.tables().items():
         path = d / f"{name}.csv"
-        atomic_write(path, df.to_csv())
+        atomic_write(path, csv_text(df))
         written.append(path)
     return written
+
+
+def csv_text(df: pd.DataFrame) -> str:
+    """A table as CSV text: its index as the first column when it names the rows (a plain
+    0, 1, ... index is left out: no unnamed column), a list in a cell (a host's ``inputs``)
+    as its items separated by spaces, a mapping (a content's ``inputs``: copies per input)
+    as ``name:value`` items separated by spaces."""
+    nested = [c for c in df.columns
+              if df[c].dtype == object and any(isinstance(v, list | dict) for v in df[c])]
+    if nested:
+        df = df.assign(**{c: [_cell(v) for v in df[c]] for c in nested})
+    text: str = df.to_csv(index=df.index.name is not None or df.index.nlevels > 1)
+    return text
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, dict):
+        return " ".join(f"{k}:{v}" for k, v in value.items())
+    return " ".join(map(str, value)) if isinstance(value, list) else value
 
 
 def to_json(value: Tables | dict[str, Any]) -> str:

@@ -29,8 +29,8 @@ __all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_pairwise", 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
 _SCENARIOS = {
-    "with_zero_pages": "zero pages present on the host",
-    "without_zero_pages": "zero pages never touched",
+    "with_zero_pages": "with zero pages (each is host memory)",
+    "without_zero_pages": "without zero pages (never touched)",
 }
 _STEPS = (
     ("memory_before", "memory\nbefore"),
@@ -147,7 +147,7 @@ def plot_histogram(result: Analysis) -> Figure:
     ax.set_xlabel("copies of a content (bucket), and how many contents fall in it")
     ps = result.ksm.page_size
     ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
-    ax.set_title("Sharing-degree histogram: pages by number of copies (zero pages included)\n"
+    ax.set_title("Sharing-degree histogram: pages by number of copies (with zero pages)\n"
                  f"({_policy_words(result)})", fontsize=10)
     ax.legend(loc="upper left")
     ax.grid(axis="y", alpha=0.3)
@@ -262,7 +262,7 @@ def _policy_words(analysis: Analysis, zero_pages: bool | None = None) -> str:
     return ", ".join(words)
 
 
-_ZERO_WORDS = {True: "zero pages present", False: "zero pages untouched"}
+_ZERO_WORDS = {True: "with zero pages", False: "without zero pages"}
 _METHOD_WORDS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing)"}
 NAMED_INPUTS = 4
 """Input names written under a host's bar (beyond: "+N more")."""
@@ -347,7 +347,7 @@ def plot_hosts(plan: Plan) -> Figure:
         handles.append(Line2D([], [], linestyle="none", marker="$\u2191$", color="black"))
         names.append("memory before KSM above the scale (its size written)")
     fig.legend(handles, names, loc="outside lower center", ncols=3, fontsize=9)
-    reserve = (f" ({human_bytes(plan.capacity)} for guests)"
+    reserve = (f" ({human_bytes(plan.capacity)} for inputs)"
                if plan.capacity < plan.host_memory else "")
     fig.suptitle(f"Hosts of {human_bytes(plan.host_memory)}{reserve}: placement with and "
                  f"without sharing-awareness\n({_policy_words(plan.analysis, plan.zero_pages)})",
@@ -356,7 +356,7 @@ def plot_hosts(plan: Plan) -> Figure:
 
 
 def plot_projection(plan: Plan) -> Figure:
-    """Host memory against the number of guests like the samples, with and without KSM.
+    """Host memory against the number of inputs like these, with and without KSM.
 
     On log scales when the values span more than a factor of 20 (a small host beside a
     hundred guests), so the with-KSM curve and the capacity stay apart from the axis."""
@@ -364,7 +364,7 @@ def plot_projection(plan: Plan) -> Figure:
     fig = _figure(8.0, 5.0)
     ax = fig.subplots()
     if len(proj):
-        vms = proj["vms"].to_numpy()
+        vms = proj["input_count"].to_numpy()
         before = proj["memory_before_bytes"].to_numpy(float)
         after = proj["memory_after_bytes"].to_numpy(float)
         low = proj["memory_after_low_bytes"].to_numpy(float)
@@ -403,14 +403,14 @@ def plot_projection(plan: Plan) -> Figure:
             ax.set_xscale("log")
             ax.set_xticks(vms, [f"{int(v):,}" for v in vms])
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xlabel("guests like the samples on one host (log scale)")
+            ax.set_xlabel("inputs like these on one host (log scale)")
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("guests like the samples on one host")
+            ax.set_xlabel("inputs like these on one host")
         ax.legend(fontsize=9)
     else:
-        ax.set_xlabel("guests like the samples on one host")
-    title = "Host memory for more guests like these"
+        ax.set_xlabel("inputs like these on one host")
+    title = "Host memory for more inputs like these"
     if plan.fits is not None:
         title += f": {plan.fits[0]:,} fit in {human_bytes(plan.capacity)}"
     ax.set_title(f"{title}\n({_policy_words(plan.analysis, plan.zero_pages)})", fontsize=11)

@@ -23,7 +23,7 @@ import pandas as pd
 from .._version import __version__
 from ..analysis import TABLES
 from ..units import human_bytes
-from .files import DIR_MODE, FILE_MODE, atomic_write
+from .files import DIR_MODE, FILE_MODE, atomic_write, csv_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,7 +42,7 @@ CHARTS = {
 """The PNG files of a report (``<name>.png``) and their captions."""
 PLAN_CHARTS = {
     "plan_hosts": "Each host's memory after KSM, with and without sharing-aware placement",
-    "plan_projection": "Host memory for more guests like these, with and without KSM",
+    "plan_projection": "Host memory for more inputs like these, with and without KSM",
 }
 """The PNG files of a report's capacity plan and their captions."""
 
@@ -98,7 +98,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
     for name, df in tables.items():
         path = out / f"{name}.csv"
-        atomic_write(path, df.to_csv(), mode=FILE_MODE)
+        atomic_write(path, csv_text(df), mode=FILE_MODE)
         written.append(path)
     images = {}
     for name, draw in charts.items():
@@ -114,13 +114,22 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
 
 def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
     def number(v: Any) -> str:
+        if v is pd.NA:  # a count some rows do not have (nullable Int64)
+            return ""
         if isinstance(v, float):
             return "" if math.isnan(v) else f"{v:,.3f}".rstrip("0").rstrip(".")
         return f"{v:,}" if isinstance(v, int) else html.escape(str(v))
 
     shown = df.copy()
     for col in shown.columns:
-        if shown[col].dtype.kind in "iuf":
+        if col == "bytes" or str(col).endswith("_bytes"):  # sizes for people: KiB, MiB, GiB
+            shown[col] = ["" if pd.isna(v) else human_bytes(v) for v in shown[col]]
+        elif shown[col].dtype == object and any(isinstance(v, list | dict)
+                                                for v in shown[col]):
+            shown[col] = [", ".join(f"{k}: {n:,}" for k, n in v.items()) if isinstance(v, dict)
+                          else ", ".join(map(str, v)) if isinstance(v, list) else v
+                          for v in shown[col]]
+        elif shown[col].dtype.kind in "iuf":
             shown[col] = [number(v.item() if hasattr(v, "item") else v) for v in shown[col]]
     text: str = shown.to_html(escape=True, border=0, classes="data", na_rep="", **kwargs)
     # Long column names (memory_before_bytes) may break after an underscore, so a table of
@@ -153,7 +162,7 @@ def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
         rows.append((f"Hosts of {size} needed, {method}", what))
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
-        rows.append((f"Guests like these per host of {size}",
+        rows.append((f"Inputs like these per host of {size}",
                      f"{expected:,} ({cautious:,} to {hopeful:,} by the band)"))
     return rows
 
@@ -161,8 +170,8 @@ def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
 def _summary(result: Analysis, plan: Plan | None = None) -> list[tuple[str, str]]:
     sav, host = result.savings, result.host
     rows = [] if plan is None else _plan_summary(plan)
-    for scen, title in (("with_zero_pages", "zero pages present"),
-                        ("without_zero_pages", "zero pages untouched")):
+    for scen, title in (("with_zero_pages", "with zero pages"),
+                        ("without_zero_pages", "without zero pages")):
         if f"{scen}_bytes" not in sav.columns:
             continue
         before = sav.at["memory_before", f"{scen}_bytes"]
@@ -247,7 +256,8 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     )
     sections = (
         ("per_input", "Inputs (pages)", result.per_input, False),
-        ("host", "KSM counters, all inputs on one host (general_profit in bytes)",
+        ("host", ("KSM counters, all inputs on one host (general_profit in bytes; sizes "
+                  "are in the savings table)"),
          result.host, True),
         ("savings", "Savings", result.savings, True),
         ("histogram", "Sharing-degree histogram", result.histogram, False),
@@ -274,12 +284,12 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
-    """Hosts needed with and without sharing-aware placement, and each host's guests."""
+    """Hosts needed with and without sharing-aware placement, and each host's inputs."""
     e = html.escape
     parts = ['<h2 id="plan">Capacity plan</h2>',
              (f'<p class="note">Hosts of {e(human_bytes(plan.host_memory))} '
-             f"({e(human_bytes(plan.capacity))} for guests). Each host's memory after KSM is "
-             "what a scan of its guests prints (rmap_items included); "
+             f"({e(human_bytes(plan.capacity))} for inputs). Each host's memory after KSM is "
+             "what a scan of its inputs prints (rmap_items included); "
              'see docs/planning.md.</p>'),
              _html_table(plan.summary, index=False)]
     for name, caption in PLAN_CHARTS.items():
@@ -291,7 +301,7 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
     parts.append(_html_table(plan.hosts, index=False))
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
-        fit = "guest like these fits" if expected == 1 else "guests like these fit"
+        fit = "input like these fits" if expected == 1 else "inputs like these fit"
         parts.append(f"<p>{expected:,} {fit} in one host ({cautious:,} to "
                      f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
     parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["render_capture", "render_info", "render_plan", "render_scan", "render_status"]
 
-_SCENARIO_TITLES = {
-    "with_zero_pages": "zero pages present",
-    "without_zero_pages": "zero pages untouched",
+_SCENARIO_TITLES = {  # each key's words (docs/glossary.md)
+    "with_zero_pages": "with zero pages",
+    "without_zero_pages": "without zero pages",
 }
 
 
@@ -63,11 +63,12 @@ _SAVINGS_LABELS = {
 }
 _ZERO_NOTE = {
     True: "  A snapshot knows which pages are resident and which map the zero page (unless\n"
-          "  capture said otherwise): 'zero pages present' is the prediction.",
+          "  capture said otherwise): 'with zero pages' is the prediction.",
     False: "  A guest dump cannot tell zero pages the guest wrote (resident on the host, merged "
-           "by\n  KSM) from pages it never touched (cost the host nothing). 'memory after KSM' "
-           "differs\n  only by what merged zero pages still cost; the savings are an upper and "
-           "a lower bound.",
+           "by\n  KSM) from pages it never touched (cost the host nothing): 'with zero pages' "
+           "counts every\n  zero page as host memory, 'without zero pages' none. 'memory after "
+           "KSM' differs\n  only by what merged zero pages still cost; the savings are an upper "
+           "and a lower bound.",
 }
 
 
@@ -109,7 +110,7 @@ def render_scan(result: Analysis) -> str:
         out.append(f"  Headroom: if every merged page were written again (copy-on-write), the "
                    f"host would need\n  the memory before KSM, {human_bytes(before)}: "
                    f"{before / after:.1f}x what it needs after KSM.")
-    out += ["", "Sharing-degree histogram (zero pages included, as present)", _table(
+    out += ["", "Sharing-degree histogram (with zero pages)", _table(
         ["copies", "contents", "pages", "after merging", "size", "after merging"],
         ([*(_count(r[c]) for c in ("copies", "contents", "pages_referenced",
                                    "pages_after_merging")),
@@ -189,7 +190,7 @@ def _process_sections(result: Analysis) -> list[str]:
     else:
         out.append("  none")
     out.append("")
-    out.append("Per process: /proc/PID/ksm_stat after KSM converges (zero pages present)")
+    out.append("Per process: /proc/PID/ksm_stat after KSM converges (with zero pages)")
     out.append(_table(
         ["input", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit"],
         ([name, _count(r["ksm_rmap_items"]), _count(r["ksm_merging_pages"]),
@@ -290,8 +291,8 @@ _ZERO_SOURCES = {
     "kpageflags": "zero-page mappings found with /proc/kpageflags",
     "pagemap_scan": "zero-page mappings found with PAGEMAP_SCAN",
     "none": "zero-page mappings could NOT be told from written zero pages (needs root, or "
-    "Linux 6.7+ for PAGEMAP_SCAN): they count as zero pages, so 'zero pages present' is an "
-    "upper bound and 'zero pages untouched' a lower one",
+    "Linux 6.7+ for PAGEMAP_SCAN): they count as zero pages, so 'with zero pages' is an "
+    "upper bound and 'without zero pages' a lower one",
 }
 
 
@@ -373,13 +374,13 @@ def render_plan(plan: Plan) -> str:
     """The ``plan`` report: hosts per method, each host's inputs and memory, the projection."""
     ksm = plan.analysis.ksm
     out = [(f"Plan: hosts of {human_bytes(plan.host_memory)}, {human_bytes(plan.capacity)} "
-            f"for guests (max_page_sharing={ksm.max_page_sharing}, "
+            f"for inputs (max_page_sharing={ksm.max_page_sharing}, "
             f"use_zero_pages={int(ksm.use_zero_pages)})")]
     out.append(_table(["method", "hosts", "memory after KSM", "overcommit", "hosts saved"], (
         [_METHODS[r.method], _count(r.hosts), human_bytes(r.memory_after_bytes),
          f"{r.overcommit:.2f}", _hosts_saved(r.hosts_saved, r.hosts_saved_percent)]
         for r in plan.summary.itertuples())))
-    out.append("  (overcommit = the guests' memory / the hosts' memory; hosts saved: against "
+    out.append("  (overcommit = the inputs' memory / the hosts' memory; hosts saved: against "
                "first-fit" + (", not for a number of hosts given" if plan.hosts_asked else "")
                + ")")
     out += _policy(plan.analysis)
@@ -390,21 +391,21 @@ def render_plan(plan: Plan) -> str:
         out += ["", f"Hosts, {_METHODS[method]}{spread}"]
         out.append(_table(["host", "before KSM", "after KSM", "saved", "free", "inputs"], (
             [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
-             human_bytes(r.saved_bytes), human_bytes(r.free_bytes), r.inputs]
+             human_bytes(r.saved_bytes), human_bytes(r.free_bytes), " ".join(r.inputs)]
             for r in rows.itertuples())))
     out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM, "
                "rmap_items included)")
     if len(plan.projection):
-        out += ["", "Guests like these on one host (beyond the samples: a model)"]
-        out.append(_table(["guests", "with KSM", "band (10%-90%)", "without KSM", ""], (
-            [_count(r.vms), human_bytes(r.memory_after_bytes),
+        out += ["", "Inputs like these on one host (beyond the samples: a model)"]
+        out.append(_table(["inputs", "with KSM", "band (10%-90%)", "without KSM", ""], (
+            [_count(r.input_count), human_bytes(r.memory_after_bytes),
              (f"{human_bytes(r.memory_after_low_bytes)} - "
               f"{human_bytes(r.memory_after_high_bytes)}"),
              human_bytes(r.memory_before_bytes), "measured" if r.measured else "model"]
             for r in plan.projection.itertuples())))
         if plan.fits is not None:
             expected, cautious, hopeful = plan.fits
-            fit = "guest like these fits" if expected == 1 else "guests like these fit"
+            fit = "input like these fits" if expected == 1 else "inputs like these fit"
             out.append(f"  {expected:,} {fit} in {human_bytes(plan.capacity)} "
                        f"({cautious:,} to {hopeful:,} by the band).")
     out += [f"Warning: {w}" for w in plan.warnings]
