@@ -8,5 +8,6 @@ bash .ci/install-system-deps.sh          # QEMU, static busybox, gdb for the rea
 python3 -m pip install --quiet --disable-pip-version-check -e '.[dev,dask]'
 python3 -m ruff check ksm_analyze tests benchmarks
 python3 -m mypy
-lint-imports --config pyproject.toml     # the layer order ([tool.importlinter], docs/architecture.md)
+# The layer order ([tool.importlinter], docs/architecture.md): the lint-imports of python3.
+"$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/lint-imports"  # reads pyproject.toml here
 python3 -m pytest "$@"

@@ -108,7 +108,7 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     # The console script of this Python's import-linter, run where `root` is the package's
     # top folder, so it analyses that tree's ksm_analyze.
     script = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(script), "--config", str(root / "pyproject.toml")], cwd=root,
+    return subprocess.run([str(script)], cwd=root,  # reads root/pyproject.toml
                           capture_output=True, text=True, env={"PYTHONPATH": str(root)},
                           check=False)
 
