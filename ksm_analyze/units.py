@@ -11,11 +11,13 @@ __all__ = ["counted", "human_bytes", "parse_size", "short_names", "size_text"]
 
 
 def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; binary units, three significant digits."""
+    """1536 -> '1.5 KiB'; binary units, three significant digits, and whole numbers from
+    1000 up (1023.4 MiB -> '1023 MiB', never '1.02e+03 MiB')."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        if abs(value) < 1023.5 or unit == "PiB":  # what would round to 1024 is 1 of the next
+            return f"{value:.0f} {unit}" if unit == "B" or abs(value) >= 999.5 \
+                else f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

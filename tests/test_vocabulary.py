@@ -14,7 +14,7 @@ from conftest import ROOT, SAMPLES, runner
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
 from ksm_analyze.summary import SCENARIOS
-from ksm_analyze.units import size_text
+from ksm_analyze.units import human_bytes, size_text
 
 # The sample facts (tests/sample_dumps.json): each sample is 512 pages, 419 of them zero.
 PAGES, ZERO = 512, 419
@@ -131,6 +131,16 @@ def test_plan_csv_has_no_unnamed_column(tmp_path):
 ])
 def test_size_text(n, text):
     assert size_text(n) == text
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (1023, "1023 B"), (1000 * 1024, "1000 KiB"), (1023 * 1024, "1023 KiB"),
+    # 1 GiB less 480 KiB (a plan's free memory): 1023.53 MiB is 0.9995 GiB, "1 GiB" to
+    # three digits, never "1.02e+03 MiB"
+    ((1 << 30) - 480 * 1024, "1 GiB"), (999 * 1024, "999 KiB"), (998 * 1024 + 400, "998 KiB"),
+])
+def test_sizes_from_1000_up_are_whole_numbers_not_exponents(n, text):
+    assert human_bytes(n) == text
 
 
 def _error(*args: str) -> str:
