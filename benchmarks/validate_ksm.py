@@ -81,7 +81,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|",
         *rows,
         "",
-        "Guest view (the guests' `dump-guest-memory` ELF dumps, zero pages present) against",
+        "Guest view (the guests' `dump-guest-memory` ELF dumps, with zero pages) against",
         "host view (capture of the QEMU processes) and the kernel, same runs:",
         "",
         ("| run | guest view pages_shared | guest view pages_sharing | zero pages in the dumps "
