@@ -20,7 +20,6 @@ and they would make every pair of guests look alike. Each table is returned as p
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from .eligibility import ScanMask, Scope, excluded_by
 from .formats.base import DumpReader
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import UNIQUE, ZERO, ContentClasses
-from .ksm import saved_pages
+from .ksm import merged_pages
 from .pages import PageState
 from .units import human_bytes, short_names
 
@@ -79,12 +78,8 @@ _POISON = {
 }
 
 
-def _by_input(table: ContentTable) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per input: the sorted content classes it holds and its scanned pages of each."""
-    order = np.argsort(table.owner, kind="stable")  # stable: content order kept per input
-    bounds = np.searchsorted(table.owner[order], np.arange(len(table.input_columns) + 1))
-    return [(table.content[order[a:b]], table.pages[order[a:b]])
-            for a, b in itertools.pairwise(bounds.tolist())]
+_PAIRS_AT_ONCE = 1 << 22
+"""Pairs of sparse rows (same content, two inputs) summed at a time by :func:`pairwise`."""
 
 
 def pairwise(table: ContentTable, *, max_page_sharing: int) -> Columns:
@@ -100,31 +95,76 @@ def pairwise(table: ContentTable, *, max_page_sharing: int) -> Columns:
         (those whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
         ``extra_saved_pages`` and ``extra_saved_bytes`` (what KSM saves on a host holding
         only A and B beyond what it saves on A and on B alone; the same both ways).
+
+    Costs one step per pair of sparse rows of one content (two inputs that share it), not
+    per pair of inputs: pairs that share nothing cost only their row of the output.
     """
-    counts = _by_input(table)
-    names = short_names(table.names)
-    nonzero = table.nonzero_pages().tolist()
-    rows = []
-    for a, b in itertools.permutations(range(len(counts)), 2):
-        (cls_a, cnt_a), (cls_b, cnt_b) = counts[a], counts[b]
-        _, ia, ib = np.intersect1d(cls_a, cls_b, assume_unique=True, return_indices=True)
-        in_b = int(cnt_a[ia].sum())
-        # Contents only one of them holds merge the same alone or together.
-        extra = (saved_pages(cnt_a[ia] + cnt_b[ib], max_page_sharing)
-                 - saved_pages(cnt_a[ia], max_page_sharing)
-                 - saved_pages(cnt_b[ib], max_page_sharing))
-        rows.append({
-            "input_a": names[a],
-            "input_b": names[b],
-            "a_nonzero_pages": nonzero[a],
-            "a_pages_in_b": in_b,
-            "a_fraction_in_b": in_b / nonzero[a] if nonzero[a] else 0.0,
-            "extra_saved_pages": extra,
-            "extra_saved_bytes": extra * table.page_size,
-        })
     columns = ["input_a", "input_b", "a_nonzero_pages", "a_pages_in_b", "a_fraction_in_b",
                "extra_saved_pages", "extra_saved_bytes"]
-    return Columns.from_records(rows, columns)
+    n = len(table.input_columns)
+    if n < 2:
+        return Columns({c: [] for c in columns})
+    in_b, extra = _pair_sums(table, n, max_page_sharing)
+    a, b = np.divmod(np.arange(n * n, dtype=np.int64), n)
+    off = a != b  # itertools.permutations order: row-major, the diagonal left out
+    a, b = a[off], b[off]
+    in_b, extra = in_b.reshape(-1)[off], extra.reshape(-1)[off]
+    nonzero = table.nonzero_pages()[a]
+    fraction = np.divide(in_b, nonzero, out=np.zeros(len(a)), where=nonzero > 0)
+    names = np.array(short_names(table.names), object)
+    return Columns({
+        "input_a": names[a].tolist(),
+        "input_b": names[b].tolist(),
+        "a_nonzero_pages": nonzero,
+        "a_pages_in_b": in_b,
+        "a_fraction_in_b": fraction,
+        "extra_saved_pages": extra,
+        "extra_saved_bytes": extra * table.page_size,
+    })
+
+
+def _pair_sums(table: ContentTable, n: int, max_page_sharing: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(in_b, extra)``, n x n: pages of A whose content B holds, and the pages KSM saves on
+    top with A and B on one host, summed over the contents both hold."""
+    in_b = np.zeros(n * n, np.int64)
+    extra = np.zeros(n * n, np.int64)
+    content, owner, pages = table.content, table.owner.astype(np.int64), table.pages
+    if not len(content):
+        return in_b.reshape(n, n), extra.reshape(n, n)
+    # Rows are sorted by content: each content's rows form a run ``[start, start + k)``.
+    starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
+    sizes = np.diff(np.r_[starts, len(content)])
+    k = np.repeat(sizes, sizes)  # per row: inputs holding its content
+    first = np.repeat(starts, sizes)  # per row: its content's first row
+    partners = k - 1  # per row: the other inputs holding its content
+    ends = np.cumsum(partners)
+    lo = 0
+    while lo < len(content):
+        # Rows [lo, hi): at most _PAIRS_AT_ONCE pairs (or one row, if it alone has more).
+        base = ends[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, base + _PAIRS_AT_ONCE, side="right")))
+        rows = np.arange(lo, hi)
+        i = np.repeat(rows, partners[rows])  # row of input A
+        t = np.arange(len(i)) - np.repeat(ends[rows] - partners[rows] - base, partners[rows])
+        t += t >= (i - first[i])  # the t-th other row of the content, skipping row i itself
+        j = first[i] + t  # row of input B
+        key = owner[i] * n + owner[j]
+        in_b += np.bincount(key, weights=pages[i], minlength=n * n).astype(np.int64)
+        # Contents only one of them holds merge the same alone or together.
+        gain = (_saved(pages[i] + pages[j], max_page_sharing)
+                - _saved(pages[i], max_page_sharing) - _saved(pages[j], max_page_sharing))
+        extra += np.bincount(key, weights=gain, minlength=n * n).astype(np.int64)
+        lo = hi
+    return in_b.reshape(n, n), extra.reshape(n, n)
+
+
+def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
+    """Pages KSM frees merging each content of ``copies`` pages (:func:`~ksm_analyze.ksm.saved_pages`,
+    per content)."""
+    ksm, unshared = merged_pages(copies, max_page_sharing)
+    saved: np.ndarray = copies - ksm - unshared
+    return saved
 
 
 def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
@@ -140,16 +180,25 @@ def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
         pairs: :func:`pairwise` of the inputs of ``prints`` (rows in its order).
         prints: every input's fingerprints, in table order.
     """
-    names = list(dict.fromkeys(pairs.data["input_a"]))  # each input's, in order
-    share = dict(zip(itertools.permutations(range(len(prints)), 2),
-                     zip(pairs.data["a_nonzero_pages"], pairs.data["a_pages_in_b"],
-                         strict=True), strict=True))
-    twins = []
-    for a, b in itertools.combinations(range(len(prints)), 2):
-        small, big = (a, b) if share[a, b][0] <= share[b, a][0] else (b, a)
-        nonzero, shared = share[small, big]
-        if nonzero and shared >= TWIN_SHARE * nonzero:
-            twins.append((small, big, nonzero, shared))
+    n = len(prints)
+    if n < 2:
+        return []
+    names = list(pairs.data["input_a"][::n - 1])  # each input's, in order
+
+    def square(column: str) -> np.ndarray:
+        """A column as an n x n array (rows in itertools.permutations order; diagonal 0)."""
+        out = np.zeros((n, n), np.int64)
+        out[~np.eye(n, dtype=bool)] = np.asarray(pairs.data[column], np.int64)
+        return out
+
+    nonzero_ab, shared_ab = square("a_nonzero_pages"), square("a_pages_in_b")
+    a, b = np.triu_indices(n, 1)  # itertools.combinations order
+    a_small = nonzero_ab[a, b] <= nonzero_ab[b, a]
+    small, big = np.where(a_small, a, b), np.where(a_small, b, a)
+    nonzero, shared = nonzero_ab[small, big], shared_ab[small, big]
+    twin = (nonzero > 0) & (shared >= TWIN_SHARE * nonzero)
+    twins = list(zip(small[twin].tolist(), big[twin].tolist(), nonzero[twin].tolist(),
+                     shared[twin].tolist(), strict=True))
     out = []
     for small, big, nonzero, shared in twins[:TWINS_SHOWN]:
         ps = prints[small].page_size

@@ -4,15 +4,19 @@ makes itself from the pages it wrote (hashlib and dicts; no ksm-analyze code).""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import PS
 
 from dumpwriter.raw import make_raw
-from ksm_analyze import analyze
-from ksm_analyze.sharing import classify_content
+from ksm_analyze import analyze, sharing
+from ksm_analyze.columns import Columns
+from ksm_analyze.content_table import ContentTable
+from ksm_analyze.sharing import classify_content, pairwise, twin_warnings
 
 rng = np.random.default_rng(42)
 
@@ -205,3 +209,81 @@ def test_process_core_counts_only_pages_ksm_may_merge(tmp_path):
     assert amap["unique_pages"].sum() == 1
     assert list(amap["first_address"]) == [0x400000, 0x401000, 0x402000, 0x700000, 0x701000,
                                             0x702000]
+
+
+def _pairwise_loop(table, mps: int) -> list[dict]:
+    """The pairwise table the plain way, one pair of inputs at a time (the implementation
+    before issue 18, kept here as a reference): dicts of counts, no numpy."""
+    held: list[dict[int, int]] = [{} for _ in table.names]
+    for c, o, p in zip(table.content.tolist(), table.owner.tolist(), table.pages.tolist(),
+                       strict=True):
+        held[o][c] = p
+    nonzero = [int(u) + sum(h.values())
+               for u, h in zip(table.column("unique_pages").tolist(), held, strict=True)]
+    names = [name.rsplit("/", 1)[-1] for name in table.names]
+    rows = []
+    for a, b in itertools.permutations(range(len(held)), 2):
+        both = held[a].keys() & held[b].keys()
+        in_b = sum(held[a][c] for c in both)
+        extra = sum(_saved(held[a][c] + held[b][c], mps) - _saved(held[a][c], mps)
+                    - _saved(held[b][c], mps) for c in both)
+        rows.append({"input_a": names[a], "input_b": names[b], "a_nonzero_pages": nonzero[a],
+                     "a_pages_in_b": in_b,
+                     "a_fraction_in_b": in_b / nonzero[a] if nonzero[a] else 0.0,
+                     "extra_saved_pages": extra, "extra_saved_bytes": extra * PS})
+    return rows
+
+
+def _random_table(seed: int, n: int) -> ContentTable:
+    gen = np.random.default_rng(seed)
+    rows = [(c, o, int(gen.integers(1, 9))) for c in range(int(gen.integers(0, 40)))
+            for o in sorted(gen.choice(n, int(gen.integers(1, n + 1)), replace=False).tolist())]
+    rows = [r for r in rows if sum(p for c, _, p in rows if c == r[0]) >= 2]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    cols = Columns({"input": [f"/d/g{i}.raw" for i in range(n)],
+                    "unique_pages": gen.integers(0, 5, n), "zero_pages": np.zeros(n, np.int64),
+                    "domain": np.zeros(n, np.int64)})
+    return ContentTable(cols, content, owner, pages, PS)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pairwise_equals_the_pair_by_pair_loop_on_random_tables(seed):
+    # Issue 18 class 11: the table is computed over the sparse rows at once; every row and
+    # type must be what the pair-by-pair loop gives.
+    n = 1 + seed % 7
+    table = _random_table(seed, n)
+    for mps in (2, 3, 256):
+        got = pairwise(table, max_page_sharing=mps)
+        loop = _pairwise_loop(table, mps)
+        assert got.records() == loop
+        assert len(got) == n * (n - 1)
+        expected = Columns.from_records(loop, list(got.data)).frame()
+        assert got.frame().dtypes.to_dict() == expected.dtypes.to_dict()
+
+
+def test_pairwise_equals_the_pair_by_pair_loop_in_small_chunks(monkeypatch):
+    # Rows are summed a bounded number of pairs at a time: chunk borders must not matter.
+    table = _random_table(7, 6)
+    expected = pairwise(table, max_page_sharing=3).records()
+    for at_once in (1, 2, 5, 17):
+        monkeypatch.setattr(sharing, "_PAIRS_AT_ONCE", at_once)
+        assert pairwise(table, max_page_sharing=3).records() == expected
+
+
+def test_twin_warnings_name_the_same_pairs_as_the_pair_by_pair_rule():
+    # 4 inputs: g1 holds all of g0's pages (g0 is g1's twin), g2 shares half of g3's.
+    rows = [(c, o, 1) for c in range(10) for o in (0, 1)] + [(100 + c, o, 1) for c in range(5)
+                                                            for o in (2, 3)]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    order = np.lexsort((owner, content))
+    cols = Columns({"input": [f"g{i}.raw" for i in range(4)],
+                    "unique_pages": np.array([0, 5, 5, 5]), "zero_pages": np.zeros(4, np.int64),
+                    "domain": np.zeros(4, np.int64)})
+    table = ContentTable(cols, content[order], owner[order], pages[order], PS)
+    pw = pairwise(table, max_page_sharing=256)
+    fps = [SimpleNamespace(page_size=PS, address_space="virtual")] * 4
+    warnings = twin_warnings(pw, fps)  # type: ignore[arg-type]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("g0.raw and g1.raw are nearly the same input: 100% of the 10 ")
