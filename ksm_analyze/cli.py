@@ -320,18 +320,25 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
                **options: Any) -> Plan:
     """The plan of ``result`` for the command-line spelling of its sizes and counts."""
     from .planning.plan import plan as make_plan
-    from .units import parse_size
+    from .units import human_bytes, parse_size
 
     size = parse_size(host_memory, what="--host-memory")
     spec = reserve.strip()
     if spec.endswith("%"):
         try:
-            kept = int(size * float(spec[:-1]) / 100)
+            percent = float(spec[:-1])
         except ValueError:
             raise ValueError(f"--reserve {reserve!r} is not a size or a percentage "
                              "(e.g. 16GiB or 10%)") from None
+        if not 0 <= percent < 100:  # NaN and infinities too
+            raise ValueError(f"--reserve {reserve!r}: give a percentage from 0 up to (not "
+                             "including) 100% of --host-memory")
+        kept = int(size * percent / 100)
     else:
         kept = parse_size(spec, what="--reserve")
+        if kept >= size:
+            raise ValueError(f"--reserve {reserve!r} ({human_bytes(kept)}) leaves no memory "
+                             f"of a host of {human_bytes(size)} (--host-memory): give less")
     try:
         counts = [int(c) for c in project.split(",")] if project else []
     except ValueError:
@@ -397,6 +404,8 @@ def report(
         result = replace(request, options=options).run(dumps)
         planned = None if host_memory is None else _make_plan(result, host_memory, reserve,
                                                                project)
+        if planned is not None:  # its files are known once it is made
+            _refuse_overwriting(dumps, report_files(output, planned))
         try:
             written = write_report(result, output, planned)
         except OSError as e:
@@ -446,6 +455,8 @@ def plan(
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
         result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
                             zero_pages=not without_zero_pages)
+        if png is not None:
+            _refuse_overwriting(dumps, _png_paths(result, png))
         try:
             if csv_dir is not None:
                 write_csvs(result, csv_dir)
@@ -460,8 +471,13 @@ def _write_pngs(result: Plan, prefix: Path) -> None:
     from .render.files import FILE_MODE, atomic_write
     from .render.report import png_bytes
 
-    for name, draw in result.charts().items():
-        atomic_write(f"{prefix}-{name}.png", png_bytes(draw()), mode=FILE_MODE)
+    for path, draw in zip(_png_paths(result, prefix), result.charts().values(), strict=True):
+        atomic_write(path, png_bytes(draw()), mode=FILE_MODE)
+
+
+def _png_paths(result: Plan, prefix: Path) -> list[Path]:
+    """The PNG files ``plan --png PREFIX`` writes, one per chart."""
+    return [Path(f"{prefix}-{name}.png") for name in result.charts()]
 
 
 def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...]:

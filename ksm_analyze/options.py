@@ -149,8 +149,17 @@ class ScanOptions:
 
     @property
     def workers(self) -> int:
-        """``jobs``, or every CPU this process may run on when it is None."""
-        return default_jobs() if self.jobs is None else self.jobs
+        """``jobs``, or every CPU this process may run on when it is None or more than that
+        (more threads or processes than CPUs only queue, each with its memory)."""
+        cpus = default_jobs()
+        return cpus if self.jobs is None else min(self.jobs, cpus)
+
+    def jobs_warning(self) -> str | None:
+        """The line saying ``jobs`` was capped to the CPUs, or None when it was not."""
+        if self.jobs is None or self.jobs <= self.workers:
+            return None
+        return (f"--jobs {self.jobs:,} is more than the {counted(self.workers, 'CPU')} this "
+                f"process may run on: using {self.workers:,}")
 
 
 DEFAULT_OPTIONS = ScanOptions()

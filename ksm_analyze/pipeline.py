@@ -129,6 +129,9 @@ def analyze(
 def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]:
     """The readers' warnings, and one per process core read under ``--scope mergeable``."""
     warnings = [w for fp in prints for w in fp.warnings]
+    capped = options.jobs_warning()
+    if capped:
+        warnings.append(capped)
     if options.scope is Scope.MERGEABLE:
         warnings += [
             f"{fp.path}: a process core does not record which VMAs are mergeable; its "

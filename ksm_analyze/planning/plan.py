@@ -142,6 +142,9 @@ def plan(
                          f"{size_text(reserve)} leaves no memory for inputs")
     if hosts is not None and hosts < 1:
         raise ValueError(f"--hosts must be at least 1, not {hosts}")
+    if hosts is not None and hosts > len(analysis.names):  # before anything is sized by it
+        raise ValueError(f"--hosts {hosts:,} is more hosts than the "
+                         f"{len(analysis.names):,} inputs: every host needs at least one")
     model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
     names = analysis.names
     guest_bytes = [int(b) for b in analysis.per_input["bytes"]]
