@@ -157,7 +157,8 @@ def test_an_input_too_large_for_a_host_is_said_in_human_units():
 
 def test_a_reserve_larger_than_the_host_is_said_in_human_units():
     assert _error("plan", SAMPLES[0], "--host-memory", "1MiB", "--reserve", "2MiB") == (
-        "Error: a host of 1 MiB with a reserve of 2 MiB leaves no memory for inputs")
+        "Error: --reserve '2MiB' (2 MiB) leaves no memory of a host of 1 MiB (--host-memory): "
+        "give less")
 
 
 def test_the_worst_case_warning_is_in_human_units(plan_json):
