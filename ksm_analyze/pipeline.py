@@ -58,7 +58,8 @@ def analyze(
 
     Raises:
         KsmAnalyzeError: an input cannot be read (the message names file, offset, problem).
-        ValueError: an option is out of range.
+        ValueError: an option is out of range, or one guest is given twice (a file twice,
+            or a dump and a fingerprint file of it).
         TypeError: ``settings`` names no option.
     """
     unknown = set(settings) - _OPTION_FIELDS - _KSM_FIELDS
@@ -70,7 +71,6 @@ def analyze(
     if not paths:
         raise ValueError("no input given")
     bases = options.bases_for(paths)
-    _refuse_repeats(paths)
     report = progress or _silent
 
     with contextlib.ExitStack() as stack:
@@ -140,25 +140,6 @@ def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]
             if fp.address_space == "virtual" and fp.format is not DumpFormat.SNAPSHOT
         ]
     return warnings
-
-
-def _refuse_repeats(paths: Sequence[str | os.PathLike[str]]) -> None:
-    """ValueError if one file is given twice (also through a link): it would be counted as
-    two guests that share every page."""
-    seen: dict[tuple[int, int], int] = {}
-    for k, p in enumerate(paths):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue  # opening it says what is wrong
-        first = seen.setdefault((st.st_dev, st.st_ino), k)
-        if first != k:
-            alias = "" if os.fspath(paths[first]) == os.fspath(p) else \
-                f", the first time as {os.fspath(paths[first])}"
-            raise ValueError(
-                f"{os.fspath(p)} is given twice (inputs {first + 1} and {k + 1}{alias}): each "
-                "input is one guest or process; to model two identical guests, give a copy"
-            )
 
 
 def _silent(task: str, done: int, total: int) -> None:

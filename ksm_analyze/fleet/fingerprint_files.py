@@ -37,7 +37,7 @@ from ..pages import Extent, MapFlags, PageState, check_page_size
 from ..units import size_text
 
 __all__ = ["META_KEY", "SUFFIX", "Cache", "is_fingerprint_file", "load",
-           "options_of", "save", "source_of", "unchanged"]
+           "options_of", "same_dump", "save", "source_of", "unchanged"]
 
 META_KEY = b"ksm-analyze.fingerprints"
 SUFFIX = ".ksmfp.parquet"
@@ -52,24 +52,45 @@ dump of zero pages only, is 0.6 pages a byte. Reading a file so costs at most 51
 memory per byte of file, plus 32 MiB."""
 
 
-def source_of(path: str | os.PathLike[str]) -> tuple[str, int, int]:
-    """``(absolute path, size, mtime_ns)`` of a dump: what says a fingerprint is still its."""
+def source_of(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What says a fingerprint is still its dump's: the absolute path, size, mtime, and
+    the ctime, device and inode, which a copy that restores size and mtime (``cp -p``,
+    ``rsync -t``, ``touch -d``) cannot restore. Also the dump's identity: two inputs with the
+    same (see :func:`same_dump`) are one guest."""
     st = os.stat(path)
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "dev": st.st_dev, "ino": st.st_ino}
 
 
-def unchanged(source: tuple[str, int, int] | None) -> bool:
-    """Whether the dump a fingerprint came from is here, readable and unchanged."""
-    if source is None:
+_SOURCE_KEYS = ("path", "size", "mtime_ns", "ctime_ns", "dev", "ino")
+
+
+def unchanged(source: dict[str, Any] | None) -> bool:
+    """Whether the dump a fingerprint came from is here, readable and unchanged (every fact
+    of :func:`source_of` recorded and equal: a file written before they all were is taken as
+    changed)."""
+    if source is None or any(source.get(k) is None for k in _SOURCE_KEYS):
         return False
     try:
-        return source_of(source[0]) == tuple(source) and os.access(source[0], os.R_OK)
+        now = source_of(source["path"])
     except OSError:
         return False
+    return all(now[k] == source[k] for k in _SOURCE_KEYS) and os.access(now["path"], os.R_OK)
+
+
+def same_dump(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`source_of` records are of one file: the same device and inode
+    (a link, a hard link, a renamed file) with the same path, or with the same size and
+    mtime (on another machine, equal numbers by chance are not enough); without them
+    recorded, the same path and size."""
+    if a.get("dev") is not None and b.get("dev") is not None:
+        return (a["dev"], a["ino"]) == (b["dev"], b["ino"]) and (
+            a["path"] == b["path"] or (a["size"], a["mtime_ns"]) == (b["size"], b["mtime_ns"]))
+    return bool(a["path"] == b["path"] and a["size"] == b["size"])
 
 
 def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
-         source: tuple[str, int, int], options: dict[str, Any],
+         source: dict[str, Any], options: dict[str, Any],
          contents: Sequence[np.ndarray] | None = None) -> None:
     """Write the fingerprints of one dump's inputs to ``path`` (atomically, mode 0600)."""
     import pyarrow as pa
@@ -85,7 +106,7 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
     meta = {
         "version": VERSION,
         "tool": f"ksm-analyze {__version__}",
-        "source": {"path": source[0], "size": source[1], "mtime_ns": source[2]},
+        "source": {k: source.get(k) for k in _SOURCE_KEYS},
         "options": options,
         "inputs": [_input_meta(fp) for fp in prints],
     }
@@ -142,7 +163,7 @@ def options_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A fingerprint file's metadata (after :func:`load`): ``version``, ``tool`` (the
-    ksm-analyze that wrote it), ``source`` (``path``, ``size``, ``mtime_ns``), ``options``
+    ksm-analyze that wrote it), ``source`` (:func:`source_of`), ``options``
     (the hashing options) and ``inputs``."""
     import pyarrow.parquet as pq
 
@@ -194,7 +215,8 @@ def _inputs(table: Any, meta: dict[str, Any], path: str) -> list[Fingerprints]:
     if meta["version"] != VERSION:
         raise ValueError(f"version {meta['version']}, this tool reads {VERSION}")
     src = meta["source"]
-    source = (str(src["path"]), int(src["size"]), int(src["mtime_ns"]))
+    source = {"path": str(src["path"]), **{k: None if src.get(k) is None else int(src[k])
+                                            for k in _SOURCE_KEYS[1:]}, "file": path}
 
     def column(name: str) -> np.ndarray:
         values: np.ndarray = table.column(name).to_numpy()
@@ -252,7 +274,8 @@ def _check_addresses(addrs: np.ndarray, extents: list[Extent], page_size: int,
 
 class Cache:
     """Fingerprints of dumps kept in a folder, keyed by what changes them: the dump's path,
-    size and mtime, and the options that change its hashes."""
+    size, mtime, ctime and inode (:func:`source_of`), and the options that change its
+    hashes."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -261,7 +284,7 @@ class Cache:
 
     def file_for(self, path: str | os.PathLike[str], key: dict[str, Any]) -> Path:
         """Where the fingerprints of ``path`` under the options ``key`` live."""
-        what = json.dumps([*source_of(path), key, VERSION], sort_keys=True, default=str)
+        what = json.dumps([source_of(path), key, VERSION], sort_keys=True, default=str)
         return self.folder / (hashlib.sha256(what.encode()).hexdigest()[:32] + SUFFIX)
 
     def get(self, path: str | os.PathLike[str], key: dict[str, Any]) -> list[Fingerprints] | None:

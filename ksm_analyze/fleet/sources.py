@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,8 @@ from ..hashing.stage2 import content_hashes
 from ..options import ProgressCallback, ScanOptions
 from . import fingerprint_files
 
-__all__ = ["Source", "fingerprint_sources", "open_sources", "write_fingerprint_files"]
+__all__ = ["Source", "fingerprint_file_names", "fingerprint_sources", "open_sources",
+           "write_fingerprint_files"]
 
 TASK_RETRIES = 2
 """Times Dask runs a dump's task again after the worker running it died."""
@@ -60,14 +62,22 @@ def _hash_key(options: ScanOptions, page_size: int, base: int, fmt: DumpFormat |
 
 def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, page_size: int,
                  bases: Sequence[int], stack: contextlib.ExitStack) -> list[Source]:
-    """Open every input; readers are closed with ``stack``."""
+    """Open every input; readers are closed with ``stack``.
+
+    Raises:
+        ValueError: one guest given twice, however (see :class:`_Guests`).
+    """
     cache = fingerprint_files.Cache(options.cache) if options.cache else None
     sources: list[Source] = []
+    guests = _Guests()
     for path, base in zip(paths, bases, strict=True):
         path = os.fspath(path)
         if fingerprint_files.is_fingerprint_file(path):
-            sources += _from_file(path, options, page_size, stack)
+            mine = _from_file(path, options, page_size, stack)
+            guests.add(path, mine[0].prints.source if mine and mine[0].prints else None)
+            sources += mine
             continue
+        guests.add(path, None)
         if options.scheduler and not readable_here(path):
             key = _hash_key(options, page_size, base, options.format)
             sources.append(Source(path, None, None, "worker", key))
@@ -82,6 +92,44 @@ def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, 
             sources.append(Source(path, r, cached[k] if cached else None,
                                "cache" if cached else "read", key))
     return sources
+
+
+class _Guests:
+    """The inputs seen so far, to refuse one guest given twice, however it arrives: one file
+    twice (also through a link or a hard link), a dump and a fingerprint file written from
+    it, or two fingerprint files of one dump. The identity of an input is the file it was
+    read from (:func:`~.fingerprint_files.source_of`: device and inode, path, size, mtime)
+    and, for a fingerprint file, the dump it records. A copy is another guest."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]] = []
+
+    def add(self, path: str, recorded: dict[str, Any] | None) -> None:
+        """Take input ``path`` (``recorded``: the dump a fingerprint file says it came from).
+
+        Raises:
+            ValueError: naming both inputs, if it is one already seen.
+        """
+        try:
+            itself: dict[str, Any] | None = fingerprint_files.source_of(path)
+        except OSError:
+            itself = None  # opening it says what is wrong
+        guest = recorded if recorded is not None else itself
+        k = len(self.seen) + 1
+        for j, (other, other_itself, other_guest) in enumerate(self.seen, 1):
+            if itself and other_itself and fingerprint_files.same_dump(itself, other_itself):
+                alias = "" if other == path else f", the first time as {other}"
+                raise ValueError(f"{path} is given twice (inputs {j} and {k}{alias}): " + _ONCE)
+            if guest and other_guest and fingerprint_files.same_dump(guest, other_guest):
+                how = [f"{p} is a fingerprint file of {g['path']}"
+                       for p, g, i in ((other, other_guest, other_itself), (path, guest, itself))
+                       if g is not i]
+                raise ValueError(f"{path} and {other} are one guest (inputs {j} and {k}: "
+                                 f"{' and '.join(how)}): " + _ONCE)
+        self.seen.append((path, itself, guest))
+
+
+_ONCE = "each input is one guest or process; to model two identical guests, give a copy"
 
 
 def readable_here(path: str) -> bool:
@@ -105,7 +153,7 @@ def _from_file(path: str, options: ScanOptions, page_size: int,
     if source is not None and fingerprint_files.unchanged(source):
         base = int(fingerprint_files.options_of(path).get("base_address", 0))
         with contextlib.suppress(KsmAnalyzeError, OSError):
-            opened = open_inputs(source[0], prints[0].format, page_size=page_size,
+            opened = open_inputs(source["path"], prints[0].format, page_size=page_size,
                                  base_address=base)
             if [r.format for r in opened] == [fp.format for fp in prints]:
                 readers = [stack.enter_context(r) for r in opened]
@@ -252,29 +300,72 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
                             reading: Callable[[str], ProgressCallback],
                             tasks: ProgressCallback | None = None) -> list[Path]:
     """Fingerprint each dump, content hashes included, into ``folder`` (one file a dump,
-    named after it); returns the files written."""
-    from ..units import short_names
+    named after it: :func:`fingerprint_file_names`); returns the files written.
 
+    Raises:
+        ValueError: a file there was written for another dump, or is not a fingerprint file
+            (never replaced), or a name would be an input's.
+    """
     out = Path(folder)
     with contextlib.ExitStack() as stack:
         sources = open_sources(paths, replace(options, cache=None), page_size,
                                options.bases_for(paths), stack)
         if any(s.origin == "file" for s in sources):
             raise ValueError("fingerprint reads dumps, not fingerprint files")
+        targets = [out / name for name in fingerprint_file_names(paths)]
+        dumps = [fingerprint_files.source_of(path) if readable_here(os.fspath(path)) else {
+            "path": os.path.abspath(path), "size": 0} for path in paths]  # workers only
+        for target, dump in zip(targets, dumps, strict=True):
+            if any(os.path.realpath(target) == os.path.realpath(p) for p in paths):
+                raise ValueError(f"{target} would overwrite an input")
+            _replaceable(target, dump)  # before the long work
         fingerprint_sources(sources, replace(options, cache=None), reading, tasks,
                             with_content=True)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         written = []
-        names = short_names([os.fspath(p) for p in paths])
-        for path, name in zip(paths, names, strict=True):
+        for path, target, dump in zip(paths, targets, dumps, strict=True):
             mine = [s for s in sources if s.path == os.fspath(path)]
-            target = out / (name.replace(os.sep, "_") + fingerprint_files.SUFFIX)
-            if any(os.path.realpath(target) == os.path.realpath(p) for p in paths):
-                raise ValueError(f"{target} would overwrite an input")
             mine_prints = [fp for s in mine if s.prints is not None for fp in (s.prints, *s.more)]
-            source = fingerprint_files.source_of(path) if readable_here(os.fspath(path)) else (
-                os.path.abspath(path), 0, 0)  # read by the workers only
-            fingerprint_files.save(target, mine_prints, source=source, options=mine[0].key,
+            _replaceable(target, dump)  # again: another run may have written it since
+            fingerprint_files.save(target, mine_prints, source=dump, options=mine[0].key,
                         contents=[fp.content for fp in mine_prints if fp.content is not None])
             written.append(target)
     return written
+
+
+def fingerprint_file_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The fingerprint file of each dump: its short name (:func:`~ksm_analyze.units.
+    short_names`, folders joined by ``_``) and the suffix; where two would be equal (``d1/x``
+    and ``d1_x``; also ignoring case, for the file systems that do), each of them gets 8 hex
+    digits of the SHA-256 of its dump's resolved path."""
+    import hashlib
+
+    from ..units import short_names
+
+    names = [n.replace(os.sep, "_") for n in short_names([os.fspath(p) for p in paths])]
+    clash = Counter(n.casefold() for n in names)
+    for i, (p, n) in enumerate(zip(paths, names, strict=True)):
+        if clash[n.casefold()] > 1:
+            digest = hashlib.sha256(os.fsencode(os.path.realpath(p))).hexdigest()[:8]
+            names[i] = f"{n}-{digest}"
+    if len({n.casefold() for n in names}) != len(names):  # the same resolved path twice
+        raise ValueError("two dumps would have one fingerprint file: give each once")
+    return [n + fingerprint_files.SUFFIX for n in names]
+
+
+def _replaceable(target: Path, dump: dict[str, Any]) -> None:
+    """ValueError unless ``target`` is absent or a fingerprint file of ``dump`` (rewritten)."""
+    if not os.path.lexists(target):
+        return
+    try:
+        recorded = fingerprint_files.metadata(target)["source"] if (
+            fingerprint_files.is_fingerprint_file(target)) else None
+        mine = recorded is not None and fingerprint_files.same_dump(dump, recorded)
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded, mine = None, False
+    if mine:
+        return
+    was = (f"holds the fingerprints of another dump ({recorded['path']})"
+           if isinstance(recorded, dict) and isinstance(recorded.get("path"), str)
+           else "exists and is not a fingerprint file")
+    raise ValueError(f"{target} {was}: not replaced (remove it, or write to another folder)")

@@ -63,8 +63,11 @@ class Fingerprints:
     content: np.ndarray | None = None
     """``(rows, 2)`` uint64 xxh3-128 of each whole page (0 for a zero page), when known: read
     from a fingerprint file that carries it (:mod:`ksm_analyze.fleet.fingerprint_files`), for a dump not readable here."""
-    source: tuple[str, int, int] | None = None
-    """``(path, size, mtime_ns)`` of the dump, for fingerprints read from a file."""
+    source: dict[str, Any] | None = None
+    """For fingerprints read from a file (or the cache): what it recorded of its dump
+    (``path``, ``size``, ``mtime_ns``, ``ctime_ns``, ``dev``, ``ino``; see
+    :func:`ksm_analyze.fleet.fingerprint_files.source_of`), and ``file``, the file read.
+    Stage 2 checks the pages it reads of such a dump against these fingerprints."""
 
     @property
     def zero(self) -> np.ndarray:

@@ -38,7 +38,8 @@ from . import compiled
 from .stage1 import Fingerprints
 from .xxh3 import xxh3_64_rows
 
-__all__ = ["UNIQUE", "ZERO", "ContentClasses", "StageStats", "classify", "content_hashes"]
+__all__ = ["UNIQUE", "ZERO", "ContentClasses", "StageStats", "check_unchanged", "classify",
+           "content_hashes"]
 
 ZERO = -1
 """Label of an all-zero page."""
@@ -357,6 +358,9 @@ def classify(
     prefilter = _prefix_filter(shared)
     cand_rows = [_candidate_rows(t, shared, prefilter) for t in tables]
     del prefilter
+    for t, r, rows in zip(tables, readers, cand_rows, strict=True):
+        if t.source is not None and r is not None:  # fingerprints from a file or the cache
+            check_unchanged(t, r, rows)
     ends = np.cumsum(counts)
     cuts = [0]
     while cuts[-1] < len(shared):
@@ -495,6 +499,44 @@ def _content_of(tables: Sequence[Fingerprints], readers: Sequence[DumpReader | N
 
 
 _CONTENT_BLOCK = 4096  # pages read at a time for content hashes
+CHECK_SAMPLE = 4096
+"""Pages besides the candidates whose prefix hash :func:`check_unchanged` checks, spread
+evenly over an input's stored pages."""
+
+
+def check_unchanged(fp: Fingerprints, reader: DumpReader, candidates: np.ndarray) -> None:
+    """Check the pages of ``reader`` at rows ``candidates`` of ``fp`` (fingerprints kept in a
+    file or the cache), and a sample of CHECK_SAMPLE other rows, against ``fp``'s prefix
+    hashes: a dump rewritten in place with its size and mtime restored would otherwise give
+    a hybrid answer, old prefixes and new bytes. Stage 2 decides from the candidates' bytes
+    past their prefixes, so checking the prefixes of the candidates is enough for them; the
+    sample catches a dump rewritten as a whole.
+
+    Raises:
+        InputError: ``FILE: does not match its dump DUMP (page at address 0x...): the dump
+            changed since it was fingerprinted, or this file is damaged``.
+    """
+    sample = np.linspace(0, len(fp.addrs) - 1, min(CHECK_SAMPLE, len(fp.addrs))).astype(np.int64)
+    rows = np.union1d(candidates.astype(np.int64), sample)
+    rows = rows[np.argsort(fp.addrs[rows], kind="stable")]  # file order
+    nbytes = fp.prefix_bytes
+    for lo in range(0, len(rows), _CONTENT_BLOCK):
+        at = rows[lo : lo + _CONTENT_BLOCK]
+        pages = reader.read_pages(fp.addrs[at])
+        if compiled.usable(pages):
+            now = compiled.prefix_hashes(pages, nbytes)
+        else:
+            now = np.zeros(len(pages), np.uint64)
+            nonzero = pages.view(np.uint64).any(axis=1)
+            now[nonzero] = xxh3_64_rows(np.ascontiguousarray(pages[nonzero, :nbytes]))
+            now[nonzero & (now == 0)] = 1  # as stage 1: 0 means "zero page"
+        bad = np.flatnonzero(now != fp.prefix[at])
+        if len(bad):
+            raise InputError(
+                f"does not match its dump {reader.name} (page at address "
+                f"{int(fp.addrs[at[bad[0]]]):#x}): the dump changed since it was "
+                "fingerprinted, or this file is damaged",
+                path=str((fp.source or {}).get("file", fp.path)))
 
 
 def content_hashes(reader: DumpReader, addrs: np.ndarray) -> np.ndarray:

@@ -230,7 +230,7 @@ def render_fingerprint_info(path: str, prints: Sequence[Fingerprints], meta: Map
     from ..fleet.fingerprint_files import unchanged
 
     src, opts = meta["source"], meta["options"]
-    here = unchanged((src["path"], src["size"], src["mtime_ns"])) if src["size"] else False
+    here = unchanged(src) if src["size"] else False
     if not prints:
         hashed = "nothing (no inputs)"
     elif prints[0].prefix_bytes < prints[0].page_size:
