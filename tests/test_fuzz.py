@@ -1170,11 +1170,11 @@ def check_fingerprint_case(target: str, case: Case) -> None:
     if target == "fpfile":
         path = _WORK / "fingerprints" / "case.ksmfp.parquet"
         path.write_bytes(case.data)
-        fn: Callable[[], None] = lambda: exercise_fingerprint_file(str(path), seed.answer)  # noqa: E731
+        fn: Callable[[], None] = lambda: exercise_fingerprint_file(str(path), seed.answer)
     else:
         path = seed.entry
         path.write_bytes(case.data)
-        fn = lambda: exercise_cache_entry(seed, seed.answer)  # noqa: E731
+        fn = lambda: exercise_cache_entry(seed, seed.answer)
     result = run_isolated(fn, mem=mem_bound(len(case.data) + seed.dump.stat().st_size),
                           seconds=CASE_SECONDS)
     # A cache entry's errors name the dump or the entry; a fingerprint file's name the file.
