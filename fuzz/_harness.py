@@ -96,3 +96,34 @@ def main(fmt_name: str) -> None:
 
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()
+
+
+def main_fingerprints(target: str) -> None:
+    """The harness of ``fuzz_fpfile.py`` / ``fuzz_cache.py``: each input is a fingerprint
+    file (or a cache entry, written over vm-b.raw's) judged by test_fuzz's
+    :func:`check_fingerprint_case` (isolated in a forked child: a clean one-line error or the
+    original answer). Failures are saved as for the readers."""
+    test_fuzz.fingerprint_seed()
+    seen: set[str] = set()
+    warnings.simplefilter("error")
+
+    def one(data: bytes) -> None:
+        try:
+            test_fuzz.check_fingerprint_case(target, test_fuzz.Case("atheris", data))
+        except AssertionError as e:
+            text = str(e)
+            if not KEEP_GOING:
+                raise Failure(text) from None
+            sig = _signature("\n".join(text.splitlines()[2:]) or text)
+            if sig in seen:
+                return
+            seen.add(sig)
+            OUT.mkdir(parents=True, exist_ok=True)
+            name = f"{target}-{hashlib.sha1(sig.encode()).hexdigest()[:10]}.bin"
+            (OUT / name).write_bytes(data)
+            with open(OUT / "failures.txt", "a") as log:
+                log.write(f"{time.strftime('%F %T')} {name} {len(data)} bytes: {sig}\n")
+            print(f"\n== new failure {name}: {sig}\n{text}\n", file=sys.stderr, flush=True)
+
+    atheris.Setup(sys.argv, one)
+    atheris.Fuzz()

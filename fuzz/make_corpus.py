@@ -48,6 +48,15 @@ def write_corpus(out: Path) -> None:
             (where / seed.name).write_bytes(seed.data)
         lines = [f"kw{i}={_dict_entry(t)}" for i, t in enumerate(TOKENS.get(fmt, []))]
         (out / f"{fmt.value}.dict").write_text("".join(f"{line}\n" for line in lines))
+    seed = test_fuzz.fingerprint_seed()  # the fingerprint file and cache entry of vm-b.raw
+    for target, source in (("fpfile", seed.file), ("cache", seed.entry)):
+        where = out / target
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        (where / "vm-b.raw.ksmfp.parquet").write_bytes(source.read_bytes())
+        tokens = [b"PAR1", b"ksm-analyze", b'"inputs"', b'"extents"', b"1e999", b"[[[[", b"-1"]
+        (out / f"{target}.dict").write_text(
+            "".join(f"kw{i}={_dict_entry(t)}\n" for i, t in enumerate(tokens)))
         print(f"{where}: {len(list(where.iterdir()))} seeds")
     shutil.rmtree(out / ".build", ignore_errors=True)
 

@@ -150,8 +150,62 @@ def test_mismatched_buffers_are_refused():
                           np.empty(2, np.bool_))
     with pytest.raises(ValueError, match="not C-contiguous"):  # never read with wrong strides
         native.prefix_hashes(pages[:, ::2], PS // 2, 16, None, np.empty(2, np.uint64))
-    with pytest.raises(TypeError):  # read-only output
+    with pytest.raises(ValueError, match="out: not a writable"):  # read-only output
         native.page_hashes(pages, PS, np.array([0]), b"\0" * 8)
+    with pytest.raises(TypeError):  # not a buffer at all
+        native.page_hashes(pages, PS, np.array([0]), None)
+
+
+def _unaligned(dtype: type, values: list[int]) -> np.ndarray:
+    """An array of ``values`` starting one byte past an 8-byte boundary (numpy allows it)."""
+    raw = bytearray(8 * len(values) + 1)
+    a = np.frombuffer(raw, dtype, offset=1)
+    a[:] = values
+    assert a.ctypes.data % 8 == 1 and not a.flags.aligned
+    return a
+
+
+@pytest.mark.compiled
+def test_unaligned_or_mistyped_buffers_are_refused():
+    # Every int64 / uint64 buffer the kernels read or write must be aligned: an unaligned one
+    # was read (check_rows) and written (prefix_hashes) with misaligned loads and stores
+    # (undefined behaviour, UBSan's report in issue 18), though the docstring promises a
+    # ValueError for a caller's mistake.
+    native = kernels.native
+    assert native is not None
+    pages = _pages(2)
+    rows, out = np.array([0, 1]), np.empty(2, np.uint64)
+    with pytest.raises(ValueError, match="out: not aligned to 8 bytes"):
+        native.prefix_hashes(pages, PS, 128, None, _unaligned(np.uint64, [0, 0]))
+    with pytest.raises(ValueError, match="rows: not aligned to 8 bytes"):
+        native.page_hashes(pages, PS, _unaligned(np.int64, [0, 1]), out)
+    with pytest.raises(ValueError, match="out: not aligned to 8 bytes"):
+        native.page_hashes(pages, PS, rows, _unaligned(np.uint64, [0, 0]))
+    with pytest.raises(ValueError, match="rows: not aligned"):
+        native.equal_rows(pages, PS, _unaligned(np.int64, [0, 1]), pages, rows,
+                          np.empty(2, np.bool_))
+    with pytest.raises(ValueError, match="keys: not aligned"):
+        native.equal_rows(pages, PS, rows, pages, _unaligned(np.int64, [0, 1]),
+                          np.empty(2, np.bool_))
+    # Of the wrong type: bytes of the right length are no int64 array, int32 rows are not
+    # int64, a uint8 out is not uint64, a uint8 skip is not bool, a big-endian int64 is not
+    # the native one; and a non-contiguous out is refused rather than written with wrong
+    # strides.
+    with pytest.raises(ValueError, match="rows: an array of 8-byte items"):
+        native.page_hashes(pages, PS, bytes(16), out)
+    with pytest.raises(ValueError, match="rows: an array of 8-byte items"):
+        native.page_hashes(pages, PS, np.array([0, 1, 0, 0], np.int32), out)
+    with pytest.raises(ValueError, match="rows: an array of 8-byte items"):
+        native.page_hashes(pages, PS, np.array([0, 1], ">i8"), out)
+    with pytest.raises(ValueError, match="out: an array of 8-byte items"):
+        native.prefix_hashes(pages, PS, 128, None, np.empty(16, np.uint8))
+    with pytest.raises(ValueError, match="skip: an array of 1-byte items"):
+        native.prefix_hashes(pages, PS, 128, np.zeros(2, np.uint8), out)
+    with pytest.raises(ValueError, match="out: not a writable C-contiguous"):
+        native.prefix_hashes(pages, PS, 128, None, np.empty(4, np.uint64)[::2])
+    # The wrappers always pass aligned arrays of the right types, whatever they are given.
+    assert list(kernels.page_hashes(pages, _unaligned(np.int64, [1, 0]))) == \
+        [xxhash.xxh3_64_intdigest(pages[1].tobytes()), xxhash.xxh3_64_intdigest(pages[0].tobytes())]
 
 
 @pytest.mark.compiled

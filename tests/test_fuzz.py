@@ -46,6 +46,8 @@ import select
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -1050,3 +1052,159 @@ def test_isolation_catches_hangs_blowups_and_crashes() -> None:
     assert problems(("error", "InputError", "/y: bad", None, False, 0.0), "/x")
 
 
+
+
+# -- fingerprint files and cache entries --------------------------------------------------------
+#
+# The other travelling input: a fingerprint file (``scan FILE.ksmfp.parquet``) and a --cache
+# entry, both written by fingerprint_files.save. The seed is the fingerprint file of
+# sample_dumps/vm-b.raw (5.7 KB), whose answer is known. A case flips, overwrites or cuts its
+# bytes. The property, on top of the readers' (only a clean one-line KsmAnalyzeError naming
+# the file, bounded time and memory): the answer of a mutated file that loads is the
+# original's. A flipped byte either errors or leaves the answer unchanged; never a silent
+# change (issue 18, class 1).
+
+FP_EXAMPLES = int(os.environ.get("KSM_FUZZ_FP_EXAMPLES", str(max(1, EXAMPLES // 6))))
+"""Cases per target (each runs a whole scan: about 0.2 s): 50 in CI."""
+
+
+class SilentChange(AssertionError):
+    """A mutated fingerprint file or cache entry loaded and gave another answer."""
+
+
+@dataclass(frozen=True)
+class FingerprintSeed:
+    """The dump, its fingerprint file, the cache folder holding its entry, the answers."""
+
+    dump: Path
+    file: Path
+    cache: Path
+    entry: Path
+    answer: tuple[int, ...]
+
+
+def answer(path: str | os.PathLike[str], cache: str | None = None) -> tuple[int, ...]:
+    """What ``scan PATH`` (with ``--cache``) predicts: the KSM counters, as integers."""
+    a = analyze([os.fspath(path)], jobs=1, cache=cache)
+    return tuple(int(v) for v in vars(a.counters).values())
+
+
+_FP_SEED: list[FingerprintSeed] = []
+
+
+def fingerprint_seed() -> FingerprintSeed:
+    """Made once: vm-b.raw copied into the scratch folder, fingerprinted by the CLI, and
+    scanned once through a cache (which writes the entry the cache cases mutate)."""
+    if not _FP_SEED:
+        where = _WORK / "fingerprints"
+        (where / "fp").mkdir(parents=True, exist_ok=True)
+        dump = where / "vm-b.raw"
+        shutil.copyfile(ROOT / "sample_dumps" / "vm-b.raw", dump)
+        subprocess.run([sys.executable, "-m", "ksm_analyze", "fingerprint", "-q", str(dump),
+                        "-o", str(where / "fp")], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+        file = where / "fp" / "vm-b.raw.ksmfp.parquet"
+        cache = where / "cache"
+        expected = answer(dump)
+        if answer(file) != expected or answer(dump, str(cache)) != expected:
+            raise AssertionError("the fingerprint file or the cache entry of vm-b.raw gives "
+                                 "another answer than the dump itself")
+        (entry,) = cache.glob("*.ksmfp.parquet")
+        _FP_SEED.append(FingerprintSeed(dump, file, cache, entry, expected))
+    return _FP_SEED[0]
+
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn, data: bytes) -> Case:
+    """One to four flipped bytes (the common case), an overwritten run, or a cut."""
+    kind = draw(st.sampled_from(["flip", "flip", "flip", "overwrite", "truncate"]))
+    out = bytearray(data)
+    if kind == "flip":
+        where = []
+        for _ in range(draw(st.integers(1, 4))):
+            i, x = draw(st.integers(0, len(out) - 1)), draw(st.integers(1, 255))
+            out[i] ^= x
+            where.append(f"{i:#x}^{x:#04x}")
+        return Case(f"flip {' '.join(where)}", bytes(out))
+    if kind == "overwrite":
+        i = draw(st.integers(0, len(out) - 1))
+        value = draw(st.binary(min_size=1, max_size=64))
+        out[i : i + len(value)] = value
+        return Case(f"overwrite {len(value)} bytes at {i:#x}", bytes(out[: len(data)]))
+    n = draw(st.integers(0, len(out) - 1))
+    return Case(f"truncate to {n} bytes", bytes(out[:n]))
+
+
+def exercise_fingerprint_file(path: str, expected: tuple[int, ...]) -> None:
+    """Read a fingerprint file the ways ``scan``, ``info`` and ``plan`` do (metadata, load,
+    analyze) and fail with SilentChange if it loads with another answer than ``expected``."""
+    from ksm_analyze.fleet import fingerprint_files
+
+    fingerprint_files.metadata(path)
+    fingerprint_files.load(path)
+    got = answer(path)
+    if got != expected:
+        raise SilentChange(f"{path}: loaded, with another answer {got} than {expected}")
+
+
+def exercise_cache_entry(seed: FingerprintSeed, expected: tuple[int, ...]) -> None:
+    """Scan the dump with --cache over the (mutated) entry: the answer must stay the dump's
+    (a damaged entry is rewritten, an intact one used), whatever the entry holds."""
+    got = answer(seed.dump, str(seed.cache))
+    if got != expected:
+        raise SilentChange(f"{seed.entry}: the cache entry changed the answer of {seed.dump} "
+                           f"to {got} from {expected}")
+
+
+def fingerprint_problems(result: tuple[Any, ...], path: str) -> list[str]:
+    """:func:`problems`, for a file with no byte offset to blame (a Parquet file is checked
+    as a whole): a clean, one-line KsmAnalyzeError naming the file, or success."""
+    if result[0] == "error":
+        result = (*result[:3], None, False, result[5])
+    return problems(result, path)
+
+
+def check_fingerprint_case(target: str, case: Case) -> None:
+    """The property for ``target`` (``fpfile`` or ``cache``): run the case isolated."""
+    seed = fingerprint_seed()
+    if target == "fpfile":
+        path = _WORK / "fingerprints" / "case.ksmfp.parquet"
+        path.write_bytes(case.data)
+        fn: Callable[[], None] = lambda: exercise_fingerprint_file(str(path), seed.answer)
+    else:
+        path = seed.entry
+        path.write_bytes(case.data)
+        fn = lambda: exercise_cache_entry(seed, seed.answer)
+    result = run_isolated(fn, mem=mem_bound(len(case.data) + seed.dump.stat().st_size),
+                          seconds=CASE_SECONDS)
+    # A cache entry's errors name the dump or the entry; a fingerprint file's name the file.
+    found = fingerprint_problems(result, str(seed.dump if target == "cache" else path))
+    if target == "cache" and result[0] == "error" and str(result[2]).startswith(str(path)):
+        found = fingerprint_problems(result, str(path))
+    if found:
+        FAILURES.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(case.data).hexdigest()[:12]
+        saved = FAILURES / f"{target}-{digest}.bin"
+        saved.write_bytes(case.data)
+        raise AssertionError(f"{case.label}\n(input saved as {saved})\n" + "\n".join(found))
+
+
+def _fingerprint_property(target: str) -> Callable[..., None]:
+    seed = fingerprint_seed()
+    data = (seed.file if target == "fpfile" else seed.entry).read_bytes()
+
+    def test(case: Case) -> None:
+        check_fingerprint_case(target, case)
+
+    test.__name__ = test.__qualname__ = f"test_mutated_{target}_fails_cleanly_or_same_answer"
+    test.__doc__ = f"Mutated {target}: a clean error or the original answer, bounded."
+    test = given(case=mutated_bytes(data))(test)
+    for crash in sorted(CRASHES.glob(f"{target}-*.bin")):
+        test = example(case=Case(f"reproducer {crash.name}", crash.read_bytes()))(test)
+    test = settings(max_examples=FP_EXAMPLES, deadline=None, derandomize=not SEED,
+                    database=None, suppress_health_check=list(HealthCheck), print_blob=True)(test)
+    return hypothesis_seed(_SEED_VALUE)(test) if SEED else test
+
+
+test_mutated_fpfile_fails_cleanly_or_same_answer = _fingerprint_property("fpfile")
+test_mutated_cache_fails_cleanly_or_same_answer = _fingerprint_property("cache")

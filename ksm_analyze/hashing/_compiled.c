@@ -4,7 +4,10 @@
  *
  * Every function takes buffers (numpy arrays, memory maps) and checks every length and index
  * against them before it releases the GIL, so a caller's mistake is a ValueError, never a read
- * outside a buffer. xxh3 comes from the vendored xxHash library (_vendor/xxhash, the same
+ * outside a buffer. Typed buffers (int64 rows, uint64 hashes, bool flags) are also checked for
+ * their format, C contiguity, writability where written and alignment to their item size
+ * (get_typed), so no load or store is ever misaligned: the wrappers in compiled.py allocate
+ * them with numpy, always aligned, so the loops stay plain typed accesses. xxh3 comes from the vendored xxHash library (_vendor/xxhash, the same
  * code the `xxhash` Python package builds), so hashes are those of xxhash.xxh3_64_intdigest.
  */
 #define PY_SSIZE_T_CLEAN
@@ -42,14 +45,63 @@ check_pages(Py_buffer *pages, Py_ssize_t page_size, const char *what)
     return 0;
 }
 
+/* Get obj's buffer as a typed array: C-contiguous, writable if `writable`, of a one-character
+ * struct format among `codes` (native byte order) with `itemsize`-byte items, its start aligned
+ * to `itemsize`. Anything else is a ValueError naming `what`; a non-buffer stays a TypeError. */
+static int
+get_typed(PyObject *obj, Py_buffer *view, const char *codes, Py_ssize_t itemsize, int writable,
+          const char *what)
+{
+    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        /* numpy says ValueError, bytes and memoryview BufferError: one ValueError naming it */
+        if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+#if PY_VERSION_HEX >= 0x030C0000
+            PyObject *exc = PyErr_GetRaisedException();
+#else
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+#endif
+            PyErr_Format(PyExc_ValueError, "%s: not a %sC-contiguous buffer (%S)", what,
+                         writable ? "writable " : "", exc);
+            Py_XDECREF(exc);
+        }
+        return -1;
+    }
+    const char *format = view->format != NULL ? view->format : "B";
+#if PY_BIG_ENDIAN
+    if (*format == '@' || *format == '=' || *format == '>' || *format == '!')
+#else
+    if (*format == '@' || *format == '=' || *format == '<')
+#endif
+        format++;
+    if (format[0] == '\0' || format[1] != '\0' || strchr(codes, format[0]) == NULL
+        || view->itemsize != itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: an array of %zd-byte items of format '%s' is "
+                     "needed, not format '%s'", what, itemsize, codes,
+                     view->format != NULL ? view->format : "B");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if ((uintptr_t)view->buf % (uintptr_t)itemsize != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: not aligned to %zd bytes (starts at %p)", what,
+                     itemsize, view->buf);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+#define INT64_CODES "ql" /* int64: numpy's int64 is 'l' where long has 8 bytes, else 'q' */
+#define UINT64_CODES "QL"
+
 static int
 check_rows(Py_buffer *rows, Py_ssize_t limit, const char *what, Py_ssize_t *count)
 {
-    if (rows->len % 8 != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: not an int64 array", what);
-        return -1;
-    }
-    *count = rows->len / 8;
+    *count = rows->len / 8; /* an int64 buffer from get_typed */
     const int64_t *r = rows->buf;
     for (Py_ssize_t i = 0; i < *count; i++) {
         if (r[i] < 0 || r[i] >= limit) {
@@ -66,17 +118,19 @@ PyDoc_STRVAR(prefix_hashes_doc,
 "For each page of ``pages`` (contiguous, a whole number of pages): out[i] = 0 if the page is\n"
 "all zero (or skip[i] is true: a page the format records as zero), else xxh3-64 of its first\n"
 "``nbytes`` bytes, with 1 standing for a hash of 0. ``skip`` is a bool buffer or None;\n"
-"``out`` a writable uint64 buffer with one entry per page.");
+"``out`` a writable uint64 buffer with one entry per page. Every typed buffer (here and in\n"
+"the other functions) must be C-contiguous, of its type and aligned to its item size.");
 
 static PyObject *
 prefix_hashes(PyObject *self, PyObject *args)
 {
-    Py_buffer pages, out, skip = {0};
+    Py_buffer pages, out = {0}, skip = {0};
     Py_ssize_t page_size, nbytes;
-    PyObject *skip_obj, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnOw*", &pages, &page_size, &nbytes, &skip_obj, &out))
+    PyObject *skip_obj, *out_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnOO", &pages, &page_size, &nbytes, &skip_obj, &out_obj))
         return NULL;
-    if (skip_obj != Py_None && PyObject_GetBuffer(skip_obj, &skip, PyBUF_SIMPLE) < 0)
+    if (get_typed(out_obj, &out, UINT64_CODES, 8, 1, "out") < 0
+        || (skip_obj != Py_None && get_typed(skip_obj, &skip, "?", 1, 0, "skip") < 0))
         goto done;
     if (check_pages(&pages, page_size, "pages") < 0)
         goto done;
@@ -104,8 +158,7 @@ prefix_hashes(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (skip.buf != NULL)
-        PyBuffer_Release(&skip);
+    PyBuffer_Release(&skip); /* each does nothing for a buffer never taken (obj NULL) */
     PyBuffer_Release(&pages);
     PyBuffer_Release(&out);
     return result;
@@ -119,12 +172,16 @@ PyDoc_STRVAR(equal_rows_doc,
 static PyObject *
 equal_rows(PyObject *self, PyObject *args)
 {
-    Py_buffer pages, rows, reps, keys, out;
+    Py_buffer pages, reps, rows = {0}, keys = {0}, out = {0};
     Py_ssize_t page_size, n, nkeys;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*w*", &pages, &page_size, &rows, &reps, &keys, &out))
+    PyObject *rows_obj, *keys_obj, *out_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nOy*OO", &pages, &page_size, &rows_obj, &reps, &keys_obj,
+                          &out_obj))
         return NULL;
-    if (check_pages(&pages, page_size, "pages") < 0 || check_pages(&reps, page_size, "reps") < 0
+    if (get_typed(rows_obj, &rows, INT64_CODES, 8, 0, "rows") < 0
+        || get_typed(keys_obj, &keys, INT64_CODES, 8, 0, "keys") < 0
+        || get_typed(out_obj, &out, "?", 1, 1, "out") < 0
+        || check_pages(&pages, page_size, "pages") < 0 || check_pages(&reps, page_size, "reps") < 0
         || check_rows(&rows, pages.len / page_size, "rows", &n) < 0
         || check_rows(&keys, reps.len / page_size, "keys", &nkeys) < 0)
         goto done;
@@ -157,12 +214,14 @@ PyDoc_STRVAR(page_hashes_doc,
 static PyObject *
 page_hashes(PyObject *self, PyObject *args)
 {
-    Py_buffer pages, rows, out;
+    Py_buffer pages, rows = {0}, out = {0};
     Py_ssize_t page_size, n;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*ny*w*", &pages, &page_size, &rows, &out))
+    PyObject *rows_obj, *out_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nOO", &pages, &page_size, &rows_obj, &out_obj))
         return NULL;
-    if (check_pages(&pages, page_size, "pages") < 0
+    if (get_typed(rows_obj, &rows, INT64_CODES, 8, 0, "rows") < 0
+        || get_typed(out_obj, &out, UINT64_CODES, 8, 1, "out") < 0
+        || check_pages(&pages, page_size, "pages") < 0
         || check_rows(&rows, pages.len / page_size, "rows", &n) < 0)
         goto done;
     if (out.len != n * 8) {

@@ -90,4 +90,6 @@ def page_hashes(pages: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def _int64(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.int64)
+    """``a`` as the kernels take an index array: int64, C-contiguous and aligned (a copy only
+    when it is not already; the kernels refuse anything else with a ValueError)."""
+    return np.require(a, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
