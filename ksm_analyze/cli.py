@@ -195,8 +195,10 @@ COMPARING = (
     _param("cache", Annotated[
         str | None,
         typer.Option("--cache",
-                     help="Folder of fingerprint files: a dump fingerprinted before (same "
-                     "path, size, mtime, hashing options) is not read again in stage 1.",
+                     help="Folder of fingerprint files, yours and writable by nobody "
+                     "else: a dump fingerprinted before (same path, size, mtime, hashing "
+                     "options) is not read again in stage 1; an entry that is not that "
+                     "dump's is not used, but rewritten.",
                      show_default=False, rich_help_panel=_COMPARING_PANEL),
     ], DEFAULT_OPTIONS.cache),
 )

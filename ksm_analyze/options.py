@@ -59,7 +59,9 @@ class ScanOptions:
             ``name``, and pages never merge across domains. Every input must match one.
         merge: ``all`` (KSM's rule) or ``zero-only`` (a what-if: only zero pages merge).
         cache: a folder of fingerprint files: a dump fingerprinted before with the same
-            path, size, mtime and hashing options is not read again in stage 1.
+            path, size, mtime and hashing options is not read again in stage 1. Each entry
+            is checked against that key (else it is not used, rewritten, and a warning
+            says so); the folder must be the user's and writable by nobody else.
         scheduler: run stage 1 on a Dask cluster: ``tcp://HOST:PORT`` of its scheduler, or
             ``local`` / ``local:N`` for a local cluster of N workers (``pip install
             'ksm-analyze[dask]'``).

@@ -18,16 +18,18 @@ A file read back is checked like a dump: a damaged or hostile file is one line n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._files import atomic_write
+from .._files import DIR_MODE, atomic_write
 from .._version import __version__
 from ..errors import DumpFormatError, InputError
 from ..formats import DumpFormat
@@ -273,35 +275,153 @@ def _check_addresses(addrs: np.ndarray, extents: list[Extent], page_size: int,
 
 
 class Cache:
-    """Fingerprints of dumps kept in a folder, keyed by what changes them: the dump's path,
-    size, mtime, ctime and inode (:func:`source_of`), and the options that change its
-    hashes."""
+    """Fingerprints of dumps kept in a folder, keyed by what changes them: the dump's source
+    (:func:`source_of`: path, size, mtime, ctime, device and inode) and the options that change its hashes.
+
+    An entry's file name is only where to look: :meth:`get` uses an entry only if it is a
+    regular file of this user's that nobody else can write, opened without following a
+    symbolic link, read by :func:`load`, and recorded for this very source and these
+    options; anything else is a miss, said once in :attr:`problems`, and the entry is
+    rewritten by :meth:`put`. The folder must be this user's and writable by nobody else
+    (else :class:`InputError`: anyone who can write it can plant an answer); a new one is
+    made 0700.
+    """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.hits: list[str] = []
         self.stored: list[str] = []
+        self.problems: dict[str, str] = {}
+        """Per dump path: why its entry was not used, or could not be written (one line)."""
+        self._check_folder()
+
+    def _check_folder(self) -> None:
+        def refuse(detail: str) -> InputError:
+            return InputError(f"--cache {detail}", path=self.folder)
+
+        try:
+            self.folder.mkdir(mode=DIR_MODE, parents=True)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise refuse(f"folder cannot be made ({e.strerror})") from None
+        try:
+            st = os.stat(self.folder)
+        except OSError as e:
+            raise refuse(f"folder cannot be read ({e.strerror})") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise refuse("needs a folder; this is not one")
+        if st.st_uid != os.geteuid():
+            raise refuse(f"folder belongs to another user (uid {st.st_uid}), who could plant "
+                         "entries in it: give a folder of your own")
+        if st.st_mode & 0o022:
+            raise refuse(f"folder can be written by others (mode {st.st_mode & 0o7777:04o}), "
+                         "who could plant entries in it: chmod go-w it or give another folder")
 
     def file_for(self, path: str | os.PathLike[str], key: dict[str, Any]) -> Path:
         """Where the fingerprints of ``path`` under the options ``key`` live."""
         what = json.dumps([source_of(path), key, VERSION], sort_keys=True, default=str)
         return self.folder / (hashlib.sha256(what.encode()).hexdigest()[:32] + SUFFIX)
 
-    def get(self, path: str | os.PathLike[str], key: dict[str, Any]) -> list[Fingerprints] | None:
-        """The cached fingerprints of ``path``, or None (also for a damaged entry)."""
+    def get(self, path: str | os.PathLike[str], key: dict[str, Any],
+            check: Callable[[list[Fingerprints]], str | None] | None = None
+            ) -> list[Fingerprints] | None:
+        """The cached fingerprints of ``path``, or None: no entry, or one that is not this
+        dump's under ``key`` (said in :attr:`problems`). ``check`` adds the caller's test of
+        the fingerprints (what the dump's readers see): a reason to refuse them, or None."""
         entry = self.file_for(path, key)
-        if not entry.exists():
-            return None
         try:
-            prints = load(entry)
-        except DumpFormatError:
-            return None  # rewritten below
-        self.hits.append(os.fspath(path))
+            prints = self._read(entry, path, key)
+            problem = check(prints) if prints is not None and check is not None else None
+        except _Miss as e:
+            problem = str(e)
+        if problem is not None:
+            self.problems[os.fspath(path)] = (
+                f"cache entry {entry} {problem}: not used; {os.fspath(path)} was read again")
+            return None
+        if prints is not None:
+            self.hits.append(os.fspath(path))
+        return prints
+
+    def _read(self, entry: Path, path: str | os.PathLike[str], key: dict[str, Any]
+              ) -> list[Fingerprints] | None:
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _Miss("is a symbolic link" if e.errno == errno.ELOOP
+                        else f"cannot be opened ({e.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _Miss("is not a regular file")
+            if st.st_uid != os.geteuid():
+                raise _Miss(f"belongs to another user (uid {st.st_uid})")
+            if st.st_mode & 0o022:
+                raise _Miss(f"can be written by others (mode {st.st_mode & 0o7777:04o})")
+            try:
+                prints = load(entry)
+                meta = metadata(entry)
+            except DumpFormatError as e:
+                raise _Miss(f"is damaged ({_line(e.detail)})") from None
+            except Exception as e:  # noqa: BLE001 - any damage is a miss, never a crash
+                raise _Miss(f"is damaged ({type(e).__name__}: {_line(str(e))})") from None
+            now = os.lstat(entry)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise _Miss("was replaced while read")
+        finally:
+            os.close(fd)
+        _matches(prints, meta, path, key)
         return prints
 
     def put(self, path: str | os.PathLike[str], key: dict[str, Any],
-            prints: Sequence[Fingerprints]) -> None:
-        """Keep the fingerprints of ``path`` (the folder is made private if new)."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        save(self.file_for(path, key), prints, source=source_of(path), options=key)
+            prints: Sequence[Fingerprints]) -> bool:
+        """Keep the fingerprints of ``path``; False (said in :attr:`problems`) if the entry
+        cannot be written (a full or read-only file system): the cache is only a shortcut."""
+        entry = self.file_for(path, key)
+        try:
+            save(entry, prints, source=source_of(path), options=key)
+        except OSError as e:
+            self.problems[os.fspath(path)] = (
+                f"cache entry {entry} for {os.fspath(path)} cannot be written "
+                f"({e.strerror or type(e).__name__}); the scan goes on without it")
+            return False
         self.stored.append(os.fspath(path))
+        return True
+
+
+class _Miss(Exception):
+    """Why a cache entry is not used (a phrase: ``is a symbolic link``)."""
+
+
+def _line(text: str) -> str:
+    """The first line of ``text``, at most 200 characters."""
+    lines = text.splitlines()
+    return (lines[0] if lines else "")[:200]
+
+
+def _matches(prints: list[Fingerprints], meta: Any, path: str | os.PathLike[str],
+             key: dict[str, Any]) -> None:
+    """Raise _Miss unless ``prints`` were recorded for the dump at ``path`` as it is now,
+    under the options ``key``: its name only says where to look."""
+    if not prints:
+        raise _Miss("holds no input")
+    now = source_of(path)
+    for fp in prints:
+        src = fp.source if isinstance(fp.source, dict) else {}
+        if any(src.get(k) != now[k] for k in _SOURCE_KEYS):
+            was = src.get("path")
+            raise _Miss(f"was written for {was!r:.200}" if was != now["path"] else
+                        "was written for this dump before it changed")
+    want = json.loads(json.dumps(key, default=str))
+    options = meta.get("options") if isinstance(meta, dict) else None
+    if not isinstance(options, dict) or options != want:
+        given = options if isinstance(options, dict) else {}
+        differ = [f"{k} {given.get(k)!r:.40}, not {v!r}" for k, v in want.items()
+                  if given.get(k) != v] or ["options besides these"]
+        raise _Miss(f"was written under other options ({', '.join(differ)})")
+    for fp in prints:
+        if fp.page_size != key.get("page_size") or fp.prefix_bytes != key.get("prefix_bytes"):
+            raise _Miss(f"holds {fp.page_size}-byte pages hashed over {fp.prefix_bytes} "
+                        f"bytes, not {key.get('page_size')} over {key.get('prefix_bytes')}")

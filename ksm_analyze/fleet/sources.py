@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ class Source:
     """The hashing options, as the cache keys them."""
     more: list[Fingerprints] = field(default_factory=list)
     """A ``worker`` dump's further inputs (the processes of a snapshot after the first)."""
+    cache_note: str | None = None
+    """This run's warning about the input's cache entry (not used, or not written)."""
 
 
 def _hash_key(options: ScanOptions, page_size: int, base: int, fmt: DumpFormat | None
@@ -85,12 +88,12 @@ def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, 
         readers = [stack.enter_context(r) for r in open_inputs(
             path, options.format, page_size=page_size, base_address=base)]
         key = _hash_key(options, page_size, base, readers[0].format)
-        cached = cache.get(path, key) if cache else None
-        if cached is not None and len(cached) != len(readers):
-            cached = None
+        cached = cache.get(path, key, partial(_layout_differs, readers)) if cache else None
         for k, r in enumerate(readers):
-            sources.append(Source(path, r, cached[k] if cached else None,
+            sources.append(Source(path, r, replace(cached[k], path=r.name) if cached else None,
                                "cache" if cached else "read", key))
+        if cache and path in cache.problems:
+            sources[-len(readers)].cache_note = cache.problems[path]
     return sources
 
 
@@ -130,6 +133,22 @@ class _Guests:
 
 
 _ONCE = "each input is one guest or process; to model two identical guests, give a copy"
+
+
+def _layout_differs(readers: Sequence[DumpReader], prints: Sequence[Fingerprints]
+                    ) -> str | None:
+    """Why a cache entry's fingerprints cannot be those of ``readers`` (None: they can):
+    inputs, formats and stored ranges must be what the dump's readers see now."""
+    if len(prints) != len(readers):
+        return f"holds {len(prints)} inputs, not {len(readers)}"
+    for fp, r in zip(prints, readers, strict=True):
+        if (fp.format, fp.address_space, fp.page_size) != (r.format, r.address_space,
+                                                            r.page_size):
+            return (f"holds a {fp.format.value} input of {fp.page_size}-byte pages, not "
+                    f"{r.format.value} of {r.page_size}")
+        if fp.extents != r.extents:
+            return "holds other page ranges than the dump has"
+    return None
 
 
 def readable_here(path: str) -> bool:
@@ -185,7 +204,17 @@ def fingerprint_sources(sources: Sequence[Source], options: ScanOptions,
         cache = fingerprint_files.Cache(options.cache)
         for path in dict.fromkeys(s.path for s in todo if s.origin == "read"):
             mine = [s for s in sources if s.path == path]
-            cache.put(path, mine[0].key, [s.prints for s in mine if s.prints is not None])
+            written = cache.put(path, mine[0].key, [s.prints for s in mine
+                                                    if s.prints is not None])
+            not_used = mine[0].cache_note
+            if not written:
+                mine[0].cache_note = (f"{not_used}; {cache.problems[path]}" if not_used
+                                      else cache.problems[path])
+            elif not_used:
+                mine[0].cache_note = f"{not_used}, and the entry rewritten"
+    for s in sources:  # after put: the note is about this run, not kept in the entry
+        if s.cache_note and s.prints is not None:
+            s.prints.warnings.append(s.cache_note)
     prints: list[Fingerprints] = []
     readers: list[DumpReader | None] = []
     for s in sources:
