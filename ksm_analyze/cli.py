@@ -24,7 +24,7 @@ from . import _parallel, _signals
 from ._signals import Interrupted, raise_on_interrupt
 from ._version import __version__
 from .analysis import TABLES, Analysis
-from .errors import KsmAnalyzeError
+from .errors import KsmAnalyzeError, printable
 from .formats import DumpFormat, open_dump
 from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ScanOptions
@@ -53,10 +53,10 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except KsmAnalyzeError as e:
-        typer.echo(f"Error: {e}", err=True)
+        typer.echo(f"Error: {e}", err=True)  # escaped by KsmAnalyzeError.__str__
         raise typer.Exit(1) from None
-    except ValueError as e:
-        typer.echo(f"Error: {e}", err=True)
+    except ValueError as e:  # may quote a file's name or content: escaped like the others
+        typer.echo(f"Error: {printable(e)}", err=True)
         raise typer.Exit(2) from None
     except BrokenPipeError:  # e.g. `ksm-analyze scan ... | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop the rest quietly
@@ -496,8 +496,10 @@ def _refuse_overwriting(dumps: list[Path], outputs: list[Path]) -> None:
 
 
 def _cannot_write(directory: Path, e: OSError, what: str = "the report") -> NoReturn:
+    """One line naming the output (a folder, a file prefix) and what could not be written
+    there: ``the report``, ``CSV files``, ``PNG files``, ``fingerprint files``."""
     where = f" ({e.filename})" if e.filename and str(e.filename) != str(directory) else ""
-    typer.echo(f"Error: {directory}: cannot write {what}: {e.strerror or e}{where}",
+    typer.echo(printable(f"Error: {directory}: cannot write {what}: {e.strerror or e}{where}"),
                err=True)
     raise typer.Exit(1)
 
@@ -538,7 +540,7 @@ def fingerprint_cmd(
             except OSError as e:  # a full disk, say: the folder was writable at the start
                 _cannot_write(output, e, "fingerprint files")
     for path in written:
-        typer.echo(f"Wrote {path}")
+        typer.echo(f"Wrote {printable(path)}")
 
 
 @app.command()

@@ -22,6 +22,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..analysis import TABLES
+from ..errors import printable
 from ..units import human_bytes
 from .files import DIR_MODE, FILE_MODE, atomic_write, csv_text
 
@@ -280,7 +281,10 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     parts.extend(f"<tr><th>{e(str(k))}</th><td><code>{e(_option(v))}</code></td></tr>"
                  for k, v in options.items())
     parts.append("</table></body></html>")
-    return "\n".join(parts) + "\n"
+    # html.escape leaves control characters: a name or warning from a file could still put
+    # an ESC or a BEL in the page. Escape them as the text report does (a newline inside a
+    # name is white space in HTML and stays).
+    return "".join(printable(line) + "\n" for line in "\n".join(parts).split("\n"))
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:

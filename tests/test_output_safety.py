@@ -1,0 +1,107 @@
+"""What reaches the terminal and the disk from files: control characters escaped, no secrets
+in fingerprint files, no half-written report, messages that name what failed (issue 18:
+classes 16, 17, 18 and the smaller items)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import PS, runner
+
+from ksm_analyze.cli import app
+from ksm_analyze.errors import InputError, printable
+
+EVIL = "\x1b]0;pwned\x07\nforged line\x9b2J\x7f"
+"""An OSC sequence setting the terminal title, a newline forging a line, a C1 CSI, DEL."""
+
+
+def clean(text: str) -> bool:
+    """Whether ``text`` is safe on a terminal: no control character but the newlines that end
+    lines the tool wrote, and no line that a file's bytes forged."""
+    lines = text.split("\n")
+    return (all(ch >= " " and not "\x7f" <= ch <= "\x9f" for line in lines for ch in line)
+            and not any(line.startswith("forged line") for line in lines))
+
+
+def small_dump(folder: Path, name: str = f"vm{EVIL}.raw") -> Path:
+    """Eight pages: four copies of one content, two zero pages, two distinct."""
+    path = folder / name
+    path.write_bytes(b"\xaa" * PS * 4 + bytes(2 * PS) + b"\x01" * PS + b"\x02" * PS)
+    return path
+
+
+def test_printable_escapes_control_characters_only():
+    assert printable("a\x1b]0;x\x07b") == "a\\x1b]0;x\\x07b"
+    assert printable("one\ntwo\r\tthree") == "one\\ntwo\\r\\tthree"
+    assert printable("\x7f\x9b\x85") == "\\x7f\\x9b\\x85"
+    assert printable("caf\u00e9 \u2014 \u4e2d") == "caf\u00e9 \u2014 \u4e2d"  # printable text kept
+    assert printable("\u202eevil\u2028") == "\\u202eevil\\u2028"  # bidi override, line separator
+    assert printable("bad\udcffbyte") == "bad\\xffbyte"  # an undecodable byte of a file name
+    assert printable(printable(EVIL)) == printable(EVIL)
+
+
+def test_error_messages_escape_what_came_from_a_file():
+    error = InputError(f"bad {EVIL}", path=f"/x/{EVIL}")
+    assert clean(str(error)) and "\n" not in str(error)
+    assert error.path == f"/x/{EVIL}"  # the attribute stays exact
+
+
+def test_a_dump_named_with_control_characters_prints_escaped(tmp_path):
+    dump = small_dump(tmp_path)
+    for args in (["scan", str(dump)], ["info", str(dump)],
+                 ["plan", str(dump), "--host-memory", "1GiB"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert clean(r.stdout) and clean(r.stderr), r.stdout
+        assert "\\x1b]0;pwned\\x07\\nforged line" in r.stdout
+    empty = tmp_path / f"e{EVIL}.raw"
+    empty.write_bytes(b"")
+    r = runner.invoke(app, ["scan", str(empty)])
+    assert r.exit_code == 1 and clean(r.stderr) and r.stderr.count("\n") == 1, r.stderr
+
+
+def _forged_fingerprint_file(tmp_path: Path) -> Path:
+    """A fingerprint file whose metadata holds control characters everywhere text goes."""
+    import pyarrow.parquet as pq
+
+    from ksm_analyze.fleet import fingerprint_files as fpfile
+
+    dump = small_dump(tmp_path, "vm.raw")
+    r = runner.invoke(app, ["fingerprint", "-q", str(dump), "-o", str(tmp_path / "fp")])
+    assert r.exit_code == 0, r.output
+    (path,) = (tmp_path / "fp").iterdir()
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[fpfile.META_KEY])
+    meta["tool"] = f"ksm-analyze {EVIL}"
+    meta["source"]["path"] = f"/elsewhere/{EVIL}"
+    one = meta["inputs"][0]
+    one["name"] = f"guest{EVIL}"
+    one["warnings"] = [f"w{EVIL}"]
+    one["info"]["note"] = f"i{EVIL}"
+    for extent in one["extents"]:
+        extent[4] = f"label{EVIL}"
+    forged = tmp_path / f"forged{EVIL}.ksmfp.parquet"
+    pq.write_table(table.replace_schema_metadata({fpfile.META_KEY: json.dumps(meta)}), forged)
+    return forged
+
+
+def test_fingerprint_metadata_prints_escaped(tmp_path):
+    forged = _forged_fingerprint_file(tmp_path)
+    for args in (["scan", str(forged)], ["info", str(forged)],
+                 ["plan", str(forged), "--host-memory", "1GiB"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert clean(r.stdout) and clean(r.stderr), r.stdout
+        assert "pwned" in r.stdout  # it was printed, escaped
+    info = runner.invoke(app, ["info", str(forged)]).stdout
+    assert "wpwned" not in info and "w\\x1b]0;pwned\\x07\\nforged line" in info
+
+
+def test_the_html_report_escapes_control_characters(tmp_path):
+    forged = _forged_fingerprint_file(tmp_path)
+    r = runner.invoke(app, ["report", "-q", str(forged), "-o", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    assert clean(r.stdout), r.stdout
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "\x1b" not in page and "\x07" not in page and "\\x1b]0;pwned" in page
