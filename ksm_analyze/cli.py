@@ -519,13 +519,18 @@ def _make_dir(directory: Path, what: str = "the report") -> None:
 def fingerprint_cmd(
     dumps: Annotated[list[Path], typer.Argument(help="Dump files.", show_default=False)],
     output: Annotated[Path, _output("Folder for the fingerprint files.")],
+    keep_cmdline: Annotated[
+        bool, typer.Option("--keep-cmdline",
+                           help="Keep each snapshot process's full command line in the files. "
+                           "Off by default: arguments can hold secrets (--password=...).")
+    ] = False,
     *,
     request: _Request,
 ) -> None:
     """Write each dump's fingerprints to OUTPUT as Parquet, for scan, report and plan.
 
-    No page bytes are written. The files can be read on this machine or another; only the
-    hashing options matter here.
+    No page bytes are written, nor a snapshot's command lines unless --keep-cmdline. The
+    files can be read on this machine or another; only the hashing options matter here.
     """
     from .fleet.sources import write_fingerprint_files
 
@@ -536,7 +541,7 @@ def fingerprint_cmd(
                 written = write_fingerprint_files(
                     dumps, output, request.options, request.ksm.page_size,
                     reading=lambda name: lambda n, of: bars(name, n, of),
-                    tasks=lambda n, of: bars("Dask tasks", n, of))
+                    tasks=lambda n, of: bars("Dask tasks", n, of), keep_cmdline=keep_cmdline)
             except OSError as e:  # a full disk, say: the folder was writable at the start
                 _cannot_write(output, e, "fingerprint files")
     for path in written:

@@ -105,3 +105,39 @@ def test_the_html_report_escapes_control_characters(tmp_path):
     assert clean(r.stdout), r.stdout
     page = (tmp_path / "report" / "index.html").read_text()
     assert "\x1b" not in page and "\x07" not in page and "\\x1b]0;pwned" in page
+
+
+# -- class 18: secrets out of fingerprint files ----------------------------------------------
+
+
+def _snapshot_with_a_password(path: Path) -> Path:
+    from test_snapshot import BASE, R, page, runs, vma
+
+    from ksm_analyze.formats.snapshot import SnapshotWriter
+
+    with SnapshotWriter(path, page_size=PS, meta={"kernel": "6.18.0"}) as w:
+        w.begin_process({"pid": 7, "comm": "db", "start_time": 1,
+                         "cmdline": ["/usr/sbin/db", "--password=hunter2"],
+                         "vmas": [vma(BASE, 3, "rd wr mr mw me ac mg")]})
+        w.write_pages(BASE, page(0xA) * 2 + page(0xB))
+        w.add_runs(runs((BASE, 3, R.PRESENT | R.STORED)))
+        w.commit()
+    return path
+
+
+def test_fingerprint_files_leave_out_command_lines(tmp_path):
+    snap = _snapshot_with_a_password(tmp_path / "db.snap")
+    assert b"hunter2" in snap.read_bytes()  # the snapshot holds it (docs/security.md)
+    r = runner.invoke(app, ["fingerprint", "-q", str(snap), "-o", str(tmp_path / "fp")])
+    assert r.exit_code == 0, r.output
+    (made,) = (tmp_path / "fp").iterdir()
+    assert b"hunter2" not in made.read_bytes()
+    r = runner.invoke(app, ["scan", str(snap), "--cache", str(tmp_path / "cache"), "--json"])
+    assert r.exit_code == 0, r.output
+    entries = list((tmp_path / "cache").rglob("*.parquet"))
+    assert entries and not any(b"hunter2" in e.read_bytes() for e in entries)
+    r = runner.invoke(app, ["fingerprint", "-q", "--keep-cmdline", str(snap),
+                            "-o", str(tmp_path / "kept")])
+    assert r.exit_code == 0, r.output
+    (kept,) = (tmp_path / "kept").iterdir()
+    assert b"--password=hunter2" in kept.read_bytes()

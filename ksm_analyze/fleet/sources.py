@@ -250,9 +250,11 @@ def _on_cluster(todo: Sequence[Source], options: ScanOptions,
 def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str | os.PathLike[str],
                             options: ScanOptions, page_size: int,
                             reading: Callable[[str], ProgressCallback],
-                            tasks: ProgressCallback | None = None) -> list[Path]:
+                            tasks: ProgressCallback | None = None,
+                            keep_cmdline: bool = False) -> list[Path]:
     """Fingerprint each dump, content hashes included, into ``folder`` (one file a dump,
-    named after it); returns the files written."""
+    named after it); returns the files written. A snapshot's command lines are left out
+    unless ``keep_cmdline``."""
     from ..units import short_names
 
     out = Path(folder)
@@ -275,6 +277,7 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
             source = fingerprint_files.source_of(path) if readable_here(os.fspath(path)) else (
                 os.path.abspath(path), 0, 0)  # read by the workers only
             fingerprint_files.save(target, mine_prints, source=source, options=mine[0].key,
-                        contents=[fp.content for fp in mine_prints if fp.content is not None])
+                        contents=[fp.content for fp in mine_prints if fp.content is not None],
+                        keep_cmdline=keep_cmdline)
             written.append(target)
     return written
