@@ -358,8 +358,7 @@ def scan(
             try:
                 write_csvs(result, csv_dir)
             except OSError as e:
-                typer.echo(f"Error: {csv_dir}: cannot write CSV files: {e.strerror}", err=True)
-                raise typer.Exit(1) from None
+                _cannot_write(csv_dir, e, "CSV files")
         typer.echo(to_json(result) if json_out else render_scan(result))
 
 
@@ -446,13 +445,16 @@ def plan(
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
         result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
                             zero_pages=not without_zero_pages)
-        try:
-            if csv_dir is not None:
+        if csv_dir is not None:
+            try:
                 write_csvs(result, csv_dir)
-            if png is not None:
+            except OSError as e:
+                _cannot_write(csv_dir, e, "CSV files")
+        if png is not None:
+            try:
                 _write_pngs(result, png)
-        except OSError as e:
-            _cannot_write(csv_dir or png or Path("."), e)
+            except OSError as e:
+                _cannot_write(png, e, "PNG files")
         typer.echo(to_json(result) if json_out else render_plan(result))
 
 

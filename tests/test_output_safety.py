@@ -141,3 +141,18 @@ def test_fingerprint_files_leave_out_command_lines(tmp_path):
     assert r.exit_code == 0, r.output
     (kept,) = (tmp_path / "kept").iterdir()
     assert b"--password=hunter2" in kept.read_bytes()
+
+
+# -- class 17: write errors name what is written --------------------------------------------
+
+
+def test_plan_write_errors_name_the_csv_and_png_files(tmp_path):
+    dump = small_dump(tmp_path, "vm.raw")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    r = runner.invoke(app, ["plan", str(dump), "--host-memory", "1GiB",
+                            "--csv", str(not_a_folder)])
+    assert r.exit_code == 1 and "cannot write CSV files" in r.stderr, r.stderr
+    r = runner.invoke(app, ["plan", str(dump), "--host-memory", "1GiB",
+                            "--png", str(tmp_path / "no" / "such" / "x")])
+    assert r.exit_code == 1 and "cannot write PNG files" in r.stderr, r.stderr

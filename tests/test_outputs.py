@@ -244,7 +244,8 @@ def test_scan_csv_on_a_full_disk(small_disk):
     _fill(small_disk, 0)
     r = runner.invoke(app, ["scan", *SAMPLES, "--csv", str(out)])
     assert r.exit_code == 1
-    assert r.stderr == f"Error: {out}: cannot write CSV files: No space left on device\n"
+    assert r.stderr == (f"Error: {out}: cannot write CSV files: No space left on device "
+                        f"({out / 'per_input.csv'})\n")
     assert _leftovers(out) == []
 
 
