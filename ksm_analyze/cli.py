@@ -392,16 +392,21 @@ def report(
 
         options = replace(request.options, top=top, show_content=show_content)  # checks top
         _refuse_overwriting(dumps, report_files(output))
+        created = not output.exists()
         _make_dir(output)
-        result = replace(request, options=options).run(dumps)
-        planned = None if host_memory is None else _make_plan(result, host_memory, reserve,
-                                                               project)
-        try:
-            written = write_report(result, output, planned)
-        except OSError as e:
-            _cannot_write(output, e)
-        typer.echo(f"Wrote {counted(len(written), 'file')} to {output}: "
-                   f"open {output / 'index.html'}")
+        with contextlib.ExitStack() as undo:  # no report: no folder made for it either
+            if created:
+                undo.callback(_remove_if_empty, output)
+            result = replace(request, options=options).run(dumps)
+            planned = None if host_memory is None else _make_plan(result, host_memory,
+                                                                   reserve, project)
+            try:
+                written = write_report(result, output, planned)
+            except OSError as e:
+                _cannot_write(output, e)
+            undo.pop_all()
+        typer.echo(f"Wrote {counted(len(written), 'file')} to {printable(output)}: "
+                   f"open {printable(output / 'index.html')}")
 
 
 @app.command()
@@ -504,6 +509,11 @@ def _cannot_write(directory: Path, e: OSError, what: str = "the report") -> NoRe
     typer.echo(printable(f"Error: {directory}: cannot write {what}: {e.strerror or e}{where}"),
                err=True)
     raise typer.Exit(1)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def _make_dir(directory: Path, what: str = "the report") -> None:

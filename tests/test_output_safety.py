@@ -4,7 +4,9 @@ classes 16, 17, 18 and the smaller items)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 from conftest import PS, runner
@@ -156,3 +158,56 @@ def test_plan_write_errors_name_the_csv_and_png_files(tmp_path):
     r = runner.invoke(app, ["plan", str(dump), "--host-memory", "1GiB",
                             "--png", str(tmp_path / "no" / "such" / "x")])
     assert r.exit_code == 1 and "cannot write PNG files" in r.stderr, r.stderr
+
+
+# -- smaller: a report is written whole or not at all ----------------------------------------
+
+
+def _full_disk_after(monkeypatch, n: int) -> None:
+    from ksm_analyze.render import report
+
+    real, calls = report.atomic_write, []
+
+    def atomic_write(path, data, **kwargs):
+        calls.append(path)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(report, "atomic_write", atomic_write)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_full_disk_leaves_no_partial_report(tmp_path, monkeypatch):
+    dump = small_dump(tmp_path, "vm.raw")
+    _full_disk_after(monkeypatch, 5)
+    new = tmp_path / "new"
+    r = runner.invoke(app, ["report", "-q", str(dump), "-o", str(new)])
+    assert r.exit_code == 1 and "No space left on device" in r.stderr, r.output
+    assert r.stderr.count("\n") == 1 and "cannot write the report" in r.stderr
+    assert not new.exists() or _tree(new) == {}
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("index.html", "savings.csv", "distribution.png", "notes.txt"):
+        (old / name).write_text(f"previous {name}")
+    before = _tree(old)
+    r = runner.invoke(app, ["report", "-q", str(dump), "-o", str(old)])
+    assert r.exit_code == 1, r.output
+    assert _tree(old) == before
+
+
+def test_a_report_replaces_a_previous_one_whole(tmp_path):
+    dump = small_dump(tmp_path, "vm.raw")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text("previous")
+    (out / "notes.txt").write_text("mine")
+    r = runner.invoke(app, ["report", "-q", str(dump), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in out.iterdir())
+    assert "notes.txt" in names and not any(n.startswith(".") for n in names), names
+    assert (out / "index.html").read_text().startswith("<!DOCTYPE html>")
