@@ -489,6 +489,8 @@ def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...
             if len(row) != 2 or not all(cell.strip() for cell in row):
                 raise ValueError(f"{table} row {n}: expected input,domain, not {row!r}")
             pairs.append((row[1].strip(), glob.escape(row[0].strip())))
+        if not rows:  # an empty file is a mistake, not "no policy"
+            raise ValueError(f"{table}: no domains in the file (expected input,domain rows)")
     return tuple(pairs)
 
 

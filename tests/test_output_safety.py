@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import PS, runner
 
 from ksm_analyze.cli import app
@@ -211,3 +212,16 @@ def test_a_report_replaces_a_previous_one_whole(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert "notes.txt" in names and not any(n.startswith(".") for n in names), names
     assert (out / "index.html").read_text().startswith("<!DOCTYPE html>")
+
+
+# -- smaller: an empty --domains file ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "input,domain\n"], ids=["empty", "blank", "header"])
+def test_an_empty_domains_file_is_one_line(tmp_path, text):
+    dump = small_dump(tmp_path, "vm.raw")
+    table = tmp_path / "domains.csv"
+    table.write_text(text)
+    r = runner.invoke(app, ["scan", str(dump), "--domains", str(table)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and "no domains" in r.stderr and str(table) in r.stderr
