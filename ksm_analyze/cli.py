@@ -24,7 +24,7 @@ from . import _parallel, _signals
 from ._signals import Interrupted, raise_on_interrupt
 from ._version import __version__
 from .analysis import TABLES, Analysis
-from .errors import KsmAnalyzeError
+from .errors import KsmAnalyzeError, printable
 from .formats import DumpFormat, open_dump
 from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ScanOptions
@@ -53,10 +53,10 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except KsmAnalyzeError as e:
-        typer.echo(f"Error: {e}", err=True)
+        typer.echo(f"Error: {e}", err=True)  # escaped by KsmAnalyzeError.__str__
         raise typer.Exit(1) from None
-    except ValueError as e:
-        typer.echo(f"Error: {e}", err=True)
+    except ValueError as e:  # may quote a file's name or content: escaped like the others
+        typer.echo(f"Error: {printable(e)}", err=True)
         raise typer.Exit(2) from None
     except BrokenPipeError:  # e.g. `ksm-analyze scan ... | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop the rest quietly
@@ -367,8 +367,7 @@ def scan(
             try:
                 write_csvs(result, csv_dir)
             except OSError as e:
-                typer.echo(f"Error: {csv_dir}: cannot write CSV files: {e.strerror}", err=True)
-                raise typer.Exit(1) from None
+                _cannot_write(csv_dir, e, "CSV files")
         typer.echo(to_json(result) if json_out else render_scan(result))
 
 
@@ -402,18 +401,23 @@ def report(
 
         options = replace(request.options, top=top, show_content=show_content)  # checks top
         _refuse_overwriting(dumps, report_files(output))
+        created = not output.exists()
         _make_dir(output)
-        result = replace(request, options=options).run(dumps)
-        planned = None if host_memory is None else _make_plan(result, host_memory, reserve,
-                                                               project)
-        if planned is not None:  # its files are known once it is made
-            _refuse_overwriting(dumps, report_files(output, planned))
-        try:
-            written = write_report(result, output, planned)
-        except OSError as e:
-            _cannot_write(output, e)
-        typer.echo(f"Wrote {counted(len(written), 'file')} to {output}: "
-                   f"open {output / 'index.html'}")
+        with contextlib.ExitStack() as undo:  # no report: no folder made for it either
+            if created:
+                undo.callback(_remove_if_empty, output)
+            result = replace(request, options=options).run(dumps)
+            planned = None if host_memory is None else _make_plan(result, host_memory,
+                                                                   reserve, project)
+            if planned is not None:  # its files are known once it is made
+                _refuse_overwriting(dumps, report_files(output, planned))
+            try:
+                written = write_report(result, output, planned)
+            except OSError as e:
+                _cannot_write(output, e)
+            undo.pop_all()
+        typer.echo(f"Wrote {counted(len(written), 'file')} to {printable(output)}: "
+                   f"open {printable(output / 'index.html')}")
 
 
 @app.command()
@@ -459,13 +463,16 @@ def plan(
                             zero_pages=not without_zero_pages)
         if png is not None:
             _refuse_overwriting(dumps, _png_paths(result, png))
-        try:
-            if csv_dir is not None:
+        if csv_dir is not None:
+            try:
                 write_csvs(result, csv_dir)
-            if png is not None:
+            except OSError as e:
+                _cannot_write(csv_dir, e, "CSV files")
+        if png is not None:
+            try:
                 _write_pngs(result, png)
-        except OSError as e:
-            _cannot_write(csv_dir or png or Path("."), e)
+            except OSError as e:
+                _cannot_write(png, e, "PNG files")
         typer.echo(to_json(result) if json_out else render_plan(result))
 
 
@@ -500,6 +507,8 @@ def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...
             if len(row) != 2 or not all(cell.strip() for cell in row):
                 raise ValueError(f"{table} row {n}: expected input,domain, not {row!r}")
             pairs.append((row[1].strip(), glob.escape(row[0].strip())))
+        if not rows:  # an empty file is a mistake, not "no policy"
+            raise ValueError(f"{table}: no domains in the file (expected input,domain rows)")
     return tuple(pairs)
 
 
@@ -514,10 +523,17 @@ def _refuse_overwriting(dumps: list[Path], outputs: list[Path]) -> None:
 
 
 def _cannot_write(directory: Path, e: OSError, what: str = "the report") -> NoReturn:
+    """One line naming the output (a folder, a file prefix) and what could not be written
+    there: ``the report``, ``CSV files``, ``PNG files``, ``fingerprint files``."""
     where = f" ({e.filename})" if e.filename and str(e.filename) != str(directory) else ""
-    typer.echo(f"Error: {directory}: cannot write {what}: {e.strerror or e}{where}",
+    typer.echo(printable(f"Error: {directory}: cannot write {what}: {e.strerror or e}{where}"),
                err=True)
     raise typer.Exit(1)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def _make_dir(directory: Path, what: str = "the report") -> None:
@@ -535,13 +551,18 @@ def _make_dir(directory: Path, what: str = "the report") -> None:
 def fingerprint_cmd(
     dumps: Annotated[list[Path], typer.Argument(help="Dump files.", show_default=False)],
     output: Annotated[Path, _output("Folder for the fingerprint files.")],
+    keep_cmdline: Annotated[
+        bool, typer.Option("--keep-cmdline",
+                           help="Keep each snapshot process's full command line in the files. "
+                           "Off by default: arguments can hold secrets (--password=...).")
+    ] = False,
     *,
     request: _Request,
 ) -> None:
     """Write each dump's fingerprints to OUTPUT as Parquet, for scan, report and plan.
 
-    No page bytes are written. The files can be read on this machine or another; only the
-    hashing options matter here.
+    No page bytes are written, nor a snapshot's command lines unless --keep-cmdline. The
+    files can be read on this machine or another; only the hashing options matter here.
     """
     from .fleet.sources import write_fingerprint_files
 
@@ -552,11 +573,11 @@ def fingerprint_cmd(
                 written = write_fingerprint_files(
                     dumps, output, request.options, request.ksm.page_size,
                     reading=lambda name: lambda n, of: bars(name, n, of),
-                    tasks=lambda n, of: bars("Dask tasks", n, of))
+                    tasks=lambda n, of: bars("Dask tasks", n, of), keep_cmdline=keep_cmdline)
             except OSError as e:  # a full disk, say: the folder was writable at the start
                 _cannot_write(output, e, "fingerprint files")
     for path in written:
-        typer.echo(f"Wrote {path}")
+        typer.echo(f"Wrote {printable(path)}")
 
 
 @app.command()

@@ -10,6 +10,7 @@ again, the same, in the parent.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, TypeVar
 
 __all__ = [
@@ -20,11 +21,43 @@ __all__ = [
     "TruncatedDumpError",
     "UnsupportedDumpError",
     "WorkerError",
+    "printable",
 ]
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+                     r"\ud800-\udfff]")
+"""Control characters (C0, DEL, C1), line and paragraph separators, bidirectional marks and
+overrides, and lone surrogates (an undecodable byte of a file name)."""
+
+
+def _escape(found: re.Match[str]) -> str:
+    ch = found[0]
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's surrogateescape: the byte it stands for
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object) -> str:
+    """``text`` made safe to print on a terminal, for anything that came from a file (a dump's
+    name, metadata, a warning, a path): control characters and the like escaped as Python
+    writes them (ESC -> ``\\x1b``, newline -> ``\\n``), the rest unchanged. Printing it
+    twice changes nothing more."""
+    return _UNSAFE.sub(_escape, str(text))
 
 
 class KsmAnalyzeError(Exception):
-    """Base class of every error ksm-analyze raises on bad input (or a worker's death)."""
+    """Base class of every error ksm-analyze raises on bad input (or a worker's death).
+
+    Its message names files and quotes what it found in them, so it prints escaped
+    (:func:`printable`): a file's name or bytes never reach a terminal as control characters
+    or a second line. ``args`` and the attributes (``path``, ``detail``) stay exact."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exception pickles as cls(*args), which keyword-only arguments do not survive;

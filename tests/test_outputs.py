@@ -170,8 +170,8 @@ def reports(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("nth", ["first", "middle", "last"])
-def test_a_report_interrupted_while_writing_is_old_or_new_file_by_file(tmp_path, reports, sig,
-                                                                       code, nth):
+def test_a_report_interrupted_while_writing_is_the_old_report_whole(tmp_path, reports, sig,
+                                                                    code, nth):
     old, new = reports
     out = tmp_path / "report"
     shutil.copytree(old, out)
@@ -180,7 +180,7 @@ def test_a_report_interrupted_while_writing_is_old_or_new_file_by_file(tmp_path,
     run = Cli("report", *SAMPLES, "-o", out, "-q", prelude=_signal_at_fsync(n, sig))
     rc, lines, _ = run.finish()
     assert (rc, lines) == (code, [f"Error: interrupted by {sig.name}"])
-    assert len(_old_or_new(out, old, new)) == n - 1  # those before the n-th: the rest are old
+    assert _old_or_new(out, old, new) == []  # written aside, renamed in only when whole
     assert _leftovers(out) == []
 
 
@@ -235,7 +235,7 @@ def test_a_report_on_a_full_disk(small_disk, reports):
     assert r.exit_code == 1
     assert re.fullmatch(rf"Error: {out}: cannot write the report: No space left on device "
                         r"\(.*\)\n", r.stderr), r.stderr
-    assert len(_old_or_new(out, old, new)) < len(report_files(out))
+    assert _old_or_new(out, old, new) == []  # the old report, whole: nothing replaced
     assert _leftovers(out) == []
 
 
@@ -244,7 +244,8 @@ def test_scan_csv_on_a_full_disk(small_disk):
     _fill(small_disk, 0)
     r = runner.invoke(app, ["scan", *SAMPLES, "--csv", str(out)])
     assert r.exit_code == 1
-    assert r.stderr == f"Error: {out}: cannot write CSV files: No space left on device\n"
+    assert r.stderr == (f"Error: {out}: cannot write CSV files: No space left on device "
+                        f"({out / 'per_input.csv'})\n")
     assert _leftovers(out) == []
 
 

@@ -5,7 +5,9 @@ columns are, per stored page, ``addr`` and ``prefix`` (stage 1's 16 bytes) and, 
 is meant to travel (``ksm-analyze fingerprint``), ``content_lo``/``content_hi``: xxh3-128 of
 the whole page, 0 for a zero page. Everything else stage 1 knows is file metadata (JSON under
 ``META_KEY``): the source dump's path, size and mtime, the format, page size, prefix bytes,
-ranges, warnings and format facts of each input, and the tool version. No page bytes.
+ranges, warnings and format facts of each input, and the tool version. No page bytes, and
+no command line of a snapshot's processes (``SECRET_FACTS``: arguments hold passwords) unless
+asked for (``keep_cmdline``).
 
 Why content hashes for every non-zero page rather than for candidates only: which pages are
 candidates depends on the whole fleet, not on one dump, and a file read on another machine
@@ -45,6 +47,9 @@ META_KEY = b"ksm-analyze.fingerprints"
 SUFFIX = ".ksmfp.parquet"
 VERSION = 1
 """Bumped whenever the meaning of a column or a metadata field changes."""
+SECRET_FACTS = ("cmdline",)
+"""Format facts (``DumpReader.info()``) left out of a fingerprint file unless asked for: a
+process's command line (``--password=...``). Its ``comm``, the executable's name, stays."""
 _MAGIC = b"PAR1"
 _MAX_META = 64 << 20
 """Metadata larger than this is damage (a real one is a few bytes per range)."""
@@ -93,8 +98,9 @@ def same_dump(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
          source: dict[str, Any], options: dict[str, Any],
-         contents: Sequence[np.ndarray] | None = None) -> None:
-    """Write the fingerprints of one dump's inputs to ``path`` (atomically, mode 0600)."""
+         contents: Sequence[np.ndarray] | None = None, keep_cmdline: bool = False) -> None:
+    """Write the fingerprints of one dump's inputs to ``path`` (atomically, mode 0600);
+    ``SECRET_FACTS`` are left out unless ``keep_cmdline``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -110,7 +116,7 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
         "tool": f"ksm-analyze {__version__}",
         "source": {k: source.get(k) for k in _SOURCE_KEYS},
         "options": options,
-        "inputs": [_input_meta(fp) for fp in prints],
+        "inputs": [_input_meta(fp, keep_cmdline) for fp in prints],
     }
     table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta)})
     sink = pa.BufferOutputStream()
@@ -118,7 +124,7 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
     atomic_write(path, sink.getvalue().to_pybytes())
 
 
-def _input_meta(fp: Fingerprints) -> dict[str, Any]:
+def _input_meta(fp: Fingerprints, keep_cmdline: bool) -> dict[str, Any]:
     return {
         "name": fp.path,
         "format": fp.format.value,
@@ -128,7 +134,8 @@ def _input_meta(fp: Fingerprints) -> dict[str, Any]:
         "rows": len(fp.addrs),
         "extents": [[e.addr, e.npages, int(e.state), e.file_offset, e.label, int(e.flags)]
                     for e in fp.extents],
-        "info": fp.info,
+        "info": fp.info if keep_cmdline else {k: v for k, v in fp.info.items()
+                                              if k not in SECRET_FACTS},
         "warnings": fp.warnings,
     }
 

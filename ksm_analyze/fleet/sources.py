@@ -327,9 +327,11 @@ def _on_cluster(todo: Sequence[Source], options: ScanOptions,
 def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str | os.PathLike[str],
                             options: ScanOptions, page_size: int,
                             reading: Callable[[str], ProgressCallback],
-                            tasks: ProgressCallback | None = None) -> list[Path]:
+                            tasks: ProgressCallback | None = None,
+                            keep_cmdline: bool = False) -> list[Path]:
     """Fingerprint each dump, content hashes included, into ``folder`` (one file a dump,
-    named after it: :func:`fingerprint_file_names`); returns the files written.
+    named after it: :func:`fingerprint_file_names`); returns the files written. A snapshot's
+    command lines are left out unless ``keep_cmdline``.
 
     Raises:
         ValueError: a file there was written for another dump, or is not a fingerprint file
@@ -357,7 +359,8 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
             mine_prints = [fp for s in mine if s.prints is not None for fp in (s.prints, *s.more)]
             _replaceable(target, dump)  # again: another run may have written it since
             fingerprint_files.save(target, mine_prints, source=dump, options=mine[0].key,
-                        contents=[fp.content for fp in mine_prints if fp.content is not None])
+                        contents=[fp.content for fp in mine_prints if fp.content is not None],
+                        keep_cmdline=keep_cmdline)
             written.append(target)
     return written
 

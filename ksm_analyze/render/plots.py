@@ -16,6 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
+from ..errors import printable
 from ..sharing import ADDRESS_KINDS
 from ..units import counted, human_bytes
 
@@ -185,9 +186,10 @@ def plot_pairwise(result: Analysis) -> Figure:
             color = "white" if frac[a, b] > 0.6 else "black"
             ax.text(b, a, label, ha="center", va="center", fontsize=fontsize, color=color)
     step = -(-n // LABELLED_INPUTS)  # label every input, or every step-th of many
-    ax.set_xticks(range(0, n, step), names[::step], rotation=30, ha="right",
+    shown = [printable(name) for name in names[::step]]  # from files: no control characters
+    ax.set_xticks(range(0, n, step), shown, rotation=30, ha="right",
                   fontsize=min(10, max(4, 300 // n)))
-    ax.set_yticks(range(0, n, step), names[::step], fontsize=min(10, max(4, 300 // n)))
+    ax.set_yticks(range(0, n, step), shown, fontsize=min(10, max(4, 300 // n)))
     ax.set_xlabel("also present in (input B)")
     ax.set_ylabel("non-zero pages of (input A)")
     ax.set_title("Pairwise sharing: pages of A whose content is also in B\n"
@@ -224,7 +226,7 @@ def plot_address_map(result: Analysis) -> Figure:
         ax.set_yticks([0, 50, 100])
         ax.set_ylabel("% of bin")
         pages = int(rows["pages"].sum())
-        ax.set_title(f"{name}: {counted(pages, 'page')} in {counted(len(rows), 'bin')} of "
+        ax.set_title(f"{printable(name)}: {counted(pages, 'page')} in {counted(len(rows), 'bin')} of "
                      f"{pages / max(len(rows), 1):,.0f} pages", fontsize=10, loc="left")
         ticks = MaxNLocator(nbins=7, integer=True).tick_values(0, len(rows) - 1)
         ticks = [int(t) for t in ticks if 0 <= t < len(rows)]
@@ -288,7 +290,7 @@ def plot_hosts(plan: Plan) -> Figure:
     methods = list(dict.fromkeys(hosts["method"]))
     guests: dict[tuple[str, int], list[str]] = {}
     for a in plan.assignments.itertuples():
-        guests.setdefault((str(a.method), int(a.host)), []).append(str(a.input))
+        guests.setdefault((str(a.method), int(a.host)), []).append(printable(a.input))
     most = max((hosts["method"] == m).sum() for m in methods)
     upright = most <= 8  # few bars: names stacked under each; many: one rotated line each
     labels = {key: _host_label(key[1], names, upright) for key, names in guests.items()}

@@ -1,7 +1,10 @@
 """``ksm-analyze report``: a folder of CSV tables, PNG charts and one self-contained HTML page.
 
 Everything is written with :func:`~ksm_analyze.render.files.atomic_write`, files mode 0600 and
-the folder 0700 when created: the tables name inputs and contents of memory dumps. The HTML
+the folder 0700 when created: the tables name inputs and contents of memory dumps. The report
+is whole or absent: its files are written into a hidden folder inside the output folder and
+renamed into place only when all are written, ``index.html`` last, so a full disk or Ctrl-C
+leaves a previous report as it was. The HTML
 page embeds its charts as ``data:`` URIs and loads nothing, so it opens from disk in any
 browser. Page bytes appear only if the analysis was made with ``show_content=True``.
 """
@@ -15,6 +18,8 @@ import io
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +27,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..analysis import TABLES
+from ..errors import printable
 from ..units import human_bytes
 from .files import DIR_MODE, FILE_MODE, atomic_write, csv_text
 
@@ -86,30 +92,40 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
         each of ``CHARTS``, and ``index.html``.
 
     Raises:
-        OSError: the folder cannot be created or written.
+        OSError: the folder cannot be created or written (naming the file); no file of the
+            report was replaced then.
     """
     out = Path(directory)
     out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    written = []
     tables = dict(result.tables())
     charts = {name: getattr(result, f"plot_{name}") for name in CHARTS}
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
-    for name, df in tables.items():
-        path = out / f"{name}.csv"
-        atomic_write(path, csv_text(df), mode=FILE_MODE)
-        written.append(path)
-    images = {}
-    for name, draw in charts.items():
-        images[name] = png_bytes(draw())
-        path = out / f"{name}.png"
-        atomic_write(path, images[name], mode=FILE_MODE)
-        written.append(path)
-    path = out / "index.html"
-    atomic_write(path, render_html(result, images, plan), mode=FILE_MODE)
-    written.append(path)
-    return written
+    staging = Path(tempfile.mkdtemp(prefix=".ksm-report-", dir=out))  # mode 0700
+    try:
+        names = []
+        try:
+            for name, df in tables.items():
+                atomic_write(staging / f"{name}.csv", csv_text(df), mode=FILE_MODE)
+                names.append(f"{name}.csv")
+            images = {}
+            for name, draw in charts.items():
+                images[name] = png_bytes(draw())
+                atomic_write(staging / f"{name}.png", images[name], mode=FILE_MODE)
+                names.append(f"{name}.png")
+            atomic_write(staging / "index.html", render_html(result, images, plan),
+                         mode=FILE_MODE)
+            names.append("index.html")
+        except OSError as e:  # name the file of the report, not the staging copy
+            if e.filename is not None:
+                e.filename = os.fspath(out / Path(e.filename).name)
+            raise
+        for name in names:  # renames need no space: index.html, last, says it is whole
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names]
 
 
 def _html_table(df: pd.DataFrame, **kwargs: Any) -> str:
@@ -280,7 +296,10 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     parts.extend(f"<tr><th>{e(str(k))}</th><td><code>{e(_option(v))}</code></td></tr>"
                  for k, v in options.items())
     parts.append("</table></body></html>")
-    return "\n".join(parts) + "\n"
+    # html.escape leaves control characters: a name or warning from a file could still put
+    # an ESC or a BEL in the page. Escape them as the text report does (a newline inside a
+    # name is white space in HTML and stays).
+    return "".join(printable(line) + "\n" for line in "\n".join(parts).split("\n"))
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:

@@ -2,6 +2,11 @@
 
 Nothing here computes a number; it only formats what the library returns. ``scan`` reads
 the analysis' plain columns (``Analysis.columns``), so printing it never imports pandas.
+
+Text that came from a file (input names, paths, header facts, range labels, warnings)
+goes through :func:`~ksm_analyze.errors.printable`: every table cell, every ``Warning:``
+line and every ``key: value`` line, so a file never writes control characters or a line of
+its own to the terminal. JSON output is left exact (``json`` escapes them itself).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..analysis import Analysis
 from ..eligibility import RULES
+from ..errors import printable
 from ..pages import Extent, PageState
 from ..units import counted, human_bytes
 from .files import to_json
@@ -38,8 +44,9 @@ def _count(n: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "  ") -> str:
-    """Left-align the first column, right-align the others."""
-    rows = [list(map(str, r)) for r in rows]
+    """Left-align the first column, right-align the others (cells escaped: ``printable``)."""
+    headers = [printable(h) for h in headers]
+    rows = [list(map(printable, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
 
@@ -152,7 +159,7 @@ def render_scan(result: Analysis) -> str:
         f"sleep_millisecs={ksm.sleep_millisecs}; identical pages merge on the second "
         f"scan, so steady state comes after about {_duration(conv['steady_state_seconds'])}."
     )
-    out += [f"Warning: {w}" for w in result.warnings]
+    out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
 
 
@@ -164,7 +171,7 @@ def _policy(result: Analysis) -> list[str]:
     if result.domains:
         sizes = Counter(result.contents.column("domain").tolist())
         what = "pages merge only within domains " + ", ".join(
-            f"{name} ({counted(sizes.get(k, 0), 'input')})"
+            f"{printable(name)} ({counted(sizes.get(k, 0), 'input')})"
             for k, name in enumerate(result.domains))
     else:
         what = ""
@@ -215,11 +222,11 @@ def _duration(seconds: float) -> str:
 
 def render_info(path: str, reader: DumpReader, max_ranges: int = 50) -> str:
     """The ``info`` report of an open dump: format, header facts, ranges, pages per state."""
-    out = [f"{path}: {reader.format.value}"]
-    out += [f"  {k}: {v}" for k, v in reader.info().items() if not isinstance(v, list | dict)]
+    out = [f"{printable(path)}: {reader.format.value}"]
+    out += _facts(reader.info())
     out += _ranges_and_states(reader.extents, reader.page_size, reader.page_counts(),
                               max_ranges)
-    out += [f"Warning: {w}" for w in reader.warnings]
+    out += [f"Warning: {printable(w)}" for w in reader.warnings]
     return "\n".join(out)
 
 
@@ -238,25 +245,33 @@ def render_fingerprint_info(path: str, prints: Sequence[Fingerprints], meta: Map
     else:
         hashed = "the whole of each page"
     stored = all(fp.content is not None for fp in prints)
-    out = [f"{path}: fingerprint file (written by {meta['tool']})",
-           f"  source dump: {src['path']} ({human_bytes(int(src['size']))}), "
+    out = [f"{printable(path)}: fingerprint file (written by {printable(meta['tool'])})",
+           f"  source dump: {printable(src['path'])} ({human_bytes(int(src['size']))}), "
            + ("here and unchanged" if here else
               "not here or changed since: stage 2 compares content hashes"),
-           (f"  hashing: format {opts['format']}, page size {opts['page_size']}, base "
+           (f"  hashing: format {printable(opts['format'])}, page size "
+            f"{printable(opts['page_size'])}, base "
             f"address {int(opts['base_address']):#x}, {hashed} hashed"),
            "  content hashes: " + ("stored (scan, report and plan work without the source "
                                    "dump)" if stored else "not stored (a cache entry: needs "
                                    "its dump)"),
            f"  inputs: {len(prints):,}"]
     for fp in prints:
-        out += ["", f"Input {fp.path}: {fp.format.value}, {fp.address_space} address space"]
-        out += [f"  {k}: {v}" for k, v in fp.info.items() if not isinstance(v, list | dict)]
+        out += ["", (f"Input {printable(fp.path)}: {fp.format.value}, "
+                     f"{printable(fp.address_space)} address space")]
+        out += _facts(fp.info)
         out += _ranges_and_states(fp.extents, fp.page_size, fp.state_pages, max_ranges)
         zero = fp.zero_pages - fp.state_pages[PageState.ZERO]  # stored, found by content
         out.append(f"  stored pages found all zero when fingerprinted: {zero:,} "
                    f"({human_bytes(zero * fp.page_size)})")
-        out += [f"Warning: {w}" for w in fp.warnings]
+        out += [f"Warning: {printable(w)}" for w in fp.warnings]
     return "\n".join(out)
+
+
+def _facts(info: Mapping[str, Any]) -> list[str]:
+    """``info``'s header facts as ``  key: value`` lines (lists and mappings left out)."""
+    return [f"  {printable(k)}: {printable(v)}" for k, v in info.items()
+            if not isinstance(v, list | dict)]
 
 
 def _ranges_and_states(extents: Sequence[Extent], page_size: int,
@@ -300,7 +315,7 @@ def render_capture(summary: CaptureSummary) -> str:
     """What ``capture`` wrote: per process, pages by what the kernel said of them."""
     size = human_bytes(summary.bytes_written)
     head = (f"Captured {counted(len(summary.processes), 'process', 'processes')} into "
-            f"{summary.path} ({size}, mode 0600); {_ZERO_SOURCES[summary.pfn_flags]}.")
+            f"{printable(summary.path)} ({size}, mode 0600); {_ZERO_SOURCES[summary.pfn_flags]}.")
     out = [head]
     out.append(_table(
         ["pid", "command", "VMAs", "present", "stored", "zero page", "swapped", "unreadable"],
@@ -309,7 +324,7 @@ def render_capture(summary: CaptureSummary) -> str:
           _count(p["unreadable_pages"])] for p in summary.processes),
     ))
     out.append("  (pages; only present pages that do not map the zero page are stored)")
-    out.append(f"Next: ksm-analyze scan {summary.path}")
+    out.append(f"Next: ksm-analyze scan {printable(summary.path)}")
     return "\n".join(out)
 
 
@@ -321,7 +336,7 @@ def render_status(status: KsmStatus, *, as_json: bool = False) -> str:
             "host": status.host.to_dict(orient="index"),
             "processes": status.processes.to_dict(orient="records"),
         })
-    knobs = ", ".join(f"{k}={v}" for k, v in status.knobs.items())
+    knobs = printable(", ".join(f"{k}={v}" for k, v in status.knobs.items()))
     out = [f"KSM on this host: {knobs}"]
     host = status.host
     compare = "predicted" in host.columns
@@ -408,5 +423,5 @@ def render_plan(plan: Plan) -> str:
             fit = "input like these fits" if expected == 1 else "inputs like these fit"
             out.append(f"  {expected:,} {fit} in {human_bytes(plan.capacity)} "
                        f"({cautious:,} to {hopeful:,} by the band).")
-    out += [f"Warning: {w}" for w in plan.warnings]
+    out += [f"Warning: {printable(w)}" for w in plan.warnings]
     return "\n".join(out)
