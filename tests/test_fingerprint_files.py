@@ -259,3 +259,22 @@ def test_zero_inputs_is_one_line_for_every_command(tmp_path, seed, command):
     args = [str(tmp_path / "r") if a == "REPORT" else a for a in command]
     line = _one_line_exit_1(args[0], path, *args[1:], names=path)
     assert "no inputs" in line
+
+
+def test_a_poisoned_cache_entry_is_rewritten_not_a_crash(tmp_path, seed):
+    """Class 12 through --cache: an entry with 1e400 in an extent (and a matching digest)
+    was an OverflowError on every run. Now it is a miss: the dump is read again, the answer
+    is the dump's, and the entry is rewritten into one that loads."""
+    dump = Path(shutil.copy(VM_B, tmp_path / "x.raw"))
+    cache = tmp_path / "cache"
+    out = runner.invoke(app, ["scan", str(dump), "--cache", str(cache), "--json", "-q"])
+    assert out.exit_code == 0, out.output
+    (entry,) = cache.iterdir()
+    _resigned(entry, entry, lambda text: text.replace("[[0, 512,", "[[1e400, 512,", 1))
+    with pytest.raises(DumpFormatError):
+        fpfile.load(entry)
+    again = runner.invoke(app, ["scan", str(dump), "--cache", str(cache), "--json", "-q"])
+    assert again.exit_code == 0, again.output
+    first, second = json.loads(out.stdout), json.loads(again.stdout)
+    assert {k: first[k] for k in PREDICTION} == {k: second[k] for k in PREDICTION}
+    assert len(fpfile.load(entry)[0].addrs) == 512  # vm-b.raw: 2 MiB of 4 KiB pages
