@@ -194,9 +194,12 @@ def _resigned(seed: Path, path: Path, change) -> Path:
 
 def test_a_resigned_unchanged_file_loads(tmp_path, seed):
     """The rewriting the hostile cases use keeps a valid file valid: their errors come
-    from the change, not from the rewriting."""
+    from the change, not from the rewriting. A label outside the BMP (a surrogate pair in
+    JSON) is text, and loads."""
     path = _resigned(seed, tmp_path / ("f" + fpfile.SUFFIX), {})
     assert _answer(path) == _answer(seed)
+    path = _resigned(seed, path, {"inputs.0.extents": [[0, 512, 0, 0, "\U0001f600", 0]]})
+    assert fpfile.load(path)[0].extents[0].label == "\U0001f600"
 
 
 def _addr_extent(value):
@@ -238,6 +241,8 @@ HOSTILE = {
     "metadata a list": lambda text: "[" + text + "]",
     "version 3": {"version": 3},
     "base_address -1": {"options.base_address": -1},
+    "lone surrogate": {"inputs.0.warnings": ["\ud800"]},
+    "lone surrogate in a label": {"inputs.0.extents": [[0, 512, 0, 0, "\udc00", 0]]},
 }
 
 

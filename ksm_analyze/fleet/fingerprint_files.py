@@ -61,7 +61,9 @@ _MAX_META = 64 << 20
 """Metadata larger than this is damage (a real one is a few bytes per range)."""
 _MAX_DEPTH = 32
 """Deepest nesting of lists and objects the metadata may have (a real one has 5)."""
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of half a surrogate pair: a lone one is a string no output can write."""
 _INT_MIN, _INT_END = -(1 << 63), 1 << 64
 """Any integer in the metadata lies in [-2^63, 2^64)."""
 _MAX_PAGE = 1 << 30
@@ -340,6 +342,12 @@ def _checked_meta(raw: bytes, rows: int) -> dict[str, Any]:
     meta: dict[str, Any] = _typed(
         json.loads(raw, parse_float=_finite, parse_constant=_no_constant), dict, "the metadata")
     _check_json(meta, "the metadata")
+    if _SURROGATE.search(raw):
+        try:
+            json.dumps(meta, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is "
+                             "not text") from None
     if _typed(meta["version"], int, "version") != VERSION:
         raise ValueError(f"version {meta['version']}, this ksm-analyze reads {VERSION}; "
                          "fingerprint the dump again with this one")
