@@ -85,7 +85,10 @@ def _forged_fingerprint_file(tmp_path: Path) -> Path:
     for extent in one["extents"]:
         extent[4] = f"label{EVIL}"
     forged = tmp_path / f"forged{EVIL}.ksmfp.parquet"
-    pq.write_table(table.replace_schema_metadata({fpfile.META_KEY: json.dumps(meta)}), forged)
+    raw = json.dumps(meta).encode()  # signed again, as a forger would: the digest is
+    columns = {n: table.column(n).to_numpy() for n in table.column_names}  # against damage
+    pq.write_table(table.replace_schema_metadata(
+        {fpfile.META_KEY: raw, fpfile.DIGEST_KEY: fpfile.digest(raw, columns).encode()}), forged)
     return forged
 
 

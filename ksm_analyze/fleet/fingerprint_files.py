@@ -15,7 +15,15 @@ has no dump to go back to. They cost one more pass over each non-zero page's byt
 (BENCHMARKS.md, "Fleet scale"), so cache files, which live beside a readable dump, leave them
 out.
 
-A file read back is checked like a dump: a damaged or hostile file is one line naming it.
+A file proves its integrity: ``save`` writes Parquet page checksums (CRC-32 of each page,
+checked as it is read) and, under ``DIGEST_KEY``, the SHA-256 of the exact metadata bytes and
+of every column's values in a fixed order, checked by ``load`` before anything is used. A
+file read back is then checked like a dump's header: the metadata is parsed with bounds (its
+size, its nesting depth, every number an integer in range, every string a string, page counts
+tied to the file's rows, at least one input). A damaged or hostile file, or one cut short, is
+one line naming it; a file named ``*.ksmfp.parquet`` or starting with ``PAR1`` is never read
+as a dump. The digest catches damage, not forgery: whoever can write the file can write a
+matching digest, so the bounds still hold for a file whose digest matches.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,26 +43,40 @@ import numpy as np
 
 from .._files import DIR_MODE, atomic_write
 from .._version import __version__
-from ..errors import DumpFormatError, InputError
-from ..formats import DumpFormat
-from ..formats.base import open_readonly
+from ..errors import DumpFormatError, InputError, TruncatedDumpError
+from ..formats import FINGERPRINT_SUFFIX, PARQUET_MAGIC, DumpFormat, looks_like_fingerprint_file
+from ..formats.base import ADDRESS_LIMIT, open_readonly
 from ..hashing.stage1 import Fingerprints
 from ..pages import Extent, MapFlags, PageState, check_page_size
 from ..units import size_text
 
-__all__ = ["META_KEY", "SUFFIX", "Cache", "is_fingerprint_file", "load",
-           "options_of", "same_dump", "save", "source_of", "unchanged"]
+__all__ = ["DIGEST_KEY", "META_KEY", "SUFFIX", "Cache", "digest", "is_fingerprint_file", "load",
+           "metadata", "options_of", "same_dump", "save", "source_of", "unchanged"]
 
 META_KEY = b"ksm-analyze.fingerprints"
-SUFFIX = ".ksmfp.parquet"
-VERSION = 1
-"""Bumped whenever the meaning of a column or a metadata field changes."""
+DIGEST_KEY = b"ksm-analyze.sha256"
+"""Schema metadata: :func:`digest` of the file's metadata and columns, in hex."""
+SUFFIX = FINGERPRINT_SUFFIX
+VERSION = 2
+"""Bumped whenever the meaning of a column or a metadata field changes (2: the digest)."""
 SECRET_FACTS = ("cmdline",)
 """Format facts (``DumpReader.info()``) left out of a fingerprint file unless asked for: a
 process's command line (``--password=...``). Its ``comm``, the executable's name, stays."""
-_MAGIC = b"PAR1"
+COLUMNS = ("addr", "prefix", "content_lo", "content_hi")
+"""Every column, in the order :func:`digest` hashes them; the last two are optional."""
 _MAX_META = 64 << 20
 """Metadata larger than this is damage (a real one is a few bytes per range)."""
+_MAX_DEPTH = 32
+"""Deepest nesting of lists and objects the metadata may have (a real one has 5)."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of half a surrogate pair: a lone one is a string no output can write."""
+_INT_MIN, _INT_END = -(1 << 63), 1 << 64
+"""Any integer in the metadata lies in [-2^63, 2^64)."""
+_MAX_PAGE = 1 << 30
+"""The largest page size a file may declare (a 1 GiB huge page)."""
+_FLAGS_END = max(MapFlags) << 1
+"""Every MapFlags value is below this."""
 _ROWS_PER_BYTE = 16
 """More pages than this per byte of file is a hostile header: the best compression seen, a
 dump of zero pages only, is 0.6 pages a byte. Reading a file so costs at most 512 bytes of
@@ -96,14 +120,30 @@ def same_dump(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return bool(a["path"] == b["path"] and a["size"] == b["size"])
 
 
+def digest(meta: bytes, columns: dict[str, np.ndarray]) -> str:
+    """SHA-256, in hex, of the metadata bytes and of each column of :data:`COLUMNS` present
+    (its name, its length and its values as little-endian uint64), in that order."""
+    h = hashlib.sha256(b"ksm-analyze fingerprint file\0")
+    h.update(len(meta).to_bytes(8, "little") + meta)
+    for name in COLUMNS:
+        if name in columns:
+            values = np.ascontiguousarray(columns[name], dtype="<u8")
+            h.update(name.encode() + b"\0" + len(values).to_bytes(8, "little"))
+            h.update(values.data)
+    return h.hexdigest()
+
+
 def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
          source: dict[str, Any], options: dict[str, Any],
          contents: Sequence[np.ndarray] | None = None, keep_cmdline: bool = False) -> None:
-    """Write the fingerprints of one dump's inputs to ``path`` (atomically, mode 0600);
-    ``SECRET_FACTS`` are left out unless ``keep_cmdline``."""
+    """Write the fingerprints of one dump's inputs to ``path`` (atomically, mode 0600), with
+    Parquet page checksums and the :func:`digest` of what it holds; ``SECRET_FACTS`` are
+    left out unless ``keep_cmdline``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if not prints:
+        raise ValueError("a fingerprint file holds at least one input")
     columns: dict[str, Any] = {
         "addr": np.concatenate([fp.addrs for fp in prints]),
         "prefix": np.concatenate([fp.prefix for fp in prints]),
@@ -111,16 +151,19 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
     if contents is not None:
         both = np.concatenate(contents)
         columns["content_lo"], columns["content_hi"] = both[:, 0], both[:, 1]
-    meta = {
+    columns = {name: np.ascontiguousarray(v, dtype=np.uint64) for name, v in columns.items()}
+    meta = json.dumps({
         "version": VERSION,
         "tool": f"ksm-analyze {__version__}",
         "source": {k: source.get(k) for k in _SOURCE_KEYS},
         "options": options,
         "inputs": [_input_meta(fp, keep_cmdline) for fp in prints],
-    }
-    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta)})
+    }, allow_nan=False).encode()
+    table = pa.table(columns).replace_schema_metadata(
+        {META_KEY: meta, DIGEST_KEY: digest(meta, columns).encode()})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=1 << 20)
+    pq.write_table(table, sink, compression="zstd", row_group_size=1 << 20,
+                   write_page_checksum=True)
     atomic_write(path, sink.getvalue().to_pybytes())
 
 
@@ -141,27 +184,10 @@ def _input_meta(fp: Fingerprints, keep_cmdline: bool) -> dict[str, Any]:
 
 
 def is_fingerprint_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a Parquet file written by :func:`save` (never raises)."""
-    try:
-        fd, size = open_readonly(path)
-    except InputError:
-        return False
-    try:
-        head = os.pread(fd, 4, 0)
-        tail = os.pread(fd, 4, max(size - 4, 0))
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    if head != _MAGIC or tail != _MAGIC:
-        return False
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return META_KEY in (pq.read_schema(path).metadata or {})
-    except (OSError, ValueError, pa.ArrowException):  # a damaged footer: load() says what
-        return False
+    """Whether ``path`` is to be read as a fingerprint file (never raises): it is named
+    ``*.ksmfp.parquet`` or starts with ``PAR1``. :func:`load` then checks it whole: a damaged
+    one is an error, never a dump."""
+    return looks_like_fingerprint_file(path)
 
 
 def options_of(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -173,96 +199,282 @@ def options_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 def metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A fingerprint file's metadata (after :func:`load`): ``version``, ``tool`` (the
     ksm-analyze that wrote it), ``source`` (:func:`source_of`), ``options``
-    (the hashing options) and ``inputs``."""
+    (the hashing options) and ``inputs``, checked as :func:`load` checks them.
+
+    Raises:
+        DumpFormatError: the file is damaged or not what :func:`save` writes.
+    """
+    path = os.fspath(path)
+    pf, raw, _ = _open(path)
+    try:
+        return _checked_meta(raw, pf.metadata.num_rows)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise _bad(path, f"bad metadata ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _bad(path: str, detail: str, offset: int | None = None) -> DumpFormatError:
+    return DumpFormatError(f"fingerprint file: {detail}", path=path, offset=offset)
+
+
+def _open(path: str) -> tuple[Any, bytes, bytes]:
+    """The Parquet file at ``path`` (whole: magic at both ends, page checksums checked as it
+    is read), its metadata and its digest, or a DumpFormatError saying what is wrong."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    meta: dict[str, Any] = json.loads(pq.read_schema(path).metadata[META_KEY])
-    return meta
+    fd, size = open_readonly(path)
+    try:
+        head, tail = os.pread(fd, 4, 0), os.pread(fd, 4, max(size - 4, 0))
+    except OSError as e:
+        raise _bad(path, f"cannot read it ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if head != PARQUET_MAGIC:
+        raise _bad(path, f"not a Parquet file (first bytes {head.hex(' ')}, not "
+                         f"{PARQUET_MAGIC.hex(' ')})", 0)
+    if size < 12 or tail != PARQUET_MAGIC:
+        raise TruncatedDumpError(
+            f"fingerprint file: no Parquet footer at the end of its {size_text(size)}: cut "
+            "short (an interrupted copy?) or damaged", path=path, offset=max(size - 4, 0))
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        kv = pf.schema_arrow.metadata or {}
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise _bad(path, f"cannot read it as Parquet ({str(e).splitlines()[0][:200]})"
+                   ) from None
+    raw, sha = kv.get(META_KEY), kv.get(DIGEST_KEY)
+    if raw is None:
+        raise _bad(path, "a Parquet file without ksm-analyze metadata: not a fingerprint file")
+    if len(raw) > _MAX_META:
+        raise _bad(path, f"{size_text(len(raw))} of metadata, more than the "
+                         f"{size_text(_MAX_META)} a fingerprint file may hold")
+    if sha is None:
+        raise _bad(path, "it has no integrity digest: written by a ksm-analyze older than "
+                         "this one (or altered); fingerprint its dump again")
+    return pf, raw, sha
 
 
 def load(path: str | os.PathLike[str]) -> list[Fingerprints]:
     """The inputs of a fingerprint file, with ``source`` and (if stored) ``content`` set.
 
     Raises:
-        DumpFormatError: the file is damaged or not what :func:`save` writes.
+        InputError: the file cannot be opened.
+        DumpFormatError: the file is damaged (its digest or a page checksum does not match,
+            it is cut short) or not what :func:`save` writes.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = os.fspath(path)
 
     def bad(detail: str) -> DumpFormatError:
-        return DumpFormatError(f"fingerprint file: {detail}", path=path, offset=0)
+        return _bad(path, detail)
 
+    pf, raw, sha = _open(path)
     try:
-        pf = pq.ParquetFile(path)
-        raw = (pf.schema_arrow.metadata or {}).get(META_KEY)
-        if raw is None or len(raw) > _MAX_META:
-            raise bad("no ksm-analyze metadata (or more than 64 MiB of it)")
-        meta = json.loads(raw)
-        names = set(pf.schema_arrow.names)
-        wanted = ["addr", "prefix", *(["content_lo", "content_hi"]
-                                      if "content_lo" in names else [])]
-        if not {"addr", "prefix"} <= names:
-            raise bad("the addr and prefix columns are missing")
-        rows, limit = pf.metadata.num_rows, _ROWS_PER_BYTE * os.path.getsize(path) + (1 << 20)
-        if rows > limit:
+        names = pf.schema_arrow.names
+        if len(set(names)) != len(names):
+            raise bad("a column name is repeated")
+        wanted = [c for c in COLUMNS if c in names]
+        if wanted not in (list(COLUMNS[:2]), list(COLUMNS)):
+            raise bad(f"columns {', '.join(wanted) or 'none'}; a fingerprint file has addr "
+                      "and prefix, and content_lo and content_hi or neither")
+        rows, size = pf.metadata.num_rows, os.path.getsize(path)
+        limit = _ROWS_PER_BYTE * size + (1 << 20)
+        if not 0 <= rows <= limit:
             raise bad(f"it claims {rows:,} pages, more than a file of "
-                      f"{size_text(os.path.getsize(path))} can hold ({limit:,})")
+                      f"{size_text(size)} can hold ({limit:,})")
         table = pf.read(columns=wanted)
     except DumpFormatError:
         raise
     except (OSError, ValueError, pa.ArrowException) as e:
         raise bad(f"cannot read it as Parquet ({str(e).splitlines()[0][:200]})") from None
     try:
-        return _inputs(table, meta, path)
+        columns = {name: _column(table, name) for name in wanted}
+    except (ValueError, pa.ArrowException) as e:
+        raise bad(str(e).splitlines()[0][:200]) from None
+    if len(columns["addr"]) != rows:
+        raise bad(f"{len(columns['addr']):,} rows read, {rows:,} in its footer")
+    if digest(raw, columns).encode() != sha:
+        raise bad("its contents do not match its digest: the file is damaged or was altered; "
+                  "copy or fingerprint it again")
+    try:
+        return _inputs(columns, _checked_meta(raw, rows), path)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise bad(f"bad metadata ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _inputs(table: Any, meta: dict[str, Any], path: str) -> list[Fingerprints]:
-    if meta["version"] != VERSION:
-        raise ValueError(f"version {meta['version']}, this tool reads {VERSION}")
+def _column(table: Any, name: str) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        raise ValueError(f"column {name} has {column.null_count:,} missing values")
+    values: np.ndarray = column.to_numpy()
+    if values.dtype != np.uint64:
+        raise ValueError(f"column {name} is {values.dtype}, not uint64")
+    return values
+
+
+# -- the metadata, checked like a dump's header ---------------------------------------------
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of lists and objects in the JSON text ``raw`` (strings skipped),
+    counted without recursion."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    deepest, depth = 0, 0
+    for start in range(0, len(skeleton), 1 << 20):
+        chunk = skeleton[start:start + (1 << 20)]
+        steps = ((chunk == ord("[")) | (chunk == ord("{"))).astype(np.int32) - (
+            (chunk == ord("]")) | (chunk == ord("}")))
+        if len(steps):
+            levels = np.cumsum(steps) + depth
+            deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
+def _typed(value: Any, kind: type, what: str, low: int = 0, end: int = _INT_END) -> Any:
+    """``value`` if it is exactly a ``kind`` (an int in [low, end))."""
+    if type(value) is not kind:
+        raise TypeError(f"{what} is {type(value).__name__}, not {kind.__name__}")
+    if isinstance(value, int) and not low <= value < end:
+        raise ValueError(f"{what} {value} is not between {low} and {end - 1}")
+    return value
+
+
+def _check_json(value: Any, what: str) -> None:
+    """Every number in ``value`` in range (floats are finite already), without recursion."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            todo += v.values()
+        elif isinstance(v, list):
+            todo += v
+        elif type(v) is int and not _INT_MIN <= v < _INT_END:
+            raise ValueError(f"{what}: the number {v} is out of range")
+
+
+def _checked_meta(raw: bytes, rows: int) -> dict[str, Any]:
+    """The metadata decoded, every field the readers use checked (type, range) against a file
+    of ``rows`` rows: a ValueError, TypeError or KeyError says what is wrong."""
+    if (depth := _depth(raw)) > _MAX_DEPTH:
+        raise ValueError(f"nested {depth} deep, more than {_MAX_DEPTH}")
+    meta: dict[str, Any] = _typed(
+        json.loads(raw, parse_float=_finite, parse_constant=_no_constant), dict, "the metadata")
+    _check_json(meta, "the metadata")
+    if _SURROGATE.search(raw):
+        try:
+            json.dumps(meta, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is "
+                             "not text") from None
+    if _typed(meta["version"], int, "version") != VERSION:
+        raise ValueError(f"version {meta['version']}, this ksm-analyze reads {VERSION}; "
+                         "fingerprint the dump again with this one")
+    _typed(meta["tool"], str, "tool")
+    src = _typed(meta["source"], dict, "source")
+    _typed(src["path"], str, "source path")
+    _typed(src["size"], int, "source size", 0, 1 << 63)
+    _typed(src["mtime_ns"], int, "source mtime_ns", -(1 << 63), 1 << 63)
+    for key in ("ctime_ns", "dev", "ino"):  # recorded since identity (issue 18); may be absent
+        if src.get(key) is not None:
+            _typed(src[key], int, f"source {key}", -(1 << 63), 1 << 64)
+    options = _typed(meta["options"], dict, "options")
+    if options.get("format") is not None:
+        DumpFormat.parse(_typed(options["format"], str, "options format"))
+    _typed(options.get("base_address", 0), int, "options base_address")
+    inputs = _typed(meta["inputs"], list, "inputs")
+    if not inputs:
+        raise ValueError("no inputs: a fingerprint file holds at least one")
+    total = 0
+    for i, m in enumerate(inputs):
+        what = f"input {i}"
+        _typed(m, dict, what)
+        _typed(m["name"], str, f"{what} name")
+        DumpFormat.parse(_typed(m["format"], str, f"{what} format"))
+        if _typed(m["address_space"], str, f"{what} address_space") not in ("physical",
+                                                                            "virtual"):
+            raise ValueError(f"{what} address_space is neither physical nor virtual")
+        page_size = _typed(m["page_size"], int, f"{what} page_size", 512, _MAX_PAGE + 1)
+        check_page_size(page_size)
+        _typed(m["prefix_bytes"], int, f"{what} prefix_bytes", 1, page_size + 1)
+        if (page_size, m["prefix_bytes"]) != (inputs[0]["page_size"],
+                                              inputs[0]["prefix_bytes"]):
+            raise ValueError(f"{what} has another page size or prefix_bytes than input 0")
+        total += _typed(m["rows"], int, f"{what} rows", 0, rows + 1)
+        _check_extents(_typed(m["extents"], list, f"{what} extents"), m["rows"], page_size,
+                       what)
+        info = _typed(m["info"], dict, f"{what} info")
+        if info.get("kernel") is not None:
+            _typed(info["kernel"], str, f"{what} info kernel")
+        for w in _typed(m["warnings"], list, f"{what} warnings"):
+            _typed(w, str, f"{what} warning")
+    if total != rows:
+        raise ValueError(f"the inputs hold {total:,} rows, the file {rows:,}")
+    return meta
+
+
+def _check_extents(extents: list[Any], rows: int, page_size: int, what: str) -> None:
+    """Extents in address order, not overlapping, within 2^64, together spanning at most
+    ADDRESS_LIMIT bytes (what a dump reader allows), with exactly ``rows`` stored pages."""
+    end, span, stored = 0, 0, 0
+    for k, e in enumerate(extents):
+        where = f"{what} extent {k}"
+        if len(_typed(e, list, where)) != 6:
+            raise ValueError(f"{where} is not [addr, pages, state, file_offset, label, flags]")
+        addr = _typed(e[0], int, f"{where} address")
+        npages = _typed(e[1], int, f"{where} pages", 1, ADDRESS_LIMIT // page_size + 1)
+        state = PageState(_typed(e[2], int, f"{where} state", 0, len(PageState)))
+        _typed(e[3], int, f"{where} file_offset", -1, 1 << 63)
+        _typed(e[4], str, f"{where} label")
+        _typed(e[5], int, f"{where} flags", 0, _FLAGS_END)
+        if addr % page_size or addr < end:
+            raise ValueError(f"{where} at {addr:#x} is not page-aligned or overlaps the one "
+                             "before")
+        end = addr + npages * page_size
+        span += npages * page_size
+        if end > _INT_END or span > ADDRESS_LIMIT:
+            raise ValueError(f"{where} ends past 2^64, or the extents span more than 2^56 bytes")
+        stored += npages if state == PageState.DATA else 0
+    if stored != rows:
+        raise ValueError(f"{what}: {rows:,} rows for {stored:,} stored pages")
+
+
+def _inputs(columns: dict[str, np.ndarray], meta: dict[str, Any], path: str
+            ) -> list[Fingerprints]:
     src = meta["source"]
     source = {"path": str(src["path"]), **{k: None if src.get(k) is None else int(src[k])
                                             for k in _SOURCE_KEYS[1:]}, "file": path}
-
-    def column(name: str) -> np.ndarray:
-        values: np.ndarray = table.column(name).to_numpy()
-        if values.dtype != np.uint64:
-            raise ValueError(f"column {name} is {values.dtype}, not uint64")
-        return values
-
-    addrs, prefix = column("addr"), column("prefix")
-    content = (np.stack([column("content_lo"), column("content_hi")], axis=1)
-               if "content_lo" in table.column_names else None)
+    addrs, prefix = columns["addr"], columns["prefix"]
+    content = (np.stack([columns["content_lo"], columns["content_hi"]], axis=1)
+               if "content_lo" in columns else None)
     out, start = [], 0
     for m in meta["inputs"]:
-        check_page_size(int(m["page_size"]))
-        if not 0 < int(m["prefix_bytes"]) <= int(m["page_size"]) or int(m["rows"]) < 0:
-            raise ValueError(f"input {m['name']!r}: prefix_bytes or rows out of range")
-        stop = start + int(m["rows"])
-        extents = [Extent(int(a), int(n), PageState(int(s)), int(fo), str(label),
-                          MapFlags(int(flags)))
+        stop = start + m["rows"]
+        extents = [Extent(a, n, PageState(s), fo, label, MapFlags(flags))
                    for a, n, s, fo, label, flags in m["extents"]]
-        stored = sum(e.npages for e in extents if e.state == PageState.DATA)
-        if stop > len(addrs) or stored != stop - start:
-            raise ValueError(f"input {m['name']!r}: {stop - start} rows for {stored} stored "
-                             f"pages, {len(addrs)} rows in the file")
-        _check_addresses(addrs[start:stop], extents, int(m["page_size"]), str(m["name"]))
+        _check_addresses(addrs[start:stop], extents, m["page_size"], m["name"])
         state_pages = dict.fromkeys(PageState, 0)
         for e in extents:
             state_pages[e.state] += e.npages
         out.append(Fingerprints(
-            path=str(m["name"]), format=DumpFormat.parse(m["format"]),
-            address_space=str(m["address_space"]), page_size=int(m["page_size"]),
-            prefix_bytes=int(m["prefix_bytes"]), extents=extents, info=dict(m["info"]),
-            warnings=[str(w) for w in m["warnings"]], addrs=addrs[start:stop],
+            path=m["name"], format=DumpFormat.parse(m["format"]),
+            address_space=m["address_space"], page_size=m["page_size"],
+            prefix_bytes=m["prefix_bytes"], extents=extents, info=m["info"],
+            warnings=m["warnings"], addrs=addrs[start:stop],
             prefix=prefix[start:stop], state_pages=state_pages,
             content=None if content is None else content[start:stop], source=source))
         start = stop
-    if start != len(addrs):
-        raise ValueError(f"{len(addrs) - start} rows belong to no input")
     return out
 
 

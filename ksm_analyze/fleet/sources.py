@@ -393,7 +393,7 @@ def _replaceable(target: Path, dump: dict[str, Any]) -> None:
         recorded = fingerprint_files.metadata(target)["source"] if (
             fingerprint_files.is_fingerprint_file(target)) else None
         mine = recorded is not None and fingerprint_files.same_dump(dump, recorded)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, KsmAnalyzeError):  # damaged, foreign
         recorded, mine = None, False
     if mine:
         return

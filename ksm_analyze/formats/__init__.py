@@ -2,12 +2,15 @@
 
 Formats are probed in a fixed order (an explicit list beats subclass discovery at this size).
 Raw images have no magic: a file that matches nothing is read as raw when its size is a whole
-number of pages, and refused as an unknown format otherwise.
+number of pages, and refused as an unknown format otherwise. A fingerprint file (named
+``*.ksmfp.parquet``, or any file starting with Parquet's ``PAR1``) is never a dump, whatever
+``format`` says: a damaged one must be an error, not a small raw image.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from ..errors import DumpFormatError, UnsupportedDumpError
@@ -21,7 +24,13 @@ from .lime import LimeReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
 
-__all__ = ["DumpFormat", "detect_format", "open_dump", "open_inputs"]
+__all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "DumpFormat", "detect_format",
+           "looks_like_fingerprint_file", "open_dump", "open_inputs"]
+
+FINGERPRINT_SUFFIX = ".ksmfp.parquet"
+"""The name every fingerprint file ends with (``ksm_analyze.fleet.fingerprint_files``)."""
+PARQUET_MAGIC = b"PAR1"
+"""The first (and last) four bytes of every Parquet file."""
 
 PROBE_BYTES = 4096 + 8
 """Enough for every magic, including Hyper-V's at offset 0x1000."""
@@ -63,15 +72,42 @@ def _read_head(path: str | os.PathLike[str]) -> tuple[bytes, int]:
         os.close(fd)
 
 
+def looks_like_fingerprint_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is named like a fingerprint file or starts with ``PAR1`` (never
+    raises): such a file is read as a fingerprint file or refused, never read as a dump."""
+    if os.fspath(path).lower().endswith(FINGERPRINT_SUFFIX):
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 4, 0) == PARQUET_MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _not_a_dump(path: str | os.PathLike[str]) -> DumpFormatError:
+    return DumpFormatError(
+        "a fingerprint file (Parquet, from 'ksm-analyze fingerprint' or --cache), not a memory "
+        "dump: scan, report, plan and info read it as one when no --format is given",
+        path=path, offset=0)
+
+
 def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -> DumpFormat:
     """Name the format of ``path`` from its first bytes.
 
     Raises:
         InputError: the file cannot be opened or is empty.
         UnsupportedDumpError: a known format ksm-analyze does not read yet.
-        DumpFormatError: no known magic and the size is not a whole number of pages.
+        DumpFormatError: no known magic and the size is not a whole number of pages, or a
+            fingerprint file (by name or magic).
     """
     head, size = _read_head(path)
+    if head.startswith(PARQUET_MAGIC) or os.fspath(path).lower().endswith(FINGERPRINT_SUFFIX):
+        raise _not_a_dump(path)
     for fmt, cls in READERS.items():
         if cls.probe(head):
             return fmt
@@ -117,6 +153,8 @@ def open_dump(
         ValueError: an unknown format name or a bad page size.
     """
     check_page_size(page_size)
+    if format is not None and looks_like_fingerprint_file(path):
+        raise _not_a_dump(path)
     fmt = detect_format(path, page_size=page_size) if format is None else DumpFormat.parse(format)
     cls = READERS[fmt]
     return cls(path, page_size=page_size, base_address=base_address)
