@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .._signals import watching
 from ..errors import InputError, KsmAnalyzeError
 from ..formats import DumpFormat, open_inputs
 from ..formats.base import DumpReader
@@ -182,9 +183,11 @@ def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int
     try:
         readers = open_inputs(path, options.format, page_size=page_size, base_address=base)
         try:
-            prints = [fingerprint(r, replace(options, jobs=1)) for r in readers]
-            if with_content:
-                prints = [_with_content(fp, r) for fp, r in zip(prints, readers, strict=True)]
+            with watching(r.path for r in readers):  # truncated meanwhile: one line, no SIGBUS
+                prints = [fingerprint(r, replace(options, jobs=1)) for r in readers]
+                if with_content:
+                    prints = [_with_content(fp, r)
+                              for fp, r in zip(prints, readers, strict=True)]
             return prints
         finally:
             for r in readers:
@@ -261,8 +264,9 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
                                options.bases_for(paths), stack)
         if any(s.origin == "file" for s in sources):
             raise ValueError("fingerprint reads dumps, not fingerprint files")
-        fingerprint_sources(sources, replace(options, cache=None), reading, tasks,
-                            with_content=True)
+        with watching(s.reader.path for s in sources if s.reader):  # changed? before writing
+            fingerprint_sources(sources, replace(options, cache=None), reading, tasks,
+                                with_content=True)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         written = []
         names = short_names([os.fspath(p) for p in paths])
