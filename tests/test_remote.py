@@ -197,7 +197,7 @@ def test_a_scheduler_without_workers_is_one_line_after_six_timeouts(lone_schedul
 
 def test_a_scheduler_that_stops_answering_mid_run_is_one_line(lone_scheduler):
     address, scheduler, log = lone_scheduler
-    env = {**os.environ, "KSM_ANALYZE_SCHEDULER_TIMEOUT": "5", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "KSM_ANALYZE_SCHEDULER_TIMEOUT": "2", "PYTHONPATH": str(ROOT)}
     run = subprocess.Popen([sys.executable, "-m", "ksm_analyze", "scan", SAMPLES[1], "-q",
                             "--scheduler", address], cwd=ROOT, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -212,5 +212,54 @@ def test_a_scheduler_that_stops_answering_mid_run_is_one_line(lone_scheduler):
         run.kill()
         scheduler.send_signal(signal.SIGCONT)
     assert (run.returncode, err) == (1, (f"Error: {address}: the Dask scheduler stopped "
-                                        "answering (nothing for 5 s)\n"))
+                                        "answering (nothing for 2 s)\n"))
     assert took < 15
+
+
+SLOW_WORKER = """
+import os, time
+import ksm_analyze.hashing.stage1 as _fp
+_hash_batch = _fp.hash_batch
+def _slow(batch, nbytes):
+    with open(os.environ["KSM_TEST_MARKS"], "a") as f:
+        f.write("batch\\n")
+    time.sleep(1.0)
+    return _hash_batch(batch, nbytes)
+_fp.hash_batch = _slow
+"""
+"""sitecustomize for a LocalCluster's workers: each batch is noted in KSM_TEST_MARKS, then
+waits a second before it is hashed."""
+
+
+def test_a_dump_truncated_under_a_dask_worker_is_one_line_naming_it_and_the_worker(
+        tmp_path, monkeypatch):
+    # The dump only the workers read (this process cannot): truncated while a worker hashes
+    # it, the worker must neither die of SIGBUS (then, run again, it would hash what is left
+    # and the prediction would silently be of 1 MiB) nor hide it.
+    from test_signals import write_pages
+
+    from ksm_analyze.fleet import sources
+
+    site, marks = tmp_path / "site", tmp_path / "marks"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_WORKER)
+    marks.touch()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
+    monkeypatch.setenv("KSM_TEST_MARKS", str(marks))
+    dump = write_pages(tmp_path / "dump.raw", 16384)  # 64 MiB: two batches
+    monkeypatch.setattr(sources, "readable_here", lambda path: False)
+
+    def truncate() -> None:
+        end = time.monotonic() + 60
+        while not marks.read_text() and time.monotonic() < end:
+            time.sleep(0.02)
+        os.truncate(dump, 1 << 20)
+
+    cutter = threading.Thread(target=truncate, daemon=True)
+    cutter.start()
+    out = runner.invoke(app, ["scan", str(dump), "--scheduler", "local:1", "-q"])
+    cutter.join()
+    assert out.exit_code == 1, out.output
+    assert out.output.startswith(f"Error: {dump}: truncated while reading (size was 64 MiB, "
+                                 "now 1 MiB) (on Dask worker tcp://127.0.0.1:")
+    assert out.output.count("\n") == 1

@@ -248,8 +248,10 @@ def _with_content(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
 
 
 def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int,
-                      with_content: bool) -> list[Fingerprints]:
-    """Stage 1 of one dump, on a worker: the reader is opened there, by path."""
+                      with_content: bool) -> list[Fingerprints] | KsmAnalyzeError:
+    """Stage 1 of one dump, on a worker: the reader is opened there, by path. What is wrong
+    with the dump comes back as a value, not raised: Dask runs a task that raised again,
+    and a second run of a dump truncated under the first would hash what is left."""
     try:
         readers = open_inputs(path, options.format, page_size=page_size, base_address=base)
         try:
@@ -265,7 +267,7 @@ def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int
     except KsmAnalyzeError as e:
         from distributed import get_worker
 
-        raise _on_worker(e, get_worker().address) from None
+        return _on_worker(e, get_worker().address)
 
 
 def _on_worker(error: KsmAnalyzeError, worker: str) -> KsmAnalyzeError:
@@ -316,11 +318,11 @@ def _on_cluster(todo: Sequence[Source], options: ScanOptions,
                                          path=address) from None
             try:
                 prints = future.result(timeout=RESULT_TIMEOUT * timeout)
-            except KsmAnalyzeError:
-                raise
             except (OSError, TimeoutError) as e:  # the connection to the cluster broke
                 raise InputError(f"the Dask cluster stopped answering ({type(e).__name__})",
                                  path=address) from None
+            if isinstance(prints, KsmAnalyzeError):
+                raise prints
             mine = futures[future]
             if mine[0].reader is None:  # read by the workers only: named as given here
                 named = [replace(fp, path=fp.path.replace(os.path.abspath(mine[0].path),
