@@ -8,9 +8,10 @@
   :func:`watching`, a C-level handler (through ctypes) maps zeros over the rest of the
   faulting input's map, so the reading goes on and ends, and :func:`watching` then raises
   ``FILE: changed while reading ...``: a library caller gets an exception, and the process
-  lives on. The handler before is put back exactly when the watch ends. A SIGBUS elsewhere
-  goes to that previous handler (the default: the process dies), or, in the command line
-  (:data:`EXIT_ON_OTHER_BUS_ERRORS`), says one line and exits 1. Forked workers just exit
+  lives on. The handler before is put back exactly when the last watch (of any thread: a
+  Dask worker's tasks) ends. A SIGBUS elsewhere goes to that previous handler (the
+  default: the process dies), or, in the command line (:data:`EXIT_ON_OTHER_BUS_ERRORS`),
+  says one line and exits 1. Forked workers just exit
   (:func:`worker_signals`) and leave the telling to the parent, which sees a worker die
   and finds the input that changed.
 - :func:`watching` notes each input's size and modification time when its reading starts;
@@ -93,14 +94,13 @@ def watching(paths: Iterable[str]) -> Iterator[None]:
     """Read ``paths`` (opened, regular files) under watch: a SIGBUS or an error while
     reading, or the end of the reading, with one of them changed raises (or writes, for
     SIGBUS) ``FILE: truncated while reading ...`` (or ``changed``)."""
-    outermost = not _WATCHED  # installs the SIGBUS handler
     mine = [p for p in dict.fromkeys(paths) if p not in _WATCHED]
     try:
         for p in mine:
             fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             st = os.fstat(fd)
             _WATCHED[p] = (fd, st.st_size, st.st_mtime_ns)
-        with _sigbus_handled() if outermost else contextlib.nullcontext():
+        with _sigbus_handled():
             try:
                 yield
             except Exception as e:
@@ -195,7 +195,7 @@ def _on_sigbus(signum: int, info: int | None, context: int | None) -> None:
 def _input_map(address: int) -> tuple[str, int, int] | None:
     """(watched input, first page, end) of the map holding ``address``, if it maps one."""
     devices = {(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino): path
-               for path, st in ((p, os.fstat(fd)) for p, (fd, _, _) in _WATCHED.items())}
+               for path, st in ((p, os.fstat(fd)) for p, (fd, _, _) in list(_WATCHED.items()))}
     page = os.sysconf("SC_PAGE_SIZE")
     with open("/proc/self/maps", "rb") as maps:
         for line in maps:
@@ -232,22 +232,35 @@ _REPORTING = threading.Lock()
 _SIGBUS_HANDLER = _HANDLER(_on_sigbus)
 
 
+_HANDLING = [0]
+"""Watches running (nested, or in other threads: a Dask worker's tasks); the handler is
+installed while there is one."""
+_HANDLING_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _sigbus_handled() -> Iterator[None]:
-    """Install the SIGBUS handler for the block, then put back the one before, exactly."""
+    """Install the SIGBUS handler for the block, then put back the one before, exactly,
+    when the last block running (in any thread) ends."""
     if _libc is None:
         yield
         return
-    action = _Sigaction(handler=ctypes.cast(_SIGBUS_HANDLER, ctypes.c_void_p).value,
-                        flags=_SA_SIGINFO)
-    _libc.sigaction(signal.SIGBUS, None, _PREVIOUS)
-    _libc.sigaction(signal.SIGBUS, ctypes.byref(action), None)
+    with _HANDLING_LOCK:
+        _HANDLING[0] += 1
+        if _HANDLING[0] == 1:
+            action = _Sigaction(handler=ctypes.cast(_SIGBUS_HANDLER, ctypes.c_void_p).value,
+                                flags=_SA_SIGINFO)
+            _libc.sigaction(signal.SIGBUS, None, _PREVIOUS)
+            _libc.sigaction(signal.SIGBUS, ctypes.byref(action), None)
     try:
         yield
     finally:
-        _libc.sigaction(signal.SIGBUS, _PREVIOUS, None)
-        _ZEROED.clear()
-        _FAULTED.clear()
+        with _HANDLING_LOCK:
+            _HANDLING[0] -= 1
+            if _HANDLING[0] == 0:
+                _libc.sigaction(signal.SIGBUS, _PREVIOUS, None)
+                _ZEROED.clear()
+                _FAULTED.clear()
 
 
 def worker_signals(parent: int) -> None:

@@ -152,8 +152,9 @@ SchedulerOpt = Annotated[
     str | None,
     typer.Option("--scheduler",
                  help="Run stage 1 on a Dask cluster: tcp://HOST:PORT of its scheduler, or "
-                 "local[:N] for a local cluster of N workers (pip install "
-                 "'ksm-analyze[dask]').", show_default=False, rich_help_panel=_READING_PANEL),
+                 "local[:N] for a local cluster of N workers, at most one per CPU (pip "
+                 "install 'ksm-analyze[dask]'). KSM_ANALYZE_SCHEDULER_TIMEOUT: seconds it "
+                 "must answer within (10).", show_default=False, rich_help_panel=_READING_PANEL),
 ]
 
 
@@ -263,6 +264,15 @@ class _Request:
             return analyze(dumps, options, self.ksm, progress=bars)
 
 
+def _say_local_workers(options: ScanOptions) -> None:
+    """Warn when ``--scheduler local:N`` asks for more workers than there are CPUs."""
+    workers = options.local_workers()
+    if workers is not None and options.scheduler != "local" and \
+            workers < int((options.scheduler or "").partition(":")[2]):
+        typer.echo(f"Warning: --scheduler {options.scheduler}: {counted(workers, 'worker')}, "
+                   "one per CPU this process may use", err=True)
+
+
 def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                       ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command the options of ``bundles``; it receives them as ``request: _Request``
@@ -284,6 +294,7 @@ def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                                                 given.pop("domains_file"))
                 options = ScanOptions(**{k: v for k, v in given.items() if k in _SCAN_FIELDS})
                 ksm = KsmSettings(**{k: v for k, v in given.items() if k not in _SCAN_FIELDS})
+                _say_local_workers(options)
             command(**kwargs, request=_Request(options, ksm, quiet))
 
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values()

@@ -31,6 +31,17 @@ MERGE_POLICIES = ("all", "zero-only")
 """``--merge``: KSM's rule, or the what-if where only zero pages merge."""
 
 
+def _supported_scheduler(address: str) -> bool:
+    """Whether ``--scheduler`` is a form that works: ``local``, ``local:N`` (N at least 1), or
+    ``tcp://HOST:PORT`` (a host name, IPv4 address or [IPv6] address, a port 1 to 65535).
+    Dask's other transports need what this tool does not set up: ``tls://`` certificates,
+    ``ucx://`` its library, ``inproc://`` a scheduler in this very process."""
+    if re.fullmatch(r"local(:[1-9][0-9]*)?", address):
+        return True
+    tcp = re.fullmatch(r"tcp://([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})", address)
+    return tcp is not None and 1 <= int(tcp[2]) <= 65535
+
+
 @dataclass(frozen=True)
 class ScanOptions:
     """How inputs are read and fingerprinted, and what the analysis reports of them.
@@ -63,8 +74,9 @@ class ScanOptions:
             is checked against that key (else it is not used, rewritten, and a warning
             says so); the folder must be the user's and writable by nobody else.
         scheduler: run stage 1 on a Dask cluster: ``tcp://HOST:PORT`` of its scheduler, or
-            ``local`` / ``local:N`` for a local cluster of N workers (``pip install
-            'ksm-analyze[dask]'``).
+            ``local`` / ``local:N`` for a local cluster of N workers, at most one per CPU
+            (``pip install 'ksm-analyze[dask]'``). The scheduler must answer within
+            ``KSM_ANALYZE_SCHEDULER_TIMEOUT`` seconds (10).
     """
 
     format: DumpFormat | None = None
@@ -99,13 +111,19 @@ class ScanOptions:
         if self.top < 0:
             raise ValueError(f"--top cannot be negative, not {self.top}")
         object.__setattr__(self, "domains", tuple((str(n), str(p)) for n, p in self.domains))
-        if self.scheduler is not None and not re.fullmatch(
-                r"local(:[1-9][0-9]*)?|(tcp|tls|ucx|inproc)://\S+", self.scheduler):
-            raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT, local or "
-                             "local:N")
+        if self.scheduler is not None and not _supported_scheduler(self.scheduler):
+            raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT of a Dask "
+                             "scheduler, local or local:N (N workers, at least 1)")
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
                              + ", ".join(MERGE_POLICIES))
+
+    def local_workers(self) -> int | None:
+        """The workers of ``scheduler`` ``local[:N]`` (None: not a local cluster): N, or 2,
+        but never more than the CPUs this process may run on."""
+        if self.scheduler is None or not self.scheduler.startswith("local"):
+            return None
+        return min(int(self.scheduler.partition(":")[2] or 2), default_jobs())
 
     def hashed_bytes(self, page_size: int) -> int:
         """Bytes of each page stage 1 hashes for ``prefix_bytes``: the whole page for 0 or

@@ -254,6 +254,22 @@ def test_a_dump_truncated_mid_scan_is_one_line_not_sigbus(dump, jobs, forked):
 
 
 @pytest.mark.parametrize(("jobs", "forked"), JOBS)
+def test_a_dump_truncated_mid_fingerprint_is_one_line_not_sigbus(dump, tmp_path, jobs, forked):
+    # `fingerprint` maps its dumps as `scan` does: the same guard, the same one line, and no
+    # fingerprint file of the pages it happened to read.
+    size, out = dump.stat().st_size, tmp_path / "fp"
+    run = Cli("fingerprint", dump, "-o", out, "-j", jobs, "-q", prelude=_prelude(forked))
+    run.wait_for("BATCH")
+    os.truncate(dump, 1 << 20)
+    rc, lines, took = run.finish()
+    assert rc == 1, lines  # not -SIGBUS
+    assert lines == [(f"Error: {dump}: truncated while reading (size was {size_text(size)}, "
+                      "now 1 MiB)")]
+    assert took < 10
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(("jobs", "forked"), JOBS)
 def test_a_dump_rewritten_mid_scan_is_one_line(dump, jobs, forked):
     run = Cli("scan", dump, "-j", jobs, "-q", prelude=_prelude(forked))
     run.wait_for("BATCH")
@@ -301,6 +317,43 @@ def test_a_dump_truncated_under_a_library_call_raises_and_the_process_lives_on(b
         # 256 MiB cut to 1 MiB under the map
         f"InputError: {dump}: truncated while reading (size was 256 MiB, now 1 MiB)",
         "the interpreter goes on; SIGBUS as before: True"]
+
+
+OVERLAPPING_WATCHES = """
+import mmap, os, sys, threading
+from ksm_analyze._signals import watching
+from ksm_analyze.errors import InputError
+a, b = sys.argv[1:]
+entered, first_done, said = threading.Event(), threading.Event(), []
+def second():
+    try:
+        with open(b, "rb") as f, watching([b]):
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            entered.set()
+            first_done.wait()
+            os.truncate(b, 4096)
+            bytes(mm[:])  # past the new end: SIGBUS
+        said.append("no error")
+    except InputError as e:
+        said.append(str(e))
+with watching([a]):
+    thread = threading.Thread(target=second)
+    thread.start()
+    entered.wait()
+first_done.set()
+thread.join()
+print(said[0])
+"""
+"""Two threads reading under watch (a Dask worker's tasks): the first watch ends while the
+second's file is truncated under its map."""
+
+
+def test_a_watch_that_ends_leaves_the_guard_to_one_still_running(tmp_path):
+    a, b = write_pages(tmp_path / "a.raw", 2), write_pages(tmp_path / "b.raw", 64)
+    run = subprocess.run([sys.executable, "-c", OVERLAPPING_WATCHES, a, b], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr  # not -SIGBUS
+    assert run.stdout == f"{b}: truncated while reading (size was 256 KiB, now 4 KiB)\n"
 
 
 def test_a_library_call_leaves_sigbus_and_malloc_as_they_were(big_raw):

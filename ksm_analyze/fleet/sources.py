@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .._signals import watching
 from ..errors import InputError, KsmAnalyzeError
 from ..formats import DumpFormat, open_inputs
 from ..formats.base import DumpReader
@@ -227,22 +231,89 @@ def fingerprint_sources(sources: Sequence[Source], options: ScanOptions,
 # -- Dask --------------------------------------------------------------------------------------
 
 
-def _client(address: str) -> Any:
-    """A client of the scheduler at ``address``, or of a new local cluster (``local[:N]``)."""
+SCHEDULER_TIMEOUT = 10.0
+"""Seconds to wait for the Dask scheduler to answer (``KSM_ANALYZE_SCHEDULER_TIMEOUT``
+changes it): the handshake, and each check that it is still there while tasks run."""
+RESULT_TIMEOUT = 6
+"""A finished task's fingerprints must arrive within this many times the scheduler timeout,
+and a scheduler may be without workers (an adaptive cluster starting them) no longer."""
+
+
+def scheduler_timeout() -> float:
+    """:data:`SCHEDULER_TIMEOUT`, or the seconds ``KSM_ANALYZE_SCHEDULER_TIMEOUT`` gives."""
+    given = os.environ.get("KSM_ANALYZE_SCHEDULER_TIMEOUT")
+    if given is None:
+        return SCHEDULER_TIMEOUT
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 1e6:  # and not NaN
+        raise ValueError(f"KSM_ANALYZE_SCHEDULER_TIMEOUT={given!r}: give the seconds to wait "
+                         "for the Dask scheduler, more than 0")
+    return seconds
+
+
+def _no_answer(address: str, timeout: float) -> InputError:
+    return InputError(f"no Dask scheduler answered there within {timeout:g} s", path=address)
+
+
+def _handshake(address: str, timeout: float) -> None:
+    """Say hello to ``address`` as a Dask client would, within ``timeout``: Dask's own
+    connect waits for the answer without end, and reads whatever a non-Dask service sends
+    as a frame length (an HTTP answer: exabytes). Run on a loop of its own, in a thread of
+    its own, so a caller's running loop (a notebook) is no obstacle."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def hello() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(hello())
+        except BaseException as e:  # noqa: BLE001 - every way it fails is "no answer"
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="ksm-analyze-dask-hello", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if thread.is_alive() or failed:
+        raise _no_answer(address, timeout) from None
+
+
+def _client(address: str, options: ScanOptions) -> Any:
+    """A client of the scheduler at ``address``, or of a new local cluster (``local[:N]``,
+    at most one worker per CPU)."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise InputError("--scheduler needs Dask: pip install 'ksm-analyze[dask]'",
                          path=address) from None
-    if address.startswith("local"):
-        workers = int(address.partition(":")[2] or 2)
+    if (workers := options.local_workers()) is not None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
         return Client(cluster)
+    timeout = scheduler_timeout()
+    _handshake(address, timeout)
     try:
-        return Client(address, timeout=10)
-    except OSError as e:
-        raise InputError(f"cannot reach the Dask scheduler: {e}", path=address) from None
+        return Client(address, timeout=timeout)
+    except Exception:  # noqa: BLE001 - gone or changed since the handshake: whatever it sent
+        raise _no_answer(address, timeout) from None
+
+
+def _workers(client: Any, address: str, timeout: float) -> int:
+    """The scheduler's workers now; raise unless it answers within ``timeout``."""
+    try:
+        info = client.sync(client.scheduler.identity, n_workers=0, callback_timeout=timeout)
+        return int(info["n_workers"])
+    except Exception:  # noqa: BLE001 - a timeout, a closed connection, an answer not Dask's
+        raise InputError(f"the Dask scheduler stopped answering (nothing for {timeout:g} s)",
+                         path=address) from None
 
 
 def _with_content(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
@@ -254,14 +325,18 @@ def _with_content(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
 
 
 def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int,
-                      with_content: bool) -> list[Fingerprints]:
-    """Stage 1 of one dump, on a worker: the reader is opened there, by path."""
+                      with_content: bool) -> list[Fingerprints] | KsmAnalyzeError:
+    """Stage 1 of one dump, on a worker: the reader is opened there, by path. What is wrong
+    with the dump comes back as a value, not raised: Dask runs a task that raised again,
+    and a second run of a dump truncated under the first would hash what is left."""
     try:
         readers = open_inputs(path, options.format, page_size=page_size, base_address=base)
         try:
-            prints = [fingerprint(r, replace(options, jobs=1)) for r in readers]
-            if with_content:
-                prints = [_with_content(fp, r) for fp, r in zip(prints, readers, strict=True)]
+            with watching(r.path for r in readers):  # truncated meanwhile: one line, no SIGBUS
+                prints = [fingerprint(r, replace(options, jobs=1)) for r in readers]
+                if with_content:
+                    prints = [_with_content(fp, r)
+                              for fp, r in zip(prints, readers, strict=True)]
             return prints
         finally:
             for r in readers:
@@ -269,7 +344,7 @@ def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int
     except KsmAnalyzeError as e:
         from distributed import get_worker
 
-        raise _on_worker(e, get_worker().address) from None
+        return _on_worker(e, get_worker().address)
 
 
 def _on_worker(error: KsmAnalyzeError, worker: str) -> KsmAnalyzeError:
@@ -282,8 +357,9 @@ def _on_worker(error: KsmAnalyzeError, worker: str) -> KsmAnalyzeError:
 def _on_cluster(todo: Sequence[Source], options: ScanOptions,
                 tasks: ProgressCallback | None, with_content: bool) -> None:
     """Stage 1 of ``todo`` as one task per dump on the cluster; fills ``prints``."""
-    client = _client(options.scheduler or "")  # first: says how to install Dask
-    from distributed import as_completed
+    address = options.scheduler or ""
+    client = _client(address, options)  # first: says how to install Dask
+    timeout = scheduler_timeout()
 
     by_dump: dict[str, list[Source]] = {}
     for s in todo:
@@ -301,8 +377,29 @@ def _on_cluster(todo: Sequence[Source], options: ScanOptions,
             futures[future] = mine
         if tasks is not None:
             tasks(0, len(futures))
-        for done, future in enumerate(as_completed(futures), 1):
-            prints = future.result()
+        finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for future in futures:
+            future.add_done_callback(finished.put)
+        idle = time.monotonic()  # since when the cluster had no worker
+        for done in range(1, len(futures) + 1):
+            while True:  # a task may run long; the scheduler must keep answering meanwhile
+                try:
+                    future = finished.get(timeout=timeout)
+                    break
+                except queue.Empty:
+                    if _workers(client, address, timeout):
+                        idle = time.monotonic()
+                    elif time.monotonic() - idle > RESULT_TIMEOUT * timeout:
+                        raise InputError("the Dask scheduler has no worker to run the tasks "
+                                         f"(none for {RESULT_TIMEOUT * timeout:g} s)",
+                                         path=address) from None
+            try:
+                prints = future.result(timeout=RESULT_TIMEOUT * timeout)
+            except (OSError, TimeoutError) as e:  # the connection to the cluster broke
+                raise InputError(f"the Dask cluster stopped answering ({type(e).__name__})",
+                                 path=address) from None
+            if isinstance(prints, KsmAnalyzeError):
+                raise prints
             mine = futures[future]
             if mine[0].reader is None:  # read by the workers only: named as given here
                 named = [replace(fp, path=fp.path.replace(os.path.abspath(mine[0].path),
@@ -350,8 +447,9 @@ def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str
             if any(os.path.realpath(target) == os.path.realpath(p) for p in paths):
                 raise ValueError(f"{target} would overwrite an input")
             _replaceable(target, dump)  # before the long work
-        fingerprint_sources(sources, replace(options, cache=None), reading, tasks,
-                            with_content=True)
+        with watching(s.reader.path for s in sources if s.reader):  # changed? before writing
+            fingerprint_sources(sources, replace(options, cache=None), reading, tasks,
+                                with_content=True)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         written = []
         for path, target, dump in zip(paths, targets, dumps, strict=True):
