@@ -20,6 +20,11 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+try:  # typer >= 0.26 carries its own click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer, click beside it
+    from click.exceptions import ClickException as _ClickException  # type: ignore[assignment]
+
 from . import _parallel, _signals
 from ._signals import Interrupted, raise_on_interrupt
 from ._version import __version__
@@ -670,8 +675,19 @@ def main() -> None:
     raise_on_interrupt()
     _parallel.ONE_MALLOC_ARENA = True
     _signals.EXIT_ON_OTHER_BUS_ERRORS = True
+    if len(sys.argv) < 2:
+        app(prog_name="ksm-analyze")  # `ksm-analyze` alone: typer shows the help
+        return
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="ksm-analyze")
     except Interrupted as e:
         typer.echo(f"Error: {e}", err=True)
         sys.exit(128 + e.signum)
+    except _ClickException as e:  # a bad option value, a missing argument: one line, exit 2
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        typer.echo(f"Error: {where}{printable(e.format_message())}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -217,3 +217,35 @@ def test_counts_of_one_are_singular(two_raw):
     assert r.exit_code == 2
     assert r.stderr.strip() == ("Error: 2 base addresses for 1 input: give one, or one per "
                                 "input")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["scan", "--page-size", "1e3", "x.raw"],
+     "Error: ksm-analyze scan: Invalid value for '--page-size': '1e3' is not a valid int."),
+    (["scan"], "Error: ksm-analyze scan: Missing argument 'dumps'."),
+    (["plan", "x.raw"], "Error: ksm-analyze plan: Missing option '--host-memory'."),
+    (["nocommand"], "Error: ksm-analyze: No such command 'nocommand'."),
+])
+def test_a_usage_error_is_one_line_and_exit_2(args, line):
+    # The command line as a user runs it (the console script's main): typer drew a box of
+    # five lines for these; a usage error is one line like every other error.
+    r = subprocess.run([sys.executable, "-c", "from ksm_analyze.cli import main; main()",
+                        *args], capture_output=True, text=True, check=False, timeout=60,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", line + "\n")
+
+
+def test_help_and_no_arguments_still_show_the_help():
+    for args in ([], ["--help"], ["scan", "--help"]):
+        r = subprocess.run([sys.executable, "-c", "from ksm_analyze.cli import main; main()",
+                            *args], capture_output=True, text=True, check=False, timeout=60)
+        assert "Usage: ksm-analyze" in r.stdout + r.stderr, args
+        assert r.returncode == (2 if not args else 0), args
+
+
+def test_more_hosts_than_one_input_says_input():
+    r = runner.invoke(app, ["plan", "sample_dumps/vm-b.raw", "--host-memory", "1GiB",
+                            "--hosts", "2"])
+    assert r.exit_code == 2
+    assert r.stderr == ("Error: --hosts 2 is more hosts than the 1 input: every host needs at "
+                        "least one\n")

@@ -306,8 +306,8 @@ def spread(model: HostModel, capacity: int, hosts: int) -> Placement:
             inputs that neither way fit on ``hosts`` hosts.
     """
     if hosts > model.n:
-        raise ValueError(f"--hosts {hosts} is more hosts than the {model.n} inputs: every "
-                         "host needs at least one")
+        raise ValueError(f"--hosts {hosts:,} is more hosts than the "
+                         f"{counted(model.n, 'input')}: every host needs at least one")
     _too_big(model, capacity)
     packed = place(model, capacity).hosts
     candidates = [] if len(packed) > hosts else [

@@ -144,7 +144,8 @@ def plan(
         raise ValueError(f"--hosts must be at least 1, not {hosts}")
     if hosts is not None and hosts > len(analysis.names):  # before anything is sized by it
         raise ValueError(f"--hosts {hosts:,} is more hosts than the "
-                         f"{len(analysis.names):,} inputs: every host needs at least one")
+                         f"{counted(len(analysis.names), 'input')}: every host needs at least "
+                         "one")
     model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
     names = analysis.names
     guest_bytes = [int(b) for b in analysis.per_input["bytes"]]
