@@ -144,13 +144,13 @@ def render_scan(result: Analysis) -> str:
         f"{_count(st['full_compares'])} full compares, "
         f"{_count(st['hash_collisions'])} hash collisions; {verified}."
     )
-    reused = [f"{n} from the cache (not read again)" if what == "cache" else
-              f"{n} from fingerprint files"
+    reused = [f"{n:,} from the cache (not read again)" if what == "cache" else
+              f"{n:,} from fingerprint files"
               for what, n in (("cache", st["inputs_from_cache"]),
                               ("file", st["inputs_from_fingerprint_files"])) if n]
     if reused:
         skipped = st["inputs_from_cache"] + st["inputs_from_fingerprint_files"]
-        out.append(f"Stage 1 skipped for {skipped} of {counted(len(result.names), 'input')}: "
+        out.append(f"Stage 1 skipped for {skipped:,} of {counted(len(result.names), 'input')}: "
                    f"{' and '.join(reused)}.")
     conv = tables["convergence"].by_key("with_zero_pages")
     out.append(
