@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -45,7 +44,7 @@ from .._files import DIR_MODE, atomic_write
 from .._version import __version__
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
 from ..formats import FINGERPRINT_SUFFIX, PARQUET_MAGIC, DumpFormat, looks_like_fingerprint_file
-from ..formats.base import ADDRESS_LIMIT, open_readonly
+from ..formats.base import ADDRESS_LIMIT, open_readonly, strict_json
 from ..hashing.stage1 import Fingerprints
 from ..pages import Extent, MapFlags, PageState, check_page_size
 from ..units import size_text
@@ -316,17 +315,6 @@ def _column(table: Any, name: str) -> np.ndarray:
 # -- the metadata, checked like a dump's header ---------------------------------------------
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as infinity
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _depth(raw: bytes) -> int:
     """The deepest nesting of lists and objects in the JSON text ``raw`` (strings skipped),
     counted without recursion."""
@@ -370,7 +358,7 @@ def _checked_meta(raw: bytes, rows: int) -> dict[str, Any]:
     if (depth := _depth(raw)) > _MAX_DEPTH:
         raise ValueError(f"nested {depth} deep, more than {_MAX_DEPTH}")
     meta: dict[str, Any] = _typed(
-        json.loads(raw, parse_float=_finite, parse_constant=_no_constant), dict, "the metadata")
+        strict_json(raw), dict, "the metadata")
     _check_json(meta, "the metadata")
     if _SURROGATE.search(raw):
         try:

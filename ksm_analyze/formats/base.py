@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
+import math
 import mmap
 import os
 import stat
@@ -376,3 +378,19 @@ class DumpReader(ABC):
         self.__init__(  # type: ignore[misc]
             state["path"], page_size=state["page_size"], base_address=state["base_address"]
         )
+
+
+def strict_json(raw: bytes | str) -> Any:
+    """JSON from a file, as strictly as a header is read: a number too large for a float
+    (``1e400``, which Python reads as infinity) and ``NaN``/``Infinity`` are a ValueError.
+    Used for the metadata of snapshots and fingerprint files."""
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:40]} is out of range")
+        return value
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    return json.loads(raw, parse_float=finite, parse_constant=no_constant)

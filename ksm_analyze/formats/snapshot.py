@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import math
 import mmap
 import os
 import struct
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..pages import PAGE_SIZE, Extent, MapFlags, PageState, check_page_size
-from .base import MIN_LIMIT, DumpFormat
+from .base import MIN_LIMIT, DumpFormat, strict_json
 from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader, Note, Segment
 
 __all__ = ["RunFlags", "SnapshotReader", "SnapshotWriter"]
@@ -225,22 +224,11 @@ def _field(value: Any, kind: type, what: str) -> Any:
     return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses as infinity
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _checked_meta(raw: bytes) -> dict[str, Any]:
     """META decoded, with every value the readers and the analysis use checked: a ValueError,
     TypeError or KeyError (or RecursionError for deep nesting) says what is wrong."""
     meta: dict[str, Any] = _field(
-        json.loads(raw, parse_float=_finite, parse_constant=_no_constant), dict, "META"
+        strict_json(raw), dict, "META"
     )
     check_page_size(_field(meta["page_size"], int, "page_size"))
     for key in ("kernel", "created", "pfn_flags"):
