@@ -83,19 +83,23 @@ def main(fmt_name: str) -> None:
         text = "\n".join(found)
         if not KEEP_GOING:
             raise Failure(text)
-        sig = _signature(text)
-        if sig in seen:
-            return
-        seen.add(sig)
-        OUT.mkdir(parents=True, exist_ok=True)
-        name = f"{fmt_name}-{hashlib.sha1(sig.encode()).hexdigest()[:10]}.bin"
-        (OUT / name).write_bytes(data)
-        with open(OUT / "failures.txt", "a") as log:
-            log.write(f"{time.strftime('%F %T')} {name} {len(data)} bytes: {sig}\n")
-        print(f"\n== new failure {name}: {sig}\n{text}\n", file=sys.stderr, flush=True)
+        _keep(fmt_name, data, text, _signature(text), seen)
 
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()
+
+
+def _keep(target: str, data: bytes, text: str, sig: str, seen: set[str]) -> None:
+    """Save a failing input once per distinct failure (its signature), with a log line."""
+    if sig in seen:
+        return
+    seen.add(sig)
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = f"{target}-{hashlib.sha1(sig.encode()).hexdigest()[:10]}.bin"
+    (OUT / name).write_bytes(data)
+    with open(OUT / "failures.txt", "a") as log:
+        log.write(f"{time.strftime('%F %T')} {name} {len(data)} bytes: {sig}\n")
+    print(f"\n== new failure {name}: {sig}\n{text}\n", file=sys.stderr, flush=True)
 
 
 def main_fingerprints(target: str) -> None:
@@ -114,16 +118,7 @@ def main_fingerprints(target: str) -> None:
             text = str(e)
             if not KEEP_GOING:
                 raise Failure(text) from None
-            sig = _signature("\n".join(text.splitlines()[2:]) or text)
-            if sig in seen:
-                return
-            seen.add(sig)
-            OUT.mkdir(parents=True, exist_ok=True)
-            name = f"{target}-{hashlib.sha1(sig.encode()).hexdigest()[:10]}.bin"
-            (OUT / name).write_bytes(data)
-            with open(OUT / "failures.txt", "a") as log:
-                log.write(f"{time.strftime('%F %T')} {name} {len(data)} bytes: {sig}\n")
-            print(f"\n== new failure {name}: {sig}\n{text}\n", file=sys.stderr, flush=True)
+            _keep(target, data, text, _signature("\n".join(text.splitlines()[2:]) or text), seen)
 
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()

@@ -202,9 +202,9 @@ COMPARING = (
         str | None,
         typer.Option("--cache",
                      help="Folder of fingerprint files, yours and writable by nobody "
-                     "else: a dump fingerprinted before (same path, size, mtime, hashing "
-                     "options) is not read again in stage 1; an entry that is not that "
-                     "dump's is not used, but rewritten.",
+                     "else: a dump fingerprinted before (the same file, unchanged, and the "
+                     "same hashing options) is not read again in stage 1; an entry that is "
+                     "not that dump's is not used, but rewritten.",
                      show_default=False, rich_help_panel=_COMPARING_PANEL),
     ], DEFAULT_OPTIONS.cache),
 )
