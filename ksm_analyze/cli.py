@@ -582,7 +582,9 @@ def fingerprint_cmd(
     """
     from .fleet.sources import write_fingerprint_files
 
-    with _errors():
+    with _errors(), contextlib.ExitStack() as undo:
+        if not output.exists():  # no file written: no folder made for them either
+            undo.callback(_remove_if_empty, output)
         _make_dir(output, "fingerprint files")
         with ScanProgress(enabled=not request.quiet) as bars:
             try:

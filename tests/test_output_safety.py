@@ -228,3 +228,15 @@ def test_an_empty_domains_file_is_one_line(tmp_path, text):
     r = runner.invoke(app, ["scan", str(dump), "--domains", str(table)])
     assert r.exit_code == 2, r.output
     assert r.stderr.count("\n") == 1 and "no domains" in r.stderr and str(table) in r.stderr
+
+
+def test_a_fingerprint_that_fails_leaves_no_folder_it_made(tmp_path):
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    r = runner.invoke(app, ["fingerprint", str(empty), "-o", str(tmp_path / "fp")])
+    assert r.exit_code == 1 and r.stderr == f"Error: {empty}: empty file\n"
+    assert not (tmp_path / "fp").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there stays
+    assert runner.invoke(app, ["fingerprint", str(empty), "-o", str(tmp_path / "mine")]
+                         ).exit_code == 1
+    assert (tmp_path / "mine").is_dir()
