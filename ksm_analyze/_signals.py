@@ -62,12 +62,27 @@ def raise_on_interrupt() -> None:
     """Make SIGINT and SIGTERM raise :class:`Interrupted` (main thread only)."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        if _in_finalizer(frame):
+            # Raised here, it would be printed as "Exception ignored in ... __del__" and
+            # dropped, and the run would go on to its end (seen with a multiprocessing
+            # Connection's __del__): the signal comes again once the finalizer is done.
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return
         for s in (signal.SIGINT, signal.SIGTERM):  # one interruption: let the cleanup finish
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, interrupt)
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside an object's ``__del__``, where Python drops exceptions."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 _WATCHED: dict[str, tuple[int, int, int]] = {}
