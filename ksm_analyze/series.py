@@ -1,0 +1,244 @@
+"""Samples of one input over time: which inputs are samples of one guest, how its pages
+changed, and the :class:`~ksm_analyze.ksmd.timeline.Timeline` the ksmd model replays.
+
+A live fingerprint (``ksm-analyze fingerprint PID --every ...``) records in its input's info
+an ``identity`` (``boot_id:pid:start_time``: one process on one boot) and when it was taken
+(``sampled_at``, Unix seconds). Inputs with one identity are samples of one input: the
+latest is the input (a host holds it once), the others say how its memory changes.
+
+Pages are compared by address and content hash (xxh3-128 of the whole page, which every
+fingerprint file carries): the time model works from hashes, not bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .eligibility import ScanMask
+from .hashing.stage1 import Fingerprints
+from .ksmd.timeline import Timeline
+
+__all__ = ["STABILITY_COLUMNS", "Samples", "group_samples", "stability", "timeline"]
+
+STABILITY_COLUMNS = (
+    "input", "samples", "observed_seconds", "pages_unchanged", "pages_changed",
+    "pages_appeared", "pages_gone", "change_rate_per_second", "stable_duplicate_pages",
+    "coinciding_duplicate_pages",
+)
+"""The stability table, one row per input observed over time (docs/glossary.md)."""
+
+
+@dataclass(frozen=True)
+class Samples:
+    """How the fingerprints given group into inputs.
+
+    Attributes:
+        latest: for each input, the index (in the fingerprints given) of its latest sample.
+        series: for each input, the indexes of all its samples, oldest first (one for an
+            input seen once).
+    """
+
+    latest: list[int]
+    series: list[list[int]]
+
+    @property
+    def over_time(self) -> bool:
+        """Whether any input has more than one sample."""
+        return any(len(s) > 1 for s in self.series)
+
+
+def identity_of(fp: Fingerprints) -> str | None:
+    """The guest a sample is of (None: a dump with no recorded identity)."""
+    identity = fp.info.get("identity")
+    return identity if isinstance(identity, str) and identity else None
+
+
+def sampled_at(fp: Fingerprints) -> float | None:
+    value = fp.info.get("sampled_at")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def group_samples(prints: Sequence[Fingerprints]) -> Samples:
+    """Group samples of one guest (same ``identity``), oldest first; inputs without an
+    identity are inputs of their own. The order of inputs is that of their first sample.
+
+    Raises:
+        ValueError: two samples of one guest taken at the same moment, or one without a
+            time (they cannot be put in order).
+    """
+    groups: dict[str, list[int]] = {}
+    order: list[str | int] = []
+    for i, fp in enumerate(prints):
+        identity = identity_of(fp)
+        if identity is None:
+            order.append(i)
+            continue
+        if identity not in groups:
+            groups[identity] = []
+            order.append(identity)
+        groups[identity].append(i)
+    series: list[list[int]] = []
+    for key in order:
+        if isinstance(key, int):
+            series.append([key])
+            continue
+        members = groups[key]
+        times = [sampled_at(prints[i]) for i in members]
+        if len(members) > 1 and (None in times or len(set(times)) != len(times)):
+            names = ", ".join(prints[i].path for i in members)
+            raise ValueError(f"samples of one process ({names}) need distinct sample times")
+        series.append(sorted(members, key=lambda i: sampled_at(prints[i]) or 0.0))
+    return Samples([s[-1] for s in series], series)
+
+
+@dataclass(frozen=True)
+class _Pages:
+    """One input's eligible pages across its samples: the union of their addresses, and
+    per sample each page's content id (-1: absent from that sample)."""
+
+    addrs: np.ndarray
+    ids: np.ndarray
+    """(pages, samples) int64."""
+    times: np.ndarray
+    """Seconds of each sample from the first."""
+
+
+def _content_keys(fp: Fingerprints, eligible: np.ndarray) -> np.ndarray:
+    """(rows, 2) uint64 content hash of the eligible rows (zero pages are (0, 0))."""
+    if fp.content is None:
+        raise ValueError(f"{fp.path}: the time model needs content hashes (fingerprint files "
+                         "carry them; write samples with `ksm-analyze fingerprint`)")
+    keys: np.ndarray = fp.content[eligible]
+    return keys
+
+
+def _all_pages(prints: Sequence[Fingerprints], masks: Sequence[ScanMask], samples: Samples
+               ) -> list[_Pages]:
+    """Each input's pages across its samples, with content ids shared by the whole host
+    (equal ids: equal content hashes; the all-zero page is id 0 when any page is zero)."""
+    keys = [_content_keys(prints[i], masks[i].scanned) for s in samples.series for i in s]
+    both = np.concatenate([np.zeros((1, 2), np.uint64), *keys])  # (0, 0) first: id 0
+    pair = np.dtype([("lo", "<u8"), ("hi", "<u8")])
+    _, inverse = np.unique(np.ascontiguousarray(both, "<u8").view(pair).reshape(-1),
+                           return_inverse=True)
+    ids = iter(np.split(inverse.reshape(-1)[1:].astype(np.int64),
+                        np.cumsum([len(k) for k in keys])[:-1]))
+    out = []
+    for members in samples.series:
+        fps = [prints[i] for i in members]
+        rows = [fp.addrs[masks[i].scanned] for fp, i in zip(fps, members, strict=True)]
+        addrs = np.unique(np.concatenate(rows))
+        table = np.full((len(addrs), len(members)), -1, np.int64)
+        for k, r in enumerate(rows):
+            table[np.searchsorted(addrs, r), k] = next(ids)
+        start = sampled_at(fps[0]) or 0.0
+        times = np.array([(sampled_at(fp) or start) - start for fp in fps], np.float64)
+        out.append(_Pages(addrs, table, times))
+    return out
+
+
+def _change_rate(pages: _Pages) -> np.ndarray:
+    """Writes per second of each page, from the intervals it was present at both ends of.
+
+    Changes are taken as a Poisson process: a page seen changed in ``k`` of ``m`` equal
+    intervals of ``d`` seconds has ``rate = -ln(1 - k/m) / d`` (the maximum-likelihood
+    estimate); changed in every interval, ``inf`` (faster than the samples tell).
+    """
+    ids, times = pages.ids, pages.times
+    rate = np.zeros(len(ids), np.float64)
+    if ids.shape[1] < 2:
+        return rate
+    both = (ids[:, 1:] >= 0) & (ids[:, :-1] >= 0)
+    changed = both & (ids[:, 1:] != ids[:, :-1])
+    m, k = both.sum(axis=1), changed.sum(axis=1)
+    gaps = np.diff(times)
+    seconds = (both * gaps).sum(axis=1)
+    d = np.divide(seconds, m, out=np.zeros(len(m)), where=m > 0)
+    some = (k > 0) & (d > 0)
+    every = some & (k == m)
+    partly = some & ~every
+    rate[every] = np.inf
+    rate[partly] = -np.log1p(-k[partly] / m[partly]) / d[partly]
+    return rate
+
+
+def stability(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
+              samples: Samples) -> pd.DataFrame:
+    """Per input observed over time (two samples or more): its pages unchanged, changed,
+    appeared and gone between its first and last sample, its change rate (pages changed
+    per second), and its duplicate pages at the last sample that are stable (the page and
+    a partner unchanged throughout) or only coincide (identical now, but changing).
+
+    Columns: :data:`STABILITY_COLUMNS`; pages are eligible pages (``--scope``).
+    """
+    rows = []
+    per_input = list(zip(samples.series, _all_pages(prints, masks, samples), strict=True))
+    last_ids = [p.ids[:, -1] for _, p in per_input]
+    rates = [_change_rate(p) for _, p in per_input]
+    copies, stable_copies = _copies(last_ids, rates)
+    for (members, pages), last, rate in zip(per_input, last_ids, rates, strict=True):
+        if len(members) < 2:
+            continue
+        first = pages.ids[:, 0]
+        present_both = (first >= 0) & (last >= 0)
+        unchanged = present_both & np.all(pages.ids == first[:, None], axis=1)
+        span = float(pages.times[-1])
+        changed = int(np.count_nonzero(present_both & ~unchanged))
+        now = last >= 0
+        dup = now & (copies[np.maximum(last, 0)] >= 2)
+        stable = dup & (rate == 0) & (stable_copies[np.maximum(last, 0)] >= 2)
+        rows.append({
+            "input": prints[members[-1]].path,
+            "samples": len(members),
+            "observed_seconds": span,
+            "pages_unchanged": int(np.count_nonzero(unchanged)),
+            "pages_changed": changed,
+            "pages_appeared": int(np.count_nonzero((first < 0) & now)),
+            "pages_gone": int(np.count_nonzero((first >= 0) & ~now)),
+            "change_rate_per_second": changed / span if span > 0 else 0.0,
+            "stable_duplicate_pages": int(np.count_nonzero(stable)),
+            "coinciding_duplicate_pages": int(np.count_nonzero(dup & ~stable)),
+        })
+    return pd.DataFrame(rows, columns=list(STABILITY_COLUMNS))
+
+
+def _copies(last_ids: Sequence[np.ndarray], rates: Sequence[np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per content id: pages holding it at the last samples, and those of them stable."""
+    ids = np.concatenate([i[i >= 0] for i in last_ids]) if last_ids else np.zeros(0, np.int64)
+    still = np.concatenate([i[(i >= 0) & (r == 0)] for i, r in zip(last_ids, rates,
+                                                                    strict=True)])
+    size = int(ids.max()) + 1 if len(ids) else 1
+    return np.bincount(ids, minlength=size), np.bincount(still, minlength=size)
+
+
+def timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask], samples: Samples,
+             *, ksm_was_running: bool) -> Timeline:
+    """The ksmd model's input for the inputs on one host: each input's eligible pages at
+    its last sample, in address order, with their change rates; ``aged`` marks pages whose
+    content changed during the observation while KSM ran (``ksm_was_running``)."""
+    owner, content, rate, aged = [], [], [], []
+    span = 0.0
+    for k, pages in enumerate(_all_pages(prints, masks, samples)):
+        now = pages.ids[:, -1] >= 0
+        first = pages.ids[now, 0]
+        owner.append(np.full(int(now.sum()), k, np.int32))
+        content.append(pages.ids[now, -1])
+        rate.append(_change_rate(pages)[now])
+        aged.append((first >= 0) & (first != pages.ids[now, -1]) & ksm_was_running)
+        span = max(span, float(pages.times[-1]))
+    all_content = np.concatenate(content)
+    return Timeline(
+        inputs=[prints[s[-1]].path for s in samples.series],
+        owner=np.concatenate(owner),
+        content=all_content,
+        zero_id=0 if np.any(all_content == 0) else -1,
+        change_rate=np.concatenate(rate),
+        aged=np.concatenate(aged),
+        observed_seconds=span,
+    )
