@@ -1,0 +1,141 @@
+"""Samples of one input over time (ksm_analyze/series.py): grouping, stability, the Timeline.
+
+Each sample is built by hand: page address -> content letter, so every expected number
+below is counted from the letters, not computed by the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ksm_analyze.eligibility import Scope, scan_mask
+from ksm_analyze.formats import DumpFormat
+from ksm_analyze.hashing.stage1 import Fingerprints
+from ksm_analyze.pages import Extent, MapFlags, PageState
+from ksm_analyze.series import group_samples, stability, timeline
+
+PS = 4096
+BASE = 0x7F0000000000
+_MERGEABLE = MapFlags.ANON | MapFlags.MERGEABLE
+
+
+def _hash(letter: str) -> tuple[int, int]:
+    """A stand-in content hash per letter; ``0`` is the all-zero page, hashed (0, 0)."""
+    return (0, 0) if letter == "0" else (ord(letter) * 1_000_003, ord(letter) * 7)
+
+
+def _sample(pages: str, *, identity: str | None, at: float | None, name: str = "p:1"
+            ) -> Fingerprints:
+    """One input whose page i (``.`` = absent) holds content ``pages[i]``."""
+    present = [i for i, c in enumerate(pages) if c != "."]
+    addrs = np.array([BASE + i * PS for i in present], np.uint64)
+    content = np.array([_hash(pages[i]) for i in present], np.uint64).reshape(-1, 2)
+    info: dict[str, object] = {}
+    if identity is not None:
+        info["identity"] = identity
+    if at is not None:
+        info["sampled_at"] = at
+    return Fingerprints(
+        path=name, format=DumpFormat.SNAPSHOT, address_space="virtual", page_size=PS,
+        prefix_bytes=128, extents=[Extent(BASE, len(pages), PageState.DATA, flags=_MERGEABLE)],
+        info=info, warnings=[], addrs=addrs,
+        prefix=np.array([0 if pages[i] == "0" else 1 + ord(pages[i]) for i in present],
+                        np.uint64),
+        state_pages={s: 0 for s in PageState}, content=content)
+
+
+def test_samples_of_one_identity_are_one_input_latest_last():
+    prints = [_sample("ab", identity="boot:7:100", at=20.0),
+              _sample("cd", identity=None, at=None, name="dump.elf"),
+              _sample("ab", identity="boot:7:100", at=10.0),
+              _sample("ab", identity="boot:8:100", at=10.0, name="p:8")]
+    got = group_samples(prints)
+    assert got.series == [[2, 0], [1], [3]]
+    assert got.latest == [0, 1, 3]
+    assert got.over_time
+
+
+def test_samples_without_distinct_times_are_refused():
+    prints = [_sample("ab", identity="b:1:1", at=5.0), _sample("ab", identity="b:1:1", at=5.0)]
+    with pytest.raises(ValueError, match="distinct sample times"):
+        group_samples(prints)
+
+
+def test_stability_counts_each_kind_of_page():
+    # page: 0 1 2 3 4 5 6 7
+    # t=0   a a b c d . 0 e
+    # t=10  a a b x d f 0 .
+    # t=20  a a y z d f 0 .
+    first, mid, last = "aabcd.0e", "aabxdf0.", "aayzdf0."
+    ident = "boot:1:1"
+    prints = [_sample(s, identity=ident, at=t) for s, t in ((first, 0.0), (mid, 10.0),
+                                                            (last, 20.0))]
+    masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
+    table = stability(prints, masks, group_samples(prints))
+    row = table.iloc[0].to_dict()
+    # unchanged: 0, 1, 4, 6 (a, a, d, zero); changed: 2 (b->y), 3 (c->x->z);
+    # appeared: 5 (f); gone: 7 (e).
+    assert row["samples"] == 3
+    assert row["observed_seconds"] == 20.0
+    assert (row["pages_unchanged"], row["pages_changed"], row["pages_appeared"],
+            row["pages_gone"]) == (4, 2, 1, 1)
+    assert row["change_rate_per_second"] == pytest.approx(2 / 20)
+    # At the last sample only "a" is held twice, by two unchanged pages: stable.
+    assert (row["stable_duplicate_pages"], row["coinciding_duplicate_pages"]) == (2, 0)
+
+
+def test_duplicates_that_only_coincide_are_told_apart():
+    # Pages 0 and 1 become equal only at the last sample: they coincide, they are not stable.
+    prints = [_sample("pq", identity="b:2:2", at=0.0), _sample("rr", identity="b:2:2", at=1.0)]
+    masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
+    row = stability(prints, masks, group_samples(prints)).iloc[0]
+    assert (row["stable_duplicate_pages"], row["coinciding_duplicate_pages"]) == (0, 2)
+
+
+def test_an_input_seen_once_has_no_stability_row():
+    prints = [_sample("ab", identity=None, at=None, name="d.elf")]
+    masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
+    assert stability(prints, masks, group_samples(prints)).empty
+
+
+def test_timeline_rates_ids_and_aged_pages():
+    # Two processes on one host, three samples each, 10 s apart.
+    #        page: 0 1 2 3
+    # A t=0..20:   a b c 0 / a x c 0 / a y c 0      (page 1 changes every interval)
+    # B t=0..20:   a d . . / a d e . / a c e .      (page 1 changes once, page 2 appears)
+    a = [_sample(s, identity="b:1:1", at=t, name="A") for s, t in
+         (("abc0", 0.0), ("axc0", 10.0), ("ayc0", 20.0))]
+    b = [_sample(s, identity="b:2:1", at=t, name="B") for s, t in
+         (("ad..", 0.0), ("ade.", 10.0), ("ace.", 20.0))]
+    prints = [*a, *b]
+    masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
+    tl = timeline(prints, masks, group_samples(prints), ksm_was_running=True)
+    assert tl.inputs == ["A", "B"]
+    assert tl.owner.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    ids = tl.content.tolist()
+    # A: a y c 0; B: a c e. Equal letters, equal ids; the zero page is id 0.
+    assert ids[3] == 0 and tl.zero_id == 0
+    assert ids[0] == ids[4] and ids[2] == ids[5]
+    assert len({ids[0], ids[1], ids[2], ids[6]}) == 4 and 0 not in (ids[0], ids[1], ids[6])
+    rate = tl.change_rate.tolist()
+    # A's page 1 changed in both intervals: faster than the samples tell.
+    assert math.isinf(rate[1])
+    # B's page 1 changed in 1 of 2 intervals of 10 s: -ln(1 - 1/2) / 10.
+    assert rate[5] == pytest.approx(math.log(2) / 10)
+    assert [rate[i] for i in (0, 2, 3, 4, 6)] == [0.0] * 5
+    # Aged: present at the first sample and holding another content now, KSM running.
+    assert tl.aged.tolist() == [False, True, False, False, False, True, False]
+    assert tl.observed_seconds == 20.0
+    tl_off = timeline(prints, masks, group_samples(prints), ksm_was_running=False)
+    assert not tl_off.aged.any()
+
+
+def test_timeline_needs_content_hashes():
+    fp = _sample("ab", identity=None, at=None)
+    bare = Fingerprints(**{**fp.__dict__, "content": None})
+    with pytest.raises(ValueError, match="content hashes"):
+        timeline([bare], [scan_mask(bare, Scope.MERGEABLE)], group_samples([bare]),
+                 ksm_was_running=False)
