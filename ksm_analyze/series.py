@@ -242,3 +242,35 @@ def timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask], samples:
         aged=np.concatenate(aged),
         observed_seconds=span,
     )
+
+
+def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
+                   labels: Sequence[np.ndarray]) -> Timeline:
+    """The ksmd model's input for inputs seen once, as if their memory stood still: each
+    eligible page's content from stage 2's byte-confirmed ``labels``
+    (:class:`~ksm_analyze.hashing.stage2.ContentClasses`), in address order, then the zero
+    pages the format marks without storing them; none changing."""
+    from .hashing.stage2 import UNIQUE, ZERO
+
+    owner, content = [], []
+    fresh = int(max((int(lab.max()) for lab in labels if len(lab)), default=0)) + 2
+    for k, (fp, mask, lab) in enumerate(zip(prints, masks, labels, strict=True)):
+        rows = np.flatnonzero(mask.scanned)
+        rows = rows[np.argsort(fp.addrs[rows], kind="stable")]
+        ids = lab[rows].astype(np.int64) + 1  # classes from 1: 0 is the zero page
+        ids[lab[rows] == ZERO] = 0
+        unique = lab[rows] == UNIQUE
+        ids[unique] = fresh + np.arange(int(unique.sum()))
+        fresh += int(unique.sum())
+        ids = np.concatenate([ids, np.zeros(mask.zero_state_pages, np.int64)])  # no rows
+        owner.append(np.full(len(ids), k, np.int32))
+        content.append(ids)
+    all_content = np.concatenate(content) if content else np.zeros(0, np.int64)
+    return Timeline(
+        inputs=[fp.path for fp in prints],
+        owner=np.concatenate(owner) if owner else np.zeros(0, np.int32),
+        content=all_content,
+        zero_id=0 if np.any(all_content == 0) else -1,
+        change_rate=np.zeros(len(all_content)),
+        aged=np.zeros(len(all_content), bool),
+    )

@@ -139,3 +139,20 @@ def test_timeline_needs_content_hashes():
     with pytest.raises(ValueError, match="content hashes"):
         timeline([bare], [scan_mask(bare, Scope.MERGEABLE)], group_samples([bare]),
                  ksm_was_running=False)
+
+
+def test_still_timeline_from_stage2_labels():
+    from ksm_analyze.hashing.stage2 import UNIQUE, ZERO
+
+    fp = _sample("abcd", identity=None, at=None, name="d.elf")
+    # Rows in reverse address order: the timeline puts them back in address order.
+    order = np.arange(4)[::-1]
+    fp = Fingerprints(**{**fp.__dict__, "addrs": fp.addrs[order], "prefix": fp.prefix[order]})
+    labels = np.array([UNIQUE, 3, ZERO, 3], np.int32)  # rows: d, c, b, a
+    mask = scan_mask(fp, Scope.MERGEABLE)
+    from ksm_analyze.series import still_timeline
+
+    tl = still_timeline([fp], [mask], [labels])
+    ids = tl.content.tolist()  # address order: a (class 3), b (zero), c (class 3), d (unique)
+    assert ids[1] == 0 and ids[0] == ids[2] != 0 and ids[3] not in (0, ids[0])
+    assert tl.zero_id == 0 and not tl.change_rate.any() and not tl.aged.any()
