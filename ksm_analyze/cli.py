@@ -228,6 +228,12 @@ KSM_KNOBS = (
         int, typer.Option("--sleep-millisecs", help="ksmd sleep between wake-ups.",
                           rich_help_panel=_KSM_PANEL)
     ], _KSM.sleep_millisecs),
+    _param("rmap_item_bytes", Annotated[
+        int | None, typer.Option("--rmap-item-bytes", show_default=False,
+                                 help="sizeof(struct ksm_rmap_item) on the host, in bytes "
+                                 "(default: what live fingerprints recorded from "
+                                 "/sys/kernel/slab, else 64).", rich_help_panel=_KSM_PANEL)
+    ], _KSM.rmap_item_bytes),
 )
 """The KSM knobs of the prediction (KsmSettings; its page_size comes from READING)."""
 POLICY = (

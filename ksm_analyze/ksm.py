@@ -12,9 +12,10 @@ Definitions follow ``Documentation/admin-guide/mm/ksm.rst`` and ``mm/ksm.c`` (no
 * With ``use_zero_pages`` an all-zero page is mapped to the kernel's zero page instead
   (``ksm_zero_pages``); its rmap_item is freed on the next scan, since the zero page is not
   an anonymous folio.
-* ``general_profit = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - ksm_rmap_items * 64``.
+* ``general_profit = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - ksm_rmap_items *
+  sizeof(struct ksm_rmap_item)`` (64 bytes on today's 64-bit kernels).
 * Memory after KSM (:func:`memory_after`) is what the host then needs: the pages left after
-  merging plus those 64-byte rmap_items, so memory before minus memory after is
+  merging plus those rmap_items, so memory before minus memory after is
   ``general_profit``.
 """
 
@@ -38,15 +39,16 @@ KSM_STAT_FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm
 _Count = TypeVar("_Count", int, np.ndarray)
 
 
-def memory_after(pages_left: _Count, rmap_items: _Count, page_size: int) -> _Count:
+def memory_after(pages_left: _Count, rmap_items: _Count, page_size: int,
+                 rmap_item_bytes: int = RMAP_ITEM_BYTES) -> _Count:
     """Bytes a host needs after KSM: the one definition of "memory after KSM".
 
     The pages left after merging (KSM pages and pages that stay unmerged, ``page_size``
-    bytes each) plus the ``RMAP_ITEM_BYTES`` of metadata KSM keeps for every page it
-    tracks (``ksm_rmap_items``). ``scan``'s savings table, ``plan``'s hosts, placement's
+    bytes each) plus the ``rmap_item_bytes`` (``sizeof(struct ksm_rmap_item)``) of metadata
+    KSM keeps for every page it tracks (``ksm_rmap_items``). ``scan``'s savings table, ``plan``'s hosts, placement's
     footprints and the report all take it from here; elementwise on arrays.
     """
-    after: _Count = pages_left * page_size + rmap_items * RMAP_ITEM_BYTES
+    after: _Count = pages_left * page_size + rmap_items * rmap_item_bytes
     return after
 
 
@@ -63,6 +65,9 @@ class KsmSettings:
     pages_to_scan: int = 100
     sleep_millisecs: int = 20
     page_size: int = PAGE_SIZE
+    rmap_item_bytes: int | None = None
+    """``sizeof(struct ksm_rmap_item)`` on the host; None: what the inputs recorded (a live
+    fingerprint reads it from ``/sys/kernel/slab``), else :data:`RMAP_ITEM_BYTES`."""
 
     def __post_init__(self) -> None:
         check_page_size(self.page_size)
@@ -72,6 +77,13 @@ class KsmSettings:
             raise ValueError(f"pages_to_scan must be at least 1, not {self.pages_to_scan}")
         if self.sleep_millisecs < 0:
             raise ValueError(f"sleep_millisecs cannot be negative, not {self.sleep_millisecs}")
+        if self.rmap_item_bytes is not None and not 1 <= self.rmap_item_bytes <= 4096:
+            raise ValueError(f"rmap_item_bytes must be 1 to 4096, not {self.rmap_item_bytes}")
+
+    @property
+    def rmap_bytes(self) -> int:
+        """``rmap_item_bytes``, or the 64 of today's 64-bit kernels when it is not known."""
+        return self.rmap_item_bytes or RMAP_ITEM_BYTES
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,7 @@ def predict(
     unshared_n = int(unshared.sum()) + singletons
     sharing = rmap_items - shared - unshared_n
     ksm_zero = int(zero.sum()) if settings.use_zero_pages else 0
-    profit = (sharing + ksm_zero) * settings.page_size - rmap_items * RMAP_ITEM_BYTES
+    profit = (sharing + ksm_zero) * settings.page_size - rmap_items * settings.rmap_bytes
     return KsmCounters(
         pages_shared=shared,
         pages_sharing=sharing,
@@ -202,7 +214,7 @@ def predict_processes(
                 merging[mine] += zero_pages[mine]
                 if zero_total % mps == 1:  # the zero page's leftover, charged like the others
                     merging[np.flatnonzero(mine & (zero_pages > 0))[-1]] -= 1
-    profit = (merging + kzero) * settings.page_size - rmap * RMAP_ITEM_BYTES
+    profit = (merging + kzero) * settings.page_size - rmap * settings.rmap_bytes
     return dict(zip(KSM_STAT_FIELDS, (rmap, merging, kzero, profit), strict=True))
 
 

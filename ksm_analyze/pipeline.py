@@ -25,6 +25,7 @@ from .hashing.stage2 import classify
 from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .pages import PageState
+from .series import recorded_rmap_item_bytes
 from .sharing import address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 
@@ -92,6 +93,10 @@ def analyze(
         prints, readers = fingerprint_sources(sources, options, reading,
                                               tasks=lambda n, of: report("Dask tasks", n, of))
         hashed = time.perf_counter()
+        rmap_note = None
+        if ksm.rmap_item_bytes is None:
+            recorded, rmap_note = recorded_rmap_item_bytes(prints)
+            ksm = replace(ksm, rmap_item_bytes=recorded)
         classes = classify(prints, readers, options,
                            progress=lambda n, of: report("comparing", n, of))
         compared = time.perf_counter()
@@ -120,7 +125,8 @@ def analyze(
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
-        warnings=_warnings(prints, options) + twin_warnings(tables["pairwise"], prints),
+        warnings=_warnings(prints, options) + twin_warnings(tables["pairwise"], prints)
+        + ([rmap_note] if rmap_note else []),
         unrestricted=unrestricted,
         domains=domain_names,
     )

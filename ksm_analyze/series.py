@@ -274,3 +274,21 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
         change_rate=np.zeros(len(all_content)),
         aged=np.zeros(len(all_content), bool),
     )
+
+
+def recorded_rmap_item_bytes(prints: Sequence[Fingerprints]) -> tuple[int | None, str | None]:
+    """``sizeof(struct ksm_rmap_item)`` as the inputs recorded it (a live fingerprint reads
+    it from ``/sys/kernel/slab``), and a warning when they disagree (then the largest)."""
+    seen = set()
+    for fp in prints:
+        machine = fp.info.get("machine")
+        value = machine.get("rmap_item_bytes") if isinstance(machine, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096:
+            seen.add(value)
+    if not seen:
+        return None, None
+    if len(seen) > 1:
+        return max(seen), (f"the inputs were taken on kernels whose rmap_item differs in size "
+                           f"({', '.join(map(str, sorted(seen)))} bytes): the largest is used; "
+                           "give --rmap-item-bytes to choose")
+    return seen.pop(), None

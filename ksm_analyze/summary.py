@@ -24,7 +24,6 @@ from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import StageStats
 from .ksm import (
     KSM_STAT_FIELDS,
-    RMAP_ITEM_BYTES,
     KsmCounters,
     KsmSettings,
     convergence,
@@ -117,10 +116,10 @@ def _savings(
             "saved": saved,
         }
         left = before - saved
-        overhead = c.ksm_rmap_items * RMAP_ITEM_BYTES
+        overhead = c.ksm_rmap_items * settings.rmap_bytes
         # What the host needs, and its two parts: the rows that are not whole pages have no
         # pages value.
-        after = {"memory_after": memory_after(left, c.ksm_rmap_items, ps),
+        after = {"memory_after": memory_after(left, c.ksm_rmap_items, ps, settings.rmap_bytes),
                  "pages_after_merging": left * ps, "rmap_overhead": overhead}
         savings[f"{name}_pages"] = {**rows, "memory_after": None, "pages_after_merging": left,
                                     "rmap_overhead": None}

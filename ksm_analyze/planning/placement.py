@@ -92,7 +92,7 @@ class HostModel:
         zero_saved = zero if s.use_zero_pages else int(_saved(host.zero, s.max_page_sharing).sum())
         pages = host.nonzero + zero - host.saved - zero_saved
         rmap = host.nonzero + (0 if s.use_zero_pages else zero)
-        return memory_after(pages, rmap, self.table.page_size)
+        return memory_after(pages, rmap, self.table.page_size, self.settings.rmap_bytes)
 
     def before(self, inputs: Sequence[int]) -> int:
         """Bytes ``inputs`` take before KSM (every scanned page)."""
@@ -139,7 +139,7 @@ class HostModel:
             zero_saved = _saved(had + z, mps) - _saved(had, mps)
             rmap = self.nonzero[candidates] + z
         pages = self.nonzero[candidates] + z - saved - zero_saved
-        added: np.ndarray = memory_after(pages, rmap, ps)
+        added: np.ndarray = memory_after(pages, rmap, ps, s.rmap_bytes)
         return added
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis import Analysis, json_safe
-from ..ksm import RMAP_ITEM_BYTES, memory_after
+from ..ksm import memory_after
 from ..units import counted, human_bytes, size_text
 from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
 from .projection import Projection
@@ -207,12 +207,13 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
         # Pages left after merging (KSM pages and unshared pages) plus rmap_items: the same
         # number as the model's footprint, and as scan's memory after KSM, from the counters.
         before = model.before(inputs)
-        after = memory_after(c.pages_shared + c.pages_unshared, c.ksm_rmap_items, ps)
+        after = memory_after(c.pages_shared + c.pages_unshared, c.ksm_rmap_items, ps,
+                             model.settings.rmap_bytes)
         rows.append({"method": p.method, "host": k,
                      "inputs": [names[i] for i in inputs], "input_count": len(inputs),
                      "memory_before_bytes": before, "memory_after_bytes": after,
                      "private_bytes": c.pages_unshared * ps, "shared_bytes": c.pages_shared * ps,
-                     "rmap_bytes": c.ksm_rmap_items * RMAP_ITEM_BYTES,
+                     "rmap_bytes": c.ksm_rmap_items * model.settings.rmap_bytes,
                      "saved_bytes": before - after, "free_bytes": capacity - after,
                      "worst_case_fits": before <= capacity})
     return pd.DataFrame(rows)

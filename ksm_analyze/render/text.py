@@ -108,8 +108,8 @@ def render_scan(result: Analysis) -> str:
                   f"({sav.at(item, f'{s}_percent'):.1f}%)" for s in scen)]
         for item, label in _SAVINGS_LABELS.items()))]
     out.append("  Memory after KSM is what the host needs: the pages left after merging plus "
-               "KSM's\n  64-byte rmap_item per page it tracks; 'plan' counts each host the same "
-               "way.")
+               f"KSM's\n  {result.ksm.rmap_bytes}-byte rmap_item per page it tracks; 'plan' "
+               "counts each host the same way.")
     out.append(_ZERO_NOTE[all(f == "snapshot" for f in pi["format"])])
     before = sav.at("memory_before", "with_zero_pages_bytes")
     after = sav.at("memory_after", "with_zero_pages_bytes")
