@@ -14,6 +14,13 @@ holds the line ``ksmfill seed=SEED page=i//COPIES`` padded with a pattern that d
 SEED.  So guests with the same SEED hold identical fill pages, different seeds share none, and
 COPIES (default 1) repeats each distinct page inside one guest.
 
+    ksmchurn=MIB:same|random
+
+rewrites MIB MiB of ``/fill/churn.KIND`` in place without pause, in the background: ``same``
+writes every page with the line ``ksmchurn round=K`` repeated (K counts the rounds), so the
+pages are identical to each other at almost every instant but never stable; ``random``
+writes fresh random bytes.
+
 Assets are cached in ``$KSM_ANALYZE_CACHE`` or ``~/.cache/ksm-analyze/guest``; once cached no
 command (and no network) is needed.  Missing system packages are installed by
 ``.ci/install-system-deps.sh``, which :func:`ensure_guest_assets` runs when needed.
@@ -71,6 +78,24 @@ for arg in $(cat /proc/cmdline); do
       }' > /fill/data.$n
       echo "ksmfill: seed=$seed mib=$mib copies=$copies $(wc -c < /fill/data.$n) bytes"
       n=$((n + 1))
+      ;;
+    ksmchurn=*)
+      spec=${arg#ksmchurn=}; mib=${spec%%:*}; kind=${spec#*:}
+      if [ "$kind" = random ]; then
+        ( while :; do
+            dd if=/dev/urandom of=/fill/churn.random bs=4096 count=$((mib * 256)) conv=notrunc 2>/dev/null
+          done ) &
+      else
+        ( k=0; while :; do
+            awk -v k=$k -v n=$((mib * 256)) 'BEGIN {
+              h = sprintf("ksmchurn round=%d\n", k); pad = h
+              while (length(pad) < 4096) pad = pad h
+              for (i = 0; i < n; i++) printf "%s", substr(pad, 1, 4096)
+            }' | dd of=/fill/churn.same bs=4096 conv=notrunc 2>/dev/null
+            k=$((k + 1))
+          done ) &
+      fi
+      echo "ksmchurn: mib=$mib kind=$kind"
       ;;
   esac
 done
