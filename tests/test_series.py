@@ -156,3 +156,69 @@ def test_still_timeline_from_stage2_labels():
     ids = tl.content.tolist()  # address order: a (class 3), b (zero), c (class 3), d (unique)
     assert ids[1] == 0 and ids[0] == ids[2] != 0 and ids[3] not in (0, ids[0])
     assert tl.zero_id == 0 and not tl.change_rate.any() and not tl.aged.any()
+
+
+def _labels_by_letter(fp: Fingerprints, pages: str) -> np.ndarray:
+    """Stage 2 labels standing in for byte comparison: a class per letter held twice or
+    more on the host (given), ZERO for '0', UNIQUE otherwise."""
+    from ksm_analyze.hashing.stage2 import UNIQUE, ZERO
+
+    counts = {c: pages.count(c) for c in set(pages)}
+    out = []
+    for addr in fp.addrs.tolist():
+        c = pages[(addr - BASE) // PS]
+        out.append(ZERO if c == "0" else ord(c) if counts[c] >= 2 else UNIQUE)
+    return np.array(out, np.int32)
+
+
+def test_steady_view_unmerges_changing_pages_and_late_duplicates():
+    from ksm_analyze.hashing.stage2 import UNIQUE
+    from ksm_analyze.series import churn, steady_view
+
+    # One process, two samples 5 s apart, KSM running meanwhile.
+    # page:  0 1 2 3 4 5 6 7
+    # t=0    a a b c d e 0 0
+    # t=5    a a f g g a 0 0    pages 2, 3, 4, 5 changed once (rate inf: every interval)
+    # At the last sample: "a" x3 (pages 0, 1 stable + page 5 late), "g" x2 (both late).
+    first, last = "aabcde00", "aafgga00"
+    prints = [_sample(first, identity="b:1:1", at=0.0), _sample(last, identity="b:1:1", at=5.0)]
+    masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
+    samples = group_samples(prints)
+    got = churn(prints, masks, samples, ksm_was_running=True)
+    latest = prints[1]
+    page = ((latest.addrs - BASE) // PS).astype(int)
+    assert got.aged[0][np.argsort(page)].tolist() == [False, False, True, True, True, True,
+                                                      False, False]
+    labels = [_labels_by_letter(latest, last)]
+    views, new_labels, late = steady_view([latest], [masks[1]], labels, got, hold_seconds=1.0,
+                                          smart_scan=True)
+    by_page = dict(zip(page.tolist(), new_labels[0].tolist(), strict=True))
+    assert views[0].zero[page >= 6].all()  # the two stable zero pages stay zero pages
+    # Pages 2, 3, 4, 5 changed between every two samples: rate inf, so never merged.
+    assert [by_page[p] for p in (2, 3, 4, 5)] == [UNIQUE] * 4
+    assert late == 0  # a changing page is counted as changing, not as a late duplicate
+    assert by_page[0] == by_page[1] == ord("a")
+
+    # With three samples, the late pages hold still over the last interval: their rate is
+    # finite, they are late duplicates, and "g" has no KSM page to join; page 5 joins "a".
+    prints3 = [*prints, _sample(last, identity="b:1:1", at=10.0)]
+    masks3 = [scan_mask(fp, Scope.MERGEABLE) for fp in prints3]
+    got3 = churn(prints3, masks3, group_samples(prints3), ksm_was_running=True)
+    latest3 = prints3[2]
+    page3 = ((latest3.addrs - BASE) // PS).astype(int)
+    lab3 = [_labels_by_letter(latest3, last)]
+    # Changed in 1 of 2 intervals of 5 s: rate ln(2)/5 = 0.139 a second, a page that holds
+    # still for 7.2 s on average: changing if KSM needs 10 s to merge it, not if 1 s.
+    assert got3.rate[0][page3 == 2][0] == pytest.approx(math.log(2) / 5)
+    _, slow, _ = steady_view([latest3], [masks3[2]], lab3, got3, hold_seconds=10.0,
+                             smart_scan=False)
+    assert (slow[0][page3 >= 3][:2] == UNIQUE).all()
+    _, lab_on, late_on = steady_view([latest3], [masks3[2]], lab3, got3, hold_seconds=1.0,
+                                     smart_scan=True)
+    on = dict(zip(page3.tolist(), lab_on[0].tolist(), strict=True))
+    assert late_on == 2  # pages 3 and 4 (g, g): no KSM page to join; page 2 is unique anyway
+    assert (on[3], on[4], on[5]) == (UNIQUE, UNIQUE, ord("a"))
+    _, lab_off, late_off = steady_view([latest3], [masks3[2]], lab3, got3, hold_seconds=1.0,
+                                       smart_scan=False)
+    off = dict(zip(page3.tolist(), lab_off[0].tolist(), strict=True))
+    assert late_off == 0 and off[3] == off[4] == ord("g")
