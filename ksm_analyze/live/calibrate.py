@@ -198,7 +198,8 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
             _wait_scans(2, timeout)
             cpu_u, scanned_u, _ = _phase(pid, scans, timeout)
             if scanned_u <= 0 or scanned_a <= scanned_u:
-                raise InputError("ksmd processed no pages of the workload", path=str(KSM))
+                raise InputError(f"ksmd processed no pages of the workload ({scanned_a} with the copies, "
+                                 f"{scanned_u} without)", path=str(KSM))
             per_page = cpu_u / scanned_u
             # The first phase processed the same unique pages, and the merged copies.
             per_merged = max(cpu_a - per_page * scanned_u, 0.0) / (scanned_a - scanned_u)
@@ -225,6 +226,8 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+            if child.stdout:
+                child.stdout.close()
     machine = {
         "kernel": platform.release(),
         "cpu": _cpu_model(),
