@@ -652,6 +652,40 @@ def capture(
     typer.echo(render_capture(summary))
 
 
+@app.command()
+def calibrate(
+    output: Annotated[Path, _output("Calibration file to write (JSON, mode 0600).")],
+    mib: Annotated[int, typer.Option("--mib", help="Size of the workload process, MiB.")]
+    = 64,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure ksmd's CPU per page on this host's kernel (root, writable KSM).
+
+    Runs ksmd for a few seconds over a process of known pages (unique, merged copies, and
+    pages smart_scan skips), reads the ksmd thread's CPU time from /proc, and writes the
+    costs with the machine they were measured on. Every KSM knob is put back; nothing of
+    the host's is unmerged.
+    """
+    from .ksmd.cost import save_cost
+    from .live.calibrate import calibrate as run_calibration
+
+    def say(line: str) -> None:
+        if not quiet:
+            typer.echo(line, err=True)
+
+    with _errors():
+        cost = run_calibration(mib, progress=say)
+    try:
+        save_cost(output, cost)
+    except OSError as e:
+        _cannot_write(output, e, "the calibration")
+    typer.echo(f"ksmd CPU per processed page {cost.seconds_per_page * 1e6:.3g} us, "
+               f"per merged page {cost.seconds_per_merged * 1e6:.3g} us, "
+               f"per skipped page {cost.seconds_per_skipped * 1e6:.3g} us "
+               f"({printable(cost.machine.get('kernel', '?'))})")
+    typer.echo(f"Wrote {printable(output)}")
+
+
 @app.command("ksm-status")
 def ksm_status(
     snapshots: Annotated[
