@@ -290,6 +290,8 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
             late = rest[aged[rest]]
             late = late[~nodes.join(late, content, node, mps, n_contents)]
             alone = np.concatenate((alone, late))
+        if not rules.two_visit_gate:  # pages still seeking may join one made this scan
+            nodes.join(seekers[~joined & ~in_gate[seekers]], content, node, mps, n_contents)
         unique_gate = gate[~may_merge[gate] & ~zero_merge[gate]]
         unshared = len(alone) + len(unique_gate)
 
