@@ -1,0 +1,457 @@
+"""ksmd replayed full scan by full scan over a :class:`Timeline`: what KSM keeps, and when.
+
+One full scan is one step, done with numpy over all pages at once (no Python per page).
+The rules follow ``mm/ksm.c`` (``scan_get_next_rmap_item()``, ``should_skip_rmap_item()``,
+``cmp_and_merge_page()``), switched by :class:`KernelRules`; ``docs/model.md`` ("The time
+model") states each one and what is approximated.
+
+Per page the state is the kernel's ``rmap_item``: whether it exists, its smart_scan ``age``
+and ``remaining_skips``, when its checksum was last taken, the KSM page (stable node) it
+is mapped to, and whether it sits in the unstable tree. A page with change rate ``λ``
+changes between two checksums ``g`` seconds apart with probability ``1 - exp(-λ g)``,
+drawn (Monte Carlo, ``seed``); rates 0 and ``inf`` are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from ..ksm import KsmCounters
+from .knobs import Knobs
+from .rules import KernelRules
+from .timeline import Timeline
+
+__all__ = [
+    "COUNTER_COLUMNS",
+    "SMART_SCAN_PERIOD",
+    "AdvisorLike",
+    "ScanTimer",
+    "Trajectory",
+    "simulate",
+    "sleep_only_scan_time",
+    "steady_state",
+]
+
+SMART_SCAN_PERIOD = 9
+"""A page that keeps failing is processed on one full scan in 9 (8 skips, ``skip_age``)."""
+_TRANSIENT_SCANS = 22
+"""A new page is processed on scans a, a+1, a+2, a+3, a+5, a+8, a+13, then a+22 + 9k."""
+_AGE_MAX = 255  # rmap_item->age is a saturating u8
+COUNTER_COLUMNS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                   "pages_skipped", "ksm_zero_pages", "ksm_rmap_items", "general_profit")
+_STEADY_TOLERANCE = 0.005
+"""Two successive windows agree when their means differ by at most 0.5% (or one page)."""
+
+ScanTimer = Callable[[int, int, Knobs], tuple[float, float]]
+"""``(processed, skipped, knobs) -> (wall_seconds, cpu_seconds)`` of one full scan."""
+
+
+class AdvisorLike(Protocol):
+    """The scan-time advisor: ``pages_to_scan`` now, and its update after a full scan."""
+
+    @property
+    def pages_to_scan(self) -> int: ...
+
+    def after_scan(self, wall_seconds: float, cpu_seconds: float) -> int: ...
+
+
+def sleep_only_scan_time(processed: int, skipped: int, knobs: Knobs) -> tuple[float, float]:
+    """A full scan's time counting only ksmd's sleeps: one wake-up per ``pages_to_scan``
+    processed pages (skipped pages do not count), ``sleep_millisecs`` each, no CPU time.
+
+    The default when no CPU cost model is given: a lower bound on the wall time.
+    """
+    wakeups = max(1, -(-processed // knobs.pages_to_scan))
+    return wakeups * knobs.sleep_millisecs / 1000.0, 0.0
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """ksmd's counters full scan by full scan, and what they settle at.
+
+    Attributes:
+        scans: one row per full scan: ``full_scans``, ``time_seconds`` (at the scan's end),
+            ``pages_to_scan``, the :data:`COUNTER_COLUMNS` (as ``/sys/kernel/mm/ksm`` shows
+            them after that scan; ``pages_skipped`` cumulative), ``ksmd_cpu_percent``.
+        steady: the counters in steady state: each the mean over the last
+            :data:`SMART_SCAN_PERIOD` scans, rounded (``None`` when not steady within the
+            scans run).
+        steady_scan: the first full scan (1-based) from which ``pages_shared``,
+            ``pages_sharing`` and ``general_profit`` stay within their steady band: the
+            mean of the last 9 scans +- max(0.5%, 3 standard deviations over the last 18
+            scans, half a page). The replay stops once two successive 9-scan windows agree
+            (within 0.5% or one page), and not before smart_scan's first 22 scans plus two
+            windows.
+        time_to: seconds (end of the full scan) until ``general_profit`` first reaches 50%
+            and 90% of its steady value, and until steady state (keys ``"50%"``, ``"90%"``,
+            ``"steady"``); ``None`` where not reached or the steady profit is not positive.
+        scans_to: the same in full scans.
+        late_duplicates: pages aged by KSM before they took their content (``Timeline.aged``)
+            whose content another page holds too.
+        late_duplicates_merged: of those, how many are merged at the end.
+        if_phases_met: the steady counters if the late duplicates' smart_scan phases met
+            (as if all processed on the same scans): an upper bound; ``None`` when there are
+            none or smart_scan is off.
+    """
+
+    scans: pd.DataFrame
+    steady: KsmCounters | None
+    steady_scan: int | None
+    time_to: dict[str, float | None]
+    scans_to: dict[str, int | None]
+    late_duplicates: int
+    late_duplicates_merged: int
+    if_phases_met: KsmCounters | None
+
+
+def _skip_age(age: np.ndarray) -> np.ndarray:
+    """``skip_age()``: 1 for age <= 3, 2 for <= 5, 4 for <= 8, else 8."""
+    return np.select([age <= 3, age <= 5, age <= 8], [1, 2, 4], 8).astype(np.int16)
+
+
+def _dense(values: np.ndarray) -> tuple[np.ndarray, int]:
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return inverse.astype(np.int64), len(uniq)
+
+
+def _ranks(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stable order of ``groups`` and, in that order, each entry's rank within its group."""
+    order = np.argsort(groups, kind="stable")
+    g = groups[order]
+    start = np.ones(len(g), bool)
+    start[1:] = g[1:] != g[:-1]
+    first = np.flatnonzero(start)
+    rank = np.arange(len(g)) - np.repeat(first, np.diff(np.append(first, len(g))))
+    return order, rank
+
+
+class _Nodes:
+    """KSM pages (stable nodes): their content; membership is ``node`` per page."""
+
+    def __init__(self) -> None:
+        self.content = np.empty(0, np.int64)
+
+    def counts(self, node: np.ndarray) -> np.ndarray:
+        return np.bincount(node[node >= 0], minlength=len(self.content)).astype(np.int64)
+
+    def join(self, pages: np.ndarray, content: np.ndarray, node: np.ndarray, mps: int,
+             n_contents: int) -> np.ndarray:
+        """Attach ``pages`` (indices, scan order) to KSM pages of their content with room
+        left, fullest first as the kernel does; returns the mask of those that joined."""
+        joined = np.zeros(len(pages), bool)
+        if len(pages) == 0 or len(self.content) == 0:
+            return joined
+        count = self.counts(node)
+        free = np.where(count >= 1, np.maximum(mps - count, 0), 0)
+        if not free.any():
+            return joined
+        # Nodes by content, fullest first: their free slots laid end to end per content.
+        norder = np.lexsort((-count, self.content))
+        nfree = free[norder]
+        cum_end = np.cumsum(nfree)
+        per_content = np.bincount(self.content, weights=free,
+                                  minlength=n_contents).astype(np.int64)
+        base = np.concatenate(([0], np.cumsum(per_content)[:-1])).astype(np.int64)
+        c = content[pages]
+        order, rank = _ranks(c)
+        cs = c[order]
+        take = rank < per_content[cs]
+        key = base[cs[take]] + rank[take]
+        slot = np.searchsorted(cum_end, key, side="right")
+        node[pages[order[take]]] = norder[slot]
+        joined[order[take]] = True
+        return joined
+
+    def pair(self, pages: np.ndarray, content: np.ndarray, node: np.ndarray,
+             mps: int) -> np.ndarray:
+        """The unstable tree: pages of one content merge into new KSM pages of ``mps``
+        each, a last one of the rest when >= 2 (``ksm.merged_pages``'s rule); returns the
+        mask of those left alone in the tree."""
+        alone = np.ones(len(pages), bool)
+        if len(pages) == 0:
+            return alone
+        c = content[pages]
+        order, rank = _ranks(c)
+        cs = c[order]
+        copies = np.bincount(cs)[cs]
+        full, rest = np.divmod(copies, mps)
+        group = rank // mps
+        merges = (group < full) | (rest >= 2)
+        if not merges.any():
+            return alone
+        # New node ids: one per (content, group), in order.
+        keys = cs[merges] * (int(rank.max()) // mps + 2) + group[merges]
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        new_content = uniq // (int(rank.max()) // mps + 2)
+        first_id = len(self.content)
+        self.content = np.concatenate((self.content, new_content))
+        node[pages[order[merges]]] = first_id + inverse
+        alone[order[merges]] = False
+        return alone
+
+
+def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: ScanTimer,
+         advisor: AdvisorLike | None, max_scans: int, seed: int,
+         aged_meet: bool) -> tuple[pd.DataFrame, int, int]:
+    n = timeline.pages
+    rng = np.random.default_rng(seed)
+    smart = knobs.smart_scan and rules.has_smart_scan
+    mps = knobs.max_page_sharing if rules.max_page_sharing_limit else np.iinfo(np.int32).max
+    content, n_contents = _dense(np.asarray(timeline.content, np.int64))
+    copies = np.bincount(content, minlength=n_contents)
+    rate = np.asarray(timeline.change_rate, np.float64)
+    aged = np.asarray(timeline.aged, bool)
+    is_zero = (np.asarray(timeline.content) == timeline.zero_id) if timeline.zero_id >= 0 \
+        else np.zeros(n, bool)
+    zero_merge = is_zero if knobs.use_zero_pages else np.zeros(n, bool)
+    may_merge = (copies[content] >= 2) & ~zero_merge  # a partner exists somewhere
+    restrict_aged = smart and not aged_meet
+
+    has_item = aged.copy()
+    age = np.where(aged, _AGE_MAX, 0).astype(np.int16)
+    if smart and aged.any() and not aged_meet:
+        rem = np.where(aged, rng.integers(0, SMART_SCAN_PERIOD, n), 0).astype(np.int16)
+    else:
+        rem = np.zeros(n, np.int16)
+    checked = np.full(n, np.nan)  # when the checksum was last taken; NaN: never
+    dirty = aged.copy()  # changed since the last checksum: the next gate fails
+    node = np.full(n, -1, np.int64)
+    broken = np.zeros(n, bool)  # merged, written since: COW-broken until its next visit
+    zero_mapped = np.zeros(n, bool)  # mapped to the zero page: no rmap_item, not scanned
+    zero_fresh = np.zeros(n, bool)  # mapped this scan: its rmap_item goes next scan
+    nodes = _Nodes()
+    t = 0.0
+    skipped_total = 0
+    rows: list[dict[str, float | int]] = []
+    pages_to_scan = advisor.pages_to_scan if advisor is not None else knobs.pages_to_scan
+
+    for scan in range(max_scans):
+        has_item[zero_fresh] = False
+        zero_fresh[:] = False
+        visit = ~zero_mapped
+        new = visit & ~has_item
+        has_item[new] = True
+        age[new] = 0
+        rem[new] = 0
+        checked[new] = np.nan
+        dirty[new] = False
+
+        ksm_page = (node >= 0) & ~broken
+        other = visit & ~ksm_page
+        skip = np.zeros(n, bool)
+        if smart:
+            idx = np.flatnonzero(other)
+            a = age[idx]
+            age[idx] = np.minimum(a + 1, _AGE_MAX)
+            old = a >= 3
+            reset = old & (rem[idx] == 0)
+            rem[idx[reset]] = _skip_age(a[reset])
+            sk = idx[old & ~reset]
+            rem[sk] -= 1
+            skip[sk] = True
+        # A visit, processed or skipped, takes a COW-broken page out of its KSM page.
+        dirty[broken] = True
+        node[broken] = -1
+        broken[:] = False
+
+        processed = visit & ~skip
+        work = np.flatnonzero(processed & ~ksm_page)
+        lam = rate[work]
+        gap = t - checked[work]
+        with np.errstate(invalid="ignore"):
+            held = np.exp(-lam * np.where(np.isnan(gap), 0.0, gap))
+        held = np.where(lam == 0, 1.0, np.where(np.isinf(lam), 0.0, held))
+        passed = ~np.isnan(gap) & ~dirty[work] & (rng.random(len(work)) < held)
+        checked[work] = t
+        dirty[work] = False
+        gate = work[passed]
+
+        # Joining an existing KSM page: after the gate (6.11+), or before it on older
+        # kernels, where any page holding its content (rate 0) joins on any visit.
+        seekers = gate[may_merge[gate]]
+        if not rules.two_visit_gate:
+            still = work[(rate[work] == 0) & may_merge[work]]
+            seekers = np.union1d(seekers, still)
+        joined = nodes.join(seekers, content, node, mps, n_contents)
+        in_gate = np.zeros(n, bool)
+        in_gate[gate] = True
+        rest = seekers[~joined & in_gate[seekers]]
+        zero_now = gate[zero_merge[gate]]
+        zero_mapped[zero_now] = True
+        zero_fresh[zero_now] = True
+        pairing = rest[~aged[rest]] if restrict_aged else rest
+        alone = pairing[nodes.pair(pairing, content, node, mps)]
+        if restrict_aged:
+            late = rest[aged[rest]]
+            late = late[~nodes.join(late, content, node, mps, n_contents)]
+            alone = np.concatenate((alone, late))
+        if not rules.two_visit_gate:  # pages still seeking may join one made this scan
+            nodes.join(seekers[~joined & ~in_gate[seekers]], content, node, mps, n_contents)
+        unique_gate = gate[~may_merge[gate] & ~zero_merge[gate]]
+        unshared = len(alone) + len(unique_gate)
+
+        count = nodes.counts(node)
+        shared = int((count >= 1).sum())
+        sharing = int(count.sum()) - shared
+        rmap = int(has_item.sum())
+        zero_pages = int(zero_mapped.sum())
+        n_processed = int(processed.sum())
+        n_skipped = int(skip.sum())
+        skipped_total += n_skipped
+        wall, cpu = scan_time(n_processed, n_skipped, replace(knobs, pages_to_scan=pages_to_scan))
+        t += wall
+        profit_pages = sharing + (zero_pages if rules.zero_pages_in_profit else 0)
+        rows.append({
+            "full_scans": scan + 1, "time_seconds": t, "pages_to_scan": pages_to_scan,
+            "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
+            "pages_volatile": rmap - shared - sharing - unshared,
+            "pages_skipped": skipped_total, "ksm_zero_pages": zero_pages,
+            "ksm_rmap_items": rmap,
+            "general_profit": profit_pages * knobs.page_size - rmap * knobs.rmap_item_bytes,
+            "ksmd_cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,
+        })
+        if advisor is not None:
+            pages_to_scan = advisor.after_scan(wall, cpu)
+
+        # Writes until the next visit (about one full scan): merged pages that change
+        # break COW (counted until ksmd visits them); zero-page mappings become pages again.
+        changing = np.flatnonzero(((node >= 0) | zero_mapped) & (rate > 0))
+        if len(changing):
+            hit = changing[rng.random(len(changing)) < -np.expm1(-rate[changing] * wall)]
+            broken[hit[node[hit] >= 0]] = True
+            back = hit[zero_mapped[hit]]
+            zero_mapped[back] = False
+            zero_fresh[back] = False
+            has_item[back] = False
+        if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
+            break
+    late = aged & may_merge
+    return pd.DataFrame(rows), int(late.sum()), int((late & (node >= 0)).sum())
+
+
+def _min_scans(smart: bool) -> int:
+    """Scans to run at least: past smart_scan's transient, then two windows."""
+    return (_TRANSIENT_SCANS if smart else 0) + 2 * SMART_SCAN_PERIOD
+
+
+def _agree(a: float, b: float, unit: float) -> bool:
+    return abs(a - b) <= max(_STEADY_TOLERANCE * max(abs(a), abs(b)), unit)
+
+
+_WATCHED = ("pages_shared", "pages_sharing", "general_profit")
+
+
+def _units(page_size: int) -> dict[str, float]:
+    return {"pages_shared": 1.0, "pages_sharing": 1.0, "general_profit": float(page_size)}
+
+
+def _settled(rows: list[dict[str, float | int]], page_size: int) -> bool:
+    """The last two 9-scan windows agree: their means of :data:`_WATCHED` differ by at most
+    0.5% (or one page)."""
+    w = SMART_SCAN_PERIOD
+    if len(rows) < 2 * w:
+        return False
+    units = _units(page_size)
+    for k in _WATCHED:
+        v = np.array([r[k] for r in rows[-2 * w:]], np.float64)
+        a, b = v[:w].mean(), v[w:].mean()
+        if abs(a - b) > max(_STEADY_TOLERANCE * max(abs(a), abs(b)), units[k]):
+            return False
+    return True
+
+
+def _steady_from(scans: pd.DataFrame, page_size: int) -> int | None:
+    """The first 0-based scan from which every later value of :data:`_WATCHED` stays in
+    the steady band (the last window's mean, +- max(0.5%, 3 standard deviations of the last
+    two windows, half a page)), if the replay settled."""
+    rows = scans.to_dict("records")
+    if not _settled(rows, page_size):
+        return None
+    w = SMART_SCAN_PERIOD
+    units = _units(page_size)
+    outside = np.zeros(len(scans), bool)
+    for k in _WATCHED:
+        v = scans[k].to_numpy(np.float64)
+        mean = v[-w:].mean()
+        band = max(_STEADY_TOLERANCE * abs(mean), 3 * v[-2 * w:].std(), units[k] / 2)
+        outside |= np.abs(v - mean) > band
+    hits = np.flatnonzero(outside)
+    return int(hits[-1]) + 1 if len(hits) else 0
+
+
+def _counters(scans: pd.DataFrame) -> KsmCounters:
+    last = scans.tail(SMART_SCAN_PERIOD).mean(numeric_only=True)
+    return KsmCounters(**{k: round(float(last[k])) for k in
+                          ("pages_shared", "pages_sharing", "pages_unshared",
+                           "pages_volatile", "ksm_zero_pages", "ksm_rmap_items",
+                           "general_profit")})
+
+
+def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
+             scan_time: ScanTimer | None = None, advisor: AdvisorLike | None = None,
+             max_scans: int = 400, seed: int = 0) -> Trajectory:
+    """Replay ksmd over ``timeline`` from a fresh start (no rmap_items, nothing merged).
+
+    Args:
+        timeline: the pages, in ksmd's scan order.
+        knobs: ksmd's settings (``smart_scan`` and the advisor only where ``rules`` has them).
+        rules: the kernel's rules (:func:`~ksm_analyze.ksmd.rules.rules_for`).
+        scan_time: a full scan's wall and CPU seconds (the CPU cost model); by default
+            :func:`sleep_only_scan_time`.
+        advisor: the scan-time advisor, when ``knobs.advisor_mode`` is ``scan-time`` on a
+            kernel that has it: it sets ``pages_to_scan`` after every full scan.
+        max_scans: full scans to replay at most; the replay stops earlier once steady (and
+            past smart_scan's first 22 scans).
+        seed: for the pages that change at a finite rate, and the late duplicates' phases.
+    """
+    if max_scans < 1:
+        raise ValueError(f"max_scans must be at least 1, not {max_scans}")
+    timer = scan_time or sleep_only_scan_time
+    use_advisor = advisor if (rules.has_advisor and knobs.advisor_mode == "scan-time") else None
+    smart = knobs.smart_scan and rules.has_smart_scan
+    scans, late, late_merged = _run(timeline, knobs, rules, scan_time=timer,
+                                    advisor=use_advisor, max_scans=max_scans, seed=seed,
+                                    aged_meet=False)
+    start = _steady_from(scans, knobs.page_size)
+    steady = _counters(scans) if start is not None else None
+    time_to: dict[str, float | None] = {"50%": None, "90%": None, "steady": None}
+    scans_to: dict[str, int | None] = {"50%": None, "90%": None, "steady": None}
+    if steady is not None and start is not None:
+        scans_to["steady"] = start + 1
+        time_to["steady"] = float(scans["time_seconds"].iloc[start])
+        if steady.general_profit > 0:
+            profit = scans["general_profit"].to_numpy()
+            for label, share in (("50%", 0.5), ("90%", 0.9)):
+                reached = np.flatnonzero(profit >= share * steady.general_profit)
+                if len(reached):
+                    scans_to[label] = int(reached[0]) + 1
+                    time_to[label] = float(scans["time_seconds"].iloc[reached[0]])
+    upper = None
+    if late and smart:
+        met, _, _ = _run(timeline, knobs, rules, scan_time=timer, advisor=None,
+                         max_scans=max_scans, seed=seed, aged_meet=True)
+        upper = _counters(met)
+    int_columns = [c for c in scans.columns if c not in ("time_seconds", "ksmd_cpu_percent")]
+    scans[int_columns] = scans[int_columns].astype(np.int64)
+    return Trajectory(scans=scans, steady=steady, steady_scan=None if start is None else start + 1,
+                      time_to=time_to, scans_to=scans_to, late_duplicates=late,
+                      late_duplicates_merged=late_merged, if_phases_met=upper)
+
+
+def steady_state(timeline: Timeline, knobs: Knobs, rules: KernelRules, **kwargs: object
+                 ) -> KsmCounters:
+    """The counters KSM settles at (``simulate(...).steady``).
+
+    Raises:
+        ValueError: no steady state within ``max_scans``.
+    """
+    trajectory = simulate(timeline, knobs, rules, **kwargs)  # type: ignore[arg-type]
+    if trajectory.steady is None:
+        raise ValueError(f"no steady state within {len(trajectory.scans)} full scans")
+    return trajectory.steady
+
