@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["TABLES", "Analysis", "json_safe"]
 
 TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
-          "pairwise", "top_contents", "address_map")
+          "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings")
 """Every table of an :class:`Analysis`, in output order."""
 
 
@@ -137,6 +137,9 @@ class Analysis:
     pairwise = _Table()
     top_contents = _Table()
     address_map = _Table()
+    stability = _Table()
+    timeline = _Table()
+    ksmd_settings = _Table()
 
     @property
     def names(self) -> list[str]:

@@ -234,6 +234,31 @@ KSM_KNOBS = (
                                  "(default: what live fingerprints recorded from "
                                  "/sys/kernel/slab, else 64).", rich_help_panel=_KSM_PANEL)
     ], _KSM.rmap_item_bytes),
+    _param("smart_scan", Annotated[
+        bool | None, typer.Option("--smart-scan/--no-smart-scan", show_default=False,
+                                  help="ksmd's smart_scan in the time model (default: as the "
+                                  "inputs recorded, else on where the kernel has it).",
+                                  rich_help_panel=_KSM_PANEL)
+    ], _KSM.smart_scan),
+    _param("advisor_mode", Annotated[
+        str | None, typer.Option("--advisor", show_default=False,
+                                 help="none or scan-time: the scan-time advisor sets "
+                                 "pages_to_scan after every full scan (default: as the inputs "
+                                 "recorded, else none).", rich_help_panel=_KSM_PANEL)
+    ], _KSM.advisor_mode),
+    _param("kernel", Annotated[
+        str | None, typer.Option("--kernel", show_default=False, metavar="VERSION",
+                                 help="Replay ksmd by this kernel's rules (6.1, 6.18...; "
+                                 "default: the kernel the inputs were taken on, else the "
+                                 "newest rules; docs/model.md lists them).",
+                                 rich_help_panel=_KSM_PANEL)
+    ], _KSM.kernel),
+    _param("cpu_cost", Annotated[
+        str | None, typer.Option("--cpu-cost", show_default=False, metavar="FILE",
+                                 help="ksmd's CPU per page from 'ksm-analyze calibrate' "
+                                 "(default: measured on a 6.18 host, docs/model.md).",
+                                 rich_help_panel=_KSM_PANEL)
+    ], _KSM.cpu_cost),
 )
 """The KSM knobs of the prediction (KsmSettings; its page_size comes from READING)."""
 POLICY = (

@@ -68,6 +68,17 @@ class KsmSettings:
     rmap_item_bytes: int | None = None
     """``sizeof(struct ksm_rmap_item)`` on the host; None: what the inputs recorded (a live
     fingerprint reads it from ``/sys/kernel/slab``), else :data:`RMAP_ITEM_BYTES`."""
+    smart_scan: bool | None = None
+    """ksmd's ``smart_scan``; None: as the inputs recorded, else on where the kernel has it."""
+    advisor_mode: str | None = None
+    """``none`` or ``scan-time``; None: as the inputs recorded, else ``none``."""
+    kernel: str | None = None
+    """The kernel release whose ksmd rules the time model replays (``6.1``, ``6.18.4``...);
+    None: the kernel the inputs were taken on, else the newest rules known."""
+    cpu_cost: str | None = None
+    """A ksmd CPU calibration file (``ksm-analyze calibrate``); None: the shipped default."""
+    converge_within: float | None = None
+    """Seconds: name the cheapest ksmd setting that reaches steady state within this."""
 
     def __post_init__(self) -> None:
         check_page_size(self.page_size)
@@ -77,6 +88,10 @@ class KsmSettings:
             raise ValueError(f"pages_to_scan must be at least 1, not {self.pages_to_scan}")
         if self.sleep_millisecs < 0:
             raise ValueError(f"sleep_millisecs cannot be negative, not {self.sleep_millisecs}")
+        if self.advisor_mode not in (None, "none", "scan-time"):
+            raise ValueError(f"advisor_mode must be none or scan-time, not {self.advisor_mode!r}")
+        if self.converge_within is not None and not self.converge_within > 0:
+            raise ValueError(f"converge_within must be positive, not {self.converge_within}")
         if self.rmap_item_bytes is not None and not 1 <= self.rmap_item_bytes <= 4096:
             raise ValueError(f"rmap_item_bytes must be 1 to 4096, not {self.rmap_item_bytes}")
 

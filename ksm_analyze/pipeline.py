@@ -24,8 +24,9 @@ from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import classify
 from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
+from .over_time import model_host, recorded_machine, steady_tables
 from .pages import PageState
-from .series import recorded_rmap_item_bytes
+from .series import group_samples, recorded_rmap_item_bytes, still_timeline
 from .sharing import address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 
@@ -90,8 +91,12 @@ def analyze(
             return update
 
         started = time.perf_counter()
-        prints, readers = fingerprint_sources(sources, options, reading,
-                                              tasks=lambda n, of: report("Dask tasks", n, of))
+        all_prints, all_readers = fingerprint_sources(
+            sources, options, reading, tasks=lambda n, of: report("Dask tasks", n, of))
+        # Samples of one guest over time are one input: its latest sample.
+        samples = group_samples(all_prints)
+        prints = [all_prints[i] for i in samples.latest]
+        readers = [all_readers[i] for i in samples.latest]
         hashed = time.perf_counter()
         rmap_note = None
         if ksm.rmap_item_bytes is None:
@@ -100,22 +105,36 @@ def analyze(
         classes = classify(prints, readers, options,
                            progress=lambda n, of: report("comparing", n, of))
         compared = time.perf_counter()
-        masks = [scan_mask(fp, options.scope) for fp in prints]
-        table = build_content_table(prints, classes, masks)
-        top = top_contents(table, classes, prints, readers, top=options.top,
+        all_masks = [scan_mask(fp, options.scope) for fp in all_prints]
+        masks = [all_masks[i] for i in samples.latest]
+        still = build_content_table(prints, classes, masks)
+        if samples.over_time:  # count what KSM keeps: the steady view
+            view_prints, labels, late, tl, stab = steady_tables(
+                prints, masks, classes.labels, all_prints, all_masks, samples, ksm)
+            table = build_content_table(view_prints, replace(classes, labels=labels), masks)
+        else:
+            table, late, stab = still, 0, None
+            tl = still_timeline(prints, masks, classes.labels)
+        top = top_contents(still, classes, prints, readers, top=options.top,
                            show_content=options.show_content)
 
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
                "inputs_from_cache": sum(s.origin == "cache" for s in sources),
                "inputs_from_fingerprint_files": sum(s.origin == "file" for s in sources)}
     # What the contents are and where they lie does not depend on a policy; what merges does.
-    where = address_map(table, classes, prints, masks, scope=options.scope)
+    where = address_map(still, classes, prints, masks, scope=options.scope)
+    over = model_host(tl, ksm, recorded_machine(prints), stability_table=stab,
+                      late_duplicates=late)
+    more = {"steady_state": over.steady} if over.steady else {}
+    if samples.over_time:
+        more["if_memory_stood_still"] = still.counters(ksm)
     unrestricted, domain_names = None, []
     if options.policy:
         unrestricted = table.counters(ksm)
         domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
         table = table.with_policy(domains, zero_only=options.merge == "zero-only")
-    tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings),
+    tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings, more),
+              **over.tables(),
               "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
               "top_contents": top, "address_map": where}
     return Analysis(

@@ -26,7 +26,6 @@ from .ksm import (
     KSM_STAT_FIELDS,
     KsmCounters,
     KsmSettings,
-    convergence,
     memory_after,
     merged_pages,
     saved_pages,
@@ -54,17 +53,15 @@ def summary_tables(
     masks: Sequence[ScanMask],
     stats: StageStats,
     timings: Mapping[str, float],
+    more_counters: Mapping[str, KsmCounters] | None = None,
 ) -> dict[str, Columns]:
-    """``per_input``, ``host``, ``savings``, ``histogram``, ``stages``, ``convergence`` and
-    ``exclusions`` (columns documented on :class:`~ksm_analyze.analysis.Analysis`)."""
+    """``per_input``, ``host``, ``savings``, ``histogram``, ``stages`` and ``exclusions``
+    (columns documented on :class:`~ksm_analyze.analysis.Analysis`); ``more_counters`` are
+    further columns of ``host`` (``steady_state``, ``if_memory_stood_still``)."""
     counters = host_counters(table, settings)
-    host = Columns.from_dicts({k: v.as_dict() for k, v in counters.items()}, "counter")
+    host = Columns.from_dicts({k: v.as_dict() for k, v in
+                               {**counters, **(more_counters or {})}.items()}, "counter")
     per_input = _per_input(table, settings)
-    conv = Columns.from_dicts({s: convergence(c.ksm_rmap_items + c.ksm_zero_pages, settings)
-                               for s, c in counters.items()}, "item")
-    # Pages and seconds in one column: kept as objects (as ``stages`` is), so the page count
-    # stays a whole number and is not made a float beside the seconds.
-    conv = conv.replace(**{s: np.array(conv[s], object) for s in conv.names})
     exclusions = Columns({"input": table.names,
                           **{r: [m.excluded[r] for m in masks] for r in RULES}}, "input")
     return {
@@ -73,7 +70,6 @@ def summary_tables(
         "savings": _savings(table, settings, counters, per_input),
         "histogram": _histogram(table, settings),
         "stages": _stages(stats, fingerprints, timings),
-        "convergence": conv,
         "exclusions": exclusions,
     }
 

@@ -25,6 +25,7 @@ from ..units import counted, human_bytes
 from .files import to_json
 
 if TYPE_CHECKING:
+    from ..columns import Columns
     from ..formats.base import DumpReader
     from ..hashing.stage1 import Fingerprints
     from ..live.capture import CaptureSummary
@@ -36,7 +37,10 @@ __all__ = ["render_capture", "render_info", "render_plan", "render_scan", "rende
 _SCENARIO_TITLES = {  # each key's words (docs/glossary.md)
     "with_zero_pages": "with zero pages",
     "without_zero_pages": "without zero pages",
+    "steady_state": "ksmd replayed, steady",
+    "if_memory_stood_still": "if memory stood still",
 }
+_SAVINGS_SCENARIOS = ("with_zero_pages", "without_zero_pages")
 
 
 def _count(n: Any) -> str:
@@ -83,7 +87,8 @@ def render_scan(result: Analysis) -> str:
     """The readable ``scan`` report: inputs, host prediction, savings, histogram, stages."""
     ksm, tables = result.ksm, result.columns
     pi, host, sav = tables["per_input"], tables["host"], tables["savings"]
-    scen = host.names
+    columns = host.names
+    scen = [s for s in _SAVINGS_SCENARIOS if s in columns]
     titles = [_SCENARIO_TITLES[s] for s in scen]
     out = ["Inputs", _table(
         ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
@@ -99,9 +104,13 @@ def render_scan(result: Analysis) -> str:
         out += _process_sections(result)
     out += ["", (f"KSM prediction, all inputs on one host (max_page_sharing="
                  f"{ksm.max_page_sharing}, use_zero_pages={int(ksm.use_zero_pages)})")]
-    out.append(_table(["counter", *titles], (
+    if "if_memory_stood_still" in columns:
+        out.append("  Observed over time: the columns count what KSM keeps (pages that change "
+                   "faster than\n  ksmd merges them never stay merged); 'if memory stood "
+                   "still' counts the last samples\n  as one frozen moment.")
+    out.append(_table(["counter", *(_SCENARIO_TITLES[s] for s in columns)], (
         [name, *(human_bytes(host.at(name, s)) if name == "general_profit"
-                 else _count(host.at(name, s)) for s in scen)] for name in host.keys)))
+                 else _count(host.at(name, s)) for s in columns)] for name in host.keys)))
     out += _policy(result)
     out += ["", "Savings", _table(["", *titles], (
         [label, *(f"{human_bytes(sav.at(item, f'{s}_bytes'))} "
@@ -152,13 +161,7 @@ def render_scan(result: Analysis) -> str:
         skipped = st["inputs_from_cache"] + st["inputs_from_fingerprint_files"]
         out.append(f"Stage 1 skipped for {skipped:,} of {counted(len(result.names), 'input')}: "
                    f"{' and '.join(reused)}.")
-    conv = tables["convergence"].by_key("with_zero_pages")
-    out.append(
-        f"Convergence: one full scan of {_count(conv['scanned_pages'])} pages takes "
-        f"{_duration(conv['full_scan_seconds'])} at pages_to_scan={ksm.pages_to_scan}, "
-        f"sleep_millisecs={ksm.sleep_millisecs}; identical pages merge on the second "
-        f"scan, so steady state comes after about {_duration(conv['steady_state_seconds'])}."
-    )
+    out += _over_time(tables)
     out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
 
@@ -212,7 +215,48 @@ def _collision_bound(stats: Mapping[str, Any], bits: int) -> float:
     return n * n / 2.0 ** (bits + 1)
 
 
+def _over_time(tables: Mapping[str, Columns]) -> list[str]:
+    """The stability of inputs seen over time, and when ksmd gets there at what CPU."""
+    out = []
+    stab = tables["stability"]
+    if len(stab["input"]):
+        out += ["", "Over time (pages per input, first sample to last)", _table(
+            ["input", "samples", "over", "unchanged", "changed", "appeared", "gone",
+             "changed/s", "stable dups", "coinciding dups"],
+            ([printable(r["input"]), _count(r["samples"]), _duration(r["observed_seconds"]),
+              *(_count(r[c]) for c in ("pages_unchanged", "pages_changed", "pages_appeared",
+                                       "pages_gone")),
+              f"{r['change_rate_per_second']:.3g}",
+              _count(r["stable_duplicate_pages"]), _count(r["coinciding_duplicate_pages"])]
+             for r in stab.rows()))]
+    c = tables["convergence"].by_key("value")
+    when = ", ".join(f"{label} after {_duration(c[key])}" for label, key in (
+        ("50%", "time_to_50_percent_seconds"), ("90%", "time_to_90_percent_seconds"))
+        if c[key] is not None)
+    steady = (f"steady state after {_duration(c['steady_state_seconds'])} "
+              f"({counted(c['full_scans_to_steady_state'], 'full scan')})"
+              if c["steady_state_seconds"] is not None else "no steady state in the scans replayed")
+    rate = ("the scan-time advisor" if c["advisor_mode"] == "scan-time"
+            else f"pages_to_scan={c['pages_to_scan']}")
+    out.append(
+        f"Convergence, ksmd replayed with the rules of {c['kernel_rules']}, smart_scan="
+        f"{int(c['smart_scan'])}: one full scan "
+        f"of {_count(c['scanned_pages'])} pages takes {_duration(c['full_scan_seconds'])} at "
+        f"{rate}, sleep_millisecs={c['sleep_millisecs']}, ksmd at "
+        f"{c['ksmd_cpu_percent']:.1f}% of a CPU; general_profit reaches "
+        f"{when + ', ' if when else ''}{steady}.")
+    if c["late_duplicate_pages"]:
+        out.append(f"Late duplicates: {counted(c['late_duplicate_pages'], 'page')} took "
+                   "their content while KSM was running; with smart_scan on they merge only "
+                   "with a page already merged, so they are counted unmerged (docs/model.md).")
+    if c["cheapest_setting"]:
+        out.append(f"Settings: {c['cheapest_setting']}.")
+    return out
+
+
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
