@@ -152,8 +152,10 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
                   keep_cmdline=keep_cmdline)
 
 
-ROW_GROUP = 1 << 20
-"""Rows per Parquet row group: what is held in memory at a time while a file is written."""
+ROW_GROUP = 1 << 16
+"""Rows per Parquet row group: what is held in memory at a time while a file is written
+(with no dictionary encoding, which holds a whole column chunk until it ends: 100 MiB more
+for a million rows of hashes, which do not repeat enough for it to pay)."""
 
 
 def write_columns(path: str | os.PathLike[str], prints: Sequence[Fingerprints],
@@ -185,7 +187,8 @@ def write_columns(path: str | os.PathLike[str], prints: Sequence[Fingerprints],
     schema = pa.schema([(name, pa.uint64()) for name in columns]).with_metadata(
         {META_KEY: meta, DIGEST_KEY: digest(meta, columns).encode()})
     with atomic_file(path) as tmp, pq.ParquetWriter(
-            tmp, schema, compression="zstd", write_page_checksum=True) as writer:
+            tmp, schema, compression="zstd", write_page_checksum=True,
+            use_dictionary=False) as writer:
         for lo in range(0, rows, ROW_GROUP):
             writer.write_table(pa.table({name: pa.array(v[lo : lo + ROW_GROUP])
                                          for name, v in columns.items()}, schema=schema),
