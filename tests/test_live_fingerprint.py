@@ -354,3 +354,39 @@ def test_dumps_and_pids_together_are_refused(tmp_path):
                             str(tmp_path / "o")])
     assert r.exit_code == 2
     assert r.stderr == "Error: give dump files or processes (PIDs, --qemu), not both\n"
+
+
+@root_only
+@pytest.mark.qemu
+def test_live_fingerprint_of_a_real_qemu_guest(tmp_path):
+    """A real guest: --qemu finds it, it fingerprints while it runs; paused, fingerprinting
+    moves nothing of it and its guest RAM fingerprints as the capture of it does."""
+    qemu_guest = pytest.importorskip("qemu_guest")
+    if not qemu_guest.qemu_available():
+        pytest.skip("qemu-system-x86_64 is not installed")
+    try:
+        assets = qemu_guest.ensure_guest_assets()
+    except qemu_guest.GuestError as e:
+        pytest.skip(f"no guest kernel: {e}")
+    with qemu_guest.Guest(assets, mem_mib=128, cmdline_extra="ksmfill=7:8:4") as guest:
+        assert guest.pid in procfs.qemu_pids()
+        _fingerprint(guest.pid, tmp_path / "running")  # while it runs (and changes)
+        guest.pause()
+        before = _present_map(guest.pid)
+        (live,) = _fingerprint(guest.pid, tmp_path / "paused")
+        after = _present_map(guest.pid)
+        capture([guest.pid], tmp_path / "guest.snap")
+    assert before == after  # present bits of every mapping, and Rss
+    (fp,) = fingerprint_files.load(live)
+    (reader,) = open_inputs(tmp_path / "guest.snap")
+    with reader:
+        ram = [(v["start"], v["end"]) for v in reader.process["vmas"]
+               if v["end"] - v["start"] >= 128 << 20]
+    assert ram
+    expected = _expected_rows(tmp_path / "guest.snap")
+
+    def in_ram(rows: dict[int, Any]) -> dict[int, Any]:
+        return {a: v for a, v in rows.items() if any(lo <= a < hi for lo, hi in ram)}
+
+    assert in_ram(_rows(fp)) == in_ram(expected)
+    assert len(in_ram(expected)) > 8 * 256  # the fill at least
