@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import xxhash
 from conftest import PS, runner
-from test_capture import _present_map, _wait_gone
+from test_capture import _present_map, _wait_gone, kill_midway
 
 import workload
 from ksm_analyze.cli import app
 from ksm_analyze.fleet import fingerprint_files
 from ksm_analyze.formats import open_inputs
-from ksm_analyze.live import capture as capture_module
 from ksm_analyze.live import procfs
 from ksm_analyze.live.capture import capture
 from ksm_analyze.live.fingerprint import Schedule, fingerprint_processes, parse_duration
@@ -295,17 +294,7 @@ def test_bad_pid_kernel_thread_and_zombie_are_one_line(tmp_path):
 def test_process_exiting_during_the_sample_is_one_line_and_leaves_nothing(tmp_path,
                                                                           monkeypatch):
     with workload.running(3) as pid:
-        real = capture_module._capture_vma
-        calls = []
-
-        def kill_midway(*args: Any, **kwargs: Any) -> Any:
-            calls.append(1)
-            if len(calls) == 5:
-                os.kill(pid, 9)
-                _wait_gone(pid)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(capture_module, "_capture_vma", kill_midway)
+        kill_midway(monkeypatch, pid)
         assert _fails(pid, tmp_path) == (
             f"Error: process {pid}: exited during capture; nothing was written\n")
 
