@@ -596,29 +596,86 @@ def _make_dir(directory: Path, what: str = "the report") -> None:
 @app.command("fingerprint")
 @_analysis_command(READING)
 def fingerprint_cmd(
-    dumps: Annotated[list[Path], typer.Argument(help="Dump files.", show_default=False)],
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dump files, or IDs of running processes (an argument of digits "
+                       "only that is not a file is a PID); not both in one run.",
+                       show_default=False, metavar="DUMPS_OR_PIDS..."),
+    ] = None,
+    *,
     output: Annotated[Path, _output("Folder for the fingerprint files.")],
     keep_cmdline: Annotated[
         bool, typer.Option("--keep-cmdline",
-                           help="Keep each snapshot process's full command line in the files. "
+                           help="Keep each process's full command line in the files. "
                            "Off by default: arguments can hold secrets (--password=...).")
     ] = False,
-    *,
+    qemu: Annotated[
+        bool, typer.Option("--qemu", help="Also take every running QEMU process "
+                           "(qemu-system-*), as if its PID were given.")
+    ] = False,
+    every: Annotated[
+        str | None, typer.Option("--every", help="Processes: take a sample every DURATION "
+                                 "(500ms, 2s, 1m, 1h), with --count or --for; file names then "
+                                 "carry the sample index (.s000, .s001...).",
+                                 show_default=False, metavar="DURATION")
+    ] = None,
+    count: Annotated[
+        int | None, typer.Option("--count", help="With --every: this many samples.",
+                                 show_default=False)
+    ] = None,
+    duration: Annotated[
+        str | None, typer.Option("--for", help="With --every: the samples that start within "
+                                 "DURATION.", show_default=False, metavar="DURATION")
+    ] = None,
     request: _Request,
 ) -> None:
-    """Write each dump's fingerprints to OUTPUT as Parquet, for scan, report and plan.
+    """Write fingerprints to OUTPUT as Parquet, for scan, report and plan: each dump's, or
+    each running process's, read in place from /proc/PID/mem.
 
-    No page bytes are written, nor a snapshot's command lines unless --keep-cmdline. The
-    files can be read on this machine or another; only the hashing options matter here.
+    No page bytes are written, nor command lines unless --keep-cmdline. The files can be
+    read on this machine or another; only the hashing options matter here. A process is
+    read as `capture` reads it (present pages only: nothing is faulted in; it keeps
+    running) into `<comm>-<pid>.ksmfp.parquet`, or `<comm>-<pid>.sNNN.ksmfp.parquet` for
+    sample NNN of a series (--every). A process that exits during a series ends its series
+    with a warning; the run fails only if a process has no sample at all.
     """
     from .fleet.sources import write_fingerprint_files
+    from .live.fingerprint import Schedule, fingerprint_processes
+    from .live.procfs import HOST_PAGE_SIZE, qemu_pids
 
     with _errors(), contextlib.ExitStack() as undo:
+        given = targets or []
+        pids = [int(t) for t in given if t.isdigit() and not os.path.exists(t)]
+        dumps = [Path(t) for t in given if not (t.isdigit() and not os.path.exists(t))]
+        schedule = Schedule.of(every, count, duration)
+        if dumps and (pids or qemu):
+            raise ValueError("give dump files or processes (PIDs, --qemu), not both")
+        if dumps and schedule.series:
+            raise ValueError("--every samples running processes; a dump file does not change")
+        if qemu:
+            found = qemu_pids()
+            if not found:
+                typer.echo("Error: --qemu: no QEMU process (qemu-system-*) is running",
+                           err=True)
+                raise typer.Exit(1)
+            pids += [p for p in found if p not in pids]
+        if not pids and not dumps:
+            raise ValueError("give dump files, process IDs or --qemu")
+        if pids and request.ksm.page_size != HOST_PAGE_SIZE:
+            raise ValueError(f"a process's pages are this host's ({HOST_PAGE_SIZE} bytes): "
+                             f"--page-size {request.ksm.page_size} does not apply")
         if not output.exists():  # no file written: no folder made for them either
             undo.callback(_remove_if_empty, output)
         _make_dir(output, "fingerprint files")
         with ScanProgress(enabled=not request.quiet) as bars:
             try:
+                if pids:
+                    fingerprint_processes(
+                        pids, output, request.options, schedule, keep_cmdline=keep_cmdline,
+                        progress=lambda name: lambda n, of: bars(name, n, of),
+                        written=lambda s: typer.echo(f"Wrote {printable(s.path)}"),
+                        warn=lambda line: typer.echo(f"Warning: {printable(line)}", err=True))
+                    return
                 written = write_fingerprint_files(
                     dumps, output, request.options, request.ksm.page_size,
                     reading=lambda name: lambda n, of: bars(name, n, of),

@@ -198,21 +198,26 @@ def test_capture_of_a_missing_process_is_one_line_and_writes_nothing(tmp_path):
 def test_process_exiting_during_capture_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "x.snap"
     with workload.running(3) as pid:
-        real = capture_module._capture_vma
-        calls = []
-
-        def kill_midway(*args: Any, **kwargs: Any) -> Any:
-            calls.append(1)
-            if len(calls) == 5:
-                os.kill(pid, 9)
-                _wait_gone(pid)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(capture_module, "_capture_vma", kill_midway)
+        kill_midway(monkeypatch, pid)
         with pytest.raises(ProcessError) as e:
             capture([pid], out)
     assert str(e.value) == f"process {pid}: exited during capture; nothing was written"
     assert list(tmp_path.iterdir()) == []
+
+
+def kill_midway(monkeypatch: pytest.MonkeyPatch, pid: int) -> None:
+    """Kill ``pid`` (and wait until it is dead) when the page source reaches its 5th VMA."""
+    real = capture_module._capture_vma
+    calls = []
+
+    def killing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(pid, 9)
+            _wait_gone(pid)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "_capture_vma", killing)
 
 
 def _wait_gone(pid: int) -> None:

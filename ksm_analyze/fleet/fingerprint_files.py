@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import DIR_MODE, atomic_write
+from .._files import DIR_MODE, atomic_file
 from .._version import __version__
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
 from ..formats import FINGERPRINT_SUFFIX, PARQUET_MAGIC, DumpFormat, looks_like_fingerprint_file
@@ -50,7 +50,8 @@ from ..pages import Extent, MapFlags, PageState, check_page_size
 from ..units import size_text
 
 __all__ = ["DIGEST_KEY", "META_KEY", "SUFFIX", "Cache", "digest", "is_fingerprint_file", "load",
-           "metadata", "options_of", "same_dump", "save", "source_of", "unchanged"]
+           "metadata", "options_of", "same_dump", "save", "source_of", "unchanged",
+           "write_columns"]
 
 META_KEY = b"ksm-analyze.fingerprints"
 DIGEST_KEY = b"ksm-analyze.sha256"
@@ -138,9 +139,6 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
     """Write the fingerprints of one dump's inputs to ``path`` (atomically, mode 0600), with
     Parquet page checksums and the :func:`digest` of what it holds; ``SECRET_FACTS`` are
     left out unless ``keep_cmdline``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not prints:
         raise ValueError("a fingerprint file holds at least one input")
     columns: dict[str, Any] = {
@@ -150,7 +148,35 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
     if contents is not None:
         both = np.concatenate(contents)
         columns["content_lo"], columns["content_hi"] = both[:, 0], both[:, 1]
-    columns = {name: np.ascontiguousarray(v, dtype=np.uint64) for name, v in columns.items()}
+    write_columns(path, prints, columns, source=source, options=options,
+                  keep_cmdline=keep_cmdline)
+
+
+ROW_GROUP = 1 << 16
+"""Rows per Parquet row group: what is held in memory at a time while a file is written
+(with no dictionary encoding, which holds a whole column chunk until it ends: 100 MiB more
+for a million rows of hashes, which do not repeat enough for it to pay)."""
+
+
+def write_columns(path: str | os.PathLike[str], prints: Sequence[Fingerprints],
+                  columns: dict[str, np.ndarray], *, source: dict[str, Any],
+                  options: dict[str, Any], keep_cmdline: bool = False) -> None:
+    """:func:`save` with the columns given whole (``addr``, ``prefix`` and optionally
+    ``content_lo`` and ``content_hi``, the rows of ``prints`` one input after the other; they
+    may be memory maps of files): streamed to a temporary file a row group at a time and
+    renamed into place (mode 0600), so writing costs a row group of memory, not the file.
+    The ``addrs`` and ``prefix`` of ``prints`` are not read, only their metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not prints:
+        raise ValueError("a fingerprint file holds at least one input")
+    columns = {name: np.ascontiguousarray(columns[name], dtype=np.uint64)
+               for name in COLUMNS if name in columns}
+    rows = len(columns["addr"])
+    if any(len(v) != rows for v in columns.values()) or rows != sum(
+            len(fp.addrs) for fp in prints):
+        raise ValueError("the columns and the inputs hold different numbers of rows")
     meta = json.dumps({
         "version": VERSION,
         "tool": f"ksm-analyze {__version__}",
@@ -158,12 +184,15 @@ def save(path: str | os.PathLike[str], prints: Sequence[Fingerprints], *,
         "options": options,
         "inputs": [_input_meta(fp, keep_cmdline) for fp in prints],
     }, allow_nan=False).encode()
-    table = pa.table(columns).replace_schema_metadata(
+    schema = pa.schema([(name, pa.uint64()) for name in columns]).with_metadata(
         {META_KEY: meta, DIGEST_KEY: digest(meta, columns).encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=1 << 20,
-                   write_page_checksum=True)
-    atomic_write(path, sink.getvalue().to_pybytes())
+    with atomic_file(path) as tmp, pq.ParquetWriter(
+            tmp, schema, compression="zstd", write_page_checksum=True,
+            use_dictionary=False) as writer:
+        for lo in range(0, rows, ROW_GROUP):
+            writer.write_table(pa.table({name: pa.array(v[lo : lo + ROW_GROUP])
+                                         for name, v in columns.items()}, schema=schema),
+                               row_group_size=ROW_GROUP)
 
 
 def _input_meta(fp: Fingerprints, keep_cmdline: bool) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from ..pages import PAGE_SIZE, Extent, MapFlags, PageState, check_page_size
 from .base import MIN_LIMIT, DumpFormat, strict_json
 from .elfcore import ELFMAG, ET_CORE, PN_XNUM, PT_LOAD, PT_NOTE, ElfCoreReader, Note, Segment
 
-__all__ = ["RunFlags", "SnapshotReader", "SnapshotWriter"]
+__all__ = ["RunFlags", "SnapshotReader", "SnapshotWriter", "run_counts", "run_extent"]
 
 NOTE_OWNER = "KSM-ANALYZE"
 NT_ID, NT_META, NT_RUNS = 0x4B534D01, 0x4B534D02, 0x4B534D03  # "KSM" + 1..3
@@ -83,6 +83,31 @@ def vma_flags(vmflags: str) -> MapFlags:
     for code in vmflags.split():
         out |= _VMFLAG_BITS.get(code, MapFlags(0))
     return out
+
+
+def run_extent(vaddr: int, npages: int, flags: RunFlags, vmflags: str, path: str,
+               offset: int = -1) -> Extent:
+    """The extent of one run of pages with ``flags``, in a VMA with these smaps ``VmFlags``
+    and ``path``; ``offset``: where its bytes are stored (a stored run), else -1."""
+    mapping = vma_flags(vmflags) | (MapFlags.FILE if flags & RunFlags.FILE else MapFlags.ANON)
+    if flags & RunFlags.THP:
+        mapping |= MapFlags.THP
+    label = path or "[anon]"
+    if flags & RunFlags.STORED:
+        return Extent(vaddr, npages, PageState.DATA, offset, label, mapping)
+    if flags & RunFlags.ZERO_PFN:
+        return Extent(vaddr, npages, PageState.ZERO, -1, label, mapping | MapFlags.ZERO_PFN)
+    if flags & RunFlags.SWAPPED:
+        return Extent(vaddr, npages, PageState.NOT_SAVED, -1, label, mapping | MapFlags.SWAPPED)
+    if flags & RunFlags.PRESENT:  # present but unreadable
+        return Extent(vaddr, npages, PageState.NOT_SAVED, -1, label, mapping)
+    return Extent(vaddr, npages, PageState.HOLE, -1, label, mapping)
+
+
+def run_counts(runs: np.ndarray) -> dict[str, int]:
+    """Pages per run flag (``present_pages``, ``stored_pages``...) of a :data:`RUN` array."""
+    flags, pages = runs["flags"], runs["npages"].astype(np.int64)
+    return {f"{str(f.name).lower()}_pages": int(pages[(flags & f) != 0].sum()) for f in RunFlags}
 
 
 def _note(n_type: int, desc: bytes) -> bytes:
@@ -365,34 +390,18 @@ class SnapshotReader(ElfCoreReader):
                 raise self._error(f"run of {npages} pages at {vaddr:#x} lies outside every VMA",
                                   at)
             _, _, vmflags, path = vmas[i]
-            mapping = vma_flags(vmflags) | (MapFlags.FILE if flags & RunFlags.FILE
-                                            else MapFlags.ANON)
-            if flags & RunFlags.THP:
-                mapping |= MapFlags.THP
-            label = path or "[anon]"
+            offset = -1
             if flags & RunFlags.STORED:
                 j = int(np.searchsorted(load_starts, vaddr, side="right")) - 1
                 if j < 0 or end > loads[j].p_vaddr + loads[j].p_filesz:
                     raise self._error(f"stored run of {npages} pages at {vaddr:#x} is not "
                                       "inside one PT_LOAD segment", at)
                 offset = loads[j].p_offset + vaddr - loads[j].p_vaddr
-                out.append(Extent(vaddr, npages, PageState.DATA, offset, label, mapping))
-            elif flags & RunFlags.ZERO_PFN:
-                out.append(Extent(vaddr, npages, PageState.ZERO, -1, label,
-                                  mapping | MapFlags.ZERO_PFN))
-            elif flags & RunFlags.SWAPPED:
-                out.append(Extent(vaddr, npages, PageState.NOT_SAVED, -1, label,
-                                  mapping | MapFlags.SWAPPED))
-            elif flags & RunFlags.PRESENT:  # present but unreadable
-                out.append(Extent(vaddr, npages, PageState.NOT_SAVED, -1, label, mapping))
-            else:
-                out.append(Extent(vaddr, npages, PageState.HOLE, -1, label, mapping))
+            out.append(run_extent(vaddr, npages, flags, vmflags, path, offset))
         return out
 
     def info(self) -> dict[str, Any]:
         """The process, the capture's facts and page counts by run flag."""
-        flags = self.run_flags["flags"]
-        pages = self.run_flags["npages"].astype(np.int64)
         return {
             "producer": "ksm-analyze capture",
             "pid": self.process.get("pid"),
@@ -403,7 +412,7 @@ class SnapshotReader(ElfCoreReader):
             "kernel": self.meta.get("kernel"),
             "pfn_flags": self.meta.get("pfn_flags"),
             "vmas": len(self.process.get("vmas", [])),
-            **{f"{str(f.name).lower()}_pages": int(pages[(flags & f) != 0].sum()) for f in RunFlags},
+            **run_counts(self.run_flags),
             "ksm_stat_at_capture": self.process.get("ksm_stat"),
         }
 

@@ -39,7 +39,7 @@ from .stage1 import Fingerprints
 from .xxh3 import xxh3_64_rows
 
 __all__ = ["UNIQUE", "ZERO", "ContentClasses", "StageStats", "check_unchanged", "classify",
-           "content_hashes"]
+           "content_hashes", "page_contents"]
 
 ZERO = -1
 """Label of an all-zero page."""
@@ -542,16 +542,24 @@ def check_unchanged(fp: Fingerprints, reader: DumpReader, candidates: np.ndarray
 def content_hashes(reader: DumpReader, addrs: np.ndarray) -> np.ndarray:
     """``(n, 2)`` uint64: xxh3-128 (low, high) of the stored pages at ``addrs``; 0 for a page
     of zeros."""
-    import xxhash
-
     out = np.zeros((len(addrs), 2), np.uint64)
-    digest = xxhash.xxh3_128_intdigest
     for lo in range(0, len(addrs), _CONTENT_BLOCK):
         pages = reader.read_pages(addrs[lo : lo + _CONTENT_BLOCK])
-        # The C library per page: one pass over 4 KiB at memory speed (0.3 us), faster than
-        # any numpy formulation of a 128-bit hash.
-        values = [digest(p) for p in pages]
-        out[lo : lo + len(values), 0] = [v & 0xFFFFFFFFFFFFFFFF for v in values]
-        out[lo : lo + len(values), 1] = [v >> 64 for v in values]
-        out[lo : lo + len(values)][~pages.any(axis=1)] = 0
+        out[lo : lo + len(pages)] = page_contents(pages)
+    return out
+
+
+def page_contents(pages: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
+    """``(n, 2)`` uint64: xxh3-128 (low, high) of each page of ``pages`` ``(n, page_size)``;
+    0 for a page of zeros (``zero``: which pages are, if known: they are not read)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128_intdigest
+    out = np.zeros((len(pages), 2), np.uint64)
+    rows = np.flatnonzero(pages.any(axis=1) if zero is None else ~zero)
+    # The C library per page: one pass over 4 KiB at memory speed (0.3 us), faster than
+    # any numpy formulation of a 128-bit hash.
+    values = [digest(pages[i]) for i in rows.tolist()]
+    out[rows, 0] = [v & 0xFFFFFFFFFFFFFFFF for v in values]
+    out[rows, 1] = [v >> 64 for v in values]
     return out

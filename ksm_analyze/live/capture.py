@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -58,7 +58,8 @@ from .procfs import (
     read_smaps,
 )
 
-__all__ = ["CaptureSummary", "capture"]
+__all__ = ["CaptureSummary", "Meter", "PageSink", "PfnFacts", "capture", "open_targets",
+           "read_process"]
 
 CHUNK_PAGES = 1 << 14
 """Pages per pagemap read: 64 MiB of memory, 128 KiB of pagemap."""
@@ -68,6 +69,17 @@ _NO_READ = MapFlags.SPECIAL
 """VM_IO/VM_PFNMAP memory is never read: ``mem`` refuses it, and it may be device memory."""
 _EXECED = "ran a new program (exec) during capture; nothing was written"
 
+
+class PageSink(Protocol):
+    """Where :func:`read_process` puts what it reads: a snapshot (:class:`SnapshotWriter`)
+    or fingerprints (``live.fingerprint``). ``write_pages`` is called on a worker thread,
+    with a buffer that is reused once it returns."""
+
+    def begin_process(self, info: dict[str, Any]) -> None: ...
+
+    def write_pages(self, vaddr: int, data: memoryview) -> None: ...
+
+    def add_runs(self, runs: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -105,14 +117,8 @@ def capture(
             exited or ran a new program (exec) during capture.
         ValueError: no PIDs, or a PID given twice.
     """
-    if not pids:
-        raise ValueError("no process given")
-    if len(set(pids)) != len(pids):
-        raise ValueError("a process is given twice")
     with contextlib.ExitStack() as stack:
-        # Open pagemap and mem first (fail early, before writing anything): they keep the
-        # address space they were opened on, so smaps read after them describes what is read.
-        files = [stack.enter_context(_open_proc(pid)) for pid in pids]
+        files = open_targets(stack, pids)
         facts = [process_facts(pid) for pid in pids]
         for f in facts:
             if f["exited"]:
@@ -121,11 +127,22 @@ def capture(
         return _capture_all(Path(output), files, facts, smaps, progress)
 
 
+def open_targets(stack: contextlib.ExitStack, pids: Sequence[int]) -> list[_ProcFiles]:
+    """Open each process's ``pagemap`` and ``mem`` (closed with ``stack``), first of all, to
+    fail early: they keep the address space they were opened on, so smaps read after them
+    describes what is read, and an exec or exit later is noticed."""
+    if not pids:
+        raise ValueError("no process given")
+    if len(set(pids)) != len(pids):
+        raise ValueError("a process is given twice")
+    return [stack.enter_context(_open_proc(pid)) for pid in pids]
+
+
 def _capture_all(
     out: Path, files: list[_ProcFiles], facts: list[dict[str, Any]], smaps: list[list[Vma]],
     progress: ProgressCallback | None,
 ) -> CaptureSummary:
-    meter = _Meter(progress, sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
+    meter = Meter(progress, sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
     meta = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": os.uname().release,
@@ -134,7 +151,7 @@ def _capture_all(
     }
     kpf = KPageFlags()
     try:
-        pfn_facts = _PfnFacts(kpf)
+        pfn_facts = PfnFacts(kpf)
         summary = CaptureSummary(out, "")
         try:
             writer = SnapshotWriter(out, page_size=HOST_PAGE_SIZE, meta=meta)
@@ -142,12 +159,8 @@ def _capture_all(
             raise InputError(f"cannot write the snapshot here: {e.strerror}", path=out) from None
         with writer:
             for proc, info, vmas in zip(files, facts, smaps, strict=True):
-                try:
-                    counts = _capture_process(writer, proc, info, vmas, pfn_facts, meter)
-                except ProcessError:
-                    _check_alive(proc.pid, info)  # gone meanwhile: say so
-                    raise
-                summary.processes.append(counts)
+                summary.processes.append(read_process(writer, proc, info, vmas, pfn_facts,
+                                                      meter))
             summary.pfn_flags = writer.meta["pfn_flags"] = pfn_facts.source
             writer.commit()
         summary.bytes_written = out.stat().st_size
@@ -189,7 +202,7 @@ def _open_proc(pid: int) -> Iterator[_ProcFiles]:
             os.close(fd)
 
 
-class _Meter:
+class Meter:
     """Bytes stored so far, reported to a progress callback."""
 
     def __init__(self, callback: ProgressCallback | None, total: int) -> None:
@@ -201,7 +214,7 @@ class _Meter:
             self.callback(self.done, max(self.total, self.done))
 
 
-class _PfnFacts:
+class PfnFacts:
     """Which present pages map the zero page or a THP: /proc/kpageflags as root, else
     PAGEMAP_SCAN (Linux 6.7+), which reports both without root."""
 
@@ -230,9 +243,26 @@ class _PfnFacts:
             flags[first:end] |= np.uint32(bit)
 
 
-def _capture_process(
-    writer: SnapshotWriter, proc: _ProcFiles, info: dict[str, Any], vmas: list[Vma],
-    pfn_facts: _PfnFacts, meter: _Meter,
+def read_process(
+    sink: PageSink, proc: _ProcFiles, info: dict[str, Any], vmas: list[Vma],
+    pfn_facts: PfnFacts, meter: Meter,
+) -> dict[str, Any]:
+    """Hand one process's present pages that are not the zero page, and the runs of page
+    flags of each of ``vmas``, to ``sink``; return its page counts (``CaptureSummary``).
+
+    Raises:
+        ProcessError: it exited or ran a new program (exec) meanwhile.
+    """
+    try:
+        return _read_process(sink, proc, info, vmas, pfn_facts, meter)
+    except ProcessError:
+        _check_alive(proc.pid, info)  # gone meanwhile: say so
+        raise
+
+
+def _read_process(
+    writer: PageSink, proc: _ProcFiles, info: dict[str, Any], vmas: list[Vma],
+    pfn_facts: PfnFacts, meter: Meter,
 ) -> dict[str, Any]:
     pid = proc.pid
     writer.begin_process({**info, "ksm_stat": ksm_stat(pid),
@@ -287,8 +317,8 @@ def _check_alive(pid: int, info: dict[str, Any]) -> None:
 
 
 def _capture_vma(
-    pid: int, vma: Vma, pagemap_fd: int, copier: _PageCopier, pfn_facts: _PfnFacts,
-    meter: _Meter,
+    pid: int, vma: Vma, pagemap_fd: int, copier: _PageCopier, pfn_facts: PfnFacts,
+    meter: Meter,
 ) -> np.ndarray:
     """Store one VMA's readable pages, a chunk at a time; return the VMA's runs."""
     if vma.rss_kb == 0 and vma.swap_kb == 0:  # nothing resident: no need to walk pagemap
@@ -323,7 +353,7 @@ def _pagemap_entries(pid: int, pagemap_fd: int, addr: int, count: int) -> np.nda
     return entries
 
 
-def _mark(pid: int, pfn_facts: _PfnFacts, flags: np.ndarray, pagemap_fd: int,
+def _mark(pid: int, pfn_facts: PfnFacts, flags: np.ndarray, pagemap_fd: int,
           addr: int) -> None:
     try:
         pfn_facts.mark(flags, pagemap_fd, addr)
@@ -351,7 +381,7 @@ def _pagemap_flags(entries: np.ndarray, kpf: KPageFlags) -> np.ndarray:
 
 def _store(
     start: int, copier: _PageCopier, flags: np.ndarray, entries: np.ndarray,
-    pages: np.ndarray, meter: _Meter,
+    pages: np.ndarray, meter: Meter,
 ) -> None:
     """Copy ``pages`` (indexes from ``start``, with their pagemap ``entries``) from mem into
     the snapshot, run by run."""
@@ -369,14 +399,14 @@ def _store(
 
 
 class _PageCopier:
-    """Copies pages from ``/proc/PID/mem`` into the snapshot, 4 MiB at a time.
+    """Copies pages from ``/proc/PID/mem`` into the sink, 4 MiB at a time.
 
     Two reused buffers: one is read into while a writer thread writes the other, so the two
     kernel copies overlap. (Fresh 64 MiB ``bytes`` per read cost more in page faults than
     the copy itself: 2.3 s against 0.7 s for 2 GiB.)
     """
 
-    def __init__(self, pid: int, fd: int, writer: SnapshotWriter, pool: ThreadPoolExecutor,
+    def __init__(self, pid: int, fd: int, writer: PageSink, pool: ThreadPoolExecutor,
                  still_there: Callable[[int, np.ndarray], np.ndarray]) -> None:
         self.pid, self.fd, self.writer, self.pool = pid, fd, writer, pool
         self.still_there = still_there

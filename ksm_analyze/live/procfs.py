@@ -28,7 +28,8 @@ analysis's page size is ``KsmSettings.page_size``, by default ``pages.PAGE_SIZE`
 
 __all__ = [
     "KSM_SYSFS", "KPageFlags", "ProcessError", "Vma", "ksm_stat", "ksm_sysfs",
-    "pagemap_scan", "process_facts", "read_smaps",
+    "machine_facts", "pagemap_scan", "process_facts", "qemu_pids", "read_smaps",
+    "rmap_item_bytes",
 ]
 
 KSM_SYSFS = Path("/sys/kernel/mm/ksm")
@@ -161,18 +162,75 @@ def process_facts(pid: int) -> dict[str, Any]:
     }
 
 
-def ksm_stat(pid: int) -> dict[str, int] | None:
-    """``/proc/PID/ksm_stat`` as ints (None where the kernel has no such file)."""
-    out = {}
+def ksm_stat(pid: int) -> dict[str, int | bool] | None:
+    """``/proc/PID/ksm_stat`` as ints, and its yes/no fields (``ksm_merge_any``,
+    ``ksm_mergeable``, Linux 6.9+) as booleans (None where the kernel has no such file)."""
+    out: dict[str, int | bool] = {}
     try:
         text = Path(f"/proc/{pid}/ksm_stat").read_text()
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(" ")
+        key, value = key.rstrip(":"), value.strip()
+        if value in ("yes", "no"):
+            out[key] = value == "yes"
+            continue
         with contextlib.suppress(ValueError):
-            out[key.rstrip(":")] = int(value)
+            out[key] = int(value)
     return out
+
+
+SLAB_OBJECT_SIZE = Path("/sys/kernel/slab/ksm_rmap_item/object_size")
+SLABINFO = Path("/proc/slabinfo")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def rmap_item_bytes() -> int | None:
+    """``sizeof(struct ksm_rmap_item)`` on the running kernel: the slab's ``object_size``
+    (SLUB sysfs), else the ``objsize`` column of ``/proc/slabinfo`` (root), else None
+    (not known here: never a guess)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(SLAB_OBJECT_SIZE.read_text().strip())
+    with contextlib.suppress(OSError):
+        for line in SLABINFO.read_text().splitlines():
+            fields = line.split()
+            # name active_objs num_objs objsize objperslab pagesperslab : ...
+            if len(fields) > 3 and fields[0] == "ksm_rmap_item" and fields[3].isdigit():
+                return int(fields[3])
+    return None
+
+
+def machine_facts() -> dict[str, Any]:
+    """What a model of ksmd needs of this host: ``kernel`` release, ``boot_id`` (None if
+    unreadable), ``ksm`` (:func:`ksm_sysfs`) and ``rmap_item_bytes``."""
+    try:
+        boot_id: str | None = BOOT_ID.read_text().strip()
+    except OSError:
+        boot_id = None
+    return {"kernel": os.uname().release, "boot_id": boot_id, "ksm": ksm_sysfs(),
+            "rmap_item_bytes": rmap_item_bytes()}
+
+
+def qemu_pids() -> list[int]:
+    """Every running QEMU system emulator (``comm`` or the executable's name starting
+    ``qemu-system``), in PID order; zombies and exiting ones left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        exe = ""
+        with contextlib.suppress(OSError):
+            exe = os.path.basename(os.readlink(entry / "exe")).removesuffix(" (deleted)")
+        if comm.startswith("qemu-system") or exe.startswith("qemu-system"):
+            with contextlib.suppress(KsmAnalyzeError):
+                if not process_facts(int(entry.name))["exited"]:
+                    found.append(int(entry.name))
+    return sorted(found)
 
 
 def ksm_sysfs() -> dict[str, int | str] | None:
