@@ -54,9 +54,20 @@ def test_static_duplicates_merge_on_the_second_scan():
     assert s.loc[1, ["pages_shared", "pages_sharing", "pages_unshared"]].tolist() == [1, 2, 2]
     assert s.loc[1, "general_profit"] == 2 * PS - 5 * 64
     assert t.scans_to["90%"] == 2 and t.steady_scan == 2
-    # default timing: 5 pages, pages_to_scan 100: one wake-up, 20 ms, per full scan
-    assert t.time_to["90%"] == pytest.approx(0.040)
+    # default timing: 5 pages, pages_to_scan 100: one wake-up, 20 ms, per full scan. The
+    # merges happen in scan 2's one wake-up, at its start: 20 ms after KSM started.
+    assert t.time_to["90%"] == pytest.approx(0.020)
     assert s["pages_shared"].dtype == np.int64
+
+
+def test_profit_is_reached_in_the_wake_up_that_merges():
+    # 250 pages, pages_to_scan 100: 3 wake-ups of 20 ms per full scan (250 // 100 + 1),
+    # 60 ms a scan. The 50 duplicates are pages 200..249: processed by scan 2's third
+    # wake-up, which starts 2 x 20 ms into the scan, at 60 + 40 = 100 ms.
+    t = simulate(timeline(list(range(200)) + [999] * 50), Knobs(smart_scan=False), NEW)
+    assert t.scans["time_seconds"].iloc[0] == pytest.approx(0.060)
+    assert t.time_to["50%"] == pytest.approx(0.100)
+    assert t.time_to["90%"] == pytest.approx(0.100)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -94,6 +94,9 @@ def source_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 _SOURCE_KEYS = ("path", "size", "mtime_ns", "ctime_ns", "dev", "ino")
+LIVE_PREFIX = "live:"
+"""The ``path`` of a live process's source: ``live:<boot_id>:<pid>:<start_time>``, its
+``mtime_ns`` the moment the sample was taken."""
 
 
 def unchanged(source: dict[str, Any] | None) -> bool:
@@ -113,7 +116,12 @@ def same_dump(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two :func:`source_of` records are of one file: the same device and inode
     (a link, a hard link, a renamed file) with the same path, or with the same size and
     mtime (on another machine, equal numbers by chance are not enough); without them
-    recorded, the same path and size."""
+    recorded, the same path and size. Samples of a live process are one only when taken at
+    the same moment."""
+    if LIVE_PREFIX in (str(a.get("path"))[:5], str(b.get("path"))[:5]):
+        # A sample of a live process: samples taken at other moments are other inputs
+        # (samples of one input over time, ksm_analyze.series), not one input twice.
+        return bool(a["path"] == b["path"] and a.get("mtime_ns") == b.get("mtime_ns"))
     if a.get("dev") is not None and b.get("dev") is not None:
         return (a["dev"], a["ino"]) == (b["dev"], b["ino"]) and (
             a["path"] == b["path"] or (a["size"], a["mtime_ns"]) == (b["size"], b["mtime_ns"]))

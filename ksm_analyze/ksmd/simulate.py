@@ -45,6 +45,8 @@ _AGE_MAX = 255  # rmap_item->age is a saturating u8
 COUNTER_COLUMNS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                    "pages_skipped", "ksm_zero_pages", "ksm_rmap_items", "general_profit")
 _STEADY_TOLERANCE = 0.005
+_QUANTILES = np.linspace(0.0, 1.0, 101)
+"""Where a scan's merges fall is kept as these quantiles of their places in the scan."""
 """Two successive windows agree when their means differ by at most 0.5% (or one page)."""
 
 ScanTimer = Callable[[int, int, Knobs], tuple[float, float]]
@@ -197,7 +199,7 @@ class _Nodes:
 
 def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: ScanTimer,
          advisor: AdvisorLike | None, max_scans: int, seed: int,
-         aged_meet: bool) -> tuple[pd.DataFrame, int, int]:
+         aged_meet: bool) -> tuple[pd.DataFrame, int, int, list[np.ndarray | None]]:
     n = timeline.pages
     rng = np.random.default_rng(seed)
     smart = knobs.smart_scan and rules.has_smart_scan
@@ -228,6 +230,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
     t = 0.0
     skipped_total = 0
     rows: list[dict[str, float | int]] = []
+    curves: list[np.ndarray | None] = []
     pages_to_scan = advisor.pages_to_scan if advisor is not None else knobs.pages_to_scan
 
     for scan in range(max_scans):
@@ -277,6 +280,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         if not rules.two_visit_gate:
             still = work[(rate[work] == 0) & may_merge[work]]
             seekers = np.union1d(seekers, still)
+        before = node >= 0
         joined = nodes.join(seekers, content, node, mps, n_contents)
         in_gate = np.zeros(n, bool)
         in_gate[gate] = True
@@ -295,6 +299,16 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         unique_gate = gate[~may_merge[gate] & ~zero_merge[gate]]
         unshared = len(alone) + len(unique_gate)
 
+        # Where in the scan the merges fall: profit grows page by page, not at its end.
+        order = np.flatnonzero(processed)
+        merged = (node >= 0) & ~before
+        merged[zero_now] = True
+        merged_now = np.flatnonzero(merged)
+        # A wake-up processes its pages_to_scan pages at once, then sleeps: a page's place
+        # in time is its wake-up's.
+        wakeup = np.searchsorted(order, merged_now) // pages_to_scan
+        curves.append(np.quantile(wakeup / (len(order) // pages_to_scan + 1), _QUANTILES)
+                      if len(merged_now) else None)
         count = nodes.counts(node)
         shared = int((count >= 1).sum())
         sharing = int(count.sum()) - shared
@@ -331,7 +345,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
             break
     late = aged & may_merge
-    return pd.DataFrame(rows), int(late.sum()), int((late & (node >= 0)).sum())
+    return pd.DataFrame(rows), int(late.sum()), int((late & (node >= 0)).sum()), curves
 
 
 def _min_scans(smart: bool) -> int:
@@ -384,6 +398,23 @@ def _steady_from(scans: pd.DataFrame, page_size: int) -> int | None:
     return int(hits[-1]) + 1 if len(hits) else 0
 
 
+def _crossing(scans: pd.DataFrame, curves: list[np.ndarray | None], k: int,
+              target: float) -> float:
+    """When during full scan ``k`` (0-based) ``general_profit`` reaches ``target``: the
+    scan's merges fall in known wake-ups (a wake-up processes its pages at once, then
+    sleeps), and its wake-ups take equal time."""
+    end = float(scans["time_seconds"].iloc[k])
+    start = float(scans["time_seconds"].iloc[k - 1]) if k else 0.0
+    before = float(scans["general_profit"].iloc[k - 1]) if k else 0.0
+    gain = float(scans["general_profit"].iloc[k]) - before
+    curve = curves[k] if k < len(curves) else None
+    if curve is None or gain <= 0:
+        return end
+    share = min(max((target - before) / gain, 0.0), 1.0)
+    position = float(np.interp(share, _QUANTILES, curve))
+    return start + position * (end - start)
+
+
 def _counters(scans: pd.DataFrame) -> KsmCounters:
     last = scans.tail(SMART_SCAN_PERIOD).mean(numeric_only=True)
     return KsmCounters(**{k: round(float(last[k])) for k in
@@ -414,7 +445,7 @@ def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     timer = scan_time or sleep_only_scan_time
     use_advisor = advisor if (rules.has_advisor and knobs.advisor_mode == "scan-time") else None
     smart = knobs.smart_scan and rules.has_smart_scan
-    scans, late, late_merged = _run(timeline, knobs, rules, scan_time=timer,
+    scans, late, late_merged, curves = _run(timeline, knobs, rules, scan_time=timer,
                                     advisor=use_advisor, max_scans=max_scans, seed=seed,
                                     aged_meet=False)
     start = _steady_from(scans, knobs.page_size)
@@ -430,10 +461,11 @@ def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
                 reached = np.flatnonzero(profit >= share * steady.general_profit)
                 if len(reached):
                     scans_to[label] = int(reached[0]) + 1
-                    time_to[label] = float(scans["time_seconds"].iloc[reached[0]])
+                    time_to[label] = _crossing(scans, curves, int(reached[0]),
+                                               share * steady.general_profit)
     upper = None
     if late and smart:
-        met, _, _ = _run(timeline, knobs, rules, scan_time=timer, advisor=None,
+        met, _, _, _ = _run(timeline, knobs, rules, scan_time=timer, advisor=None,
                          max_scans=max_scans, seed=seed, aged_meet=True)
         upper = _counters(met)
     int_columns = [c for c in scans.columns if c not in ("time_seconds", "ksmd_cpu_percent")]

@@ -268,7 +268,7 @@ def _sample_one(
             address_space="virtual", page_size=HOST_PAGE_SIZE, prefix_bytes=nbytes,
             extents=extents, info=fp_info, warnings=warnings, addrs=columns["addr"],
             prefix=columns["prefix"], state_pages=state_pages)
-        source = {"path": f"live:{fp_info['identity']}", "size": 0,
+        source = {"path": f"{fingerprint_files.LIVE_PREFIX}{fp_info['identity']}", "size": 0,
                   "mtime_ns": int(started * 1e9)}
         key = {"format": DumpFormat.SNAPSHOT.value, "page_size": HOST_PAGE_SIZE,
                "base_address": 0, "prefix_bytes": nbytes}
