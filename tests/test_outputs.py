@@ -151,6 +151,8 @@ def _old_or_new(out: Path, old: Path, new: Path) -> list[str]:
     """Which files in ``out`` are the new version; each must be the old or the new whole."""
     replaced = []
     for path in sorted(out.iterdir()):
+        if _content(path) == _content(old / path.name):
+            continue  # old, or the same in both (a table empty in both reports)
         if _content(path) == _content(new / path.name):
             replaced.append(path.name)
         else:
