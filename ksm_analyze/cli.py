@@ -37,7 +37,7 @@ from .pipeline import analyze
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
-from .units import counted
+from .units import counted, parse_duration
 
 if TYPE_CHECKING:
     from .planning.plan import Plan
@@ -259,6 +259,12 @@ KSM_KNOBS = (
                                  "(default: measured on a 6.18 host, docs/model.md).",
                                  rich_help_panel=_KSM_PANEL)
     ], _KSM.cpu_cost),
+    _param("converge_within", Annotated[
+        str | None, typer.Option("--converge-within", show_default=False, metavar="DURATION",
+                                 help="Name the ksmd setting with the least CPU that reaches "
+                                 "steady state within DURATION (30s, 10m, 1h).",
+                                 rich_help_panel=_KSM_PANEL)
+    ], None),
 )
 """The KSM knobs of the prediction (KsmSettings; its page_size comes from READING)."""
 POLICY = (
@@ -329,6 +335,9 @@ def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                     given["domains"] = _domains(given.pop("domain") or [],
                                                 given.pop("domains_file"))
                 options = ScanOptions(**{k: v for k, v in given.items() if k in _SCAN_FIELDS})
+                if given.get("converge_within") is not None:
+                    given["converge_within"] = parse_duration(given["converge_within"],
+                                                              "--converge-within")
                 ksm = KsmSettings(**{k: v for k, v in given.items() if k not in _SCAN_FIELDS})
                 _say_local_workers(options)
             command(**kwargs, request=_Request(options, ksm, quiet))

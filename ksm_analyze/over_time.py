@@ -20,7 +20,15 @@ from .eligibility import ScanMask
 from .hashing.stage1 import Fingerprints
 from .ksm import KsmCounters, KsmSettings
 from .ksmd.advisor import Advisor
-from .ksmd.cost import DEFAULT_CPU_COST, CpuCost, cheapest, full_scan, grid, load_cost
+from .ksmd.cost import (
+    DEFAULT_CPU_COST,
+    CpuCost,
+    cheapest,
+    full_scan,
+    grid,
+    load_cost,
+    tuner_conflicts,
+)
 from .ksmd.knobs import Knobs
 from .ksmd.rules import KernelRules, rules_for
 from .ksmd.simulate import Trajectory, simulate
@@ -106,6 +114,7 @@ class OverTime:
         settings: the ``pages_to_scan`` x ``sleep_millisecs`` x advisor grid.
         cheapest: the cheapest setting that converges within ``ksm.converge_within``, in
             words (None when not asked).
+        warnings: tuners on the machine the inputs were taken on that fight the advisor.
     """
 
     trajectory: Trajectory
@@ -116,6 +125,7 @@ class OverTime:
     late_duplicates: int
     settings: Columns
     cheapest: str | None
+    warnings: list[str]
 
     def tables(self) -> dict[str, Columns]:
         """``convergence``, ``timeline``, ``stability`` and ``ksmd_settings``."""
@@ -220,12 +230,17 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
     best = None
     if ksm.converge_within is not None:
         pick = cheapest(rows, ksm.converge_within)
-        best = pick.describe() if pick else (
+        best = (f"within {_seconds(ksm.converge_within)}, the cheapest: {pick.describe()}"
+                if pick else
             f"none of the settings tried reaches steady state within "
             f"{_seconds(ksm.converge_within)}")
     empty = Columns.from_records([], list(STABILITY_COLUMNS))
+    tuners = machine.get("tuners")
+    fights = tuner_conflicts({"advisor_mode": knobs.advisor_mode},
+                             [t for t in tuners if isinstance(t, str)]
+                             if isinstance(tuners, list) else [])
     return OverTime(trajectory, knobs, rules, said, stability_table or empty,
-                    late_duplicates, settings, best)
+                    late_duplicates, settings, best, [f"recorded on the host: {w}" for w in fights])
 
 
 def _seconds(value: float) -> str:

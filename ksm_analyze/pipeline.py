@@ -145,7 +145,7 @@ def analyze(
         contents=table,
         inputs=[os.fspath(p) for p in paths],
         warnings=_warnings(prints, options) + twin_warnings(tables["pairwise"], prints)
-        + ([rmap_note] if rmap_note else []),
+        + ([rmap_note] if rmap_note else []) + over.warnings,
         unrestricted=unrestricted,
         domains=domain_names,
     )

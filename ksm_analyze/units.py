@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePath
 
-__all__ = ["counted", "human_bytes", "parse_size", "short_names", "size_text"]
+__all__ = ["counted", "human_bytes", "parse_duration", "parse_size", "short_names", "size_text"]
 
 
 def human_bytes(n: float) -> str:
@@ -75,3 +75,20 @@ def parse_size(text: str, *, what: str = "size") -> int:
     if not found:
         raise ValueError(f"{what} {text!r} is not a size (use e.g. 256GiB, 512M or bytes)")
     return int(float(found[1]) * _UNITS[found[2].lower()])
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds in ``text``: a number and a unit, ``500ms``, ``2s``, ``1.5m``, ``1h``.
+
+    Raises:
+        ValueError: one line naming ``what`` (the option) and the forms it takes.
+    """
+    m = _DURATION.match(text)
+    if m is None:
+        raise ValueError(f"{what} {text!r} is not a duration (a number and ms, s, m or h: "
+                         "500ms, 2s, 1m, 1h)")
+    return float(m[1]) * _UNIT_SECONDS[m[2]]

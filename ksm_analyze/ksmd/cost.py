@@ -275,10 +275,11 @@ def say_cheapest(rows: Sequence[GridRow], converge_within_seconds: float) -> str
 
 # --- tuners ------------------------------------------------------------------------------
 
-_TUNERS = {
+TUNERS = {
     "ksmtuned": "ksmtuned",
     "virt-handler": "KubeVirt's virt-handler",
 }
+"""Processes that rewrite ``pages_to_scan``, by the name they run under, and in words."""
 
 
 def tuner_conflicts(sysfs: dict[str, Any], processes: list[str]) -> list[str]:
@@ -288,7 +289,7 @@ def tuner_conflicts(sysfs: dict[str, Any], processes: list[str]) -> list[str]:
     mode = str(sysfs.get("advisor_mode", ""))
     advisor_on = "[scan-time]" in mode or mode.strip() == "scan-time"
     running = []
-    for name, label in _TUNERS.items():
+    for name, label in TUNERS.items():
         if any(_is(p, name) for p in processes):
             running.append(label)
     out: list[str] = []

@@ -43,6 +43,7 @@ from ..hashing.stage1 import Fingerprints, hash_batch
 from ..hashing.stage2 import page_contents
 from ..options import ProgressCallback, ScanOptions
 from ..pages import PageBatch, PageState
+from ..units import parse_duration
 from .capture import Meter, PfnFacts, _ProcFiles, open_targets, read_process
 from .procfs import (
     HOST_PAGE_SIZE,
@@ -57,23 +58,6 @@ from .procfs import (
 __all__ = ["LiveSample", "Schedule", "fingerprint_processes", "parse_duration", "sample_name"]
 
 _COLUMNS = ("addr", "prefix", "content_lo", "content_hi")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str, what: str) -> float:
-    """Seconds in ``text``: a number and a unit, ``500ms``, ``2s``, ``1.5m``, ``1h``.
-
-    Raises:
-        ValueError: one line naming ``what`` (the option) and the forms it takes.
-    """
-    m = _DURATION.match(text)
-    if m is None:
-        raise ValueError(f"{what} {text!r} is not a duration (a number and ms, s, m or h: "
-                         "500ms, 2s, 1m, 1h)")
-    return float(m[1]) * _UNIT_SECONDS[m[2]]
-
-
 @dataclass(frozen=True)
 class Schedule:
     """When samples are taken: ``count`` of them, one starting every ``every`` seconds (a

@@ -203,13 +203,29 @@ def rmap_item_bytes() -> int | None:
 
 def machine_facts() -> dict[str, Any]:
     """What a model of ksmd needs of this host: ``kernel`` release, ``boot_id`` (None if
-    unreadable), ``ksm`` (:func:`ksm_sysfs`) and ``rmap_item_bytes``."""
+    unreadable), ``ksm`` (:func:`ksm_sysfs`), ``rmap_item_bytes`` and the ``tuners``
+    running (:func:`running_tuners`)."""
     try:
         boot_id: str | None = BOOT_ID.read_text().strip()
     except OSError:
         boot_id = None
     return {"kernel": os.uname().release, "boot_id": boot_id, "ksm": ksm_sysfs(),
-            "rmap_item_bytes": rmap_item_bytes()}
+            "rmap_item_bytes": rmap_item_bytes(), "tuners": running_tuners()}
+
+
+def running_tuners() -> list[str]:
+    """The KSM tuners running here (``ksmtuned``, KubeVirt's ``virt-handler``: they rewrite
+    ``pages_to_scan``), by name, each once."""
+    from ..ksmd.cost import TUNERS
+
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                comm = (entry / "comm").read_text().strip()
+                if comm in TUNERS:
+                    found.add(comm)
+    return sorted(found)
 
 
 def qemu_pids() -> list[int]:

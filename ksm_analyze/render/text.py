@@ -250,7 +250,7 @@ def _over_time(tables: Mapping[str, Columns]) -> list[str]:
                    "their content while KSM was running; with smart_scan on they merge only "
                    "with a page already merged, so they are counted unmerged (docs/model.md).")
     if c["cheapest_setting"]:
-        out.append(f"Settings: {c['cheapest_setting']}.")
+        out.append(f"ksmd settings: {c['cheapest_setting']}.")
     return out
 
 

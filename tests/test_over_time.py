@@ -1,0 +1,136 @@
+"""Samples over time through `scan`: fingerprint files of one process at three moments.
+
+The files are written here with fingerprint_files.save from pages given as letters (as in
+test_series.py), so the machine facts they record can be set: the kernel, the KSM knobs,
+sizeof(struct ksm_rmap_item), the tuners running. Real live series are in
+test_live_fingerprint.py and test_over_time_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_series import _sample
+from typer.testing import CliRunner
+
+from ksm_analyze import analyze
+from ksm_analyze.cli import app
+from ksm_analyze.fleet import fingerprint_files
+
+runner = CliRunner()
+IDENT = "boot:42:1000"
+#        page:   0123456789
+SERIES = ("aaaabbcxyz", "aaaabbcpqr", "aaaabbcstu")
+"""Pages 0-3 hold "a", 4-5 "b" (stable duplicates), 6 "c" (stable unique), 7-9 change
+between every two samples (faster than the samples tell)."""
+
+
+def _write(folder, samples=SERIES, *, machine=None, gap=1.0):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for k, pages in enumerate(samples):
+        fp = _sample(pages, identity=IDENT, at=1000.0 + k * gap, name=f"proc.s{k:03d}")
+        fp.info["machine"] = {"kernel": "6.18.1", "ksm": {"run": 0, "smart_scan": 1},
+                              **(machine or {})}
+        path = folder / f"proc.s{k:03d}.ksmfp.parquet"
+        fingerprint_files.save(
+            path, [fp], source={"path": f"live:{IDENT}", "size": 0,
+                                "mtime_ns": int((1000.0 + k * gap) * 1e9)},
+            options={"format": "snapshot", "page_size": 4096, "base_address": 0,
+                     "prefix_bytes": 128},
+            contents=[fp.content])
+        paths.append(path)
+    return paths
+
+
+def test_three_samples_are_one_input_and_count_what_ksm_keeps(tmp_path):
+    result = analyze(_write(tmp_path / "fp"), jobs=1)
+    assert result.per_input["input"].tolist() == ["proc.s002"]
+    host = result.host
+    # KSM keeps: "a" x4 -> 1 KSM page + 3 sharing; "b" x2 -> 1 + 1; c, s, t, u unshared.
+    assert (host.at["pages_shared", "with_zero_pages"],
+            host.at["pages_sharing", "with_zero_pages"]) == (2, 4)
+    assert host.at["general_profit", "with_zero_pages"] == 4 * 4096 - 10 * 64
+    # The replay settles at the same figures.
+    assert host.at["pages_sharing", "steady_state"] == 4
+    assert host.at["general_profit", "steady_state"] == 4 * 4096 - 10 * 64
+    # Frozen at the last sample the same: s, t, u are unique there too.
+    assert host.at["pages_sharing", "if_memory_stood_still"] == 4
+    row = result.stability.iloc[0]
+    assert (row["samples"], row["pages_unchanged"], row["pages_changed"]) == (3, 7, 3)
+    assert (row["stable_duplicate_pages"], row["coinciding_duplicate_pages"]) == (6, 0)
+    assert result.convergence.at["kernel_rules", "value"] == "kernel 6.18.1 (recorded)"
+
+
+def test_pages_identical_only_at_the_last_sample_are_not_kept(tmp_path):
+    # Pages 7-9 change every interval but happen to be equal at the last sample.
+    paths = _write(tmp_path / "fp", ("aaaabbcxyz", "aaaabbcpqr", "aaaabbcsss"))
+    host = analyze(paths, jobs=1).host
+    assert host.at["pages_sharing", "if_memory_stood_still"] == 4 + 2
+    assert host.at["pages_sharing", "with_zero_pages"] == 4
+
+
+def test_recorded_rmap_item_size_sets_the_overhead(tmp_path):
+    paths = _write(tmp_path / "fp", machine={"rmap_item_bytes": 80})
+    result = analyze(paths, jobs=1)
+    assert result.ksm.rmap_item_bytes == 80
+    assert result.host.at["general_profit", "with_zero_pages"] == 4 * 4096 - 10 * 80
+    # Given, it wins over what was recorded.
+    given = analyze(paths, jobs=1, rmap_item_bytes=96)
+    assert given.host.at["general_profit", "with_zero_pages"] == 4 * 4096 - 10 * 96
+
+
+def test_recorded_kernel_and_smart_scan_choose_the_rules(tmp_path):
+    paths = _write(tmp_path / "fp", machine={"kernel": "6.1.0-28-amd64"})
+    conv = analyze(paths, jobs=1).convergence["value"]
+    assert conv["kernel_rules"] == "kernel 6.1.0-28-amd64 (recorded)"
+    assert conv["smart_scan"] is False  # 6.1 has no smart_scan
+    off = analyze(_write(tmp_path / "b", machine={"ksm": {"run": 0, "smart_scan": 0}}),
+                  jobs=1).convergence["value"]
+    assert off["smart_scan"] is False
+
+
+def test_a_tuner_beside_the_advisor_is_a_warning(tmp_path):
+    paths = _write(tmp_path / "fp", machine={"tuners": ["ksmtuned"]})
+    assert not any("ksmtuned" in w for w in analyze(paths, jobs=1).warnings)
+    advised = analyze(paths, jobs=1, advisor_mode="scan-time")
+    assert any("ksmtuned" in w and "EINVAL" in w for w in advised.warnings)
+
+
+def test_scan_json_of_a_series_is_strict_and_has_the_time_tables(tmp_path):
+    paths = _write(tmp_path / "fp")
+    r = runner.invoke(app, ["scan", *map(str, paths), "--json", "--converge-within", "1h"])
+    assert r.exit_code == 0, r.output
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    data = json.loads(r.stdout, parse_constant=refuse)
+    assert data["stability"][0]["pages_changed"] == 3
+    assert data["timeline"][-1]["pages_sharing"] == 4
+    assert data["convergence"]["cheapest_setting"].startswith("within 3600 s, the cheapest")
+    # The setting named is the one of least CPU among those within the hour.
+    fits = [s for s in data["ksmd_settings"] if s["steady_state_seconds"] <= 3600]
+    least = min(s["ksmd_cpu_percent"] for s in fits)
+    assert f"{least:.3g}% of a CPU" in data["convergence"]["cheapest_setting"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--converge-within", "soon"], "--converge-within 'soon' is not a duration"),
+    (["--advisor", "sometimes"], "advisor_mode must be none or scan-time"),
+])
+def test_bad_time_options_are_one_line(tmp_path, args, message):
+    paths = _write(tmp_path / "fp")
+    r = runner.invoke(app, ["scan", *map(str, paths), *args])
+    assert r.exit_code != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_two_samples_at_the_same_moment_are_refused(tmp_path):
+    paths = _write(tmp_path / "fp", ("aaaabbcxyz", "aaaabbcpqr"), gap=0.0)
+    r = runner.invoke(app, ["scan", *map(str, paths)])
+    # Taken at the same moment, they are the same sample given twice.
+    assert r.exit_code == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "are one guest" in r.stderr
