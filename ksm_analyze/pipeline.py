@@ -26,7 +26,7 @@ from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .over_time import model_host, recorded_machine, steady_tables
 from .pages import PageState
-from .series import group_samples, recorded_rmap_item_bytes, still_timeline
+from .series import group_samples, input_name, recorded_rmap_item_bytes, still_timeline
 from .sharing import address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 
@@ -94,6 +94,7 @@ def analyze(
         all_prints, all_readers = fingerprint_sources(
             sources, options, reading, tasks=lambda n, of: report("Dask tasks", n, of))
         # Samples of one guest over time are one input: its latest sample.
+        all_prints = [input_name(fp) for fp in all_prints]
         samples = group_samples(all_prints)
         prints = [all_prints[i] for i in samples.latest]
         readers = [all_readers[i] for i in samples.latest]

@@ -13,6 +13,7 @@ fingerprint file carries): the time model works from hashes, not bytes.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ from .eligibility import ScanMask
 from .hashing.stage1 import Fingerprints
 from .ksmd.timeline import Timeline
 
-__all__ = ["STABILITY_COLUMNS", "Churn", "Samples", "churn", "group_samples",
+__all__ = ["STABILITY_COLUMNS", "Churn", "Samples", "churn", "group_samples", "input_name",
            "recorded_rmap_item_bytes", "stability", "steady_view", "still_timeline",
            "timeline"]
 
@@ -58,6 +59,16 @@ def identity_of(fp: Fingerprints) -> str | None:
     """The guest a sample is of (None: a dump with no recorded identity)."""
     identity = fp.info.get("identity")
     return identity if isinstance(identity, str) and identity else None
+
+
+_SAMPLE_SUFFIX = re.compile(r"\.s\d{3,}$")
+
+
+def input_name(fp: Fingerprints) -> Fingerprints:
+    """A live sample named as its input: ``qemu-1234.s002`` is ``qemu-1234``."""
+    if identity_of(fp) is None or not _SAMPLE_SUFFIX.search(fp.path):
+        return fp
+    return replace(fp, path=_SAMPLE_SUFFIX.sub("", fp.path))
 
 
 def sampled_at(fp: Fingerprints) -> float | None:

@@ -46,7 +46,7 @@ def _write(folder, samples=SERIES, *, machine=None, gap=1.0):
 
 def test_three_samples_are_one_input_and_count_what_ksm_keeps(tmp_path):
     result = analyze(_write(tmp_path / "fp"), jobs=1)
-    assert result.per_input["input"].tolist() == ["proc.s002"]
+    assert result.per_input["input"].tolist() == ["proc"]  # its samples, named as one input
     host = result.host
     # KSM keeps: "a" x4 -> 1 KSM page + 3 sharing; "b" x2 -> 1 + 1; c, s, t, u unshared.
     assert (host.at["pages_shared", "with_zero_pages"],
