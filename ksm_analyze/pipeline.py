@@ -18,7 +18,7 @@ from ._signals import watching
 from .analysis import TABLES, Analysis
 from .content_table import build_content_table
 from .eligibility import Scope, scan_mask
-from .fleet.sources import fingerprint_sources, open_sources
+from .fleet.sources import add_content_hashes, fingerprint_sources, open_sources
 from .formats import DumpFormat
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import classify
@@ -96,6 +96,11 @@ def analyze(
         # Samples of one guest over time are one input: its latest sample.
         all_prints = [input_name(fp) for fp in all_prints]
         samples = group_samples(all_prints)
+        for members in samples.series:  # samples are compared by content hash
+            for i in members if len(members) > 1 else ():
+                reader = all_readers[i]
+                if all_prints[i].content is None and reader is not None:
+                    all_prints[i] = add_content_hashes(all_prints[i], reader)
         prints = [all_prints[i] for i in samples.latest]
         readers = [all_readers[i] for i in samples.latest]
         hashed = time.perf_counter()

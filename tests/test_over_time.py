@@ -134,3 +134,41 @@ def test_two_samples_at_the_same_moment_are_refused(tmp_path):
     # Taken at the same moment, they are the same sample given twice.
     assert r.exit_code == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "are one guest" in r.stderr
+
+
+def test_two_captures_of_one_process_are_one_input_over_time(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import mmap, sys, time\n"
+            "m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+            "m.madvise(mmap.MADV_MERGEABLE)\n"
+            "for i in range(64): m[i * 4096:(i + 1) * 4096] = bytes([i % 8 + 1]) * 4096\n"
+            "print('ready', flush=True)\nsys.stdin.readline()\n"
+            "for i in range(32): m[i * 4096:(i + 1) * 4096] = bytes([100 + i]) * 4096\n"
+            "print('changed', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        first = tmp_path / "a.snap"
+        assert runner.invoke(app, ["capture", str(proc.pid), "-o", str(first), "-q"]).exit_code == 0
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "changed"
+        second = tmp_path / "b.snap"
+        assert runner.invoke(app, ["capture", str(proc.pid), "-o", str(second), "-q"]).exit_code == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+    result = analyze([first, second], jobs=1)
+    assert len(result.per_input) == 1
+    row = result.stability.iloc[0]
+    # 64 pages of 8 contents; then pages 0-31 rewritten, each with a content of its own.
+    assert (row["samples"], row["pages_changed"], row["pages_unchanged"]) == (2, 32, 32)
+    # Two samples: each changed page changed in every interval, so is never kept merged; of
+    # pages 32-63 (contents 1-8, 4 pages each) 8 KSM pages and 24 sharing stay.
+    assert result.host.at["pages_sharing", "with_zero_pages"] == 24
+    assert result.host.at["pages_sharing", "if_memory_stood_still"] == 24

@@ -203,7 +203,7 @@ def fingerprint_sources(sources: Sequence[Source], options: ScanOptions,
             s.prints = fingerprint(s.reader, options,
                                    progress=reading(os.path.basename(s.reader.name)))
             if with_content:
-                s.prints = _with_content(s.prints, s.reader)
+                s.prints = add_content_hashes(s.prints, s.reader)
     if options.cache:
         cache = fingerprint_files.Cache(options.cache)
         for path in dict.fromkeys(s.path for s in todo if s.origin == "read"):
@@ -316,7 +316,7 @@ def _workers(client: Any, address: str, timeout: float) -> int:
                          path=address) from None
 
 
-def _with_content(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
+def add_content_hashes(fp: Fingerprints, reader: DumpReader) -> Fingerprints:
     """``fp`` with the content hash of every non-zero page, read from ``reader``."""
     content = np.zeros((len(fp.addrs), 2), np.uint64)
     rows = np.flatnonzero(fp.prefix)
@@ -335,7 +335,7 @@ def _fingerprint_task(path: str, options: ScanOptions, page_size: int, base: int
             with watching(r.path for r in readers):  # truncated meanwhile: one line, no SIGBUS
                 prints = [fingerprint(r, replace(options, jobs=1)) for r in readers]
                 if with_content:
-                    prints = [_with_content(fp, r)
+                    prints = [add_content_hashes(fp, r)
                               for fp, r in zip(prints, readers, strict=True)]
             return prints
         finally:

@@ -414,6 +414,9 @@ class SnapshotReader(ElfCoreReader):
             "vmas": len(self.process.get("vmas", [])),
             **run_counts(self.run_flags),
             "ksm_stat_at_capture": self.process.get("ksm_stat"),
+            **{k: self.process[k] for k in ("identity", "sampled_at") if k in self.process},
+            **({"machine": self.meta["host_facts"]}
+               if isinstance(self.meta.get("host_facts"), dict) else {}),
         }
 
     def close(self) -> None:

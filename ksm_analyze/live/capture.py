@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import errno
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from .procfs import (
     Vma,
     ksm_stat,
     ksm_sysfs,
+    machine_facts,
     pagemap_scan,
     proc_error,
     process_facts,
@@ -143,11 +145,14 @@ def _capture_all(
     progress: ProgressCallback | None,
 ) -> CaptureSummary:
     meter = Meter(progress, sum(v.rss_kb for vmas in smaps for v in vmas) * 1024)
+    host = machine_facts()
+    boot_id = host["boot_id"]
     meta = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": os.uname().release,
         "machine": os.uname().machine,
         "ksm": ksm_sysfs(),
+        "host_facts": host,  # what the ksmd model needs, as live samples record it
     }
     kpf = KPageFlags()
     try:
@@ -159,7 +164,10 @@ def _capture_all(
             raise InputError(f"cannot write the snapshot here: {e.strerror}", path=out) from None
         with writer:
             for proc, info, vmas in zip(files, facts, smaps, strict=True):
-                summary.processes.append(read_process(writer, proc, info, vmas, pfn_facts,
+                # Captures of one process at other moments are samples of one input.
+                sample = {**info, "identity": f"{boot_id}:{info['pid']}:{info['start_time']}",
+                          "sampled_at": time.time()}
+                summary.processes.append(read_process(writer, proc, sample, vmas, pfn_facts,
                                                       meter))
             summary.pfn_flags = writer.meta["pfn_flags"] = pfn_facts.source
             writer.commit()
