@@ -281,6 +281,14 @@ POLICY = (
                      "--domain, one row per input.", show_default=False,
                      rich_help_panel=_POLICY_PANEL),
     ], None),
+    _param("sample", Annotated[
+        list[str] | None,
+        typer.Option("--samples", help="NAME=GLOB: inputs whose path or file name match GLOB "
+                     "are samples of one input NAME over time, ordered by their files' "
+                     "modification times (repeat it; live fingerprints and captures of one "
+                     "process are grouped without it).", show_default=False,
+                     rich_help_panel=_POLICY_PANEL),
+    ], None),
     _param("merge", Annotated[
         str, typer.Option("--merge", help="all (what KSM does) or zero-only (what if only zero "
                           "pages merged).", rich_help_panel=_POLICY_PANEL)
@@ -331,6 +339,9 @@ def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                 if "base_address" in given:
                     bases = given.pop("base_address")
                     given["base_address"] = tuple(map(_address, bases)) if bases else 0
+                if "sample" in given:
+                    given["samples"] = tuple(_name_globs(given.pop("sample") or [],
+                                                         "--samples"))
                 if "domain" in given:
                     given["domains"] = _domains(given.pop("domain") or [],
                                                 given.pop("domains_file"))
@@ -545,14 +556,20 @@ def _png_paths(result: Plan, prefix: Path) -> list[Path]:
     return [Path(f"{prefix}-{name}.png") for name in result.charts()]
 
 
-def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...]:
-    """``--domain NAME=GLOB`` and ``--domains FILE.csv`` as (name, pattern) pairs."""
+def _name_globs(specs: list[str], option: str) -> list[tuple[str, str]]:
+    """``NAME=GLOB`` options as (name, pattern) pairs."""
     pairs = []
     for spec in specs:
         name, sep, pattern = spec.partition("=")
         if not (sep and name and pattern):
-            raise ValueError(f"--domain {spec!r} is not NAME=GLOB (e.g. web=web-*.elf)")
+            raise ValueError(f"{option} {spec!r} is not NAME=GLOB (e.g. web=web-*.elf)")
         pairs.append((name, pattern))
+    return pairs
+
+
+def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...]:
+    """``--domain NAME=GLOB`` and ``--domains FILE.csv`` as (name, pattern) pairs."""
+    pairs = _name_globs(specs, "--domain")
     if table is not None:
         try:
             with open(table, newline="") as f:

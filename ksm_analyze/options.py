@@ -69,6 +69,10 @@ class ScanOptions:
             name matches ``pattern`` (``fnmatch``: ``*``, ``?``, ``[...]``) belongs to domain
             ``name``, and pages never merge across domains. Every input must match one.
         merge: ``all`` (KSM's rule) or ``zero-only`` (a what-if: only zero pages merge).
+        samples: ``(name, pattern)`` pairs: the inputs whose path or file name match
+            ``pattern`` are samples of one input ``name`` over time, in the order of their
+            files' modification times (live fingerprints and captures are grouped without
+            it, by the process they recorded).
         cache: a folder of fingerprint files: a dump fingerprinted before with the same
             path, size, mtime and hashing options is not read again in stage 1. Each entry
             is checked against that key (else it is not used, rewritten, and a warning
@@ -89,6 +93,7 @@ class ScanOptions:
     show_content: bool = False
     domains: tuple[tuple[str, str], ...] = ()
     merge: str = "all"
+    samples: tuple[tuple[str, str], ...] = ()
     cache: str | None = None
     scheduler: str | None = None
 
@@ -153,6 +158,15 @@ class ScanOptions:
                 raise ValueError(f"{path} matches {what}: give each input exactly one")
             numbers.append(labels.index(found.pop()))
         return numbers, labels
+
+    def samples_of(self, path: str) -> str | None:
+        """The input ``path`` is a sample of (``samples``), or None."""
+        found = {name for name, pattern in self.samples
+                 if fnmatch.fnmatchcase(path, pattern)
+                 or fnmatch.fnmatchcase(os.path.basename(path), pattern)}
+        if len(found) > 1:
+            raise ValueError(f"{path} matches several --samples ({', '.join(sorted(found))})")
+        return found.pop() if found else None
 
     def bases_for(self, inputs: Sequence[object]) -> list[int]:
         """One base address per input; ValueError if the count fits neither rule."""

@@ -18,7 +18,7 @@ from ._signals import watching
 from .analysis import TABLES, Analysis
 from .content_table import build_content_table
 from .eligibility import Scope, scan_mask
-from .fleet.sources import add_content_hashes, fingerprint_sources, open_sources
+from .fleet.sources import Source, add_content_hashes, fingerprint_sources, open_sources
 from .formats import DumpFormat
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import classify
@@ -26,7 +26,13 @@ from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .over_time import model_host, recorded_machine, steady_tables
 from .pages import PageState
-from .series import group_samples, input_name, recorded_rmap_item_bytes, still_timeline
+from .series import (
+    as_sample,
+    group_samples,
+    input_name,
+    recorded_rmap_item_bytes,
+    still_timeline,
+)
 from .sharing import address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 
@@ -95,6 +101,8 @@ def analyze(
             sources, options, reading, tasks=lambda n, of: report("Dask tasks", n, of))
         # Samples of one guest over time are one input: its latest sample.
         all_prints = [input_name(fp) for fp in all_prints]
+        if options.samples:
+            all_prints = _given_samples(all_prints, sources, options)
         samples = group_samples(all_prints)
         for members in samples.series:  # samples are compared by content hash
             for i in members if len(members) > 1 else ():
@@ -171,6 +179,23 @@ def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]
             if fp.address_space == "virtual" and fp.format is not DumpFormat.SNAPSHOT
         ]
     return warnings
+
+
+def _given_samples(prints: list[Fingerprints], sources: Sequence[Source],
+                   options: ScanOptions) -> list[Fingerprints]:
+    """The inputs ``--samples`` names as samples of one input, timed by their files' mtime
+    (a fingerprint file: its dump's)."""
+    files = [s for s in sources for _ in range(1 + len(s.more))]
+    out = []
+    for fp, source in zip(prints, files, strict=True):
+        name = options.samples_of(source.path)
+        if name is None:
+            out.append(fp)
+            continue
+        recorded = fp.source.get("mtime_ns") if fp.source else None
+        ns = recorded if isinstance(recorded, int) else os.stat(source.path).st_mtime_ns
+        out.append(as_sample(fp, name, ns / 1e9))
+    return out
 
 
 def _silent(task: str, done: int, total: int) -> None:

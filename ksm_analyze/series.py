@@ -24,9 +24,20 @@ from .eligibility import ScanMask
 from .hashing.stage1 import Fingerprints
 from .ksmd.timeline import Timeline
 
-__all__ = ["STABILITY_COLUMNS", "Churn", "Samples", "churn", "group_samples", "input_name",
-           "recorded_rmap_item_bytes", "stability", "steady_view", "still_timeline",
-           "timeline"]
+__all__ = [
+    "STABILITY_COLUMNS",
+    "Churn",
+    "Samples",
+    "as_sample",
+    "churn",
+    "group_samples",
+    "input_name",
+    "recorded_rmap_item_bytes",
+    "stability",
+    "steady_view",
+    "still_timeline",
+    "timeline",
+]
 
 STABILITY_COLUMNS = (
     "input", "samples", "observed_seconds", "pages_unchanged", "pages_changed",
@@ -69,6 +80,12 @@ def input_name(fp: Fingerprints) -> Fingerprints:
     if identity_of(fp) is None or not _SAMPLE_SUFFIX.search(fp.path):
         return fp
     return replace(fp, path=_SAMPLE_SUFFIX.sub("", fp.path))
+
+
+def as_sample(fp: Fingerprints, name: str, at: float) -> Fingerprints:
+    """``fp`` as a sample of input ``name`` taken at ``at`` (``--samples NAME=GLOB``)."""
+    return replace(fp, path=name, info={**fp.info, "identity": f"samples:{name}",
+                                        "sampled_at": at})
 
 
 def sampled_at(fp: Fingerprints) -> float | None:

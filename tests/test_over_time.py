@@ -172,3 +172,30 @@ def test_two_captures_of_one_process_are_one_input_over_time(tmp_path):
     # pages 32-63 (contents 1-8, 4 pages each) 8 KSM pages and 24 sharing stay.
     assert result.host.at["pages_sharing", "with_zero_pages"] == 24
     assert result.host.at["pages_sharing", "if_memory_stood_still"] == 24
+
+
+def test_dumps_given_as_samples_are_one_input_in_mtime_order(tmp_path):
+    import os
+
+    from dumpwriter.raw import make_raw
+
+    def page(letter: str) -> bytes:
+        return letter.encode() * 4096
+
+    # Written in the other order than their names: the mtimes give the order.
+    late = make_raw(tmp_path / "vm.a.raw", [page(c) for c in "aabbxyzq"])
+    early = make_raw(tmp_path / "vm.b.raw", [page(c) for c in "aabbcdef"])
+    os.utime(early, (1_000, 1_000))
+    os.utime(late, (1_060, 1_060))
+    r = runner.invoke(app, ["scan", str(late), str(early), "--samples", "vm=vm.*.raw",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [row["input"] for row in data["per_input"]] == ["vm"]
+    (row,) = data["stability"]
+    # Pages 4-7 changed (c d e f -> x y z q) in the one interval of 60 s.
+    assert (row["samples"], row["observed_seconds"], row["pages_changed"],
+            row["pages_unchanged"]) == (2, 60.0, 4, 4)
+    # A guest dump is read as a frozen moment otherwise: two inputs.
+    r2 = runner.invoke(app, ["scan", str(late), str(early), "--json"])
+    assert len(json.loads(r2.stdout)["per_input"]) == 2
