@@ -114,6 +114,9 @@ def test_series_predicts_what_real_ksmd_keeps_and_when(tmp_path, target, smart_s
         assert result.host.at[counter, "steady_state"] == predicted[counter]
     # When: 90% of the steady general_profit.
     reached = next(t for t, _, c in readings if c["general_profit"] >= 0.9 * steady["general_profit"])
+    print(f"smart_scan={smart_scan}: predicted {[int(predicted[c]) for c in STEADY]}, real "
+          f"{[steady[c] for c in STEADY]}; 90% predicted at "
+          f"{conv['time_to_90_percent_seconds']:.3f} s, reached at {reached:.3f} s")
     assert conv["time_to_90_percent_seconds"] == pytest.approx(reached, rel=0.25), (
         conv["time_to_90_percent_seconds"], reached)
     # A one-moment count of the same files merges the rewritten pages too: 398 pages more
