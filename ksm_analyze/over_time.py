@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .columns import Columns
 from .eligibility import ScanMask
@@ -22,7 +23,10 @@ from .ksm import KsmCounters, KsmSettings
 from .ksmd.advisor import Advisor
 from .ksmd.cost import (
     DEFAULT_CPU_COST,
+    PACE_SCANS,
     CpuCost,
+    ScanTime,
+    advisor_scan_seconds,
     cheapest,
     full_scan,
     grid,
@@ -143,8 +147,6 @@ class OverTime:
     def convergence(self) -> Columns:
         t, k = self.trajectory, self.knobs
         scans = t.scans
-        first = scans.iloc[0] if len(scans) else None
-        steady_rows = scans.iloc[-9:] if len(scans) else scans
         values: dict[str, Any] = {
             "kernel_rules": self.rules_source,
             "scanned_pages": int(scans["ksm_rmap_items"].max()) if len(scans) else 0,
@@ -153,9 +155,8 @@ class OverTime:
             "sleep_millisecs": k.sleep_millisecs,
             "smart_scan": k.smart_scan,
             "advisor_mode": k.advisor_mode,
-            "full_scan_seconds": float(first["time_seconds"]) if first is not None else 0.0,
-            "ksmd_cpu_percent": float(steady_rows["ksmd_cpu_percent"].mean())
-            if len(steady_rows) else 0.0,
+            "full_scan_seconds": _full_scan_seconds(scans),
+            "ksmd_cpu_percent": _cpu_percent(scans),
             "time_to_50_percent_seconds": t.time_to["50%"],
             "time_to_90_percent_seconds": t.time_to["90%"],
             "steady_state_seconds": t.time_to["steady"],
@@ -211,15 +212,14 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
         t = full_scan(processed, skipped, k, cost)
         return t.wall_seconds, t.cpu_seconds
 
-    advisor = Advisor(knobs) if knobs.advisor_mode == "scan-time" else None
+    advisor = _Advised(knobs, cost) if knobs.advisor_mode == "scan-time" else None
     trajectory = simulate(tl, knobs, rules, scan_time=scan_time, advisor=advisor)
     scans = trajectory.scans
-    processed = int(scans["ksm_rmap_items"].max()) if len(scans) else 0
-    skipped = (int(scans["pages_skipped"].diff().iloc[-9:].mean())
-               if len(scans) > 9 else 0)
-    to_steady = float(trajectory.scans_to["steady"] or len(scans) or 1)
-    rows = grid(max(processed - skipped, 0), to_steady, cost, skipped_per_scan=skipped,
-                knobs=knobs)
+    # Each setting of the grid is timed on the replay's own scans.
+    processed = np.diff(scans["pages_scanned"].to_numpy(), prepend=0)
+    skipped = np.diff(scans["pages_skipped"].to_numpy(), prepend=0)
+    rows = grid(list(zip(processed.tolist(), skipped.tolist(), strict=True)), cost,
+                steady_scans=trajectory.steady_scan, knobs=knobs)
     settings = Columns.from_records(
         [{"pages_to_scan": r.pages_to_scan, "sleep_millisecs": r.sleep_millisecs,
           "advisor_mode": "scan-time" if r.advisor else "none",
@@ -241,6 +241,38 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
                              if isinstance(tuners, list) else [])
     return OverTime(trajectory, knobs, rules, said, stability_table or empty,
                     late_duplicates, settings, best, [f"recorded on the host: {w}" for w in fights])
+
+
+def _full_scan_seconds(scans: pd.DataFrame) -> float:
+    """The replay's pace: its last :data:`PACE_SCANS` full scans' mean time (as the grid's)."""
+    wall = np.diff(scans["time_seconds"].to_numpy(), prepend=0.0)[-PACE_SCANS:]
+    return float(wall.mean()) if len(wall) else 0.0
+
+
+def _cpu_percent(scans: pd.DataFrame) -> float:
+    """ksmd CPU % over the replay's last :data:`PACE_SCANS` full scans, as the grid's pace:
+    CPU seconds over wall seconds."""
+    wall = np.diff(scans["time_seconds"].to_numpy(), prepend=0.0)[-PACE_SCANS:]
+    cpu = scans["ksmd_cpu_percent"].to_numpy()[-PACE_SCANS:] * wall
+    return float(cpu.sum() / wall.sum()) if wall.sum() > 0 else 0.0
+
+
+class _Advised:
+    """The scan-time advisor fed as the kernel feeds it: a scan timed from its first batch
+    to its last (:func:`~ksm_analyze.ksmd.cost.advisor_scan_seconds`)."""
+
+    def __init__(self, knobs: Knobs, cost: CpuCost) -> None:
+        self.advisor, self.knobs, self.cost = Advisor(knobs), knobs, cost
+
+    @property
+    def pages_to_scan(self) -> int:
+        return self.advisor.pages_to_scan
+
+    def after_scan(self, wall_seconds: float, cpu_seconds: float) -> int:
+        sleep = replace(self.knobs, pages_to_scan=self.pages_to_scan)
+        measured = advisor_scan_seconds(ScanTime(wall_seconds, cpu_seconds, 0), sleep,
+                                        self.cost)
+        return self.advisor.after_scan(measured, cpu_seconds)
 
 
 def _seconds(value: float) -> str:

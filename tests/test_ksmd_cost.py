@@ -129,7 +129,7 @@ def test_advisor_first_advice_counts_ksmds_lifetime_cpu():
 # --- grid and cheapest -------------------------------------------------------------------
 
 def test_grid_and_cheapest_by_hand():
-    rows = grid(1000, 2, TEN_US, pages_to_scan=(100, 1000), sleep_millisecs=(20,),
+    rows = grid([(1000, 0)] * 2, TEN_US, pages_to_scan=(100, 1000), sleep_millisecs=(20,),
                 advisor=False)
     slow, fast = rows
     # (100, 20): 11 wake-ups x 24 ms = 0.264 s, CPU 10 ms = 3.79%; steady: 2 scans.
@@ -147,7 +147,7 @@ def test_grid_and_cheapest_by_hand():
 
 
 def test_grid_has_the_advisor_at_each_sleep():
-    rows = grid(1000, 3, TEN_US, pages_to_scan=(100,), sleep_millisecs=(0, 20))
+    rows = grid([(1000, 0)] * 3, TEN_US, pages_to_scan=(100,), sleep_millisecs=(0, 20))
     advised = [r for r in rows if r.advisor]
     assert [r.sleep_millisecs for r in advised] == [0, 20]
     assert all(r.advised_pages_to_scan and r.steady_state_seconds > 0 for r in advised)

@@ -8,6 +8,7 @@ docs/model.md) or from counters measured on this machine's kernel
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ksm_analyze.ksmd.knobs import Knobs
@@ -206,3 +207,33 @@ def test_scan_time_and_advisor_hooks():
     old = simulate(timeline([1, 1, 2]), Knobs(advisor_mode="scan-time"), rules_for("6.7"),
                    advisor=Advisor(), max_scans=5).scans
     assert (old["pages_to_scan"] == 100).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("smart", "zero_pages", "mps", "release", "advised"), [
+    (True, False, 256, "6.18", False), (False, False, 256, "6.18", False),
+    (True, True, 3, "6.18", False), (False, True, 2, "6.1", False),
+    (True, False, 4, "6.8", True), (True, True, 256, "5.10", False),
+])
+def test_still_memory_shortcut_gives_the_replay_s_rows(seed, smart, zero_pages, mps, release,
+                                                      advised):
+    from ksm_analyze.ksmd.advisor import Advisor
+    from ksm_analyze.ksmd.cost import DEFAULT_CPU_COST, full_scan
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    content = rng.zipf(1.6, n) % int(rng.integers(2, 400))  # many copies of few contents
+    knobs = Knobs(smart_scan=smart, use_zero_pages=zero_pages, max_page_sharing=mps,
+                  pages_to_scan=int(rng.integers(1, 700)),
+                  advisor_mode="scan-time" if advised else "none")
+
+    def timer(p, s, k):
+        t = full_scan(p, s, k, DEFAULT_CPU_COST)
+        return t.wall_seconds, t.cpu_seconds
+
+    runs = [simulate(timeline(content, zero_id=int(content[0])), knobs, rules_for(release),
+                     scan_time=timer, advisor=Advisor(knobs) if advised else None,
+                     full_replay=full) for full in (False, True)]
+    fast, slow = runs
+    pd.testing.assert_frame_equal(fast.scans, slow.scans)
+    assert fast.steady == slow.steady and fast.time_to == slow.time_to

@@ -206,53 +206,69 @@ class GridRow:
                 f"{self.steady_state_seconds:.3g} s, ksmd {self.cpu_percent:.3g}% of a CPU")
 
 
-def grid(pages_per_scan: int, scans_to_steady: float, cost: CpuCost, *,
-         skipped_per_scan: int = 0, knobs: Knobs | None = None,
+def grid(scans: Sequence[tuple[int, int]], cost: CpuCost, *, steady_scans: int | None = None,
+         knobs: Knobs | None = None,
          pages_to_scan: Iterable[int] = DEFAULT_PAGES_TO_SCAN_GRID,
          sleep_millisecs: Iterable[int] = DEFAULT_SLEEP_GRID,
          advisor: bool = True, ksmd_cpu_before: float = 0.0) -> list[GridRow]:
     """Every ``pages_to_scan`` x ``sleep_millisecs`` (and, with ``advisor``, the advisor at
-    each sleep) for a host whose full scans process ``pages_per_scan`` pages and skip
-    ``skipped_per_scan``, and that reaches steady state after ``scans_to_steady`` full scans
-    (both from the model). ``knobs`` gives the advisor's settings."""
-    if pages_per_scan < 0 or skipped_per_scan < 0 or not scans_to_steady >= 0:
-        raise ValueError("pages per scan and scans to steady state cannot be negative")
+    each sleep) for a host whose full scans process and skip ``scans[k] = (processed,
+    skipped)`` pages (from the model's replay), steady from scan ``steady_scans`` (1-based;
+    default: the last): the time to steady state is the sum of the scans' times up to it;
+    the full-scan time and CPU % are the pace of the last :data:`PACE_SCANS` scans (a
+    smart_scan cycle), as ksmd runs once steady. ``knobs`` gives the advisor's settings."""
+    if not scans or any(p < 0 or k < 0 for p, k in scans):
+        raise ValueError("give the pages of at least one full scan, none negative")
+    steady = len(scans) if steady_scans is None else min(max(steady_scans, 1), len(scans))
     base = knobs or Knobs()
     rows = []
-    sleeps = sorted(set(sleep_millisecs))
-    for sleep in sleeps:
+    for sleep in sorted(set(sleep_millisecs)):
         for rate in sorted(set(pages_to_scan)):
             setting = replace(base, pages_to_scan=rate, sleep_millisecs=sleep)
-            t = full_scan(pages_per_scan, skipped_per_scan, setting, cost)
-            rows.append(GridRow(rate, sleep, t.wall_seconds, t.wall_seconds * scans_to_steady,
-                                t.cpu_percent))
+            rows.append(_row(rate, sleep, [full_scan(p, k, setting, cost) for p, k in scans],
+                             steady))
         if advisor:
-            rows.append(_advised(pages_per_scan, skipped_per_scan, scans_to_steady,
-                                 replace(base, sleep_millisecs=sleep), cost, ksmd_cpu_before))
+            rows.append(_advised(scans, steady, replace(base, sleep_millisecs=sleep), cost,
+                                 ksmd_cpu_before))
     return rows
 
 
-def _advised(processed: int, skipped: int, scans: float, knobs: Knobs, cost: CpuCost,
+PACE_SCANS = 9
+"""Full scans a steady pace is averaged over: one smart_scan cycle."""
+
+
+def pace(times: Sequence[ScanTime]) -> tuple[float, float]:
+    """Mean full-scan time and ksmd CPU % over the last :data:`PACE_SCANS` scans."""
+    last = times[-PACE_SCANS:]
+    wall = sum(t.wall_seconds for t in last)
+    cpu = sum(t.cpu_seconds for t in last)
+    return wall / len(last), 100.0 * cpu / wall if wall else 0.0
+
+
+def _row(rate: int | None, sleep: int, times: Sequence[ScanTime], steady: int,
+         advised: int | None = None) -> GridRow:
+    full, percent = pace(times)
+    return GridRow(rate, sleep, full, sum(t.wall_seconds for t in times[:steady]), percent,
+                   advised)
+
+
+def advisor_scan_seconds(t: ScanTime, knobs: Knobs, cost: CpuCost) -> float:
+    """A full scan's time as the advisor measures it: from its first batch to its last,
+    one sleep less than :func:`full_scan`'s wall time."""
+    return max(t.wall_seconds - _sleep_ticks(knobs.sleep_millisecs, cost.hz) / cost.hz,
+               t.cpu_seconds)
+
+
+def _advised(scans: Sequence[tuple[int, int]], steady: int, knobs: Knobs, cost: CpuCost,
              ksmd_cpu_before: float) -> GridRow:
     """The advisor replayed scan by scan from ``advisor_min_pages_to_scan``."""
     adv = Advisor(knobs, ksmd_cpu_before=ksmd_cpu_before)
-    whole = math.ceil(scans)
-    wall = cpu = 0.0
-    first = 0.0
-    for i in range(max(whole, 1)):
+    times = []
+    for processed, skipped in scans:
         t = full_scan(processed, skipped, replace(knobs, pages_to_scan=adv.pages_to_scan), cost)
-        share = 1.0 if i < whole - 1 or scans == whole else scans - (whole - 1)
-        if whole:
-            wall += share * t.wall_seconds
-            cpu += share * t.cpu_seconds
-        if i == 0:
-            first = t.wall_seconds
-        # The advisor times a scan from its first batch to its last: one sleep less.
-        sleep = _sleep_ticks(knobs.sleep_millisecs, cost.hz) / cost.hz
-        adv.after_scan(max(t.wall_seconds - sleep, t.cpu_seconds), t.cpu_seconds)
-    per_scan = wall / scans if scans else first
-    return GridRow(None, knobs.sleep_millisecs, per_scan, wall,
-                   100.0 * cpu / wall if wall else 0.0, adv.pages_to_scan)
+        times.append(t)
+        adv.after_scan(advisor_scan_seconds(t, knobs, cost), t.cpu_seconds)
+    return _row(None, knobs.sleep_millisecs, times, steady, adv.pages_to_scan)
 
 
 def cheapest(rows: Sequence[GridRow], converge_within_seconds: float) -> GridRow | None:

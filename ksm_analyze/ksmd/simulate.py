@@ -79,7 +79,8 @@ class Trajectory:
     Attributes:
         scans: one row per full scan: ``full_scans``, ``time_seconds`` (at the scan's end),
             ``pages_to_scan``, the :data:`COUNTER_COLUMNS` (as ``/sys/kernel/mm/ksm`` shows
-            them after that scan; ``pages_skipped`` cumulative), ``ksmd_cpu_percent``.
+            them after that scan; ``pages_scanned``, the pages processed, and
+            ``pages_skipped`` cumulative), ``ksmd_cpu_percent``.
         steady: the counters in steady state: each the mean over the last
             :data:`SMART_SCAN_PERIOD` scans, rounded (``None`` when not steady within the
             scans run).
@@ -228,7 +229,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
     zero_fresh = np.zeros(n, bool)  # mapped this scan: its rmap_item goes next scan
     nodes = _Nodes()
     t = 0.0
-    skipped_total = 0
+    skipped_total = scanned_total = 0
     rows: list[dict[str, float | int]] = []
     curves: list[np.ndarray | None] = []
     pages_to_scan = advisor.pages_to_scan if advisor is not None else knobs.pages_to_scan
@@ -317,6 +318,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         n_processed = int(processed.sum())
         n_skipped = int(skip.sum())
         skipped_total += n_skipped
+        scanned_total += n_processed
         wall, cpu = scan_time(n_processed, n_skipped, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
         profit_pages = sharing + (zero_pages if rules.zero_pages_in_profit else 0)
@@ -324,7 +326,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
             "full_scans": scan + 1, "time_seconds": t, "pages_to_scan": pages_to_scan,
             "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
             "pages_volatile": rmap - shared - sharing - unshared,
-            "pages_skipped": skipped_total, "ksm_zero_pages": zero_pages,
+            "pages_scanned": scanned_total, "pages_skipped": skipped_total, "ksm_zero_pages": zero_pages,
             "ksm_rmap_items": rmap,
             "general_profit": profit_pages * knobs.page_size - rmap * knobs.rmap_item_bytes,
             "ksmd_cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,
@@ -346,6 +348,91 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
             break
     late = aged & may_merge
     return pd.DataFrame(rows), int(late.sum()), int((late & (node >= 0)).sum()), curves
+
+
+def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
+               scan_time: ScanTimer, advisor: AdvisorLike | None, max_scans: int, seed: int,
+               aged_meet: bool) -> tuple[pd.DataFrame, int, int, list[np.ndarray | None]]:
+    """:func:`_run` for memory that stands still (no page changes, none aged), in
+    O(pages) once and O(1) a scan: every page gets its rmap_item in scan 1 (the checksum
+    gate fails), every duplicate merges in scan 2 by ``ksm.merged_pages``' rule, and the
+    pages left unmerged share one smart_scan schedule, being all made in scan 1. The same
+    rows as :func:`_run` (tests/test_ksmd_model.py compares them)."""
+    n = timeline.pages
+    smart = knobs.smart_scan and rules.has_smart_scan
+    mps = knobs.max_page_sharing if rules.max_page_sharing_limit else np.iinfo(np.int32).max
+    content, n_contents = _dense(np.asarray(timeline.content, np.int64))
+    is_zero = (np.asarray(timeline.content) == timeline.zero_id) if timeline.zero_id >= 0 \
+        else np.zeros(n, bool)
+    zero_merge = is_zero if knobs.use_zero_pages else np.zeros(n, bool)
+    mergeable = ~zero_merge
+    copies = np.bincount(content[mergeable], minlength=n_contents)
+    may_merge = (copies[content] >= 2) & mergeable
+    order, rank = _ranks(content)
+    full, rest = np.divmod(copies, mps)
+    alone = np.zeros(n, bool)  # the single leftover of a content: the last in scan order
+    alone[order] = (rank == full[content[order]] * mps) & (rest[content[order]] == 1)
+    alone &= may_merge
+    merged = (may_merge & ~alone) | zero_merge
+    ksm_pages = int((full + (rest >= 2))[copies >= 2].sum())
+    sharing = int(merged.sum()) - int(zero_merge.sum()) - ksm_pages
+    left = int(alone.sum()) + int((mergeable & ~may_merge).sum())  # unshared when processed
+    zero = int(zero_merge.sum())
+    merged_at = np.flatnonzero(merged)
+
+    t = 0.0
+    age, remaining = 0, 0
+    skipped_total = scanned_total = 0
+    rows: list[dict[str, float | int]] = []
+    curves: list[np.ndarray | None] = []
+    pages_to_scan = advisor.pages_to_scan if advisor is not None else knobs.pages_to_scan
+    for scan in range(max_scans):
+        # Pages not merged after scan 2 follow one schedule (all made in scan 1).
+        processed_rest = True
+        if smart and scan >= 2:
+            a, age = age, min(age + 1, _AGE_MAX)
+            if a >= 3:
+                if remaining == 0:
+                    remaining = int(_skip_age(np.array([a]))[0])
+                else:
+                    remaining -= 1
+                    processed_rest = False
+        elif smart:
+            age += 1
+        if scan == 0:
+            shared_now = sharing_now = unshared = zero_now = 0
+            rmap, n_processed, n_skipped = n, n, 0
+            curves.append(None)
+        else:
+            shared_now, sharing_now, zero_now = ksm_pages, sharing, zero
+            rmap = n if scan == 1 else n - zero
+            unshared = left if processed_rest else 0
+            n_skipped = 0 if processed_rest else left
+            n_processed = (n if scan == 1 else n - zero) - n_skipped
+            if scan == 1 and len(merged_at):
+                wakeup = merged_at // pages_to_scan  # every page is processed in scan 2
+                curves.append(np.quantile(wakeup / (n // pages_to_scan + 1), _QUANTILES))
+            else:
+                curves.append(None)
+        skipped_total += n_skipped
+        scanned_total += n_processed
+        wall, cpu = scan_time(n_processed, n_skipped, replace(knobs, pages_to_scan=pages_to_scan))
+        t += wall
+        profit_pages = sharing_now + (zero_now if rules.zero_pages_in_profit else 0)
+        rows.append({
+            "full_scans": scan + 1, "time_seconds": t, "pages_to_scan": pages_to_scan,
+            "pages_shared": shared_now, "pages_sharing": sharing_now, "pages_unshared": unshared,
+            "pages_volatile": rmap - shared_now - sharing_now - unshared,
+            "pages_scanned": scanned_total, "pages_skipped": skipped_total, "ksm_zero_pages": zero_now,
+            "ksm_rmap_items": rmap,
+            "general_profit": profit_pages * knobs.page_size - rmap * knobs.rmap_item_bytes,
+            "ksmd_cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,
+        })
+        if advisor is not None:
+            pages_to_scan = advisor.after_scan(wall, cpu)
+        if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
+            break
+    return pd.DataFrame(rows), 0, 0, curves
 
 
 def _min_scans(smart: bool) -> int:
@@ -425,7 +512,7 @@ def _counters(scans: pd.DataFrame) -> KsmCounters:
 
 def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
              scan_time: ScanTimer | None = None, advisor: AdvisorLike | None = None,
-             max_scans: int = 400, seed: int = 0) -> Trajectory:
+             max_scans: int = 400, seed: int = 0, full_replay: bool = False) -> Trajectory:
     """Replay ksmd over ``timeline`` from a fresh start (no rmap_items, nothing merged).
 
     Args:
@@ -439,13 +526,17 @@ def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
         max_scans: full scans to replay at most; the replay stops earlier once steady (and
             past smart_scan's first 22 scans).
         seed: for the pages that change at a finite rate, and the late duplicates' phases.
+        full_replay: replay page by page even memory that stands still (which has a
+            shortcut giving the same rows: tests compare the two).
     """
     if max_scans < 1:
         raise ValueError(f"max_scans must be at least 1, not {max_scans}")
     timer = scan_time or sleep_only_scan_time
     use_advisor = advisor if (rules.has_advisor and knobs.advisor_mode == "scan-time") else None
     smart = knobs.smart_scan and rules.has_smart_scan
-    scans, late, late_merged, curves = _run(timeline, knobs, rules, scan_time=timer,
+    still = not np.any(timeline.aged) and not np.any(np.asarray(timeline.change_rate) > 0)
+    run = _run_still if still and not full_replay else _run
+    scans, late, late_merged, curves = run(timeline, knobs, rules, scan_time=timer,
                                     advisor=use_advisor, max_scans=max_scans, seed=seed,
                                     aged_meet=False)
     start = _steady_from(scans, knobs.page_size)

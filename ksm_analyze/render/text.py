@@ -240,11 +240,10 @@ def _over_time(tables: Mapping[str, Columns]) -> list[str]:
             else f"pages_to_scan={c['pages_to_scan']}")
     out.append(
         f"Convergence, ksmd replayed with the rules of {c['kernel_rules']}, smart_scan="
-        f"{int(c['smart_scan'])}: one full scan "
-        f"of {_count(c['scanned_pages'])} pages takes {_duration(c['full_scan_seconds'])} at "
-        f"{rate}, sleep_millisecs={c['sleep_millisecs']}, ksmd at "
-        f"{c['ksmd_cpu_percent']:.1f}% of a CPU; general_profit reaches "
-        f"{when + ', ' if when else ''}{steady}.")
+        f"{int(c['smart_scan'])}, {rate}, sleep_millisecs={c['sleep_millisecs']}: "
+        f"{_count(c['scanned_pages'])} pages; general_profit reaches "
+        f"{when + ', ' if when else ''}{steady}; then a full scan takes "
+        f"{_duration(c['full_scan_seconds'])}, ksmd at {c['ksmd_cpu_percent']:.1f}% of a CPU.")
     if c["late_duplicate_pages"]:
         out.append(f"Late duplicates: {counted(c['late_duplicate_pages'], 'page')} took "
                    "their content while KSM was running; with smart_scan on they merge only "
