@@ -211,6 +211,20 @@ class Analysis:
 
         return plot_address_map(self)
 
+    def plot_timeline(self) -> Figure:
+        """ksmd replayed: KSM counters and general_profit against time (``timeline``), the
+        times to 50%, 90% and steady state marked (``convergence``)."""
+        from .render.plots import plot_timeline
+
+        return plot_timeline(self)
+
+    def plot_ksmd_settings(self) -> Figure:
+        """ksmd CPU % against time to steady state per setting (``ksmd_settings``), the
+        advisor, the setting replayed and the cheapest within ``converge_within`` marked."""
+        from .render.plots import plot_ksmd_settings
+
+        return plot_ksmd_settings(self)
+
 
 def json_safe(value: Any) -> Any:
     """numpy scalars and containers to plain Python values; NaN and infinities to None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -45,7 +46,8 @@ def test_notebook_runs_and_shows_its_charts(executed):
               if o.output_type == "error"]
     assert not errors
     charts = [c for c in nb.cells if c.cell_type == "code" and ".plot_" in c.source]
-    assert len(charts) == 5  # savings, histogram, pairwise, address map, hosts of a plan
+    # savings, histogram, pairwise, address map, counters against time, ksmd settings, hosts
+    assert len(charts) == 7
     for cell in charts:
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
 
@@ -65,3 +67,21 @@ def test_notebook_numbers_equal_the_cli(executed, tmp_path):
     b = pd.read_csv(cli_out / "stages.csv", index_col=0)
     counts = [s for s in a.index if not s.endswith("_seconds")]
     pd.testing.assert_frame_equal(a.loc[counts], b.loc[counts])
+
+
+def test_notebook_over_time_section_runs_a_series(executed):
+    """The "Over time" cells start their own churning process, sample it three times and
+    show one input seen over time, with the model's columns of the host table."""
+    nb, _ = executed
+
+    def shown(marker: str) -> str:
+        (cell,) = [c for c in nb.cells if c.cell_type == "code"
+                   and c.source.rstrip().endswith(marker)]
+        return "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+
+    stab = shown("over_time.stability")
+    assert "stable_duplicate_pages" in stab and "coinciding_duplicate_pages" in stab
+    assert len([line for line in stab.splitlines() if "python-" in line]) == 1  # one input
+    assert re.search(r"python-\d+\.s002\s+3\s", stab), stab  # its last sample, of 3
+    host = shown("over_time.host")
+    assert "steady_state" in host and "if_memory_stood_still" in host

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import series_target
 from conftest import PS, ROOT, SAMPLES, runner
 
 from dumpwriter.elf import make_elf_core
 from dumpwriter.raw import make_raw
 from ksm_analyze.cli import app
-from ksm_analyze.render.report import CHARTS, TABLES
+from ksm_analyze.render.report import CHARTS, TABLES, TIME_CHARTS
 
 SECRET = b"hunter2:correct-horse-battery-staple;"  # 37 bytes: not a power-of-two period
 SECRET_PAGE = (SECRET * (PS // len(SECRET) + 1))[:PS]
@@ -192,6 +193,160 @@ def test_charts_that_change_with_the_policy_name_it_in_their_titles():
         for chart, title in titles.items():
             assert f"merge={merge}," in title, (chart, title)
             assert "max_page_sharing=256" in title, (chart, title)
+
+
+# -- over time: the ksmd replay's charts and sections -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def series_report(tmp_path_factory):
+    """The report of a live series of a churning process (tests/series_target.py)."""
+    base = tmp_path_factory.mktemp("series-report")
+    files = series_target.series(base / "fp")
+    code, stdout, stderr = _report(*files, "-o", str(base / "out"))
+    assert code == 0, stdout + stderr
+    return base / "out"
+
+
+def _decoded(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    pixels = imread(path)
+    assert pixels.shape[:2] == _png_size(path)[::-1]
+    return pixels
+
+
+@pytest.mark.parametrize("which", ["series_report", "sample_report"])
+def test_report_draws_the_time_charts_for_a_series_and_for_single_dumps(which, request):
+    out = request.getfixturevalue(which)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"{t}.csv" for t in TABLES] + [f"{c}.png" for c in CHARTS]
+                           + ["index.html"])
+    assert {"timeline", "ksmd_settings"} <= set(CHARTS)
+    for chart in TIME_CHARTS:
+        pixels = _decoded(out / f"{chart}.png")
+        colors = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
+        assert len(colors) > 50, chart  # drawn, not a blank canvas
+
+
+@pytest.mark.parametrize("which", ["series_report", "sample_report"])
+def test_report_html_has_the_over_time_section(which, request):
+    out = request.getfixturevalue(which)
+    page = (out / "index.html").read_text()
+    section = page[page.index('<h2 id="over-time">'):page.index('<h2 id="tables">')]
+    for chart in TIME_CHARTS:  # its charts, as the files hold them
+        found = re.search(f'<figure id="chart-{chart}"><img src="data:image/png;base64,'
+                          '([^"]+)"', section)
+        assert found and base64.b64decode(found[1]) == (out / f"{chart}.png").read_bytes()
+    # The convergence in words, with the numbers of convergence.csv.
+    conv = pd.read_csv(out / "convergence.csv", index_col="item")["value"]
+    assert f"ksmd replayed with the rules of {conv['kernel_rules']}" in section
+    assert f"sleep_millisecs={conv['sleep_millisecs']}" in section
+    assert "steady state after" in section
+    host = page[page.index('id="table-host"'):page.index('id="table-savings"')]
+    assert "<code>steady_state</code> (ksmd replayed, steady)" in host
+    series = which == "series_report"
+    assert ("<code>if_memory_stood_still</code> (if memory stood still)" in host) == series
+    assert ('id="table-stability"' in section) == series
+    if series:
+        # The target's 600 pages of 40 contents and 100 written zero pages hold still; its
+        # 400 pages of one content rewritten without pause only coincide.
+        table = section[section.index('id="table-stability"'):]
+        row = re.findall(r"<td>([^<]*)</td>", table)
+        assert row[0].startswith("python-") and row[1] == "3"
+        assert row[-2:] == [f"{series_target.STABLE_DUPLICATE_PAGES:,}", "400"]
+        summary = page[page.index('id="summary"'):page.index('id="charts"')]
+        assert "general_profit (if memory stood still)" in summary
+    else:
+        assert "Each input was seen once" in section
+
+
+def test_the_timeline_chart_marks_the_convergence_times_and_names_its_knobs():
+    from ksm_analyze import analyze
+
+    result = analyze(SAMPLES, jobs=1, pages_to_scan=500, sleep_millisecs=50, smart_scan=False,
+                     kernel="6.12")
+    fig = result.plot_timeline()
+    title = fig.get_suptitle()
+    for words in ("rules of kernel 6.12 (--kernel)", "smart_scan=0", "pages_to_scan=500",
+                  "sleep_millisecs=50", "max_page_sharing=256", "use_zero_pages=0"):
+        assert words in title, (words, title)
+    conv = result.convergence["value"]
+    ax = fig.axes[0]
+    marks = sorted(float(line.get_xdata()[0]) for line in ax.lines
+                   if len(set(line.get_xdata())) == 1)
+    assert marks == sorted(float(conv[k]) for k in (
+        "time_to_50_percent_seconds", "time_to_90_percent_seconds", "steady_state_seconds"))
+    # One step line per counter, over every full scan replayed (and t=0).
+    steps = [line for line in ax.lines if len(set(line.get_xdata())) > 1]
+    assert len(steps) == 4 and all(len(line.get_xdata()) == len(result.timeline) + 1
+                                   for line in steps)
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def test_the_settings_chart_marks_the_advisor_the_replayed_and_the_cheapest_setting():
+    from ksm_analyze import analyze
+
+    result = analyze(SAMPLES, jobs=1, converge_within=0.5)
+    fig = result.plot_ksmd_settings()
+    ax = fig.axes[0]
+    # Steady-state times from milliseconds (sleep 0) to seconds: log scales.
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert "rules of kernel" in fig.get_suptitle()
+    labels = _legend(fig)
+    assert "the scan-time advisor (advisor_mode=scan-time)" in labels
+    assert any(t.startswith("replayed: pages_to_scan=100, sleep_millisecs=20\n")
+               for t in labels), labels
+    # The cheapest is the one convergence names (ksmd/cost.py's cheapest(), in words).
+    words = result.convergence.at["cheapest_setting", "value"]
+    rate, sleep = re.match(r"pages_to_scan (\d+), sleep_millisecs (\d+):", words).groups()
+    assert any(t.startswith(f"cheapest within 500 ms: pages_to_scan={int(rate):,}, "
+                            f"sleep_millisecs={sleep}\n") for t in labels), (words, labels)
+
+
+def test_the_settings_chart_stays_linear_where_values_span_less_than_20x():
+    import dataclasses
+
+    from ksm_analyze import analyze
+    from ksm_analyze.columns import Columns
+
+    result = analyze(SAMPLES, jobs=1)
+    narrow = Columns.from_records(
+        [{"pages_to_scan": p, "sleep_millisecs": 20, "advisor_mode": "none",
+          "full_scan_seconds": t, "steady_state_seconds": 2 * t, "ksmd_cpu_percent": cpu,
+          "advised_pages_to_scan": None} for p, t, cpu in ((100, 1.0, 2.0), (500, 0.2, 9.0))],
+        list(result.columns["ksmd_settings"].names))
+    fig = dataclasses.replace(result, columns={**result.columns,
+                                               "ksmd_settings": narrow}).plot_ksmd_settings()
+    assert (fig.axes[0].get_xscale(), fig.axes[0].get_yscale()) == ("linear", "linear")
+    assert not any(t.startswith("the scan-time advisor") for t in _legend(fig))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium missing (.ci/install-system-deps.sh installs it)")
+def test_series_report_tables_fit_or_scroll_in_headless_chromium(series_report, tmp_path):
+    page = (series_report / "index.html").read_text()
+    check = tmp_path / "fit.html"
+    check.write_text(page.replace("</body>", _FIT + "</body>"))
+    r = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+         "--window-size=1200,2000", "--dump-dom", check.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = re.search(r'data-fit="([^"]*)"', r.stdout)
+    assert found, r.stdout[:2000]
+    fit = json.loads(found.group(1).replace("&quot;", '"'))
+    width, visible = fit["page"]
+    assert width <= visible
+    tables = fit["tables"]
+    assert [h for h, _, _ in tables][:2] == ["table-stability", "table-per_input"]
+    assert all(cls == "scroll" for _, cls, _ in tables)
 
 
 # -- page bytes stay out ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import series_target
 from conftest import ROOT, SAMPLES, runner
 
 from ksm_analyze import analyze
@@ -191,7 +192,7 @@ def _glossary() -> list[tuple[str, list[str]]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if not line.startswith("| ") or cells[:2] == ["text", "key"]:
             continue
-        keys = re.findall(r"`([a-z_]+)`", cells[1])
+        keys = re.findall(r"`([a-z0-9_]+)`", cells[1])
         assert keys, f"docs/glossary.md: a row without a key: {line}"
         rows.append((cells[0], keys))
     return rows
@@ -212,14 +213,23 @@ def _keys(value) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory, scan_json):
-    """Every key and every line of text the outputs use: scan and plan, text, JSON, CSV."""
+def series_files(tmp_path_factory):
+    """A live series of a churning process (tests/series_target.py): inputs over time."""
+    return series_target.series(tmp_path_factory.mktemp("series"))
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, scan_json, series_files):
+    """Every key and every line of text the outputs use: scan and plan, text, JSON, CSV;
+    scan of a series too."""
     plan = ["plan", *SAMPLES, "--host-memory", "1MiB", "--project", "1,2,10"]
+    series = ["scan", *series_files]
     csv_dir = tmp_path_factory.mktemp("csv")
-    keys = _keys(scan_json) | _keys(_json(*plan))
+    keys = _keys(scan_json) | _keys(_json(*plan)) | _keys(_json(*series))
     texts = []
     for args in (["scan", *SAMPLES, "--csv", str(csv_dir / "scan")],
-                 [*plan, "--csv", str(csv_dir / "plan")]):
+                 [*plan, "--csv", str(csv_dir / "plan")],
+                 [*series, "--csv", str(csv_dir / "series")]):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, r.output
         texts.append(r.stdout)
@@ -239,8 +249,20 @@ def test_the_glossary_keys_are_the_keys_the_outputs_use(outputs):
 
 def test_the_glossary_text_names_are_the_names_the_text_prints(outputs):
     _, text = outputs
-    missing = [name for name, _ in _glossary() if name not in text]
+    missing = [name for name, _ in _glossary() if name != "—" and name not in text]
     assert not missing, f"docs/glossary.md names text no output prints: {missing}"
+
+
+def test_the_glossary_names_every_column_of_the_ksmd_model(series_files):
+    """Every column of the over-time tables, every convergence item and the host table's
+    model columns have a row (a column added without words fails here)."""
+    out = _json("scan", *series_files)
+    named = {k for _, ks in _glossary() for k in ks}
+    model = (set(out["stability"][0]) | set(out["timeline"][0]) | set(out["ksmd_settings"][0])
+             | set(out["convergence"]) | set(out["host"]["general_profit"]))
+    assert {"if_memory_stood_still", "steady_state", "stable_duplicate_pages",
+            "time_to_90_percent_seconds", "advised_pages_to_scan", "pages_skipped"} <= model
+    assert not sorted(model - named), f"docs/glossary.md has no row for: {sorted(model - named)}"
 
 
 def test_the_scenarios_text_names_are_their_keys_words(outputs):

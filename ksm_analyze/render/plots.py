@@ -21,11 +21,13 @@ from ..sharing import ADDRESS_KINDS
 from ..units import counted, human_bytes
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from ..analysis import Analysis
     from ..planning.plan import Plan
 
-__all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_pairwise", "plot_projection",
-           "plot_savings"]
+__all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_ksmd_settings",
+           "plot_pairwise", "plot_projection", "plot_savings", "plot_timeline"]
 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
@@ -242,6 +244,200 @@ def plot_address_map(result: Analysis) -> Figure:
             if len(inputs) < len(every) else "")
     fig.suptitle(f"Where the pages lie in each input's address space{more}", fontsize=12)
     return fig
+
+
+_TIMELINE_STYLE = (
+    ("pages_shared", "#4c78a8", "-"),
+    ("pages_sharing", "#2ca02c", "-"),
+    ("pages_unshared", "#9467bd", "-"),
+    ("pages_volatile", "#d62728", "-"),
+)
+_MARKS = (("time_to_50_percent_seconds", "50%", ":"), ("time_to_90_percent_seconds", "90%", "--"),
+          ("steady_state_seconds", "steady", "-"))
+
+
+def _convergence(result: Analysis) -> dict[str, object]:
+    return result.columns["convergence"].by_key("value")
+
+
+def _ksmd_words(result: Analysis, *, pace: bool = True, lines: bool = False) -> str:
+    """The kernel rules and ksmd settings a time chart assumes, for its title."""
+    c = _convergence(result)
+    words = [f"rules of {c['kernel_rules']}", f"smart_scan={int(bool(c['smart_scan']))}"]
+    if pace:
+        words.append("the scan-time advisor" if c["advisor_mode"] == "scan-time"
+                     else f"pages_to_scan={c['pages_to_scan']}")
+        words.append(f"sleep_millisecs={c['sleep_millisecs']}")
+    ksm = result.ksm
+    words += [f"max_page_sharing={ksm.max_page_sharing}",
+              f"use_zero_pages={int(ksm.use_zero_pages)}"]
+    if lines:  # the kernel on one line, the knobs on the next
+        return words[0] + ";\n" + ", ".join(words[1:])
+    return ", ".join(words)
+
+
+def _seconds_label(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def plot_timeline(result: Analysis) -> Figure:
+    """ksmd replayed: the KSM counters and general_profit against time, full scan by full
+    scan, with the times to 50% and 90% of the steady general_profit and to steady state."""
+    tl = result.timeline
+    c = _convergence(result)
+    fig = _figure(11.0, 5.5)
+    ax = fig.subplots()
+    if len(tl):
+        # Each full scan's counters hold from its end to the next one's: steps, from t=0.
+        t = np.concatenate([[0.0], tl["time_seconds"].to_numpy(float)])
+        for column, color, style in _TIMELINE_STYLE:
+            values = np.concatenate([[0], tl[column].to_numpy()])
+            ax.step(t, values, where="post", color=color, linestyle=style, label=column)
+        ps = result.ksm.page_size
+        ax.set_ylabel(f"pages of {ps // 1024} KiB")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        profit = np.concatenate([[0], tl["general_profit"].to_numpy(float)])
+        right = ax.twinx()
+        right.step(t, profit, where="post", color="black", linewidth=2, label="general_profit")
+        # Zero on both axes at one height (general_profit starts below zero: rmap_items).
+        low, high = min(float(profit.min()), 0.0) * 1.1, max(float(profit.max()), 1.0) * 1.1
+        right.set_ylim(low, high)
+        top = max(ax.get_ylim()[1], 1.0)
+        ax.set_ylim(top * low / high, top)
+        right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: (
+            _MINUS + human_bytes(-v) if v < 0 else human_bytes(v))))
+        right.set_ylabel("general_profit")
+        for key, label, style in _MARKS:
+            when = c.get(key)
+            if isinstance(when, int | float):
+                ax.axvline(float(when), color="#555555", linestyle=style, linewidth=1,
+                           label=f"{label} after {_seconds_label(float(when))}")
+        ax.set_xlim(0, float(t.max()) or 1.0)
+        handles, names = ax.get_legend_handles_labels()
+        more, more_names = right.get_legend_handles_labels()
+        fig.legend(more + handles, more_names + names, loc="outside right upper", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no page for ksmd to scan", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("seconds since ksmd started (each step: one full scan)")
+    ax.grid(alpha=0.3)
+    fig.suptitle("KSM counters against time, ksmd replayed (50%, 90%: of the steady "
+                 f"general_profit)\n({_ksmd_words(result, lines=True)})", fontsize=10)
+    return fig
+
+
+def plot_ksmd_settings(result: Analysis) -> Figure:
+    """ksmd's CPU % against the time to steady state, one point per setting of the
+    ``ksmd_settings`` grid (``pages_to_scan`` x ``sleep_millisecs``, and the advisor at each
+    sleep), the setting replayed and the cheapest within ``--converge-within`` marked.
+
+    On log scales where the values span more than a factor of 20."""
+    grid = result.ksmd_settings
+    c = _convergence(result)
+    fig = _figure(12.0, 6.0)
+    ax = fig.subplots()
+    if len(grid):
+        x = grid["steady_state_seconds"].to_numpy(float)
+        y = grid["ksmd_cpu_percent"].to_numpy(float)
+        advised = (grid["advisor_mode"] == "scan-time").to_numpy(bool)
+        sleeps = grid["sleep_millisecs"].to_numpy()
+        colors = dict(zip(sorted(set(sleeps.tolist())), _palette(), strict=False))
+        for sleep, color in colors.items():
+            rows = (sleeps == sleep) & ~advised
+            ax.plot(x[rows], y[rows], marker="o", linestyle="-", linewidth=0.8, color=color,
+                    label=f"sleep_millisecs={sleep}")
+        if advised.any():
+            ax.scatter(x[advised], y[advised], marker="*", s=160,
+                       color=[colors[s] for s in sleeps[advised]], edgecolors="black",
+                       linewidths=0.6, zorder=3,
+                       label="the scan-time advisor (advisor_mode=scan-time)")
+        rates = grid["pages_to_scan"].to_numpy()
+        at: dict[tuple[float, float], list[int]] = {}
+        for i in np.flatnonzero(~advised & (sleeps == max(colors))):
+            at.setdefault((float(x[i]), float(y[i])), []).append(int(rates[i]))
+        for (px, py), same in at.items():  # the rates beside the points of one sleep
+            text = (f"{same[0]:,}" if len(same) == 1
+                    else f"{min(same):,}{_EN_DASH}{max(same):,}")
+            ax.annotate(text, (px, py), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        now = _replayed_row(grid, c)
+        if now is not None:
+            ax.scatter([x[now]], [y[now]], marker="o", s=260, facecolors="none",
+                       edgecolors="black", linewidths=1.8, zorder=4,
+                       label=f"replayed: {_setting_words(grid, now)}")
+        best = _cheapest_row(grid, result.ksm.converge_within)
+        if best is not None and result.ksm.converge_within is not None:
+            limit = result.ksm.converge_within
+            ax.scatter([x[best]], [y[best]], marker="s", s=220, facecolors="none",
+                       edgecolors="#d62728", linewidths=1.8, zorder=4,
+                       label=f"cheapest within {_seconds_label(limit)}: "
+                             f"{_setting_words(grid, best)}")
+            ax.axvline(limit, color="#d62728", linestyle=":", linewidth=1,
+                       label=f"--converge-within {_seconds_label(limit)}")
+        for axis, values, label in ((ax.xaxis, x, "time to steady state (s)"),
+                                    (ax.yaxis, y, "ksmd CPU (% of one CPU)")):
+            positive = values[values > 0]
+            log = len(positive) > 0 and positive.max() / positive.min() > 20
+            if log:
+                (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+                label += " (log scale)"
+            (ax.set_xlabel if axis is ax.xaxis else ax.set_ylabel)(label)
+        fig.legend(loc="outside right upper", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no setting replayed", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_xlabel("time to steady state (s)")
+        ax.set_ylabel("ksmd CPU (% of one CPU)")
+    ax.grid(alpha=0.3, which="both")
+    cost = ("CPU cost " + printable(result.ksm.cpu_cost) if result.ksm.cpu_cost
+            else "the shipped CPU cost")
+    fig.suptitle("ksmd CPU against time to steady state, per ksmd setting\n(a line per "
+                 "sleep_millisecs through its pages_to_scan, numbered at the longest sleep)\n"
+                 f"({_ksmd_words(result, pace=False)}, {cost})", fontsize=10)
+    return fig
+
+
+def _palette() -> list[str]:
+    return ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6",
+            "#9d755d", "#bab0ac", "#eeca3b"]
+
+
+def _replayed_row(grid: pd.DataFrame, c: dict[str, object]) -> int | None:
+    """The row of the setting the replay ran with (the advisor at its sleep, or its
+    pages_to_scan and sleep_millisecs); None when the grid does not hold it."""
+    same_sleep = grid["sleep_millisecs"] == c["sleep_millisecs"]
+    if c["advisor_mode"] == "scan-time":
+        rows = same_sleep & (grid["advisor_mode"] == "scan-time")
+    else:
+        rows = same_sleep & (grid["advisor_mode"] != "scan-time") & (
+            grid["pages_to_scan"] == c["pages_to_scan"])
+    found = np.flatnonzero(rows.to_numpy(bool))
+    return int(found[0]) if len(found) else None
+
+
+def _cheapest_row(grid: pd.DataFrame, limit: float | None) -> int | None:
+    """The least CPU % among the settings at steady state within ``limit`` (the faster on a
+    tie), as ``--converge-within`` picks it; None without a limit or a setting within it."""
+    if limit is None:
+        return None
+    fit = np.flatnonzero((grid["steady_state_seconds"] <= limit).to_numpy(bool))
+    if not len(fit):
+        return None
+    cpu = grid["ksmd_cpu_percent"].to_numpy(float)
+    steady = grid["steady_state_seconds"].to_numpy(float)
+    return int(min(fit, key=lambda i: (cpu[i], steady[i])))
+
+
+def _setting_words(grid: pd.DataFrame, i: int) -> str:
+    row = grid.iloc[i]
+    rate = ("advisor" if row["advisor_mode"] == "scan-time"
+            else f"pages_to_scan={int(row['pages_to_scan']):,}")
+    return (f"{rate}, sleep_millisecs={int(row['sleep_millisecs'])}\n"
+            f"({float(row['ksmd_cpu_percent']):.3g}% CPU, steady in "
+            f"{_seconds_label(float(row['steady_state_seconds']))})")
 
 
 def _physical(result: Analysis, name: str) -> bool:

@@ -37,15 +37,30 @@ if TYPE_CHECKING:
     from ..analysis import Analysis
     from ..planning.plan import Plan
 
-__all__ = ["CHARTS", "TABLES", "png_bytes", "report_files", "write_report"]
+__all__ = ["CHARTS", "HOST_COLUMNS", "TABLES", "TIME_CHARTS", "png_bytes", "report_files",
+           "write_report"]
 
 CHARTS = {
     "savings": "Memory before and after KSM",
     "histogram": "Sharing-degree histogram",
     "pairwise": "Pairwise sharing between inputs",
     "address_map": "Where the pages lie in each input's address space",
+    "timeline": "KSM counters against time, ksmd replayed",
+    "ksmd_settings": "ksmd CPU against time to steady state, per ksmd setting",
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
+TIME_CHARTS = ("timeline", "ksmd_settings")
+"""The charts of the "Over time" section (the others are under "Charts")."""
+HOST_COLUMNS = {
+    "steady_state": ("ksmd replayed, steady",
+                     ("the counters ksmd settles at, replayed full scan by full scan over the "
+                     "inputs (over time: what KSM keeps; pages_volatile and pages_unshared as "
+                     "ksmd sees them)")),
+    "if_memory_stood_still": ("if memory stood still",
+                              ("the last samples counted as one frozen moment, as a one-time "
+                              "count would")),
+}
+"""The ksmd model's columns of the host table: their text names (docs/glossary.md) and words."""
 PLAN_CHARTS = {
     "plan_hosts": "Each host's memory after KSM, with and without sharing-aware placement",
     "plan_projection": "Host memory for more inputs like these, with and without KSM",
@@ -201,6 +216,10 @@ def _summary(result: Analysis, plan: Plan | None = None) -> list[tuple[str, str]
                   f"{human_bytes(saved)} of pages saved ({pct:.1f}%)")
         rows.append((f"Memory before → after KSM ({title})", change))
         rows.append((f"general_profit ({title})", human_bytes(host.at["general_profit", scen])))
+    for column, (text, _) in HOST_COLUMNS.items():
+        if column in host.columns:
+            rows.append((f"general_profit ({text})",
+                         human_bytes(host.at["general_profit", column])))
     rows.append(("Inputs", f"{len(result.per_input):,}"))
     for item, label in (("sharing_within_inputs", "Saved by sharing within inputs"),
                         ("sharing_across_inputs", "Saved by sharing across inputs")):
@@ -258,14 +277,9 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     for w in result.warnings:
         parts.append(f'<p class="warn">Warning: {e(w)}</p>')
     parts.append('<h2 id="charts">Charts</h2>')
-    for name, caption in CHARTS.items():
-        if name not in images:
-            continue
-        data = base64.b64encode(images[name]).decode("ascii")
-        parts.append(
-            f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
-            f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)}.png)</figcaption></figure>'
-        )
+    parts += [_figure(name, caption, images) for name, caption in CHARTS.items()
+              if name not in TIME_CHARTS]
+    parts += _over_time_section(result, images)
     parts.append('<h2 id="tables">Tables</h2>')
     pairwise_title = (
         "Pairwise sharing (non-zero pages; extra saving if only the two share a host)"
@@ -284,11 +298,16 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     for name, title, df, index in sections:
         parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
         parts.append(_html_table(df, index=index))
+        if name == "host":
+            parts += [f'<p class="note"><code>{e(col)}</code> ({e(text)}): {e(words)}.</p>'
+                      for col, (text, words) in HOST_COLUMNS.items() if col in df.columns]
         parts.append(f'<p class="note">Also in <a href="{name}.csv">{name}.csv</a>.</p>')
     parts.append('<p class="note">The page kinds per address bin are in '
                  '<a href="address_map.csv">address_map.csv</a>; fingerprinting statistics '
-                 'in <a href="stages.csv">stages.csv</a>, time to converge in '
-                 '<a href="convergence.csv">convergence.csv</a>.</p>')
+                 'in <a href="stages.csv">stages.csv</a>; time to converge in '
+                 '<a href="convergence.csv">convergence.csv</a>, ksmd replayed full scan by '
+                 'full scan in <a href="timeline.csv">timeline.csv</a> and each ksmd setting '
+                 'in <a href="ksmd_settings.csv">ksmd_settings.csv</a>.</p>')
     options = {**result.options_record(), "show_content": show_content}
     if plan is not None:
         parts += _plan_section(plan, images)
@@ -300,6 +319,42 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     # an ESC or a BEL in the page. Escape them as the text report does (a newline inside a
     # name is white space in HTML and stays).
     return "".join(printable(line) + "\n" for line in "\n".join(parts).split("\n"))
+
+
+def _figure(name: str, caption: str, images: dict[str, bytes]) -> str:
+    """A chart embedded as a ``data:`` URI, with its caption and file name."""
+    if name not in images:
+        return ""
+    e = html.escape
+    data = base64.b64encode(images[name]).decode("ascii")
+    return (f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
+            f'alt="{e(caption)}"><figcaption>{e(caption)} ({e(name)}.png)</figcaption></figure>')
+
+
+def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
+    """When ksmd gets there and at what CPU (the words ``scan`` prints), the two time
+    charts, and with inputs seen over time, how their pages changed."""
+    from .text import _over_time  # the same words as the text report
+
+    e = html.escape
+    stab = result.columns["stability"]
+    words = _over_time({"stability": stab.take([]), "convergence": result.columns["convergence"]})
+    parts = ['<h2 id="over-time">Over time: what ksmd keeps, and when</h2>',
+             *(f"<p>{e(line)}</p>" for line in words if line)]
+    if len(stab):
+        parts += [('<h3 id="table-stability">Stability: pages per input, first sample to '
+                  "last (eligible pages)</h3>"),
+                  _html_table(result.stability, index=False),
+                  ('<p class="note">Duplicates that are stable hold their content in every '
+                  "sample; duplicates that only coincide are identical in the last sample "
+                  "but change: KSM cannot keep them merged. Also in "
+                  '<a href="stability.csv">stability.csv</a>.</p>')]
+    else:
+        parts.append('<p class="note">Each input was seen once: the replay assumes its '
+                     "memory holds still. Samples over time (<code>ksm-analyze fingerprint "
+                     "PID -o DIR --every 1s --count 3</code>) show what changes.</p>")
+    parts += [_figure(name, CHARTS[name], images) for name in TIME_CHARTS]
+    return parts
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
