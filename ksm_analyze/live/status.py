@@ -255,12 +255,15 @@ class KsmWatch:
 
     def readings(self, interval: float, count: int | None = None,
                  duration: float | None = None, *,
-                 sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> Iterator[dict[str, object]]:
+                 sleep: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] | None = None) -> Iterator[dict[str, object]]:
         """Read every ``interval`` seconds: ``count`` readings, or those that start within
         ``duration`` seconds (``ceil(duration / interval)``, at least one), or without end.
         A reading late (a slow read, a busy host) is taken at once, and the next keep their
-        times: reading i is due ``i * interval`` after the first."""
+        times: reading i is due ``i * interval`` after the first. ``sleep`` and ``clock``:
+        ``time.sleep`` and ``time.monotonic`` (looked up at the call)."""
+        sleep = sleep or time.sleep
+        clock = clock or time.monotonic
         if count is None and duration is not None:
             count = max(1, math.ceil(duration / interval)) if interval > 0 else 1
         first = clock()
