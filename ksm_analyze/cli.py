@@ -135,8 +135,23 @@ PlanDumpsArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 CsvOpt = Annotated[
     Path | None,
-    typer.Option("--csv", help="Also write one CSV per table into this directory.",
-                 show_default=False),
+    typer.Option("--csv", help="Also write one CSV per table into this directory (ksm-status "
+                 "--watch: the readings into this file).", show_default=False),
+]
+PngOpt = Annotated[
+    Path | None,
+    typer.Option("--png", help="Also draw PNG files with this name prefix (plan: the hosts and "
+                 "the projection; ksm-status --watch: this file, pages_sharing and "
+                 "general_profit, actual and predicted, against time).", show_default=False),
+]
+CountOpt = Annotated[
+    int | None, typer.Option("--count", help="With --every (--watch): this many samples "
+                             "(readings).", show_default=False)
+]
+ForOpt = Annotated[
+    str | None, typer.Option("--for", help="With --every (--watch): the samples (readings) "
+                             "that start within DURATION.", show_default=False,
+                             metavar="DURATION")
 ]
 QuietOpt = Annotated[
     bool,
@@ -485,10 +500,7 @@ def plan(
     ] = False,
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,
-    png: Annotated[
-        Path | None, typer.Option("--png", help="Also draw the hosts (and the projection) "
-                                  "as PNG files with this name prefix.", show_default=False)
-    ] = None,
+    png: PngOpt = None,
     *,
     request: _Request,
 ) -> None:
@@ -619,14 +631,8 @@ def fingerprint_cmd(
                                  "carry the sample index (.s000, .s001...).",
                                  show_default=False, metavar="DURATION")
     ] = None,
-    count: Annotated[
-        int | None, typer.Option("--count", help="With --every: this many samples.",
-                                 show_default=False)
-    ] = None,
-    duration: Annotated[
-        str | None, typer.Option("--for", help="With --every: the samples that start within "
-                                 "DURATION.", show_default=False, metavar="DURATION")
-    ] = None,
+    count: CountOpt = None,
+    duration: ForOpt = None,
     request: _Request,
 ) -> None:
     """Write fingerprints to OUTPUT as Parquet, for scan, report and plan: each dump's, or
@@ -782,24 +788,10 @@ def ksm_status(
                                  "2s, 1m) and print a line per reading, until Ctrl-C, --count "
                                  "or --for.", show_default=False, metavar="INTERVAL")
     ] = None,
-    count: Annotated[
-        int | None, typer.Option("--count", help="With --watch: this many readings.",
-                                 show_default=False)
-    ] = None,
-    duration: Annotated[
-        str | None, typer.Option("--for", help="With --watch: the readings that start within "
-                                 "DURATION.", show_default=False, metavar="DURATION")
-    ] = None,
-    csv_file: Annotated[
-        Path | None, typer.Option("--csv", help="With --watch: write the readings to this CSV "
-                                  "file, rewritten after each.", show_default=False,
-                                  metavar="FILE")
-    ] = None,
-    png: Annotated[
-        Path | None, typer.Option("--png", help="With --watch: at the end, draw pages_sharing "
-                                  "and general_profit, actual and predicted, against time.",
-                                  show_default=False, metavar="FILE")
-    ] = None,
+    count: CountOpt = None,
+    duration: ForOpt = None,
+    csv_file: CsvOpt = None,
+    png: PngOpt = None,
 ) -> None:
     """Show the kernel's KSM counters, beside a prediction from INPUTS if given.
 
