@@ -135,8 +135,23 @@ PlanDumpsArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 CsvOpt = Annotated[
     Path | None,
-    typer.Option("--csv", help="Also write one CSV per table into this directory.",
-                 show_default=False),
+    typer.Option("--csv", help="Also write one CSV per table into this directory (ksm-status "
+                 "--watch: the readings into this file).", show_default=False),
+]
+PngOpt = Annotated[
+    Path | None,
+    typer.Option("--png", help="Also draw PNG files with this name prefix (plan: the hosts and "
+                 "the projection; ksm-status --watch: this file, pages_sharing and "
+                 "general_profit, actual and predicted, against time).", show_default=False),
+]
+CountOpt = Annotated[
+    int | None, typer.Option("--count", help="With --every (--watch): this many samples "
+                             "(readings).", show_default=False)
+]
+ForOpt = Annotated[
+    str | None, typer.Option("--for", help="With --every (--watch): the samples (readings) "
+                             "that start within DURATION.", show_default=False,
+                             metavar="DURATION")
 ]
 QuietOpt = Annotated[
     bool,
@@ -505,10 +520,7 @@ def plan(
     ] = False,
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,
-    png: Annotated[
-        Path | None, typer.Option("--png", help="Also draw the hosts (and the projection) "
-                                  "as PNG files with this name prefix.", show_default=False)
-    ] = None,
+    png: PngOpt = None,
     *,
     request: _Request,
 ) -> None:
@@ -645,14 +657,8 @@ def fingerprint_cmd(
                                  "carry the sample index (.s000, .s001...).",
                                  show_default=False, metavar="DURATION")
     ] = None,
-    count: Annotated[
-        int | None, typer.Option("--count", help="With --every: this many samples.",
-                                 show_default=False)
-    ] = None,
-    duration: Annotated[
-        str | None, typer.Option("--for", help="With --every: the samples that start within "
-                                 "DURATION.", show_default=False, metavar="DURATION")
-    ] = None,
+    count: CountOpt = None,
+    duration: ForOpt = None,
     request: _Request,
 ) -> None:
     """Write fingerprints to OUTPUT as Parquet, for scan, report and plan: each dump's, or
@@ -798,21 +804,118 @@ def calibrate(
 def ksm_status(
     snapshots: Annotated[
         list[Path] | None,
-        typer.Argument(help="Snapshots to predict from (optional).", show_default=False),
+        typer.Argument(help="Snapshots or fingerprint files (a series too) to predict from "
+                       "(optional).", show_default=False, metavar="[INPUTS]..."),
     ] = None,
     scope: ScopeOpt = DEFAULT_OPTIONS.scope.value,
     json_out: JsonOpt = False,
+    watch: Annotated[
+        str | None, typer.Option("--watch", help="Read the counters every INTERVAL (500ms, "
+                                 "2s, 1m) and print a line per reading, until Ctrl-C, --count "
+                                 "or --for.", show_default=False, metavar="INTERVAL")
+    ] = None,
+    count: CountOpt = None,
+    duration: ForOpt = None,
+    csv_file: CsvOpt = None,
+    png: PngOpt = None,
 ) -> None:
-    """Show the kernel's KSM counters, beside a prediction from SNAPSHOTS if given.
+    """Show the kernel's KSM counters, beside a prediction from INPUTS if given.
 
     Run it after turning KSM on to see how the prediction held: host-wide counters from
     /sys/kernel/mm/ksm, and /proc/PID/ksm_stat of each captured process still running.
+
+    With --watch, the counters over time beside the prediction's trajectory: set the knobs,
+    start the watch, then turn KSM on (`echo 1 > /sys/kernel/mm/ksm/run`); each reading is
+    set beside the prediction after as many full scans as KSM did since the watch began. If
+    KSM had already merged pages when the watch began, beside the prediction's steady state.
+    Ctrl-C ends the watch (exit 0, the files written).
     """
     from .live.status import ksm_status as read_status
 
     with _errors():
-        status = read_status(snapshots or [], scope=scope)
-        typer.echo(render_status(status, as_json=json_out))
+        if watch is None:
+            given = [n for n, v in (("--count", count), ("--for", duration),
+                                    ("--csv", csv_file), ("--png", png)) if v is not None]
+            if given:
+                raise ValueError(f"{given[0]} goes with --watch INTERVAL")
+            status = read_status(snapshots or [], scope=scope)
+            typer.echo(render_status(status, as_json=json_out))
+            return
+        _watch_status(snapshots or [], scope, json_out, watch, count, duration, csv_file, png)
+
+
+def _watch_status(inputs: list[Path], scope: str, json_out: bool, every: str,
+                  count: int | None, duration: str | None, csv_file: Path | None,
+                  png: Path | None) -> None:
+    """``ksm-status --watch``: a line per reading, the CSV after each, the PNG at the end."""
+    import signal
+
+    from .live.fingerprint import parse_duration
+    from .live.status import KsmWatch
+    from .render.files import csv_text
+    from .render.watch import watch_alignment, watch_header, watch_line, watch_summary
+
+    if json_out:
+        raise ValueError("--json does not go with --watch: write the readings with --csv FILE")
+    interval = parse_duration(every, "--watch")
+    if interval <= 0:
+        raise ValueError(f"--watch {every!r}: give an interval above 0 (e.g. 500ms)")
+    if count is not None and duration is not None:
+        raise ValueError("--watch takes --count N or --for DURATION, not both")
+    if count is not None and count < 1:
+        raise ValueError(f"--count {count}: at least 1")
+    seconds = parse_duration(duration, "--for") if duration is not None else None
+    outputs = [p for p in (csv_file, png) if p is not None]
+    if csv_file is not None and png is not None and csv_file.resolve() == png.resolve():
+        raise ValueError(f"--csv and --png name the same file ({csv_file}): give two")
+    _refuse_overwriting(inputs, outputs)
+    for out in outputs:  # a bad folder fails now, not after the watch
+        folder = out.parent
+        if not folder.is_dir():
+            _cannot_write(out, FileNotFoundError(2, "No such file or directory"), "the file")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            _cannot_write(out, PermissionError(13, "Permission denied"), "the file")
+    w = KsmWatch.of(inputs, scope=scope)
+    stopped: Interrupted | None = None
+    try:
+        for n, row in enumerate(w.readings(interval, count, seconds)):
+            if n == 0:
+                typer.echo(watch_alignment(w))
+                typer.echo(watch_header(w))
+            typer.echo(watch_line(w, row))
+            if csv_file is not None:
+                _write_watch_file(csv_file, lambda: csv_text(w.frame).encode())
+    except Interrupted as e:  # Ctrl-C (SIGTERM too): the end of the watch, files written
+        stopped = e
+    except KeyboardInterrupt:  # the library's caller, no handler installed (tests)
+        stopped = Interrupted(signal.SIGINT)
+    if stopped is not None:
+        typer.echo(f"Watch ended by {signal.Signals(stopped.signum).name} after "
+                   f"{counted(len(w.frame), 'reading')}.")
+    frame = w.frame
+    if csv_file is not None and len(frame):
+        _write_watch_file(csv_file, lambda: csv_text(frame).encode())
+        typer.echo(f"Wrote {printable(csv_file)}")
+    if png is not None and len(frame):
+        from .render.report import png_bytes
+        from .render.watch import plot_watch
+
+        alignment = w.alignment if w.prediction is not None else None
+        _write_watch_file(png, lambda: png_bytes(plot_watch(frame, alignment=alignment)))
+        typer.echo(f"Wrote {printable(png)}")
+    if (summary := watch_summary(frame)) is not None:
+        typer.echo(summary)
+    if stopped is not None and stopped.signum != signal.SIGINT:
+        raise stopped  # SIGTERM: the files are written; exit 143 as any command
+
+
+def _write_watch_file(path: Path, data: Callable[[], bytes]) -> None:
+    from .render.files import atomic_write
+
+    try:
+        atomic_write(path, data())
+    except OSError as e:
+        _cannot_write(path, e, "the file")
 
 
 def main() -> None:
