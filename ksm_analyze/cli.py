@@ -850,7 +850,6 @@ def _watch_status(inputs: list[Path], scope: str, json_out: bool, every: str,
     """``ksm-status --watch``: a line per reading, the CSV after each, the PNG at the end."""
     import signal
 
-    from .live.fingerprint import parse_duration
     from .live.status import KsmWatch
     from .render.files import csv_text
     from .render.watch import watch_alignment, watch_header, watch_line, watch_summary

@@ -303,7 +303,7 @@ def test_the_settings_chart_marks_the_advisor_the_replayed_and_the_cheapest_sett
                for t in labels), labels
     # The cheapest is the one convergence names (ksmd/cost.py's cheapest(), in words).
     words = result.convergence.at["cheapest_setting", "value"]
-    rate, sleep = re.match(r"pages_to_scan (\d+), sleep_millisecs (\d+):", words).groups()
+    rate, sleep = re.search(r"pages_to_scan (\d+), sleep_millisecs (\d+):", words).groups()
     assert any(t.startswith(f"cheapest within 500 ms: pages_to_scan={int(rate):,}, "
                             f"sleep_millisecs={sleep}\n") for t in labels), (words, labels)
 

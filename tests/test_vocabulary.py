@@ -223,7 +223,7 @@ def outputs(tmp_path_factory, scan_json, series_files):
     """Every key and every line of text the outputs use: scan and plan, text, JSON, CSV;
     scan of a series too."""
     plan = ["plan", *SAMPLES, "--host-memory", "1MiB", "--project", "1,2,10"]
-    series = ["scan", *series_files]
+    series = ["scan", *series_files, "--converge-within", "10m"]
     csv_dir = tmp_path_factory.mktemp("csv")
     keys = _keys(scan_json) | _keys(_json(*plan)) | _keys(_json(*series))
     texts = []
