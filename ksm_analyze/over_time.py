@@ -137,7 +137,7 @@ class OverTime:
         steady_rows = scans.iloc[-9:] if len(scans) else scans
         values: dict[str, Any] = {
             "kernel_rules": self.rules_source,
-            "scanned_pages": int(scans["ksm_rmap_items"].max()) if len(scans) else 0,
+            "scanned_pages": _scanned_pages(scans),
             "pages_to_scan": int(scans["pages_to_scan"].iloc[-1]) if len(scans) else
             k.pages_to_scan,
             "sleep_millisecs": k.sleep_millisecs,
@@ -204,7 +204,7 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
     advisor = Advisor(knobs) if knobs.advisor_mode == "scan-time" else None
     trajectory = simulate(tl, knobs, rules, scan_time=scan_time, advisor=advisor)
     scans = trajectory.scans
-    processed = int(scans["ksm_rmap_items"].max()) if len(scans) else 0
+    processed = _scanned_pages(scans)
     skipped = (int(scans["pages_skipped"].diff().iloc[-9:].mean())
                if len(scans) > 9 else 0)
     to_steady = float(trajectory.scans_to["steady"] or len(scans) or 1)
@@ -226,6 +226,15 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
     empty = Columns.from_records([], list(STABILITY_COLUMNS))
     return OverTime(trajectory, knobs, rules, said, stability_table or empty,
                     late_duplicates, settings, best)
+
+
+def _scanned_pages(scans: Any) -> int:
+    """Pages a full scan visits, leaving out those only the first scan visits (zero THP
+    subpages: :attr:`~ksm_analyze.ksmd.timeline.Timeline.first_scan_only`)."""
+    if not len(scans):
+        return 0
+    items = scans["ksm_rmap_items"]
+    return int(items.iloc[1:].max()) if len(scans) > 1 else int(items.iloc[0])
 
 
 def _seconds(value: float) -> str:

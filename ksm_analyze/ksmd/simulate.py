@@ -312,9 +312,10 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         count = nodes.counts(node)
         shared = int((count >= 1).sum())
         sharing = int(count.sum()) - shared
-        rmap = int(has_item.sum())
+        extra = timeline.first_scan_only if scan == 0 else 0  # zero THP subpages
+        rmap = int(has_item.sum()) + extra
         zero_pages = int(zero_mapped.sum())
-        n_processed = int(processed.sum())
+        n_processed = int(processed.sum()) + extra
         n_skipped = int(skip.sum())
         skipped_total += n_skipped
         wall, cpu = scan_time(n_processed, n_skipped, replace(knobs, pages_to_scan=pages_to_scan))
