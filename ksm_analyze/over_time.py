@@ -149,7 +149,7 @@ class OverTime:
         scans = t.scans
         values: dict[str, Any] = {
             "kernel_rules": self.rules_source,
-            "scanned_pages": int(scans["ksm_rmap_items"].max()) if len(scans) else 0,
+            "scanned_pages": _scanned_pages(scans),
             "pages_to_scan": int(scans["pages_to_scan"].iloc[-1]) if len(scans) else
             k.pages_to_scan,
             "sleep_millisecs": k.sleep_millisecs,
@@ -273,6 +273,15 @@ class _Advised:
         measured = advisor_scan_seconds(ScanTime(wall_seconds, cpu_seconds, 0), sleep,
                                         self.cost)
         return self.advisor.after_scan(measured, cpu_seconds)
+
+
+def _scanned_pages(scans: Any) -> int:
+    """Pages a full scan visits, leaving out those only the first scan visits (zero THP
+    subpages: :attr:`~ksm_analyze.ksmd.timeline.Timeline.first_scan_only`)."""
+    if not len(scans):
+        return 0
+    items = scans["ksm_rmap_items"]
+    return int(items.iloc[1:].max()) if len(scans) > 1 else int(items.iloc[0])
 
 
 def _seconds(value: float) -> str:

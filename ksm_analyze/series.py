@@ -271,6 +271,7 @@ def timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask], samples:
         change_rate=np.concatenate(rate),
         aged=np.concatenate(aged),
         observed_seconds=span,
+        first_scan_only=sum(masks[s[-1]].excluded.get("thp_zero", 0) for s in samples.series),
     )
 
 
@@ -303,6 +304,7 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
         zero_id=0 if np.any(all_content == 0) else -1,
         change_rate=np.zeros(len(all_content)),
         aged=np.zeros(len(all_content), bool),
+        first_scan_only=sum(m.excluded.get("thp_zero", 0) for m in masks),
     )
 
 

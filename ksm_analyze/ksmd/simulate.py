@@ -313,9 +313,10 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         count = nodes.counts(node)
         shared = int((count >= 1).sum())
         sharing = int(count.sum()) - shared
-        rmap = int(has_item.sum())
+        extra = timeline.first_scan_only if scan == 0 else 0  # zero THP subpages
+        rmap = int(has_item.sum()) + extra
         zero_pages = int(zero_mapped.sum())
-        n_processed = int(processed.sum())
+        n_processed = int(processed.sum()) + extra
         n_skipped = int(skip.sum())
         skipped_total += n_skipped
         scanned_total += n_processed
@@ -399,9 +400,10 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
                     processed_rest = False
         elif smart:
             age += 1
-        if scan == 0:
+        if scan == 0:  # zero THP subpages too, until the first merge splits their THP
             shared_now = sharing_now = unshared = zero_now = 0
-            rmap, n_processed, n_skipped = n, n, 0
+            rmap = n_processed = n + timeline.first_scan_only
+            n_skipped = 0
             curves.append(None)
         else:
             shared_now, sharing_now, zero_now = ksm_pages, sharing, zero
