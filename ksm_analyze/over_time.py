@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from .columns import Columns
 from .eligibility import ScanMask
@@ -35,7 +34,7 @@ from .ksmd.cost import (
 )
 from .ksmd.knobs import Knobs
 from .ksmd.rules import KernelRules, rules_for
-from .ksmd.simulate import Trajectory, simulate
+from .ksmd.simulate import Scans, Trajectory, simulate
 from .ksmd.timeline import Timeline
 from .series import (
     STABILITY_COLUMNS,
@@ -141,17 +140,15 @@ class OverTime:
         return self.trajectory.steady
 
     def timeline(self) -> Columns:
-        scans = self.trajectory.scans
-        return Columns({c: scans[c].to_numpy() for c in scans.columns})
+        return Columns(dict(self.trajectory.columns))
 
     def convergence(self) -> Columns:
         t, k = self.trajectory, self.knobs
-        scans = t.scans
+        scans = t.columns
         values: dict[str, Any] = {
             "kernel_rules": self.rules_source,
             "scanned_pages": _scanned_pages(scans),
-            "pages_to_scan": int(scans["pages_to_scan"].iloc[-1]) if len(scans) else
-            k.pages_to_scan,
+            "pages_to_scan": int(scans["pages_to_scan"][-1]),
             "sleep_millisecs": k.sleep_millisecs,
             "smart_scan": k.smart_scan,
             "advisor_mode": k.advisor_mode,
@@ -187,7 +184,7 @@ def steady_tables(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
                                                  hold_seconds=hold, smart_scan=knobs.smart_scan)
     tl = timeline(all_prints, all_masks, samples, ksm_was_running=was_running)
     return view_prints, view_labels, late, tl, Columns.from_records(
-        stability(all_prints, all_masks, samples).to_dict("records"), list(STABILITY_COLUMNS))
+        stability(all_prints, all_masks, samples), list(STABILITY_COLUMNS))
 
 
 def _ksm_ran(prints: Sequence[Fingerprints], samples: Samples) -> bool:
@@ -214,10 +211,10 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
 
     advisor = _Advised(knobs, cost) if knobs.advisor_mode == "scan-time" else None
     trajectory = simulate(tl, knobs, rules, scan_time=scan_time, advisor=advisor)
-    scans = trajectory.scans
+    scans = trajectory.columns
     # Each setting of the grid is timed on the replay's own scans.
-    processed = np.diff(scans["pages_scanned"].to_numpy(), prepend=0)
-    skipped = np.diff(scans["pages_skipped"].to_numpy(), prepend=0)
+    processed = np.diff(scans["pages_scanned"], prepend=0)
+    skipped = np.diff(scans["pages_skipped"], prepend=0)
     rows = grid(list(zip(processed.tolist(), skipped.tolist(), strict=True)), cost,
                 steady_scans=trajectory.steady_scan, knobs=knobs)
     settings = Columns.from_records(
@@ -243,17 +240,17 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
                     late_duplicates, settings, best, [f"recorded on the host: {w}" for w in fights])
 
 
-def _full_scan_seconds(scans: pd.DataFrame) -> float:
+def _full_scan_seconds(scans: Scans) -> float:
     """The replay's pace: its last :data:`PACE_SCANS` full scans' mean time (as the grid's)."""
-    wall = np.diff(scans["time_seconds"].to_numpy(), prepend=0.0)[-PACE_SCANS:]
+    wall = np.diff(scans["time_seconds"], prepend=0.0)[-PACE_SCANS:]
     return float(wall.mean()) if len(wall) else 0.0
 
 
-def _cpu_percent(scans: pd.DataFrame) -> float:
+def _cpu_percent(scans: Scans) -> float:
     """ksmd CPU % over the replay's last :data:`PACE_SCANS` full scans, as the grid's pace:
     CPU seconds over wall seconds."""
-    wall = np.diff(scans["time_seconds"].to_numpy(), prepend=0.0)[-PACE_SCANS:]
-    cpu = scans["ksmd_cpu_percent"].to_numpy()[-PACE_SCANS:] * wall
+    wall = np.diff(scans["time_seconds"], prepend=0.0)[-PACE_SCANS:]
+    cpu = scans["ksmd_cpu_percent"][-PACE_SCANS:] * wall
     return float(cpu.sum() / wall.sum()) if wall.sum() > 0 else 0.0
 
 
@@ -275,13 +272,11 @@ class _Advised:
         return self.advisor.after_scan(measured, cpu_seconds)
 
 
-def _scanned_pages(scans: Any) -> int:
+def _scanned_pages(scans: Scans) -> int:
     """Pages a full scan visits, leaving out those only the first scan visits (zero THP
     subpages: :attr:`~ksm_analyze.ksmd.timeline.Timeline.first_scan_only`)."""
-    if not len(scans):
-        return 0
     items = scans["ksm_rmap_items"]
-    return int(items.iloc[1:].max()) if len(scans) > 1 else int(items.iloc[0])
+    return int(items[1:].max()) if len(items) > 1 else int(items[0])
 
 
 def _seconds(value: float) -> str:

@@ -16,9 +16,9 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from .eligibility import ScanMask
 from .hashing.stage1 import Fingerprints
@@ -198,13 +198,13 @@ def _change_rate(pages: _Pages) -> np.ndarray:
 
 
 def stability(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
-              samples: Samples) -> pd.DataFrame:
+              samples: Samples) -> list[dict[str, Any]]:
     """Per input observed over time (two samples or more): its pages unchanged, changed,
     appeared and gone between its first and last sample, its change rate (pages changed
     per second), and its duplicate pages at the last sample that are stable (the page and
     a partner unchanged throughout) or only coincide (identical now, but changing).
 
-    Columns: :data:`STABILITY_COLUMNS`; pages are eligible pages (``--scope``).
+    One dict per row, keys :data:`STABILITY_COLUMNS`; pages are eligible pages (``--scope``).
     """
     rows = []
     per_input = list(zip(samples.series, _all_pages(prints, masks, samples), strict=True))
@@ -234,7 +234,7 @@ def stability(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
             "stable_duplicate_pages": int(np.count_nonzero(stable)),
             "coinciding_duplicate_pages": int(np.count_nonzero(dup & ~stable)),
         })
-    return pd.DataFrame(rows, columns=list(STABILITY_COLUMNS))
+    return rows
 
 
 def _copies(last_ids: Sequence[np.ndarray], rates: Sequence[np.ndarray]

@@ -74,8 +74,7 @@ def test_stability_counts_each_kind_of_page():
     prints = [_sample(s, identity=ident, at=t) for s, t in ((first, 0.0), (mid, 10.0),
                                                             (last, 20.0))]
     masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
-    table = stability(prints, masks, group_samples(prints))
-    row = table.iloc[0].to_dict()
+    (row,) = stability(prints, masks, group_samples(prints))
     # unchanged: 0, 1, 4, 6 (a, a, d, zero); changed: 2 (b->y), 3 (c->x->z);
     # appeared: 5 (f); gone: 7 (e).
     assert row["samples"] == 3
@@ -91,14 +90,14 @@ def test_duplicates_that_only_coincide_are_told_apart():
     # Pages 0 and 1 become equal only at the last sample: they coincide, they are not stable.
     prints = [_sample("pq", identity="b:2:2", at=0.0), _sample("rr", identity="b:2:2", at=1.0)]
     masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
-    row = stability(prints, masks, group_samples(prints)).iloc[0]
+    (row,) = stability(prints, masks, group_samples(prints))
     assert (row["stable_duplicate_pages"], row["coinciding_duplicate_pages"]) == (0, 2)
 
 
 def test_an_input_seen_once_has_no_stability_row():
     prints = [_sample("ab", identity=None, at=None, name="d.elf")]
     masks = [scan_mask(fp, Scope.MERGEABLE) for fp in prints]
-    assert stability(prints, masks, group_samples(prints)).empty
+    assert stability(prints, masks, group_samples(prints)) == []
 
 
 def test_timeline_rates_ids_and_aged_pages():

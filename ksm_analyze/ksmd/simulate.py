@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import pandas as pd
 
 from ..ksm import KsmCounters
 from .knobs import Knobs
 from .rules import KernelRules
 from .timeline import Timeline
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "COUNTER_COLUMNS",
@@ -102,7 +104,8 @@ class Trajectory:
             none or smart_scan is off.
     """
 
-    scans: pd.DataFrame
+    columns: dict[str, np.ndarray]
+    """The rows of :attr:`scans` as plain columns (no pandas): what the library reads."""
     steady: KsmCounters | None
     steady_scan: int | None
     time_to: dict[str, float | None]
@@ -110,6 +113,13 @@ class Trajectory:
     late_duplicates: int
     late_duplicates_merged: int
     if_phases_met: KsmCounters | None
+
+    @property
+    def scans(self) -> pd.DataFrame:
+        """One row per full scan (made when read: the library needs no pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.columns)
 
 
 def _skip_age(age: np.ndarray) -> np.ndarray:
@@ -200,7 +210,7 @@ class _Nodes:
 
 def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: ScanTimer,
          advisor: AdvisorLike | None, max_scans: int, seed: int,
-         aged_meet: bool) -> tuple[pd.DataFrame, int, int, list[np.ndarray | None]]:
+         aged_meet: bool) -> tuple[Scans, int, int, list[np.ndarray | None]]:
     n = timeline.pages
     rng = np.random.default_rng(seed)
     smart = knobs.smart_scan and rules.has_smart_scan
@@ -348,12 +358,12 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
             break
     late = aged & may_merge
-    return pd.DataFrame(rows), int(late.sum()), int((late & (node >= 0)).sum()), curves
+    return _as_columns(rows), int(late.sum()), int((late & (node >= 0)).sum()), curves
 
 
 def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
                scan_time: ScanTimer, advisor: AdvisorLike | None, max_scans: int, seed: int,
-               aged_meet: bool) -> tuple[pd.DataFrame, int, int, list[np.ndarray | None]]:
+               aged_meet: bool) -> tuple[Scans, int, int, list[np.ndarray | None]]:
     """:func:`_run` for memory that stands still (no page changes, none aged), in
     O(pages) once and O(1) a scan: every page gets its rmap_item in scan 1 (the checksum
     gate fails), every duplicate merges in scan 2 by ``ksm.merged_pages``' rule, and the
@@ -434,7 +444,7 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
             pages_to_scan = advisor.after_scan(wall, cpu)
         if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
             break
-    return pd.DataFrame(rows), 0, 0, curves
+    return _as_columns(rows), 0, 0, curves
 
 
 def _min_scans(smart: bool) -> int:
@@ -468,18 +478,30 @@ def _settled(rows: list[dict[str, float | int]], page_size: int) -> bool:
     return True
 
 
-def _steady_from(scans: pd.DataFrame, page_size: int) -> int | None:
+Scans = dict[str, np.ndarray]
+"""A replay's rows as columns: ``time_seconds`` and ``ksmd_cpu_percent`` floats, the others
+int64."""
+_FLOATS = ("time_seconds", "ksmd_cpu_percent")
+
+
+def _as_columns(rows: list[dict[str, float | int]]) -> Scans:
+    return {k: np.array([r[k] for r in rows], np.float64 if k in _FLOATS else np.int64)
+            for k in rows[0]}
+
+
+def _steady_from(scans: Scans, page_size: int) -> int | None:
     """The first 0-based scan from which every later value of :data:`_WATCHED` stays in
     the steady band (the last window's mean, +- max(0.5%, 3 standard deviations of the last
     two windows, half a page)), if the replay settled."""
-    rows = scans.to_dict("records")
+    n = len(scans["time_seconds"])
+    rows = [{k: scans[k][i] for k in _WATCHED} for i in range(max(0, n - 2 * SMART_SCAN_PERIOD), n)]
     if not _settled(rows, page_size):
         return None
     w = SMART_SCAN_PERIOD
     units = _units(page_size)
-    outside = np.zeros(len(scans), bool)
+    outside = np.zeros(n, bool)
     for k in _WATCHED:
-        v = scans[k].to_numpy(np.float64)
+        v = scans[k].astype(np.float64)
         mean = v[-w:].mean()
         band = max(_STEADY_TOLERANCE * abs(mean), 3 * v[-2 * w:].std(), units[k] / 2)
         outside |= np.abs(v - mean) > band
@@ -487,15 +509,15 @@ def _steady_from(scans: pd.DataFrame, page_size: int) -> int | None:
     return int(hits[-1]) + 1 if len(hits) else 0
 
 
-def _crossing(scans: pd.DataFrame, curves: list[np.ndarray | None], k: int,
-              target: float) -> float:
+def _crossing(scans: Scans, curves: list[np.ndarray | None], k: int, target: float) -> float:
     """When during full scan ``k`` (0-based) ``general_profit`` reaches ``target``: the
     scan's merges fall in known wake-ups (a wake-up processes its pages at once, then
     sleeps), and its wake-ups take equal time."""
-    end = float(scans["time_seconds"].iloc[k])
-    start = float(scans["time_seconds"].iloc[k - 1]) if k else 0.0
-    before = float(scans["general_profit"].iloc[k - 1]) if k else 0.0
-    gain = float(scans["general_profit"].iloc[k]) - before
+    times, profit = scans["time_seconds"], scans["general_profit"]
+    end = float(times[k])
+    start = float(times[k - 1]) if k else 0.0
+    before = float(profit[k - 1]) if k else 0.0
+    gain = float(profit[k]) - before
     curve = curves[k] if k < len(curves) else None
     if curve is None or gain <= 0:
         return end
@@ -504,9 +526,8 @@ def _crossing(scans: pd.DataFrame, curves: list[np.ndarray | None], k: int,
     return start + position * (end - start)
 
 
-def _counters(scans: pd.DataFrame) -> KsmCounters:
-    last = scans.tail(SMART_SCAN_PERIOD).mean(numeric_only=True)
-    return KsmCounters(**{k: round(float(last[k])) for k in
+def _counters(scans: Scans) -> KsmCounters:
+    return KsmCounters(**{k: round(float(scans[k][-SMART_SCAN_PERIOD:].mean())) for k in
                           ("pages_shared", "pages_sharing", "pages_unshared",
                            "pages_volatile", "ksm_zero_pages", "ksm_rmap_items",
                            "general_profit")})
@@ -547,9 +568,9 @@ def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     scans_to: dict[str, int | None] = {"50%": None, "90%": None, "steady": None}
     if steady is not None and start is not None:
         scans_to["steady"] = start + 1
-        time_to["steady"] = float(scans["time_seconds"].iloc[start])
+        time_to["steady"] = float(scans["time_seconds"][start])
         if steady.general_profit > 0:
-            profit = scans["general_profit"].to_numpy()
+            profit = scans["general_profit"]
             for label, share in (("50%", 0.5), ("90%", 0.9)):
                 reached = np.flatnonzero(profit >= share * steady.general_profit)
                 if len(reached):
@@ -561,9 +582,7 @@ def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
         met, _, _, _ = _run(timeline, knobs, rules, scan_time=timer, advisor=None,
                          max_scans=max_scans, seed=seed, aged_meet=True)
         upper = _counters(met)
-    int_columns = [c for c in scans.columns if c not in ("time_seconds", "ksmd_cpu_percent")]
-    scans[int_columns] = scans[int_columns].astype(np.int64)
-    return Trajectory(scans=scans, steady=steady, steady_scan=None if start is None else start + 1,
+    return Trajectory(columns=scans, steady=steady, steady_scan=None if start is None else start + 1,
                       time_to=time_to, scans_to=scans_to, late_duplicates=late,
                       late_duplicates_merged=late_merged, if_phases_met=upper)
 
@@ -577,6 +596,7 @@ def steady_state(timeline: Timeline, knobs: Knobs, rules: KernelRules, **kwargs:
     """
     trajectory = simulate(timeline, knobs, rules, **kwargs)  # type: ignore[arg-type]
     if trajectory.steady is None:
-        raise ValueError(f"no steady state within {len(trajectory.scans)} full scans")
+        raise ValueError(f"no steady state within {len(trajectory.columns['full_scans'])} "
+                         "full scans")
     return trajectory.steady
 
