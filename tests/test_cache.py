@@ -223,10 +223,10 @@ def test_a_cache_that_cannot_be_written_warns_and_the_scan_finishes(tmp_path, du
     b, _ = dumps
     want, _ = _scan(b)
 
-    def cannot(path, data, **kwargs):
+    def cannot(path, *args, **kwargs):
         raise OSError(code, os.strerror(code), os.fspath(path))
 
-    monkeypatch.setattr(fpfile, "atomic_write", cannot)
+    monkeypatch.setattr(fpfile, "atomic_file", cannot)
     got, _ = _scan(b, "--cache", tmp_path / "cache")
     _same(got, want)
     (line,) = [w for w in got["warnings"] if "cache" in w]
@@ -236,7 +236,7 @@ def test_a_cache_that_cannot_be_written_warns_and_the_scan_finishes(tmp_path, du
     monkeypatch.undo()
     entry = _entry(b, tmp_path / "cache")
     entry.write_bytes(b"damage")
-    monkeypatch.setattr(fpfile, "atomic_write", cannot)
+    monkeypatch.setattr(fpfile, "atomic_file", cannot)
     got, _ = _scan(b, "--cache", tmp_path / "cache")
     _same(got, want)
     (line,) = [w for w in got["warnings"] if "cache" in w]
