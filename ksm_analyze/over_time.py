@@ -34,7 +34,7 @@ from .ksmd.cost import (
 )
 from .ksmd.knobs import Knobs
 from .ksmd.rules import KernelRules, rules_for
-from .ksmd.simulate import Scans, Trajectory, simulate
+from .ksmd.simulate import Scans, ScanWork, Trajectory, simulate
 from .ksmd.timeline import Timeline
 from .series import (
     STABILITY_COLUMNS,
@@ -205,18 +205,23 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
     knobs, rules, said = settings_for(ksm, machine)
     cost = cpu_cost(ksm)
 
-    def scan_time(processed: int, skipped: int, k: Knobs) -> tuple[float, float]:
-        t = full_scan(processed, skipped, k, cost)
+    def scan_time(work: ScanWork, k: Knobs) -> tuple[float, float]:
+        t = full_scan(work.processed, work.skipped, k, cost, merged=work.ksm_pages,
+                      merges=work.merges)
         return t.wall_seconds, t.cpu_seconds
 
+    works: list[ScanWork] = []
+
+    def recorded(work: ScanWork, k: Knobs) -> tuple[float, float]:
+        works.append(work)  # the last replay's scans, for the grid
+        return scan_time(work, k)
+
+
     advisor = _Advised(knobs, cost) if knobs.advisor_mode == "scan-time" else None
-    trajectory = simulate(tl, knobs, rules, scan_time=scan_time, advisor=advisor)
-    scans = trajectory.columns
+    trajectory = simulate(tl, knobs, rules, scan_time=recorded, advisor=advisor)
     # Each setting of the grid is timed on the replay's own scans.
-    processed = np.diff(scans["pages_scanned"], prepend=0)
-    skipped = np.diff(scans["pages_skipped"], prepend=0)
-    rows = grid(list(zip(processed.tolist(), skipped.tolist(), strict=True)), cost,
-                steady_scans=trajectory.steady_scan, knobs=knobs)
+    scans = works[-len(trajectory.columns["full_scans"]):]
+    rows = grid(scans, cost, steady_scans=trajectory.steady_scan, knobs=knobs)
     settings = Columns.from_records(
         [{"pages_to_scan": r.pages_to_scan, "sleep_millisecs": r.sleep_millisecs,
           "advisor_mode": "scan-time" if r.advisor else "none",

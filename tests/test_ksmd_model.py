@@ -193,8 +193,8 @@ def test_scan_time_and_advisor_hooks():
             self.pages_to_scan += 1
             return self.pages_to_scan
 
-    def timer(processed, skipped, knobs):
-        return processed * 0.001 + skipped * 0.0001, processed * 0.0005
+    def timer(work, knobs):
+        return work.processed * 0.001 + work.skipped * 0.0001, work.processed * 0.0005
 
     adv = Advisor()
     s = simulate(timeline([1, 1, 2]), Knobs(advisor_mode="scan-time", smart_scan=False), NEW,
@@ -227,8 +227,9 @@ def test_still_memory_shortcut_gives_the_replay_s_rows(seed, smart, zero_pages, 
                   pages_to_scan=int(rng.integers(1, 700)),
                   advisor_mode="scan-time" if advised else "none")
 
-    def timer(p, s, k):
-        t = full_scan(p, s, k, DEFAULT_CPU_COST)
+    def timer(work, k):
+        t = full_scan(work.processed, work.skipped, k, DEFAULT_CPU_COST, merged=work.ksm_pages,
+                      merges=work.merges)
         return t.wall_seconds, t.cpu_seconds
 
     still = Timeline(**{**timeline(content, zero_id=int(content[0])).__dict__,

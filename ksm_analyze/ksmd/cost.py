@@ -68,6 +68,8 @@ class CpuCost:
         seconds_per_skipped: CPU per page smart_scan skips (``pages_skipped``).
         seconds_per_merged: CPU per processed page that is already a KSM page (its visit
             stops at the stable-node check); 0 means "as ``seconds_per_page``".
+        seconds_per_merge: CPU each merge adds to its page's visit (write-protecting the
+            page, replacing the mapping, splitting a huge page): 0 when not measured.
         machine: where it was measured: kernel, CPU model, CONFIG_HZ (``hz``, used for the
             sleep's tick), date, workload.
     """
@@ -76,9 +78,11 @@ class CpuCost:
     seconds_per_skipped: float
     machine: dict[str, Any] = field(default_factory=dict, hash=False)
     seconds_per_merged: float = 0.0
+    seconds_per_merge: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("seconds_per_page", "seconds_per_skipped", "seconds_per_merged"):
+        for name in ("seconds_per_page", "seconds_per_skipped", "seconds_per_merged",
+                     "seconds_per_merge"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) \
                     or not math.isfinite(value) or value < 0:
@@ -142,20 +146,22 @@ def _sleep_ticks(sleep_millisecs: int, hz: int) -> float:
 
 
 def full_scan(processed: int, skipped: int, knobs: Knobs, cost: CpuCost, *,
-              merged: int = 0) -> ScanTime:
+              merged: int = 0, merges: int = 0) -> ScanTime:
     """Wall and CPU time of one full scan that processes ``processed`` pages and skips
     ``skipped`` (smart_scan) with ``knobs.pages_to_scan`` and ``knobs.sleep_millisecs``.
     ``merged`` of the processed pages are KSM pages already (cheaper to visit, when the
-    calibration measured ``seconds_per_merged``).
+    calibration measured ``seconds_per_merged``); ``merges`` pages are merged in the scan
+    (each costing ``seconds_per_merge`` more).
 
     Wake-ups are ``processed // pages_to_scan + 1``; each is a batch of CPU then a sleep
     (see the module's docstring for the tick arithmetic)."""
-    if processed < 0 or skipped < 0 or not 0 <= merged <= processed:
+    if processed < 0 or skipped < 0 or merges < 0 or not 0 <= merged <= processed:
         raise ValueError("page counts cannot be negative, nor merged above processed")
     per = knobs.pages_to_scan
     per_merged = cost.seconds_per_merged or cost.seconds_per_page
-    per_page = (cost.seconds_per_page * (processed - merged) + per_merged * merged) \
-        / processed if processed else cost.seconds_per_page
+    per_page = (cost.seconds_per_page * (processed - merged) + per_merged * merged
+                + cost.seconds_per_merge * merges) / processed if processed \
+        else cost.seconds_per_page
     full = processed // per
     wakeups = full + 1
     skipped_per_page = skipped / processed if processed else 0.0
@@ -206,18 +212,18 @@ class GridRow:
                 f"{self.steady_state_seconds:.3g} s, ksmd {self.cpu_percent:.3g}% of a CPU")
 
 
-def grid(scans: Sequence[tuple[int, int]], cost: CpuCost, *, steady_scans: int | None = None,
+def grid(scans: Sequence[Sequence[int]], cost: CpuCost, *, steady_scans: int | None = None,
          knobs: Knobs | None = None,
          pages_to_scan: Iterable[int] = DEFAULT_PAGES_TO_SCAN_GRID,
          sleep_millisecs: Iterable[int] = DEFAULT_SLEEP_GRID,
          advisor: bool = True, ksmd_cpu_before: float = 0.0) -> list[GridRow]:
     """Every ``pages_to_scan`` x ``sleep_millisecs`` (and, with ``advisor``, the advisor at
     each sleep) for a host whose full scans process and skip ``scans[k] = (processed,
-    skipped)`` pages (from the model's replay), steady from scan ``steady_scans`` (1-based;
+    skipped[, merged, merges])`` pages (from the model's replay, :func:`full_scan`'s), steady from scan ``steady_scans`` (1-based;
     default: the last): the time to steady state is the sum of the scans' times up to it;
     the full-scan time and CPU % are the pace of the last :data:`PACE_SCANS` scans (a
     smart_scan cycle), as ksmd runs once steady. ``knobs`` gives the advisor's settings."""
-    if not scans or any(p < 0 or k < 0 for p, k in scans):
+    if not scans or any(min(work) < 0 for work in scans):
         raise ValueError("give the pages of at least one full scan, none negative")
     steady = len(scans) if steady_scans is None else min(max(steady_scans, 1), len(scans))
     base = knobs or Knobs()
@@ -225,7 +231,7 @@ def grid(scans: Sequence[tuple[int, int]], cost: CpuCost, *, steady_scans: int |
     for sleep in sorted(set(sleep_millisecs)):
         for rate in sorted(set(pages_to_scan)):
             setting = replace(base, pages_to_scan=rate, sleep_millisecs=sleep)
-            rows.append(_row(rate, sleep, [full_scan(p, k, setting, cost) for p, k in scans],
+            rows.append(_row(rate, sleep, [_timed(work, setting, cost) for work in scans],
                              steady))
         if advisor:
             rows.append(_advised(scans, steady, replace(base, sleep_millisecs=sleep), cost,
@@ -245,6 +251,13 @@ def pace(times: Sequence[ScanTime]) -> tuple[float, float]:
     return wall / len(last), 100.0 * cpu / wall if wall else 0.0
 
 
+def _timed(work: Sequence[int], knobs: Knobs, cost: CpuCost) -> ScanTime:
+    """:func:`full_scan` of ``(processed, skipped[, merged, merges])``."""
+    processed, skipped, *more = work
+    merged, merges = [*more, 0, 0][:2]
+    return full_scan(processed, skipped, knobs, cost, merged=merged, merges=merges)
+
+
 def _row(rate: int | None, sleep: int, times: Sequence[ScanTime], steady: int,
          advised: int | None = None) -> GridRow:
     full, percent = pace(times)
@@ -259,13 +272,13 @@ def advisor_scan_seconds(t: ScanTime, knobs: Knobs, cost: CpuCost) -> float:
                t.cpu_seconds)
 
 
-def _advised(scans: Sequence[tuple[int, int]], steady: int, knobs: Knobs, cost: CpuCost,
+def _advised(scans: Sequence[Sequence[int]], steady: int, knobs: Knobs, cost: CpuCost,
              ksmd_cpu_before: float) -> GridRow:
     """The advisor replayed scan by scan from ``advisor_min_pages_to_scan``."""
     adv = Advisor(knobs, ksmd_cpu_before=ksmd_cpu_before)
     times = []
-    for processed, skipped in scans:
-        t = full_scan(processed, skipped, replace(knobs, pages_to_scan=adv.pages_to_scan), cost)
+    for work in scans:
+        t = _timed(work, replace(knobs, pages_to_scan=adv.pages_to_scan), cost)
         times.append(t)
         adv.after_scan(advisor_scan_seconds(t, knobs, cost), t.cpu_seconds)
     return _row(None, knobs.sleep_millisecs, times, steady, adv.pages_to_scan)
@@ -334,7 +347,8 @@ def save_cost(path: str | os.PathLike[str], cost: CpuCost) -> None:
     """Write ``cost`` as strict JSON (mode 0600, atomically)."""
     doc = {"format": FORMAT, "version": VERSION, "seconds_per_page": cost.seconds_per_page,
            "seconds_per_skipped": cost.seconds_per_skipped,
-           "seconds_per_merged": cost.seconds_per_merged, "machine": cost.machine}
+           "seconds_per_merged": cost.seconds_per_merged,
+           "seconds_per_merge": cost.seconds_per_merge, "machine": cost.machine}
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False, sort_keys=True) + "\n")
 
 
@@ -360,13 +374,15 @@ def load_cost(path: str | os.PathLike[str]) -> CpuCost:
         raise InputError(f"calibration version {doc.get('version')!r} is not {VERSION}",
                          path=path)
     unknown = sorted(set(doc) - {"format", "version", "seconds_per_page",
-                                 "seconds_per_skipped", "seconds_per_merged", "machine"})
+                                 "seconds_per_skipped", "seconds_per_merged",
+                                 "seconds_per_merge", "machine"})
     if unknown:
         raise InputError(f"unknown field {unknown[0]!r} in the calibration", path=path)
     try:
         return CpuCost(seconds_per_page=doc.get("seconds_per_page"),  # type: ignore[arg-type]
                        seconds_per_skipped=doc.get("seconds_per_skipped"),  # type: ignore[arg-type]
                        seconds_per_merged=doc.get("seconds_per_merged", 0.0),
+                       seconds_per_merge=doc.get("seconds_per_merge", 0.0),
                        machine=doc.get("machine", {}))
     except (TypeError, ValueError) as e:
         raise InputError(f"bad calibration: {e}", path=path) from None

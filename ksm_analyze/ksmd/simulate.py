@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -33,6 +33,7 @@ __all__ = [
     "SMART_SCAN_PERIOD",
     "AdvisorLike",
     "ScanTimer",
+    "ScanWork",
     "Trajectory",
     "simulate",
     "sleep_only_scan_time",
@@ -51,7 +52,18 @@ _QUANTILES = np.linspace(0.0, 1.0, 101)
 """Where a scan's merges fall is kept as these quantiles of their places in the scan."""
 """Two successive windows agree when their means differ by at most 0.5% (or one page)."""
 
-ScanTimer = Callable[[int, int, Knobs], tuple[float, float]]
+class ScanWork(NamedTuple):
+    """What a full scan does, for its time: pages processed and skipped, of the processed
+    those already KSM pages, and the merges it makes (KSM pages made or joined, zero pages
+    mapped)."""
+
+    processed: int
+    skipped: int
+    ksm_pages: int = 0
+    merges: int = 0
+
+
+ScanTimer = Callable[[ScanWork, Knobs], tuple[float, float]]
 """``(processed, skipped, knobs) -> (wall_seconds, cpu_seconds)`` of one full scan."""
 
 
@@ -64,13 +76,13 @@ class AdvisorLike(Protocol):
     def after_scan(self, wall_seconds: float, cpu_seconds: float) -> int: ...
 
 
-def sleep_only_scan_time(processed: int, skipped: int, knobs: Knobs) -> tuple[float, float]:
+def sleep_only_scan_time(work: ScanWork, knobs: Knobs) -> tuple[float, float]:
     """A full scan's time counting only ksmd's sleeps: one wake-up per ``pages_to_scan``
     processed pages (skipped pages do not count), ``sleep_millisecs`` each, no CPU time.
 
     The default when no CPU cost model is given: a lower bound on the wall time.
     """
-    wakeups = max(1, -(-processed // knobs.pages_to_scan))
+    wakeups = max(1, -(-work.processed // knobs.pages_to_scan))
     return wakeups * knobs.sleep_millisecs / 1000.0, 0.0
 
 
@@ -330,7 +342,9 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         n_skipped = int(skip.sum())
         skipped_total += n_skipped
         scanned_total += n_processed
-        wall, cpu = scan_time(n_processed, n_skipped, replace(knobs, pages_to_scan=pages_to_scan))
+        done = ScanWork(n_processed, n_skipped, int((processed & ksm_page).sum()),
+                        len(merged_now))
+        wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
         profit_pages = sharing + (zero_pages if rules.zero_pages_in_profit else 0)
         rows.append({
@@ -428,7 +442,9 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
                 curves.append(None)
         skipped_total += n_skipped
         scanned_total += n_processed
-        wall, cpu = scan_time(n_processed, n_skipped, replace(knobs, pages_to_scan=pages_to_scan))
+        done = ScanWork(n_processed, n_skipped, ksm_pages + sharing if scan >= 2 else 0,
+                        len(merged_at) if scan == 1 else 0)
+        wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
         profit_pages = sharing_now + (zero_now if rules.zero_pages_in_profit else 0)
         rows.append({

@@ -186,9 +186,17 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
             _write("sleep_millisecs", sleep_millisecs)
             if smart:
                 _write("smart_scan", 0)
+            say("smart_scan 0, the first two full scans: checksums, then the merges")
+            c0, s0 = ksmd_cpu_seconds(pid), _read("pages_scanned")
+            f0 = _read("full_scans")
             _write("run", 1)
+            _wait_scans(2, timeout)  # scan 1 takes checksums, scan 2 merges the copies
+            merging = {"cpu_seconds": ksmd_cpu_seconds(pid) - c0,
+                       "pages_scanned": _read("pages_scanned") - s0,
+                       "merges": _read("pages_shared") + _read("pages_sharing"),
+                       "full_scans": _read("full_scans") - f0}
             say("smart_scan 0, unique and merged pages: every page processed")
-            _wait_scans(3, timeout)  # the copies are merged by the second
+            _wait_scans(1, timeout)
             cpu_a, scanned_a, _ = _phase(pid, scans, timeout)
             assert child.stdin is not None
             child.stdin.write("drop\n")
@@ -204,6 +212,10 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
             # The first phase processed the same unique pages, and the merged copies.
             per_merged = max(cpu_a - per_page * scanned_u, 0.0) / (scanned_a - scanned_u)
             per_skipped = 0.0
+            # The merging scans processed pages at the unique pages' cost, plus the merges.
+            extra = merging["cpu_seconds"] - per_page * merging["pages_scanned"]
+            per_merge = max(extra, 0.0) / merging["merges"] if merging["merges"] else 0.0
+            figures["merging"] = merging
             figures["unique_and_merged"] = {"cpu_seconds": cpu_a, "pages_scanned": scanned_a,
                                             "full_scans": scans}
             figures["unique"] = {"cpu_seconds": cpu_u, "pages_scanned": scanned_u,
@@ -244,4 +256,5 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
     if machine["hz"] is None:
         del machine["hz"]
     return CpuCost(seconds_per_page=per_page, seconds_per_skipped=per_skipped,
-                   seconds_per_merged=per_merged, machine=machine)
+                   seconds_per_merged=per_merged, seconds_per_merge=per_merge,
+                   machine=machine)
