@@ -207,7 +207,7 @@ def model_host(tl: Timeline, ksm: KsmSettings, machine: dict[str, Any], *,
 
     def scan_time(work: ScanWork, k: Knobs) -> tuple[float, float]:
         t = full_scan(work.processed, work.skipped, k, cost, merged=work.ksm_pages,
-                      merges=work.merges)
+                      merges=work.merges, first_visits=work.first_visits)
         return t.wall_seconds, t.cpu_seconds
 
     works: list[ScanWork] = []

@@ -218,7 +218,11 @@ def test_scan_time_and_advisor_hooks():
 def test_still_memory_shortcut_gives_the_replay_s_rows(seed, smart, zero_pages, mps, release,
                                                       advised):
     from ksm_analyze.ksmd.advisor import Advisor
-    from ksm_analyze.ksmd.cost import DEFAULT_CPU_COST, full_scan
+    from ksm_analyze.ksmd.cost import CpuCost, full_scan
+
+    # Every kind of visit with a cost of its own, so the scans' work must agree too.
+    cost = CpuCost(seconds_per_page=4e-6, seconds_per_skipped=3e-7, seconds_per_merged=1e-6,
+                   seconds_per_merge=2.5e-5, seconds_per_first_visit=9e-7)
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 3000))
@@ -228,8 +232,8 @@ def test_still_memory_shortcut_gives_the_replay_s_rows(seed, smart, zero_pages, 
                   advisor_mode="scan-time" if advised else "none")
 
     def timer(work, k):
-        t = full_scan(work.processed, work.skipped, k, DEFAULT_CPU_COST, merged=work.ksm_pages,
-                      merges=work.merges)
+        t = full_scan(work.processed, work.skipped, k, cost, merged=work.ksm_pages,
+                      merges=work.merges, first_visits=work.first_visits)
         return t.wall_seconds, t.cpu_seconds
 
     still = Timeline(**{**timeline(content, zero_id=int(content[0])).__dict__,

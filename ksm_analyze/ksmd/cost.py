@@ -70,6 +70,9 @@ class CpuCost:
             stops at the stable-node check); 0 means "as ``seconds_per_page``".
         seconds_per_merge: CPU each merge adds to its page's visit (write-protecting the
             page, replacing the mapping, splitting a huge page): 0 when not measured.
+        seconds_per_first_visit: CPU of a page's first visit (its rmap_item made and its
+            checksum taken: no tree search, the gate fails); 0 means "as
+            ``seconds_per_page``".
         machine: where it was measured: kernel, CPU model, CONFIG_HZ (``hz``, used for the
             sleep's tick), date, workload.
     """
@@ -79,10 +82,11 @@ class CpuCost:
     machine: dict[str, Any] = field(default_factory=dict, hash=False)
     seconds_per_merged: float = 0.0
     seconds_per_merge: float = 0.0
+    seconds_per_first_visit: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("seconds_per_page", "seconds_per_skipped", "seconds_per_merged",
-                     "seconds_per_merge"):
+                     "seconds_per_merge", "seconds_per_first_visit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) \
                     or not math.isfinite(value) or value < 0:
@@ -104,15 +108,19 @@ DEFAULT_CPU_COST = CpuCost(
     seconds_per_page=4.0e-6,
     seconds_per_skipped=0.3e-6,
     seconds_per_merged=1.0e-6,
+    seconds_per_merge=20e-6,
+    seconds_per_first_visit=0.75e-6,
     machine={"kernel": "6.18.44", "cpu": "AMD EPYC (2 vCPUs, shared)", "hz": 250,
              "date": "2026-12-06",
-             "workload": "ksm-analyze calibrate -o FILE (64 MiB: 8192 unique random pages, "
-                         "8192 copies of 64 contents), medians of 4 runs",
+             "workload": "ksm-analyze calibrate -o FILE (64 MiB THP-backed, its owner "
+                         "running: 8192 unique random pages, 8192 copies of 64 contents)",
              "source": "default"},
 )
-"""Measured on the project's machine with ``ksm-analyze calibrate`` (4 runs: per processed
-page 3.65-4.72 us, per merged page 0.49-1.32 us, per skipped page 0.21-0.32 us; see
-``docs/model.md``, "ksmd's CPU bill")."""
+"""Measured on the project's machine with ``ksm-analyze calibrate``: per processed page
+3.2-4.7 us, per page already merged 0.1-1.3 us, per skipped page 0.2-0.4 us, per first visit
+0.65-0.9 us, per merge 15-23 us while the pages' process runs (each merge write-protects a
+page mapped by running threads: a TLB shootdown), about 0 while it sleeps; a QEMU/TCG guest
+measured 26 us per merge (see ``docs/model.md``, "ksmd's CPU bill")."""
 
 
 @dataclass(frozen=True)
@@ -146,20 +154,25 @@ def _sleep_ticks(sleep_millisecs: int, hz: int) -> float:
 
 
 def full_scan(processed: int, skipped: int, knobs: Knobs, cost: CpuCost, *,
-              merged: int = 0, merges: int = 0) -> ScanTime:
+              merged: int = 0, merges: int = 0, first_visits: int = 0) -> ScanTime:
     """Wall and CPU time of one full scan that processes ``processed`` pages and skips
     ``skipped`` (smart_scan) with ``knobs.pages_to_scan`` and ``knobs.sleep_millisecs``.
     ``merged`` of the processed pages are KSM pages already (cheaper to visit, when the
     calibration measured ``seconds_per_merged``); ``merges`` pages are merged in the scan
-    (each costing ``seconds_per_merge`` more).
+    (each costing ``seconds_per_merge`` more); ``first_visits`` of the others are visited
+    for the first time (``seconds_per_first_visit`` each).
 
     Wake-ups are ``processed // pages_to_scan + 1``; each is a batch of CPU then a sleep
     (see the module's docstring for the tick arithmetic)."""
-    if processed < 0 or skipped < 0 or merges < 0 or not 0 <= merged <= processed:
-        raise ValueError("page counts cannot be negative, nor merged above processed")
+    if processed < 0 or skipped < 0 or merges < 0 or not 0 <= merged <= processed \
+            or not 0 <= first_visits <= processed - merged:
+        raise ValueError("page counts cannot be negative, nor merged and first visits above "
+                         "processed")
     per = knobs.pages_to_scan
     per_merged = cost.seconds_per_merged or cost.seconds_per_page
-    per_page = (cost.seconds_per_page * (processed - merged) + per_merged * merged
+    per_first = cost.seconds_per_first_visit or cost.seconds_per_page
+    others = processed - merged - first_visits
+    per_page = (cost.seconds_per_page * others + per_merged * merged + per_first * first_visits
                 + cost.seconds_per_merge * merges) / processed if processed \
         else cost.seconds_per_page
     full = processed // per
@@ -252,10 +265,11 @@ def pace(times: Sequence[ScanTime]) -> tuple[float, float]:
 
 
 def _timed(work: Sequence[int], knobs: Knobs, cost: CpuCost) -> ScanTime:
-    """:func:`full_scan` of ``(processed, skipped[, merged, merges])``."""
+    """:func:`full_scan` of ``(processed, skipped[, merged, merges, first_visits])``."""
     processed, skipped, *more = work
-    merged, merges = [*more, 0, 0][:2]
-    return full_scan(processed, skipped, knobs, cost, merged=merged, merges=merges)
+    merged, merges, first = [*more, 0, 0, 0][:3]
+    return full_scan(processed, skipped, knobs, cost, merged=merged, merges=merges,
+                     first_visits=first)
 
 
 def _row(rate: int | None, sleep: int, times: Sequence[ScanTime], steady: int,
@@ -348,7 +362,8 @@ def save_cost(path: str | os.PathLike[str], cost: CpuCost) -> None:
     doc = {"format": FORMAT, "version": VERSION, "seconds_per_page": cost.seconds_per_page,
            "seconds_per_skipped": cost.seconds_per_skipped,
            "seconds_per_merged": cost.seconds_per_merged,
-           "seconds_per_merge": cost.seconds_per_merge, "machine": cost.machine}
+           "seconds_per_merge": cost.seconds_per_merge,
+           "seconds_per_first_visit": cost.seconds_per_first_visit, "machine": cost.machine}
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False, sort_keys=True) + "\n")
 
 
@@ -375,7 +390,7 @@ def load_cost(path: str | os.PathLike[str]) -> CpuCost:
                          path=path)
     unknown = sorted(set(doc) - {"format", "version", "seconds_per_page",
                                  "seconds_per_skipped", "seconds_per_merged",
-                                 "seconds_per_merge", "machine"})
+                                 "seconds_per_merge", "seconds_per_first_visit", "machine"})
     if unknown:
         raise InputError(f"unknown field {unknown[0]!r} in the calibration", path=path)
     try:
@@ -383,6 +398,7 @@ def load_cost(path: str | os.PathLike[str]) -> CpuCost:
                        seconds_per_skipped=doc.get("seconds_per_skipped"),  # type: ignore[arg-type]
                        seconds_per_merged=doc.get("seconds_per_merged", 0.0),
                        seconds_per_merge=doc.get("seconds_per_merge", 0.0),
+                       seconds_per_first_visit=doc.get("seconds_per_first_visit", 0.0),
                        machine=doc.get("machine", {}))
     except (TypeError, ValueError) as e:
         raise InputError(f"bad calibration: {e}", path=path) from None

@@ -54,13 +54,14 @@ _QUANTILES = np.linspace(0.0, 1.0, 101)
 
 class ScanWork(NamedTuple):
     """What a full scan does, for its time: pages processed and skipped, of the processed
-    those already KSM pages, and the merges it makes (KSM pages made or joined, zero pages
-    mapped)."""
+    those already KSM pages, the merges it makes (KSM pages made or joined, zero pages
+    mapped), and the pages visited for the first time (no tree search)."""
 
     processed: int
     skipped: int
     ksm_pages: int = 0
     merges: int = 0
+    first_visits: int = 0
 
 
 ScanTimer = Callable[[ScanWork, Knobs], tuple[float, float]]
@@ -343,7 +344,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         skipped_total += n_skipped
         scanned_total += n_processed
         done = ScanWork(n_processed, n_skipped, int((processed & ksm_page).sum()),
-                        len(merged_now))
+                        len(merged_now), int(new.sum()) + extra)
         wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
         profit_pages = sharing + (zero_pages if rules.zero_pages_in_profit else 0)
@@ -443,7 +444,7 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
         skipped_total += n_skipped
         scanned_total += n_processed
         done = ScanWork(n_processed, n_skipped, ksm_pages + sharing if scan >= 2 else 0,
-                        len(merged_at) if scan == 1 else 0)
+                        len(merged_at) if scan == 1 else 0, n_processed if scan == 0 else 0)
         wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
         profit_pages = sharing_now + (zero_now if rules.zero_pages_in_profit else 0)

@@ -44,11 +44,18 @@ ps = mmap.PAGESIZE
 n = int(sys.argv[1]) * (1 << 20) // ps
 region = mmap.mmap(-1, n * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 region.madvise(mmap.MADV_MERGEABLE)
+if hasattr(mmap, "MADV_HUGEPAGE"):  # as guest RAM is: merging a page splits its huge page
+    region.madvise(mmap.MADV_HUGEPAGE)
 unique = n // 2
 region[: unique * ps] = os.urandom(unique * ps)
 contents = [os.urandom(ps) for _ in range(int(sys.argv[2]))]
 for i in range(unique, n):
     region[i * ps : (i + 1) * ps] = contents[i % len(contents)]
+def spin():  # a running process, as a guest's vCPU is: each merge then flushes its TLBs
+    while True:
+        pass
+import threading
+threading.Thread(target=spin, daemon=True).start()
 print(n, unique, flush=True)
 sys.stdin.readline()  # "drop": the copies leave KSM (their VMA is no longer mergeable)
 region.madvise(mmap.MADV_UNMERGEABLE, unique * ps, (n - unique) * ps)
@@ -190,11 +197,16 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
             c0, s0 = ksmd_cpu_seconds(pid), _read("pages_scanned")
             f0 = _read("full_scans")
             _write("run", 1)
-            _wait_scans(2, timeout)  # scan 1 takes checksums, scan 2 merges the copies
-            merging = {"cpu_seconds": ksmd_cpu_seconds(pid) - c0,
-                       "pages_scanned": _read("pages_scanned") - s0,
+            _wait_scans(1, timeout)  # scan 1: every page's first visit (checksum only)
+            first = {"cpu_seconds": ksmd_cpu_seconds(pid) - c0,
+                     "pages_scanned": _read("pages_scanned") - s0,
+                     "full_scans": _read("full_scans") - f0}
+            c1, s1 = ksmd_cpu_seconds(pid), _read("pages_scanned")
+            _wait_scans(1, timeout)  # scan 2 merges the copies
+            merging = {"cpu_seconds": ksmd_cpu_seconds(pid) - c1,
+                       "pages_scanned": _read("pages_scanned") - s1,
                        "merges": _read("pages_shared") + _read("pages_sharing"),
-                       "full_scans": _read("full_scans") - f0}
+                       "full_scans": 1}
             say("smart_scan 0, unique and merged pages: every page processed")
             _wait_scans(1, timeout)
             cpu_a, scanned_a, _ = _phase(pid, scans, timeout)
@@ -212,9 +224,11 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
             # The first phase processed the same unique pages, and the merged copies.
             per_merged = max(cpu_a - per_page * scanned_u, 0.0) / (scanned_a - scanned_u)
             per_skipped = 0.0
-            # The merging scans processed pages at the unique pages' cost, plus the merges.
+            per_first = first["cpu_seconds"] / max(first["pages_scanned"], 1)
+            # The merging scan processed pages at the unique pages' cost, plus the merges.
             extra = merging["cpu_seconds"] - per_page * merging["pages_scanned"]
             per_merge = max(extra, 0.0) / merging["merges"] if merging["merges"] else 0.0
+            figures["first_visits"] = first
             figures["merging"] = merging
             figures["unique_and_merged"] = {"cpu_seconds": cpu_a, "pages_scanned": scanned_a,
                                             "full_scans": scans}
@@ -257,4 +271,5 @@ def calibrate(mib: int = 64, *, pages_to_scan: int = 20000, sleep_millisecs: int
         del machine["hz"]
     return CpuCost(seconds_per_page=per_page, seconds_per_skipped=per_skipped,
                    seconds_per_merged=per_merged, seconds_per_merge=per_merge,
+                   seconds_per_first_visit=per_first,
                    machine=machine)
