@@ -287,7 +287,9 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     fresh = int(max((int(lab.max()) for lab in labels if len(lab)), default=0)) + 2
     for k, (fp, mask, lab) in enumerate(zip(prints, masks, labels, strict=True)):
         rows = np.flatnonzero(mask.scanned)
-        rows = rows[np.argsort(fp.addrs[rows], kind="stable")]
+        addrs = fp.addrs[rows]
+        if len(addrs) > 1 and not bool(np.all(addrs[1:] > addrs[:-1])):  # often in order
+            rows = rows[np.argsort(addrs, kind="stable")]
         ids = lab[rows].astype(np.int64) + 1  # classes from 1: 0 is the zero page
         ids[lab[rows] == ZERO] = 0
         unique = lab[rows] == UNIQUE

@@ -266,3 +266,15 @@ def test_zero_thp_subpages_cost_the_first_full_scan_only():
     assert plain.loc[0, "time_seconds"] == pytest.approx(0.040)
     with pytest.raises(ValueError, match="first_scan_only"):
         Timeline(**{**base.__dict__, "first_scan_only": -1})
+
+
+def test_wakeup_quantiles_are_numpy_s_quantiles():
+    # Counted instead of sorted (merges are many, wake-ups few): the same numbers.
+    from ksm_analyze.ksmd.simulate import _QUANTILES, _wakeup_quantiles
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        wakeup = rng.integers(0, rng.integers(1, 50), rng.integers(1, 500))
+        wakeups = int(wakeup.max()) + 1 + int(rng.integers(0, 3))
+        np.testing.assert_allclose(_wakeup_quantiles(wakeup, wakeups),
+                                   np.quantile(wakeup / wakeups, _QUANTILES))

@@ -331,7 +331,7 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         # A wake-up processes its pages_to_scan pages at once, then sleeps: a page's place
         # in time is its wake-up's.
         wakeup = np.searchsorted(order, merged_now) // pages_to_scan
-        curves.append(np.quantile(wakeup / (len(order) // pages_to_scan + 1), _QUANTILES)
+        curves.append(_wakeup_quantiles(wakeup, len(order) // pages_to_scan + 1)
                       if len(merged_now) else None)
         count = nodes.counts(node)
         shared = int((count >= 1).sum())
@@ -387,18 +387,24 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     n = timeline.pages
     smart = knobs.smart_scan and rules.has_smart_scan
     mps = knobs.max_page_sharing if rules.max_page_sharing_limit else np.iinfo(np.int32).max
-    content, n_contents = _dense(np.asarray(timeline.content, np.int64))
+    content = np.asarray(timeline.content, np.int64)
+    if n and (content.min() < 0 or content.max() >= 4 * n):  # ids too sparse to count by
+        content, n_contents = _dense(content)
+    else:
+        n_contents = int(content.max()) + 1 if n else 0
     is_zero = (np.asarray(timeline.content) == timeline.zero_id) if timeline.zero_id >= 0 \
         else np.zeros(n, bool)
     zero_merge = is_zero if knobs.use_zero_pages else np.zeros(n, bool)
     mergeable = ~zero_merge
     copies = np.bincount(content[mergeable], minlength=n_contents)
     may_merge = (copies[content] >= 2) & mergeable
-    order, rank = _ranks(content)
     full, rest = np.divmod(copies, mps)
-    alone = np.zeros(n, bool)  # the single leftover of a content: the last in scan order
-    alone[order] = (rank == full[content[order]] * mps) & (rest[content[order]] == 1)
-    alone &= may_merge
+    # The single leftover of a content seen k * mps + 1 times: its last page in scan order.
+    odd = np.flatnonzero(may_merge & (rest[content] == 1))
+    last = np.full(n_contents, -1, np.int64)
+    np.maximum.at(last, content[odd], odd)
+    alone = np.zeros(n, bool)
+    alone[last[last >= 0]] = True
     merged = (may_merge & ~alone) | zero_merge
     ksm_pages = int((full + (rest >= 2))[copies >= 2].sum())
     sharing = int(merged.sum()) - int(zero_merge.sum()) - ksm_pages
@@ -438,7 +444,7 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
             n_processed = (n if scan == 1 else n - zero) - n_skipped
             if scan == 1 and len(merged_at):
                 wakeup = merged_at // pages_to_scan  # every page is processed in scan 2
-                curves.append(np.quantile(wakeup / (n // pages_to_scan + 1), _QUANTILES))
+                curves.append(_wakeup_quantiles(wakeup, n // pages_to_scan + 1))
             else:
                 curves.append(None)
         skipped_total += n_skipped
@@ -462,6 +468,20 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
         if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
             break
     return _as_columns(rows), 0, 0, curves
+
+
+def _wakeup_quantiles(wakeup: np.ndarray, wakeups: int) -> np.ndarray:
+    """:data:`_QUANTILES` of the merges' wake-ups (as fractions of the scan's
+    ``wakeups``), counted rather than sorted: wake-ups are few, merges many."""
+    counts = np.bincount(wakeup, minlength=wakeups)
+    # The q-quantile of sorted values v[0..m-1] by linear interpolation, as np.quantile.
+    at = _QUANTILES * (len(wakeup) - 1)
+    below, above = np.floor(at).astype(np.int64), np.ceil(at).astype(np.int64)
+    ends = np.cumsum(counts)
+    lo = np.searchsorted(ends, below, side="right")
+    hi = np.searchsorted(ends, above, side="right")
+    value = lo + (at - below) * (hi - lo)
+    return value / wakeups
 
 
 def _min_scans(smart: bool) -> int:
