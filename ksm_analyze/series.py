@@ -281,31 +281,31 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     eligible page's content from stage 2's byte-confirmed ``labels``
     (:class:`~ksm_analyze.hashing.stage2.ContentClasses`), in address order, then the zero
     pages the format marks without storing them; none changing."""
-    from .hashing.stage2 import UNIQUE, ZERO
+    from .hashing.stage2 import ZERO
 
-    owner, content = [], []
-    fresh = int(max((int(lab.max()) for lab in labels if len(lab)), default=0)) + 2
-    for k, (fp, mask, lab) in enumerate(zip(prints, masks, labels, strict=True)):
+    # int32 ids, 4 bytes a page: labels (int32) + 1, so 0 is the zero page and a unique page
+    # (UNIQUE + 1 < 0) keeps a negative id, "no other page holds it".
+    content, sizes = [], []
+    for fp, mask, lab in zip(prints, masks, labels, strict=True):
         rows = np.flatnonzero(mask.scanned)
         addrs = fp.addrs[rows]
         if len(addrs) > 1 and not bool(np.all(addrs[1:] > addrs[:-1])):  # often in order
             rows = rows[np.argsort(addrs, kind="stable")]
-        ids = lab[rows].astype(np.int64) + 1  # classes from 1: 0 is the zero page
-        ids[lab[rows] == ZERO] = 0
-        unique = lab[rows] == UNIQUE
-        ids[unique] = fresh + np.arange(int(unique.sum()))
-        fresh += int(unique.sum())
-        ids = np.concatenate([ids, np.zeros(mask.zero_state_pages, np.int64)])  # no rows
-        owner.append(np.full(len(ids), k, np.int32))
+        ids = lab[rows] + np.int32(1)
+        ids[ids == ZERO + 1] = 0
         content.append(ids)
-    all_content = np.concatenate(content) if content else np.zeros(0, np.int64)
+        content.append(np.zeros(mask.zero_state_pages, np.int32))  # zero pages without rows
+        sizes.append(len(ids) + mask.zero_state_pages)
+    all_content = np.concatenate(content) if content else np.zeros(0, np.int32)
+    n = len(all_content)
+    still = np.broadcast_to(np.float64(0.0), (n,))  # no memory: every page alike
     return Timeline(
         inputs=[fp.path for fp in prints],
-        owner=np.concatenate(owner) if owner else np.zeros(0, np.int32),
+        owner=np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
         content=all_content,
         zero_id=0 if np.any(all_content == 0) else -1,
-        change_rate=np.zeros(len(all_content)),
-        aged=np.zeros(len(all_content), bool),
+        change_rate=still,
+        aged=np.broadcast_to(np.False_, (n,)),
         first_scan_only=sum(m.excluded.get("thp_zero", 0) for m in masks),
     )
 

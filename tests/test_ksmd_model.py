@@ -236,6 +236,9 @@ def test_still_memory_shortcut_gives_the_replay_s_rows(seed, smart, zero_pages, 
                       merges=work.merges, first_visits=work.first_visits)
         return t.wall_seconds, t.cpu_seconds
 
+    if seed % 2:  # contents held once may come as negative ids (series.still_timeline)
+        once = np.bincount(content)[content] == 1
+        content = np.where(once & (content != content[0]), -1, content)
     still = Timeline(**{**timeline(content, zero_id=int(content[0])).__dict__,
                         "first_scan_only": int(rng.integers(0, 500))})
     runs = [simulate(still, knobs, rules_for(release),

@@ -228,7 +228,10 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
     rng = np.random.default_rng(seed)
     smart = knobs.smart_scan and rules.has_smart_scan
     mps = knobs.max_page_sharing if rules.max_page_sharing_limit else np.iinfo(np.int32).max
-    content, n_contents = _dense(np.asarray(timeline.content, np.int64))
+    content = np.array(timeline.content, np.int64)
+    fresh = content < 0  # a content no other page holds: an id of its own here
+    content[fresh] = int(content.max(initial=-1)) + 1 + np.arange(int(fresh.sum()))
+    content, n_contents = _dense(content)
     copies = np.bincount(content, minlength=n_contents)
     rate = np.asarray(timeline.change_rate, np.float64)
     aged = np.asarray(timeline.aged, bool)
@@ -387,30 +390,31 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     n = timeline.pages
     smart = knobs.smart_scan and rules.has_smart_scan
     mps = knobs.max_page_sharing if rules.max_page_sharing_limit else np.iinfo(np.int32).max
-    content = np.asarray(timeline.content, np.int64)
-    if n and (content.min() < 0 or content.max() >= 4 * n):  # ids too sparse to count by
-        content, n_contents = _dense(content)
+    # Only pages whose content another page may hold (id >= 0) need counting, by content.
+    content = np.asarray(timeline.content)
+    known = np.flatnonzero(content >= 0)
+    ids = content[known].astype(np.int64)
+    if len(ids) and int(ids.max()) >= 4 * len(ids):  # too sparse to count by
+        ids, n_contents = _dense(ids)
     else:
-        n_contents = int(content.max()) + 1 if n else 0
-    is_zero = (np.asarray(timeline.content) == timeline.zero_id) if timeline.zero_id >= 0 \
-        else np.zeros(n, bool)
-    zero_merge = is_zero if knobs.use_zero_pages else np.zeros(n, bool)
-    mergeable = ~zero_merge
-    copies = np.bincount(content[mergeable], minlength=n_contents)
-    may_merge = (copies[content] >= 2) & mergeable
+        n_contents = int(ids.max()) + 1 if len(ids) else 0
+    zero_merge = (content[known] == timeline.zero_id) if (
+        knobs.use_zero_pages and timeline.zero_id >= 0) else np.zeros(len(known), bool)
+    copies = np.bincount(ids[~zero_merge], minlength=n_contents)
+    may_merge = (copies[ids] >= 2) & ~zero_merge
     full, rest = np.divmod(copies, mps)
     # The single leftover of a content seen k * mps + 1 times: its last page in scan order.
-    odd = np.flatnonzero(may_merge & (rest[content] == 1))
+    odd = np.flatnonzero(may_merge & (rest[ids] == 1))
     last = np.full(n_contents, -1, np.int64)
-    np.maximum.at(last, content[odd], odd)
-    alone = np.zeros(n, bool)
+    np.maximum.at(last, ids[odd], odd)
+    alone = np.zeros(len(known), bool)
     alone[last[last >= 0]] = True
     merged = (may_merge & ~alone) | zero_merge
     ksm_pages = int((full + (rest >= 2))[copies >= 2].sum())
-    sharing = int(merged.sum()) - int(zero_merge.sum()) - ksm_pages
-    left = int(alone.sum()) + int((mergeable & ~may_merge).sum())  # unshared when processed
     zero = int(zero_merge.sum())
-    merged_at = np.flatnonzero(merged)
+    sharing = int(merged.sum()) - zero - ksm_pages
+    left = int(alone.sum()) + n - zero - int(may_merge.sum())  # unshared when processed
+    merged_at = known[merged]
 
     t = 0.0
     age, remaining = 0, 0
@@ -594,7 +598,7 @@ def simulate(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     timer = scan_time or sleep_only_scan_time
     use_advisor = advisor if (rules.has_advisor and knobs.advisor_mode == "scan-time") else None
     smart = knobs.smart_scan and rules.has_smart_scan
-    still = not np.any(timeline.aged) and not np.any(np.asarray(timeline.change_rate) > 0)
+    still = not np.any(timeline.aged) and not np.any(timeline.change_rate)
     run = _run_still if still and not full_replay else _run
     scans, late, late_merged, curves = run(timeline, knobs, rules, scan_time=timer,
                                     advisor=use_advisor, max_scans=max_scans, seed=seed,

@@ -18,8 +18,9 @@ class Timeline:
     Attributes:
         inputs: input names; ``owner`` indexes them.
         owner: int32 per page, its input.
-        content: int64 per page, its content at the last sample (equal ids mean equal
-            bytes, confirmed like any duplicate).
+        content: int64 (or int32) per page, its content at the last sample (equal ids
+            mean equal bytes, confirmed like any duplicate); a negative id is a content no
+            other page holds.
         zero_id: the id of the all-zero content, or -1 where no page is all zero.
         change_rate: float64 per page, its estimated writes per second: 0 for a page seen
             unchanged in every sample, ``inf`` for one changed between every two samples
