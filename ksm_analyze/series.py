@@ -287,16 +287,18 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     # (UNIQUE + 1 < 0) keeps a negative id, "no other page holds it".
     content, sizes = [], []
     for fp, mask, lab in zip(prints, masks, labels, strict=True):
-        rows = np.flatnonzero(mask.scanned)
-        addrs = fp.addrs[rows]
-        if len(addrs) > 1 and not bool(np.all(addrs[1:] > addrs[:-1])):  # often in order
-            rows = rows[np.argsort(addrs, kind="stable")]
-        ids = lab[rows] + np.int32(1)
+        if len(fp.addrs) > 1 and not bool(np.all(fp.addrs[1:] > fp.addrs[:-1])):
+            order = np.argsort(fp.addrs, kind="stable")  # rows are often in order already
+            ids = lab[order][mask.scanned[order]] + np.int32(1)
+        else:
+            ids = (lab if mask.scanned.all() else lab[mask.scanned]) + np.int32(1)
         ids[ids == ZERO + 1] = 0
         content.append(ids)
-        content.append(np.zeros(mask.zero_state_pages, np.int32))  # zero pages without rows
+        if mask.zero_state_pages:  # zero pages the format marks without rows
+            content.append(np.zeros(mask.zero_state_pages, np.int32))
         sizes.append(len(ids) + mask.zero_state_pages)
-    all_content = np.concatenate(content) if content else np.zeros(0, np.int32)
+    all_content = (content[0] if len(content) == 1 else np.concatenate(content)) if content \
+        else np.zeros(0, np.int32)
     n = len(all_content)
     still = np.broadcast_to(np.float64(0.0), (n,))  # no memory: every page alike
     return Timeline(

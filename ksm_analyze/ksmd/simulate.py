@@ -14,7 +14,7 @@ drawn (Monte Carlo, ``seed``); rates 0 and ``inf`` are deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -334,8 +334,8 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
         # A wake-up processes its pages_to_scan pages at once, then sleeps: a page's place
         # in time is its wake-up's.
         wakeup = np.searchsorted(order, merged_now) // pages_to_scan
-        curves.append(_wakeup_quantiles(wakeup, len(order) // pages_to_scan + 1)
-                      if len(merged_now) else None)
+        curves.append(_wakeup_quantiles(np.bincount(
+            wakeup, minlength=len(order) // pages_to_scan + 1)) if len(merged_now) else None)
         count = nodes.counts(node)
         shared = int((count >= 1).sum())
         sharing = int(count.sum()) - shared
@@ -390,31 +390,40 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     n = timeline.pages
     smart = knobs.smart_scan and rules.has_smart_scan
     mps = knobs.max_page_sharing if rules.max_page_sharing_limit else np.iinfo(np.int32).max
-    # Only pages whose content another page may hold (id >= 0) need counting, by content.
     content = np.asarray(timeline.content)
-    known = np.flatnonzero(content >= 0)
-    ids = content[known].astype(np.int64)
-    if len(ids) and int(ids.max()) >= 4 * len(ids):  # too sparse to count by
-        ids, n_contents = _dense(ids)
-    else:
-        n_contents = int(ids.max()) + 1 if len(ids) else 0
-    zero_merge = (content[known] == timeline.zero_id) if (
-        knobs.use_zero_pages and timeline.zero_id >= 0) else np.zeros(len(known), bool)
-    copies = np.bincount(ids[~zero_merge], minlength=n_contents)
-    may_merge = (copies[ids] >= 2) & ~zero_merge
+    if n and int(content.max()) >= 4 * n:  # ids too sparse to count by
+        content = np.where(content >= 0, _dense(np.maximum(content, 0))[0], -1)
+    zero_id = timeline.zero_id if knobs.use_zero_pages and timeline.zero_id >= 0 else None
+    # Pass 1, a chunk at a time (a few bytes a page at most): each content's copies and last
+    # page in scan order; a negative id is a content no other page holds.
+    top = int(content.max()) + 1 if n else 0
+    copies = np.zeros(top, np.int64)
+    last = np.full(top, -1, np.int64)
+    zero = 0
+    for lo, ids, keep in _chunks(content, zero_id):
+        zero += len(keep) - int(keep.sum()) - int((content[lo:lo + len(keep)] < 0).sum())
+        copies += np.bincount(ids[keep], minlength=top)
+        np.maximum.at(last, ids[keep], np.flatnonzero(keep) + lo)
     full, rest = np.divmod(copies, mps)
+    pairs = copies >= 2
     # The single leftover of a content seen k * mps + 1 times: its last page in scan order.
-    odd = np.flatnonzero(may_merge & (rest[ids] == 1))
-    last = np.full(n_contents, -1, np.int64)
-    np.maximum.at(last, ids[odd], odd)
-    alone = np.zeros(len(known), bool)
-    alone[last[last >= 0]] = True
-    merged = (may_merge & ~alone) | zero_merge
-    ksm_pages = int((full + (rest >= 2))[copies >= 2].sum())
-    zero = int(zero_merge.sum())
-    sharing = int(merged.sum()) - zero - ksm_pages
-    left = int(alone.sum()) + n - zero - int(may_merge.sum())  # unshared when processed
-    merged_at = known[merged]
+    alone_at = np.sort(last[pairs & (rest == 1)])
+    ksm_pages = int((full + (rest >= 2))[pairs].sum())
+    merging = int(copies[pairs].sum())
+    sharing = merging - len(alone_at) - ksm_pages
+    left = len(alone_at) + n - zero - merging  # unshared when processed
+
+    def merged_wakeups(pages_to_scan: int) -> np.ndarray:
+        """Pass 2: how many pages merge in each wake-up of full scan 2."""
+        counts = np.zeros(n // pages_to_scan + 1, np.int64)
+        for lo, ids, keep in _chunks(content, zero_id):
+            merged = keep & pairs[ids]
+            if zero_id is not None:
+                merged |= content[lo:lo + len(keep)] == zero_id
+            at = np.flatnonzero(merged) + lo
+            at = at[~_member(at, alone_at)]
+            counts += np.bincount(at // pages_to_scan, minlength=len(counts))
+        return counts
 
     t = 0.0
     age, remaining = 0, 0
@@ -446,15 +455,15 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
             unshared = left if processed_rest else 0
             n_skipped = 0 if processed_rest else left
             n_processed = (n if scan == 1 else n - zero) - n_skipped
-            if scan == 1 and len(merged_at):
-                wakeup = merged_at // pages_to_scan  # every page is processed in scan 2
-                curves.append(_wakeup_quantiles(wakeup, n // pages_to_scan + 1))
+            if scan == 1 and merging + zero:
+                curves.append(_wakeup_quantiles(merged_wakeups(pages_to_scan)))
             else:
                 curves.append(None)
         skipped_total += n_skipped
         scanned_total += n_processed
         done = ScanWork(n_processed, n_skipped, ksm_pages + sharing if scan >= 2 else 0,
-                        len(merged_at) if scan == 1 else 0, n_processed if scan == 0 else 0)
+                        merging - len(alone_at) + zero if scan == 1 else 0,
+                        n_processed if scan == 0 else 0)
         wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
         profit_pages = sharing_now + (zero_now if rules.zero_pages_in_profit else 0)
@@ -474,18 +483,42 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     return _as_columns(rows), 0, 0, curves
 
 
-def _wakeup_quantiles(wakeup: np.ndarray, wakeups: int) -> np.ndarray:
-    """:data:`_QUANTILES` of the merges' wake-ups (as fractions of the scan's
-    ``wakeups``), counted rather than sorted: wake-ups are few, merges many."""
-    counts = np.bincount(wakeup, minlength=wakeups)
-    # The q-quantile of sorted values v[0..m-1] by linear interpolation, as np.quantile.
-    at = _QUANTILES * (len(wakeup) - 1)
+def _wakeup_quantiles(counts: np.ndarray) -> np.ndarray:
+    """:data:`_QUANTILES` of the merges' wake-ups, from how many merges each wake-up of the
+    scan made (``counts``), as fractions of the scan's wake-ups: counted rather than sorted
+    (wake-ups are few, merges many), the same numbers as ``np.quantile``."""
+    at = _QUANTILES * (int(counts.sum()) - 1)
     below, above = np.floor(at).astype(np.int64), np.ceil(at).astype(np.int64)
     ends = np.cumsum(counts)
     lo = np.searchsorted(ends, below, side="right")
     hi = np.searchsorted(ends, above, side="right")
-    value = lo + (at - below) * (hi - lo)
-    return value / wakeups
+    value: np.ndarray = (lo + (at - below) * (hi - lo)) / len(counts)
+    return value
+
+
+_CHUNK = 1 << 20
+"""Pages the still-memory replay counts at a time: its memory stays a few MiB."""
+
+
+def _chunks(content: np.ndarray, zero_id: int | None
+            ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``content`` a chunk at a time: its first page, the ids (negative ones as 0) and
+    which pages count by content (id >= 0 and not ``zero_id``)."""
+    for lo in range(0, len(content), _CHUNK):
+        c = content[lo:lo + _CHUNK]
+        keep = c >= 0
+        if zero_id is not None:
+            keep &= c != zero_id
+        yield lo, np.maximum(c, 0), keep
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which of ``values`` are in ``sorted_set``."""
+    if not len(sorted_set):
+        return np.zeros(len(values), bool)
+    i = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    found: np.ndarray = sorted_set[i] == values
+    return found
 
 
 def _min_scans(smart: bool) -> int:
