@@ -303,7 +303,8 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     still = np.broadcast_to(np.float64(0.0), (n,))  # no memory: every page alike
     return Timeline(
         inputs=[fp.path for fp in prints],
-        owner=np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
+        owner=np.broadcast_to(np.int32(0), (n,)) if len(sizes) == 1
+        else np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
         content=all_content,
         zero_id=0 if np.any(all_content == 0) else -1,
         change_rate=still,
