@@ -394,20 +394,25 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
     if n and int(content.max()) >= 4 * n:  # ids too sparse to count by
         content = np.where(content >= 0, _dense(np.maximum(content, 0))[0], -1)
     zero_id = timeline.zero_id if knobs.use_zero_pages and timeline.zero_id >= 0 else None
-    # Pass 1, a chunk at a time (a few bytes a page at most): each content's copies and last
-    # page in scan order; a negative id is a content no other page holds.
+    # Pass 1, a chunk at a time (a few bytes a page at most): each content's copies; a
+    # negative id is a content no other page holds.
     top = int(content.max()) + 1 if n else 0
     copies = np.zeros(top, np.int64)
-    last = np.full(top, -1, np.int64)
     zero = 0
     for lo, ids, keep in _chunks(content, zero_id):
         zero += len(keep) - int(keep.sum()) - int((content[lo:lo + len(keep)] < 0).sum())
         copies += np.bincount(ids[keep], minlength=top)
-        np.maximum.at(last, ids[keep], np.flatnonzero(keep) + lo)
     full, rest = np.divmod(copies, mps)
     pairs = copies >= 2
-    # The single leftover of a content seen k * mps + 1 times: its last page in scan order.
-    alone_at = np.sort(last[pairs & (rest == 1)])
+    # The single leftover of a content seen k * mps + 1 times (rare): its last page in scan
+    # order, found in a pass over those contents' pages only.
+    odd = pairs & (rest == 1)
+    last = np.full(top, -1, np.int64)
+    if odd.any():
+        for lo, ids, keep in _chunks(content, zero_id):
+            sel = keep & odd[ids]
+            np.maximum.at(last, ids[sel], np.flatnonzero(sel) + lo)
+    alone_at = np.sort(last[odd])
     ksm_pages = int((full + (rest >= 2))[pairs].sum())
     merging = int(copies[pairs].sum())
     sharing = merging - len(alone_at) - ksm_pages
