@@ -281,10 +281,8 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     eligible page's content from stage 2's byte-confirmed ``labels``
     (:class:`~ksm_analyze.hashing.stage2.ContentClasses`), in address order, then the zero
     pages the format marks without storing them; none changing."""
-    from .hashing.stage2 import ZERO
-
-    # int32 ids, 4 bytes a page: labels (int32) + 1, so 0 is the zero page and a unique page
-    # (UNIQUE + 1 < 0) keeps a negative id, "no other page holds it".
+    # int32 ids, 4 bytes a page: labels (int32) + 1, so the zero page (ZERO, -1) is 0 and a
+    # unique page (UNIQUE, -2) keeps a negative id, "no other page holds it".
     content, sizes = [], []
     for fp, mask, lab in zip(prints, masks, labels, strict=True):
         if len(fp.addrs) > 1 and not bool(np.all(fp.addrs[1:] > fp.addrs[:-1])):
@@ -292,7 +290,6 @@ def still_timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
             ids = lab[order][mask.scanned[order]] + np.int32(1)
         else:
             ids = (lab if mask.scanned.all() else lab[mask.scanned]) + np.int32(1)
-        ids[ids == ZERO + 1] = 0
         content.append(ids)
         if mask.zero_state_pages:  # zero pages the format marks without rows
             content.append(np.zeros(mask.zero_state_pages, np.int32))
