@@ -385,7 +385,7 @@ def plot_ksmd_settings(result: Analysis) -> Figure:
                 (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
                 label += " (log scale)"
             (ax.set_xlabel if axis is ax.xaxis else ax.set_ylabel)(label)
-        fig.legend(loc="outside right upper", fontsize=8)
+        fig.legend(loc="outside lower center", ncols=3, fontsize=8)  # clear of the title
     else:
         ax.text(0.5, 0.5, "no setting replayed", ha="center", va="center",
                 transform=ax.transAxes)
