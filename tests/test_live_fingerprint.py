@@ -184,10 +184,11 @@ def test_identity_start_time_is_stat_field_22(tmp_path):
         (path,) = _fingerprint(child.pid, tmp_path)
         # field 22 of /proc/PID/stat, the 20th after "(comm)"
         start_time = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        comm = Path(f"/proc/{child.pid}/comm").read_text().strip()  # python, python3...
     (fp,) = fingerprint_files.load(path)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert fp.info["identity"] == f"{boot_id}:{child.pid}:{start_time}"
-    assert path.name == f"python-{child.pid}.ksmfp.parquet"
+    assert path.name == f"{comm}-{child.pid}.ksmfp.parquet"
 
 
 @contextlib.contextmanager
@@ -231,9 +232,10 @@ def test_ksm_stat_yes_no_fields_are_booleans(monkeypatch, tmp_path):
 
 def test_series_writes_each_sample_with_its_index_and_time(tmp_path):
     with _sleeper() as child:
+        comm = Path(f"/proc/{child.pid}/comm").read_text().strip()  # python, python3...
         started = time.time()
         paths = _fingerprint(child.pid, tmp_path, "--every", "0.2s", "--count", "3")
-    assert [p.name for p in paths] == [f"python-{child.pid}.s{k:03d}.ksmfp.parquet"
+    assert [p.name for p in paths] == [f"{comm}-{child.pid}.s{k:03d}.ksmfp.parquet"
                                        for k in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no spill
     infos = [fingerprint_files.load(p)[0].info for p in paths]
