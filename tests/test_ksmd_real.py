@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 import time
 
@@ -43,16 +44,25 @@ def _region(pages: int) -> tuple[mmap.mmap, np.ndarray]:
 
 
 def _per_scan(scans: int, timeout: float) -> list[dict[str, int]]:
-    """The counters right after each of the next ``scans`` full scans (polled)."""
+    """The counters right after each of the next ``scans`` full scans (polled). A reading
+    counts only if ``full_scans`` did not move while it was taken (the files are read one
+    by one), and the GIL is handed over often: the test's own thread rewrites pages."""
     out: list[dict[str, int]] = []
     last = ksm_sysfs.read("full_scans")
     deadline = time.monotonic() + timeout
-    while len(out) < scans and time.monotonic() < deadline:
-        now = ksm_sysfs.read("full_scans")
-        if now != last:
-            out.append({k: ksm_sysfs.read(k) for k in WATCH})
-            last = now
-        time.sleep(0.0005)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        while len(out) < scans and time.monotonic() < deadline:
+            now = ksm_sysfs.read("full_scans")
+            if now != last:
+                row = {k: ksm_sysfs.read(k) for k in WATCH}
+                if row["full_scans"] == now == ksm_sysfs.read("full_scans"):
+                    out.append(row)
+                last = now
+            time.sleep(0.0005)
+    finally:
+        sys.setswitchinterval(interval)
     return out
 
 
