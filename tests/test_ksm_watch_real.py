@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import series_target
 from conftest import ROOT
-from test_over_time_real import TARGET
 
 import ksm_sysfs
 
@@ -25,15 +25,8 @@ pytestmark = [
 
 @pytest.fixture
 def target():
-    proc = subprocess.Popen([sys.executable, "-c", TARGET], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with series_target.churning() as pid:
+        yield pid
 
 
 def test_the_watch_sets_the_kernels_counters_beside_the_prediction(tmp_path: Path, target):

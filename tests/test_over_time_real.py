@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import series_target
 
 import ksm_sysfs
 from ksm_analyze import analyze
@@ -28,44 +29,13 @@ pytestmark = [
     pytest.mark.skipif(ksm_sysfs.usable() is not None, reason=str(ksm_sysfs.usable())),
 ]
 
-TARGET = r"""
-import mmap, os, sys, threading, time
-n = 1500
-m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(mmap.MADV_MERGEABLE)
-for i in range(600):
-    m[i * 4096:(i + 1) * 4096] = bytes([i % 40 + 1]) * 4096     # 40 contents x 15
-for i in range(600, 900):
-    m[i * 4096:(i + 1) * 4096] = os.urandom(4096)                # stable unique
-for i in range(900, 1000):
-    m[i * 4096:i * 4096 + 1] = b"\0"                             # written zero pages
-def churn():
-    k = 0
-    while True:
-        k += 1
-        same = k.to_bytes(8, "little") * 512
-        for i in range(1000, 1400):
-            m[i * 4096:(i + 1) * 4096] = same                    # identical, never stable
-        for i in range(1400, 1500):
-            m[i * 4096:(i + 1) * 4096] = os.urandom(4096)
-threading.Thread(target=churn, daemon=True).start()
-print("ready", flush=True)
-time.sleep(600)
-"""
 STEADY = ("pages_shared", "pages_sharing", "general_profit")
 
 
 @pytest.fixture
 def target():
-    proc = subprocess.Popen([sys.executable, "-c", TARGET], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with series_target.churning() as pid:
+        yield pid
 
 
 def _series(pid: int, out: Path) -> list[Path]:
