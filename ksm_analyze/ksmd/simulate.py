@@ -350,16 +350,8 @@ def _run(timeline: Timeline, knobs: Knobs, rules: KernelRules, *, scan_time: Sca
                         len(merged_now), int(new.sum()) + extra)
         wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
-        profit_pages = sharing + (zero_pages if rules.zero_pages_in_profit else 0)
-        rows.append({
-            "full_scans": scan + 1, "time_seconds": t, "pages_to_scan": pages_to_scan,
-            "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
-            "pages_volatile": rmap - shared - sharing - unshared,
-            "pages_scanned": scanned_total, "pages_skipped": skipped_total, "ksm_zero_pages": zero_pages,
-            "ksm_rmap_items": rmap,
-            "general_profit": profit_pages * knobs.page_size - rmap * knobs.rmap_item_bytes,
-            "ksmd_cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,
-        })
+        rows.append(_row(scan, t, pages_to_scan, shared, sharing, unshared, zero_pages, rmap,
+                         scanned_total, skipped_total, wall, cpu, knobs, rules))
         if advisor is not None:
             pages_to_scan = advisor.after_scan(wall, cpu)
 
@@ -471,16 +463,8 @@ def _run_still(timeline: Timeline, knobs: Knobs, rules: KernelRules, *,
                         n_processed if scan == 0 else 0)
         wall, cpu = scan_time(done, replace(knobs, pages_to_scan=pages_to_scan))
         t += wall
-        profit_pages = sharing_now + (zero_now if rules.zero_pages_in_profit else 0)
-        rows.append({
-            "full_scans": scan + 1, "time_seconds": t, "pages_to_scan": pages_to_scan,
-            "pages_shared": shared_now, "pages_sharing": sharing_now, "pages_unshared": unshared,
-            "pages_volatile": rmap - shared_now - sharing_now - unshared,
-            "pages_scanned": scanned_total, "pages_skipped": skipped_total, "ksm_zero_pages": zero_now,
-            "ksm_rmap_items": rmap,
-            "general_profit": profit_pages * knobs.page_size - rmap * knobs.rmap_item_bytes,
-            "ksmd_cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,
-        })
+        rows.append(_row(scan, t, pages_to_scan, shared_now, sharing_now, unshared, zero_now,
+                         rmap, scanned_total, skipped_total, wall, cpu, knobs, rules))
         if advisor is not None:
             pages_to_scan = advisor.after_scan(wall, cpu)
         if len(rows) >= _min_scans(smart) and _settled(rows, knobs.page_size):
@@ -524,6 +508,23 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     i = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
     found: np.ndarray = sorted_set[i] == values
     return found
+
+
+def _row(scan: int, t: float, pages_to_scan: int, shared: int, sharing: int, unshared: int,
+         zero_pages: int, rmap: int, scanned: int, skipped: int, wall: float, cpu: float,
+         knobs: Knobs, rules: KernelRules) -> dict[str, float | int]:
+    """One full scan's row: the counters as ``/sys/kernel/mm/ksm`` shows them after it
+    (``pages_volatile`` and ``general_profit`` derived as the kernel derives them)."""
+    profit_pages = sharing + (zero_pages if rules.zero_pages_in_profit else 0)
+    return {
+        "full_scans": scan + 1, "time_seconds": t, "pages_to_scan": pages_to_scan,
+        "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
+        "pages_volatile": rmap - shared - sharing - unshared,
+        "pages_scanned": scanned, "pages_skipped": skipped, "ksm_zero_pages": zero_pages,
+        "ksm_rmap_items": rmap,
+        "general_profit": profit_pages * knobs.page_size - rmap * knobs.rmap_item_bytes,
+        "ksmd_cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,
+    }
 
 
 def _min_scans(smart: bool) -> int:
