@@ -18,9 +18,12 @@ from ..pages import PAGE_SIZE, check_page_size
 from ..units import size_text
 from .avml import AvmlReader
 from .base import DumpFormat, DumpReader, open_readonly
+from .cloudhv import CloudHypervisorReader
 from .elfcore import ElfCoreReader
+from .firecracker import FirecrackerDiffReader, FirecrackerReader
 from .kdump import KdumpReader
 from .lime import LimeReader
+from .openvmm import OpenVmmReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
 
@@ -43,6 +46,12 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.KDUMP: KdumpReader,
     DumpFormat.LIME: LimeReader,
     DumpFormat.AVML: AvmlReader,
+    # microVM snapshots: no magic; Cloud Hypervisor and OpenVMM are found by their companion
+    # file (probe_path), Firecracker only by --format.
+    DumpFormat.FIRECRACKER: FirecrackerReader,
+    DumpFormat.FIRECRACKER_DIFF: FirecrackerDiffReader,
+    DumpFormat.CLOUD_HYPERVISOR: CloudHypervisorReader,
+    DumpFormat.OPENVMM: OpenVmmReader,
     DumpFormat.RAW: RawReader,
 }
 
@@ -110,6 +119,9 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -
         raise _not_a_dump(path)
     for fmt, cls in READERS.items():
         if cls.probe(head):
+            return fmt
+    for fmt, cls in READERS.items():
+        if cls.probe_path(path):
             return fmt
     for offset, magic, name in _REFUSED:
         if head[offset : offset + len(magic)] == magic:
