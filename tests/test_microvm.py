@@ -76,12 +76,12 @@ def test_firecracker_full_holes_are_pages_not_present(fc_file):
 def test_firecracker_diff_holes_are_excluded_never_counted(fc_file):
     """A diff's holes are pages unchanged since the base: content unknown, so EXCLUDED (not
     zero, not a hole): scan reports 60 excluded pages and counts 4 pages of content."""
-    with open_dump(fc_file, "firecracker-diff") as r:
+    with open_dump(fc_file, "firecracker_diff") as r:
         assert r.page_counts()[PageState.EXCLUDED] == 60
         assert r.page_counts()[PageState.HOLE] == r.page_counts()[PageState.ZERO] == 0
         assert len(stored(r)) == 4
         assert "60 pages of this diff snapshot are holes" in r.warnings[0]
-    result = runner.invoke(app, ["scan", "--format", "firecracker-diff", str(fc_file), "--json"])
+    result = runner.invoke(app, ["scan", "--format", "firecracker_diff", str(fc_file), "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["per_input"][0]
     assert (row["excluded_pages"], row["zero_pages"], row["hole_pages"]) == (60, 0, 0)
@@ -134,7 +134,7 @@ def test_memory_ranges_without_state_json_is_not_cloud_hypervisor(tmp_path):
     (tmp_path / "snap" / "state.json").unlink()
     assert detect_format(path) == DumpFormat.RAW
     with pytest.raises(DumpFormatError, match=r"cannot read .*state\.json"):
-        open_dump(path, "cloud-hypervisor")
+        open_dump(path, "cloud_hypervisor")
 
 
 @pytest.mark.parametrize(("state", "message"), [
@@ -170,7 +170,7 @@ def test_cloud_hypervisor_state_fifo_does_not_hang(tmp_path):
     (tmp_path / "snap" / "state.json").unlink()
     os.mkfifo(tmp_path / "snap" / "state.json")
     with pytest.raises(DumpFormatError, match="not a regular file"):
-        open_dump(path, "cloud-hypervisor")
+        open_dump(path, "cloud_hypervisor")
 
 
 # -- OpenVMM ----------------------------------------------------------------------------------
@@ -226,3 +226,11 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.exit_code == 1, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"Error: {path}"), result.stderr
+
+
+def test_companion_size_is_capped_before_reading(tmp_path):
+    """A state.json past 64 MiB is refused from its size (a sparse one: nothing is read)."""
+    path = make_cloud_hypervisor(tmp_path / "snap", [(0, 16 * PS)], {0: page(1)})
+    os.truncate(tmp_path / "snap" / "state.json", (64 << 20) + 1)
+    with pytest.raises(DumpFormatError, match="is larger than 64 MiB"):
+        open_dump(path)

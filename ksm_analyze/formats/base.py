@@ -59,8 +59,8 @@ class DumpFormat(Choice):
     AVML = "avml"
     # microVM snapshots (issue 20): named with --format or found by their companion file
     FIRECRACKER = "firecracker"
-    FIRECRACKER_DIFF = "firecracker-diff"
-    CLOUD_HYPERVISOR = "cloud-hypervisor"
+    FIRECRACKER_DIFF = "firecracker_diff"
+    CLOUD_HYPERVISOR = "cloud_hypervisor"
     OPENVMM = "openvmm"
 
 

@@ -35,7 +35,7 @@ __all__ = ["CloudHypervisorReader", "read_companion"]
 MEMORY_FILE = "memory-ranges"
 STATE_FILE = "state.json"
 MEMORY_MANAGER = "memory-manager"
-MAX_STATE_BYTES = 256 << 20
+MAX_STATE_BYTES = 64 << 20
 """A larger state.json is not Cloud Hypervisor's (device states are kilobytes to megabytes)."""
 
 
@@ -50,9 +50,13 @@ def read_companion(reader: DumpReader, name: str, limit: int) -> tuple[str, byte
         raise reader._error(f"cannot read {path}, which must be beside it: {e.strerror}",
                             0) from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise reader._error(f"{path} beside it is not a regular file", 0)
-        data = os.pread(fd, limit + 1, 0)
+        if st.st_size > limit:
+            raise reader._error(f"{path} is larger than {size_text(limit)}: not this format's",
+                                0)
+        data = os.pread(fd, st.st_size + 1, 0)  # one more: a file that grew is seen
     except OSError as e:
         raise reader._error(f"cannot read {path}: {e.strerror}", 0) from None
     finally:

@@ -5,7 +5,7 @@ Firecracker writes guest memory as its regions back to back, with no header
 seeks over unplugged ones; ``dump_dirty`` writes the dirty pages of a *diff* snapshot at their
 place and seeks over the rest). The file's name is the user's choice and it has no magic, so
 the format is always named: ``--format firecracker`` for a full snapshot, ``--format
-firecracker-diff`` for a diff one.
+firecracker_diff`` for a diff one.
 
 Holes: in a full snapshot a hole is memory not plugged (virtio-mem) or never populated: a page
 not present (HOLE). In a diff snapshot a hole is a page *unchanged since the previous snapshot*:
