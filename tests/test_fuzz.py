@@ -69,6 +69,7 @@ from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import make_avml, make_lime
 from dumpwriter.microvm import ch_state, make_sparse, manifest_bytes
 from dumpwriter.raw import make_raw
+from dumpwriter.vmrs import END, explicit, fill, fills, lz77_periodic, make_vmrs, page_token
 from ksm_analyze import DumpFormatError, KsmAnalyzeError, PageState, analyze
 from ksm_analyze.formats import READERS, DumpFormat, open_inputs
 from ksm_analyze.formats.snapshot import NT_META, RUN, RunFlags, SnapshotWriter
@@ -567,6 +568,47 @@ def _openvmm_seeds(tmp: Path) -> list[Seed]:
     return out
 
 
+def _vmrs_structure(seed: Seed) -> Seed:
+    """Headers, the object table and its entries, the key entries and the token streams."""
+    data = seed.data
+    header = _layout("signature:I checksum:I sequence:H version:I _a:8s block_size:I")
+    for at in (0, 0x1000):
+        seed.add(f"header@{at:#x}", at, header, "<")
+    count = struct.unpack_from("<I", data, 0x2004)[0]
+    seed.add("object_table", 0x2000, _layout("signature:I count:I"), "<")
+    for i in range(count):
+        at = 0x2008 + 18 * i
+        seed.add(f"object{i}", at, _layout("type:B _c:I file_offset:Q size:I flags:B"), "<")
+        kind, _, offset, size, _ = struct.unpack_from("<BIQIB", data, at)
+        if kind == 2:
+            seed.add("key_table", offset, _layout("signature:H index:H _u:H _c:I"), "<")
+            cursor = offset + 10
+            while cursor + 0x15 <= offset + size:
+                entry = struct.unpack_from("<I", data, cursor + 2)[0]
+                seed.add(f"key@{cursor:#x}", cursor, _layout(
+                    "type:B flags:B size:I parent:I _x:6s order:I namelen:B"), "<")
+                namelen = data[cursor + 0x14]
+                payload = cursor + 0x15 + namelen
+                if entry >= 0x15 + namelen + 4:
+                    seed.fields.append(Field(f"stored_length@{payload:#x}", payload, 4, "little"))
+                    seed.regions.append(("ram", payload + 4, entry - 0x15 - namelen - 4))
+                cursor += entry
+        elif kind == 3:
+            seed.regions.append(("object", offset, size))
+    return seed.finish()
+
+
+def _vmrs_seeds(tmp: Path) -> list[Seed]:
+    periodic = b"0123456789abcdef" * (PS // 16)
+    tokens = (fill(0) + fills(0x1122334455667788, 2) + page_token(lz77_periodic(periodic, 16))
+              + explicit(2 * PS, lz77_periodic(periodic * 2, 16)) + fills(0, 250) + END)
+    make_vmrs(tmp / "vmrs-2", {0: (tokens, False), 2: (tokens, True)})
+    small = fills(0, 255) + page_token(A) + END
+    make_vmrs(tmp / "vmrs-1", {5: (small, False)}, header_at=0x1000)
+    return [_vmrs_structure(Seed(n, DumpFormat.VMRS, (tmp / f).read_bytes()))
+            for n, f in (("vmrs-2-blocks", "vmrs-2"), ("vmrs-raw-page", "vmrs-1"))]
+
+
 @dataclass(frozen=True)
 class Companion:
     """A format read from two files: the fuzzed bytes are the file ``name``, written beside a
@@ -602,6 +644,7 @@ FUZZED: dict[DumpFormat, Fuzzed] = {
         Companion("state.json", "memory-ranges", _microvm_memory)),
     DumpFormat.OPENVMM: Fuzzed(_openvmm_seeds, "fuzz/fuzz_openvmm.py",
                                Companion("manifest.bin", "memory.bin", _microvm_memory)),
+    DumpFormat.VMRS: Fuzzed(_vmrs_seeds, "fuzz/fuzz_vmrs.py"),
 }
 """Every reader, fuzzed: a format added to READERS must be added here and get a harness."""
 
@@ -1081,6 +1124,7 @@ test_mutated_firecracker_dumps_fail_cleanly = _reader_property(DumpFormat.FIRECR
 test_mutated_firecracker_diff_dumps_fail_cleanly = _reader_property(DumpFormat.FIRECRACKER_DIFF)
 test_mutated_cloud_hypervisor_dumps_fail_cleanly = _reader_property(DumpFormat.CLOUD_HYPERVISOR)
 test_mutated_openvmm_dumps_fail_cleanly = _reader_property(DumpFormat.OPENVMM)
+test_mutated_vmrs_dumps_fail_cleanly = _reader_property(DumpFormat.VMRS)
 
 
 @given(case=mutated_meta(SEEDS[DumpFormat.SNAPSHOT][0]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 
 from ..errors import DumpFormatError, UnsupportedDumpError
 from ..pages import PAGE_SIZE, check_page_size
@@ -26,6 +25,7 @@ from .lime import LimeReader
 from .openvmm import OpenVmmReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
+from .vmrs import VmrsReader
 
 __all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "DumpFormat", "detect_format",
            "looks_like_fingerprint_file", "open_dump", "open_inputs"]
@@ -46,6 +46,7 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.KDUMP: KdumpReader,
     DumpFormat.LIME: LimeReader,
     DumpFormat.AVML: AvmlReader,
+    DumpFormat.VMRS: VmrsReader,
     # microVM snapshots: no magic; Cloud Hypervisor and OpenVMM are found by their companion
     # file (probe_path), Firecracker only by --format.
     DumpFormat.FIRECRACKER: FirecrackerReader,
@@ -68,8 +69,6 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\xd3\xbe\xd3\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
     (0, b"\xd1\xba\xd1\xba", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
     (0, b"\xd0\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, struct.pack("<I", 0x01282014), "a Hyper-V saved state (.vmrs)"),
-    (0x1000, struct.pack("<I", 0x01282014), "a Hyper-V saved state (.vmrs)"),
 )
 
 

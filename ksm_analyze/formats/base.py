@@ -62,6 +62,7 @@ class DumpFormat(Choice):
     FIRECRACKER_DIFF = "firecracker_diff"
     CLOUD_HYPERVISOR = "cloud_hypervisor"
     OPENVMM = "openvmm"
+    VMRS = "vmrs"
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
