@@ -64,7 +64,11 @@ def main(fmt_name: str) -> None:
     companion = test_fuzz.FUZZED[fmt].companion
     if companion is not None:  # a two-file format: the input is the companion, on disk
         import tempfile
-        where = Path(tempfile.mkdtemp(prefix=f"ksm-fuzz-{fmt_name}-"))
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # tmpfs: sparse, no journal
+        where = Path(tempfile.mkdtemp(prefix=f"ksm-fuzz-{fmt_name}-", dir=shm))
+        import atexit
+        import shutil
+        atexit.register(shutil.rmtree, where, True)
         path = str(test_fuzz.case_file(fmt, b"", "case", where))
         os.close(fd)
         fd = os.open(Path(path).parent / companion.name, os.O_RDWR | os.O_CLOEXEC)
