@@ -68,7 +68,7 @@ def main(fmt_name: str) -> None:
         where = Path(tempfile.mkdtemp(prefix=f"ksm-fuzz-{fmt_name}-", dir=shm))
         import atexit
         import shutil
-        atexit.register(shutil.rmtree, where, True)
+        atexit.register(shutil.rmtree, where, True)  # not run when libFuzzer _exits: 200 KiB
         path = str(test_fuzz.case_file(fmt, b"", "case", where))
         os.close(fd)
         fd = os.open(Path(path).parent / companion.name, os.O_RDWR | os.O_CLOEXEC)
