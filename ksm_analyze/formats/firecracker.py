@@ -11,7 +11,9 @@ Holes: in a full snapshot a hole is memory not plugged (virtio-mem) or never pop
 not present (HOLE). In a diff snapshot a hole is a page *unchanged since the previous snapshot*:
 its content is in another file, so it is EXCLUDED (content unknown, never counted as zero),
 never HOLE (which would say the page is not there at all) or NOT_SAVED (which is for ranges
-that are not RAM, such as MMIO).
+that are not RAM, such as MMIO). Layering is Firecracker's own: ``rebase-snap --base-file BASE
+--diff-file DIFF`` (``src/rebase-snap/src/main.rs``) copies the diff's data runs
+(``SEEK_DATA``/``SEEK_HOLE``) onto the base at the same offsets; the warning says so.
 
 Addresses are offsets in the memory file (plus ``--base-address``), not guest-physical: the
 region table (``GuestMemoryState``) is in the state file, which is bitcode since Firecracker
@@ -85,6 +87,7 @@ class FirecrackerDiffReader(FirecrackerReader):
             self.warnings.append(
                 f"{self.path}: {unchanged:,} pages of this diff snapshot are holes (unchanged "
                 "since the previous snapshot): their content is not in this file, so they are "
-                "reported as excluded and not predicted; scan the full snapshot it was taken "
-                "over for them")
+                "reported as excluded and not predicted; to predict the whole guest, merge it "
+                "onto a copy of its base memory file with Firecracker's 'rebase-snap "
+                "--base-file BASE --diff-file DIFF' and scan BASE")
         return extents
