@@ -219,3 +219,13 @@ def test_signature_alone_is_detected_then_refused_cleanly(tmp_path, at):
     assert detect_format(path) == DumpFormat.VMRS
     with pytest.raises(DumpFormatError, match="no valid Hyper-V storage header"):
         open_dump(path)
+
+
+def test_many_blocks_in_data_objects(tmp_path):
+    """300 RamBlocks in data objects (an object table past 4 KiB): every one is read, and the
+    zero fills are 300 x 256 zero pages."""
+    path = make_vmrs(tmp_path / "many.vmrs", {n: (fills(0, 256) + END, True) for n in range(300)})
+    result = runner.invoke(app, ["scan", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["per_input"][0]
+    assert (row["pages"], row["zero_pages"]) == (300 * 256, 300 * 256)

@@ -80,7 +80,8 @@ def make_vmrs(path: str | os.PathLike[str], blocks: dict[int, tuple[bytes, bool]
     external)`` (stored: 1 MiB raw or a token stream; external: in a data object, else
     inline). ``other_keys`` are extra children of savedstate; ``outside`` RamBlocks sit under
     another root (not memory of the saved state)."""
-    key_at = 0x3000
+    objects_size = 8 + 18 * (1 + sum(1 for _, ext in blocks.values() if ext))
+    key_at = 0x2000 + objects_size + (-objects_size % 0x1000)  # after the object table
     room = 0x1000 + sum(len(st) + 64 for st, ext in blocks.values() if not ext) + sum(
         len(st) + 64 for st in (outside or {}).values()) + 64 * (len(other_keys) + len(blocks))
     data_at = key_at + room + (-room % 0x1000)
