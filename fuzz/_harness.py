@@ -1,7 +1,8 @@
 """The atheris harness shared by ``fuzz_<format>.py``: one reader, bytes in, clean errors out.
 
 Each input is written to a memfd and opened through ``/proc/self/fd/N`` with the format's
-reader forced, then run through ``tests/test_fuzz.py``'s :func:`exercise` (open, list extents,
+reader forced (for a two-file format, ``test_fuzz.FUZZED[fmt].companion``: written as the
+companion file beside a fixed memory file in a scratch directory), then run through ``tests/test_fuzz.py``'s :func:`exercise` (open, list extents,
 iterate every batch, ``read_pages`` of sampled pages; ``analyze`` too with
 ``KSM_FUZZ_ANALYZE=1``) and judged by its :func:`problems`: the same property as the
 hypothesis tests. The input may add ``256 MiB + 16 x its size`` of address space
@@ -60,6 +61,17 @@ def main(fmt_name: str) -> None:
     fmt = DumpFormat(fmt_name)
     fd = os.memfd_create(f"ksm-fuzz-{fmt_name}", 0)
     path = f"/proc/self/fd/{fd}"
+    companion = test_fuzz.FUZZED[fmt].companion
+    if companion is not None:  # a two-file format: the input is the companion, on disk
+        import tempfile
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # tmpfs: sparse, no journal
+        where = Path(tempfile.mkdtemp(prefix=f"ksm-fuzz-{fmt_name}-", dir=shm))
+        import atexit
+        import shutil
+        atexit.register(shutil.rmtree, where, True)  # not run when libFuzzer _exits: 200 KiB
+        path = str(test_fuzz.case_file(fmt, b"", "case", where))
+        os.close(fd)
+        fd = os.open(Path(path).parent / companion.name, os.O_RDWR | os.O_CLOEXEC)
     seen: set[str] = set()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     test_fuzz.warm_up()  # lazy imports before the first input runs under RLIMIT_AS

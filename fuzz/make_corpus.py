@@ -32,6 +32,17 @@ TOKENS = {
                           b'"processes"', b'"page_size"', b'"runs"', b'"loads"', b'"vmas"',
                           b'"start"', b'"end"', b'"vmflags"', b'"path"', b"1e999", b"[[[[",
                           b"null", b"-1"],
+    # microVM snapshots (issue 20): flat memory; state.json; a protobuf manifest
+    DumpFormat.FIRECRACKER: [],
+    DumpFormat.FIRECRACKER_DIFF: [],
+    DumpFormat.CLOUD_HYPERVISOR: [b'"memory-manager"', b'"snapshot_data"', b'"state"',
+                                  b'"memory_ranges"', b'"data"', b'"gpa"', b'"length"',
+                                  b'\\"', b"18446744073709551615", b"1e999", b"[[[[", b"-1"],
+    DumpFormat.OPENVMM: [b"\x08\x01", b"\x20", b"\x30\x80\x20", b"\x1a", b"\x3a\x06x86_64",
+                         b"\xff\xff\xff\xff\xff\xff\xff\xff\x7f"],
+    DumpFormat.VMRS: [b"\x14\x20\x28\x01", b"\x01\x00\x11\x01", b"savedstate\0", b"RamBlock0\0",
+                      b"\xff\xff\xff\xff", b"\xfe\xff\xff\xff", b"\xfd\xff\xff\xff",
+                      b"\xfc\xff\xff\xff", b"\x00\x10\x00\x00", b"\x00\x00\x10\x00"],
 }
 
 

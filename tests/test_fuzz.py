@@ -67,7 +67,9 @@ from hypothesis import strategies as st
 from dumpwriter.elf import Seg, make_elf_core
 from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import make_avml, make_lime
+from dumpwriter.microvm import ch_state, make_sparse, manifest_bytes
 from dumpwriter.raw import make_raw
+from dumpwriter.vmrs import END, explicit, fill, fills, lz77_periodic, make_vmrs, page_token
 from ksm_analyze import DumpFormatError, KsmAnalyzeError, PageState, analyze
 from ksm_analyze.formats import READERS, DumpFormat, open_inputs
 from ksm_analyze.formats.snapshot import NT_META, RUN, RunFlags, SnapshotWriter
@@ -511,12 +513,119 @@ def _snapshot_seeds(tmp: Path) -> list[Seed]:
     return [elf_structure(Seed("snapshot-2-processes", DumpFormat.SNAPSHOT, path.read_bytes()))]
 
 
+# -- microVM snapshots (issue 20) -----------------------------------------------------------
+
+
+def _firecracker_seeds(tmp: Path) -> list[Seed]:
+    seed = Seed("firecracker-5-pages", DumpFormat.FIRECRACKER, A + LOW + ZERO + A + TEXT)
+    seed.bounds |= {PS * k for k in range(6)}
+    seed.regions.append(("pages", 0, 5 * PS))
+    return [seed.finish()]
+
+
+def _firecracker_diff_seeds(tmp: Path) -> list[Seed]:
+    (seed,) = _firecracker_seeds(tmp)
+    return [Seed("firecracker_diff-5-pages", DumpFormat.FIRECRACKER_DIFF, seed.data,
+                 bounds=seed.bounds, regions=seed.regions)]
+
+
+MICROVM_PAGES = 48
+"""The fixed memory file beside a fuzzed companion: 48 pages, pages 0, 31 and 40 written."""
+
+
+def _microvm_memory(path: Path) -> None:
+    make_sparse(path, MICROVM_PAGES * PS, {0: A, 31 * PS: TEXT, 40 * PS: LOW})
+
+
+def _json_numbers(seed: Seed) -> Seed:
+    """Flip the digits of a JSON seed's numbers (the table's gpa and length)."""
+    for m in re.finditer(rb"\d+", seed.data):
+        seed.regions.append(("number", m.start(), m.end() - m.start()))
+        seed.bounds |= {m.start(), m.end()}
+    return seed.finish()
+
+
+def _cloud_hypervisor_seeds(tmp: Path) -> list[Seed]:
+    """state.json beside a fixed memory-ranges (the fuzzed file is state.json)."""
+    return [_json_numbers(Seed("ch-2-ranges", DumpFormat.CLOUD_HYPERVISOR,
+                               ch_state([(0, 32 * PS), (1 << 32, 16 * PS)]))),
+            _json_numbers(Seed("ch-1-range", DumpFormat.CLOUD_HYPERVISOR,
+                               ch_state([(0x100000, MICROVM_PAGES * PS)])))]
+
+
+def _openvmm_seeds(tmp: Path) -> list[Seed]:
+    """manifest.bin beside a fixed memory.bin (the fuzzed file is manifest.bin)."""
+    out = []
+    for name, size in (("openvmm-all", MICROVM_PAGES * PS), ("openvmm-part", 16 * PS)):
+        data = manifest_bytes(size)
+        seed = Seed(name, DumpFormat.OPENVMM, data)
+        seed.fields.append(Field("version", 1, 1, "little"))
+        at = data.index(b"\x20") + 1  # field 4, varint: memory_size_bytes
+        seed.fields.append(Field("memory_size_bytes", at, 3, "little"))
+        seed.bounds |= {at, at + 3}
+        seed.regions.append(("manifest", 0, len(data)))
+        out.append(seed.finish())
+    return out
+
+
+def _vmrs_structure(seed: Seed) -> Seed:
+    """Headers, the object table and its entries, the key entries and the token streams."""
+    data = seed.data
+    header = _layout("signature:I checksum:I sequence:H version:I _a:8s block_size:I")
+    for at in (0, 0x1000):
+        seed.add(f"header@{at:#x}", at, header, "<")
+    count = struct.unpack_from("<I", data, 0x2004)[0]
+    seed.add("object_table", 0x2000, _layout("signature:I count:I"), "<")
+    for i in range(count):
+        at = 0x2008 + 18 * i
+        seed.add(f"object{i}", at, _layout("type:B _c:I file_offset:Q size:I flags:B"), "<")
+        kind, _, offset, size, _ = struct.unpack_from("<BIQIB", data, at)
+        if kind == 2:
+            seed.add("key_table", offset, _layout("signature:H index:H _u:H _c:I"), "<")
+            cursor = offset + 10
+            while cursor + 0x15 <= offset + size:
+                entry = struct.unpack_from("<I", data, cursor + 2)[0]
+                seed.add(f"key@{cursor:#x}", cursor, _layout(
+                    "type:B flags:B size:I parent:I _x:6s order:I namelen:B"), "<")
+                namelen = data[cursor + 0x14]
+                payload = cursor + 0x15 + namelen
+                if entry >= 0x15 + namelen + 4:
+                    seed.fields.append(Field(f"stored_length@{payload:#x}", payload, 4, "little"))
+                    seed.regions.append(("ram", payload + 4, entry - 0x15 - namelen - 4))
+                cursor += entry
+        elif kind == 3:
+            seed.regions.append(("object", offset, size))
+    return seed.finish()
+
+
+def _vmrs_seeds(tmp: Path) -> list[Seed]:
+    periodic = b"0123456789abcdef" * (PS // 16)
+    tokens = (fill(0) + fills(0x1122334455667788, 2) + page_token(lz77_periodic(periodic, 16))
+              + explicit(2 * PS, lz77_periodic(periodic * 2, 16)) + fills(0, 250) + END)
+    make_vmrs(tmp / "vmrs-2", {0: (tokens, False), 2: (tokens, True)})
+    small = fills(0, 255) + page_token(A) + END
+    make_vmrs(tmp / "vmrs-1", {5: (small, False)}, header_at=0x1000)
+    return [_vmrs_structure(Seed(n, DumpFormat.VMRS, (tmp / f).read_bytes()))
+            for n, f in (("vmrs-2-blocks", "vmrs-2"), ("vmrs-raw-page", "vmrs-1"))]
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A format read from two files: the fuzzed bytes are the file ``name``, written beside a
+    fixed memory file ``memory`` that ``build`` writes (sparse: it has holes)."""
+
+    name: str
+    memory: str
+    build: Callable[[Path], None]
+
+
 @dataclass(frozen=True)
 class Fuzzed:
     """How one format is fuzzed: its seeds (built into a directory) and its harness."""
 
     seeds: Callable[[Path], list[Seed]]
     harness: str
+    companion: Companion | None = None
 
 
 FUZZED: dict[DumpFormat, Fuzzed] = {
@@ -526,11 +635,40 @@ FUZZED: dict[DumpFormat, Fuzzed] = {
     DumpFormat.LIME: Fuzzed(_lime_seeds, "fuzz/fuzz_lime.py"),
     DumpFormat.AVML: Fuzzed(_avml_seeds, "fuzz/fuzz_avml.py"),
     DumpFormat.SNAPSHOT: Fuzzed(_snapshot_seeds, "fuzz/fuzz_snapshot.py"),
+    # microVM snapshots (issue 20)
+    DumpFormat.FIRECRACKER: Fuzzed(_firecracker_seeds, "fuzz/fuzz_firecracker.py"),
+    DumpFormat.FIRECRACKER_DIFF: Fuzzed(_firecracker_diff_seeds,
+                                        "fuzz/fuzz_firecracker_diff.py"),
+    DumpFormat.CLOUD_HYPERVISOR: Fuzzed(
+        _cloud_hypervisor_seeds, "fuzz/fuzz_cloud_hypervisor.py",
+        Companion("state.json", "memory-ranges", _microvm_memory)),
+    DumpFormat.OPENVMM: Fuzzed(_openvmm_seeds, "fuzz/fuzz_openvmm.py",
+                               Companion("manifest.bin", "memory.bin", _microvm_memory)),
+    DumpFormat.VMRS: Fuzzed(_vmrs_seeds, "fuzz/fuzz_vmrs.py"),
 }
 """Every reader, fuzzed: a format added to READERS must be added here and get a harness."""
 
 _WORK = Path(tempfile.mkdtemp(prefix="ksm-fuzz-"))
 atexit.register(shutil.rmtree, _WORK, True)
+
+
+def case_file(fmt: DumpFormat, data: bytes, name: str, where: Path | None = None) -> Path:
+    """Write a case's bytes where ``fmt``'s reader finds them and return the path to open:
+    the file itself, or for a two-file format the memory file, with the bytes as its
+    companion beside it (in a directory ``name``)."""
+    where = where or _WORK
+    companion = FUZZED[fmt].companion
+    if companion is None:
+        path = where / name
+        path.write_bytes(data)
+        return path
+    directory = where / name
+    directory.mkdir(parents=True, exist_ok=True)
+    memory = directory / companion.memory
+    if not memory.exists():
+        companion.build(memory)
+    (directory / companion.name).write_bytes(data)
+    return memory
 
 
 def build_seeds(fmt: DumpFormat, directory: Path | None = None) -> list[Seed]:
@@ -913,14 +1051,14 @@ def _valid_ps(text: str) -> bool:
 
 def check_case(fmt: DumpFormat, case: Case) -> None:
     """The property: run the case isolated and fail with a report (and the saved input)."""
-    path = _WORK / f"case-{fmt.value}.dump"
-    path.write_bytes(case.data)
+    path = case_file(fmt, case.data, f"case-{fmt.value}.dump")
     try:
         result = run_isolated(lambda: exercise(str(path), fmt),
                               mem=mem_bound(len(case.data)), seconds=CASE_SECONDS)
         found = problems(result, str(path))
     finally:
-        path.unlink()
+        if FUZZED[fmt].companion is None:
+            path.unlink()
     if found:
         FAILURES.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(case.data).hexdigest()[:12]
@@ -936,8 +1074,7 @@ def warm_up() -> None:
     """Run every format's first seed once, so that lazy imports (pandas, codecs) happen
     before a case runs under its memory bound. Errors are left to the tests to report."""
     for fmt in FUZZED:
-        path = _WORK / f"warm-{fmt.value}"
-        path.write_bytes(SEEDS[fmt][0].data)
+        path = case_file(fmt, SEEDS[fmt][0].data, f"warm-{fmt.value}")
         with contextlib.suppress(Exception):
             exercise(str(path), fmt)
 
@@ -983,6 +1120,11 @@ test_mutated_kdump_dumps_fail_cleanly = _reader_property(DumpFormat.KDUMP)
 test_mutated_lime_dumps_fail_cleanly = _reader_property(DumpFormat.LIME)
 test_mutated_avml_dumps_fail_cleanly = _reader_property(DumpFormat.AVML)
 test_mutated_snapshot_dumps_fail_cleanly = _reader_property(DumpFormat.SNAPSHOT)
+test_mutated_firecracker_dumps_fail_cleanly = _reader_property(DumpFormat.FIRECRACKER)
+test_mutated_firecracker_diff_dumps_fail_cleanly = _reader_property(DumpFormat.FIRECRACKER_DIFF)
+test_mutated_cloud_hypervisor_dumps_fail_cleanly = _reader_property(DumpFormat.CLOUD_HYPERVISOR)
+test_mutated_openvmm_dumps_fail_cleanly = _reader_property(DumpFormat.OPENVMM)
+test_mutated_vmrs_dumps_fail_cleanly = _reader_property(DumpFormat.VMRS)
 
 
 @given(case=mutated_meta(SEEDS[DumpFormat.SNAPSHOT][0]))
@@ -1011,15 +1153,19 @@ def test_truncation_at_every_header_boundary(fmt: DumpFormat) -> None:
 def test_seeds_are_valid_dumps(fmt: DumpFormat) -> None:
     """The mutations start from dumps the reader takes whole (else they test nothing)."""
     for seed in SEEDS[fmt]:
-        path = _WORK / f"seed-{seed.name}"
-        path.write_bytes(seed.data)
+        path = case_file(fmt, seed.data, f"seed-{seed.name}")
         readers = open_inputs(path, fmt)
         try:
             assert sum(r.page_counts()[PageState.DATA] for r in readers) > 0, seed.name
         finally:
             for r in readers:
                 r.close()
-        assert seed.fields or fmt is DumpFormat.RAW, seed.name
+        assert seed.fields or fmt in NO_FIELDS, seed.name
+
+
+NO_FIELDS = {DumpFormat.RAW, DumpFormat.FIRECRACKER, DumpFormat.FIRECRACKER_DIFF,
+             DumpFormat.CLOUD_HYPERVISOR}
+"""Formats without integer header fields: flat memory, or JSON (whose numbers are regions)."""
 
 
 def test_every_reader_is_fuzzed() -> None:

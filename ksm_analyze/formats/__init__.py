@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 
 from ..errors import DumpFormatError, UnsupportedDumpError
 from ..pages import PAGE_SIZE, check_page_size
 from ..units import size_text
 from .avml import AvmlReader
 from .base import DumpFormat, DumpReader, open_readonly
+from .cloudhv import CloudHypervisorReader
 from .elfcore import ElfCoreReader
+from .firecracker import FirecrackerDiffReader, FirecrackerReader
 from .kdump import KdumpReader
 from .lime import LimeReader
+from .openvmm import OpenVmmReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
+from .vmrs import VmrsReader
 
 __all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "DumpFormat", "detect_format",
            "looks_like_fingerprint_file", "open_dump", "open_inputs"]
@@ -43,6 +46,13 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.KDUMP: KdumpReader,
     DumpFormat.LIME: LimeReader,
     DumpFormat.AVML: AvmlReader,
+    DumpFormat.VMRS: VmrsReader,
+    # microVM snapshots: no magic; Cloud Hypervisor and OpenVMM are found by their companion
+    # file (probe_path), Firecracker only by --format.
+    DumpFormat.FIRECRACKER: FirecrackerReader,
+    DumpFormat.FIRECRACKER_DIFF: FirecrackerDiffReader,
+    DumpFormat.CLOUD_HYPERVISOR: CloudHypervisorReader,
+    DumpFormat.OPENVMM: OpenVmmReader,
     DumpFormat.RAW: RawReader,
 }
 
@@ -59,8 +69,6 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\xd3\xbe\xd3\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
     (0, b"\xd1\xba\xd1\xba", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
     (0, b"\xd0\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, struct.pack("<I", 0x01282014), "a Hyper-V saved state (.vmrs)"),
-    (0x1000, struct.pack("<I", 0x01282014), "a Hyper-V saved state (.vmrs)"),
 )
 
 
@@ -110,6 +118,9 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -
         raise _not_a_dump(path)
     for fmt, cls in READERS.items():
         if cls.probe(head):
+            return fmt
+    for fmt, cls in READERS.items():
+        if cls.probe_path(path):
             return fmt
     for offset, magic, name in _REFUSED:
         if head[offset : offset + len(magic)] == magic:

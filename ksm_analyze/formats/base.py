@@ -57,6 +57,12 @@ class DumpFormat(Choice):
     KDUMP = "kdump"
     LIME = "lime"
     AVML = "avml"
+    # microVM snapshots (issue 20): named with --format or found by their companion file
+    FIRECRACKER = "firecracker"
+    FIRECRACKER_DIFF = "firecracker_diff"
+    CLOUD_HYPERVISOR = "cloud_hypervisor"
+    OPENVMM = "openvmm"
+    VMRS = "vmrs"
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -140,6 +146,12 @@ class DumpReader(ABC):
     @abstractmethod
     def probe(cls, head: bytes) -> bool:
         """Whether ``head`` (the file's first 4 KiB or less) looks like this format. Never raises."""
+
+    @classmethod
+    def probe_path(cls, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` is this format by its name and a companion file beside it (for
+        formats without magic); tried after every magic. Never raises."""
+        return False
 
     @abstractmethod
     def _load_extents(self) -> list[Extent]:
