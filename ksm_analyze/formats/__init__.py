@@ -243,8 +243,8 @@ def _open_wrapped(path: str | os.PathLike[str], codec: Codec, format: str | Dump
     except DumpFormatError as e:
         if e.offset is None or "decompressed offset" in e.detail:
             raise
-        raise type(e)(f"{e.detail} (at decompressed offset {e.offset:#x} of the {codec.value} "
-                   "stream)", path=path, offset=None) from None
+        raise type(e)(f"{e.detail} (offset {e.offset:#x} of the decompressed {codec.value} "
+                      "stream)", path=path, offset=e.offset) from None
 
 
 def open_inputs(

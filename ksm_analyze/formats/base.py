@@ -251,7 +251,7 @@ class DumpReader(ABC):
                 if len(data) < n * ps:
                     raise TruncatedDumpError(
                         f"the decompressed stream ends at {src.size:#x}, inside pages it "
-                        f"should hold at offset {off:#x}", path=self.path, offset=None)
+                        "should hold (a decompressed offset)", path=self.path, offset=off)
                 addrs = np.uint64(addr) + np.arange(n, dtype=np.uint64) * np.uint64(ps)
                 yield PageBatch(addrs, np.frombuffer(data, np.uint8).reshape(n, ps))
         finally:
@@ -282,8 +282,8 @@ class DumpReader(ABC):
             data = src.read_at(int(ordered[lo]), (hi - lo) * ps)
             if len(data) < (hi - lo) * ps:
                 raise TruncatedDumpError(
-                    f"the decompressed stream ends at {src.size:#x}, inside the pages at "
-                    f"offset {int(ordered[lo]):#x}", path=self.path, offset=None)
+                    f"the decompressed stream ends at {src.size:#x}, inside pages it should "
+                    "hold (a decompressed offset)", path=self.path, offset=int(ordered[lo]))
             out[order[lo:hi]] = np.frombuffer(data, np.uint8).reshape(-1, ps)
         return out
 
