@@ -9,9 +9,10 @@ decompressed bytes, never decompressed to disk or to memory whole:
   size modulo 4 GiB, one member at a time) and bzip2 (which keeps none) are decompressed
   once at open, streamed, to count it.
 - ``read_at``: random access. Reads going forward continue from a cursor that decompresses
-  and discards; a read behind it restarts from the nearest checkpoint: every 64 MiB of output
-  for gzip (a copy of the inflate state, ~40 KiB each) and lzop (a block boundary), every
-  frame start for zstd; from the start of the stream otherwise (one zstd frame, xz, bzip2).
+  and discards, or jump to a checkpoint ahead; a read behind it restarts from the nearest
+  checkpoint: every 64 MiB of output for gzip (a copy of the inflate state, ~40 KiB each),
+  every MiB for lzop (a block start, found without decoding), every frame start for zstd;
+  from the start of the stream otherwise (one zstd frame, xz, bzip2).
 - Output is bounded: every decompressor is asked for at most what the caller wants
   (``max_length``, ``stream_reader.read(n)``), so a decompression bomb never allocates more
   than one read's worth. Corruption and truncation are :class:`DumpFormatError` /
@@ -24,6 +25,7 @@ bzip2 are one stream, as the command-line tools read them.
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import importlib
 import lzma
@@ -69,6 +71,9 @@ _ZSTD_WINDOW = 1 << 27
 """zstd's default window limit (128 MiB): ``zstd --long=31`` files are refused, as by zstd -d."""
 _LZOP_MAX_BLOCK = 64 << 20
 """lzop's MAX_BLOCK_SIZE: lzop writes 256 KiB blocks and reads none larger than this."""
+_LZOP_CHECKPOINT = 1 << 20
+"""An lzop checkpoint is two integers (a block start): one per MiB, so reads that skip
+forward hop over blocks without decoding them (16 K checkpoints for 16 GiB)."""
 
 
 class Codec(Choice):
@@ -256,11 +261,8 @@ class Decompressed:
 
     def _seek(self, offset: int) -> _Pass:
         """The cursor, placed at ``offset``: continued, or restarted from a checkpoint."""
-        best: tuple[int, Any] | None = None
-        for cp in self._checkpoints:  # a few hundred at most (one per 64 MiB)
-            if cp[0] > offset:
-                break
-            best = cp
+        at = bisect.bisect_right(self._checkpoints, offset, key=lambda cp: cp[0])
+        best = self._checkpoints[at - 1] if at else None
         cur = self._cursor
         if cur is None or cur.out_pos > offset or (best is not None and best[0] > cur.out_pos):
             cur = self._cursor = self._new_pass(None if best is None else best[1])
@@ -704,7 +706,7 @@ class _LzopHeader:
         pos, total, last = self.first, 0, 0
         src = self.src
         while True:
-            if total - last >= CHECKPOINT_BYTES:
+            if total - last >= _LZOP_CHECKPOINT:
                 src._checkpoints.append((total, (pos, total)))
                 last = total
             dst, size, data, _ = self.block(pos, total)
