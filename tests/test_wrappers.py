@@ -233,6 +233,26 @@ def test_a_size_claim_the_stream_does_not_hold_is_an_error(tmp_path):
     assert "decompressed offset" in str(e.value)
 
 
+@pytest.mark.skipif(not HAVE_LZOP, reason="the lzop CLI is not installed")
+def test_an_lzop_block_that_could_expand_past_the_bound_is_refused(tmp_path):
+    # LZO1X expands up to 255x and lzallright decodes a block whole: a compressed block of
+    # more than 1 MiB (lzop writes 256 KiB blocks) is refused before it is decoded.
+    data = bytearray(compress(Codec.LZOP, bytes(8192) + os.urandom(8192), tmp_path / "z.lzo")
+                     .read_bytes())
+    fd = os.open(tmp_path / "z.lzo", os.O_RDONLY)
+    try:
+        first = Decompressed.__new__(Decompressed)
+        first._setup(tmp_path / "z.lzo", fd, Codec.LZOP, 0)
+        at = first._lzop.first
+    finally:
+        os.close(fd)
+    dst, src = int.from_bytes(data[at : at + 4], "big"), int.from_bytes(data[at + 4 : at + 8], "big")
+    assert src < dst  # the first block is compressed
+    data[at : at + 8] = (48 << 20).to_bytes(4, "big") + ((1 << 20) + 1).to_bytes(4, "big")
+    (tmp_path / "z.lzo").write_bytes(data)
+    _open_fails(tmp_path / "z.lzo", DumpFormatError, "compressed blocks of at most 0x100000")
+
+
 def test_garbage_inside_a_wrapper_names_the_decompressed_stream(tmp_path):
     path = tmp_path / "junk.gz"
     path.write_bytes(gzip.compress(b"\x01\x02\x03" * 1000))

@@ -71,6 +71,10 @@ _ZSTD_WINDOW = 1 << 27
 """zstd's default window limit (128 MiB): ``zstd --long=31`` files are refused, as by zstd -d."""
 _LZOP_MAX_BLOCK = 64 << 20
 """lzop's MAX_BLOCK_SIZE: lzop writes 256 KiB blocks and reads none larger than this."""
+_LZOP_PACKED_BLOCK = 1 << 20
+"""The most compressed bytes one lzop block may hold (4x what lzop writes): lzallright
+decodes a block whole, and LZO1X expands up to 255x, so this bounds what a hostile block
+can allocate before its size is checked (255 MiB)."""
 _LZOP_CHECKPOINT = 1 << 20
 """An lzop checkpoint is two integers (a block start): one per MiB, so reads that skip
 forward hop over blocks without decoding them (16 K checkpoints for 16 GiB)."""
@@ -686,10 +690,11 @@ class _LzopHeader:
         if len(raw) < 8:
             raise src._truncated(pos, out_pos)
         (size,) = struct.unpack_from(">I", raw, 4)
-        if dst > _LZOP_MAX_BLOCK or size > dst:
+        if dst > _LZOP_MAX_BLOCK or size > dst or (size < dst and size > _LZOP_PACKED_BLOCK):
             raise src._corrupt(f"block claims {dst:#x} bytes from {size:#x} (lzop allows at "
-                               f"most {_LZOP_MAX_BLOCK:#x}, never more stored than decoded)",
-                               pos, out_pos)
+                               f"most {_LZOP_MAX_BLOCK:#x}, never more stored than decoded; "
+                               f"compressed blocks of at most {_LZOP_PACKED_BLOCK:#x} bytes "
+                               "are read, lzop writes 256 KiB ones)", pos, out_pos)
         nd = bool(f & _F_ADLER32_D) + bool(f & _F_CRC32_D)
         nc = (bool(f & _F_ADLER32_C) + bool(f & _F_CRC32_C)) if size < dst else 0
         checks = src._pread(4 * (nd + nc), pos + 8)
