@@ -31,7 +31,7 @@ from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import make_lime
 from ksm_analyze.cli import app
 from ksm_analyze.errors import DumpFormatError, UnsupportedDumpError
-from ksm_analyze.formats import open_dump, streams
+from ksm_analyze.formats import DumpFormat, detect_format, open_dump, streams
 from ksm_analyze.formats.streams import Codec, Decompressed, probe_codec
 from ksm_analyze.hashing import stage1
 from ksm_analyze.options import ScanOptions
@@ -96,6 +96,7 @@ def test_info_says_what_was_unwrapped(tmp_path):
     size = wrapped.stat().st_size
     assert lines[1].startswith(f"  unwrapped: gzip, {size / 1024:.3g} KiB compressed -> 2 MiB "
                                f"decompressed (ratio {len(data) / size:.1f})")
+    assert detect_format(wrapped) is DumpFormat.ELF  # the format inside
 
 
 @pytest.mark.parametrize("codec", list(Codec), ids=lambda c: c.value)
