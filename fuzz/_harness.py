@@ -58,7 +58,8 @@ def _signature(text: str) -> str:
 
 
 def main(fmt_name: str) -> None:
-    fmt = DumpFormat(fmt_name)
+    # "wrapped": compressed files (fuzz_wrapped.py), the format inside detected.
+    fmt = None if fmt_name == "wrapped" else DumpFormat(fmt_name)
     fd = os.memfd_create(f"ksm-fuzz-{fmt_name}", 0)
     path = f"/proc/self/fd/{fd}"
     companion = test_fuzz.FUZZED[fmt].companion

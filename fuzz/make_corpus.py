@@ -59,6 +59,14 @@ def write_corpus(out: Path) -> None:
             (where / seed.name).write_bytes(seed.data)
         lines = [f"kw{i}={_dict_entry(t)}" for i, t in enumerate(TOKENS.get(fmt, []))]
         (out / f"{fmt.value}.dict").write_text("".join(f"{line}\n" for line in lines))
+    where = out / "wrapped"  # fuzz_wrapped.py: compressed wrappers, the format inside detected
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    for name, data in test_fuzz.wrapped_seeds(out / ".build"):
+        (where / name).write_bytes(data)
+    (out / "wrapped.dict").write_text("".join(
+        f"kw{i}={_dict_entry(t)}\n" for i, t in enumerate(
+            [b"\x1f\x8b\x08", b"\x28\xb5\x2f\xfd", b"\x7fELF", b"EMiL", b"\xff\xff\xff\xff"])))
     seed = test_fuzz.fingerprint_seed()  # the fingerprint file and cache entry of vm-b.raw
     for target, source in (("fpfile", seed.file), ("cache", seed.entry)):
         where = out / target

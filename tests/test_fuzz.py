@@ -671,6 +671,22 @@ def case_file(fmt: DumpFormat, data: bytes, name: str, where: Path | None = None
     return memory
 
 
+def wrapped_seeds(where: Path | None = None) -> list[tuple[str, bytes]]:
+    """Compressed-wrapper seeds (``fuzz/fuzz_wrapped.py``): the raw, ELF and LiME seeds
+    gzip'ed and zstd'ed (zstd without a checksum, so byte mutations inside reach the inner
+    headers as often as the codec's own structure)."""
+    import gzip
+
+    import zstandard
+
+    out = []
+    for fmt in (DumpFormat.RAW, DumpFormat.ELF, DumpFormat.LIME):
+        for seed in build_seeds(fmt, where)[:2]:
+            out.append((f"{seed.name}.gz", gzip.compress(seed.data, mtime=0)))
+            out.append((f"{seed.name}.zst", zstandard.ZstdCompressor(level=1).compress(seed.data)))
+    return out
+
+
 def build_seeds(fmt: DumpFormat, directory: Path | None = None) -> list[Seed]:
     """The seeds of ``fmt``, written under ``directory`` (a scratch directory by default)."""
     where = (directory or _WORK / "seeds") / fmt.value

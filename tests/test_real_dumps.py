@@ -7,6 +7,7 @@ all RAM, and one ``pmemsave`` per ELF segment. The same pages must come out of e
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import subprocess
 
@@ -115,3 +116,15 @@ def test_kdump_zero_pages_are_counted_without_reading(real):
     assert flagged == int(elf.per_input["zero_pages"].iloc[0])
     assert flagged > 1000
     assert np.isfinite(elf.counters.general_profit)
+
+
+def test_a_gzip_of_the_elf_predicts_the_same(real, tmp_path):
+    # KubeVirt's memory dumps arrive as .gz: the same guest, wrapped, gives the same answer.
+    wrapped = tmp_path / "guest.elf.gz"
+    with open(real["elf"], "rb") as src, gzip.open(wrapped, "wb", compresslevel=1) as out:
+        shutil.copyfileobj(src, out, 1 << 22)
+    elf, gz = analyze(real["elf"]), analyze(wrapped)
+    cols = ["nonzero_pages", "zero_pages"]
+    assert elf.per_input[cols].sum().tolist() == gz.per_input[cols].sum().tolist()
+    assert elf.host.equals(gz.host) and elf.histogram.equals(gz.histogram)
+    assert elf.counters == gz.counters

@@ -5,6 +5,11 @@ Raw images have no magic: a file that matches nothing is read as raw when its si
 number of pages, and refused as an unknown format otherwise. A fingerprint file (named
 ``*.ksmfp.parquet``, or any file starting with Parquet's ``PAR1``) is never a dump, whatever
 ``format`` says: a damaged one must be an error, not a small raw image.
+
+A compressed file (gzip, bzip2, xz, zstd, lzop: :mod:`.streams`) is unwrapped first: the
+format is detected from the head of the decompressed stream, and the reader reads the
+decompressed bytes instead of a memory map. Formats that decode their own pages (kdump,
+AVML, snapshots) are refused inside a wrapper, as is a wrapper inside a wrapper.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from .lime import LimeReader
 from .openvmm import OpenVmmReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
+from .streams import Codec, Decompressed, probe_codec
 from .vmrs import VmrsReader
 
-__all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "DumpFormat", "detect_format",
+__all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "Codec", "DumpFormat", "detect_format",
            "looks_like_fingerprint_file", "open_dump", "open_inputs"]
 
 FINGERPRINT_SUFFIX = ".ksmfp.parquet"
@@ -70,6 +76,24 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\xd1\xba\xd1\xba", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
     (0, b"\xd0\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
 )
+
+
+# Wrapped formats: only those whose pages are stored raw (read through DumpReader's source);
+# the others decode their pages from a memory map of the file itself.
+_UNWRAPPED_ONLY = {DumpFormat.KDUMP: "it compresses its own pages",
+                   DumpFormat.AVML: "it compresses its own pages",
+                   DumpFormat.SNAPSHOT: "it is read in place",
+                   DumpFormat.VMRS: "it compresses its own pages",
+                   # Their holes carry meaning (never populated, or unchanged since the
+                   # base), which a compressed copy loses: read them where they were written.
+                   DumpFormat.FIRECRACKER: "its holes are read as holes",
+                   DumpFormat.FIRECRACKER_DIFF: "its holes mean unchanged, not zero",
+                   DumpFormat.CLOUD_HYPERVISOR: "its holes are read as holes",
+                   DumpFormat.OPENVMM: "its holes are read as holes"}
+_SUFFIX = {Codec.GZIP: "gz", Codec.BZIP2: "bz2", Codec.XZ: "xz", Codec.ZSTD: "zst",
+           Codec.LZOP: "lzo"}
+_DECOMPRESS = {Codec.GZIP: "gzip -dc", Codec.BZIP2: "bzip2 -dc", Codec.XZ: "xz -dc",
+               Codec.ZSTD: "zstd -dc", Codec.LZOP: "lzop -dc"}
 
 
 def _read_head(path: str | os.PathLike[str]) -> tuple[bytes, int]:
@@ -116,6 +140,19 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -
     head, size = _read_head(path)
     if head.startswith(PARQUET_MAGIC) or os.fspath(path).lower().endswith(FINGERPRINT_SUFFIX):
         raise _not_a_dump(path)
+    if (codec := probe_codec(head)) is not None:
+        fd, _ = open_readonly(path)
+        try:
+            return _inner_format(path, fd, codec, None, page_size)
+        finally:
+            os.close(fd)
+    return _format_of(path, head, size, page_size)
+
+
+def _format_of(path: str | os.PathLike[str], head: bytes, size: int | None, page_size: int,
+               where: str = "") -> DumpFormat:
+    """Detect from ``head``; ``size`` None: not known yet (a wrapper's stream), so raw is
+    returned for a head no probe matches and the caller checks the size."""
     for fmt, cls in READERS.items():
         if cls.probe(head):
             return fmt
@@ -125,15 +162,15 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -
     for offset, magic, name in _REFUSED:
         if head[offset : offset + len(magic)] == magic:
             raise UnsupportedDumpError(
-                f"this is {name}, which ksm-analyze cannot read yet; "
+                f"this is {where}{name}, which ksm-analyze cannot read yet; "
                 "take a memory-only dump instead (see README, Formats)",
                 path=path,
                 offset=offset,
             )
-    if size % page_size == 0:
+    if size is None or size % page_size == 0:
         return DumpFormat.RAW
     raise DumpFormatError(
-        f"unknown format: no known magic (first bytes {head[:8].hex(' ')}) and the size, "
+        f"unknown format: {where}no known magic (first bytes {head[:8].hex(' ')}) and the size, "
         f"{size_text(size)}, is not a whole number of {page_size}-byte pages; "
         "use --format raw to read it as a flat memory image anyway",
         path=path,
@@ -166,9 +203,66 @@ def open_dump(
     check_page_size(page_size)
     if format is not None and looks_like_fingerprint_file(path):
         raise _not_a_dump(path)
+    head, _ = _read_head(path)
+    if (codec := probe_codec(head)) is not None:
+        return _open_wrapped(path, codec, format, page_size, base_address)
     fmt = detect_format(path, page_size=page_size) if format is None else DumpFormat.parse(format)
     cls = READERS[fmt]
     return cls(path, page_size=page_size, base_address=base_address)
+
+
+def _inner_format(path: str | os.PathLike[str], fd: int, codec: Codec,
+                  format: str | DumpFormat | None, page_size: int) -> DumpFormat:
+    """The format inside a wrapper, from the decompressed head; refuses nested wrappers and
+    the formats that cannot be read from a stream."""
+    head = Decompressed.head(path, fd, codec)
+    what = f"a {codec.value}-compressed "
+    if (inner := probe_codec(head)) is not None:
+        raise UnsupportedDumpError(
+            f"{what}{inner.value} stream (a wrapper inside a wrapper): decompress the outer "
+            f"one first ({_DECOMPRESS[codec]} FILE > FILE.{_SUFFIX[inner]})", path=path, offset=0)
+    if not head:
+        raise DumpFormatError(f"the {codec.value} stream decompresses to nothing", path=path,
+                              offset=0)
+    if format is not None:
+        fmt = DumpFormat.parse(format)
+    elif head.startswith(PARQUET_MAGIC):
+        raise DumpFormatError(f"{what}fingerprint file: decompress it first", path=path, offset=0)
+    else:
+        fmt = _format_of(path, head, None, page_size, where=f"inside the {codec.value} stream, ")
+    if fmt in _UNWRAPPED_ONLY:
+        raise UnsupportedDumpError(
+            f"{what}{fmt.value} dump: ksm-analyze reads {fmt.value} files only uncompressed "
+            f"({_UNWRAPPED_ONLY[fmt]}); decompress it first: {_DECOMPRESS[codec]} FILE > "
+            f"FILE.{fmt.value}", path=path, offset=0)
+    return fmt
+
+
+def _open_wrapped(path: str | os.PathLike[str], codec: Codec, format: str | DumpFormat | None,
+                  page_size: int, base_address: int) -> DumpReader:
+    """Open the dump inside a compressed file over its decompressed bytes."""
+    fd, _ = open_readonly(path)
+    try:
+        fmt = _inner_format(path, fd, codec, format, page_size)
+        source = Decompressed(path, fd, codec)
+        if fmt is DumpFormat.RAW and format is None and source.size % page_size:
+            head = source.read_at(0, 8)
+            raise DumpFormatError(
+                f"unknown format inside the {codec.value} stream: no known magic (first "
+                f"decompressed bytes {head.hex(' ')}) and its decompressed size, "
+                f"{size_text(source.size)}, is not a whole number of {page_size}-byte pages; "
+                "use --format raw to read it as a flat memory image anyway",
+                path=path, offset=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        return READERS[fmt](path, page_size=page_size, base_address=base_address, source=source)
+    except DumpFormatError as e:
+        if e.offset is None or "decompressed offset" in e.detail:
+            raise
+        raise type(e)(f"{e.detail} (offset {e.offset:#x} of the decompressed {codec.value} "
+                      "stream)", path=path, offset=e.offset) from None
 
 
 def open_inputs(

@@ -15,17 +15,22 @@ import json
 import math
 import mmap
 import os
+import queue
 import stat
 import struct
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 import numpy as np
 
 from ..errors import DumpFormatError, InputError, TruncatedDumpError
 from ..pages import PAGE_SIZE, Choice, Extent, PageBatch, PageState
 from ..units import size_text
+
+if TYPE_CHECKING:
+    from .streams import Decompressed
 
 __all__ = [
     "ADDRESS_LIMIT", "DEFAULT_BATCH_PAGES", "MIN_LIMIT", "RANGE_BYTES", "DumpFormat", "DumpReader",
@@ -106,6 +111,9 @@ class DumpReader(ABC):
         path: the dump file.
         page_size: the analysis page size; larger guest pages are split into pages of this size.
         base_address: address of the file's first byte, for formats that do not record one.
+        source: the decompressed bytes of a compressed file (:mod:`.streams`), read instead
+            of a memory map; the reader then owns ``source.fd``. ``file_size`` is the
+            decompressed size and every offset is an offset into the decompressed stream.
 
     Raises:
         InputError: the file cannot be opened, is empty or is not a regular file.
@@ -117,19 +125,28 @@ class DumpReader(ABC):
     """"physical" for guest RAM, "virtual" for process memory."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE, base_address: int = 0
+        self, path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE, base_address: int = 0,
+        source: Decompressed | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.page_size = page_size
         self.base_address = base_address
         self.warnings: list[str] = []
         self._views: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
+        self._stored_offsets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._origins: dict[int, int] = {}
         """Address of an extent -> file offset of the header that described it (for errors
         about extents whose bytes are not stored)."""
-        self._fd, self.file_size = open_readonly(self.path)
+        self.source = source
+        if source is None:
+            self._fd, self.file_size = open_readonly(self.path)
+        else:
+            self._fd, self.file_size = source.fd, source.size
+            self.warnings += source.warnings
         try:
-            self._mm = self._map()
+            # A decompressed source serves the slices headers are read with (_read); the
+            # page paths below check ``self.source`` before using the map.
+            self._mm = self._map() if source is None else cast(mmap.mmap, source)
             self.extents = self._validated(self._load_extents())
         except BaseException:
             self.close()
@@ -191,6 +208,7 @@ class DumpReader(ABC):
         """
         ps = self.page_size
         batch = -1
+        pieces = []
         for ext in sorted(self.data_extents(), key=lambda e: e.file_offset):
             if ext.file_offset < 0:
                 raise NotImplementedError(f"{type(self).__name__} must override iter_batches")
@@ -200,10 +218,87 @@ class DumpReader(ABC):
                     continue
                 n = min(batch_pages, ext.npages - first)
                 off = ext.file_offset + first * ps
+                if self.source is not None:
+                    pieces.append((ext.addr + first * ps, n, off))
+                    continue
                 pages = np.frombuffer(self._mm, np.uint8, n * ps, off).reshape(n, ps)
                 addrs = np.uint64(ext.addr + first * ps) + np.arange(n, dtype=np.uint64) * (
                     np.uint64(ps))
                 yield PageBatch(addrs, pages)
+        if pieces:
+            yield from self._source_batches(pieces)
+
+    def _source_batches(self, pieces: list[tuple[int, int, int]]) -> Iterator[PageBatch]:
+        """Batches ``(addr, npages, offset)`` read from the decompressed source in file order
+        (forward, so the decoder never restarts), one batch ahead in a thread: the
+        decompressors release the GIL, so decoding the next batch overlaps hashing this one."""
+        ps, src = self.page_size, self.source
+        assert src is not None
+        ahead: queue.Queue[tuple[int, int, int, bytes] | BaseException | None] = queue.Queue(1)
+        stop = threading.Event()
+
+        def put(item: tuple[int, int, int, bytes] | BaseException | None) -> bool:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    ahead.put(item, timeout=0.1)
+                    return True
+            return False
+
+        def decode() -> None:
+            try:
+                for addr, n, off in pieces:
+                    if not put((addr, n, off, src.read_at(off, n * ps))):
+                        return
+                put(None)
+            except BaseException as e:  # noqa: BLE001  # handed to the consumer, raised there
+                put(e)
+
+        worker = threading.Thread(target=decode, name="ksm-decompress", daemon=True)
+        worker.start()
+        try:
+            while (item := ahead.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                addr, n, off, data = item
+                if len(data) < n * ps:
+                    raise TruncatedDumpError(
+                        f"the decompressed stream ends at {src.size:#x}, inside pages it "
+                        "should hold (a decompressed offset)", path=self.path, offset=off)
+                addrs = np.uint64(addr) + np.arange(n, dtype=np.uint64) * np.uint64(ps)
+                yield PageBatch(addrs, np.frombuffer(data, np.uint8).reshape(n, ps))
+        finally:
+            stop.set()
+            worker.join()
+
+    def _source_pages(self, addrs: np.ndarray) -> np.ndarray:
+        """``read_pages`` from a decompressed source: runs of consecutive pages, read in
+        file order (forward reads), each placed where its address asked for it."""
+        ps, src = self.page_size, self.source
+        assert src is not None
+        if self._stored_offsets is None:
+            stored = [e for e in self.data_extents() if e.file_offset >= 0]
+            starts = np.array([e.addr for e in stored], dtype=np.uint64)
+            ends = starts + np.array([e.npages * ps for e in stored], dtype=np.uint64)
+            offsets = np.array([e.file_offset for e in stored], np.int64)
+            self._stored_offsets = (starts, ends, offsets)
+        starts, ends, offsets = self._stored_offsets
+        which, rel = self._locate(np.asarray(addrs, dtype=np.uint64), starts, ends)
+        out = np.empty((len(which), ps), np.uint8)
+        if not len(which):
+            return out
+        off = offsets[which] + rel * ps
+        order = np.argsort(off, kind="stable")
+        ordered = off[order]
+        cuts = np.flatnonzero(np.diff(ordered) != ps) + 1
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(ordered)].tolist(),
+                          strict=True):
+            data = src.read_at(int(ordered[lo]), (hi - lo) * ps)
+            if len(data) < (hi - lo) * ps:
+                raise TruncatedDumpError(
+                    f"the decompressed stream ends at {src.size:#x}, inside pages it should "
+                    "hold (a decompressed offset)", path=self.path, offset=int(ordered[lo]))
+            out[order[lo:hi]] = np.frombuffer(data, np.uint8).reshape(-1, ps)
+        return out
 
     def read_pages(self, addrs: np.ndarray) -> np.ndarray:
         """Return the ``(len(addrs), page_size)`` bytes of the stored pages at ``addrs``.
@@ -215,6 +310,8 @@ class DumpReader(ABC):
             ValueError: an address that is not the start of a stored page of this dump.
         """
         ps = self.page_size
+        if self.source is not None:
+            return self._source_pages(addrs)
         placed = self.page_views(addrs)
         if placed is None:
             raise NotImplementedError(f"{type(self).__name__} must override read_pages")
@@ -232,8 +329,9 @@ class DumpReader(ABC):
     @property
     def in_place(self) -> bool:
         """Pages are stored raw and read straight from the map (:meth:`page_views`); False
-        for a format that decodes them (it overrides :meth:`read_pages`)."""
-        return type(self).read_pages is DumpReader.read_pages
+        for a format that decodes them (it overrides :meth:`read_pages`) and for a
+        compressed file (its pages are decompressed from :attr:`source`)."""
+        return self.source is None and type(self).read_pages is DumpReader.read_pages
 
     def page_views(
         self, addrs: np.ndarray
@@ -367,7 +465,9 @@ class DumpReader(ABC):
         """Release the memory map and the file descriptor."""
         self._views = None  # views export the map's buffer: drop them before closing it
         mm = getattr(self, "_mm", None)
-        if mm is not None:
+        if getattr(self, "source", None) is not None:
+            self.source.close()  # type: ignore[union-attr]
+        elif mm is not None:
             # A caller may still hold a view; the map then goes when the view does.
             with contextlib.suppress(BufferError):
                 mm.close()
@@ -383,12 +483,30 @@ class DumpReader(ABC):
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Readers travel by path (e.g. to Dask workers) and re-open on arrival.
-        return {"path": self.path, "page_size": self.page_size, "base_address": self.base_address}
+        # Readers travel by path (e.g. to Dask workers) and re-open on arrival; a compressed
+        # file re-opens its wrapper (its size travels along: no second counting pass).
+        state = {"path": self.path, "page_size": self.page_size,
+                 "base_address": self.base_address}
+        if self.source is not None:
+            src = self.source
+            state["wrapper"] = (src.codec.value, src.start, src.size)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        source = None
+        if "wrapper" in state:
+            from .streams import Codec, Decompressed
+
+            codec, start, size = state["wrapper"]
+            fd, _ = open_readonly(state["path"])
+            try:
+                source = Decompressed(state["path"], fd, Codec(codec), start, size=size)
+            except BaseException:
+                os.close(fd)
+                raise
         self.__init__(  # type: ignore[misc]
-            state["path"], page_size=state["page_size"], base_address=state["base_address"]
+            state["path"], page_size=state["page_size"], base_address=state["base_address"],
+            **({"source": source} if source is not None else {}),
         )
 
 

@@ -250,7 +250,7 @@ class ElfCoreReader(DumpReader):
         while pos + nhdr.size <= end:
             if problem := self._over_limit(len(notes) + 1, "ELF notes", NOTE_BYTES):
                 raise self._error(problem, pos)
-            namesz, descsz, n_type = nhdr.unpack_from(self._mm, pos)
+            namesz, descsz, n_type = self._unpack(nhdr, pos, "ELF note header")
             desc = pos + nhdr.size + _align4(namesz)
             if desc + descsz > end:
                 raise self._error(
@@ -258,7 +258,8 @@ class ElfCoreReader(DumpReader):
                     f"past the end of PT_NOTE[{index}] ({end:#x})",
                     pos,
                 )
-            name = self._mm[pos + nhdr.size : pos + nhdr.size + min(namesz, 64)]
+            name = self._read(pos + nhdr.size, min(namesz, 64, end - pos - nhdr.size),
+                              "ELF note name")
             notes.append(Note(name.split(b"\0")[0].decode("latin-1"), n_type, desc, descsz))
             pos = desc + _align4(descsz)
 

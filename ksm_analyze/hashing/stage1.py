@@ -161,7 +161,10 @@ def fingerprint(
     ps, jobs = reader.page_size, options.workers
     nbytes = options.hashed_bytes(ps)
     stored = reader.page_counts()[PageState.DATA]
-    shards = jobs * SHARDS_PER_JOB if jobs > 1 and stored >= PARALLEL_MIN_PAGES else 1
+    # A compressed input is one stream, decoded once (a thread ahead of the hashing, in
+    # iter_batches): shards would each decode it from the start.
+    shards = (jobs * SHARDS_PER_JOB if jobs > 1 and stored >= PARALLEL_MIN_PAGES
+              and reader.source is None else 1)
     # Results go straight into arrays sized for every stored page, a batch at a time, so
     # the table is never held twice; each batch claims the next free rows.
     addrs = np.empty(stored, np.uint64)

@@ -266,6 +266,12 @@ def _duration(seconds: float) -> str:
 def render_info(path: str, reader: DumpReader, max_ranges: int = 50) -> str:
     """The ``info`` report of an open dump: format, header facts, ranges, pages per state."""
     out = [f"{printable(path)}: {reader.format.value}"]
+    if (src := reader.source) is not None:
+        out[0] += f" inside {src.codec.value}"
+        out.append(f"  unwrapped: {src.codec.value}, {human_bytes(src.compressed_size)} "
+                   f"compressed -> {human_bytes(src.size)} decompressed (ratio "
+                   f"{src.size / max(src.compressed_size, 1):.1f}); file offsets below are "
+                   "offsets in the decompressed stream")
     out += _facts(reader.info())
     out += _ranges_and_states(reader.extents, reader.page_size, reader.page_counts(),
                               max_ranges)

@@ -1,0 +1,7 @@
+"""atheris harness for compressed wrappers (gzip, zstd around raw, ELF and LiME seeds), the
+format inside detected: `python fuzz/fuzz_wrapped.py [libFuzzer options] [CORPUS]`."""
+
+from _harness import main
+
+if __name__ == "__main__":
+    main("wrapped")
