@@ -32,6 +32,13 @@ TOKENS = {
                           b'"processes"', b'"page_size"', b'"runs"', b'"loads"', b'"vmas"',
                           b'"start"', b'"end"', b'"vmflags"', b'"path"', b"1e999", b"[[[[",
                           b"null", b"-1"],
+    # issue 20 (vmwin)
+    DumpFormat.VMWARE: [b"\xd2\xbe\xd2\xbe", b"\xd0\xbe\xd0\xbe", b"memory\0", b"Memory",
+                        b"regionsCount", b"regionPPN", b"regionPageNum", b"regionSize",
+                        b"\x3f", b"\x3e", b"\x04\x00\x00\x00", b"\xff\xff\xff\xff"],
+    DumpFormat.WINDOWS: [b"PAGEDU64", b"PAGEDUMP", b"SDMPDUMP", b"FDMPDUMP",
+                         b"\x01\x00\x00\x00", b"\x05\x00\x00\x00", b"\x06\x00\x00\x00",
+                         b"\xff\xff\xff\xff\xff\xff\xff\xff"],
 }
 
 

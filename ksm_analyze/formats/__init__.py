@@ -23,6 +23,8 @@ from .kdump import KdumpReader
 from .lime import LimeReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
+from .vmware import VmwareReader, companion_state
+from .windows import WindowsReader
 
 __all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "DumpFormat", "detect_format",
            "looks_like_fingerprint_file", "open_dump", "open_inputs"]
@@ -43,6 +45,10 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.KDUMP: KdumpReader,
     DumpFormat.LIME: LimeReader,
     DumpFormat.AVML: AvmlReader,
+    # issue 20, VMware and Windows (vmwin): a .vmem is VMware by its companion .vmss/.vmsn
+    # (detect_format), a state file by its magic
+    DumpFormat.VMWARE: VmwareReader,
+    DumpFormat.WINDOWS: WindowsReader,
     DumpFormat.RAW: RawReader,
 }
 
@@ -52,13 +58,7 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"LibvirtQemudSave", "a libvirt save image (virsh save)"),
     (0, b"LibvirtQemudPart", "an incomplete libvirt save image"),
     (0, b"QEVM\x00\x00\x00\x03", "a QEMU migration stream (virsh dump without --memory-only)"),
-    (0, b"PAGEDU64", "a Windows 64-bit crash dump"),
-    (0, b"PAGEDUMP", "a Windows 32-bit crash dump"),
     (0, b"HIBR", "a Windows hibernation file"),
-    (0, b"\xd2\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, b"\xd3\xbe\xd3\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, b"\xd1\xba\xd1\xba", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, b"\xd0\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
     (0, struct.pack("<I", 0x01282014), "a Hyper-V saved state (.vmrs)"),
     (0x1000, struct.pack("<I", 0x01282014), "a Hyper-V saved state (.vmrs)"),
 )
@@ -111,6 +111,8 @@ def detect_format(path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE) -
     for fmt, cls in READERS.items():
         if cls.probe(head):
             return fmt
+    if companion_state(path) is not None:  # a .vmem with its .vmss/.vmsn beside it
+        return DumpFormat.VMWARE
     for offset, magic, name in _REFUSED:
         if head[offset : offset + len(magic)] == magic:
             raise UnsupportedDumpError(

@@ -57,6 +57,9 @@ class DumpFormat(Choice):
     KDUMP = "kdump"
     LIME = "lime"
     AVML = "avml"
+    # issue 20, VMware and Windows (vmwin)
+    VMWARE = "vmware"
+    WINDOWS = "windows"
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
