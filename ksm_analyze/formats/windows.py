@@ -32,15 +32,17 @@ Kernel, summary, header-only and triage dumps hold kernel memory at best: refuse
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import UnsupportedDumpError
-from ..pages import Extent, PageState
+from ..pages import Extent, PageBatch, PageState
 from ..units import size_text
-from .base import ADDRESS_LIMIT, RANGE_BYTES, DumpFormat, DumpReader
+from .base import ADDRESS_LIMIT, DEFAULT_BATCH_PAGES, RANGE_BYTES, DumpFormat, DumpReader
 
 __all__ = ["WindowsReader"]
 
@@ -239,6 +241,34 @@ class WindowsReader(DumpReader):
         if kind >= 0:
             out.append((start, nbits, kind))
         return out
+
+    def iter_batches(
+        self, batch_pages: int = DEFAULT_BATCH_PAGES, *, shard: int = 0, shards: int = 1
+    ) -> Iterator[PageBatch]:
+        """The stored pages lie back to back in the file (runs, or the bitmap's pages in
+        order), so batches are cut from that one area whatever the ranges: a bitmap dump of
+        scattered free pages gives full batches, not one per range. Same pages, order and
+        sharding as :meth:`DumpReader.iter_batches`, which serves any other layout."""
+        ps = self.page_size
+        stored = sorted(self.data_extents(), key=lambda e: e.file_offset)
+        if any(b.file_offset != a.file_offset + a.npages * ps
+               for a, b in itertools.pairwise(stored)):
+            yield from super().iter_batches(batch_pages, shard=shard, shards=shards)
+            return
+        counts = np.array([e.npages for e in stored], np.int64)
+        ends = np.cumsum(counts)
+        starts = np.array([e.addr for e in stored], np.uint64)
+        total = int(ends[-1]) if len(ends) else 0
+        for batch, first in enumerate(range(0, total, batch_pages)):
+            if batch % shards != shard:
+                continue
+            n = min(batch_pages, total - first)
+            index = np.arange(first, first + n, dtype=np.int64)
+            k = np.searchsorted(ends, index, side="right")
+            addrs = starts[k] + ((index - (ends[k] - counts[k])) * ps).astype(np.uint64)
+            pages = np.frombuffer(self._mm, np.uint8, n * ps,
+                                  stored[0].file_offset + first * ps).reshape(n, ps)
+            yield PageBatch(addrs, pages)
 
     def _trim_warning(self) -> None:
         if self._trimmed:
