@@ -230,7 +230,7 @@ class StateFile:
                 f"the Memory block at offset {b.data_offset:#x} is compressed "
                 f"({size_text(b.file_bytes)} holding {size_text(b.memory_bytes)}), in a "
                 "compression VMware does not document; convert the state file with "
-                "'vmss2core -W' (or suspend without compression) and read that",
+                "vmss2core (-N6: an ELF core, -W8: a Windows dump) and read that",
                 path=self.path, offset=b.tag_offset)
         if b.file_bytes != b.memory_bytes:
             raise self._error(
