@@ -88,6 +88,16 @@ def test_state_file_holding_its_memory(tmp_path):
         assert r.info()["memory"].startswith("Memory block at ")
 
 
+def test_vmem_beside_a_state_file_holding_memory_is_not_read(tmp_path):
+    path = make_state(tmp_path / "s.vmsn", [("memory", memory_group(REGIONS, memory=VMEM))])
+    (tmp_path / "s.vmem").write_bytes(bytes(8 * P))
+    with open_dump(tmp_path / "s.vmem") as r:
+        assert r.path == str(path)
+        assert all_pages(r)[P] == page(1)
+        assert r.warnings == [(f"{tmp_path / 's.vmem'}: not read: {path} holds the guest's "
+                               "memory itself (a Memory block), which is read instead")]
+
+
 def test_flat_memory_without_a_region_table(tmp_path):
     path = make_state(tmp_path / "flat.vmss", [("memory", memory_group([], memory=VMEM))])
     with open_dump(path) as r:

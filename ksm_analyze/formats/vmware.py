@@ -285,8 +285,12 @@ class VmwareReader(DumpReader):
         self.state_path = state_path
         self.state = StateFile(state_path)
         self.block = self.state.memory_block()
+        notes = []
         if self.block is not None:
             memory_path = state_path
+            if given != state_path:
+                notes.append(f"{given}: not read: {state_path} holds the guest's memory itself "
+                             "(a Memory block), which is read instead")
         elif state_path != given:
             memory_path = given
         else:
@@ -298,6 +302,7 @@ class VmwareReader(DumpReader):
                     offset=self.state.memory_group or 0)
             memory_path = vmem
         super().__init__(memory_path, page_size=page_size, base_address=base_address)
+        self.warnings[:0] = notes
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

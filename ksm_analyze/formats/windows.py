@@ -19,6 +19,9 @@ PhysicalMemoryBlockBuffer             0x88         0x64
 DumpType (u32)                        0xF98        0xF88
 ====================================  ===========  ==========
 
+(volatility3's ``crash64.json`` puts a 32-bit NumberOfPages at +4; QEMU's ``WinDumpPhyMemDesc64``
+and rizin have 4 bytes of padding and a u64 at +8, which is read here, and only for a warning.)
+
 DumpType 1 (full): the runs' pages follow the header back to back. DumpType 5 (bitmap): a
 ``_SUMMARY_DUMP`` follows the header (signature ``SDMP`` or ``FDMP``, then ``DUMP``;
 ``HeaderSize`` u64 at +0x20 is the file offset of the first page, ``Pages`` u64 at +0x28 the
