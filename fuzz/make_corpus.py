@@ -43,6 +43,13 @@ TOKENS = {
     DumpFormat.VMRS: [b"\x14\x20\x28\x01", b"\x01\x00\x11\x01", b"savedstate\0", b"RamBlock0\0",
                       b"\xff\xff\xff\xff", b"\xfe\xff\xff\xff", b"\xfd\xff\xff\xff",
                       b"\xfc\xff\xff\xff", b"\x00\x10\x00\x00", b"\x00\x00\x10\x00"],
+    # issue 20 (vmwin)
+    DumpFormat.VMWARE: [b"\xd2\xbe\xd2\xbe", b"\xd0\xbe\xd0\xbe", b"memory\0", b"Memory",
+                        b"regionsCount", b"regionPPN", b"regionPageNum", b"regionSize",
+                        b"\x3f", b"\x3e", b"\x04\x00\x00\x00", b"\xff\xff\xff\xff"],
+    DumpFormat.WINDOWS: [b"PAGEDU64", b"PAGEDUMP", b"SDMPDUMP", b"FDMPDUMP",
+                         b"\x01\x00\x00\x00", b"\x05\x00\x00\x00", b"\x06\x00\x00\x00",
+                         b"\xff\xff\xff\xff\xff\xff\xff\xff"],
 }
 
 

@@ -4,7 +4,7 @@
 #   fuzz/run.sh [SECONDS_OR_RUNS] [READER...]
 #     60          60 seconds per reader (the default); "90s" works too
 #     1000000runs one million executions per reader
-#     READER...   only these (raw elf kdump lime avml snapshot firecracker firecracker_diff cloud_hypervisor openvmm vmrs wrapped); default: every fuzz_*.py
+#     READER...   only these (raw elf kdump lime avml snapshot firecracker firecracker_diff cloud_hypervisor openvmm vmrs vmware windows wrapped); default: every fuzz_*.py
 #
 # Environment: JOBS=2 runs two readers at a time; KSM_FUZZ_KEEP_GOING=0 stops a reader at its
 # first failure (libFuzzer's crash-<sha1> artifact) instead of saving each distinct failure

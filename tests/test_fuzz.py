@@ -70,6 +70,8 @@ from dumpwriter.lime import make_avml, make_lime
 from dumpwriter.microvm import ch_state, make_sparse, manifest_bytes
 from dumpwriter.raw import make_raw
 from dumpwriter.vmrs import END, explicit, fill, fills, lz77_periodic, make_vmrs, page_token
+from dumpwriter.vmware import make_state, memory_group
+from dumpwriter.windows import make_windows
 from ksm_analyze import DumpFormatError, KsmAnalyzeError, PageState, analyze
 from ksm_analyze.formats import READERS, DumpFormat, open_inputs
 from ksm_analyze.formats.snapshot import NT_META, RUN, RunFlags, SnapshotWriter
@@ -619,6 +621,104 @@ class Companion:
     build: Callable[[Path], None]
 
 
+
+
+# -- issue 20: VMware and Windows (vmwin) ---------------------------------------------------------
+
+VMW_GROUP = _layout("position:Q size:Q")
+
+
+def _vmware_structure(seed: Seed) -> Seed:
+    """Header, group table, and every tag of a VMware state file (tag word, indices, value or
+    block sizes); the Memory block is a region worth flipping."""
+    data = seed.data
+    _magic, _version, ngroups = struct.unpack_from("<III", data)
+    seed.add("header", 0, _layout("magic:I version:I groups:I"), "<")
+    for g in range(ngroups):
+        at = 12 + 80 * g
+        seed.add(f"group[{g}]", at + 64, VMW_GROUP, "<")
+        (pos,) = struct.unpack_from("<Q", data, at + 64)
+        k = 0
+        while True:
+            (word,) = struct.unpack_from("<H", data, pos)
+            seed.fields.append(Field(f"group[{g}].tag[{k}]", pos, 2, "little"))
+            seed.bounds.add(pos)
+            if word == 0:
+                break
+            namelen, nindex, valsize = word >> 8, (word >> 6) & 3, word & 0x3F
+            at = pos + 2 + namelen
+            for i in range(nindex):
+                seed.fields.append(Field(f"group[{g}].tag[{k}].index[{i}]", at + 4 * i, 4,
+                                         "little"))
+            at += 4 * nindex
+            if valsize >= 62:
+                seed.add(f"group[{g}].tag[{k}].block", at, _layout("nbytes:Q inmem:Q pad:H"),
+                         "<")
+                nbytes, _inmem, pad = struct.unpack_from("<QQH", data, at)
+                body = at + 18 + pad
+                seed.regions.append((f"group[{g}].tag[{k}] block", body, nbytes))
+                pos = body + nbytes
+            else:
+                seed.fields.append(Field(f"group[{g}].tag[{k}].value", at, valsize, "little"))
+                pos = at + valsize
+            k += 1
+    return seed.finish()
+
+
+def _vmware_seeds(tmp: Path) -> list[Seed]:
+    """State files holding their memory (a Memory block): the harness reads one file, so the
+    .vmem beside a .vmss is tested in tests/test_vmware.py instead."""
+    memory = A + LOW + ZERO + TEXT + B + A
+    make_state(tmp / "flat.vmss", [("cpu", []), ("memory", memory_group([], memory=memory))])
+    make_state(tmp / "regions.vmsn",
+               [("memory", memory_group([(0, 0, 2), (0x100000, 2, 3), (0x20, 5, 1)],
+                                        memory=memory)), ("Snapshot", [])])
+    return [_vmware_structure(Seed(n, DumpFormat.VMWARE, (tmp / f).read_bytes()))
+            for n, f in (("vmware-flat-memory-block", "flat.vmss"),
+                         ("vmware-3-regions", "regions.vmsn"))]
+
+
+WIN_HEADER = {
+    64: [("machine", 0x30, 4), ("processors", 0x34, 4), ("bugcheck", 0x38, 4),
+         ("runs", 0x88, 4), ("pages", 0x90, 8), ("dump_type", 0xF98, 4)],
+    32: [("machine", 0x20, 4), ("processors", 0x24, 4), ("bugcheck", 0x28, 4),
+         ("runs", 0x64, 4), ("pages", 0x68, 4), ("dump_type", 0xF88, 4)],
+}
+WIN_SUMMARY = _layout("signature:I valid:I options:I _r:20s header_size:Q pages:Q bitmap_size:Q")
+
+
+def _windows_structure(seed: Seed, bits: int, nruns: int, bitmap: bool) -> Seed:
+    """Header fields, the runs, and for a bitmap dump the _SUMMARY_DUMP and its bitmap."""
+    seed.add("header", 0, WIN_HEADER[bits], "<")
+    block, size = (0x88 + 0x10, 8) if bits == 64 else (0x64 + 8, 4)
+    for i in range(nruns):
+        seed.add(f"run[{i}]", block + 2 * size * i, [("base", 0, size), ("count", size, size)],
+                 "<")
+    head = 0x2000 if bits == 64 else 0x1000
+    first = head
+    if bitmap:
+        seed.add("summary", head, WIN_SUMMARY, "<")
+        first, _pages, nbits = struct.unpack_from("<QQQ", seed.data, head + 0x20)
+        seed.regions.append(("bitmap", head + 0x38, (nbits + 7) // 8))
+    seed.bounds |= {head, first}
+    seed.regions.append(("pages", first, len(seed.data) - first))
+    return seed.finish()
+
+
+def _windows_seeds(tmp: Path) -> list[Seed]:
+    out = []
+    for bits in (64, 32):
+        make_windows(tmp / f"full{bits}", [(0, 2), (0x10, 3)], A + LOW + ZERO + TEXT + B,
+                     bits=bits)
+        out.append(_windows_structure(Seed(f"windows-full-{bits}", DumpFormat.WINDOWS,
+                                           (tmp / f"full{bits}").read_bytes()), bits, 2, False))
+        make_windows(tmp / f"bitmap{bits}", [(0, 40), (64, 8)], A + LOW + ZERO + TEXT,
+                     bits=bits, dump_type=5, bitmap=[1, 2, 33, 65], bitmap_pages=72)
+        out.append(_windows_structure(Seed(f"windows-bitmap-{bits}", DumpFormat.WINDOWS,
+                                           (tmp / f"bitmap{bits}").read_bytes()), bits, 2, True))
+    return out
+
+
 @dataclass(frozen=True)
 class Fuzzed:
     """How one format is fuzzed: its seeds (built into a directory) and its harness."""
@@ -645,6 +745,9 @@ FUZZED: dict[DumpFormat, Fuzzed] = {
     DumpFormat.OPENVMM: Fuzzed(_openvmm_seeds, "fuzz/fuzz_openvmm.py",
                                Companion("manifest.bin", "memory.bin", _microvm_memory)),
     DumpFormat.VMRS: Fuzzed(_vmrs_seeds, "fuzz/fuzz_vmrs.py"),
+    # issue 20 (vmwin)
+    DumpFormat.VMWARE: Fuzzed(_vmware_seeds, "fuzz/fuzz_vmware.py"),
+    DumpFormat.WINDOWS: Fuzzed(_windows_seeds, "fuzz/fuzz_windows.py"),
 }
 """Every reader, fuzzed: a format added to READERS must be added here and get a harness."""
 
@@ -1141,6 +1244,8 @@ test_mutated_firecracker_diff_dumps_fail_cleanly = _reader_property(DumpFormat.F
 test_mutated_cloud_hypervisor_dumps_fail_cleanly = _reader_property(DumpFormat.CLOUD_HYPERVISOR)
 test_mutated_openvmm_dumps_fail_cleanly = _reader_property(DumpFormat.OPENVMM)
 test_mutated_vmrs_dumps_fail_cleanly = _reader_property(DumpFormat.VMRS)
+test_mutated_vmware_dumps_fail_cleanly = _reader_property(DumpFormat.VMWARE)  # issue 20 (vmwin)
+test_mutated_windows_dumps_fail_cleanly = _reader_property(DumpFormat.WINDOWS)
 
 
 @given(case=mutated_meta(SEEDS[DumpFormat.SNAPSHOT][0]))

@@ -91,6 +91,8 @@ def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, 
             continue
         readers = [stack.enter_context(r) for r in open_inputs(
             path, options.format, page_size=page_size, base_address=base)]
+        for pages in sorted({r.path for r in readers} - {path}):  # a .vmss and its .vmem
+            guests.add(pages, None, via=path)
         key = _hash_key(options, page_size, base, readers[0].format)
         cached = cache.get(path, key, partial(_layout_differs, readers)) if cache else None
         for k, r in enumerate(readers):
@@ -110,9 +112,15 @@ class _Guests:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]] = []
+        self.given: list[str] = []
+        """For each entry of ``seen``, the input as given (a VMware state file, for the
+        .vmem it reads its pages from: :meth:`add` ``via``)."""
+        self.numbers: list[int] = []
 
-    def add(self, path: str, recorded: dict[str, Any] | None) -> None:
-        """Take input ``path`` (``recorded``: the dump a fingerprint file says it came from).
+    def add(self, path: str, recorded: dict[str, Any] | None, *, via: str | None = None
+            ) -> None:
+        """Take input ``path`` (``recorded``: the dump a fingerprint file says it came from;
+        ``via``: the input given, when ``path`` is the other file it reads its pages from).
 
         Raises:
             ValueError: naming both inputs, if it is one already seen.
@@ -122,8 +130,15 @@ class _Guests:
         except OSError:
             itself = None  # opening it says what is wrong
         guest = recorded if recorded is not None else itself
-        k = len(self.seen) + 1
-        for j, (other, other_itself, other_guest) in enumerate(self.seen, 1):
+        k = (self.numbers[-1] if self.numbers else 0) + (via is None)
+        for j, other_given, (other, other_itself, other_guest) in zip(
+                self.numbers, self.given, self.seen, strict=True):
+            if j == k:
+                continue
+            if (itself and other_itself and fingerprint_files.same_dump(itself, other_itself)
+                    and (via or other_given != other)):
+                raise ValueError(f"{other_given} and {via or path} are one guest (inputs {j} "
+                                 f"and {k}: both read their pages from {path}): " + _ONCE)
             if itself and other_itself and fingerprint_files.same_dump(itself, other_itself):
                 alias = "" if other == path else f", the first time as {other}"
                 raise ValueError(f"{path} is given twice (inputs {j} and {k}{alias}): " + _ONCE)
@@ -134,6 +149,8 @@ class _Guests:
                 raise ValueError(f"{path} and {other} are one guest (inputs {j} and {k}: "
                                  f"{' and '.join(how)}): " + _ONCE)
         self.seen.append((path, itself, guest))
+        self.given.append(via or path)
+        self.numbers.append(k)
 
 
 _ONCE = "each input is one guest or process; to model two identical guests, give a copy"

@@ -32,6 +32,8 @@ from .raw import RawReader
 from .snapshot import SnapshotReader
 from .streams import Codec, Decompressed, probe_codec
 from .vmrs import VmrsReader
+from .vmware import VmwareReader
+from .windows import WindowsReader
 
 __all__ = ["FINGERPRINT_SUFFIX", "PARQUET_MAGIC", "Codec", "DumpFormat", "detect_format",
            "looks_like_fingerprint_file", "open_dump", "open_inputs"]
@@ -59,6 +61,10 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.FIRECRACKER_DIFF: FirecrackerDiffReader,
     DumpFormat.CLOUD_HYPERVISOR: CloudHypervisorReader,
     DumpFormat.OPENVMM: OpenVmmReader,
+    # issue 20, VMware and Windows (vmwin): a .vmem is VMware by its companion .vmss/.vmsn
+    # (detect_format), a state file by its magic
+    DumpFormat.VMWARE: VmwareReader,
+    DumpFormat.WINDOWS: WindowsReader,
     DumpFormat.RAW: RawReader,
 }
 
@@ -68,13 +74,7 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
     (0, b"LibvirtQemudSave", "a libvirt save image (virsh save)"),
     (0, b"LibvirtQemudPart", "an incomplete libvirt save image"),
     (0, b"QEVM\x00\x00\x00\x03", "a QEMU migration stream (virsh dump without --memory-only)"),
-    (0, b"PAGEDU64", "a Windows 64-bit crash dump"),
-    (0, b"PAGEDUMP", "a Windows 32-bit crash dump"),
     (0, b"HIBR", "a Windows hibernation file"),
-    (0, b"\xd2\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, b"\xd3\xbe\xd3\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, b"\xd1\xba\xd1\xba", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
-    (0, b"\xd0\xbe\xd2\xbe", "a VMware suspend/snapshot state file (.vmss/.vmsn)"),
 )
 
 

@@ -68,6 +68,9 @@ class DumpFormat(Choice):
     CLOUD_HYPERVISOR = "cloud_hypervisor"
     OPENVMM = "openvmm"
     VMRS = "vmrs"
+    # issue 20, VMware and Windows (vmwin)
+    VMWARE = "vmware"
+    WINDOWS = "windows"
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:

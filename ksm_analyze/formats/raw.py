@@ -37,5 +37,9 @@ class RawReader(DumpReader):
         return [Extent(self.base_address, npages, PageState.DATA, 0, "raw image")]
 
     def info(self) -> dict[str, Any]:
-        """The base address the image was read at."""
-        return {"base_address": self.base_address}
+        """The base address the image was read at (and, for a lone ``.vmem``, what that means)."""
+        out: dict[str, Any] = {"base_address": self.base_address}
+        if self.path.lower().endswith(".vmem"):
+            out["vmware"] = ("no .vmss/.vmsn beside it: read as a flat image, guest-physical "
+                             "addresses unknown")
+        return out
