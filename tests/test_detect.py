@@ -24,9 +24,6 @@ from ksm_analyze.pages import PageState
 HYPERV = b"\x14\x20\x28\x01"  # LE u32 0x01282014
 
 REFUSED = [
-    (0, b"LibvirtQemudSave", "a libvirt save image (virsh save)"),
-    (0, b"LibvirtQemudPart", "an incomplete libvirt save image"),
-    (0, b"QEVM\x00\x00\x00\x03", "a QEMU migration stream (virsh dump without --memory-only)"),
     (0, b"PAGEDU64", "a Windows 64-bit crash dump"),
     (0, b"PAGEDUMP", "a Windows 32-bit crash dump"),
     (0, b"HIBR", "a Windows hibernation file"),

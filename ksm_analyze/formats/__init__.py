@@ -21,6 +21,7 @@ from .base import DumpFormat, DumpReader, open_readonly
 from .elfcore import ElfCoreReader
 from .kdump import KdumpReader
 from .lime import LimeReader
+from .migration import MigrationReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
 
@@ -43,15 +44,13 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.KDUMP: KdumpReader,
     DumpFormat.LIME: LimeReader,
     DumpFormat.AVML: AvmlReader,
+    DumpFormat.MIGRATION: MigrationReader,
     DumpFormat.RAW: RawReader,
 }
 
 # Formats recognised only to be refused with a clear message: (offset, magic, name).
 # Sources: ../shared/reference/dump-formats.md (magic bytes table).
 _REFUSED: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"LibvirtQemudSave", "a libvirt save image (virsh save)"),
-    (0, b"LibvirtQemudPart", "an incomplete libvirt save image"),
-    (0, b"QEVM\x00\x00\x00\x03", "a QEMU migration stream (virsh dump without --memory-only)"),
     (0, b"PAGEDU64", "a Windows 64-bit crash dump"),
     (0, b"PAGEDUMP", "a Windows 32-bit crash dump"),
     (0, b"HIBR", "a Windows hibernation file"),

@@ -57,6 +57,7 @@ class DumpFormat(Choice):
     KDUMP = "kdump"
     LIME = "lime"
     AVML = "avml"
+    MIGRATION = "migration"
 
 
 def open_readonly(path: str | os.PathLike[str]) -> tuple[int, int]:
