@@ -8,11 +8,21 @@ import struct
 
 import numpy as np
 import pytest
-from dumpwriter.qevm import (
-    COMPRESS_PAGE, END, EOS, FULL, MULTIFD_FLUSH, PART, START, XBZRLE, Stream, libvirt_header,
-    mapped_ram, simple,
-)
 
+from dumpwriter.qevm import (
+    COMPRESS_PAGE,
+    END,
+    EOS,
+    FULL,
+    MULTIFD_FLUSH,
+    PART,
+    START,
+    XBZRLE,
+    Stream,
+    libvirt_header,
+    mapped_ram,
+    simple,
+)
 from ksm_analyze.errors import DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
 from ksm_analyze.pages import PageState
@@ -248,7 +258,7 @@ def test_record_outside_its_block(tmp_path):
     s.page("pc.bios", 2 * PS, page(1))  # pc.bios holds 2 pages
     s.flag(EOS)
     p = write(tmp_path, s.end())
-    with pytest.raises(DumpFormatError, match="is not a page of block 'pc.bios'"):
+    with pytest.raises(DumpFormatError, match=r"is not a page of block 'pc\.bios'"):
         open_dump(p)
 
 
