@@ -271,3 +271,83 @@ def test_start_section_header_layout():
     assert bytes(s.buf[at:]) == b"\x01" + struct.pack(">I", 2) + b"\x03ram" + struct.pack(
         ">II", 0, 4)
     assert FULL == 4 and END == 3
+
+
+def _outcome(path):
+    """What the reader makes of a stream: each block's page index, the records counted and the
+    extents; or the error's type and message."""
+    try:
+        with open_dump(path) as r:
+            return ({b.name: b.where.tolist() for b in r.blocks.values()}, r.ram_records,
+                    [(e.addr, e.npages, e.state) for e in r.extents])
+    except DumpFormatError as e:
+        return type(e), str(e)
+
+
+def test_record_walk_kernel_and_numpy_agree(tmp_path, monkeypatch):
+    """The compiled record walk (hashing/_compiled.c qevm_ram_records) and the numpy one give
+    the same index, counts and errors: short mixed runs of PAGE and ZERO records, resends,
+    fill bytes, a record outside its block, and the stream cut at every record boundary and
+    inside records."""
+    from ksm_analyze.hashing import compiled as kernels
+
+    if kernels.native is None:
+        pytest.skip(f"compiled kernels not in use ({kernels.numpy_reason})")
+    rng = np.random.default_rng(5)
+    s = Stream()
+    s.section(START, 2)
+    s.mem_size([("pc.ram", 64 * PS), ("pc.bios", 4 * PS)])
+    s.flag(EOS)
+    s.footer(2)
+    s.section(PART, 2)
+    for n in rng.integers(0, 64, 120).tolist():  # resends: 120 records over 64 pages
+        if rng.random() < 0.5:
+            s.zero("pc.ram", n * PS, int(rng.choice([0, 0, 0x5A])))
+        else:
+            s.page("pc.ram", n * PS, page(n + 1))
+    s.page("pc.bios", PS, page(99))
+    s.zero("pc.bios", 0)
+    s.page("pc.ram", 5 * PS, page(200))
+    s.flag(EOS)
+    s.footer(2)
+    s.section(END, 2)
+    s.flag(EOS)
+    s.footer(2)
+    s.device(3, "timer", bytes(8))
+    data = s.end()
+    cuts = sorted({at for what, at in s.marks if what == "record"} | {len(data)}
+                  | set(rng.integers(0, len(data), 40).tolist()))
+    bad = bytearray(data)  # a CONTINUE record past its block's end, in the middle of a run
+    at = [a for w, a in s.marks if w == "record"][60]
+    bad[at : at + 8] = (64 * PS | 0x28).to_bytes(8, "big")
+    inputs = [data[:c] for c in cuts] + [bytes(bad)]
+    for i, blob in enumerate(inputs):
+        p = write(tmp_path, blob, f"s{i}.qevm")
+        native = _outcome(p)
+        monkeypatch.setattr(kernels, "native", None)
+        numpy = _outcome(p)
+        monkeypatch.undo()
+        assert native == numpy, (i, len(blob))
+    assert isinstance(_outcome(write(tmp_path, data, "whole.qevm"))[0], dict)
+
+
+@pytest.mark.compiled
+def test_record_walk_kernel_by_hand():
+    from ksm_analyze.hashing import compiled as kernels
+
+    rec = lambda off, flags: (off | flags).to_bytes(8, "big")
+    buf = (bytes(3) + rec(0, 0x28) + bytes([1]) * PS + rec(2 * PS, 0x22) + b"\x07"
+           + rec(0, 0x28) + bytes([2]) * PS + rec(0, 0x10))  # ... then EOS
+    where = np.full(4, -1, np.int64)
+    pos, taken = kernels.qevm_ram_records(buf, 3, PS, 4 * PS, where)
+    second = 3 + 8 + PS + 9 + 8
+    assert (pos, taken) == (second + PS, 3)  # stops at the EOS record
+    assert where.tolist() == [second, -1, -2 - 7, -1]  # the second copy of page 0 won
+    where[:] = -1
+    assert kernels.qevm_ram_records(buf, 3, PS, 2 * PS, where) == (3 + 8 + PS, 1)  # page 2
+    assert where.tolist() == [3 + 8, -1, -1, -1]  # is outside a 2-page block: left to Python
+    assert kernels.qevm_ram_records(buf[: 3 + 8 + PS - 1], 3, PS, 4 * PS, where) == (3, 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.qevm_ram_records(buf, 3, PS, 8 * PS, where)  # index shorter than the block
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.qevm_ram_records(buf, len(buf) + 1, PS, 4 * PS, where)

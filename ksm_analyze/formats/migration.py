@@ -33,9 +33,11 @@ FULL section before that (an early-setup device), or any section of another iter
 section (id, name) and its offset.
 
 The stream is indexed, not loaded: one int64 per page of each RAM block (the file offset of
-its last copy, or a fill byte, or absent), found in vectorised runs of records at a constant
-stride (a paused guest's stream is mostly 4104-byte PAGE|CONTINUE and 9-byte ZERO|CONTINUE
-records). Addresses: ``pc.ram`` offsets map to guest-physical ones (below 4 GiB up to the split
+its last copy, or a fill byte, or absent). A paused guest's stream is mostly 4104-byte
+PAGE|CONTINUE and 9-byte ZERO|CONTINUE records, mixed in short runs: the compiled kernel
+``qevm_ram_records`` (hashing/_compiled.c) walks them (a 4 GiB guest's million records in
+about 10 ms); where it is not built, vectorised runs of records at a constant stride do
+(about 1.5 s for the same, one numpy pass per run). Addresses: ``pc.ram`` offsets map to guest-physical ones (below 4 GiB up to the split
 the machine type implies, the rest from 4 GiB); every other block (``vga.vram``, ``pc.bios``,
 option ROMs, ACPI tables) gets a disjoint synthetic range at or above 2^48, listed by name in
 ``info``.
@@ -52,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TruncatedDumpError, UnsupportedDumpError
+from ..hashing import compiled
 from ..pages import Extent, PageBatch, PageState
 from ..units import size_text
 from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
@@ -435,7 +438,11 @@ class MigrationReader(DumpReader):
                 pos += tps
                 stride = 8 + tps
             self.ram_records += 1
-            if flags & F_CONTINUE and pos + stride <= size:
+            if compiled.native is not None:  # every CONTINUE record that follows, in C
+                pos, taken = compiled.qevm_ram_records(mm, pos, tps, block.used_length,
+                                                       block.where)
+                self.ram_records += taken
+            elif flags & F_CONTINUE and pos + stride <= size:
                 pos = self._run(pos, block, flags, stride)
 
     def _run(self, pos: int, block: RamBlock, flags: int, stride: int) -> int:

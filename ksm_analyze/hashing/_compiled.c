@@ -243,10 +243,78 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(qevm_ram_records_doc,
+"qevm_ram_records(buf, pos, page_size, length, where) -> (pos, count)\n\n"
+"Index the RAM records of a QEMU migration stream (migration/ram.c) from offset ``pos`` of\n"
+"``buf``: while the record there is a be64 (offset in the block | flags) with the flags\n"
+"PAGE|CONTINUE (0x28: the page follows) or ZERO|CONTINUE (0x22: one fill byte follows), an\n"
+"offset that is a page of the current block (``length`` bytes) and all its bytes in ``buf``,\n"
+"set where[offset / page_size] to the file offset of the page, or to -2 - fill byte, so the\n"
+"last record of a page wins, and go on. Returns the offset of the first record not taken and\n"
+"how many were taken; the caller parses that record itself (another kind, a bad offset, the\n"
+"end of the buffer). ``where`` is a writable int64 buffer of at least length / page_size\n"
+"entries; page_size a power of two of at least 1 KiB (the flags sit below 0x400).");
+
+static PyObject *
+qevm_ram_records(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, where = {0};
+    Py_ssize_t pos, page_size;
+    long long length;
+    PyObject *where_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnLO", &buf, &pos, &page_size, &length, &where_obj))
+        return NULL;
+    if (get_typed(where_obj, &where, INT64_CODES, 8, 1, "where") < 0)
+        goto done;
+    if (page_size < 1024 || (page_size & (page_size - 1)) != 0 || pos < 0 || pos > buf.len
+        || length < 0 || length / page_size > where.len / 8) {
+        PyErr_Format(PyExc_ValueError, "qevm_ram_records: page size %zd, offset %zd of %zd "
+                     "bytes, block of %lld bytes and %zd index entries do not fit", page_size,
+                     pos, buf.len, length, where.len / 8);
+        goto done;
+    }
+    const unsigned char *b = buf.buf;
+    int64_t *w = where.buf;
+    const Py_ssize_t end = buf.len;
+    const uint64_t limit = (uint64_t)length, pmask = (uint64_t)page_size - 1;
+    Py_ssize_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (end - pos >= 8) {
+        const unsigned char *r = b + pos;
+        uint64_t word = 0;
+        for (int i = 0; i < 8; i++)
+            word = (word << 8) | r[i];
+        uint64_t flags = word & 0x3FF, addr = word & ~(uint64_t)0x3FF;
+        if ((addr & pmask) != 0 || addr >= limit)
+            break;
+        if (flags == 0x28) { /* PAGE | CONTINUE */
+            if (end - pos - 8 < page_size)
+                break;
+            w[addr / (uint64_t)page_size] = (int64_t)(pos + 8);
+            pos += 8 + page_size;
+        } else if (flags == 0x22) { /* ZERO | CONTINUE */
+            if (end - pos - 8 < 1)
+                break;
+            w[addr / (uint64_t)page_size] = -2 - (int64_t)r[8];
+            pos += 9;
+        } else {
+            break;
+        }
+        count++;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", pos, count);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&where);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"prefix_hashes", prefix_hashes, METH_VARARGS, prefix_hashes_doc},
     {"equal_rows", equal_rows, METH_VARARGS, equal_rows_doc},
     {"page_hashes", page_hashes, METH_VARARGS, page_hashes_doc},
+    {"qevm_ram_records", qevm_ram_records, METH_VARARGS, qevm_ram_records_doc},
     {NULL, NULL, 0, NULL},
 };
 
