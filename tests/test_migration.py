@@ -351,3 +351,70 @@ def test_record_walk_kernel_by_hand():
         kernels.qevm_ram_records(buf, 3, PS, 8 * PS, where)  # index shorter than the block
     with pytest.raises(ValueError, match="do not fit"):
         kernels.qevm_ram_records(buf, len(buf) + 1, PS, 4 * PS, where)
+
+
+def _stream_and_raw(tmp_path, order, zero_every=5):
+    """A stream of 96 pc.ram pages (zero records between runs of data records, as a paused
+    guest's stream has them; the pages sent in ``order``) and a raw dump of the same pages."""
+    contents = [page(1 + i % 40) if i % zero_every else bytes(PS) for i in range(96)]
+    s = Stream()
+    s.section(START, 2)
+    s.mem_size([("pc.ram", 96 * PS)])
+    s.flag(EOS)
+    s.footer(2)
+    s.section(PART, 2)
+    for i in order:
+        if contents[i] == bytes(PS):
+            s.zero("pc.ram", i * PS)
+        else:
+            s.page("pc.ram", i * PS, contents[i])
+    s.flag(EOS)
+    s.footer(2)
+    s.section(END, 2)
+    s.flag(EOS)
+    s.footer(2)
+    s.device(3, "timer", bytes(8))
+    return write(tmp_path, s.end()), write(tmp_path, b"".join(contents), "same.raw")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_stream_pages_in_place_predict_as_a_raw_dump(tmp_path, kernel_path, jobs):
+    from ksm_analyze import analyze
+    from ksm_analyze.formats.migration import MigrationReader
+
+    stream, raw = _stream_and_raw(tmp_path, range(96))
+    with open_dump(stream) as r:
+        assert r.in_place  # runs of raw pages
+        starts, _ends, views = r._stored_views()
+        assert [len(v) for v in views] == [4] * 19  # cut by every 5th page (zero)
+        assert starts.tolist() == [PS * (5 * k + 1) for k in range(19)]
+        assert all(v.strides == (PS + 8, 1) for v in views)
+        addrs = np.array([PS * i for i in range(96) if i % 5], np.uint64)
+        placed = r.page_views(addrs)
+        assert placed is not None
+        vs, which, rel = placed
+        got = np.stack([vs[w][k] for w, k in zip(which.tolist(), rel.tolist(), strict=True)])
+        assert np.array_equal(got, r.read_pages(addrs))
+        batches = list(r.iter_batches(3))
+        assert sorted(a for b in batches for a in b.addrs.tolist()) == addrs.tolist()
+        assert isinstance(r, MigrationReader)
+    a = analyze([stream], jobs=jobs)
+    b = analyze([raw], jobs=jobs)
+    assert a.host.to_dict() == b.host.to_dict()
+    # 20 zero pages; 76 data pages, page(1 + i % 40) for i not a multiple of 5: 32 contents
+    assert a.host["with_zero_pages"]["pages_sharing"] == 19 + (76 - 32)
+
+
+def test_scattered_or_fill_pages_are_copied_not_viewed(tmp_path):
+    order = list(range(96))
+    np.random.default_rng(3).shuffle(order)  # resends of a running guest: no runs
+    stream, _ = _stream_and_raw(tmp_path, order, zero_every=1000)
+    with open_dump(stream) as r:
+        assert not r.in_place
+        got = [b for b in r.iter_batches()]
+        assert all(b.pages.flags.c_contiguous for b in got)
+        assert sum(len(b.addrs) for b in got) == 95  # page 0 is zero
+    pages = {("pc.ram", 0): page(1), ("pc.ram", PS): 0x5A, ("pc.ram", 2 * PS): page(2)}
+    with open_dump(write(tmp_path, simple(pages, [("pc.ram", 4 * PS)]), "fill.qevm")) as r:
+        assert not r.in_place  # a page of one non-zero byte has no bytes in the file
+        assert r.read_pages(np.array([PS], np.uint64)).tobytes() == b"\x5a" * PS

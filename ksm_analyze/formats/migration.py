@@ -94,6 +94,9 @@ ABSENT = -1
 ZERO_FILL = -2
 """A ZERO record with fill byte 0; fill byte b is ``ZERO_FILL - b``."""
 
+RUN_PAGES_MIN = 16
+"""Pages are read in place when their runs average at least this many pages (a view each)."""
+
 SYNTHETIC_BASE = 1 << 48
 """Where blocks with no guest-physical address are placed, one after another, 1 GiB aligned."""
 GiB = 1 << 30
@@ -622,9 +625,64 @@ class MigrationReader(DumpReader):
 
     @property
     def in_place(self) -> bool:
-        """mapped-ram pages lie raw at fixed offsets and are read in place; a stream's pages
-        are 8 bytes apart (record headers) and are copied into contiguous batches."""
-        return self.mapped_ram
+        """mapped-ram pages lie raw at fixed offsets; a stream's pages lie raw too, each behind
+        its 8-byte record header, so runs of them are read in place as views with a pitch of
+        a page and 8 bytes (the kernels take such rows). Not where a page is a non-zero fill
+        byte (no bytes in the file) or the pages lie in too many short runs (a running guest's
+        resends, scattered): those are copied into contiguous batches."""
+        return self.mapped_ram or self._raw_runs() is not None
+
+    def _raw_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(first address, pages, file offset) of each run of stored pages at consecutive
+        addresses in consecutive records (``page_size + 8`` bytes apart), in address order; or
+        None (see :attr:`in_place`). Computed once."""
+        if hasattr(self, "_runs"):
+            return self._runs
+        self._runs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        ps, pitch = self.page_size, self.page_size + 8
+        addrs, counts, offsets = [], [], []
+        stored = nruns = 0
+        for b in self.blocks.values():
+            for first, n, addr in b.segments:
+                w = b.where[first : first + n]
+                if (w < ZERO_FILL).any():  # a page of one non-zero byte: not in the file
+                    return None
+                idx = np.flatnonzero(w >= 0)
+                if not len(idx):
+                    continue
+                at = w[idx]
+                cuts = np.flatnonzero((np.diff(idx) != 1) | (np.diff(at) != pitch)) + 1
+                starts = np.concatenate(([0], cuts))
+                addrs.append(np.uint64(addr) + idx[starts].astype(np.uint64) * np.uint64(ps))
+                counts.append(np.diff(np.concatenate((starts, [len(idx)]))))
+                offsets.append(at[starts])
+                stored += len(idx)
+                nruns += len(starts)
+        if nruns > max(64, stored // RUN_PAGES_MIN):
+            return None
+        if not nruns:
+            empty = np.empty(0, np.int64)
+            self._runs = (empty.astype(np.uint64), empty, empty)
+            return self._runs
+        a = np.concatenate(addrs)
+        order = np.argsort(a, kind="stable")
+        self._runs = (a[order], np.concatenate(counts)[order], np.concatenate(offsets)[order])
+        return self._runs
+
+    def _stored_views(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """The runs of :meth:`_raw_runs` as ``(pages, page_size)`` views of the map with a
+        pitch of ``page_size + 8`` (mapped-ram: the base class's contiguous views)."""
+        runs = None if self.mapped_ram else self._raw_runs()
+        if runs is None:
+            return super()._stored_views()
+        if self._views is None:
+            ps = self.page_size
+            starts, counts, offsets = runs
+            views = [np.ndarray((n, ps), np.uint8, buffer=self._mm, offset=off,
+                                strides=(ps + 8, 1))
+                     for n, off in zip(counts.tolist(), offsets.tolist(), strict=True)]
+            self._views = (starts, starts + counts.astype(np.uint64) * np.uint64(ps), views)
+        return self._views
 
     def _stream_pages(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(addresses, where) of every DATA page, block by block, in page order."""
@@ -666,6 +724,21 @@ class MigrationReader(DumpReader):
         in place from the map)."""
         if self.mapped_ram:
             yield from super().iter_batches(batch_pages, shard=shard, shards=shards)
+            return
+        if self.in_place:  # views of the map, run by run in file order
+            starts, _, views = self._stored_views()
+            offsets = self._runs[2] if self._runs is not None else np.empty(0, np.int64)
+            ps = np.uint64(self.page_size)
+            batch = -1
+            for k in np.argsort(offsets, kind="stable").tolist():
+                view = views[k]
+                for p0 in range(0, len(view), batch_pages):
+                    batch += 1
+                    if batch % shards != shard:
+                        continue
+                    n = min(batch_pages, len(view) - p0)
+                    addrs = starts[k] + (np.uint64(p0) + np.arange(n, dtype=np.uint64)) * ps
+                    yield PageBatch(addrs, view[p0 : p0 + n])
             return
         batch = -1
         for addrs, where in self._stream_pages():
@@ -756,4 +829,5 @@ class MigrationReader(DumpReader):
     def close(self) -> None:
         """Drop the page index, then release the file."""
         self.__dict__.pop("_by_addr", None)
+        self.__dict__.pop("_runs", None)
         super().close()

@@ -50,9 +50,16 @@ native, numpy_reason = _load()
 
 
 def usable(*pages: np.ndarray) -> bool:
-    """The kernels are built and can read these page arrays in place (each row contiguous
-    and the rows one after another)."""
-    return native is not None and all(p.flags.c_contiguous for p in pages)
+    """The kernels are built and can read these page arrays in place: each row contiguous,
+    the rows one after another or a constant pitch of at least a row apart (a migration
+    stream's pages, each behind its 8-byte record header)."""
+    return native is not None and all(_rows(p) for p in pages)
+
+
+def _rows(p: np.ndarray) -> bool:
+    return bool(p.flags.c_contiguous) or (
+        p.ndim == 2 and p.itemsize == 1 and p.strides[1] == 1
+        and (p.shape[0] <= 1 or p.strides[0] >= p.shape[1]))
 
 
 def reads_in_place(readers: Iterable[DumpReader | None]) -> bool:
