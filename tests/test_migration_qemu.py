@@ -296,3 +296,16 @@ def test_libvirt_image_reads_as_the_bare_stream(saved):
         addrs = np.concatenate([_addresses(s, b) for b in s.blocks])
         for part, ours in _pages(s, addrs):
             assert np.array_equal(_read(v, part), ours)
+
+
+def test_compiled_and_numpy_walks_index_the_real_stream_alike(saved, monkeypatch):
+    from ksm_analyze.hashing import compiled as kernels
+
+    with open_dump(saved["stream"]) as r:
+        native = {b.name: b.where.copy() for b in r.blocks.values()}
+        assert r.in_place  # a paused guest's pages lie in long runs of records
+    monkeypatch.setattr(kernels, "native", None)
+    with open_dump(saved["stream"]) as r:
+        numpy = {b.name: b.where for b in r.blocks.values()}
+        assert native.keys() == numpy.keys()
+        assert all(np.array_equal(native[k], numpy[k]) for k in native)
