@@ -607,18 +607,20 @@ class MigrationReader(DumpReader):
                 continue
             state = np.where(b.where >= 0, 0, np.where(b.where == ABSENT, 2, 1)).astype(np.int8)
             state[b.where < ZERO_FILL] = 0  # a non-zero fill byte: a page of that byte
+            label = _block_label(b)
+            kinds = (PageState.DATA, PageState.ZERO, PageState.NOT_SAVED)
             for first, n, addr in b.segments:
                 s = state[first : first + n]
                 cuts = np.flatnonzero(np.diff(s)) + 1
-                starts = np.concatenate(([0], cuts)).tolist()
-                ends = np.concatenate((cuts, [n])).tolist()
-                for a, e in zip(starts, ends, strict=True):
-                    code = int(s[a])
-                    kind = (PageState.DATA, PageState.ZERO, PageState.NOT_SAVED)[code]
-                    off = -1
-                    if b.mapped is not None and kind is PageState.DATA:
-                        off = int(b.where[first + a])
-                    out.append(Extent(addr + a * ps, e - a, kind, off, _block_label(b)))
+                starts = np.concatenate(([0], cuts))
+                lengths = np.diff(np.concatenate((starts, [n]))).tolist()
+                codes = s[starts].tolist()
+                offs = (b.where[first + starts] if b.mapped is not None
+                        else np.full(len(starts), -1, np.int64)).tolist()
+                for a, length, code, off in zip(starts.tolist(), lengths, codes, offs,
+                                                strict=True):
+                    out.append(Extent(addr + a * ps, length, kinds[code],
+                                      off if code == 0 else -1, label))
         return out
 
     # -- pages ------------------------------------------------------------------------------
