@@ -418,3 +418,13 @@ def test_scattered_or_fill_pages_are_copied_not_viewed(tmp_path):
     with open_dump(write(tmp_path, simple(pages, [("pc.ram", 4 * PS)]), "fill.qevm")) as r:
         assert not r.in_place  # a page of one non-zero byte has no bytes in the file
         assert r.read_pages(np.array([PS], np.uint64)).tobytes() == b"\x5a" * PS
+
+
+def test_mapped_ram_pages_offset_past_the_file_is_a_clear_error(tmp_path):
+    # Found by fuzzing (fuzz/crashes/migration-mapped-pages-offset-overflow.bin): a block with
+    # no page in its bitmap and a pages offset of 2^63 was an OverflowError.
+    data = bytearray(mapped_ram([("pc.ram", 4 * PS, {})]))
+    at = data.index(struct.pack(">IQ", 1, PS))  # the MappedRamHeader: version, page size
+    data[at + 20 : at + 28] = struct.pack(">Q", 1 << 63)  # pages_offset
+    with pytest.raises(TruncatedDumpError, match="pages at 0x8000000000000000 runs past the end"):
+        open_dump(write(tmp_path, bytes(data)))

@@ -541,9 +541,9 @@ class MigrationReader(DumpReader):
         bits = np.unpackbits(np.frombuffer(self._mm, np.uint8, nbytes, bitmap),
                              bitorder="little")[:npages].astype(bool)
         present = np.flatnonzero(bits)
-        if len(present):
-            self._need(pages + int(present[-1]) * self.target_page_size,
-                       self.target_page_size, f"RAM block {block.name!r}'s last page")
+        # The stream goes on after the block's pages, so all of them lie in the file (holes
+        # unwritten): checked whether or not the bitmap names a page.
+        self._need(pages, block.used_length, f"RAM block {block.name!r}'s pages")
         block.where[:] = ZERO_FILL
         block.where[present] = pages + present.astype(np.int64) * self.target_page_size
         block.mapped = (bitmap, pages)
