@@ -118,7 +118,7 @@ def test_format_names():
     assert DumpFormat.parse(DumpFormat.AVML) is DumpFormat.AVML
     with pytest.raises(ValueError) as e:
         DumpFormat.parse("vmss")
-    assert str(e.value) == "unknown format 'vmss'; choose one of: raw, snapshot, elf, kdump, lime, avml"
+    assert str(e.value) == "unknown format 'vmss'; choose one of: raw, snapshot, elf, kdump, lime, avml, migration"
 
 
 @pytest.mark.parametrize("page_size", [0, 256, 1000, 4097])

@@ -89,6 +89,9 @@ CMD_POSTCOPY_ADVISE, CMD_PACKAGED = 3, 7
 MAPPED_RAM_HEADER = struct.Struct(">IQQQ")
 """version (1), page_size, bitmap_offset, pages_offset (ram.c MappedRamHeader, packed)."""
 
+DEFAULT_TARGET_PAGE = 1 << 12
+"""The target page size of a stream without a target-page-bits subsection (x86's)."""
+
 ABSENT = -1
 """A page slot of the index no record filled."""
 ZERO_FILL = -2
@@ -145,7 +148,7 @@ class MigrationReader(DumpReader):
         self.libvirt: dict[str, Any] | None = None
         self.machine: str | None = None
         self.capabilities: list[str] = []
-        self.target_page_size = 4096
+        self.target_page_size = DEFAULT_TARGET_PAGE
         self.blocks: dict[str, RamBlock] = {}
         self.mapped_ram = False
         self.ram_records = 0
