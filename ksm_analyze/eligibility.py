@@ -65,8 +65,8 @@ def excluded_by(extent: Extent, scope: Scope) -> str | None:
         return "excluded"
     if state == PageState.NOT_SAVED:
         return "swapped" if flags & MapFlags.SWAPPED else "not_saved"
-    if scope is Scope.ALL:
-        return None
+    if scope is Scope.ALL or not flags:  # no flag: no rule below applies (Flag & is slow:
+        return None  # a migration stream has an extent per run of zero or data pages)
     if flags & MapFlags.SHARED:
         return "shared"
     if flags & MapFlags.SPECIAL:

@@ -192,8 +192,8 @@ def lime_above_2_56(p):
 
 def qemu_migration_stream(p):
     with open(p, "wb") as f:
-        f.write(b"QEVM\x00\x00\x00\x03" + bytes(PS - 8))
-    return "QEMU migration stream"
+        f.write(b"QEVM\x00\x00\x00\x03" + bytes(PS - 8))  # then an EOF section: no RAM
+    return "the stream ends (EOF section at 0x8) before RAM is complete"
 
 
 CASES = [

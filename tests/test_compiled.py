@@ -344,3 +344,39 @@ def test_the_vendored_xxhash_header_is_the_version_recorded_beside_it():
     assert re.search(r"^- sha256 of `xxhash.h`: (\w+)$", record, re.MULTILINE).group(1) == \
         hashlib.sha256(header).hexdigest()  # an update that forgot its record fails here
     assert "Yann Collet" in record and "BSD 2-Clause" in record
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("gap", [8, 1, 4096 + 3])
+def test_kernels_read_rows_at_a_pitch_as_their_contiguous_copy(gap):
+    # A migration stream's pages lie in place each behind an 8-byte record header: rows of
+    # a page at a pitch of page + 8 (any pitch of at least a page).
+    n = 5
+    raw = np.random.default_rng(gap).integers(0, 256, n * (PS + gap), np.uint8)
+    view = np.ndarray((n, PS), np.uint8, buffer=raw, offset=gap, strides=(PS + gap, 1))
+    view[2] = 0  # an all-zero page
+    view[3] = view[0]  # a copy of page 0
+    view_copy = np.ascontiguousarray(view)
+    assert not view.flags.c_contiguous and kernels.usable(view)
+    assert kernels.prefix_hashes(view, 128).tolist() == [
+        0 if not p.any() else xxhash.xxh3_64_intdigest(p[:128].tobytes()) or 1 for p in view_copy]
+    rows = np.array([4, 0, 2, 1])
+    assert kernels.page_hashes(view, rows).tolist() == [
+        xxhash.xxh3_64_intdigest(view_copy[r].tobytes()) for r in rows.tolist()]
+    assert kernels.equal_rows(view, rows, view_copy, rows).all()
+    # page 4 vs 0: no; page 0 vs 3 (its copy): yes; page 2 vs 2: yes; page 1 vs 4: no
+    got = kernels.equal_rows(view, rows, view_copy, np.array([0, 3, 2, 4]))
+    assert got.tolist() == [False, True, True, False]
+
+
+@pytest.mark.compiled
+def test_overlapping_rows_are_refused():
+    raw = np.zeros(3 * PS, np.uint8)
+    overlapping = np.ndarray((3, PS), np.uint8, buffer=raw, strides=(PS // 2, 1))
+    assert not kernels.usable(overlapping)
+    with pytest.raises(ValueError, match="not C-contiguous, nor rows"):
+        kernels.native.prefix_hashes(overlapping, PS, 128, None, np.empty(3, np.uint64))
+    with pytest.raises(ValueError, match="not C-contiguous, nor rows"):  # rows of 2 KiB
+        kernels.native.page_hashes(np.ndarray((2, PS // 2), np.uint8, buffer=raw,
+                                              strides=(PS, 1)), PS, np.array([0]),
+                                   np.empty(1, np.uint64))

@@ -22,9 +22,6 @@ from ksm_analyze.formats.raw import RawReader
 from ksm_analyze.pages import PageState
 
 REFUSED = [
-    (0, b"LibvirtQemudSave", "a libvirt save image (virsh save)"),
-    (0, b"LibvirtQemudPart", "an incomplete libvirt save image"),
-    (0, b"QEVM\x00\x00\x00\x03", "a QEMU migration stream (virsh dump without --memory-only)"),
     (0, b"HIBR", "a Windows hibernation file"),
 ]
 
@@ -112,7 +109,7 @@ def test_format_names():
     with pytest.raises(ValueError) as e:
         DumpFormat.parse("vmss")
     assert str(e.value) == (
-        "unknown format 'vmss'; choose one of: raw, snapshot, elf, kdump, lime, avml, "
+        "unknown format 'vmss'; choose one of: raw, snapshot, elf, kdump, lime, avml, migration, "
         "firecracker, firecracker_diff, cloud_hypervisor, openvmm, vmrs, vmware, windows")
 
 

@@ -68,6 +68,8 @@ from dumpwriter.elf import Seg, make_elf_core
 from dumpwriter.kdump import make_kdump
 from dumpwriter.lime import make_avml, make_lime
 from dumpwriter.microvm import ch_state, make_sparse, manifest_bytes
+from dumpwriter.qevm import libvirt_header, mapped_ram
+from dumpwriter.qevm import simple as qevm_stream
 from dumpwriter.raw import make_raw
 from dumpwriter.vmrs import END, explicit, fill, fills, lz77_periodic, make_vmrs, page_token
 from dumpwriter.vmware import make_state, memory_group
@@ -570,6 +572,41 @@ def _openvmm_seeds(tmp: Path) -> list[Seed]:
     return out
 
 
+def _migration_seeds(tmp: Path) -> list[Seed]:
+    """QEMU migration streams (tests/dumpwriter/qevm.py): a plain one with data, zero and
+    fill pages in two blocks, one behind a libvirt header, and a mapped-ram one."""
+    blocks = [("pc.ram", 6 * PS), ("pc.bios", PS)]
+    pages = {("pc.ram", 0): A, ("pc.ram", PS): 0, ("pc.ram", 2 * PS): TEXT[:PS],
+             ("pc.ram", 3 * PS): 0x5A, ("pc.bios", 0): LOW}
+    marks: list[tuple[str, int]] = []
+    plain = qevm_stream(pages, blocks, marks=marks)
+    head = libvirt_header(b"<domain><name>d</name></domain>", pad=64)
+    mapped = mapped_ram([("pc.ram", 4 * PS, {1: A})])
+    out = []
+    for name, data, base in (("qevm-plain", plain, 0), ("qevm-libvirt", head + plain, len(head)),
+                             ("qevm-mapped-ram", mapped, 0)):
+        seed = Seed(name, DumpFormat.MIGRATION, data)
+        if base:
+            seed.add("libvirt", 0, [("version", 16, 4), ("data_len", 20, 4), ("format", 28, 4)],
+                     "<")
+        if name == "qevm-mapped-ram":
+            i = data.index(b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x10\x00")
+            seed.add("mapped_ram", i, [("version", 0, 4), ("page_size", 4, 8),
+                                       ("bitmap_offset", 12, 8), ("pages_offset", 20, 8)], ">")
+            seed.regions.append(("bitmap", i + 28, 8))
+            seed.bounds |= {i, i + 28}
+        else:
+            for k, (what, at) in enumerate(marks):
+                seed.bounds.add(base + at)
+                size = 8 if what in ("record", "mem_size") else 1
+                seed.fields.append(Field(f"{what}[{k}]", base + at, size, "big"))
+                if what.startswith("section"):
+                    seed.fields.append(Field(f"{what}[{k}].id", base + at + 1, 4, "big"))
+        seed.regions.append(("stream", base, len(data) - base))
+        out.append(seed.finish())
+    return out
+
+
 def _vmrs_structure(seed: Seed) -> Seed:
     """Headers, the object table and its entries, the key entries and the token streams."""
     data = seed.data
@@ -719,6 +756,8 @@ def _windows_seeds(tmp: Path) -> list[Seed]:
     return out
 
 
+
+
 @dataclass(frozen=True)
 class Fuzzed:
     """How one format is fuzzed: its seeds (built into a directory) and its harness."""
@@ -748,6 +787,9 @@ FUZZED: dict[DumpFormat, Fuzzed] = {
     # issue 20 (vmwin)
     DumpFormat.VMWARE: Fuzzed(_vmware_seeds, "fuzz/fuzz_vmware.py"),
     DumpFormat.WINDOWS: Fuzzed(_windows_seeds, "fuzz/fuzz_windows.py"),
+
+
+    DumpFormat.MIGRATION: Fuzzed(_migration_seeds, "fuzz/fuzz_migration.py"),
 }
 """Every reader, fuzzed: a format added to READERS must be added here and get a harness."""
 
@@ -1238,6 +1280,7 @@ test_mutated_elf_dumps_fail_cleanly = _reader_property(DumpFormat.ELF)
 test_mutated_kdump_dumps_fail_cleanly = _reader_property(DumpFormat.KDUMP)
 test_mutated_lime_dumps_fail_cleanly = _reader_property(DumpFormat.LIME)
 test_mutated_avml_dumps_fail_cleanly = _reader_property(DumpFormat.AVML)
+test_mutated_migration_streams_fail_cleanly = _reader_property(DumpFormat.MIGRATION)
 test_mutated_snapshot_dumps_fail_cleanly = _reader_property(DumpFormat.SNAPSHOT)
 test_mutated_firecracker_dumps_fail_cleanly = _reader_property(DumpFormat.FIRECRACKER)
 test_mutated_firecracker_diff_dumps_fail_cleanly = _reader_property(DumpFormat.FIRECRACKER_DIFF)

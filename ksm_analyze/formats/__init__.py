@@ -27,6 +27,7 @@ from .elfcore import ElfCoreReader
 from .firecracker import FirecrackerDiffReader, FirecrackerReader
 from .kdump import KdumpReader
 from .lime import LimeReader
+from .migration import MigrationReader
 from .openvmm import OpenVmmReader
 from .raw import RawReader
 from .snapshot import SnapshotReader
@@ -54,6 +55,7 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
     DumpFormat.KDUMP: KdumpReader,
     DumpFormat.LIME: LimeReader,
     DumpFormat.AVML: AvmlReader,
+    DumpFormat.MIGRATION: MigrationReader,
     DumpFormat.VMRS: VmrsReader,
     # microVM snapshots: no magic; Cloud Hypervisor and OpenVMM are found by their companion
     # file (probe_path), Firecracker only by --format.
@@ -71,9 +73,6 @@ READERS: dict[DumpFormat, type[DumpReader]] = {
 # Formats recognised only to be refused with a clear message: (offset, magic, name).
 # Sources: ../shared/reference/dump-formats.md (magic bytes table).
 _REFUSED: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"LibvirtQemudSave", "a libvirt save image (virsh save)"),
-    (0, b"LibvirtQemudPart", "an incomplete libvirt save image"),
-    (0, b"QEVM\x00\x00\x00\x03", "a QEMU migration stream (virsh dump without --memory-only)"),
     (0, b"HIBR", "a Windows hibernation file"),
 )
 

@@ -62,6 +62,7 @@ class DumpFormat(Choice):
     KDUMP = "kdump"
     LIME = "lime"
     AVML = "avml"
+    MIGRATION = "migration"
     # microVM snapshots (issue 20): named with --format or found by their companion file
     FIRECRACKER = "firecracker"
     FIRECRACKER_DIFF = "firecracker_diff"

@@ -34,15 +34,43 @@ is_zero(const unsigned char *page, Py_ssize_t size)
     return size <= probe || memcmp(page, page + 1, (size_t)size - 1) == 0;
 }
 
+/* Get obj's pages: a C-contiguous buffer of whole pages one after another, or a 2-D buffer
+ * of bytes (numpy's (n, page_size) view) whose rows are contiguous and a constant pitch of at
+ * least a page apart (a migration stream's pages, each behind its record header). Sets the
+ * page count and the pitch; anything else is a ValueError naming `what`. */
 static int
-check_pages(Py_buffer *pages, Py_ssize_t page_size, const char *what)
+get_pages(PyObject *obj, Py_buffer *view, Py_ssize_t page_size, const char *what,
+          Py_ssize_t *count, Py_ssize_t *pitch)
 {
-    if (page_size <= 0 || pages->len % page_size != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte pages",
-                     what, pages->len, page_size);
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES) < 0)
         return -1;
+    if (page_size <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: page size %zd", what, page_size);
+        goto fail;
     }
+    if (view->ndim == 2 && view->itemsize == 1 && view->shape[1] == page_size
+        && view->strides[1] == 1 && (view->shape[0] <= 1 || view->strides[0] >= page_size)) {
+        *count = view->shape[0];
+        *pitch = view->shape[0] <= 1 ? page_size : view->strides[0];
+        return 0;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyErr_Format(PyExc_ValueError, "%s: not C-contiguous, nor rows of %zd bytes at a "
+                     "constant pitch", what, page_size);
+        goto fail;
+    }
+    if (view->len % page_size != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte pages",
+                     what, view->len, page_size);
+        goto fail;
+    }
+    *count = view->len / page_size;
+    *pitch = page_size;
     return 0;
+fail:
+    PyBuffer_Release(view);
+    view->obj = NULL;
+    return -1;
 }
 
 /* Get obj's buffer as a typed array: C-contiguous, writable if `writable`, of a one-character
@@ -115,7 +143,8 @@ check_rows(Py_buffer *rows, Py_ssize_t limit, const char *what, Py_ssize_t *coun
 
 PyDoc_STRVAR(prefix_hashes_doc,
 "prefix_hashes(pages, page_size, nbytes, skip, out)\n\n"
-"For each page of ``pages`` (contiguous, a whole number of pages): out[i] = 0 if the page is\n"
+"For each page of ``pages`` (contiguous whole pages, or rows of a page at a constant pitch):\n"
+"out[i] = 0 if the page is\n"
 "all zero (or skip[i] is true: a page the format records as zero), else xxh3-64 of its first\n"
 "``nbytes`` bytes, with 1 standing for a hash of 0. ``skip`` is a bool buffer or None;\n"
 "``out`` a writable uint64 buffer with one entry per page. Every typed buffer (here and in\n"
@@ -124,17 +153,15 @@ PyDoc_STRVAR(prefix_hashes_doc,
 static PyObject *
 prefix_hashes(PyObject *self, PyObject *args)
 {
-    Py_buffer pages, out = {0}, skip = {0};
-    Py_ssize_t page_size, nbytes;
-    PyObject *skip_obj, *out_obj, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnOO", &pages, &page_size, &nbytes, &skip_obj, &out_obj))
+    Py_buffer pages = {0}, out = {0}, skip = {0};
+    Py_ssize_t page_size, nbytes, n, pitch;
+    PyObject *pages_obj, *skip_obj, *out_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OnnOO", &pages_obj, &page_size, &nbytes, &skip_obj, &out_obj))
         return NULL;
-    if (get_typed(out_obj, &out, UINT64_CODES, 8, 1, "out") < 0
+    if (get_pages(pages_obj, &pages, page_size, "pages", &n, &pitch) < 0
+        || get_typed(out_obj, &out, UINT64_CODES, 8, 1, "out") < 0
         || (skip_obj != Py_None && get_typed(skip_obj, &skip, "?", 1, 0, "skip") < 0))
         goto done;
-    if (check_pages(&pages, page_size, "pages") < 0)
-        goto done;
-    Py_ssize_t n = pages.len / page_size;
     if (nbytes <= 0 || nbytes > page_size) {
         PyErr_Format(PyExc_ValueError, "nbytes %zd is outside 1..%zd", nbytes, page_size);
         goto done;
@@ -147,7 +174,7 @@ prefix_hashes(PyObject *self, PyObject *args)
     uint64_t *hashes = out.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char *page = base + i * page_size;
+        const unsigned char *page = base + i * pitch;
         if ((skipped != NULL && skipped[i]) || is_zero(page, page_size)) {
             hashes[i] = 0;
         } else {
@@ -166,24 +193,25 @@ done:
 
 PyDoc_STRVAR(equal_rows_doc,
 "equal_rows(pages, page_size, rows, reps, keys, out)\n\n"
-"out[i] = page rows[i] of ``pages`` has the same bytes as page keys[i] of ``reps`` (both\n"
-"contiguous pages; rows and keys int64 buffers; out a writable bool buffer).");
+"out[i] = page rows[i] of ``pages`` has the same bytes as page keys[i] of ``reps`` (pages as\n"
+"for prefix_hashes, reps contiguous; rows and keys int64 buffers; out a writable bool buffer).");
 
 static PyObject *
 equal_rows(PyObject *self, PyObject *args)
 {
-    Py_buffer pages, reps, rows = {0}, keys = {0}, out = {0};
-    Py_ssize_t page_size, n, nkeys;
-    PyObject *rows_obj, *keys_obj, *out_obj, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nOy*OO", &pages, &page_size, &rows_obj, &reps, &keys_obj,
-                          &out_obj))
+    Py_buffer pages = {0}, reps = {0}, rows = {0}, keys = {0}, out = {0};
+    Py_ssize_t page_size, n, nkeys, npages, nreps, pitch, reps_pitch;
+    PyObject *pages_obj, *reps_obj, *rows_obj, *keys_obj, *out_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OnOOOO", &pages_obj, &page_size, &rows_obj, &reps_obj,
+                          &keys_obj, &out_obj))
         return NULL;
-    if (get_typed(rows_obj, &rows, INT64_CODES, 8, 0, "rows") < 0
+    if (get_pages(pages_obj, &pages, page_size, "pages", &npages, &pitch) < 0
+        || get_pages(reps_obj, &reps, page_size, "reps", &nreps, &reps_pitch) < 0
+        || get_typed(rows_obj, &rows, INT64_CODES, 8, 0, "rows") < 0
         || get_typed(keys_obj, &keys, INT64_CODES, 8, 0, "keys") < 0
         || get_typed(out_obj, &out, "?", 1, 1, "out") < 0
-        || check_pages(&pages, page_size, "pages") < 0 || check_pages(&reps, page_size, "reps") < 0
-        || check_rows(&rows, pages.len / page_size, "rows", &n) < 0
-        || check_rows(&keys, reps.len / page_size, "keys", &nkeys) < 0)
+        || check_rows(&rows, npages, "rows", &n) < 0
+        || check_rows(&keys, nreps, "keys", &nkeys) < 0)
         goto done;
     if (nkeys != n || out.len != n) {
         PyErr_SetString(PyExc_ValueError, "rows, keys and out need the same length");
@@ -194,7 +222,7 @@ equal_rows(PyObject *self, PyObject *args)
     unsigned char *equal = out.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
-        equal[i] = memcmp(base + row[i] * page_size, firsts + key[i] * page_size,
+        equal[i] = memcmp(base + row[i] * pitch, firsts + key[i] * reps_pitch,
                           (size_t)page_size) == 0;
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
@@ -209,20 +237,21 @@ done:
 
 PyDoc_STRVAR(page_hashes_doc,
 "page_hashes(pages, page_size, rows, out)\n\n"
-"out[i] = xxh3-64 of the whole page rows[i] of ``pages`` (out a writable uint64 buffer).");
+"out[i] = xxh3-64 of the whole page rows[i] of ``pages`` (pages as for prefix_hashes; out a\n"
+"writable uint64 buffer).");
 
 static PyObject *
 page_hashes(PyObject *self, PyObject *args)
 {
-    Py_buffer pages, rows = {0}, out = {0};
-    Py_ssize_t page_size, n;
-    PyObject *rows_obj, *out_obj, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nOO", &pages, &page_size, &rows_obj, &out_obj))
+    Py_buffer pages = {0}, rows = {0}, out = {0};
+    Py_ssize_t page_size, n, npages, pitch;
+    PyObject *pages_obj, *rows_obj, *out_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OnOO", &pages_obj, &page_size, &rows_obj, &out_obj))
         return NULL;
-    if (get_typed(rows_obj, &rows, INT64_CODES, 8, 0, "rows") < 0
+    if (get_pages(pages_obj, &pages, page_size, "pages", &npages, &pitch) < 0
+        || get_typed(rows_obj, &rows, INT64_CODES, 8, 0, "rows") < 0
         || get_typed(out_obj, &out, UINT64_CODES, 8, 1, "out") < 0
-        || check_pages(&pages, page_size, "pages") < 0
-        || check_rows(&rows, pages.len / page_size, "rows", &n) < 0)
+        || check_rows(&rows, npages, "rows", &n) < 0)
         goto done;
     if (out.len != n * 8) {
         PyErr_SetString(PyExc_ValueError, "out (uint64) needs one entry a row");
@@ -233,7 +262,7 @@ page_hashes(PyObject *self, PyObject *args)
     uint64_t *hashes = out.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
-        hashes[i] = XXH3_64bits(base + row[i] * page_size, (size_t)page_size);
+        hashes[i] = XXH3_64bits(base + row[i] * pitch, (size_t)page_size);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -243,10 +272,78 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(qevm_ram_records_doc,
+"qevm_ram_records(buf, pos, page_size, length, where) -> (pos, count)\n\n"
+"Index the RAM records of a QEMU migration stream (migration/ram.c) from offset ``pos`` of\n"
+"``buf``: while the record there is a be64 (offset in the block | flags) with the flags\n"
+"PAGE|CONTINUE (0x28: the page follows) or ZERO|CONTINUE (0x22: one fill byte follows), an\n"
+"offset that is a page of the current block (``length`` bytes) and all its bytes in ``buf``,\n"
+"set where[offset / page_size] to the file offset of the page, or to -2 - fill byte, so the\n"
+"last record of a page wins, and go on. Returns the offset of the first record not taken and\n"
+"how many were taken; the caller parses that record itself (another kind, a bad offset, the\n"
+"end of the buffer). ``where`` is a writable int64 buffer of at least length / page_size\n"
+"entries; page_size a power of two of at least 1 KiB (the flags sit below 0x400).");
+
+static PyObject *
+qevm_ram_records(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, where = {0};
+    Py_ssize_t pos, page_size;
+    long long length;
+    PyObject *where_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnLO", &buf, &pos, &page_size, &length, &where_obj))
+        return NULL;
+    if (get_typed(where_obj, &where, INT64_CODES, 8, 1, "where") < 0)
+        goto done;
+    if (page_size < 1024 || (page_size & (page_size - 1)) != 0 || pos < 0 || pos > buf.len
+        || length < 0 || length / page_size > where.len / 8) {
+        PyErr_Format(PyExc_ValueError, "qevm_ram_records: page size %zd, offset %zd of %zd "
+                     "bytes, block of %lld bytes and %zd index entries do not fit", page_size,
+                     pos, buf.len, length, where.len / 8);
+        goto done;
+    }
+    const unsigned char *b = buf.buf;
+    int64_t *w = where.buf;
+    const Py_ssize_t end = buf.len;
+    const uint64_t limit = (uint64_t)length, pmask = (uint64_t)page_size - 1;
+    Py_ssize_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (end - pos >= 8) {
+        const unsigned char *r = b + pos;
+        uint64_t word = 0;
+        for (int i = 0; i < 8; i++)
+            word = (word << 8) | r[i];
+        uint64_t flags = word & 0x3FF, addr = word & ~(uint64_t)0x3FF;
+        if ((addr & pmask) != 0 || addr >= limit)
+            break;
+        if (flags == 0x28) { /* PAGE | CONTINUE */
+            if (end - pos - 8 < page_size)
+                break;
+            w[addr / (uint64_t)page_size] = (int64_t)(pos + 8);
+            pos += 8 + page_size;
+        } else if (flags == 0x22) { /* ZERO | CONTINUE */
+            if (end - pos - 8 < 1)
+                break;
+            w[addr / (uint64_t)page_size] = -2 - (int64_t)r[8];
+            pos += 9;
+        } else {
+            break;
+        }
+        count++;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", pos, count);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&where);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"prefix_hashes", prefix_hashes, METH_VARARGS, prefix_hashes_doc},
     {"equal_rows", equal_rows, METH_VARARGS, equal_rows_doc},
     {"page_hashes", page_hashes, METH_VARARGS, page_hashes_doc},
+    {"qevm_ram_records", qevm_ram_records, METH_VARARGS, qevm_ram_records_doc},
     {NULL, NULL, 0, NULL},
 };
 

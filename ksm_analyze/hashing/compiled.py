@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..formats.base import DumpReader
 
 __all__ = ["SWITCH", "equal_rows", "native", "numpy_reason", "page_hashes", "prefix_hashes",
-           "reads_in_place", "usable"]
+           "qevm_ram_records", "reads_in_place", "usable"]
 
 SWITCH = "KSM_ANALYZE_NO_KERNELS"
 """The environment variable that turns the compiled kernels off (any value but ``0``)."""
@@ -50,9 +50,16 @@ native, numpy_reason = _load()
 
 
 def usable(*pages: np.ndarray) -> bool:
-    """The kernels are built and can read these page arrays in place (each row contiguous
-    and the rows one after another)."""
-    return native is not None and all(p.flags.c_contiguous for p in pages)
+    """The kernels are built and can read these page arrays in place: each row contiguous,
+    the rows one after another or a constant pitch of at least a row apart (a migration
+    stream's pages, each behind its 8-byte record header)."""
+    return native is not None and all(_rows(p) for p in pages)
+
+
+def _rows(p: np.ndarray) -> bool:
+    return bool(p.flags.c_contiguous) or (
+        p.ndim == 2 and p.itemsize == 1 and p.strides[1] == 1
+        and (p.shape[0] <= 1 or p.strides[0] >= p.shape[1]))
 
 
 def reads_in_place(readers: Iterable[DumpReader | None]) -> bool:
@@ -87,6 +94,17 @@ def page_hashes(pages: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.empty(len(rows), np.uint64)
     native.page_hashes(pages, pages.shape[1], _int64(rows), out)
     return out
+
+
+def qevm_ram_records(buf: object, pos: int, page_size: int, length: int,
+                     where: np.ndarray) -> tuple[int, int]:
+    """Index the PAGE|CONTINUE and ZERO|CONTINUE records of a QEMU migration stream from
+    ``pos`` into ``where`` (formats/migration.py's page index of one RAM block of ``length``
+    bytes); returns (offset of the first record not taken, records taken). The reader's numpy
+    walk does the same where the kernels are not built."""
+    assert native is not None
+    got: tuple[int, int] = native.qevm_ram_records(buf, pos, page_size, length, where)
+    return got
 
 
 def _int64(a: np.ndarray) -> np.ndarray:
