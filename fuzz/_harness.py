@@ -62,7 +62,7 @@ def main(fmt_name: str) -> None:
     fmt = None if fmt_name == "wrapped" else DumpFormat(fmt_name)
     fd = os.memfd_create(f"ksm-fuzz-{fmt_name}", 0)
     path = f"/proc/self/fd/{fd}"
-    companion = test_fuzz.FUZZED[fmt].companion
+    companion = None if fmt is None else test_fuzz.FUZZED[fmt].companion
     if companion is not None:  # a two-file format: the input is the companion, on disk
         import tempfile
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # tmpfs: sparse, no journal

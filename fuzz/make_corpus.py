@@ -78,7 +78,9 @@ def write_corpus(out: Path) -> None:
         (where / name).write_bytes(data)
     (out / "wrapped.dict").write_text("".join(
         f"kw{i}={_dict_entry(t)}\n" for i, t in enumerate(
-            [b"\x1f\x8b\x08", b"\x28\xb5\x2f\xfd", b"\x7fELF", b"EMiL", b"\xff\xff\xff\xff"])))
+            [b"\x1f\x8b\x08", b"\x28\xb5\x2f\xfd", b"\x7fELF", b"EMiL", b"\xff\xff\xff\xff",
+             b"QEVM\x00\x00\x00\x03", b"LibvirtQemudSave", b"PAGEDU64", b"\x00\x00\x00\x28",
+             b"\x00\x00\x00\x22"])))
     seed = test_fuzz.fingerprint_seed()  # the fingerprint file and cache entry of vm-b.raw
     for target, source in (("fpfile", seed.file), ("cache", seed.entry)):
         where = out / target

@@ -75,7 +75,8 @@ from dumpwriter.vmrs import END, explicit, fill, fills, lz77_periodic, make_vmrs
 from dumpwriter.vmware import make_state, memory_group
 from dumpwriter.windows import make_windows
 from ksm_analyze import DumpFormatError, KsmAnalyzeError, PageState, analyze
-from ksm_analyze.formats import READERS, DumpFormat, open_inputs
+from ksm_analyze.errors import UnsupportedDumpError
+from ksm_analyze.formats import READERS, DumpFormat, open_dump, open_inputs
 from ksm_analyze.formats.snapshot import NT_META, RUN, RunFlags, SnapshotWriter
 from ksm_analyze.pages import check_page_size
 
@@ -817,19 +818,57 @@ def case_file(fmt: DumpFormat, data: bytes, name: str, where: Path | None = None
 
 
 def wrapped_seeds(where: Path | None = None) -> list[tuple[str, bytes]]:
-    """Compressed-wrapper seeds (``fuzz/fuzz_wrapped.py``): the raw, ELF and LiME seeds
-    gzip'ed and zstd'ed (zstd without a checksum, so byte mutations inside reach the inner
-    headers as often as the codec's own structure)."""
+    """Compressed-wrapper seeds (``fuzz/fuzz_wrapped.py``): the raw, ELF, LiME and Windows
+    seeds gzip'ed and zstd'ed (zstd without a checksum, so byte mutations inside reach the
+    inner headers as often as the codec's own structure); a bare QEMU stream gzip'ed, and a
+    libvirt save image of the gzip format (its header raw, the stream compressed after it)."""
     import gzip
 
     import zstandard
 
     out = []
-    for fmt in (DumpFormat.RAW, DumpFormat.ELF, DumpFormat.LIME):
+    for fmt in (DumpFormat.RAW, DumpFormat.ELF, DumpFormat.LIME, DumpFormat.WINDOWS):
         for seed in build_seeds(fmt, where)[:2]:
             out.append((f"{seed.name}.gz", gzip.compress(seed.data, mtime=0)))
             out.append((f"{seed.name}.zst", zstandard.ZstdCompressor(level=1).compress(seed.data)))
+    plain = next(s for s in build_seeds(DumpFormat.MIGRATION, where) if s.name == "qevm-plain")
+    out.append(("qevm-plain.gz", gzip.compress(plain.data, mtime=0)))
+    head = libvirt_header(b"<domain><name>d</name></domain>", fmt=1, pad=64)
+    out.append(("qevm-libvirt-gzip", head + gzip.compress(plain.data, mtime=0)))
     return out
+
+
+def test_every_reader_reads_a_wrapped_seed_or_refuses_in_one_line(tmp_path: Path) -> None:
+    """Each reader in READERS, given a gzip of its first seed (and the format by name, so
+    detection is not what is tested): one that declares it reads a decompressed source
+    (``unwrapped_only`` None) gives the pages and counts of the plain seed; any other is
+    refused with one line that names the reason and the command to decompress it."""
+    import gzip
+
+    for fmt, cls in READERS.items():
+        seed = build_seeds(fmt, tmp_path / "seeds")[0]
+        plain = case_file(fmt, seed.data, f"{seed.name}.plain", tmp_path)
+        wrapped = tmp_path / f"{seed.name}.gz"
+        wrapped.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+        if cls.unwrapped_only is None:
+            got = []
+            for path in (plain, wrapped):
+                with open_dump(path, fmt) as r:
+                    pages = {a: bytes(p) for b in r.iter_batches(2)
+                             for a, p in zip(b.addrs.tolist(), b.pages, strict=True)}
+                    got.append((r.page_counts(), pages, r.source is not None))
+            assert got[0][:2] == got[1][:2] and got[0][1], fmt
+            assert (got[0][2], got[1][2]) == (False, True), fmt
+            continue
+        with pytest.raises(UnsupportedDumpError) as e:
+            open_dump(wrapped, fmt)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(str(wrapped)), msg
+        assert f"({cls.unwrapped_only}); decompress it first: gzip -dc" in msg, msg
+    # the readers that say so: the formats stored raw, and the two made to read a source
+    assert {f for f, c in READERS.items() if c.unwrapped_only is None} == {
+        DumpFormat.RAW, DumpFormat.ELF, DumpFormat.LIME, DumpFormat.MIGRATION,
+        DumpFormat.WINDOWS}
 
 
 def build_seeds(fmt: DumpFormat, directory: Path | None = None) -> list[Seed]:

@@ -25,6 +25,7 @@ from dumpwriter.qevm import (
 )
 from ksm_analyze.errors import DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
+from ksm_analyze.formats.migration import LIBVIRT_FORMATS
 from ksm_analyze.pages import PageState
 
 PS = 4096
@@ -167,10 +168,176 @@ def test_libvirt_partial_header_is_a_clear_error(tmp_path):
         open_dump(p)
 
 
-def test_libvirt_compressed_is_refused_until_streams_land(tmp_path):
-    p = write(tmp_path, libvirt_header(b"<domain/>", fmt=1) + b"\x1f\x8b" + bytes(64))
-    with pytest.raises(UnsupportedDumpError, match="gzip-compressed"):
-        open_dump(p)
+# -- compressed libvirt images and streams inside a wrapper ------------------------------------
+
+# libvirt's compressors (src/qemu/qemu_saveimage.c, qemuSaveImageGetCompressionProgram):
+# ``<format> -c`` (xz: ``-c -3``) writes the whole rest of the file after the header.
+LIBVIRT_COMPRESSORS = {1: ["gzip", "-c"], 2: ["bzip2", "-c"], 3: ["xz", "-c", "-3"],
+                       4: ["lzop", "-c"], 5: ["zstd", "-c"]}
+
+
+def compressed_image(tmp_path, stream: bytes, fmt: int, xml: bytes = b"<domain/>",
+                     name: str = "c.save"):
+    """A libvirt save image of format ``fmt``: the raw header, then the stream piped through
+    the real compressor CLI, as libvirt writes it (the tool must be installed)."""
+    import shutil
+    import subprocess
+
+    argv = LIBVIRT_COMPRESSORS[fmt]
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"the {argv[0]} CLI is not installed")
+    packed = subprocess.run(argv, input=stream, capture_output=True, check=True).stdout
+    return write(tmp_path, libvirt_header(xml, fmt=fmt) + packed, name)
+
+
+def _everything(path, **kw):
+    """Counts, extents, info facts and every page (by address) a reader gives."""
+    with open_dump(path, **kw) as r:
+        pages = {a: bytes(p) for b in r.iter_batches(3) for a, p in
+                 zip(b.addrs.tolist(), b.pages, strict=True)}
+        addrs = np.array(sorted(pages)[::-1], np.uint64)  # read_pages, backwards
+        again = [bytes(p) for p in r.read_pages(addrs)]
+        assert again == [pages[a] for a in addrs.tolist()]
+        info = r.info()
+        facts = {k: info[k] for k in ("ram_records", "sections", "machine_type", "blocks")}
+        return (r.page_counts(), [(e.addr, e.npages, e.state) for e in r.extents], facts,
+                pages, r.in_place)
+
+
+def _resent_stream(tmp_path):
+    """A running guest's stream: 96 pc.ram pages sent shuffled, some twice (the last copy
+    wins), fill bytes, a second block; and the raw dump of what QEMU would load."""
+    rng = np.random.default_rng(11)
+    order = list(range(96)) + rng.integers(0, 96, 40).tolist()
+    rng.shuffle(order)
+    final: dict[int, bytes] = {}
+    s = Stream()
+    s.section(START, 2)
+    s.mem_size([("pc.ram", 96 * PS), ("pc.bios", 2 * PS)])
+    s.flag(EOS)
+    s.footer(2)
+    s.section(PART, 2)
+    for k, i in enumerate(order):
+        if k % 7 == 0:
+            fill = (0, 0x5A)[k % 2]
+            s.zero("pc.ram", i * PS, fill)
+            final[i] = bytes([fill]) * PS
+        else:
+            final[i] = page(1 + (k % 50))
+            s.page("pc.ram", i * PS, final[i])
+    s.page("pc.bios", PS, page(77))
+    s.flag(EOS)
+    s.footer(2)
+    s.section(END, 2)
+    s.flag(EOS)
+    s.footer(2)
+    s.device(3, "timer", bytes(8))
+    return s.end(), final
+
+
+@pytest.mark.parametrize("fmt", sorted(LIBVIRT_COMPRESSORS), ids=lambda f: LIBVIRT_FORMATS[f])
+def test_libvirt_compressed_image_reads_as_the_raw_image(tmp_path, fmt):
+    stream, final = _resent_stream(tmp_path)
+    xml = b"<domain><name>web1</name></domain>"
+    raw = write(tmp_path, libvirt_header(xml) + stream, "raw.save")
+    packed = compressed_image(tmp_path, stream, fmt, xml)
+    counts, extents, facts, pages, _ = _everything(packed)
+    assert (counts, extents, facts, pages) == _everything(raw)[:4]
+    # and what the stream says, by hand: every pc.ram page's last copy, bios page 1
+    assert {a: p for a, p in pages.items() if a < SYNTH} == {
+        i * PS: final[i] for i in range(96) if final[i] != bytes(PS)}
+    assert pages[SYNTH + PS] == page(77)
+    with open_dump(packed) as r:
+        assert not r.in_place
+        info = r.info()
+        assert info["libvirt_format"] == LIBVIRT_FORMATS[fmt]
+        assert info["libvirt_domain"] == "web1"
+        head = len(libvirt_header(xml))
+        assert info["libvirt_stream_offset"] == info["stream_offset"] == head
+        assert r.source is not None and r.source.start == head
+        assert r.source.info()["decompressed_bytes"] == len(stream)
+
+
+def test_records_straddling_windows_kernel_and_numpy(tmp_path, monkeypatch):
+    """The walk reads a compressed stream through a window: with windows of a few hundred
+    odd bytes every kind of record straddles a boundary; the index (offsets in the
+    decompressed stream) is the bare stream's, with the compiled walk and the numpy one."""
+    from ksm_analyze.formats import migration
+    from ksm_analyze.hashing import compiled as kernels
+
+    stream, _ = _resent_stream(tmp_path)
+    raw = _outcome(write(tmp_path, stream, "bare.qevm"))  # offsets from the stream's start
+    packed = compressed_image(tmp_path, stream, 1)
+    for window in (1, 7, 4099, 3 * (PS + 8) + 5):
+        monkeypatch.setattr(migration, "WINDOW_BYTES", window)
+        assert _outcome(packed) == raw, window
+        monkeypatch.setattr(kernels, "native", None)
+        assert _outcome(packed) == raw, window
+        monkeypatch.undo()
+
+
+def test_a_bare_stream_and_a_libvirt_image_inside_gzip(tmp_path):
+    # virsh dump (no --memory-only) or a Proxmox vmstate, gzip'ed: the gzip CLI's output
+    import subprocess
+
+    stream, _ = _resent_stream(tmp_path)
+    plain = write(tmp_path, stream, "s.qevm")
+    image = write(tmp_path, libvirt_header(b"<domain/>") + stream, "i.save")
+    for p in (plain, image):
+        subprocess.run(["gzip", "-k", "-1", str(p)], check=True)
+        wrapped = p.with_name(p.name + ".gz")
+        assert detect_format(wrapped) is DumpFormat.MIGRATION
+        assert _everything(wrapped)[:4] == _everything(p)[:4]
+
+
+def test_compressed_image_errors_name_the_stream(tmp_path):
+    stream, _ = _resent_stream(tmp_path)
+    # a record naming an offset outside its block, deep in the stream
+    at = stream.index(b"pc.bios", 200) - 9  # the record that names pc.bios
+    bad = bytearray(stream)
+    bad[at : at + 8] = (64 * PS | 0x08).to_bytes(8, "big")
+    packed = compressed_image(tmp_path, bytes(bad), 5)
+    head = len(libvirt_header(b"<domain/>"))
+    with pytest.raises(DumpFormatError) as e:
+        open_dump(packed)
+    msg = str(e.value)
+    assert f"RAM record at {at:#x}" in msg and "\n" not in msg
+    assert f"decompressed from the zstd data at file offset {head:#x}" in msg
+    # cut short: the compressed data ends early (the codec's own error, at its offset)
+    data = packed.read_bytes()
+    cut = write(tmp_path, data[: head + (len(data) - head) // 2], "cut.save")
+    with pytest.raises(DumpFormatError, match="zstd"):
+        open_dump(cut)
+    # a compressed image inside a wrapper: refused by name, not decompressed twice
+    import gzip
+
+    nested = write(tmp_path, gzip.compress(data), "n.save.gz")
+    with pytest.raises(UnsupportedDumpError, match="a zstd-compressed libvirt save image "
+                       "inside a gzip stream"):
+        open_dump(nested)
+    # an empty stream after the header
+    empty = write(tmp_path, libvirt_header(b"<domain/>", fmt=1) + gzip.compress(b""), "e.save")
+    with pytest.raises(DumpFormatError, match="QEVM"):
+        open_dump(empty)
+
+
+def test_a_compressed_image_travels_to_a_worker(tmp_path):
+    import pickle
+
+    stream, _ = _resent_stream(tmp_path)
+    packed = compressed_image(tmp_path, stream, 3, b"<domain><name>x</name></domain>")
+    with open_dump(packed) as r:
+        want = _everything(packed)[:4]
+        again = pickle.loads(pickle.dumps(r))
+    try:
+        assert again.source is not None and again.source.size == len(stream)
+        assert again.libvirt["format"] == "xz" and again.stream_offset == r.stream_offset
+        pages = {a: bytes(p) for b in again.iter_batches(3)
+                 for a, p in zip(b.addrs.tolist(), b.pages, strict=True)}
+        assert pages == want[3]
+        assert again.page_counts() == want[0]
+    finally:
+        again.close()
 
 
 def test_mapped_ram_holes_are_zero_and_pages_read_in_place(tmp_path):

@@ -220,3 +220,29 @@ def test_bitmap_batches_are_cut_across_ranges(tmp_path):
         halves = [[a for b in r.iter_batches(4, shard=k, shards=2) for a in b.addrs.tolist()]
                   for k in (0, 1)]
         assert sorted(halves[0] + halves[1]) == [s * P for s in stored]
+
+
+@pytest.mark.parametrize("dump_type", [1, 5])
+def test_a_gzip_of_a_dump_reads_as_the_dump(tmp_path, dump_type):
+    # MEMORY.DMP.gz, by the gzip CLI: pages by hand (full: the runs back to back; bitmap:
+    # pages 1, 2, 7 and 17 stored, the rest of RAM excluded), read through the stream
+    import subprocess
+
+    pages = b"".join(page(i) for i in range(4))
+    path = (make_windows(tmp_path / "full.dmp", [(1, 2), (0x100, 2)], pages)
+            if dump_type == 1 else
+            make_windows(tmp_path / "bmp.dmp", [(0, 10), (16, 4)], pages, dump_type=5,
+                         bitmap=[1, 2, 7, 17], bitmap_pages=24))
+    subprocess.run(["gzip", "-k", str(path)], check=True)
+    wrapped = path.with_name(path.name + ".gz")
+    assert detect_format(wrapped) is DumpFormat.WINDOWS
+    want = ({P: page(0), 2 * P: page(1), 0x100 * P: page(2), 0x101 * P: page(3)}
+            if dump_type == 1 else
+            {P: page(0), 2 * P: page(1), 7 * P: page(2), 17 * P: page(3)})
+    with open_dump(wrapped) as r:
+        assert r.source is not None and r.source.codec.value == "gzip"
+        assert all_pages(r) == want
+        got = r.read_pages(np.array(sorted(want, reverse=True), np.uint64))
+        assert [bytes(p) for p in got] == [want[a] for a in sorted(want, reverse=True)]
+        assert r.page_counts()[PageState.EXCLUDED] == (0 if dump_type == 1 else 10)
+    assert analyze([wrapped]).host.to_dict() == analyze([path]).host.to_dict()

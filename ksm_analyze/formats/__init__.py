@@ -8,8 +8,10 @@ number of pages, and refused as an unknown format otherwise. A fingerprint file 
 
 A compressed file (gzip, bzip2, xz, zstd, lzop: :mod:`.streams`) is unwrapped first: the
 format is detected from the head of the decompressed stream, and the reader reads the
-decompressed bytes instead of a memory map. Formats that decode their own pages (kdump,
-AVML, snapshots) are refused inside a wrapper, as is a wrapper inside a wrapper.
+decompressed bytes instead of a memory map. Each reader declares whether it can
+(``DumpReader.unwrapped_only``): formats that decode their own pages (kdump, AVML, Hyper-V),
+whose holes carry meaning (the microVM snapshots), or that are read in place beside a
+companion (snapshots, VMware) are refused inside a wrapper, as is a wrapper inside a wrapper.
 """
 
 from __future__ import annotations
@@ -77,18 +79,6 @@ _REFUSED: tuple[tuple[int, bytes, str], ...] = (
 )
 
 
-# Wrapped formats: only those whose pages are stored raw (read through DumpReader's source);
-# the others decode their pages from a memory map of the file itself.
-_UNWRAPPED_ONLY = {DumpFormat.KDUMP: "it compresses its own pages",
-                   DumpFormat.AVML: "it compresses its own pages",
-                   DumpFormat.SNAPSHOT: "it is read in place",
-                   DumpFormat.VMRS: "it compresses its own pages",
-                   # Their holes carry meaning (never populated, or unchanged since the
-                   # base), which a compressed copy loses: read them where they were written.
-                   DumpFormat.FIRECRACKER: "its holes are read as holes",
-                   DumpFormat.FIRECRACKER_DIFF: "its holes mean unchanged, not zero",
-                   DumpFormat.CLOUD_HYPERVISOR: "its holes are read as holes",
-                   DumpFormat.OPENVMM: "its holes are read as holes"}
 _SUFFIX = {Codec.GZIP: "gz", Codec.BZIP2: "bz2", Codec.XZ: "xz", Codec.ZSTD: "zst",
            Codec.LZOP: "lzo"}
 _DECOMPRESS = {Codec.GZIP: "gzip -dc", Codec.BZIP2: "bzip2 -dc", Codec.XZ: "xz -dc",
@@ -229,10 +219,10 @@ def _inner_format(path: str | os.PathLike[str], fd: int, codec: Codec,
         raise DumpFormatError(f"{what}fingerprint file: decompress it first", path=path, offset=0)
     else:
         fmt = _format_of(path, head, None, page_size, where=f"inside the {codec.value} stream, ")
-    if fmt in _UNWRAPPED_ONLY:
+    if (why := READERS[fmt].unwrapped_only) is not None:
         raise UnsupportedDumpError(
             f"{what}{fmt.value} dump: ksm-analyze reads {fmt.value} files only uncompressed "
-            f"({_UNWRAPPED_ONLY[fmt]}); decompress it first: {_DECOMPRESS[codec]} FILE > "
+            f"({why}); decompress it first: {_DECOMPRESS[codec]} FILE > "
             f"FILE.{fmt.value}", path=path, offset=0)
     return fmt
 

@@ -75,6 +75,7 @@ class AvmlReader(DumpReader):
     """An AVML file: compressed pages, decoded Snappy chunk by chunk."""
 
     format = DumpFormat.AVML
+    unwrapped_only = "it compresses its own pages"
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

@@ -127,6 +127,12 @@ class DumpReader(ABC):
     format: ClassVar[DumpFormat]
     address_space: str = "physical"
     """"physical" for guest RAM, "virtual" for process memory."""
+    unwrapped_only: ClassVar[str | None] = "it is read in place, from a memory map of the file"
+    """Why this format is refused inside a compressed wrapper (gzip, xz, ...: ``open_dump``
+    then says so in one line, naming the command that decompresses it), or None where the
+    reader takes ``source=`` (a :class:`~.streams.Decompressed`) and reads its pages through
+    it. Each reader declares it; the default refuses, so a new reader is refused cleanly until
+    it is made to read a decompressed source."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE, base_address: int = 0,

@@ -70,6 +70,8 @@ class CloudHypervisorReader(DumpReader):
     """``memory-ranges`` of a Cloud Hypervisor snapshot, placed by ``state.json``."""
 
     format = DumpFormat.CLOUD_HYPERVISOR
+    # Holes carry meaning (never populated), which a compressed copy loses.
+    unwrapped_only = "its holes are read as holes"
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

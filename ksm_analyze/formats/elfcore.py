@@ -25,7 +25,7 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -130,6 +130,7 @@ class ElfCoreReader(DumpReader):
     """An ELF core file (``e_type == ET_CORE``), 32- or 64-bit, either byte order."""
 
     format = DumpFormat.ELF
+    unwrapped_only: ClassVar[str | None] = None
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

@@ -38,6 +38,8 @@ class FirecrackerReader(DumpReader):
     """A Firecracker full-snapshot memory file: flat, holes are pages not present."""
 
     format = DumpFormat.FIRECRACKER
+    # Holes carry meaning (never populated), which a compressed copy loses.
+    unwrapped_only = "its holes are read as holes"
     hole_state: ClassVar[PageState] = PageState.HOLE
     snapshot_type: ClassVar[str] = "full"
 
@@ -77,6 +79,7 @@ class FirecrackerDiffReader(FirecrackerReader):
     snapshot, whose content this file does not hold (EXCLUDED)."""
 
     format = DumpFormat.FIRECRACKER_DIFF
+    unwrapped_only = "its holes mean unchanged, not zero"
     hole_state = PageState.EXCLUDED
     snapshot_type = "diff"
 

@@ -85,6 +85,7 @@ class KdumpReader(DumpReader):
     """
 
     format = DumpFormat.KDUMP
+    unwrapped_only = "it compresses its own pages"
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

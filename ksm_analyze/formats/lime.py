@@ -214,6 +214,7 @@ class LimeReader(DumpReader):
     """A LiME file (``format=lime``, or AVML without ``--compress``): pages stored raw."""
 
     format = DumpFormat.LIME
+    unwrapped_only = None
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

@@ -45,19 +45,23 @@ option ROMs, ACPI tables) gets a disjoint synthetic range at or above 2^48, list
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from ..errors import TruncatedDumpError, UnsupportedDumpError
+from ..errors import DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ..hashing import compiled
 from ..pages import Extent, PageBatch, PageState
 from ..units import size_text
 from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
+from .streams import Codec, Decompressed
 
 __all__ = ["LIBVIRT_FORMATS", "MigrationReader"]
 
@@ -69,6 +73,12 @@ LIBVIRT_HEADER = 92
 LIBVIRT_FORMATS = {0: "raw", 1: "gzip", 2: "bzip2", 3: "xz", 4: "lzop", 5: "zstd", 6: "sparse"}
 """libvirt's ``virQEMUSaveFormat``: what follows the header (compressed for 1-5; ``sparse`` is a
 mapped-ram stream)."""
+LIBVIRT_CODECS = {1: Codec.GZIP, 2: Codec.BZIP2, 3: Codec.XZ, 4: Codec.LZOP, 5: Codec.ZSTD}
+"""The compressed formats: libvirt pipes the stream through ``<format> -c`` (xz: ``-c -3``)
+into the rest of the file after the header (qemu_saveimage.c,
+qemuSaveImageGetCompressionProgram), and restores through ``<format> -dc``."""
+WINDOW_BYTES = 8 << 20
+"""Decompressed bytes the record walk holds at a time when the stream is compressed."""
 
 # Section types (migration/savevm.c)
 EOF, START, PART, END, FULL, SUBSECTION, VMDESCRIPTION, CONFIGURATION, COMMAND, FOOTER = (
@@ -137,6 +147,7 @@ class MigrationReader(DumpReader):
     """A QEMU migration stream, bare or behind libvirt's save header, or a mapped-ram file."""
 
     format = DumpFormat.MIGRATION
+    unwrapped_only = None
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
@@ -157,19 +168,63 @@ class MigrationReader(DumpReader):
         self.below_4g: int | None = None
         self.split_note = ""
         self._last_block: RamBlock | None = None
-        start = 0
-        if self._mm[:16] == LIBVIRT_PARTIAL:
+        self._window: tuple[int, bytes] = (0, b"")
+        """(offset, bytes) of the decompressed stream the walk reads from (a source only)."""
+        if self.source is not None and self.source.start:
+            # A compressed libvirt image re-opened from its state (a worker): the source is
+            # the stream after the header, whose bytes are the file's own.
+            start = self._libvirt_header(self._file_bytes)
+        elif self._mm[:16] == LIBVIRT_PARTIAL:
             raise self._error(
                 "an incomplete libvirt save image (LibvirtQemudPart): libvirt was still "
                 "writing it, or the save failed; it holds no usable state", 0)
-        if self._mm[:16] == LIBVIRT_MAGIC:
-            start = self._libvirt_header()
+        elif self._mm[:16] == LIBVIRT_MAGIC:
+            start = self._libvirt_header(lambda at, n: self._mm[at : at + n])
+        else:
+            start = 0
         self.stream_offset = start
-        self._walk(start)
+        if self.source is None or not self.source.start:
+            self._walk(start)
+            return self._extents()
+        try:
+            self._walk(0)
+        except DumpFormatError as e:  # offsets in the decompressed stream: say which one
+            if e.offset is None or "decompressed offset" in e.detail:
+                raise
+            raise type(e)(f"{e.detail} (offset {e.offset:#x} of the QEMU stream decompressed "
+                          f"from the {self.source.codec.value} data at file offset "
+                          f"{start:#x})", path=self.path, offset=e.offset) from None
         return self._extents()
 
-    def _libvirt_header(self) -> int:
-        raw = self._read(0, LIBVIRT_HEADER, "the libvirt save header")
+    def _file_bytes(self, at: int, n: int) -> bytes:
+        """Bytes of the file itself (the header of a compressed image, not its stream)."""
+        return os.pread(self._fd, n, at)
+
+    def _unwrap(self, start: int, codec: Codec) -> None:
+        """Read the stream from the compressed rest of the file (a libvirt save image of a
+        compressed format): the reader's source becomes it, as for a wrapped file, and every
+        offset from here on is one of the decompressed stream."""
+        if self.source is not None:
+            raise UnsupportedDumpError(
+                f"a {codec.value}-compressed libvirt save image inside a "
+                f"{self.source.codec.value} stream (a wrapper inside a wrapper): decompress "
+                "the outer one first", path=self.path, offset=28)
+        source = Decompressed(self.path, self._fd, codec, start)
+        mm, self._mm = self._mm, cast(mmap.mmap, source)
+        with contextlib.suppress(BufferError):
+            mm.close()
+        self.source, self.file_size = source, source.size
+        self.warnings += source.warnings
+
+    def _libvirt_header(self, read: Callable[[int, int], bytes]) -> int:
+        """Parse the save header (``read(offset, n)``: its bytes); returns the stream's
+        file offset. A compressed format makes the stream the reader's source."""
+        size = self.file_size
+        raw = bytes(read(0, LIBVIRT_HEADER))
+        if len(raw) < LIBVIRT_HEADER:
+            raise TruncatedDumpError(
+                f"the libvirt save header, {LIBVIRT_HEADER} bytes, runs past the end of the "
+                f"file, which holds {size_text(size)}", path=self.path, offset=0)
         order = "<"
         (version,) = struct.unpack_from("<I", raw, 16)
         if version > 2:  # written on a host of the other byte order (qemu_saveimage.c)
@@ -184,12 +239,13 @@ class MigrationReader(DumpReader):
         if name is None:
             raise self._error(f"unknown libvirt save image format {fmt}", 28)
         start = LIBVIRT_HEADER + int(data_len)
-        if start >= self.file_size:
+        reopened = self.source is not None and self.source.start
+        if not reopened and start >= size:
             raise TruncatedDumpError(
                 f"the libvirt save header's domain XML ({size_text(data_len)}) runs past the "
-                f"end of the file, which holds {size_text(self.file_size)}",
+                f"end of the file, which holds {size_text(size)}",
                 path=self.path, offset=20)
-        xml = bytes(self._mm[LIBVIRT_HEADER : LIBVIRT_HEADER + min(data_len, 1 << 20)])
+        xml = bytes(read(LIBVIRT_HEADER, min(data_len, 1 << 20)))
         found = re.search(rb"<name>([^<]{1,200})</name>", xml)
         self.libvirt = {
             "version": version,
@@ -201,40 +257,60 @@ class MigrationReader(DumpReader):
             "domain": found[1].decode("utf-8", "replace") if found else None,
             "stream_offset": start,
         }
-        if fmt not in (0, 6):
-            raise UnsupportedDumpError(
-                f"a {name}-compressed libvirt save image: the QEMU stream at offset "
-                f"{start:#x} is compressed, and this reader reads uncompressed images "
-                f"(virsh save --image-format raw or sparse)", path=self.path, offset=28)
+        if fmt in LIBVIRT_CODECS and not reopened:
+            self._unwrap(start, LIBVIRT_CODECS[fmt])
         return start
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > self.file_size:
+            where = "the file" if self.source is None else "the decompressed stream"
             raise TruncatedDumpError(
-                f"{what} at {pos:#x} runs past the end of the file, which holds "
+                f"{what} at {pos:#x} runs past the end of {where}, which holds "
                 f"{size_text(self.file_size)} (a truncated stream)",
                 path=self.path, offset=pos)
 
+    def _at(self, pos: int, n: int) -> tuple[Any, int]:
+        """A buffer holding the stream's bytes ``[pos, pos + n)`` (checked with
+        :meth:`_need`) and where ``pos`` is in it: the map itself, or for a decompressed
+        stream a window of at least WINDOW_BYTES from ``pos`` on (read forward: the walk
+        moves forward, so the decoder goes on where it stopped)."""
+        if self.source is None:
+            return self._mm, pos
+        base, buf = self._window
+        if not base <= pos <= pos + n <= base + len(buf):
+            end = base + len(buf)
+            keep = bytes(memoryview(buf)[pos - base :]) if base <= pos < end else b""
+            more = max(n, WINDOW_BYTES) - len(keep)
+            buf = keep + self.source.read_at(pos + len(keep), more) if more > 0 else keep
+            base = pos
+            self._window = (base, buf)
+        return buf, pos - base
+
     def _u8(self, pos: int, what: str) -> int:
         self._need(pos, 1, what)
-        return int(self._mm[pos])
+        buf, i = self._at(pos, 1)
+        return int(buf[i])
 
     def _be32(self, pos: int, what: str) -> int:
         self._need(pos, 4, what)
-        return int(_U32.unpack_from(self._mm, pos)[0])
+        return int(_U32.unpack_from(*self._at(pos, 4))[0])
 
     def _be64(self, pos: int, what: str) -> int:
         self._need(pos, 8, what)
-        return int(_U64.unpack_from(self._mm, pos)[0])
+        return int(_U64.unpack_from(*self._at(pos, 8))[0])
+
+    def _bytes(self, pos: int, n: int, what: str) -> bytes:
+        self._need(pos, n, what)
+        buf, i = self._at(pos, n)
+        return bytes(buf[i : i + n])
 
     def _idstr(self, pos: int, what: str) -> tuple[str, int]:
         n = self._u8(pos, what)
-        self._need(pos + 1, n, what)
-        return bytes(self._mm[pos + 1 : pos + 1 + n]).decode("utf-8", "replace"), pos + 1 + n
+        return self._bytes(pos + 1, n, what).decode("utf-8", "replace"), pos + 1 + n
 
     def _walk(self, pos: int) -> None:
         """Follow the stream's sections from ``pos`` until RAM is complete."""
-        if bytes(self._mm[pos : pos + 8]) != QEVM:
+        if pos + 8 > self.file_size or self._bytes(pos, 8, "the stream's magic") != QEVM:
             raise self._error(
                 f"no QEMU migration stream (QEVM, version 3) at {pos:#x}, where the libvirt "
                 "header says it starts", pos)
@@ -253,7 +329,7 @@ class MigrationReader(DumpReader):
                 pos = self._configuration(pos)
                 continue
             if kind == COMMAND:
-                cmd, length = _U16x2.unpack(self._read(pos, 4, "a COMMAND section header"))
+                cmd, length = _U16x2.unpack(self._bytes(pos, 4, "a COMMAND section header"))
                 self._need(pos + 4, length, f"COMMAND {cmd}")
                 if cmd == CMD_PACKAGED:
                     raise UnsupportedDumpError(
@@ -324,7 +400,7 @@ class MigrationReader(DumpReader):
             path=self.path, offset=at)
 
     def _footer(self, pos: int, sid: int) -> int:
-        if pos < self.file_size and self._mm[pos] == FOOTER:
+        if pos < self.file_size and self._u8(pos, "a section footer") == FOOTER:
             got = self._be32(pos + 1, "a section footer")
             if got != sid:
                 raise self._error(f"section footer at {pos:#x} names section {got}, not {sid}",
@@ -337,10 +413,9 @@ class MigrationReader(DumpReader):
         n = self._be32(pos, "the CONFIGURATION section")
         if n > 256:
             raise self._error(f"machine type of {n} bytes at {pos:#x}", pos)
-        self._need(pos + 4, n, "the machine type")
-        self.machine = bytes(self._mm[pos + 4 : pos + 4 + n]).decode("utf-8", "replace")
+        self.machine = self._bytes(pos + 4, n, "the machine type").decode("utf-8", "replace")
         pos += 4 + n
-        while pos < self.file_size and self._mm[pos] == SUBSECTION:
+        while pos < self.file_size and self._u8(pos, "a subsection") == SUBSECTION:
             at = pos
             name, pos = self._idstr(pos + 1, "a configuration subsection")
             pos += 4  # version
@@ -383,11 +458,9 @@ class MigrationReader(DumpReader):
                 path=self.path, offset=pos)
         block = self._last_block
         size = self.file_size
-        mm = self._mm
         while True:
             at = pos
-            self._need(pos, 8, "a RAM record")
-            (word,) = _U64.unpack_from(mm, pos)
+            word = self._be64(pos, "a RAM record")
             flags, addr = word & FLAG_MASK, word & ~FLAG_MASK
             pos += 8
             if flags == F_EOS:
@@ -434,8 +507,7 @@ class MigrationReader(DumpReader):
                     f"{block.name!r} ({size_text(block.used_length)})", at)
             page = addr // tps
             if kind == F_ZERO:
-                self._need(pos, 1, "a ZERO record's fill byte")
-                block.where[page] = ZERO_FILL - mm[pos]
+                block.where[page] = ZERO_FILL - self._u8(pos, "a ZERO record's fill byte")
                 pos += 1
                 stride = 9
             else:
@@ -445,8 +517,10 @@ class MigrationReader(DumpReader):
                 stride = 8 + tps
             self.ram_records += 1
             if compiled.native is not None:  # every CONTINUE record that follows, in C
-                pos, taken = compiled.qevm_ram_records(mm, pos, tps, block.used_length,
-                                                       block.where)
+                buf, i = self._at(pos, 0)  # a window ends inside a record: C stops there
+                end, taken = compiled.qevm_ram_records(buf, i, tps, block.used_length,
+                                                       block.where, pos - i)
+                pos += end - i
                 self.ram_records += taken
             elif flags & F_CONTINUE and pos + stride <= size:
                 pos = self._run(pos, block, flags, stride)
@@ -455,16 +529,16 @@ class MigrationReader(DumpReader):
         """Index the run of records with ``flags`` at ``stride`` bytes from ``pos``, all at
         once; returns the offset of the first record that is not one of them."""
         tps = self.target_page_size
-        size = self.file_size
         want = np.uint64(flags)
         mask = np.uint64(FLAG_MASK)
         n = 16
         while True:
-            fit = (size - pos) // stride
+            buf, i = self._at(pos, 0)
+            fit = (len(buf) - i) // stride  # in the window: the walk reads the record after
             k = min(n, fit)
             if k <= 0:
                 return pos
-            words = np.ndarray((k,), ">u8", buffer=self._mm, offset=pos, strides=(stride,))
+            words = np.ndarray((k,), ">u8", buffer=buf, offset=i, strides=(stride,))
             ok = (words & mask) == want
             good = k if ok.all() else int(np.argmin(ok))
             if good:
@@ -480,7 +554,7 @@ class MigrationReader(DumpReader):
                 if flags & F_PAGE:
                     values = pos + 8 + np.arange(good, dtype=np.int64) * stride
                 else:
-                    fills = np.ndarray((good,), np.uint8, buffer=self._mm, offset=pos + 8,
+                    fills = np.ndarray((good,), np.uint8, buffer=buf, offset=i + 8,
                                        strides=(stride,))
                     values = ZERO_FILL - fills.astype(np.int64)
                 if good > 1 and not (np.diff(pages) > 0).all():  # a page twice: last wins
@@ -529,7 +603,7 @@ class MigrationReader(DumpReader):
 
     def _mapped(self, pos: int, block: RamBlock) -> int:
         version, psize, bitmap, pages = MAPPED_RAM_HEADER.unpack(
-            self._read(pos, MAPPED_RAM_HEADER.size, "a mapped-ram header"))
+            self._bytes(pos, MAPPED_RAM_HEADER.size, "a mapped-ram header"))
         if version != 1 or psize != self.target_page_size:
             raise UnsupportedDumpError(
                 f"mapped-ram header at {pos:#x}: version {version}, page size {psize}; this "
@@ -541,7 +615,8 @@ class MigrationReader(DumpReader):
         npages = len(block.where)
         nbytes = (npages + 63) // 64 * 8
         self._need(bitmap, nbytes, f"RAM block {block.name!r}'s bitmap")
-        bits = np.unpackbits(np.frombuffer(self._mm, np.uint8, nbytes, bitmap),
+        buf, i = self._at(bitmap, nbytes)
+        bits = np.unpackbits(np.frombuffer(buf, np.uint8, nbytes, i),
                              bitorder="little")[:npages].astype(bool)
         present = np.flatnonzero(bits)
         # The stream goes on after the block's pages, so all of them lie in the file (holes
@@ -635,7 +710,7 @@ class MigrationReader(DumpReader):
         a page and 8 bytes (the kernels take such rows). Not where a page is a non-zero fill
         byte (no bytes in the file) or the pages lie in too many short runs (a running guest's
         resends, scattered): those are copied into contiguous batches."""
-        return self.mapped_ram or self._raw_runs() is not None
+        return self.source is None and (self.mapped_ram or self._raw_runs() is not None)
 
     def _raw_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(first address, pages, file offset) of each run of stored pages at consecutive
@@ -706,6 +781,9 @@ class MigrationReader(DumpReader):
         out = np.empty((n, ps), np.uint8)
         if not n:
             return out
+        if self.source is not None:
+            self._gather_source(where, out)
+            return out
         cuts = np.flatnonzero(np.diff(where) != np.int64(ps + 8)) + 1
         starts = np.concatenate(([0], cuts)).tolist()
         ends = np.concatenate((cuts, [n])).tolist()
@@ -722,13 +800,51 @@ class MigrationReader(DumpReader):
                                       strides=(ps + 8, 1))
         return out
 
+    def _gather_source(self, where: np.ndarray, out: np.ndarray) -> None:
+        """:meth:`_gather` from a decompressed stream: the pages in stream order (forward
+        reads, so the decoder never restarts within a call), runs of consecutive records
+        read at once (at most DEFAULT_BATCH_PAGES records a read), each page put in its row."""
+        ps, pitch, src = self.page_size, self.page_size + 8, self.source
+        assert src is not None
+        order = np.argsort(where, kind="stable")
+        ordered = where[order]
+        cuts = np.flatnonzero(np.diff(ordered) != np.int64(pitch)) + 1
+        starts = np.concatenate(([0], cuts)).tolist()
+        ends = np.concatenate((cuts, [len(where)])).tolist()
+        for a, e in zip(starts, ends, strict=True):
+            if ordered[a] < 0:  # fill pages (sorted first): no bytes in the stream
+                for i in range(a, e):
+                    out[order[i]] = ZERO_FILL - int(ordered[i])
+                continue
+            for lo in range(a, e, DEFAULT_BATCH_PAGES):
+                k = min(DEFAULT_BATCH_PAGES, e - lo)
+                at, span = int(ordered[lo]), (k - 1) * pitch + ps
+                data = src.read_at(at, span)
+                if len(data) < span:
+                    raise TruncatedDumpError(
+                        f"the decompressed stream ends at {src.size:#x}, inside pages it "
+                        "should hold (a decompressed offset)", path=self.path, offset=at)
+                out[order[lo : lo + k]] = np.ndarray((k, ps), np.uint8, buffer=data,
+                                                     strides=(pitch, 1))
+
     def iter_batches(
         self, batch_pages: int = DEFAULT_BATCH_PAGES, *, shard: int = 0, shards: int = 1
     ) -> Iterator[PageBatch]:
         """Every DATA page, block by block, copied into contiguous batches (mapped-ram: read
-        in place from the map)."""
+        in place from the map; a decompressed stream: in stream order)."""
         if self.mapped_ram:
             yield from super().iter_batches(batch_pages, shard=shard, shards=shards)
+            return
+        if self.source is not None:  # forward through the stream: one decoding pass
+            pairs = list(self._stream_pages())
+            addrs = np.concatenate([a for a, _ in pairs]) if pairs else np.empty(0, np.uint64)
+            where = np.concatenate([w for _, w in pairs]) if pairs else np.empty(0, np.int64)
+            order = np.argsort(where, kind="stable")
+            addrs, where = addrs[order], where[order]
+            for batch, p0 in enumerate(range(0, len(addrs), batch_pages)):
+                if batch % shards == shard:
+                    yield PageBatch(addrs[p0 : p0 + batch_pages],
+                                    self._gather(where[p0 : p0 + batch_pages]))
             return
         if self.in_place:  # views of the map, run by run in file order
             starts, _, views = self._stored_views()

@@ -100,6 +100,8 @@ class OpenVmmReader(DumpReader):
     """``memory.bin`` of an OpenVMM snapshot, sized by ``manifest.bin``."""
 
     format = DumpFormat.OPENVMM
+    # Holes carry meaning (never populated), which a compressed copy loses.
+    unwrapped_only = "its holes are read as holes"
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

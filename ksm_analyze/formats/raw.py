@@ -16,6 +16,7 @@ class RawReader(DumpReader):
     """A flat image: file offset ``o`` holds address ``base_address + o``."""
 
     format = DumpFormat.RAW
+    unwrapped_only = None
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

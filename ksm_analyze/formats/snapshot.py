@@ -288,6 +288,7 @@ class SnapshotReader(ElfCoreReader):
     """One process of a snapshot (``process`` is its index in the snapshot's process list)."""
 
     format = DumpFormat.SNAPSHOT
+    unwrapped_only = "it is read in place"
     address_space = "virtual"
 
     def __init__(

@@ -95,6 +95,7 @@ class VmrsReader(DumpReader):
     """A Hyper-V ``.vmrs``: RamBlock objects, decoded block by block."""
 
     format = DumpFormat.VMRS
+    unwrapped_only = "it compresses its own pages"
 
     @classmethod
     def probe(cls, head: bytes) -> bool:

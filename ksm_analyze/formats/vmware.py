@@ -272,6 +272,7 @@ class VmwareReader(DumpReader):
     placed at guest-physical addresses by the state file's region table."""
 
     format = DumpFormat.VMWARE
+    unwrapped_only = "its state file is read in place, with the .vmem beside it"
 
     def __init__(self, path: str | os.PathLike[str], *, page_size: int = PAGE_SIZE,
                  base_address: int = 0) -> None:

@@ -96,6 +96,7 @@ class WindowsReader(DumpReader):
     """A Windows complete memory dump: full (runs) or bitmap (pages left out are EXCLUDED)."""
 
     format = DumpFormat.WINDOWS
+    unwrapped_only = None
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
@@ -189,7 +190,11 @@ class WindowsReader(DumpReader):
             raise self._error(f"BitmapSize {nbits:,} pages reaches past 2^56 (64 PiB)", at + 0x30)
         if bitmap_at + nbytes > self.file_size:
             self._read(bitmap_at, nbytes, f"the bitmap of {nbits:,} pages")  # raises
-        raw = np.frombuffer(self._mm, np.uint8, nbytes, bitmap_at)
+        # Inside a compressed wrapper the bitmap is decompressed (at most the stream's size:
+        # it fits, as checked above); otherwise a view of the map.
+        raw = (np.frombuffer(self._read(bitmap_at, nbytes, "the bitmap"), np.uint8)
+               if self.source is not None else
+               np.frombuffer(self._mm, np.uint8, nbytes, bitmap_at))
         if first < bitmap_at + nbytes:
             raise self._error(
                 f"HeaderSize {first:#x} puts the first page inside the bitmap, which ends at "
@@ -251,10 +256,11 @@ class WindowsReader(DumpReader):
         """The stored pages lie back to back in the file (runs, or the bitmap's pages in
         order), so batches are cut from that one area whatever the ranges: a bitmap dump of
         scattered free pages gives full batches, not one per range. Same pages, order and
-        sharding as :meth:`DumpReader.iter_batches`, which serves any other layout."""
+        sharding as :meth:`DumpReader.iter_batches`, which serves any other layout and a
+        dump inside a compressed wrapper (read forward through its decompressed source)."""
         ps = self.page_size
         stored = sorted(self.data_extents(), key=lambda e: e.file_offset)
-        if any(b.file_offset != a.file_offset + a.npages * ps
+        if self.source is not None or any(b.file_offset != a.file_offset + a.npages * ps
                for a, b in itertools.pairwise(stored)):
             yield from super().iter_batches(batch_pages, shard=shard, shards=shards)
             return

@@ -273,12 +273,13 @@ done:
 }
 
 PyDoc_STRVAR(qevm_ram_records_doc,
-"qevm_ram_records(buf, pos, page_size, length, where) -> (pos, count)\n\n"
+"qevm_ram_records(buf, pos, page_size, length, where, base=0) -> (pos, count)\n\n"
 "Index the RAM records of a QEMU migration stream (migration/ram.c) from offset ``pos`` of\n"
 "``buf``: while the record there is a be64 (offset in the block | flags) with the flags\n"
 "PAGE|CONTINUE (0x28: the page follows) or ZERO|CONTINUE (0x22: one fill byte follows), an\n"
 "offset that is a page of the current block (``length`` bytes) and all its bytes in ``buf``,\n"
-"set where[offset / page_size] to the file offset of the page, or to -2 - fill byte, so the\n"
+"set where[offset / page_size] to the file offset of the page (``base`` + its offset in\n"
+"``buf``: ``buf`` may be a window of a decompressed stream), or to -2 - fill byte, so the\n"
 "last record of a page wins, and go on. Returns the offset of the first record not taken and\n"
 "how many were taken; the caller parses that record itself (another kind, a bad offset, the\n"
 "end of the buffer). ``where`` is a writable int64 buffer of at least length / page_size\n"
@@ -289,14 +290,16 @@ qevm_ram_records(PyObject *self, PyObject *args)
 {
     Py_buffer buf, where = {0};
     Py_ssize_t pos, page_size;
-    long long length;
+    long long length, base = 0;
     PyObject *where_obj, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnLO", &buf, &pos, &page_size, &length, &where_obj))
+    if (!PyArg_ParseTuple(args, "y*nnLO|L", &buf, &pos, &page_size, &length, &where_obj,
+                          &base))
         return NULL;
     if (get_typed(where_obj, &where, INT64_CODES, 8, 1, "where") < 0)
         goto done;
     if (page_size < 1024 || (page_size & (page_size - 1)) != 0 || pos < 0 || pos > buf.len
-        || length < 0 || length / page_size > where.len / 8) {
+        || length < 0 || length / page_size > where.len / 8 || base < 0
+        || base > INT64_MAX - buf.len) {
         PyErr_Format(PyExc_ValueError, "qevm_ram_records: page size %zd, offset %zd of %zd "
                      "bytes, block of %lld bytes and %zd index entries do not fit", page_size,
                      pos, buf.len, length, where.len / 8);
@@ -319,7 +322,7 @@ qevm_ram_records(PyObject *self, PyObject *args)
         if (flags == 0x28) { /* PAGE | CONTINUE */
             if (end - pos - 8 < page_size)
                 break;
-            w[addr / (uint64_t)page_size] = (int64_t)(pos + 8);
+            w[addr / (uint64_t)page_size] = (int64_t)base + (int64_t)(pos + 8);
             pos += 8 + page_size;
         } else if (flags == 0x22) { /* ZERO | CONTINUE */
             if (end - pos - 8 < 1)

@@ -97,13 +97,15 @@ def page_hashes(pages: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def qevm_ram_records(buf: object, pos: int, page_size: int, length: int,
-                     where: np.ndarray) -> tuple[int, int]:
+                     where: np.ndarray, base: int = 0) -> tuple[int, int]:
     """Index the PAGE|CONTINUE and ZERO|CONTINUE records of a QEMU migration stream from
     ``pos`` into ``where`` (formats/migration.py's page index of one RAM block of ``length``
-    bytes); returns (offset of the first record not taken, records taken). The reader's numpy
-    walk does the same where the kernels are not built."""
+    bytes); returns (offset in ``buf`` of the first record not taken, records taken). A page's
+    entry is ``base`` plus its offset in ``buf`` (``buf`` a window of a decompressed stream
+    that starts at ``base``). The reader's numpy walk does the same where the kernels are not
+    built."""
     assert native is not None
-    got: tuple[int, int] = native.qevm_ram_records(buf, pos, page_size, length, where)
+    got: tuple[int, int] = native.qevm_ram_records(buf, pos, page_size, length, where, base)
     return got
 
 
