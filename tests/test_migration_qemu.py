@@ -307,16 +307,17 @@ def raw_prediction(saved):
     return analyze([saved["libvirt"]], jobs=1).host.to_dict()
 
 
-@pytest.mark.parametrize("fmt,tool", [(1, "gzip"), (2, "bzip2"), (3, "xz"), (4, "lzop"),
-                                      (5, "zstd")], ids=lambda v: str(v))
+# The fast codecs on the real guest; bzip2 and xz (libvirt formats 2 and 3: 20-50 s each here)
+# are checked on a built stream in tests/test_migration.py, through the same code.
+@pytest.mark.parametrize("fmt,tool", [(1, "gzip"), (4, "lzop"), (5, "zstd")],
+                         ids=lambda v: str(v))
 def test_compressed_libvirt_image_reads_as_the_raw_one(saved, raw_prediction, tmp_path, fmt,
                                                          tool):
     import shutil
 
     from ksm_analyze import analyze
 
-    if shutil.which(tool) is None:
-        pytest.skip(f"the {tool} CLI is not installed")
+    assert shutil.which(tool), f"the {tool} CLI is missing (.ci/install-system-deps.sh installs it)"
     image = tmp_path / f"guest.{tool}.save"
     head = bytearray(saved["libvirt"].read_bytes()[:92 + len(DOMAIN_XML) + 1])
     struct.pack_into("<I", head, 28, fmt)  # the header's format field
