@@ -382,6 +382,21 @@ typedef struct {
     uint64_t value;     /* the length, offset or bytes decoded it names */
 } lz77_status;
 
+static int
+lz77_bit_length(uint32_t x)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return x ? 32 - __builtin_clz(x) : 0;
+#else
+    int bits = 0;
+    while (x) {
+        bits++;
+        x >>= 1;
+    }
+    return bits;
+#endif
+}
+
 static void
 lz77_one(const unsigned char *src, Py_ssize_t n, unsigned char *dst, Py_ssize_t dst_len,
          lz77_status *st)
@@ -401,15 +416,25 @@ lz77_one(const unsigned char *src, Py_ssize_t n, unsigned char *dst, Py_ssize_t 
             i += 4;
             nflags = 32;
         }
-        nflags--;
-        if (!((flags >> nflags) & 1)) { /* a literal */
-            if (i == n) {
+        /* clear bits before the next set one: a run of literals, copied at once */
+        uint32_t rest = nflags == 32 ? flags : flags & (((uint32_t)1 << nflags) - 1);
+        int literals = nflags - lz77_bit_length(rest);
+        if (literals) {
+            Py_ssize_t k = literals;
+            if (k > n - i)
+                k = n - i;
+            if (k > dst_len - o)
+                k = dst_len - o;
+            if (k == 0) {
                 st->code = LZ77_LITERAL, st->at = i;
                 return;
             }
-            dst[o++] = src[i++];
+            memcpy(dst + o, src + i, (size_t)k);
+            o += k, i += k;
+            nflags -= (int)k;
             continue;
         }
+        nflags--;
         if (i == n)
             break; /* a match flag with no input left: the end of the stream */
         if (n - i < 2) {
