@@ -22,8 +22,9 @@ Windows 10 and an Ubuntu 24.04 host). Facts used (little-endian throughout):
   fill ``u32 count`` pages with the 8 bytes before the count; ``0xFFFFFFFC u32 out_len,
   u32 len`` then ``len`` bytes giving ``out_len`` bytes of memory (raw if the lengths are
   equal, else compressed); any other value is the length of one page's bytes (raw if 4096,
-  else compressed). Compressed means Windows compression format 3, plain LZ77 ([MS-XCA] 2.4,
-  :mod:`.lz77`).
+  else compressed). Compressed means Windows compression format 3, plain LZ77 ([MS-XCA] 2.4):
+  decoded in C, a block's pages in one call (``lz77_pages``, hashing/_compiled.c), or by
+  :mod:`.lz77` where the kernels are not built; both give the same bytes and errors.
 
 Fill pages are known without decompressing: a zero fill is handed out flagged zero
 (``PageBatch.zero``, counted as kdump's zero pages are); a fill of another value is data whose
