@@ -11,12 +11,25 @@ import struct
 import numpy as np
 import pytest
 from conftest import PS, runner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dumpwriter.vmrs import END, explicit, fill, fills, lz77_periodic, make_vmrs, page_token
+from dumpwriter.vmrs import (
+    END,
+    explicit,
+    fill,
+    fills,
+    lz77_compress,
+    lz77_periodic,
+    make_vmrs,
+    page_token,
+)
 from ksm_analyze.cli import app
 from ksm_analyze.errors import CorruptPageError, DumpFormatError, TruncatedDumpError
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
+from ksm_analyze.formats import vmrs as vmrs_module
 from ksm_analyze.formats.lz77 import decompress
+from ksm_analyze.hashing import compiled as kernels
 from ksm_analyze.pages import PageState
 
 MiB = 1 << 20
@@ -66,7 +79,7 @@ def vmrs(tmp_path):
                      other_keys=("partition_state",), outside={7: RAW_BLOCK[:64]})
 
 
-def test_known_pages_at_known_addresses(vmrs):
+def test_known_pages_at_known_addresses(vmrs, kernel_path):
     assert detect_format(vmrs) == DumpFormat.VMRS
     with open_dump(vmrs) as r:
         assert [(e.addr, e.npages, e.state) for e in r.extents] == [
@@ -177,8 +190,13 @@ def test_object_table_cycle_ends(tmp_path):
     (page_token(b"\0\0\0\0\x01") + END, "cannot decompress"),
     (fill(0)[:6], "fill token runs past"),
     (fills(0, 255) + fill(0)[:8], "fill token runs past"),
+    # the first damage wins: a page that does not decode, before a fill past the block
+    (page_token(b"\0\0\0\0\x01") + fills(0, 300) + END,
+     "cannot decompress 5 bytes .*a literal at byte 5 runs past the end"),
+    (page_token(lz77_compress(PERIODIC)) + page_token(b"\xff\xff\xff\xff\x08\x00") + END,
+     "cannot decompress 6 bytes .*reaches 2 bytes back"),
 ])
-def test_corrupt_block_is_a_clean_error(tmp_path, stream, message):
+def test_corrupt_block_is_a_clean_error(tmp_path, stream, message, kernel_path):
     path = make_vmrs(tmp_path / "d.vmrs", {2: (stream, False)})
     with open_dump(path) as r, pytest.raises(CorruptPageError, match=f"RamBlock2: .*{message}"):
         list(r.iter_batches())
@@ -229,3 +247,158 @@ def test_many_blocks_in_data_objects(tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["per_input"][0]
     assert (row["pages"], row["zero_pages"]) == (300 * 256, 300 * 256)
+
+
+# -- the compiled LZ77 decoder against the Python one ------------------------------------------
+
+
+def python_lz77(data: bytes, out_len: int) -> bytes | str:
+    try:
+        return bytes(decompress(data, out_len))
+    except ValueError as e:
+        return str(e)
+
+
+def compiled_lz77(buf: bytes, size: int, out_len: int) -> bytes | str:
+    """Decode the first ``size`` bytes of ``buf`` (the rest is there to be misread) into the
+    middle of a guarded buffer: nothing may be written outside its ``out_len`` bytes."""
+    out = np.full(out_len + 64, 0xA5, np.uint8)
+    got = kernels.lz77_pages(buf, np.array([[0, size, 32, out_len]]), out)
+    assert (out[:32] == 0xA5).all() and (out[32 + out_len :] == 0xA5).all()
+    if got is None:
+        return out[32 : 32 + out_len].tobytes()
+    assert got[0] == 0
+    return got[1]
+
+
+SPEC_26 = bytes.fromhex("3f000000") + b"abcdefghijklmnopqrstuvwxyz"
+SPEC_300 = bytes.fromhex("ffffff1f6162631700" + "0fff2601")
+
+
+def _streams() -> list[tuple[bytes, int]]:
+    """The spec's two examples; matches with every length form (3 bits, shared nibble low and
+    high, a byte, 255 + u16, 0 + u32) and offsets from 1 to 8,192; literals past one flag word."""
+    rng = np.random.default_rng(11)
+    noise = rng.integers(0, 256, 100, dtype=np.uint8).tobytes()
+    mixed = noise[:40] + b"x" * 9 + noise[:5] + b"yz" * 20 + noise[40:50] * 30
+    mixed += bytes(8192 - len(mixed)) + noise[:30] + b"q" * 300 + b"w" * 70_000  # 8,192 back
+    assert lz77_compress(mixed) != lz77_compress(mixed[:-1])
+    return [(SPEC_26, 26), (SPEC_300, 300), (lz77_compress(mixed), len(mixed)),
+            (lz77_compress(noise), 100)]
+
+
+@pytest.mark.compiled
+def test_compiled_lz77_decodes_the_spec_examples_and_encoded_streams():
+    """Both decoders give the bytes encoded (the spec's examples by hand; the rest by the
+    tests' own encoder, whose output for the spec's inputs is the spec's)."""
+    assert lz77_compress(b"abc" * 100) == SPEC_300
+    assert lz77_compress(b"abcdefghijklmnopqrstuvwxyz") == SPEC_26
+    streams = _streams()
+    assert compiled_lz77(SPEC_26, len(SPEC_26), 26) == b"abcdefghijklmnopqrstuvwxyz"
+    assert compiled_lz77(SPEC_300, len(SPEC_300), 300) == b"abc" * 100
+    for data, out_len in streams[2:]:
+        assert compiled_lz77(data, len(data), out_len) == python_lz77(data, out_len)
+        assert isinstance(python_lz77(data, out_len), bytes)
+
+
+@pytest.mark.compiled
+def test_compiled_lz77_agrees_on_every_truncation_and_corruption():
+    """Each stream cut at every length (the cut-off rest still in the buffer: a decoder that
+    reads past its input would succeed where the other fails), asked for one byte fewer or
+    more, and each byte set to 0, 0xff or flipped: the same bytes or the same message."""
+    cases = 0
+    for data, out_len in _streams():
+        variants = [(data, k, out_len) for k in range(len(data))]
+        variants += [(data, len(data), out_len + d) for d in (-1, 1)]
+        for at in range(len(data)):
+            for new in {0, 0xFF, data[at] ^ 0xFF}:
+                bad = bytearray(data)
+                bad[at] = new
+                variants.append((bytes(bad), len(data), out_len))
+        for buf, size, n in variants:
+            want = python_lz77(buf[:size], n)
+            assert compiled_lz77(buf, size, n) == want, (buf[:size].hex(), n, want)
+            cases += isinstance(want, str)
+    assert cases > 300  # most variants are errors, so errors were compared
+
+
+@st.composite
+def _memory(draw) -> bytes:
+    """Page-like bytes: runs of noise, of one byte, and of short repeated patterns."""
+    parts = []
+    for kind, n in draw(st.lists(st.tuples(st.sampled_from("nbp"), st.integers(0, 600)),
+                                 max_size=8)):
+        if kind == "n":
+            parts.append(draw(st.binary(min_size=n % 40, max_size=n % 40)))
+        elif kind == "b":
+            parts.append(bytes([draw(st.integers(0, 255))]) * n)
+        else:
+            parts.append(draw(st.binary(min_size=1, max_size=9)) * (n // 4 + 1))
+    return b"".join(parts)
+
+
+@pytest.mark.compiled
+@settings(max_examples=150, deadline=None)
+@given(_memory(), st.integers(-2, 2))
+def test_compiled_lz77_agrees_on_encoded_memory(data, delta):
+    encoded = lz77_compress(data)
+    out_len = max(0, len(data) + delta)
+    want = python_lz77(encoded, out_len)
+    if delta == 0:
+        assert want == data
+    assert compiled_lz77(encoded, len(encoded), out_len) == want
+
+
+@pytest.mark.compiled
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 400))
+def test_compiled_lz77_agrees_on_any_bytes(data, out_len):
+    assert compiled_lz77(data, len(data), out_len) == python_lz77(data, out_len)
+
+
+@pytest.mark.compiled
+def test_compiled_lz77_batch_stops_at_the_first_bad_stream():
+    buf = SPEC_300 + SPEC_26[:10] + SPEC_26
+    out = np.zeros(1000, np.uint8)
+    jobs = np.array([[0, 13, 0, 300], [13, 10, 300, 26], [23, 30, 400, 26]])
+    assert kernels.lz77_pages(buf, jobs, out) == (1, "a literal at byte 10 runs past the end")
+    assert out[:300].tobytes() == b"abc" * 100
+    assert not out[400:].any()  # the job after the bad one was not run
+    assert kernels.lz77_pages(buf, jobs[[0, 2]], out) is None
+    assert out[400:426].tobytes() == b"abcdefghijklmnopqrstuvwxyz"
+    for bad in ([40, 14, 0, 300], [-1, 13, 0, 300], [0, 13, 701, 300], [0, 13, 0, -1]):
+        with pytest.raises(ValueError, match="outside the 53-byte source or the 1000-byte"):
+            kernels.lz77_pages(buf, np.array([bad]), out)
+
+
+@pytest.mark.compiled
+def test_the_reader_decodes_in_c_where_built(tmp_path, monkeypatch):
+    """With the kernels, the Python decoder is not called at all (it would raise here)."""
+    def refuse(*_):
+        raise AssertionError("the Python decoder ran")
+
+    monkeypatch.setattr(vmrs_module, "decompress", refuse)
+    path = make_vmrs(tmp_path / "c.vmrs", {0: (tokens(), False)})
+    with open_dump(path) as r:
+        got, _ = pages_of(r)
+    assert [got[i * PS] for i in range(256)] == expected_block()
+
+
+def test_compressed_blocks_read_the_same_both_ways(tmp_path, kernel_path):
+    """A block of 256 compressed pages of varied contents, and one of explicit runs: the
+    pages encoded (the Python path is the reference the compiled one is checked against)."""
+    rng = np.random.default_rng(5)
+    pages = []
+    for i in range(256):
+        period = int(rng.integers(1, 300))
+        head = rng.integers(0, 256, period, dtype=np.uint8).tobytes()
+        pages.append((head * (PS // period + 1))[:PS] if i % 3 else (head * 8)[:8] + bytes(PS - 8))
+    one = b"".join(page_token(lz77_compress(p)) for p in pages) + END
+    runs = b"".join(explicit(4 * PS, lz77_compress(b"".join(pages[i : i + 4])))
+                    for i in range(0, 256, 4)) + END
+    path = make_vmrs(tmp_path / "z.vmrs", {0: (one, True), 1: (runs, False)})
+    with open_dump(path) as r:
+        got, zero = pages_of(r)
+    assert not zero
+    assert [got[i * PS] for i in range(256)] == pages
+    assert [got[MiB + i * PS] for i in range(256)] == pages

@@ -22,8 +22,9 @@ Windows 10 and an Ubuntu 24.04 host). Facts used (little-endian throughout):
   fill ``u32 count`` pages with the 8 bytes before the count; ``0xFFFFFFFC u32 out_len,
   u32 len`` then ``len`` bytes giving ``out_len`` bytes of memory (raw if the lengths are
   equal, else compressed); any other value is the length of one page's bytes (raw if 4096,
-  else compressed). Compressed means Windows compression format 3, plain LZ77 ([MS-XCA] 2.4,
-  :mod:`.lz77`).
+  else compressed). Compressed means Windows compression format 3, plain LZ77 ([MS-XCA] 2.4):
+  decoded in C, a block's pages in one call (``lz77_pages``, hashing/_compiled.c), or by
+  :mod:`.lz77` where the kernels are not built; both give the same bytes and errors.
 
 Fill pages are known without decompressing: a zero fill is handed out flagged zero
 (``PageBatch.zero``, counted as kdump's zero pages are); a fill of another value is data whose
@@ -45,6 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import CorruptPageError
+from ..hashing import compiled
 from ..pages import Extent, PageBatch, PageState
 from .base import DEFAULT_BATCH_PAGES, DumpFormat, DumpReader
 from .lz77 import decompress
@@ -241,13 +243,26 @@ class VmrsReader(DumpReader):
         return CorruptPageError(f"RamBlock{b.number}: {detail}", path=self.path, offset=at)
 
     def _decode(self, b: _Block) -> tuple[np.ndarray, np.ndarray]:
-        """A block's 1 MiB and, per 4 KiB page, whether it is a zero fill."""
+        """A block's 1 MiB and, per 4 KiB page, whether it is a zero fill.
+
+        Compressed pages are decoded as their tokens come with the Python decoder, or, where
+        the kernels are built, gathered and decoded in one call after the walk (a block's
+        pages at once: fewer calls than one a page); a damaged token then decodes those
+        before it first, so either way the first damage in the stream is the one reported."""
         zero = np.zeros(PAGES_PER_BLOCK, bool)
         if b.length == BLOCK:
             return np.frombuffer(self._mm, np.uint8, BLOCK, b.data), zero
         mm = self._mm
         out = np.empty(BLOCK, np.uint8)
         words = out.view("<u8")
+        jobs: list[tuple[int, int, int, int]] | None = [] if compiled.native is not None else None
+        sources: list[int] = []  # the token of each job (for errors)
+
+        def corrupt(detail: str, at: int) -> CorruptPageError:
+            if jobs:
+                self._inflate(b, out, jobs, sources)  # damage before this one comes first
+            return self._corrupt(b, detail, at)
+
         page, pos, end = 0, b.data, b.data + b.length
         while pos + 4 <= end:
             (token,) = struct.unpack_from("<I", mm, pos)
@@ -258,13 +273,13 @@ class VmrsReader(DumpReader):
             if token in (TOKEN_FILL_ONE, TOKEN_FILL_MANY):
                 need = 8 if token == TOKEN_FILL_ONE else 12
                 if pos + need > end:
-                    raise self._corrupt(b, "a fill token runs past the stored bytes", at)
+                    raise corrupt("a fill token runs past the stored bytes", at)
                 (value,) = struct.unpack_from("<Q", mm, pos)
                 count = 1 if token == TOKEN_FILL_ONE else struct.unpack_from("<I", mm, pos + 8)[0]
                 pos += need
                 if count > PAGES_PER_BLOCK - page:
-                    raise self._corrupt(b, f"a fill of {count} pages goes past the 1 MiB block "
-                                        f"at page {page}", at)
+                    raise corrupt(f"a fill of {count} pages goes past the 1 MiB block at page "
+                                  f"{page}", at)
                 w = HV_PAGE // 8
                 words[page * w : (page + count) * w] = value
                 zero[page : page + count] = value == 0
@@ -272,33 +287,51 @@ class VmrsReader(DumpReader):
                 continue
             if token == TOKEN_EXPLICIT:
                 if pos + 8 > end:
-                    raise self._corrupt(b, "an explicit token runs past the stored bytes", at)
+                    raise corrupt("an explicit token runs past the stored bytes", at)
                 out_len, size = struct.unpack_from("<II", mm, pos)
                 pos += 8
             else:
                 out_len, size = HV_PAGE, token
                 if size > HV_PAGE:
-                    raise self._corrupt(b, f"a page of {size} bytes is larger than 4 KiB", at)
+                    raise corrupt(f"a page of {size} bytes is larger than 4 KiB", at)
             if out_len % HV_PAGE or out_len > (PAGES_PER_BLOCK - page) * HV_PAGE:
-                raise self._corrupt(b, f"{out_len} bytes of memory at page {page} are not whole "
-                                    "pages inside the 1 MiB block", at)
+                raise corrupt(f"{out_len} bytes of memory at page {page} are not whole pages "
+                              "inside the 1 MiB block", at)
             if pos + size > end:
-                raise self._corrupt(b, f"{size} stored bytes run past the block's", at)
+                raise corrupt(f"{size} stored bytes run past the block's", at)
             where = page * HV_PAGE
             if size == out_len:
                 out[where : where + size] = np.frombuffer(mm, np.uint8, size, pos)
+            elif jobs is not None:
+                jobs.append((pos, size, where, out_len))
+                sources.append(at)
             else:
                 try:
                     plain = decompress(memoryview(mm)[pos : pos + size], out_len)
                 except ValueError as e:
-                    raise self._corrupt(b, f"cannot decompress {size} bytes at {pos:#x} "
-                                        f"(LZ77, compression format 3): {e}", at) from None
+                    raise self._lz77_error(b, pos, size, str(e), at) from None
                 out[where : where + out_len] = np.frombuffer(plain, np.uint8)
             pos += size
             page += out_len // HV_PAGE
         if page != PAGES_PER_BLOCK:
-            raise self._corrupt(b, f"its tokens give {page} of the 256 pages of 1 MiB", b.entry)
+            raise corrupt(f"its tokens give {page} of the 256 pages of 1 MiB", b.entry)
+        if jobs:
+            self._inflate(b, out, jobs, sources)
         return out, zero
+
+    def _inflate(self, b: _Block, out: np.ndarray, jobs: list[tuple[int, int, int, int]],
+                 sources: list[int]) -> None:
+        """Decode the compressed pages ``jobs`` of block ``b`` into ``out``, in C, one call."""
+        failed = compiled.lz77_pages(self._mm, np.array(jobs, np.int64), out)
+        if failed is not None:
+            k, message = failed
+            pos, size = jobs[k][:2]
+            raise self._lz77_error(b, pos, size, message, sources[k])
+
+    def _lz77_error(self, b: _Block, pos: int, size: int, message: str,
+                    at: int) -> CorruptPageError:
+        return self._corrupt(b, f"cannot decompress {size} bytes at {pos:#x} (LZ77, "
+                             f"compression format 3): {message}", at)
 
     def _decoded(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Block ``i`` (position in ``self.blocks``) as ``(pages, zero)`` in analysis pages,

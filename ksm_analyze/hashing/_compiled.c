@@ -20,6 +20,10 @@
 
 #define PROBE_BYTES 64 /* one cache line settles most pages as not zero */
 
+/* Plain LZ77 (Hyper-V .vmrs pages): its own block at the end of the file. */
+static PyObject *lz77_pages(PyObject *self, PyObject *args);
+extern const char lz77_pages_doc[];
+
 static int
 is_zero(const unsigned char *page, Py_ssize_t size)
 {
@@ -347,6 +351,7 @@ static PyMethodDef methods[] = {
     {"equal_rows", equal_rows, METH_VARARGS, equal_rows_doc},
     {"page_hashes", page_hashes, METH_VARARGS, page_hashes_doc},
     {"qevm_ram_records", qevm_ram_records, METH_VARARGS, qevm_ram_records_doc},
+    {"lz77_pages", lz77_pages, METH_VARARGS, lz77_pages_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -362,4 +367,246 @@ PyMODINIT_FUNC
 PyInit__compiled(void)
 {
     return PyModule_Create(&module);
+}
+
+/* ---- Plain LZ77 ([MS-XCA] 2.4, Windows compression format 3): Hyper-V .vmrs pages --------
+ * The same decoder as ksm_analyze/formats/lz77.py, step for step, so both accept and refuse
+ * the same streams with the same messages (tests/test_vmrs.py checks they agree). Bounded:
+ * it writes at most dst_len bytes at dst and reads only src[0..src_len). */
+
+enum lz77_error {
+    LZ77_OK, LZ77_FLAG_WORD, LZ77_LITERAL, LZ77_MATCH, LZ77_LENGTH, LZ77_SHORT, LZ77_BACK,
+    LZ77_PAST, LZ77_DECODED,
+};
+
+typedef struct {
+    enum lz77_error code;
+    Py_ssize_t at;      /* the input byte the message names */
+    uint64_t value;     /* the length, offset or bytes decoded it names */
+} lz77_status;
+
+static int
+lz77_bit_length(uint32_t x)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return x ? 32 - __builtin_clz(x) : 0;
+#else
+    int bits = 0;
+    while (x) {
+        bits++;
+        x >>= 1;
+    }
+    return bits;
+#endif
+}
+
+static void
+lz77_one(const unsigned char *src, Py_ssize_t n, unsigned char *dst, Py_ssize_t dst_len,
+         lz77_status *st)
+{
+    Py_ssize_t i = 0, o = 0, half = -1;
+    uint32_t flags = 0;
+    int nflags = 0;
+    st->code = LZ77_OK;
+    while (o < dst_len) {
+        if (nflags == 0) {
+            if (n - i < 4) {
+                st->code = LZ77_FLAG_WORD, st->at = i;
+                return;
+            }
+            flags = (uint32_t)src[i] | (uint32_t)src[i + 1] << 8 | (uint32_t)src[i + 2] << 16
+                    | (uint32_t)src[i + 3] << 24;
+            i += 4;
+            nflags = 32;
+        }
+        /* clear bits before the next set one: a run of literals, copied at once */
+        uint32_t rest = nflags == 32 ? flags : flags & (((uint32_t)1 << nflags) - 1);
+        int literals = nflags - lz77_bit_length(rest);
+        if (literals) {
+            Py_ssize_t k = literals;
+            if (k > n - i)
+                k = n - i;
+            if (k > dst_len - o)
+                k = dst_len - o;
+            if (k == 0) {
+                st->code = LZ77_LITERAL, st->at = i;
+                return;
+            }
+            memcpy(dst + o, src + i, (size_t)k);
+            o += k, i += k;
+            nflags -= (int)k;
+            continue;
+        }
+        nflags--;
+        if (i == n)
+            break; /* a match flag with no input left: the end of the stream */
+        if (n - i < 2) {
+            st->code = LZ77_MATCH, st->at = i;
+            return;
+        }
+        unsigned match = (unsigned)src[i] | (unsigned)src[i + 1] << 8;
+        i += 2;
+        uint64_t length = match & 7, offset = (match >> 3) + 1;
+        if (length == 7) {
+            if (half < 0) {
+                if (i >= n) {
+                    st->code = LZ77_LENGTH, st->at = i;
+                    return;
+                }
+                length = src[i] & 0x0F;
+                half = i++;
+            } else {
+                length = src[half] >> 4;
+                half = -1;
+            }
+            if (length == 15) {
+                if (i >= n) {
+                    st->code = LZ77_LENGTH, st->at = i;
+                    return;
+                }
+                length = src[i++];
+                if (length == 255) {
+                    if (n - i < 2) {
+                        st->code = LZ77_LENGTH, st->at = i;
+                        return;
+                    }
+                    length = (uint64_t)src[i] | (uint64_t)src[i + 1] << 8;
+                    i += 2;
+                    if (length == 0) {
+                        if (n - i < 4) {
+                            st->code = LZ77_LENGTH, st->at = i;
+                            return;
+                        }
+                        length = (uint64_t)src[i] | (uint64_t)src[i + 1] << 8
+                                 | (uint64_t)src[i + 2] << 16 | (uint64_t)src[i + 3] << 24;
+                        i += 4;
+                    }
+                    if (length < 15 + 7) {
+                        st->code = LZ77_SHORT, st->at = i, st->value = length;
+                        return;
+                    }
+                    length -= 15 + 7;
+                }
+                length += 15;
+            }
+            length += 7;
+        }
+        length += 3;
+        if (offset > (uint64_t)o) {
+            st->code = LZ77_BACK, st->at = i, st->value = offset;
+            return;
+        }
+        if (length > (uint64_t)(dst_len - o)) {
+            st->code = LZ77_PAST, st->at = i;
+            return;
+        }
+        unsigned char *to = dst + o;
+        const unsigned char *from = to - offset;
+        if (offset >= length) {
+            memcpy(to, from, (size_t)length);
+        } else if (offset == 1) {
+            memset(to, *from, (size_t)length);
+        } else { /* overlapping: the offset bytes before repeat; copy them, then double */
+            size_t done = (size_t)offset;
+            memcpy(to, from, done);
+            while (done < length) {
+                size_t k = length - done < done ? (size_t)length - done : done;
+                memcpy(to + done, to, k); /* to[0..done) is whole periods of the pattern */
+                done += k;
+            }
+        }
+        o += (Py_ssize_t)length;
+    }
+    if (o != dst_len)
+        st->code = LZ77_DECODED, st->at = i, st->value = (uint64_t)o;
+}
+
+static PyObject *
+lz77_message(const lz77_status *st, Py_ssize_t dst_len)
+{
+    long long at = (long long)st->at;
+    unsigned long long v = (unsigned long long)st->value;
+    switch (st->code) {
+    case LZ77_FLAG_WORD:
+        return PyUnicode_FromFormat("the flag word at byte %lld runs past the end", at);
+    case LZ77_LITERAL:
+        return PyUnicode_FromFormat("a literal at byte %lld runs past the end", at);
+    case LZ77_MATCH:
+        return PyUnicode_FromFormat("the match at byte %lld runs past the end", at);
+    case LZ77_LENGTH:
+        return PyUnicode_FromFormat("the match length at byte %lld runs past the end", at);
+    case LZ77_SHORT:
+        return PyUnicode_FromFormat("match length %llu at byte %lld is too short", v, at);
+    case LZ77_BACK:
+        return PyUnicode_FromFormat("the match at byte %lld reaches %llu bytes back, before the "
+                                    "start of the output", at, v);
+    case LZ77_PAST:
+        return PyUnicode_FromFormat("the match at byte %lld writes past the %zd bytes expected",
+                                    at, dst_len);
+    default:
+        return PyUnicode_FromFormat("decoded %llu bytes, not %zd", v, dst_len);
+    }
+}
+
+const char lz77_pages_doc[] = PyDoc_STR(
+"lz77_pages(src, jobs, out) -> None or (job, message)\n\n"
+"Decode plain LZ77 streams ([MS-XCA] 2.4) of ``src`` into ``out`` (a writable buffer), one\n"
+"per row of ``jobs`` (int64, C-contiguous, rows of src_offset, src_length, out_offset,\n"
+"out_length, each inside its buffer), in order, without the GIL. Each stream must decode to\n"
+"exactly its out_length bytes (it writes no more); at the first that does not, returns its\n"
+"row and the message ksm_analyze/formats/lz77.py gives for it (``out`` then holds what was\n"
+"decoded so far). A row outside the buffers is a ValueError.");
+
+static PyObject *
+lz77_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer src, out = {0}, jobs = {0};
+    PyObject *jobs_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*Ow*", &src, &jobs_obj, &out))
+        return NULL;
+    if (get_typed(jobs_obj, &jobs, INT64_CODES, 8, 0, "jobs") < 0)
+        goto done;
+    if (jobs.len % 32 != 0) {
+        PyErr_SetString(PyExc_ValueError, "jobs: rows of 4 int64 are needed");
+        goto done;
+    }
+    const int64_t *job = jobs.buf;
+    const Py_ssize_t njobs = jobs.len / 32;
+    for (Py_ssize_t k = 0; k < njobs; k++) {
+        const int64_t *j = job + 4 * k;
+        if (j[0] < 0 || j[1] < 0 || j[0] > src.len || j[1] > src.len - j[0]
+            || j[2] < 0 || j[3] < 0 || j[2] > out.len || j[3] > out.len - j[2]) {
+            PyErr_Format(PyExc_ValueError, "lz77_pages: job %zd (%lld, %lld, %lld, %lld) is "
+                         "outside the %zd-byte source or the %zd-byte output", k,
+                         (long long)j[0], (long long)j[1], (long long)j[2], (long long)j[3],
+                         src.len, out.len);
+            goto done;
+        }
+    }
+    const unsigned char *s = src.buf;
+    unsigned char *d = out.buf;
+    lz77_status st = {LZ77_OK, 0, 0};
+    Py_ssize_t failed = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < njobs; k++) {
+        const int64_t *j = job + 4 * k;
+        lz77_one(s + j[0], (Py_ssize_t)j[1], d + j[2], (Py_ssize_t)j[3], &st);
+        if (st.code != LZ77_OK) {
+            failed = k;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed < 0) {
+        result = Py_NewRef(Py_None);
+    } else {
+        PyObject *message = lz77_message(&st, (Py_ssize_t)job[4 * failed + 3]);
+        if (message != NULL)
+            result = Py_BuildValue("nN", failed, message);
+    }
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&jobs);
+    PyBuffer_Release(&out);
+    return result;
 }

@@ -24,8 +24,8 @@ import numpy as np
 if TYPE_CHECKING:
     from ..formats.base import DumpReader
 
-__all__ = ["SWITCH", "equal_rows", "native", "numpy_reason", "page_hashes", "prefix_hashes",
-           "qevm_ram_records", "reads_in_place", "usable"]
+__all__ = ["SWITCH", "equal_rows", "lz77_pages", "native", "numpy_reason", "page_hashes",
+           "prefix_hashes", "qevm_ram_records", "reads_in_place", "usable"]
 
 SWITCH = "KSM_ANALYZE_NO_KERNELS"
 """The environment variable that turns the compiled kernels off (any value but ``0``)."""
@@ -106,6 +106,18 @@ def qevm_ram_records(buf: object, pos: int, page_size: int, length: int,
     built."""
     assert native is not None
     got: tuple[int, int] = native.qevm_ram_records(buf, pos, page_size, length, where, base)
+    return got
+
+
+def lz77_pages(src: object, jobs: np.ndarray, out: np.ndarray) -> tuple[int, str] | None:
+    """Decode plain LZ77 streams ([MS-XCA] 2.4) of ``src`` into ``out``, one per row of
+    ``jobs`` ``(k, 4)``: src_offset, src_length, out_offset, out_length; in one call, without
+    the GIL (formats/vmrs.py: a RamBlock's compressed pages). None if every one decoded to
+    exactly its length, else (row, message) of the first that did not, with the message
+    formats/lz77.py's ``decompress`` raises for it. formats/vmrs.py decodes page by page with
+    that Python decoder where the kernels are not built."""
+    assert native is not None
+    got: tuple[int, str] | None = native.lz77_pages(src, _int64(jobs), out)
     return got
 
 

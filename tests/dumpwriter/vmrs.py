@@ -14,7 +14,8 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["END", "explicit", "fill", "fills", "lz77_periodic", "make_vmrs", "page_token"]
+__all__ = ["END", "explicit", "fill", "fills", "lz77_compress", "lz77_periodic", "make_vmrs",
+           "page_token"]
 
 SIGNATURE = 0x01282014
 HEADER = struct.Struct("<IIHI8sI8sQI")
@@ -64,6 +65,79 @@ def lz77_periodic(data: bytes, period: int) -> bytes:
     if rest < 255:
         return out + bytes([rest])
     return out + bytes([255]) + struct.pack("<H", rest + 15 + 7)
+
+
+def lz77_compress(data: bytes, *, max_length: int = 1 << 20, candidates: int = 8) -> bytes:
+    """``data`` as plain LZ77, from the compression pseudo-code of [MS-XCA] 2.3.4: 32 flags a
+    word (0 a literal, 1 a match), matches of 3 or more bytes up to 8,192 back (greedy, the
+    longest of the last ``candidates`` places its first 3 bytes occurred, overlapping forward
+    allowed, at most ``max_length`` long), their length past 3 in the token's low 3 bits, then
+    a shared nibble (the low one of the byte the first such match adds, the high one for the
+    next), a byte, then 255 and a u16 or 0 and a u32 of the length minus 3 plus 22; the last
+    flag word's unused bits set. Written apart from both decoders, for the tests to check
+    them against."""
+    out = bytearray()
+    flags, nflags, flag_at = 0, 0, 0
+    out += bytes(4)
+    half = -1
+    recent: dict[bytes, list[int]] = {}
+
+    def flag(bit: int) -> None:  # before the item it flags
+        nonlocal flags, nflags, flag_at
+        if nflags == 32:
+            struct.pack_into("<I", out, flag_at, flags)
+            flags, nflags, flag_at = 0, 0, len(out)
+            out.extend(bytes(4))
+        flags = (flags << 1) | bit
+        nflags += 1
+
+    i = 0
+    while i < len(data):
+        best, best_at = 0, 0
+        for at in reversed(recent.get(data[i : i + 3], [])):
+            if i - at > 8192:
+                break
+            n = 0
+            while i + n < len(data) and n < max_length and data[at + n] == data[i + n]:
+                n += 1
+            if n > best:
+                best, best_at = n, at
+        if best < 3:
+            flag(0)
+            out.append(data[i])
+            step = 1
+        else:
+            flag(1)
+            extra = best - 3
+            token = (i - best_at - 1) << 3
+            out += struct.pack("<H", token | min(extra, 7))
+            if extra >= 7:
+                extra -= 7
+                nibble = min(extra, 15)
+                if half < 0:
+                    half = len(out)
+                    out.append(nibble)
+                else:
+                    out[half] |= nibble << 4
+                    half = -1
+                if extra >= 15:
+                    extra -= 15
+                    if extra < 255:
+                        out.append(extra)
+                    else:
+                        out.append(255)
+                        extra += 15 + 7
+                        out += struct.pack("<H", extra) if extra < 1 << 16 else struct.pack(
+                            "<HI", 0, extra)
+            step = best
+        for k in range(i, min(i + step, len(data) - 2)):
+            recent.setdefault(data[k : k + 3], []).append(k)
+            del recent[data[k : k + 3]][:-candidates]
+        i += step
+    if nflags < 32:  # then a 1 (a match flag with no input left: the end) and 1s
+        flags = ((flags << 1 | 1) << (31 - nflags)) | ((1 << (31 - nflags)) - 1)
+    struct.pack_into("<I", out, flag_at, flags)
+    return bytes(out)
 
 
 def _key(name: str, parent: int, flags: int, payload: bytes) -> bytes:
