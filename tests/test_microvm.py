@@ -27,7 +27,7 @@ from dumpwriter.microvm import (
 from ksm_analyze.cli import app
 from ksm_analyze.errors import DumpFormatError, TruncatedDumpError, UnsupportedDumpError
 from ksm_analyze.formats import DumpFormat, detect_format, open_dump
-from ksm_analyze.formats.openvmm import ManifestError, parse_manifest
+from ksm_analyze.formats.openvmm import _ManifestError, parse_manifest
 from ksm_analyze.pages import PageState
 
 
@@ -196,7 +196,7 @@ def test_parse_manifest_by_hand():
     for bad, message in [(b"\x08", "unterminated varint"), (b"\x08" + b"\xff" * 11, "varint"),
                          (b"\x1a\x05ab", "runs past the end"), (b"\x0b", "wire type 3"),
                          (b"\x08\x80\x80\x80\x80\x10", "does not fit 32 bits")]:
-        with pytest.raises(ManifestError, match=message):
+        with pytest.raises(_ManifestError, match=message):
             parse_manifest(bad)
 
 

@@ -38,7 +38,7 @@ _STRING_FIELDS = {3: "openvmm_version", 7: "architecture"}
 MAX_STRING = 256
 
 
-class ManifestError(ValueError):
+class _ManifestError(ValueError):
     """A manifest that is not protobuf or not a SnapshotManifest (message, offset)."""
 
     def __init__(self, detail: str, offset: int) -> None:
@@ -56,11 +56,11 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos
         shift += 7
-    raise ManifestError("bad or unterminated varint", start)
+    raise _ManifestError("bad or unterminated varint", start)
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
-    """The SnapshotManifest fields of protobuf ``data`` (ManifestError when malformed)."""
+    """The SnapshotManifest fields of protobuf ``data`` (_ManifestError when malformed)."""
     out: dict[str, Any] = {}
     pos = 0
     while pos < len(data):
@@ -68,19 +68,19 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
-            raise ManifestError("field number 0", at)
+            raise _ManifestError("field number 0", at)
         if wire == 0:
             value, pos = _varint(data, pos)
             if number in _VARINT_FIELDS:
                 limit = 64 if number == 4 else 32
                 if value >> limit:
-                    raise ManifestError(f"{_VARINT_FIELDS[number]} {value} does not fit "
+                    raise _ManifestError(f"{_VARINT_FIELDS[number]} {value} does not fit "
                                         f"{limit} bits", at)
                 out[_VARINT_FIELDS[number]] = value
         elif wire == 2:
             n, pos = _varint(data, pos)
             if pos + n > len(data):
-                raise ManifestError(f"field {number} of {n} bytes runs past the end", at)
+                raise _ManifestError(f"field {number} of {n} bytes runs past the end", at)
             if number in _STRING_FIELDS:
                 text = data[pos : pos + n][:MAX_STRING].decode("utf-8", "replace")
                 out[_STRING_FIELDS[number]] = text.encode("unicode_escape").decode("ascii")
@@ -90,9 +90,9 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
         elif wire == 5:
             pos += 4
         else:
-            raise ManifestError(f"wire type {wire} of field {number} is not protobuf's", at)
+            raise _ManifestError(f"wire type {wire} of field {number} is not protobuf's", at)
         if pos > len(data):
-            raise ManifestError(f"field {number} runs past the end", at)
+            raise _ManifestError(f"field {number} runs past the end", at)
     return out
 
 
@@ -119,7 +119,7 @@ class OpenVmmReader(DumpReader):
         self.manifest_path, raw = read_companion(self, MANIFEST_FILE, MAX_MANIFEST_BYTES)
         try:
             self.manifest = parse_manifest(raw)
-        except ManifestError as e:
+        except _ManifestError as e:
             raise self._error(f"{self.manifest_path} at byte {e.offset}: {e}", 0) from None
         version = self.manifest.get("version", 0)
         if version != MANIFEST_VERSION:
