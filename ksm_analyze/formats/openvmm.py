@@ -42,8 +42,11 @@ class _ManifestError(ValueError):
     """A manifest that is not protobuf or not a SnapshotManifest (message, offset)."""
 
     def __init__(self, detail: str, offset: int) -> None:
-        super().__init__(detail)
-        self.offset = offset
+        super().__init__(detail, offset)
+        self.detail, self.offset = detail, offset
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
