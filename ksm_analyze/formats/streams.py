@@ -194,6 +194,11 @@ class Decompressed:
         self._cursor: _Pass | None = None
         self._lzop: _LzopHeader | None = None
         self.size = MAX_SIZE  # until known
+        self.passes = 0
+        """Decoding passes started (from the start of the stream or a checkpoint)."""
+        self.decoded_bytes = 0
+        """Decompressed bytes produced by every pass so far (read or skipped): what the
+        decoding cost, against :attr:`size` for one pass over the whole stream."""
         if codec is Codec.LZOP:
             self._lzop = _LzopHeader(self)
 
@@ -214,6 +219,7 @@ class Decompressed:
                 data = cur.read(want)
                 if not data:
                     raise self._short(cur)
+                self.decoded_bytes += len(data)
                 parts.append(data)
                 want -= len(data)
                 self._mark(cur)
@@ -254,6 +260,7 @@ class Decompressed:
     # -- cursor and checkpoints -----------------------------------------------------------------
 
     def _new_pass(self, state: Any = None) -> _Pass:
+        self.passes += 1
         if self.codec is Codec.GZIP:
             return _GzipPass(self, state)
         if self.codec is Codec.ZSTD:
@@ -271,8 +278,10 @@ class Decompressed:
         if cur is None or cur.out_pos > offset or (best is not None and best[0] > cur.out_pos):
             cur = self._cursor = self._new_pass(None if best is None else best[1])
         while cur.out_pos < offset:
-            if not cur.read(min(offset - cur.out_pos, _SKIP_BYTES)):
+            skipped = len(cur.read(min(offset - cur.out_pos, _SKIP_BYTES)))
+            if not skipped:
                 raise self._short(cur)
+            self.decoded_bytes += skipped
             self._mark(cur)
         return cur
 
@@ -286,7 +295,8 @@ class Decompressed:
     def _count(self) -> int:
         """Decompress the whole stream once (streamed), placing checkpoints on the way."""
         cur = self._cursor = self._new_pass()
-        while cur.read(_SKIP_BYTES):
+        while data := cur.read(_SKIP_BYTES):
+            self.decoded_bytes += len(data)
             self._mark(cur)
         return cur.out_pos
 

@@ -16,6 +16,14 @@ are counted as one only if their bytes are equal.
 Representatives are held for at most REP_GROUPS groups at a time (64 MiB of pages, shared
 out among the jobs); more groups make more passes over fewer pages each.
 
+A reader that decodes its pages (a compressed wrapper, kdump, AVML) pays for every pass: a
+wrapped stream decodes again from its start (or a checkpoint) for each. So the pages that
+differ from their representative in the first pass are kept (at most CACHE_PAGES, another
+64 MiB shared out among the jobs), and the full hashes and later rounds read them from there:
+one pass over the dump in all while the groups fit REP_GROUPS and the false candidates fit
+CACHE_PAGES, more passes (over the pages that did not fit) beyond. Pages read in place are
+not kept: reading them again costs no more than a copy.
+
 With ``verify=False`` no page is compared: candidates are grouped by (prefix, full hash), and
 the report says so with the collision bound. So it is, with a 128-bit content hash, when an
 input's dump cannot be read here (its reader is None: a fingerprint file that carries
@@ -52,6 +60,9 @@ PART_CANDIDATES = 1 << 18
 """Candidates resolved at a time: bounds stage 2's candidate arrays to some 10 MiB."""
 REP_GROUPS = 1 << 14
 """Groups whose representatives are held at once: 64 MiB of 4 KiB pages per process."""
+CACHE_PAGES = 1 << 14
+"""Candidate pages of a reader that decodes them kept between passes: 64 MiB of 4 KiB pages
+per process."""
 BLOCK_PAGES = 256
 """Candidate pages read and compared at a time: 1 MiB, which stays in the CPU cache."""
 _SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
@@ -170,12 +181,51 @@ class _Candidates:
     """
 
     def __init__(self, readers: Sequence[DumpReader | None], source: np.ndarray,
-                 addrs: np.ndarray, page_size: int, rep_groups: int = REP_GROUPS) -> None:
+                 addrs: np.ndarray, page_size: int, rep_groups: int = REP_GROUPS,
+                 cache_pages: int = CACHE_PAGES) -> None:
         self.page_size, self.rep_groups = page_size, rep_groups
         self.readers, self.source, self.addrs = readers, source, addrs
+        self.cache_pages = cache_pages
+        self._kept = np.empty(0, np.int64)  # candidates kept, and their bytes (same order)
+        self._kept_pages = np.empty((0, page_size), np.uint8)
+        self._order: np.ndarray | None = None  # argsort of _kept
+        self.reads = 0
+        """Candidate pages read from the dumps (not from the kept pages)."""
+
+    def keep(self, idx: np.ndarray, pages: np.ndarray) -> None:
+        """Keep the bytes ``pages`` of candidates ``idx`` (none kept already) for later reads,
+        as far as ``cache_pages`` allows."""
+        n = len(self._kept)
+        idx, pages = idx[: max(0, self.cache_pages - n)], pages[: max(0, self.cache_pages - n)]
+        if not len(idx):
+            return
+        if n + len(idx) > len(self._kept_pages):  # grow by doubling, up to the budget
+            grown = np.empty((min(self.cache_pages, max(2 * n, n + len(idx), 64)),
+                              self.page_size), np.uint8)
+            grown[:n] = self._kept_pages[:n]
+            self._kept_pages = grown
+        self._kept_pages[n : n + len(idx)] = pages
+        self._kept = np.r_[self._kept, idx]
+        self._order = None
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         """The ``(len(idx), page_size)`` bytes of candidates ``idx`` (sorted)."""
+        if len(self._kept) and len(idx):
+            if self._order is None:
+                self._order = np.argsort(self._kept, kind="stable")
+            ordered = self._kept[self._order]
+            at = np.minimum(np.searchsorted(ordered, idx), len(ordered) - 1)
+            hit = ordered[at] == idx
+            if hit.any():
+                out = np.empty((len(idx), self.page_size), np.uint8)
+                out[hit] = self._kept_pages[self._order[at[hit]]]
+                if not hit.all():
+                    out[~hit] = self._read(idx[~hit])
+                return out
+        return self._read(idx)
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        self.reads += len(idx)
         src = self.source[idx]
         cuts = np.flatnonzero(src[1:] != src[:-1]) + 1
         if not len(cuts):
@@ -230,13 +280,15 @@ class _Candidates:
         return out
 
     def match_representatives(
-        self, idx: np.ndarray, key: np.ndarray
+        self, idx: np.ndarray, key: np.ndarray, *, keep: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Compare each candidate with the first one read of its ``key`` (dense ids).
 
         ``idx`` is sorted (file order). Returns a bool per entry, "equal to its key's first"
         (True for the first itself), and each key's first entry. Holds at most ``rep_groups``
-        pages: keys are taken a range at a time, one pass over their members each.
+        pages: keys are taken a range at a time, one pass over their members each. With
+        ``keep``, the pages read (not in place) that differ from their key's first are kept
+        (:meth:`keep`) for the passes after.
         """
         equal = np.zeros(len(idx), bool)
         nkeys = int(key.max()) + 1 if len(key) else 0
@@ -267,6 +319,9 @@ class _Candidates:
                 new = is_first[at]
                 words[k[new]] = page_words[new]
                 equal[at] = (page_words == words[k]).all(axis=1)
+                if keep:
+                    differ = np.flatnonzero(~equal[at])
+                    self.keep(idx[at[differ]], pages[differ])
         return equal, first
 
 
@@ -301,7 +356,7 @@ def _resolve_range(
     """
     labels = np.full(len(members), -1, np.int64)
     gid = group - group.min() if len(group) else group  # a range of groups, each present
-    equal, first = cands.match_representatives(members, gid)
+    equal, first = cands.match_representatives(members, gid, keep=True)
     labels[equal] = gid[equal]
     n = len(first)
     compares = len(members) - n
@@ -434,7 +489,10 @@ def _resolve_part(
     order = np.lexsort((addrs, source))
     source, row, prefix, addrs = source[order], row[order], prefix[order], addrs[order]
     del order
-    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
+    # A compressed wrapper decodes serially from its start or a checkpoint: each forked
+    # shard would decode it again, for compares that cost little beside the decoding.
+    streamed = any(r is not None and r.source is not None for r in readers)
+    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES and not streamed else 1
     # The representatives' budget is shared: each of the shards resolved at once gets a part.
     cands = _Candidates(readers, source, addrs, tables[0].page_size,
                         rep_groups=max(1, REP_GROUPS // shards))
