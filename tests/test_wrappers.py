@@ -374,14 +374,15 @@ def test_xz_block_starts_are_checkpoints_once_the_index_is_checked(tmp_path):
         offsets = [3 << 20, (1 << 20) + 5, 7, (3 << 20) + 4000, 2 << 20]
         for off in offsets:  # before the index is checked: from the start, right bytes
             assert src.read_at(off, 5000) == data[off : off + 5000]
-        for _ in src.chunks(0, 1 << 20):  # one pass over everything checks both indexes
-            pass
-        assert [cp[0] for cp in src._checkpoints] == [1 << 20, 2 << 20, 3 << 20]
+        # One pass over all but the last bytes (as an ELF dump's, which are no page): the
+        # first read behind it decodes those bytes, so liblzma checks the last index.
+        assert src.read_at(0, len(data) - 11) == data[:-11]
         for off in offsets:
             before = src.decoded_bytes
             assert src.read_at(off, 5000) == data[off : off + 5000]
             # Restarted at the block holding ``off``: at most one block decoded to get there.
-            assert src.decoded_bytes - before <= (1 << 20) + 5000
+            assert src.decoded_bytes - before <= (1 << 20) + 5000 + 11
+        assert [cp[0] for cp in src._checkpoints] == [1 << 20, 2 << 20, 3 << 20]
     finally:
         os.close(fd)
 

@@ -277,6 +277,8 @@ class Decompressed:
 
     def _seek(self, offset: int) -> _Pass:
         """The cursor, placed at ``offset``: continued, or restarted from a checkpoint."""
+        if isinstance(self._cursor, _StreamPass) and self._cursor.out_pos > offset:
+            self.decoded_bytes += self._cursor.settle()  # xz: may add checkpoints
         at = bisect.bisect_right(self._checkpoints, offset, key=lambda cp: cp[0])
         best = self._checkpoints[at - 1] if at else None
         cur = self._cursor
@@ -440,6 +442,7 @@ class _StreamPass:
         self.d: Any = None
         self.stream = 0  # the xz stream being decoded
         self.limit: int | None = None  # a pass from a block stops feeding at the index
+        self.failed = False  # the decoder raised: nothing more to settle
         if state is not None:
             self.stream, self.pos, self.out_pos = state
             self.limit = src._xz_streams[self.stream].index_at
@@ -488,11 +491,29 @@ class _StreamPass:
                     self._finish_stream()
                 return out
 
+    def settle(self) -> int:
+        """Before this pass is dropped for a read behind it: if it is at most _SKIP_BYTES
+        short of its xz stream's end (a dump whose last bytes are no page), decode to there,
+        so liblzma checks the index and the block starts become checkpoints. Returns the
+        bytes decoded."""
+        streams = self.src._xz_streams
+        if self.failed or self.limit is not None or self.d is None or (
+                self.stream >= len(streams)):
+            return 0
+        xs = streams[self.stream]
+        end = xs.out_start + xs.out_size
+        done = 0
+        if 0 < end - self.out_pos <= _SKIP_BYTES:
+            while self.out_pos < end and (data := self.read(end - self.out_pos)):
+                done += len(data)
+        return done
+
     def _decompress(self, n: int) -> bytes:
         """Up to ``n`` bytes from the decoder, fed what is buffered."""
         try:
             out: bytes = self.d.decompress(self.buf, n)
         except (OSError, EOFError, lzma.LZMAError, ValueError, MemoryError) as e:
+            self.failed = True
             why = str(e) or type(e).__name__
             if "Memory usage limit" in why:
                 why = f"needs more than {size_text(_XZ_MEMLIMIT)} to decompress"
