@@ -257,3 +257,38 @@ def test_stage2_decodes_a_wrapped_stream_at_most_once(tmp_path, monkeypatch, job
     assert classes.stats.false_candidates == 80
     assert _class_counts([], classes) == _truth_counts(pages)
     assert 0.9 < decoded <= 1.0
+
+
+def test_a_scan_of_a_wrapped_dump_decodes_it_once_after_stage_1(tmp_path, monkeypatch):
+    # The whole scan (report included: its top contents show one page of each) decodes the
+    # xz stream once for stage 1 and at most once more; the report is the plain file's.
+    import json
+
+    from conftest import runner
+
+    from ksm_analyze.cli import app
+    from ksm_analyze.formats import streams
+
+    decoded = []
+    real_close = streams.Decompressed.close
+
+    def close(self):
+        decoded.append(self.decoded_bytes / self.size)
+        real_close(self)
+
+    monkeypatch.setattr(streams.Decompressed, "close", close)
+    rng = np.random.default_rng(12)
+    pool = rng.integers(0, 256, (8, PS), dtype=np.uint8)
+    pages, _ = _lookalike_groups(20)
+    pages = np.concatenate([pages, pool[rng.integers(0, 8, 60)], pool[:1]])  # late copies
+    plain = _write(tmp_path / "g.raw", pages)
+    wrapped = _wrapped("xz", pages, tmp_path / "g.xz")
+    out = {}
+    for path in (plain, wrapped):
+        r = runner.invoke(app, ["scan", str(path), "--json"])
+        assert r.exit_code == 0, r.output
+        out[path] = json.loads(r.stdout)
+    assert decoded and max(decoded) <= 2.0
+    for name in ("top_contents", "histogram"):
+        assert json.dumps(out[plain][name]).replace("g.raw", "X") == json.dumps(
+            out[wrapped][name]).replace("g.xz", "X")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,6 +63,9 @@ REP_GROUPS = 1 << 14
 CACHE_PAGES = 1 << 14
 """Candidate pages of a reader that decodes them kept between passes: 64 MiB of 4 KiB pages
 per process."""
+EXEMPLAR_GROUPS = 64
+"""Largest prefix groups of a part whose representative's bytes stage 2 keeps for the
+report's top contents (:attr:`ContentClasses.pages`), from dumps that decode their pages."""
 BLOCK_PAGES = 256
 """Candidate pages read and compared at a time: 1 MiB, which stays in the CPU cache."""
 _SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
@@ -107,6 +110,10 @@ class ContentClasses:
     labels: list[np.ndarray]
     n_classes: int
     stats: StageStats
+    pages: dict[int, bytes] = field(default_factory=dict)
+    """The bytes of some classes, kept by stage 2 from dumps that decode their pages (the
+    representatives of the largest prefix groups, EXEMPLAR_GROUPS of them a part): reading
+    them again would decode the stream again. Class number -> page."""
 
 
 def _chunks(n: int) -> Iterator[slice]:
@@ -191,6 +198,9 @@ class _Candidates:
         self._order: np.ndarray | None = None  # argsort of _kept
         self.reads = 0
         """Candidate pages read from the dumps (not from the kept pages)."""
+        self.exemplars: dict[int, bytes] = {}
+        """Representatives' bytes by key, for the keys ``match_representatives`` is asked
+        to keep (its ``exemplars``) and reads as copies."""
 
     def keep(self, idx: np.ndarray, pages: np.ndarray) -> None:
         """Keep the bytes ``pages`` of candidates ``idx`` (none kept already) for later reads,
@@ -280,7 +290,8 @@ class _Candidates:
         return out
 
     def match_representatives(
-        self, idx: np.ndarray, key: np.ndarray, *, keep: bool = False
+        self, idx: np.ndarray, key: np.ndarray, *, keep: bool = False,
+        exemplars: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Compare each candidate with the first one read of its ``key`` (dense ids).
 
@@ -288,7 +299,8 @@ class _Candidates:
         (True for the first itself), and each key's first entry. Holds at most ``rep_groups``
         pages: keys are taken a range at a time, one pass over their members each. With
         ``keep``, the pages read (not in place) that differ from their key's first are kept
-        (:meth:`keep`) for the passes after.
+        (:meth:`keep`) for the passes after, and the first pages of keys ``exemplars`` go
+        into :attr:`exemplars`.
         """
         equal = np.zeros(len(idx), bool)
         nkeys = int(key.max()) + 1 if len(key) else 0
@@ -319,6 +331,9 @@ class _Candidates:
                 new = is_first[at]
                 words[k[new]] = page_words[new]
                 equal[at] = (page_words == words[k]).all(axis=1)
+                if exemplars is not None and new.any():
+                    for j in np.flatnonzero(new & np.isin(key[at], exemplars)).tolist():
+                        self.exemplars[int(key[at[j]])] = pages[j].tobytes()
                 if keep:
                     differ = np.flatnonzero(~equal[at])
                     self.keep(idx[at[differ]], pages[differ])
@@ -347,16 +362,20 @@ def _dense_ids(*keys: np.ndarray) -> np.ndarray:
 
 def _resolve_range(
     cands: _Candidates, group: np.ndarray, members: np.ndarray
-) -> tuple[np.ndarray, int, int, int, int]:
+) -> tuple[np.ndarray, int, int, int, int, dict[int, bytes]]:
     """Split candidates ``members`` (sorted; ``group`` is their prefix group) into classes
     of equal bytes.
 
-    Returns a class label (local to this call) per member, the number of classes, and the
-    compares, hash collisions and full hashes made.
+    Returns a class label (local to this call) per member, the number of classes, the
+    compares, hash collisions and full hashes made, and the bytes of the classes of the
+    EXEMPLAR_GROUPS largest groups' representatives, where they were read as copies.
     """
     labels = np.full(len(members), -1, np.int64)
     gid = group - group.min() if len(group) else group  # a range of groups, each present
-    equal, first = cands.match_representatives(members, gid, keep=True)
+    sizes = np.bincount(gid)
+    largest = np.argsort(-sizes, kind="stable")[:EXEMPLAR_GROUPS]
+    equal, first = cands.match_representatives(members, gid, keep=True, exemplars=largest)
+    exemplars, cands.exemplars = cands.exemplars, {}  # labelled by their group, as below
     labels[equal] = gid[equal]
     n = len(first)
     compares = len(members) - n
@@ -374,7 +393,7 @@ def _resolve_range(
         compares += len(rest) - len(first)
         rest, full = rest[~equal], full[~equal]
         collisions += len(rest)
-    return labels, n, compares, collisions, full_hashes
+    return labels, n, compares, collisions, full_hashes, exemplars
 
 
 def classify(
@@ -423,6 +442,7 @@ def classify(
         cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, target, side="right"))))
     n_classes = candidates = false_candidates = compares = collisions = full_hashes = 0
     merges = 0
+    pages: dict[int, bytes] = {}
     ps = tables[0].page_size if tables else 0
     total_bytes = int(counts.sum()) * ps
     if progress is not None:
@@ -431,7 +451,8 @@ def classify(
         part = _resolve_part(tables, readers, labels_of, cand_rows, shared[a:b],
                              first_class=n_classes, verify=verify, by_content=by_content,
                              jobs=jobs)
-        labels, n, done = part[0], part[1], part[2:]
+        labels, n, done, kept = part[0], part[1], part[2:5], part[5]
+        pages.update({k + n_classes: v for k, v in kept.items()})
         candidates += len(labels)
         sizes = np.bincount(labels, minlength=n)
         false_candidates += int(np.count_nonzero(sizes == 1))
@@ -453,7 +474,7 @@ def classify(
         merges=merges,
         hash_bits=0 if verify else 128 if by_content else 64,
     )
-    return ContentClasses(labels_of, n_classes, stats)
+    return ContentClasses(labels_of, n_classes, stats, pages)
 
 
 def _resolve_part(
@@ -467,11 +488,12 @@ def _resolve_part(
     verify: bool,
     by_content: bool,
     jobs: int,
-) -> tuple[np.ndarray, int, int, int, int]:
+) -> tuple[np.ndarray, int, int, int, int, dict[int, bytes]]:
     """Classify the candidates whose prefix hash is in ``wanted`` and write their classes,
     numbered from ``first_class``, into ``labels_of`` (one array per table).
 
-    Returns the part's labels, its number of classes, compares, collisions, full hashes.
+    Returns the part's labels, its number of classes, compares, collisions, full hashes,
+    and the bytes of some of its classes (numbered as the labels).
     """
     lo, hi = wanted[0], wanted[-1]
     rows_per_table = []
@@ -501,6 +523,7 @@ def _resolve_part(
     share = group * shards // max(len(wanted), 1)
     shard_members = [np.flatnonzero(share == k) for k in range(shards)]
     threads = compiled.reads_in_place(readers)
+    exemplars: dict[int, bytes] = {}
     if verify:
         parts = map_shards(
             lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k]),
@@ -510,6 +533,7 @@ def _resolve_part(
         n = 0
         for members, part in zip(shard_members, parts, strict=True):
             labels[members] = part[0] + n
+            exemplars.update({k + n: v for k, v in part[5].items()})
             n += part[1]
         compares = sum(p[2] for p in parts)
         collisions = sum(p[3] for p in parts)
@@ -533,7 +557,7 @@ def _resolve_part(
     for i, content in enumerate(labels_of):
         mine = source == i
         content[row[mine]] = labels[mine] + first_class
-    return labels, n, compares, collisions, full_hashes
+    return labels, n, compares, collisions, full_hashes, exemplars
 
 
 def _content_of(tables: Sequence[Fingerprints], readers: Sequence[DumpReader | None],
