@@ -63,9 +63,8 @@ REP_GROUPS = 1 << 14
 CACHE_PAGES = 1 << 14
 """Candidate pages of a reader that decodes them kept between passes: 64 MiB of 4 KiB pages
 per process."""
-EXEMPLAR_GROUPS = 64
-"""Largest prefix groups of a part whose representative's bytes stage 2 keeps for the
-report's top contents (:attr:`ContentClasses.pages`), from dumps that decode their pages."""
+MAX_EXEMPLARS = 4096
+"""Classes whose bytes stage 2 keeps for the report's top contents at most, a part: 16 MiB."""
 BLOCK_PAGES = 256
 """Candidate pages read and compared at a time: 1 MiB, which stays in the CPU cache."""
 _SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
@@ -111,9 +110,10 @@ class ContentClasses:
     n_classes: int
     stats: StageStats
     pages: dict[int, bytes] = field(default_factory=dict)
-    """The bytes of some classes, kept by stage 2 from dumps that decode their pages (the
-    representatives of the largest prefix groups, EXEMPLAR_GROUPS of them a part): reading
-    them again would decode the stream again. Class number -> page."""
+    """The bytes of the classes with the most pages (``options.top`` of them in each part,
+    at most MAX_EXEMPLARS; ties to the lower class number), kept by stage 2 from the
+    representatives it held: the report's top contents need no second read (for a
+    compressed dump, another pass over the stream). Class number -> page."""
 
 
 def _chunks(n: int) -> Iterator[slice]:
@@ -198,9 +198,6 @@ class _Candidates:
         self._order: np.ndarray | None = None  # argsort of _kept
         self.reads = 0
         """Candidate pages read from the dumps (not from the kept pages)."""
-        self.exemplars: dict[int, bytes] = {}
-        """Representatives' bytes by key, for the keys ``match_representatives`` is asked
-        to keep (its ``exemplars``) and reads as copies."""
 
     def keep(self, idx: np.ndarray, pages: np.ndarray) -> None:
         """Keep the bytes ``pages`` of candidates ``idx`` (none kept already) for later reads,
@@ -290,8 +287,8 @@ class _Candidates:
         return out
 
     def match_representatives(
-        self, idx: np.ndarray, key: np.ndarray, *, keep: bool = False,
-        exemplars: np.ndarray | None = None,
+        self, idx: np.ndarray, key: np.ndarray, *, keep: bool = False, top: int = 0,
+        exemplars: dict[int, tuple[int, bytes]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Compare each candidate with the first one read of its ``key`` (dense ids).
 
@@ -299,8 +296,9 @@ class _Candidates:
         (True for the first itself), and each key's first entry. Holds at most ``rep_groups``
         pages: keys are taken a range at a time, one pass over their members each. With
         ``keep``, the pages read (not in place) that differ from their key's first are kept
-        (:meth:`keep`) for the passes after, and the first pages of keys ``exemplars`` go
-        into :attr:`exemplars`.
+        (:meth:`keep`) for the passes after. The ``top`` keys with the most pages equal to
+        their first (ties to the lower key) go into ``exemplars``: key -> (those pages, the
+        first's bytes).
         """
         equal = np.zeros(len(idx), bool)
         nkeys = int(key.max()) + 1 if len(key) else 0
@@ -322,6 +320,7 @@ class _Candidates:
                 for where, view, rows in runs:
                     at = mine[where]
                     equal[at] = compiled.equal_rows(view, rows, reps, key[at] - k0)
+                _offer(exemplars, reps, k0, key[mine][equal[mine]], top)
                 continue
             words = reps.view(np.uint64)
             for where, pages in self.blocks(idx[mine]):
@@ -331,13 +330,32 @@ class _Candidates:
                 new = is_first[at]
                 words[k[new]] = page_words[new]
                 equal[at] = (page_words == words[k]).all(axis=1)
-                if exemplars is not None and new.any():
-                    for j in np.flatnonzero(new & np.isin(key[at], exemplars)).tolist():
-                        self.exemplars[int(key[at[j]])] = pages[j].tobytes()
                 if keep:
                     differ = np.flatnonzero(~equal[at])
                     self.keep(idx[at[differ]], pages[differ])
+            _offer(exemplars, reps, k0, key[mine][equal[mine]], top)
         return equal, first
+
+
+def _offer(kept: dict[int, tuple[int, bytes]] | None, reps: np.ndarray, k0: int,
+           equal_keys: np.ndarray, top: int) -> None:
+    """Keep in ``kept`` the ``top`` keys with the most ``equal_keys``, of those whose first
+    pages are ``reps`` (keys from ``k0``) and those kept before."""
+    if kept is None or top <= 0:
+        return
+    counts = np.bincount(equal_keys - k0, minlength=len(reps))
+    best = np.lexsort((np.arange(len(counts)), -counts))[:top]
+    for k in best.tolist():
+        kept[k + k0] = (int(counts[k]), reps[k].tobytes())
+    _prune(kept, top)
+
+
+def _prune(kept: dict[int, tuple[int, bytes]], top: int) -> None:
+    """Keep the ``top`` entries of ``kept`` (key -> (count, bytes)) with the highest counts,
+    ties to the lower key."""
+    if len(kept) > top:
+        for k in sorted(kept, key=lambda k: (-kept[k][0], k))[top:]:
+            del kept[k]
 
 
 def _dense(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -361,21 +379,20 @@ def _dense_ids(*keys: np.ndarray) -> np.ndarray:
 
 
 def _resolve_range(
-    cands: _Candidates, group: np.ndarray, members: np.ndarray
-) -> tuple[np.ndarray, int, int, int, int, dict[int, bytes]]:
+    cands: _Candidates, group: np.ndarray, members: np.ndarray, top: int = 0
+) -> tuple[np.ndarray, int, int, int, int, dict[int, tuple[int, bytes]]]:
     """Split candidates ``members`` (sorted; ``group`` is their prefix group) into classes
     of equal bytes.
 
     Returns a class label (local to this call) per member, the number of classes, the
-    compares, hash collisions and full hashes made, and the bytes of the classes of the
-    EXEMPLAR_GROUPS largest groups' representatives, where they were read as copies.
+    compares, hash collisions and full hashes made, and the ``top`` classes with the most
+    members (ties to the lower label): label -> (members, bytes).
     """
     labels = np.full(len(members), -1, np.int64)
     gid = group - group.min() if len(group) else group  # a range of groups, each present
-    sizes = np.bincount(gid)
-    largest = np.argsort(-sizes, kind="stable")[:EXEMPLAR_GROUPS]
-    equal, first = cands.match_representatives(members, gid, keep=True, exemplars=largest)
-    exemplars, cands.exemplars = cands.exemplars, {}  # labelled by their group, as below
+    exemplars: dict[int, tuple[int, bytes]] = {}  # labelled by their group, as below
+    equal, first = cands.match_representatives(members, gid, keep=True, top=top,
+                                               exemplars=exemplars)
     labels[equal] = gid[equal]
     n = len(first)
     compares = len(members) - n
@@ -387,7 +404,11 @@ def _resolve_range(
         # later one: equal full hashes, different bytes, a real collision (about never);
         # each round settles at least the first page of every key.
         sub = _dense_ids(full, gid[rest])
-        equal, first = cands.match_representatives(members[rest], sub)
+        found: dict[int, tuple[int, bytes]] = {}
+        equal, first = cands.match_representatives(members[rest], sub, top=top,
+                                                   exemplars=found)
+        exemplars.update({k + n: v for k, v in found.items()})
+        _prune(exemplars, top)
         labels[rest[equal]] = sub[equal] + n
         n += len(first)
         compares += len(rest) - len(first)
@@ -442,7 +463,8 @@ def classify(
         cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, target, side="right"))))
     n_classes = candidates = false_candidates = compares = collisions = full_hashes = 0
     merges = 0
-    pages: dict[int, bytes] = {}
+    top = min(options.top, MAX_EXEMPLARS) if verify else 0
+    exemplars: dict[int, tuple[int, bytes]] = {}
     ps = tables[0].page_size if tables else 0
     total_bytes = int(counts.sum()) * ps
     if progress is not None:
@@ -450,9 +472,10 @@ def classify(
     for a, b in itertools.pairwise(cuts):
         part = _resolve_part(tables, readers, labels_of, cand_rows, shared[a:b],
                              first_class=n_classes, verify=verify, by_content=by_content,
-                             jobs=jobs)
+                             jobs=jobs, top=top)
         labels, n, done, kept = part[0], part[1], part[2:5], part[5]
-        pages.update({k + n_classes: v for k, v in kept.items()})
+        exemplars.update({k + n_classes: v for k, v in kept.items()})
+        _prune(exemplars, top)
         candidates += len(labels)
         sizes = np.bincount(labels, minlength=n)
         false_candidates += int(np.count_nonzero(sizes == 1))
@@ -474,7 +497,8 @@ def classify(
         merges=merges,
         hash_bits=0 if verify else 128 if by_content else 64,
     )
-    return ContentClasses(labels_of, n_classes, stats, pages)
+    return ContentClasses(labels_of, n_classes, stats,
+                          {k: page for k, (_, page) in exemplars.items()})
 
 
 def _resolve_part(
@@ -488,12 +512,13 @@ def _resolve_part(
     verify: bool,
     by_content: bool,
     jobs: int,
-) -> tuple[np.ndarray, int, int, int, int, dict[int, bytes]]:
+    top: int = 0,
+) -> tuple[np.ndarray, int, int, int, int, dict[int, tuple[int, bytes]]]:
     """Classify the candidates whose prefix hash is in ``wanted`` and write their classes,
     numbered from ``first_class``, into ``labels_of`` (one array per table).
 
     Returns the part's labels, its number of classes, compares, collisions, full hashes,
-    and the bytes of some of its classes (numbered as the labels).
+    and its ``top`` classes with the most members (label -> (members, bytes)).
     """
     lo, hi = wanted[0], wanted[-1]
     rows_per_table = []
@@ -523,10 +548,10 @@ def _resolve_part(
     share = group * shards // max(len(wanted), 1)
     shard_members = [np.flatnonzero(share == k) for k in range(shards)]
     threads = compiled.reads_in_place(readers)
-    exemplars: dict[int, bytes] = {}
+    exemplars: dict[int, tuple[int, bytes]] = {}
     if verify:
         parts = map_shards(
-            lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k]),
+            lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k], top),
             shards, jobs, threads=threads,
         )
         labels = np.empty(len(row), np.int64)
@@ -534,6 +559,7 @@ def _resolve_part(
         for members, part in zip(shard_members, parts, strict=True):
             labels[members] = part[0] + n
             exemplars.update({k + n: v for k, v in part[5].items()})
+            _prune(exemplars, top)
             n += part[1]
         compares = sum(p[2] for p in parts)
         collisions = sum(p[3] for p in parts)
