@@ -11,8 +11,10 @@ decompressed bytes, never decompressed to disk or to memory whole:
 - ``read_at``: random access. Reads going forward continue from a cursor that decompresses
   and discards, or jump to a checkpoint ahead; a read behind it restarts from the nearest
   checkpoint: every 64 MiB of output for gzip (a copy of the inflate state, ~40 KiB each),
-  every MiB for lzop (a block start, found without decoding), every frame start for zstd;
-  from the start of the stream otherwise (one zstd frame, xz, bzip2).
+  every MiB for lzop (a block start, found without decoding), every frame start for zstd,
+  block starts for xz (from the index, once liblzma has checked it: :class:`_StreamPass`);
+  from the start of the stream otherwise (one zstd frame, one xz block, bzip2).
+- ``passes`` and ``decoded_bytes`` count what decoding cost (for tests and measurements).
 - Output is bounded: every decompressor is asked for at most what the caller wants
   (``max_length``, ``stream_reader.read(n)``), so a decompression bomb never allocates more
   than one read's worth. Corruption and truncation are :class:`DumpFormatError` /
