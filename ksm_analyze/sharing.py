@@ -325,7 +325,8 @@ def top_contents(
     # Most copies first; ties by class number, so the order is repeatable.
     order = np.lexsort((cls, -total))[:top]
     chosen, chosen_total = cls[order], total[order]
-    pages: dict[int, bytes] = {}
+    # Pages stage 2 kept (from dumps that decode their pages: reading again costs a pass).
+    pages = {c: classes.pages[c] for c in chosen.tolist() if c in classes.pages}
     for fp, labels, r in zip(fingerprints, classes.labels, readers, strict=True):
         missing = np.setdiff1d(chosen, np.fromiter(pages, np.int64, len(pages)))
         if not len(missing):

@@ -162,3 +162,133 @@ def test_many_parts_and_workers_give_the_same_classes(tmp_path, monkeypatch):
                    for i, t in enumerate(tables)]
         rows = np.concatenate(members)
         assert (rows == rows[0]).all()
+
+
+# -- a dump that decodes its pages (a compressed wrapper): the same answer, one pass -------------
+
+def _lookalike_groups(groups, seed=11):
+    """Pages in ``groups`` prefix groups: each holds two copies of one page, two copies of a
+    second page with the same 128-byte prefix, and two single pages with it (false
+    candidates), shuffled among zero pages; the last page is a single one (a pass over the
+    candidates reads to the end). Also the full hashes stage 2 makes, known by construction:
+    the pages of a group that differ from the first one in file order (4 if that one is
+    one of a pair, 5 if it is a single)."""
+    rng = np.random.default_rng(seed)
+    pages, kind = [], []
+    for g in range(groups):
+        base = rng.integers(0, 256, PS, dtype=np.uint8)
+        kinds = [base.copy() for _ in range(4)]
+        for k, page in enumerate(kinds):
+            page[128 + k * 7 :] = rng.integers(0, 256, PS - 128 - k * 7, dtype=np.uint8)
+        pages += [kinds[0], kinds[0], kinds[1], kinds[1], kinds[2], kinds[3]]
+        kind += [(g, 0), (g, 0), (g, 1), (g, 1), (g, 2), (g, 3)]
+    pages += [np.zeros(PS, np.uint8)] * groups
+    kind += [(-1, -1)] * groups
+    order = rng.permutation(len(pages))
+    last = int(np.flatnonzero(order == 4)[0])  # group 0's first single page goes last
+    order[[last, -1]] = order[[-1, last]]
+    first_kind: dict[int, int] = {}
+    for i in order.tolist():
+        first_kind.setdefault(kind[i][0], kind[i][1])
+    full_hashes = sum(4 if k < 2 else 5 for g, k in first_kind.items() if g >= 0)
+    return np.stack(pages)[order], full_hashes
+
+
+def _wrapped(codec, pages, path):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    data = pages.tobytes()
+    packed = {"gzip": lambda: gzip.compress(data, mtime=0), "bzip2": lambda: bz2.compress(data),
+              "xz": lambda: lzma.compress(data),
+              "zstd": lambda: zstandard.ZstdCompressor().compress(data)}[codec]()
+    path.write_bytes(packed)
+    return path
+
+
+def _classify_one(path, **kw):
+    from ksm_analyze.formats import open_dump
+
+    with open_dump(path) as r:
+        tables = [fingerprint(r)]
+        before = r.source.decoded_bytes if r.source is not None else 0
+        classes = classify(tables, [r], ScanOptions(**kw))
+        decoded = (r.source.decoded_bytes - before) / r.source.size if r.source else 0
+    return tables, classes, decoded
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bzip2", "xz", "zstd"])
+@pytest.mark.parametrize("budget", ["passes", "small cache", "collisions"])
+def test_a_wrapped_dump_gives_the_plain_files_stage2_counters(tmp_path, monkeypatch, codec,
+                                                               budget):
+    # 30 groups, 2 held at a time: 15 passes over the representatives; with a cache of 5
+    # pages most false candidates are read again; with every hash forced equal, collisions.
+    monkeypatch.setattr(dedup, "REP_GROUPS", 2)
+    monkeypatch.setattr(dedup, "BLOCK_PAGES", 7)
+    if budget == "small cache":
+        monkeypatch.setattr(dedup, "CACHE_PAGES", 5)
+    if budget == "collisions":
+        _hash_everything_to_42(monkeypatch)
+    pages, full_hashes = _lookalike_groups(30)
+    plain = _write(tmp_path / "g.raw", pages)
+    _, plain_classes = _run([plain])
+    wtables, classes, _ = _classify_one(_wrapped(codec, pages, tmp_path / "g.wrapped"))
+    assert classes.stats == plain_classes.stats
+    assert _class_counts(wtables, classes) == _truth_counts(pages)
+    assert (classes.labels[0] == plain_classes.labels[0]).all()
+    st = classes.stats
+    assert st.prefix_candidates == 30 * 6 and st.false_candidates == 30 * 2
+    if budget == "collisions":  # one prefix group and one full hash: only bytes tell apart
+        assert st.hash_collisions > 0
+    else:
+        assert st.full_hashes == full_hashes and st.hash_collisions == 0
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_stage2_decodes_a_wrapped_stream_at_most_once(tmp_path, monkeypatch, jobs):
+    # xz keeps no checkpoints: a second pass over the candidates would decode the stream
+    # again from its start (the last page is a false candidate: every pass reads to the end).
+    monkeypatch.setattr(dedup, "PARALLEL_MIN_CANDIDATES", 1)  # two jobs would fork shards
+    pages, _ = _lookalike_groups(40)
+    _, classes, decoded = _classify_one(_wrapped("xz", pages, tmp_path / "g.xz"), jobs=jobs)
+    assert classes.stats.false_candidates == 80
+    assert _class_counts([], classes) == _truth_counts(pages)
+    assert 0.9 < decoded <= 1.0
+
+
+def test_a_scan_of_a_wrapped_dump_decodes_it_once_after_stage_1(tmp_path, monkeypatch):
+    # The whole scan (report included: its top contents show one page of each) decodes the
+    # xz stream once for stage 1 and at most once more; the report is the plain file's.
+    import json
+
+    from conftest import runner
+
+    from ksm_analyze.cli import app
+    from ksm_analyze.formats import streams
+
+    decoded = []
+    real_close = streams.Decompressed.close
+
+    def close(self):
+        decoded.append(self.decoded_bytes / self.size)
+        real_close(self)
+
+    monkeypatch.setattr(streams.Decompressed, "close", close)
+    rng = np.random.default_rng(12)
+    pool = rng.integers(0, 256, (8, PS), dtype=np.uint8)
+    pages, _ = _lookalike_groups(20)
+    pages = np.concatenate([pages, pool[rng.integers(0, 8, 60)], pool[:1]])  # late copies
+    plain = _write(tmp_path / "g.raw", pages)
+    wrapped = _wrapped("xz", pages, tmp_path / "g.xz")
+    out = {}
+    for path in (plain, wrapped):
+        r = runner.invoke(app, ["scan", str(path), "--json"])
+        assert r.exit_code == 0, r.output
+        out[path] = json.loads(r.stdout)
+    assert decoded and max(decoded) <= 2.0
+    for name in ("top_contents", "histogram"):
+        assert json.dumps(out[plain][name]).replace("g.raw", "X") == json.dumps(
+            out[wrapped][name]).replace("g.xz", "X")

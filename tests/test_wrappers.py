@@ -305,3 +305,105 @@ def test_stage1_decodes_a_wrapped_stream_once_with_two_jobs(tmp_path, monkeypatc
         fp = stage1.fingerprint(r, ScanOptions(jobs=2))
     assert fp.state_pages[PageState.DATA] == 20480
     assert fp.zero_pages == 20480 - len(data[::3])
+
+
+# -- xz block starts as checkpoints ------------------------------------------------------------
+
+HAVE_XZ = shutil.which("xz") is not None
+
+
+def _xz_blocks(data: bytes, block: int) -> bytes:
+    """``data`` as the xz CLI writes it in independent blocks of ``block`` bytes (as xz -T0
+    and pixz do), two streams back to back with stream padding between."""
+    half = len(data) // 2
+    parts = [subprocess.run(["xz", "-1", "-T1", f"--block-size={block}", "-c"], input=d,
+                            capture_output=True, check=True).stdout
+             for d in (data[:half], data[half:])]
+    return parts[0] + b"\0" * 8 + parts[1]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _lying_index(packed: bytes, shift: int) -> bytes:
+    """The last xz stream of ``packed`` with an index that moves ``shift`` bytes from its first
+    block's decompressed size to its second's (same total, CRC32s recomputed: only the blocks
+    themselves contradict it; xz file format 1.2.1, sections 2.1.2.2 and 4)."""
+    backward = (int.from_bytes(packed[-8:-4], "little") + 1) * 4
+    at = len(packed) - 12 - backward
+    index = packed[at : len(packed) - 12]
+    pos, records = 1, []
+    count = index[pos]
+    pos += 1
+    for _ in range(count * 2):
+        value = shift_ = 0
+        while True:
+            byte = index[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift_
+            shift_ += 7
+            if not byte & 0x80:
+                break
+        records.append(value)
+    records[1] -= shift
+    records[3] += shift
+    body = b"\0" + _varint(count) + b"".join(_varint(v) for v in records)
+    body += b"\0" * (-len(body) % 4)
+    body += zlib.crc32(body).to_bytes(4, "little")
+    flags = packed[-4:-2]
+    footer_body = ((len(body) // 4 - 1).to_bytes(4, "little") + flags)
+    footer = zlib.crc32(footer_body).to_bytes(4, "little") + footer_body + b"YZ"
+    return packed[:at] + body + footer
+
+
+@pytest.mark.skipif(not HAVE_XZ, reason="the xz CLI is not installed")
+def test_xz_block_starts_are_checkpoints_once_the_index_is_checked(tmp_path):
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 4, 4 << 20, dtype=np.uint8).tobytes()  # compresses, slowly
+    path = tmp_path / "blocks.xz"
+    path.write_bytes(_xz_blocks(data, 1 << 20))  # 4 blocks in 2 streams
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = Decompressed(path, fd, Codec.XZ)
+        offsets = [3 << 20, (1 << 20) + 5, 7, (3 << 20) + 4000, 2 << 20]
+        for off in offsets:  # before the index is checked: from the start, right bytes
+            assert src.read_at(off, 5000) == data[off : off + 5000]
+        # One pass over all but the last bytes (as an ELF dump's, which are no page): the
+        # first read behind it decodes those bytes, so liblzma checks the last index.
+        assert src.read_at(0, len(data) - 11) == data[:-11]
+        for off in offsets:
+            before = src.decoded_bytes
+            assert src.read_at(off, 5000) == data[off : off + 5000]
+            # Restarted at the block holding ``off``: at most one block decoded to get there.
+            assert src.decoded_bytes - before <= (1 << 20) + 5000 + 11
+        assert [cp[0] for cp in src._checkpoints] == [1 << 20, 2 << 20, 3 << 20]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not HAVE_XZ, reason="the xz CLI is not installed")
+def test_an_xz_index_that_lies_about_block_sizes_never_misplaces_bytes(tmp_path):
+    rng = np.random.default_rng(6)
+    data = rng.integers(0, 4, 4 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "lies.xz"
+    # The second stream's second block claimed 4 KiB later than it starts: a checkpoint
+    # placed from this index would serve the bytes at 3 MiB for 3 MiB + 4 KiB.
+    path.write_bytes(_lying_index(_xz_blocks(data, 1 << 20), -4096))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = Decompressed(path, fd, Codec.XZ)
+        assert src.size == len(data)  # the totals agree: the lie is in the blocks' sizes
+        with pytest.raises(DumpFormatError, match="corrupt"):
+            for _ in src.chunks(0, 1 << 20):
+                pass
+        off = (3 << 20) + 8192  # past the claimed start of the second stream's second block
+        assert src.read_at(off, 5000) == data[off : off + 5000]
+        assert [cp[0] for cp in src._checkpoints] == [1 << 20]  # the first stream's, checked
+    finally:
+        os.close(fd)

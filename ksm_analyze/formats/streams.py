@@ -11,8 +11,10 @@ decompressed bytes, never decompressed to disk or to memory whole:
 - ``read_at``: random access. Reads going forward continue from a cursor that decompresses
   and discards, or jump to a checkpoint ahead; a read behind it restarts from the nearest
   checkpoint: every 64 MiB of output for gzip (a copy of the inflate state, ~40 KiB each),
-  every MiB for lzop (a block start, found without decoding), every frame start for zstd;
-  from the start of the stream otherwise (one zstd frame, xz, bzip2).
+  every MiB for lzop (a block start, found without decoding), every frame start for zstd,
+  block starts for xz (from the index, once liblzma has checked it: :class:`_StreamPass`);
+  from the start of the stream otherwise (one zstd frame, one xz block, bzip2).
+- ``passes`` and ``decoded_bytes`` count what decoding cost (for tests and measurements).
 - Output is bounded: every decompressor is asked for at most what the caller wants
   (``max_length``, ``stream_reader.read(n)``), so a decompression bomb never allocates more
   than one read's worth. Corruption and truncation are :class:`DumpFormatError` /
@@ -78,6 +80,10 @@ can allocate before its size is checked (255 MiB)."""
 _LZOP_CHECKPOINT = 1 << 20
 """An lzop checkpoint is two integers (a block start): one per MiB, so reads that skip
 forward hop over blocks without decoding them (16 K checkpoints for 16 GiB)."""
+_XZ_CHECKPOINT = 1 << 20
+"""Decompressed bytes between two xz block starts kept as checkpoints (at most
+_XZ_MAX_CHECKPOINTS of them: an index may list millions of blocks)."""
+_XZ_MAX_CHECKPOINTS = 1 << 16
 
 
 class Codec(Choice):
@@ -193,7 +199,13 @@ class Decompressed:
         self._checkpoints: list[tuple[int, Any]] = []  # (out offset, state), ascending
         self._cursor: _Pass | None = None
         self._lzop: _LzopHeader | None = None
+        self._xz_streams: list[_XzStream] = []  # from the index, for block checkpoints
         self.size = MAX_SIZE  # until known
+        self.passes = 0
+        """Decoding passes started (from the start of the stream or a checkpoint)."""
+        self.decoded_bytes = 0
+        """Decompressed bytes produced by every pass so far (read or skipped): what the
+        decoding cost, against :attr:`size` for one pass over the whole stream."""
         if codec is Codec.LZOP:
             self._lzop = _LzopHeader(self)
 
@@ -214,6 +226,7 @@ class Decompressed:
                 data = cur.read(want)
                 if not data:
                     raise self._short(cur)
+                self.decoded_bytes += len(data)
                 parts.append(data)
                 want -= len(data)
                 self._mark(cur)
@@ -254,6 +267,7 @@ class Decompressed:
     # -- cursor and checkpoints -----------------------------------------------------------------
 
     def _new_pass(self, state: Any = None) -> _Pass:
+        self.passes += 1
         if self.codec is Codec.GZIP:
             return _GzipPass(self, state)
         if self.codec is Codec.ZSTD:
@@ -261,18 +275,22 @@ class Decompressed:
         if self.codec is Codec.LZOP:
             assert self._lzop is not None
             return _LzopPass(self, self._lzop, state)
-        return _StreamPass(self)
+        return _StreamPass(self, state)
 
     def _seek(self, offset: int) -> _Pass:
         """The cursor, placed at ``offset``: continued, or restarted from a checkpoint."""
+        if isinstance(self._cursor, _StreamPass) and self._cursor.out_pos > offset:
+            self.decoded_bytes += self._cursor.settle()  # xz: may add checkpoints
         at = bisect.bisect_right(self._checkpoints, offset, key=lambda cp: cp[0])
         best = self._checkpoints[at - 1] if at else None
         cur = self._cursor
         if cur is None or cur.out_pos > offset or (best is not None and best[0] > cur.out_pos):
             cur = self._cursor = self._new_pass(None if best is None else best[1])
         while cur.out_pos < offset:
-            if not cur.read(min(offset - cur.out_pos, _SKIP_BYTES)):
+            skipped = len(cur.read(min(offset - cur.out_pos, _SKIP_BYTES)))
+            if not skipped:
                 raise self._short(cur)
+            self.decoded_bytes += skipped
             self._mark(cur)
         return cur
 
@@ -286,7 +304,8 @@ class Decompressed:
     def _count(self) -> int:
         """Decompress the whole stream once (streamed), placing checkpoints on the way."""
         cur = self._cursor = self._new_pass()
-        while cur.read(_SKIP_BYTES):
+        while data := cur.read(_SKIP_BYTES):
+            self.decoded_bytes += len(data)
             self._mark(cur)
         return cur.out_pos
 
@@ -393,14 +412,44 @@ class _GzipPass:
 
 # -- bzip2 and xz: decompressors whose state cannot be copied ---------------------------------------
 
-class _StreamPass:
-    """bz2 or lzma streams back to back; restarts from the start of the file."""
+class _XzStream:
+    """One xz stream as its index describes it: where it and its blocks start, where its
+    index starts (the end of its blocks) and where it ends, compressed and decompressed."""
 
-    def __init__(self, src: Decompressed) -> None:
+    def __init__(self, start: int, index_at: int, end: int, out_size: int,
+                 blocks: list[tuple[int, int]]) -> None:
+        self.start, self.index_at, self.end = start, index_at, end
+        self.out_size = out_size
+        self.blocks = blocks  # (file offset, decompressed offset in the stream), some of them
+        self.out_start = 0  # set once the streams before are counted
+
+
+class _StreamPass:
+    """bz2 or lzma streams back to back; restarts from the start of the file, or for xz at a
+    block start (``state``: the stream's number, the block's file offset and decompressed
+    offset).
+
+    xz blocks are independent: a pass from a block feeds liblzma the stream's header and
+    then the blocks from there up to the stream's index (not the index: it lists the blocks
+    skipped), and goes on with the next stream from its start. Block starts come from the
+    index, and become checkpoints only once liblzma has checked that index against the
+    blocks it describes, in a pass over the whole stream (:meth:`_verified`): a damaged
+    index never places bytes at a wrong offset.
+    """
+
+    def __init__(self, src: Decompressed, state: Any = None) -> None:
         self.src = src
         self.pos, self.out_pos = src.start, 0
         self.buf = b""
         self.d: Any = None
+        self.stream = 0  # the xz stream being decoded
+        self.limit: int | None = None  # a pass from a block stops feeding at the index
+        self.failed = False  # the decoder raised: nothing more to settle
+        if state is not None:
+            self.stream, self.pos, self.out_pos = state
+            self.limit = src._xz_streams[self.stream].index_at
+            self.buf = src._pread(12, src._xz_streams[self.stream].start)  # the header
+            self.d = self._new()
 
     def where(self) -> int:
         return self.pos - len(self.buf)
@@ -426,24 +475,97 @@ class _StreamPass:
                     return b""
                 self.d = self._new()
             if self.d.needs_input and not self.buf:
+                if self.limit is not None and self.pos >= self.limit:
+                    self._next_stream()
+                    continue
+                want = _IN_BYTES if self.limit is None else min(_IN_BYTES, self.limit - self.pos)
+                self.buf = src._pread(want, self.pos)
+                self.pos += len(self.buf)
+                if not self.buf:
+                    raise src._truncated(self.pos, self.out_pos)
+            out = self._decompress(n)
+            if self.d.eof:
+                self.buf, self.d = self.d.unused_data, None
+                self._verified()
+            if out:
+                self.out_pos += len(out)
+                if src._xz_streams and self.limit is None and self.d is not None:
+                    self._finish_stream()
+                return out
+
+    def settle(self) -> int:
+        """Before this pass is dropped for a read behind it: if it is at most _SKIP_BYTES
+        short of its xz stream's end (a dump whose last bytes are no page), decode to there,
+        so liblzma checks the index and the block starts become checkpoints. Returns the
+        bytes decoded."""
+        streams = self.src._xz_streams
+        if self.failed or self.limit is not None or self.d is None or (
+                self.stream >= len(streams)):
+            return 0
+        xs = streams[self.stream]
+        end = xs.out_start + xs.out_size
+        done = 0
+        if 0 < end - self.out_pos <= _SKIP_BYTES:
+            while self.out_pos < end and (data := self.read(end - self.out_pos)):
+                done += len(data)
+        return done
+
+    def _decompress(self, n: int) -> bytes:
+        """Up to ``n`` bytes from the decoder, fed what is buffered."""
+        try:
+            out: bytes = self.d.decompress(self.buf, n)
+        except (OSError, EOFError, lzma.LZMAError, ValueError, MemoryError) as e:
+            self.failed = True
+            why = str(e) or type(e).__name__
+            if "Memory usage limit" in why:
+                why = f"needs more than {size_text(_XZ_MEMLIMIT)} to decompress"
+            raise self.src._corrupt(f"is corrupt near here ({why})", self.pos,
+                                    self.out_pos) from None
+        self.buf = b""
+        return out
+
+    def _next_stream(self) -> None:
+        """A pass from a block has fed its stream's last block: on to the next stream."""
+        xs = self.src._xz_streams[self.stream]
+        if self.out_pos != xs.out_start + xs.out_size:  # checked already: never expected
+            raise self.src._corrupt("has blocks that do not match its index", self.pos,
+                                    self.out_pos)
+        self.d, self.buf, self.pos, self.limit = None, b"", xs.end, None
+        self.stream += 1
+
+    def _finish_stream(self) -> None:
+        """Once a stream's last byte is out, let liblzma read its index (checking it against
+        the blocks), so its block starts become checkpoints."""
+        streams, src = self.src._xz_streams, self.src
+        if self.stream >= len(streams):
+            return
+        xs = streams[self.stream]
+        if self.out_pos != xs.out_start + xs.out_size:
+            return
+        while not self.d.eof:
+            if self.d.needs_input and not self.buf:
                 self.buf = src._pread(_IN_BYTES, self.pos)
                 self.pos += len(self.buf)
                 if not self.buf:
                     raise src._truncated(self.pos, self.out_pos)
-            try:
-                out: bytes = self.d.decompress(self.buf, n)
-            except (OSError, EOFError, lzma.LZMAError, ValueError, MemoryError) as e:
-                why = str(e) or type(e).__name__
-                if "Memory usage limit" in why:
-                    why = f"needs more than {size_text(_XZ_MEMLIMIT)} to decompress"
-                raise src._corrupt(f"is corrupt near here ({why})", self.pos,
-                                   self.out_pos) from None
-            self.buf = b""
-            if self.d.eof:
-                self.buf, self.d = self.d.unused_data, None
-            if out:
-                self.out_pos += len(out)
-                return out
+            if self._decompress(1):
+                raise src._corrupt("holds more bytes than its index states", self.pos,
+                                   self.out_pos)
+        self.buf, self.d = self.d.unused_data, None
+        self._verified()
+
+    def _verified(self) -> None:
+        """liblzma read a whole stream, index included: its block starts are checkpoints."""
+        streams = self.src._xz_streams
+        if self.stream < len(streams):
+            xs = streams[self.stream]
+            if self.limit is None and xs.blocks:
+                cps = self.src._checkpoints
+                cps += [(xs.out_start + out, (self.stream, at, xs.out_start + out))
+                        for at, out in xs.blocks if xs.out_start + out]
+                cps.sort(key=lambda cp: cp[0])
+                xs.blocks = []
+        self.stream += 1
 
     def _skip_padding(self) -> None:
         """xz stream padding: zero bytes between and after streams."""
@@ -475,6 +597,8 @@ def _xz_size(src: Decompressed) -> int:
     against the blocks it decodes, so a wrong index fails the scan."""
     total, end = 0, src.end
     streams = 0
+    found: list[_XzStream] = []
+    kept = 0
     while end > src.start:
         # Stream padding: zero bytes, a multiple of four.
         tail = src._pread(min(end - src.start, 4096), end - min(end - src.start, 4096))
@@ -503,19 +627,31 @@ def _xz_size(src: Decompressed) -> int:
             count, pos = _varint(index, 1)
             if count > backward:
                 raise ValueError(f"{count} records in {backward} bytes")
-            stored = 0
+            stored = out = 0
+            blocks, last = [], -_XZ_CHECKPOINT
             for _ in range(count):
+                if out - last >= _XZ_CHECKPOINT and kept < _XZ_MAX_CHECKPOINTS:
+                    blocks.append((stored, out))
+                    last, kept = out, kept + 1
                 unpadded, pos = _varint(index, pos)
                 size, pos = _varint(index, pos)
                 stored += (unpadded + 3) // 4 * 4
-                total += size
+                out += size
+            total += out
         except (ValueError, IndexError) as e:
             raise src._corrupt(f"has a damaged index ({e})", index_at, 0) from None
         begin = index_at - stored - 12
         if begin < src.start or src._pread(6, begin) != _XZ_MAGIC:
             raise src._corrupt("has an index that does not match its blocks", index_at, 0)
+        found.append(_XzStream(begin, index_at, end, out,
+                               [(begin + 12 + at, o) for at, o in blocks]))
         streams += 1
         end = begin
+    out_start = 0
+    for xs in reversed(found):
+        xs.out_start = out_start
+        out_start += xs.out_size
+    src._xz_streams = found[::-1]
     return total
 
 

@@ -16,6 +16,14 @@ are counted as one only if their bytes are equal.
 Representatives are held for at most REP_GROUPS groups at a time (64 MiB of pages, shared
 out among the jobs); more groups make more passes over fewer pages each.
 
+A reader that decodes its pages (a compressed wrapper, kdump, AVML) pays for every pass: a
+wrapped stream decodes again from its start (or a checkpoint) for each. So the pages that
+differ from their representative in the first pass are kept (at most CACHE_PAGES, another
+64 MiB shared out among the jobs), and the full hashes and later rounds read them from there:
+one pass over the dump in all while the groups fit REP_GROUPS and the false candidates fit
+CACHE_PAGES, more passes (over the pages that did not fit) beyond. Pages read in place are
+not kept: reading them again costs no more than a copy.
+
 With ``verify=False`` no page is compared: candidates are grouped by (prefix, full hash), and
 the report says so with the collision bound. So it is, with a 128-bit content hash, when an
 input's dump cannot be read here (its reader is None: a fingerprint file that carries
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,6 +60,11 @@ PART_CANDIDATES = 1 << 18
 """Candidates resolved at a time: bounds stage 2's candidate arrays to some 10 MiB."""
 REP_GROUPS = 1 << 14
 """Groups whose representatives are held at once: 64 MiB of 4 KiB pages per process."""
+CACHE_PAGES = 1 << 14
+"""Candidate pages of a reader that decodes them kept between passes: 64 MiB of 4 KiB pages
+per process."""
+MAX_EXEMPLARS = 4096
+"""Classes whose bytes stage 2 keeps for the report's top contents at most, a part: 16 MiB."""
 BLOCK_PAGES = 256
 """Candidate pages read and compared at a time: 1 MiB, which stays in the CPU cache."""
 _SCAN_ROWS = 1 << 20  # table rows examined at a time while looking for candidates
@@ -96,6 +109,11 @@ class ContentClasses:
     labels: list[np.ndarray]
     n_classes: int
     stats: StageStats
+    pages: dict[int, bytes] = field(default_factory=dict)
+    """The bytes of the classes with the most pages (``options.top`` of them in each part,
+    at most MAX_EXEMPLARS; ties to the lower class number), kept by stage 2 from the
+    representatives it held: the report's top contents need no second read (for a
+    compressed dump, another pass over the stream). Class number -> page."""
 
 
 def _chunks(n: int) -> Iterator[slice]:
@@ -170,12 +188,51 @@ class _Candidates:
     """
 
     def __init__(self, readers: Sequence[DumpReader | None], source: np.ndarray,
-                 addrs: np.ndarray, page_size: int, rep_groups: int = REP_GROUPS) -> None:
+                 addrs: np.ndarray, page_size: int, rep_groups: int = REP_GROUPS,
+                 cache_pages: int = CACHE_PAGES) -> None:
         self.page_size, self.rep_groups = page_size, rep_groups
         self.readers, self.source, self.addrs = readers, source, addrs
+        self.cache_pages = cache_pages
+        self._kept = np.empty(0, np.int64)  # candidates kept, and their bytes (same order)
+        self._kept_pages = np.empty((0, page_size), np.uint8)
+        self._order: np.ndarray | None = None  # argsort of _kept
+        self.reads = 0
+        """Candidate pages read from the dumps (not from the kept pages)."""
+
+    def keep(self, idx: np.ndarray, pages: np.ndarray) -> None:
+        """Keep the bytes ``pages`` of candidates ``idx`` (none kept already) for later reads,
+        as far as ``cache_pages`` allows."""
+        n = len(self._kept)
+        idx, pages = idx[: max(0, self.cache_pages - n)], pages[: max(0, self.cache_pages - n)]
+        if not len(idx):
+            return
+        if n + len(idx) > len(self._kept_pages):  # grow by doubling, up to the budget
+            grown = np.empty((min(self.cache_pages, max(2 * n, n + len(idx), 64)),
+                              self.page_size), np.uint8)
+            grown[:n] = self._kept_pages[:n]
+            self._kept_pages = grown
+        self._kept_pages[n : n + len(idx)] = pages
+        self._kept = np.r_[self._kept, idx]
+        self._order = None
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         """The ``(len(idx), page_size)`` bytes of candidates ``idx`` (sorted)."""
+        if len(self._kept) and len(idx):
+            if self._order is None:
+                self._order = np.argsort(self._kept, kind="stable")
+            ordered = self._kept[self._order]
+            at = np.minimum(np.searchsorted(ordered, idx), len(ordered) - 1)
+            hit = ordered[at] == idx
+            if hit.any():
+                out = np.empty((len(idx), self.page_size), np.uint8)
+                out[hit] = self._kept_pages[self._order[at[hit]]]
+                if not hit.all():
+                    out[~hit] = self._read(idx[~hit])
+                return out
+        return self._read(idx)
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        self.reads += len(idx)
         src = self.source[idx]
         cuts = np.flatnonzero(src[1:] != src[:-1]) + 1
         if not len(cuts):
@@ -230,13 +287,18 @@ class _Candidates:
         return out
 
     def match_representatives(
-        self, idx: np.ndarray, key: np.ndarray
+        self, idx: np.ndarray, key: np.ndarray, *, keep: bool = False, top: int = 0,
+        exemplars: dict[int, tuple[int, bytes]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Compare each candidate with the first one read of its ``key`` (dense ids).
 
         ``idx`` is sorted (file order). Returns a bool per entry, "equal to its key's first"
         (True for the first itself), and each key's first entry. Holds at most ``rep_groups``
-        pages: keys are taken a range at a time, one pass over their members each.
+        pages: keys are taken a range at a time, one pass over their members each. With
+        ``keep``, the pages read (not in place) that differ from their key's first are kept
+        (:meth:`keep`) for the passes after. The ``top`` keys with the most pages equal to
+        their first (ties to the lower key) go into ``exemplars``: key -> (those pages, the
+        first's bytes).
         """
         equal = np.zeros(len(idx), bool)
         nkeys = int(key.max()) + 1 if len(key) else 0
@@ -258,6 +320,7 @@ class _Candidates:
                 for where, view, rows in runs:
                     at = mine[where]
                     equal[at] = compiled.equal_rows(view, rows, reps, key[at] - k0)
+                _offer(exemplars, reps, k0, key[mine][equal[mine]], top)
                 continue
             words = reps.view(np.uint64)
             for where, pages in self.blocks(idx[mine]):
@@ -267,7 +330,32 @@ class _Candidates:
                 new = is_first[at]
                 words[k[new]] = page_words[new]
                 equal[at] = (page_words == words[k]).all(axis=1)
+                if keep:
+                    differ = np.flatnonzero(~equal[at])
+                    self.keep(idx[at[differ]], pages[differ])
+            _offer(exemplars, reps, k0, key[mine][equal[mine]], top)
         return equal, first
+
+
+def _offer(kept: dict[int, tuple[int, bytes]] | None, reps: np.ndarray, k0: int,
+           equal_keys: np.ndarray, top: int) -> None:
+    """Keep in ``kept`` the ``top`` keys with the most ``equal_keys``, of those whose first
+    pages are ``reps`` (keys from ``k0``) and those kept before."""
+    if kept is None or top <= 0:
+        return
+    counts = np.bincount(equal_keys - k0, minlength=len(reps))
+    best = np.lexsort((np.arange(len(counts)), -counts))[:top]
+    for k in best.tolist():
+        kept[k + k0] = (int(counts[k]), reps[k].tobytes())
+    _prune(kept, top)
+
+
+def _prune(kept: dict[int, tuple[int, bytes]], top: int) -> None:
+    """Keep the ``top`` entries of ``kept`` (key -> (count, bytes)) with the highest counts,
+    ties to the lower key."""
+    if len(kept) > top:
+        for k in sorted(kept, key=lambda k: (-kept[k][0], k))[top:]:
+            del kept[k]
 
 
 def _dense(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,17 +379,20 @@ def _dense_ids(*keys: np.ndarray) -> np.ndarray:
 
 
 def _resolve_range(
-    cands: _Candidates, group: np.ndarray, members: np.ndarray
-) -> tuple[np.ndarray, int, int, int, int]:
+    cands: _Candidates, group: np.ndarray, members: np.ndarray, top: int = 0
+) -> tuple[np.ndarray, int, int, int, int, dict[int, tuple[int, bytes]]]:
     """Split candidates ``members`` (sorted; ``group`` is their prefix group) into classes
     of equal bytes.
 
-    Returns a class label (local to this call) per member, the number of classes, and the
-    compares, hash collisions and full hashes made.
+    Returns a class label (local to this call) per member, the number of classes, the
+    compares, hash collisions and full hashes made, and the ``top`` classes with the most
+    members (ties to the lower label): label -> (members, bytes).
     """
     labels = np.full(len(members), -1, np.int64)
     gid = group - group.min() if len(group) else group  # a range of groups, each present
-    equal, first = cands.match_representatives(members, gid)
+    exemplars: dict[int, tuple[int, bytes]] = {}  # labelled by their group, as below
+    equal, first = cands.match_representatives(members, gid, keep=True, top=top,
+                                               exemplars=exemplars)
     labels[equal] = gid[equal]
     n = len(first)
     compares = len(members) - n
@@ -313,13 +404,17 @@ def _resolve_range(
         # later one: equal full hashes, different bytes, a real collision (about never);
         # each round settles at least the first page of every key.
         sub = _dense_ids(full, gid[rest])
-        equal, first = cands.match_representatives(members[rest], sub)
+        found: dict[int, tuple[int, bytes]] = {}
+        equal, first = cands.match_representatives(members[rest], sub, top=top,
+                                                   exemplars=found)
+        exemplars.update({k + n: v for k, v in found.items()})
+        _prune(exemplars, top)
         labels[rest[equal]] = sub[equal] + n
         n += len(first)
         compares += len(rest) - len(first)
         rest, full = rest[~equal], full[~equal]
         collisions += len(rest)
-    return labels, n, compares, collisions, full_hashes
+    return labels, n, compares, collisions, full_hashes, exemplars
 
 
 def classify(
@@ -368,6 +463,8 @@ def classify(
         cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, target, side="right"))))
     n_classes = candidates = false_candidates = compares = collisions = full_hashes = 0
     merges = 0
+    top = min(options.top, MAX_EXEMPLARS) if verify else 0
+    exemplars: dict[int, tuple[int, bytes]] = {}
     ps = tables[0].page_size if tables else 0
     total_bytes = int(counts.sum()) * ps
     if progress is not None:
@@ -375,8 +472,10 @@ def classify(
     for a, b in itertools.pairwise(cuts):
         part = _resolve_part(tables, readers, labels_of, cand_rows, shared[a:b],
                              first_class=n_classes, verify=verify, by_content=by_content,
-                             jobs=jobs)
-        labels, n, done = part[0], part[1], part[2:]
+                             jobs=jobs, top=top)
+        labels, n, done, kept = part[0], part[1], part[2:5], part[5]
+        exemplars.update({k + n_classes: v for k, v in kept.items()})
+        _prune(exemplars, top)
         candidates += len(labels)
         sizes = np.bincount(labels, minlength=n)
         false_candidates += int(np.count_nonzero(sizes == 1))
@@ -398,7 +497,8 @@ def classify(
         merges=merges,
         hash_bits=0 if verify else 128 if by_content else 64,
     )
-    return ContentClasses(labels_of, n_classes, stats)
+    return ContentClasses(labels_of, n_classes, stats,
+                          {k: page for k, (_, page) in exemplars.items()})
 
 
 def _resolve_part(
@@ -412,11 +512,13 @@ def _resolve_part(
     verify: bool,
     by_content: bool,
     jobs: int,
-) -> tuple[np.ndarray, int, int, int, int]:
+    top: int = 0,
+) -> tuple[np.ndarray, int, int, int, int, dict[int, tuple[int, bytes]]]:
     """Classify the candidates whose prefix hash is in ``wanted`` and write their classes,
     numbered from ``first_class``, into ``labels_of`` (one array per table).
 
-    Returns the part's labels, its number of classes, compares, collisions, full hashes.
+    Returns the part's labels, its number of classes, compares, collisions, full hashes,
+    and its ``top`` classes with the most members (label -> (members, bytes)).
     """
     lo, hi = wanted[0], wanted[-1]
     rows_per_table = []
@@ -434,7 +536,10 @@ def _resolve_part(
     order = np.lexsort((addrs, source))
     source, row, prefix, addrs = source[order], row[order], prefix[order], addrs[order]
     del order
-    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES else 1
+    # A compressed wrapper decodes serially from its start or a checkpoint: each forked
+    # shard would decode it again, for compares that cost little beside the decoding.
+    streamed = any(r is not None and r.source is not None for r in readers)
+    shards = jobs if len(row) >= PARALLEL_MIN_CANDIDATES and not streamed else 1
     # The representatives' budget is shared: each of the shards resolved at once gets a part.
     cands = _Candidates(readers, source, addrs, tables[0].page_size,
                         rep_groups=max(1, REP_GROUPS // shards))
@@ -443,15 +548,18 @@ def _resolve_part(
     share = group * shards // max(len(wanted), 1)
     shard_members = [np.flatnonzero(share == k) for k in range(shards)]
     threads = compiled.reads_in_place(readers)
+    exemplars: dict[int, tuple[int, bytes]] = {}
     if verify:
         parts = map_shards(
-            lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k]),
+            lambda k: _resolve_range(cands, group[shard_members[k]], shard_members[k], top),
             shards, jobs, threads=threads,
         )
         labels = np.empty(len(row), np.int64)
         n = 0
         for members, part in zip(shard_members, parts, strict=True):
             labels[members] = part[0] + n
+            exemplars.update({k + n: v for k, v in part[5].items()})
+            _prune(exemplars, top)
             n += part[1]
         compares = sum(p[2] for p in parts)
         collisions = sum(p[3] for p in parts)
@@ -475,7 +583,7 @@ def _resolve_part(
     for i, content in enumerate(labels_of):
         mine = source == i
         content[row[mine]] = labels[mine] + first_class
-    return labels, n, compares, collisions, full_hashes
+    return labels, n, compares, collisions, full_hashes, exemplars
 
 
 def _content_of(tables: Sequence[Fingerprints], readers: Sequence[DumpReader | None],
