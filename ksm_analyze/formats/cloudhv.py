@@ -39,6 +39,14 @@ MAX_STATE_BYTES = 64 << 20
 """A larger state.json is not Cloud Hypervisor's (device states are kilobytes to megabytes)."""
 
 
+def named_beside(path: str | os.PathLike[str], name: str, companion: str) -> bool:
+    """Whether ``path`` is a file called ``name`` with the file ``companion`` beside it: how
+    the two-file formats without magic are recognised. Never raises."""
+    path = os.fspath(path)
+    return os.path.basename(path) == name and os.path.isfile(
+        os.path.join(os.path.dirname(path) or ".", companion))
+
+
 def read_companion(reader: DumpReader, name: str, limit: int) -> tuple[str, bytes]:
     """The file ``name`` beside the reader's file, at most ``limit`` bytes, or a
     DumpFormatError naming it."""
@@ -81,9 +89,7 @@ class CloudHypervisorReader(DumpReader):
     @classmethod
     def probe_path(cls, path: str | os.PathLike[str]) -> bool:
         """A file named ``memory-ranges`` with ``state.json`` beside it."""
-        path = os.fspath(path)
-        return os.path.basename(path) == MEMORY_FILE and os.path.isfile(
-            os.path.join(os.path.dirname(path) or ".", STATE_FILE))
+        return named_beside(path, MEMORY_FILE, STATE_FILE)
 
     def _state_error(self, detail: str) -> Exception:
         return self._error(f"{self.state_path}: {detail}", 0)

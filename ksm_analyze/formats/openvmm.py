@@ -24,7 +24,7 @@ from ..errors import TruncatedDumpError, UnsupportedDumpError
 from ..pages import Extent, PageState
 from ..units import size_text
 from .base import DumpFormat, DumpReader
-from .cloudhv import read_companion
+from .cloudhv import named_beside, read_companion
 from .sparse import sparse_extents
 
 __all__ = ["OpenVmmReader", "parse_manifest"]
@@ -114,9 +114,7 @@ class OpenVmmReader(DumpReader):
     @classmethod
     def probe_path(cls, path: str | os.PathLike[str]) -> bool:
         """A file named ``memory.bin`` with ``manifest.bin`` beside it."""
-        path = os.fspath(path)
-        return os.path.basename(path) == MEMORY_FILE and os.path.isfile(
-            os.path.join(os.path.dirname(path) or ".", MANIFEST_FILE))
+        return named_beside(path, MEMORY_FILE, MANIFEST_FILE)
 
     def _load_extents(self) -> list[Extent]:
         self.manifest_path, raw = read_companion(self, MANIFEST_FILE, MAX_MANIFEST_BYTES)
