@@ -82,11 +82,7 @@ def test_pages_zero_fill_and_blocks_by_name(tmp_path):
 
 def test_last_copy_wins_and_long_runs(tmp_path):
     s = Stream()
-    s.section(START, 2)
-    s.mem_size([("pc.ram", 64 * PS)])
-    s.flag(EOS)
-    s.footer(2)
-    s.section(PART, 2)
+    s.ram_part([("pc.ram", 64 * PS)])
     for i in range(40):  # a long PAGE|CONTINUE run (the vectorised path)
         s.page("pc.ram", i * PS, page(i))
     for i in range(40, 64):
@@ -212,11 +208,7 @@ def _resent_stream(tmp_path):
     rng.shuffle(order)
     final: dict[int, bytes] = {}
     s = Stream()
-    s.section(START, 2)
-    s.mem_size([("pc.ram", 96 * PS), ("pc.bios", 2 * PS)])
-    s.flag(EOS)
-    s.footer(2)
-    s.section(PART, 2)
+    s.ram_part([("pc.ram", 96 * PS), ("pc.bios", 2 * PS)])
     for k, i in enumerate(order):
         if k % 7 == 0:
             fill = (0, 0x5A)[k % 2]
@@ -385,11 +377,7 @@ def test_unknown_machine_type_warns(tmp_path):
 
 def test_truncated_at_every_structural_boundary(tmp_path):
     s = Stream()
-    s.section(START, 2)
-    s.mem_size(BLOCKS)
-    s.flag(EOS)
-    s.footer(2)
-    s.section(PART, 2)
+    s.ram_part(BLOCKS)
     s.page("pc.ram", 0, page(1))
     s.page("pc.ram", PS, page(2))
     s.zero("pc.ram", 2 * PS)
@@ -462,11 +450,7 @@ def test_record_walk_kernel_and_numpy_agree(tmp_path, monkeypatch):
         pytest.skip(f"compiled kernels not in use ({kernels.numpy_reason})")
     rng = np.random.default_rng(5)
     s = Stream()
-    s.section(START, 2)
-    s.mem_size([("pc.ram", 64 * PS), ("pc.bios", 4 * PS)])
-    s.flag(EOS)
-    s.footer(2)
-    s.section(PART, 2)
+    s.ram_part([("pc.ram", 64 * PS), ("pc.bios", 4 * PS)])
     for n in rng.integers(0, 64, 120).tolist():  # resends: 120 records over 64 pages
         if rng.random() < 0.5:
             s.zero("pc.ram", n * PS, int(rng.choice([0, 0, 0x5A])))
@@ -525,11 +509,7 @@ def _stream_and_raw(tmp_path, order, zero_every=5):
     guest's stream has them; the pages sent in ``order``) and a raw dump of the same pages."""
     contents = [page(1 + i % 40) if i % zero_every else bytes(PS) for i in range(96)]
     s = Stream()
-    s.section(START, 2)
-    s.mem_size([("pc.ram", 96 * PS)])
-    s.flag(EOS)
-    s.footer(2)
-    s.section(PART, 2)
+    s.ram_part([("pc.ram", 96 * PS)])
     for i in order:
         if contents[i] == bytes(PS):
             s.zero("pc.ram", i * PS)

@@ -86,6 +86,15 @@ class Stream:
         self.mark("record")
         self.buf += struct.pack(">Q", flags)
 
+    def ram_part(self, blocks: list[tuple[str, int]]) -> None:
+        """The RAM section's START (the block list), then a PART to write pages into, as
+        QEMU's setup and first iteration write them (section id 2)."""
+        self.section(START, 2)
+        self.mem_size(blocks)
+        self.flag(EOS)
+        self.footer(2)
+        self.section(PART, 2)
+
     def device(self, sid: int, name: str, payload: bytes) -> None:
         self.section(FULL, sid, name, 1)
         self.buf += payload
@@ -103,11 +112,7 @@ def simple(pages: dict[tuple[str, int], bytes | int], blocks: list[tuple[str, in
     """A stream: START (block list), one PART with the pages (bytes, or an int fill byte for a
     ZERO record), END, one device section, EOF. ``marks`` receives (structure, offset)."""
     s = Stream(machine)
-    s.section(START, 2)
-    s.mem_size(blocks)
-    s.flag(EOS)
-    s.footer(2)
-    s.section(PART, 2)
+    s.ram_part(blocks)
     for (block, off), v in pages.items():
         if isinstance(v, int):
             s.zero(block, off, v)
