@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,13 +254,18 @@ def test_scan_csv_on_a_full_disk(small_disk):
 
 @pytest.fixture
 def target() -> Iterator[int]:
-    """A live process to capture."""
-    proc = subprocess.Popen(["sleep", "60"])
+    """A live process holding 256 KiB of random anonymous memory, far more than the full
+    disk's 16 KiB ("sleep" alone has so few pages that its snapshot could fit)."""
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import os, sys, time; d = os.urandom(256 << 10); "
+                             "print('ready', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     try:
         yield proc.pid
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
 
 
 def test_a_snapshot_on_a_full_disk(small_disk, target):
