@@ -22,6 +22,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,10 @@ from ..options import DEFAULT_OPTIONS
 from ..pages import PAGE_SIZE
 from . import fingerprint_files
 
-__all__ = ["combine"]
+__all__ = ["SPILL", "PartitionCounts", "assemble", "combine", "count_partition", "file_pieces"]
 
-_SPILL = np.dtype([("lo", "<u8"), ("hi", "<u8"), ("input", "<u4")])
+SPILL = np.dtype([("lo", "<u8"), ("hi", "<u8"), ("input", "<u4")])
+"""One scanned non-zero page in a partition: its 128-bit content hash and its input."""
 
 
 def combine(files: Sequence[str | os.PathLike[str]], *, partitions: int = 16,
@@ -56,9 +58,7 @@ def combine(files: Sequence[str | os.PathLike[str]], *, partitions: int = 16,
         DumpFormatError: a file is damaged.
         InputError: a file carries no content hashes.
     """
-    if partitions < 1 or partitions & (partitions - 1):
-        raise ValueError(f"partitions must be a power of two, not {partitions}")
-    shift = np.uint64(64 - (partitions.bit_length() - 1)) if partitions > 1 else None
+    _check_partitions(partitions)
     rows: list[dict[str, Any]] = []
     page_size = PAGE_SIZE
     with tempfile.TemporaryDirectory(dir=workdir, prefix="ksm-combine-") as tmp:
@@ -66,62 +66,133 @@ def combine(files: Sequence[str | os.PathLike[str]], *, partitions: int = 16,
             spills = [stack.enter_context(open(os.path.join(tmp, f"part-{p}"), "wb"))
                       for p in range(partitions)]
             for path in files:
-                for fp in fingerprint_files.load(path):
-                    if fp.content is None:
-                        raise InputError("no content hashes: write it with ksm-analyze "
-                                         "fingerprint", path=path)
-                    page_size = fp.page_size
-                    mask = scan_mask(fp, scope)
-                    scanned = mask.scanned & (fp.prefix != 0)
-                    spill = np.empty(int(np.count_nonzero(scanned)), _SPILL)
-                    spill["lo"], spill["hi"] = fp.content[scanned, 0], fp.content[scanned, 1]
-                    spill["input"] = len(rows)
-                    part = (spill["lo"] >> shift).astype(np.int64) if shift is not None else (
-                        np.zeros(len(spill), np.int64))
-                    order = np.argsort(part, kind="stable")
-                    cuts = np.searchsorted(part[order], np.arange(partitions + 1))
-                    for p in range(partitions):
-                        spill[order[cuts[p]:cuts[p + 1]]].tofile(spills[p])
-                    rows.append(input_row(fp, mask, unique_pages=0))  # counted below
-                    del spill, part, order
-        content, owner, pages, unique = _count_partitions(tmp, partitions, len(rows))
+                mine, pieces, page_size = file_pieces(path, scope=scope, partitions=partitions,
+                                                      first_input=len(rows))
+                rows += mine
+                for spill, piece in zip(spills, pieces, strict=True):
+                    piece.tofile(spill)
+                del pieces
+        counts = []
+        for p in range(partitions):
+            name = os.path.join(tmp, f"part-{p}")
+            piece = np.fromfile(name, SPILL)
+            os.unlink(name)
+            counts.append(count_partition([piece], len(rows)))
+            del piece
+    return assemble(rows, counts, page_size)
+
+
+def _check_partitions(partitions: int) -> None:
+    if partitions < 1 or partitions & (partitions - 1):
+        raise ValueError(f"partitions must be a power of two, not {partitions}")
+
+
+def file_pieces(path: str | os.PathLike[str], *, scope: Scope, partitions: int,
+                first_input: int = 0) -> tuple[list[dict[str, Any]], list[np.ndarray], int]:
+    """One fingerprint file's part of :func:`combine`: its inputs' rows of the core table
+    (``unique_pages`` still 0), and its scanned non-zero pages as :data:`SPILL` records
+    (content hash; input numbered from ``first_input``) cut into ``partitions`` pieces by the
+    hash's top bits; and its page size. Holds the file's fingerprints only while it runs.
+
+    Raises:
+        DumpFormatError: the file is damaged.
+        InputError: it carries no content hashes.
+    """
+    _check_partitions(partitions)
+    shift = np.uint64(64 - (partitions.bit_length() - 1)) if partitions > 1 else None
+    rows: list[dict[str, Any]] = []
+    parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
+    page_size = PAGE_SIZE
+    for fp in fingerprint_files.load(path):
+        if fp.content is None:
+            raise InputError("no content hashes: write it with ksm-analyze fingerprint",
+                             path=path)
+        page_size = fp.page_size
+        mask = scan_mask(fp, scope)
+        scanned = mask.scanned & (fp.prefix != 0)
+        spill = np.empty(int(np.count_nonzero(scanned)), SPILL)
+        spill["lo"], spill["hi"] = fp.content[scanned, 0], fp.content[scanned, 1]
+        spill["input"] = first_input + len(rows)
+        part = (spill["lo"] >> shift).astype(np.int64) if shift is not None else (
+            np.zeros(len(spill), np.int64))
+        order = np.argsort(part, kind="stable")
+        cuts = np.searchsorted(part[order], np.arange(partitions + 1))
+        for p in range(partitions):
+            parts[p].append(spill[order[cuts[p]:cuts[p + 1]]])
+        rows.append(input_row(fp, mask, unique_pages=0))  # counted by count_partition
+        del spill, part, order
+    pieces = [ps[0] if len(ps) == 1 else np.concatenate(ps) if ps else np.empty(0, SPILL)
+              for ps in parts]
+    return rows, pieces, page_size
+
+
+@dataclass(frozen=True)
+class PartitionCounts:
+    """One partition of the hash space, counted (:func:`count_partition`).
+
+    Attributes:
+        content: per sparse row, its content class numbered within the partition (0, 1, ...;
+            sorted).
+        owner: per sparse row, the input holding it.
+        pages: per sparse row, that input's pages of that content.
+        unique: per input, its pages of contents held once in all (the partition's share).
+        classes: how many content classes of two or more pages the partition numbered
+            (``content`` runs below it).
+    """
+
+    content: np.ndarray
+    owner: np.ndarray
+    pages: np.ndarray
+    unique: np.ndarray
+    classes: int
+
+
+def count_partition(pieces: Sequence[np.ndarray], ninputs: int) -> PartitionCounts:
+    """Sparse rows (content, owner, pages) of the contents held twice or more among the
+    :data:`SPILL` records of ``pieces`` (one partition, from any number of files), and each
+    input's pages of contents held once."""
+    spill = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else (
+        np.empty(0, SPILL))
+    unique = np.zeros(ninputs, np.int64)
+    if not len(spill):
+        empty = np.zeros(0, np.int64)
+        return PartitionCounts(empty, empty.astype(np.int32), empty, unique, 0)
+    spill = spill[np.lexsort((spill["input"], spill["hi"], spill["lo"]))]
+    new = np.r_[True, (spill["lo"][1:] != spill["lo"][:-1])
+                | (spill["hi"][1:] != spill["hi"][:-1])]
+    cls = np.cumsum(new) - 1
+    owner = spill["input"].astype(np.int64)
+    del spill, new
+    # (class, input) pairs, with pages; classes of one page in all are unique pages.
+    key = cls * ninputs + owner
+    cut = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    pair_pages = np.diff(np.r_[cut, len(key)])
+    pair_cls, pair_owner = cls[cut], owner[cut]
+    alone = np.bincount(pair_cls, weights=pair_pages)[pair_cls] == 1
+    unique += np.bincount(pair_owner[alone], minlength=ninputs)
+    kept = pair_cls[~alone]
+    # Renumber the kept classes 0, 1, ... so partitions concatenate without gaps.
+    dense = np.cumsum(np.r_[True, kept[1:] != kept[:-1]]) - 1 if len(kept) else kept
+    return PartitionCounts(dense.astype(np.int64), pair_owner[~alone].astype(np.int32),
+                           pair_pages[~alone].astype(np.int64), unique,
+                           int(dense[-1]) + 1 if len(dense) else 0)
+
+
+def assemble(rows: list[dict[str, Any]], counts: Sequence[PartitionCounts], page_size: int
+             ) -> ContentTable:
+    """The core table from the inputs' rows (:func:`file_pieces`) and every partition's
+    counts, in partition order."""
+    unique = np.zeros(len(rows), np.int64)
+    contents, first = [], 0
+    for c in counts:
+        unique += c.unique
+        contents.append(c.content + first)
+        first += c.classes
     for row, n in zip(rows, unique.tolist(), strict=True):
         row["unique_pages"] = n
-    return ContentTable(Columns.from_records(rows, INPUT_COLUMNS), content, owner, pages,
-                        page_size)
-
-
-def _count_partitions(folder: str, partitions: int, ninputs: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sparse rows (content, owner, pages) of contents held twice or more, and each input's
-    pages of contents held once, one partition at a time."""
-    contents, owners, counts = [], [], []
-    unique = np.zeros(ninputs, np.int64)
-    first = 0
-    for p in range(partitions):
-        spill = np.fromfile(os.path.join(folder, f"part-{p}"), _SPILL)
-        os.unlink(os.path.join(folder, f"part-{p}"))
-        if not len(spill):
-            continue
-        spill = spill[np.lexsort((spill["input"], spill["hi"], spill["lo"]))]
-        new = np.r_[True, (spill["lo"][1:] != spill["lo"][:-1])
-                    | (spill["hi"][1:] != spill["hi"][:-1])]
-        cls = np.cumsum(new) - 1
-        owner = spill["input"].astype(np.int64)
-        del spill, new
-        # (class, input) pairs, with pages; classes of one page in all are unique pages.
-        key = cls * ninputs + owner
-        cut = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        pair_pages = np.diff(np.r_[cut, len(key)])
-        pair_cls, pair_owner = cls[cut], owner[cut]
-        alone = np.bincount(pair_cls, weights=pair_pages)[pair_cls] == 1
-        unique += np.bincount(pair_owner[alone], minlength=ninputs)
-        contents.append(pair_cls[~alone] + first)
-        owners.append(pair_owner[~alone].astype(np.int32))
-        counts.append(pair_pages[~alone].astype(np.int64))
-        first += int(cls[-1]) + 1
-    return _joined(contents, np.int64), _joined(owners, np.int32), _joined(counts, np.int64), \
-        unique
+    return ContentTable(Columns.from_records(rows, INPUT_COLUMNS), _joined(contents, np.int64),
+                        _joined([c.owner for c in counts], np.int32),
+                        _joined([c.pages for c in counts], np.int64), page_size)
 
 
 def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
