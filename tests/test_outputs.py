@@ -256,10 +256,8 @@ def test_scan_csv_on_a_full_disk(small_disk):
 def target() -> Iterator[int]:
     """A live process holding 256 KiB of random anonymous memory, far more than the full
     disk's 16 KiB ("sleep" alone has so few pages that its snapshot could fit)."""
-    proc = subprocess.Popen([sys.executable, "-c",
-                             "import os, sys, time; d = os.urandom(256 << 10); "
-                             "print('ready', flush=True); time.sleep(60)"],
-                            stdout=subprocess.PIPE, text=True)
+    code = "import os, time; d = os.urandom(256 << 10); print('ready', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     try:
         yield proc.pid
