@@ -39,7 +39,6 @@ from .units import human_bytes, short_names
 __all__ = [
     "ADDRESS_KINDS",
     "CONTENT_HEAD_BYTES",
-    "PAIRWISE_COLUMNS",
     "Pairs",
     "address_map",
     "classify_content",
@@ -122,11 +121,6 @@ class Pairs:
         return (f"pairwise: {self.left_out:,} of the {self.sharing:,} ordered pairs of inputs "
                 f"that share pages are left out; it keeps, for each input, the {self.top:,} "
                 "inputs holding most of its non-zero pages (--pairs-top; 0 keeps every pair)")
-
-
-PAIRWISE_COLUMNS = ("input_a", "input_b", "a_nonzero_pages", "a_pages_in_b", "a_fraction_in_b",
-                    "extra_saved_pages", "extra_saved_bytes")
-"""Columns of the ``pairwise`` table."""
 
 
 def pairwise(table: ContentTable, *, max_page_sharing: int, top: int = 0) -> Pairs:
