@@ -7,9 +7,10 @@ Two core tables are generated directly (no dumps):
    empty inputs, issue 18 class 11);
 2. ``fleet``: guests of ``--pages`` duplicated pages each: a tenth of them shared by every
    guest (a base image), a tenth shared within a group of ten, the rest pairs with one
-   neighbour.
+   neighbour. Every pair of guests shares (the base image): the table is cut to ``--top``
+   pairs per input, twins are found before the cut.
 
-    python benchmarks/bench_pairwise.py --inputs 1000 2000
+    python benchmarks/bench_pairwise.py --inputs 1000 2000 5000 --top 50
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from ksm_analyze.columns import Columns
 from ksm_analyze.content_table import ContentTable
+from ksm_analyze.options import ScanOptions
 from ksm_analyze.sharing import pairwise, twin_warnings
 
 PS = 4096
@@ -61,18 +63,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--pages", type=int, default=100, help="duplicated pages per fleet guest")
+    ap.add_argument("--top", type=int, default=ScanOptions().pairs_top,
+                    help="pairs kept per input (0: every pair that shares)")
     args = ap.parse_args()
     for n in args.inputs:
         for kind in ("empty", "fleet"):
             t = table(n, args.pages, kind)
             start = time.perf_counter()
-            pw = pairwise(t, max_page_sharing=256)
+            pw = pairwise(t, max_page_sharing=256, top=args.top)
             mid = time.perf_counter()
             fps = [SimpleNamespace(page_size=PS, address_space="virtual")] * n
             warnings = twin_warnings(pw, fps)  # type: ignore[arg-type]
             end = time.perf_counter()
             print(f"{n:>6,} inputs, {kind:<5}: {len(t.content):>9,} sparse rows, "
-                  f"{len(pw):>10,} pairs: pairwise {mid - start:6.2f} s, "
+                  f"{pw.sharing:>10,} sharing pairs, {len(pw.rows):>9,} kept: "
+                  f"pairwise {mid - start:6.2f} s, "
                   f"twins {end - mid:6.2f} s ({len(warnings)} warnings)", flush=True)
 
 

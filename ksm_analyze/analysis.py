@@ -97,11 +97,14 @@ class Analysis:
         unrestricted: under a merging policy (``options.domains``, ``options.merge``), the
             counters KSM would show without it; None without a policy.
         domains: the domains' names (``contents.inputs["domain"]`` numbers them).
-        pairwise: sharing between each ordered pair of inputs, non-zero pages only.
-            Columns ``input_a``, ``input_b``, ``a_nonzero_pages``, ``a_pages_in_b`` (pages
-            of A whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
-            ``extra_saved_pages``/``extra_saved_bytes`` (saved on a host holding only A and
-            B beyond A and B alone).
+        pairwise: sharing between ordered pairs of inputs, non-zero pages only: the pairs
+            that share a content (a pair absent shares nothing), at most
+            ``options.pairs_top`` per input A (those with the most pages of A in B; a
+            warning says how many sharing pairs that left out), by input A, most pages of A
+            in B first. Columns ``input_a``, ``input_b``, ``a_nonzero_pages``,
+            ``a_pages_in_b`` (pages of A whose content also occurs in B),
+            ``a_fraction_in_b`` (0 to 1), ``extra_saved_pages``/``extra_saved_bytes`` (saved
+            on a host holding only A and B beyond A and B alone).
         top_contents: the most duplicated contents, most copies first (zero page
             included). Columns ``content_hash`` (SHA-256, hex), ``copies``, ``bytes``,
             ``input_count``, ``inputs`` (``{name: copies}``; ``name:copies`` separated by

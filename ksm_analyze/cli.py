@@ -222,8 +222,15 @@ COMPARING = (
                      "not that dump's is not used, but rewritten.",
                      show_default=False, rich_help_panel=_COMPARING_PANEL),
     ], DEFAULT_OPTIONS.cache),
+    _param("pairs_top", Annotated[
+        int, typer.Option("--pairs-top", metavar="K",
+                          help="Rows of the pairwise table per input: the K inputs holding "
+                          "most of its non-zero pages (0: every input it shares with; pairs "
+                          "that share nothing are never listed).",
+                          rich_help_panel=_COMPARING_PANEL)
+    ], DEFAULT_OPTIONS.pairs_top),
 )
-"""Stage 2 and the fingerprint cache of an analysis."""
+"""Stage 2, the fingerprint cache and the comparison of inputs (pairwise) of an analysis."""
 KSM_KNOBS = (
     _param("max_page_sharing", Annotated[
         int, typer.Option("--max-page-sharing",

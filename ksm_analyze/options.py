@@ -63,6 +63,8 @@ class ScanOptions:
         scope: which process memory KSM scans (:class:`~ksm_analyze.eligibility.Scope` or
             its name). Guest dumps carry no mapping facts: every page counts whatever it is.
         top: rows of the most duplicated contents table.
+        pairs_top: rows of the pairwise table per input A: the pairs ``(A, B)`` with the
+            most pages of A in B (0: every pair that shares).
         show_content: put the first bytes of each top content in that table (off: memory
             dumps hold secrets).
         domains: a merging policy: ``(name, pattern)`` pairs; an input whose path or file
@@ -90,6 +92,7 @@ class ScanOptions:
     jobs: int | None = None
     scope: Scope = Scope.MERGEABLE
     top: int = 20
+    pairs_top: int = 50
     show_content: bool = False
     domains: tuple[tuple[str, str], ...] = ()
     merge: str = "all"
@@ -115,6 +118,8 @@ class ScanOptions:
             raise ValueError(f"--jobs must be at least 1, not {self.jobs}")
         if self.top < 0:
             raise ValueError(f"--top cannot be negative, not {self.top}")
+        if self.pairs_top < 0:
+            raise ValueError(f"--pairs-top cannot be negative, not {self.pairs_top}")
         object.__setattr__(self, "domains", tuple((str(n), str(p)) for n, p in self.domains))
         if self.scheduler is not None and not _supported_scheduler(self.scheduler):
             raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT of a Dask "

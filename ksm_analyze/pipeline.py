@@ -147,10 +147,11 @@ def analyze(
         unrestricted = table.counters(ksm)
         domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
         table = table.with_policy(domains, zero_only=options.merge == "zero-only")
+    pairs = pairwise(table, max_page_sharing=ksm.max_page_sharing, top=options.pairs_top)
+    note = pairs.note()
     tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings, more),
-              **over.tables(),
-              "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
-              "top_contents": top, "address_map": where}
+              **over.tables(), "pairwise": pairs.rows, "top_contents": top,
+              "address_map": where}
     return Analysis(
         columns={name: tables[name] for name in TABLES},
         counters=table.counters(ksm),
@@ -158,8 +159,8 @@ def analyze(
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
-        warnings=_warnings(prints, options) + twin_warnings(tables["pairwise"], prints)
-        + ([rmap_note] if rmap_note else []) + over.warnings,
+        warnings=_warnings(prints, options) + twin_warnings(pairs, prints)
+        + ([rmap_note] if rmap_note else []) + ([note] if note else []) + over.warnings,
         unrestricted=unrestricted,
         domains=domain_names,
     )

@@ -3,8 +3,9 @@
 Three tables, built from the core :class:`~ksm_analyze.content_table.ContentTable` (and, for
 where pages lie, the labels of stage 2 and the scan masks):
 
-* ``pairwise``: for each ordered pair of inputs, the non-zero pages of one whose content
-  also occurs in the other, and what KSM would save on top if only those two shared a host;
+* ``pairwise``: for each ordered pair of inputs that share, the non-zero pages of one whose
+  content also occurs in the other, and what KSM would save on top if only those two shared
+  a host (pairs that share nothing are left out; at most ``top`` pairs per input are kept);
 * ``top_contents``: the most duplicated contents, each with a SHA-256, its copies, the
   inputs it occurs in and a class (zero, repeated byte, repeated pattern, low entropy,
   other). Page bytes are never put in it unless asked for: memory dumps hold secrets;
@@ -20,7 +21,8 @@ and they would make every pair of guests look alike. Each table is returned as p
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +33,13 @@ from .eligibility import ScanMask, Scope, excluded_by
 from .formats.base import DumpReader
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import UNIQUE, ZERO, ContentClasses
-from .ksm import merged_pages
 from .pages import PageState
 from .units import human_bytes, short_names
 
 __all__ = [
     "ADDRESS_KINDS",
     "CONTENT_HEAD_BYTES",
+    "Pairs",
     "address_map",
     "classify_content",
     "pairwise",
@@ -78,96 +80,297 @@ _POISON = {
 }
 
 
-_PAIRS_AT_ONCE = 1 << 22
-"""Pairs of sparse rows (same content, two inputs) summed at a time by :func:`pairwise`."""
+_PAIRS_AT_ONCE = 1 << 21
+"""Pair terms (a group's input paired with another of its inputs) made at a time by
+:func:`pairwise` (its working memory: a few arrays of this length)."""
+_CELLS_AT_ONCE = 1 << 21
+"""Pairs of inputs summed at a time in dense arrays by :func:`pairwise` (a block of inputs
+A times every input B); a block whose pair terms are far fewer is summed sparsely."""
 
 
-def pairwise(table: ContentTable, *, max_page_sharing: int) -> Columns:
-    """Sharing between every ordered pair of inputs (non-zero pages only).
+@dataclass(frozen=True)
+class Pairs:
+    """What :func:`pairwise` finds.
+
+    Attributes:
+        rows: the ``pairwise`` table (see :func:`pairwise`).
+        names: each input's short name, in table order.
+        sharing: ordered pairs of inputs that share a non-zero content (every pair the
+            table would hold without a bound).
+        top: the bound the table was cut to (pairs kept per input A), or 0 (none).
+        twins: every pair of nearly identical inputs (:data:`TWIN_SHARE`), found before
+            the cut: ``(smaller, other, its non-zero pages, of those also in other)``,
+            in ``itertools.combinations`` order of inputs.
+    """
+
+    rows: Columns
+    names: list[str]
+    sharing: int
+    top: int
+    twins: list[tuple[int, int, int, int]]
+
+    @property
+    def left_out(self) -> int:
+        """Sharing pairs the bound left out of ``rows``."""
+        return self.sharing - len(self.rows)
+
+    def note(self) -> str | None:
+        """The line saying how many pairs the bound left out, or None when none was."""
+        if not self.left_out:
+            return None
+        return (f"pairwise: {self.left_out:,} of the {self.sharing:,} ordered pairs of inputs "
+                f"that share pages are left out; it keeps, for each input, the {self.top:,} "
+                "inputs holding most of its non-zero pages (--pairs-top; 0 keeps every pair)")
+
+
+def pairwise(table: ContentTable, *, max_page_sharing: int, top: int = 0) -> Pairs:
+    """Sharing between the pairs of inputs that share (non-zero pages only).
 
     Args:
         table: the analysis' core table.
         max_page_sharing: KSM's limit of mappings per KSM page.
+        top: keep, for each input A, the ``top`` pairs ``(A, B)`` with the most pages of A
+            in B (ties: the most extra saved, then B's order in the table); 0 keeps every
+            pair that shares.
 
     Returns:
-        One row per ordered pair ``(input_a, input_b)``, ``a != b``. Columns: ``input_a``,
-        ``input_b``, ``a_nonzero_pages`` (scanned non-zero pages of A), ``a_pages_in_b``
-        (those whose content also occurs in B), ``a_fraction_in_b`` (0 to 1),
-        ``extra_saved_pages`` and ``extra_saved_bytes`` (what KSM saves on a host holding
-        only A and B beyond what it saves on A and on B alone; the same both ways).
+        :class:`Pairs`. Its table has one row per ordered pair ``(input_a, input_b)`` that
+        shares a non-zero content (``a_pages_in_b > 0``; a pair absent shares nothing, or
+        was cut by ``top``), by input A in table order, then most pages of A in B first.
+        Columns: ``input_a``, ``input_b``, ``a_nonzero_pages`` (scanned non-zero pages of
+        A), ``a_pages_in_b`` (those whose content also occurs in B), ``a_fraction_in_b``
+        (0 to 1), ``extra_saved_pages`` and ``extra_saved_bytes`` (what KSM saves on a host
+        holding only A and B beyond what it saves on A and on B alone; the same both ways).
 
-    Costs one step per pair of sparse rows of one content (two inputs that share it), not
-    per pair of inputs: pairs that share nothing cost only their row of the output.
+    Contents held by the same inputs (the pages of one base image under many guests) are
+    summed as one group first, so the cost is one step per pair of inputs of a group, not
+    per pair per content; inputs that share nothing cost nothing, and memory stays bounded
+    (:data:`_CELLS_AT_ONCE`, :data:`_PAIRS_AT_ONCE`) however many inputs share.
     """
-    columns = ["input_a", "input_b", "a_nonzero_pages", "a_pages_in_b", "a_fraction_in_b",
-               "extra_saved_pages", "extra_saved_bytes"]
     n = len(table.input_columns)
-    if n < 2:
-        return Columns({c: [] for c in columns})
-    in_b, extra = _pair_sums(table, n, max_page_sharing)
-    a, b = np.divmod(np.arange(n * n, dtype=np.int64), n)
-    off = a != b  # itertools.permutations order: row-major, the diagonal left out
-    a, b = a[off], b[off]
-    in_b, extra = in_b.reshape(-1)[off], extra.reshape(-1)[off]
-    nonzero = table.nonzero_pages()[a]
-    fraction = np.divide(in_b, nonzero, out=np.zeros(len(a)), where=nonzero > 0)
-    names = np.array(short_names(table.names), object)
-    return Columns({
-        "input_a": names[a].tolist(),
-        "input_b": names[b].tolist(),
-        "a_nonzero_pages": nonzero,
+    names = short_names(table.names)
+    nonzero = table.nonzero_pages()
+    kept: list[tuple[np.ndarray, ...]] = []
+    twins: list[np.ndarray] = []
+    sharing = 0
+    # in_b, then extra, as one number to rank by (extra <= in_b <= the most non-zero pages).
+    scale = int(nonzero.max(initial=0)) + 1
+    for lo_a, block in _pair_blocks(table, n, max_page_sharing):
+        if len(block) == 2 and scale * scale < 1 << 62:  # dense: cut each row in place
+            in_b_sum, extra_sum = block
+            sharing += int(np.count_nonzero(in_b_sum))
+            chosen = in_b_sum > 0
+            if top:
+                chosen &= _top_cells(in_b_sum * scale + extra_sum, top)
+            a_nz = nonzero[lo_a:lo_a + len(in_b_sum), None]
+            twin = (a_nz > 0) & (in_b_sum >= TWIN_SHARE * a_nz)
+            rows, cols = np.nonzero(chosen | twin)  # few: at most top per row, and twins
+            a, b = rows + lo_a, cols
+            in_b, extra = in_b_sum[rows, cols], extra_sum[rows, cols]
+            cut = chosen[rows, cols]
+        else:
+            a, b, in_b, extra = block if len(block) == 4 else _cells(lo_a, *block)
+            sharing += len(a)
+            cut = _top_rows(a, b, in_b, extra, top) if top else np.ones(len(a), bool)
+        # The smaller of the two (the first on a tie) is checked for being nearly the other.
+        small = (nonzero[a] < nonzero[b]) | ((nonzero[a] == nonzero[b]) & (a < b))
+        twin = small & (nonzero[a] > 0) & (in_b >= TWIN_SHARE * nonzero[a])
+        twins.append(np.stack([a[twin], b[twin], nonzero[a][twin], in_b[twin]], axis=1))
+        a, b, in_b, extra = a[cut], b[cut], in_b[cut], extra[cut]
+        order = np.lexsort((b, -extra, -in_b, a))
+        kept.append((a[order], b[order], in_b[order], extra[order]))
+    a, b, in_b, extra = (np.concatenate([k[i] for k in kept]) if kept else np.empty(0, np.int64)
+                         for i in range(4))
+    found = np.concatenate(twins) if twins else np.empty((0, 4), np.int64)
+    found = found[np.lexsort((np.maximum(found[:, 0], found[:, 1]),
+                              np.minimum(found[:, 0], found[:, 1])))]
+    nz = nonzero[a]
+    fraction = np.divide(in_b, nz, out=np.zeros(len(a)), where=nz > 0)
+    shown = np.array(names, object)
+    table_rows = Columns({
+        "input_a": shown[a].tolist(),
+        "input_b": shown[b].tolist(),
+        "a_nonzero_pages": nz,
         "a_pages_in_b": in_b,
         "a_fraction_in_b": fraction,
         "extra_saved_pages": extra,
         "extra_saved_bytes": extra * table.page_size,
     })
+    twin_rows = [(int(x), int(y), int(z), int(w)) for x, y, z, w in found.tolist()]
+    return Pairs(table_rows, names, sharing, top, twin_rows)
 
 
-def _pair_sums(table: ContentTable, n: int, max_page_sharing: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """``(in_b, extra)``, n x n: pages of A whose content B holds, and the pages KSM saves on
-    top with A and B on one host, summed over the contents both hold."""
-    in_b = np.zeros(n * n, np.int64)
-    extra = np.zeros(n * n, np.int64)
+def _top_cells(score: np.ndarray, top: int) -> np.ndarray:
+    """Per row of ``score`` (A x every B), the ``top`` largest cells (ties: the first
+    columns), as a mask."""
+    n = score.shape[1]
+    if top >= n:
+        return np.ones(score.shape, bool)
+    # The top-th largest of each row; every cell above it is in, and of the cells equal to
+    # it, the first ones until the row has top. (A sort: np.partition slows down a
+    # hundredfold on rows of many equal cells, the usual row of a fleet.)
+    edge = np.sort(score, axis=1)[:, n - top, None]
+    above = score > edge
+    level = score == edge
+    room = top - above.sum(axis=1, keepdims=True)
+    mask: np.ndarray = above | (level & (np.cumsum(level, axis=1) <= room))
+    return mask
+
+
+def _top_rows(a: np.ndarray, b: np.ndarray, in_b: np.ndarray, extra: np.ndarray, top: int
+              ) -> np.ndarray:
+    """Which of the pairs ``(a, b)`` are among the ``top`` of their input A (most ``in_b``,
+    then most ``extra``, then first ``b``), as a mask."""
+    order = np.lexsort((b, -extra, -in_b, a))
+    ranked = a[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    rank = np.arange(len(a)) - np.repeat(starts, np.diff(np.append(starts, len(a))))
+    mask = np.zeros(len(a), bool)
+    mask[order[rank < top]] = True
+    return mask
+
+
+def _cells(lo_a: int, in_b_sum: np.ndarray, extra_sum: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs that share in a dense block of rows from input ``lo_a``."""
+    rows, cols = np.nonzero(in_b_sum)
+    return rows + lo_a, cols, in_b_sum[rows, cols], extra_sum[rows, cols]
+
+
+def _groups(table: ContentTable, max_page_sharing: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Contents held by two or more inputs, grouped when they pair alike.
+
+    A content held by A and B adds its pages in A to ``a_pages_in_b`` and, to
+    ``extra_saved_pages``, 1 when A's and B's copies of it fit in their KSM pages together
+    (``s_a + s_b <= max_page_sharing``, where ``s = (pages - 1) % max_page_sharing + 1`` are
+    the copies on a KSM page not yet full), else 0. So contents held by the same inputs are
+    one group, and when some input holds more than half a KSM page's worth (``2 s >
+    max_page_sharing``: rare), the same ``s`` per input too. Grouped by a 128-bit digest,
+    then checked row by row against the group's first content (exact).
+
+    Returns:
+        Per row of a group (its inputs, a group's rows adjacent, in input order):
+        ``owner``, ``s`` (0 when no input of the group holds over half a KSM page),
+        ``pages`` (summed over the group's contents), ``weight`` (the group's contents),
+        ``first`` (the group's first row).
+    """
     content, owner, pages = table.content, table.owner.astype(np.int64), table.pages
+    start = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
+        np.empty(0, np.int64)
+    length = np.diff(np.append(start, len(content)))
+    shared = np.repeat(length >= 2, length)  # a content of one input pairs with none
+    content, owner, pages = content[shared], owner[shared], pages[shared]
+    start = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
+        np.empty(0, np.int64)
     if not len(content):
-        return in_b.reshape(n, n), extra.reshape(n, n)
-    # Rows are sorted by content: each content's rows form a run ``[start, start + k)``.
-    starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
-    sizes = np.diff(np.r_[starts, len(content)])
-    k = np.repeat(sizes, sizes)  # per row: inputs holding its content
-    first = np.repeat(starts, sizes)  # per row: its content's first row
-    partners = k - 1  # per row: the other inputs holding its content
-    ends = np.cumsum(partners)
-    lo = 0
-    while lo < len(content):
-        # Rows [lo, hi): at most _PAIRS_AT_ONCE pairs (or one row, if it alone has more).
-        base = ends[lo - 1] if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(ends, base + _PAIRS_AT_ONCE, side="right")))
-        rows = np.arange(lo, hi)
-        i = np.repeat(rows, partners[rows])  # row of input A
-        t = np.arange(len(i)) - np.repeat(ends[rows] - partners[rows] - base, partners[rows])
-        t += t >= (i - first[i])  # the t-th other row of the content, skipping row i itself
-        j = first[i] + t  # row of input B
-        key = owner[i] * n + owner[j]
-        in_b += np.bincount(key, weights=pages[i], minlength=n * n).astype(np.int64)
-        # Contents only one of them holds merge the same alone or together.
-        gain = (_saved(pages[i] + pages[j], max_page_sharing)
-                - _saved(pages[i], max_page_sharing) - _saved(pages[j], max_page_sharing))
-        extra += np.bincount(key, weights=gain, minlength=n * n).astype(np.int64)
-        lo = hi
-    return in_b.reshape(n, n), extra.reshape(n, n)
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty, empty, empty
+    length = np.diff(np.append(start, len(content)))
+    s = (pages - 1) % max_page_sharing + 1
+    over = np.maximum.reduceat(2 * s > max_page_sharing, start)
+    s = np.where(np.repeat(over, length), s, 0)
+    key = owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ s.astype(np.uint64)
+    digests = [np.add.reduceat(_mix(key * np.uint64(k)), start) for k in (1, 3)]
+    _, rep, group = np.unique(np.stack([length.astype(np.uint64), *digests], axis=1),
+                              axis=0, return_index=True, return_inverse=True)
+    group = group.ravel()
+    rank = _ranks(length)
+    theirs = np.repeat(start[rep[group]], length) + rank
+    differs = (owner != owner[theirs]) | (s != s[theirs])
+    lone = np.unique(np.repeat(np.arange(len(start)), length)[differs])  # digest collisions
+    group[lone] = len(rep) + np.arange(len(lone))
+    rep = np.concatenate([rep, lone])
+    weight = np.bincount(group, minlength=len(rep))
+    size = length[rep]
+    at = np.cumsum(size) - size  # each group's first row
+    rows = np.repeat(start[rep], size) + _ranks(size)
+    summed = np.bincount(np.repeat(at[group], length) + rank, weights=pages,
+                         minlength=len(rows)).astype(np.int64)
+    return (owner[rows], s[rows], summed, np.repeat(weight, size), np.repeat(at, size))
 
 
-def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
-    """Pages KSM frees merging each content of ``copies`` pages (:func:`~ksm_analyze.ksm.saved_pages`,
-    per content)."""
-    ksm, unshared = merged_pages(copies, max_page_sharing)
-    saved: np.ndarray = copies - ksm - unshared
-    return saved
+def _pair_blocks(table: ContentTable, n: int, max_page_sharing: int
+                 ) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
+    """Every ordered pair of inputs that share, a block of inputs A at a time: ``(lo_a,
+    block)``, the block ``(in_b, extra)`` as dense arrays (its inputs A from ``lo_a`` x every
+    input B) or ``(a, b, in_b, extra)``, one entry per pair (its pairs are few)."""
+    owner, s, pages, weight, first = _groups(table, max_page_sharing)
+    if not len(owner):
+        return
+    partners = _group_sizes(first) - 1  # per row: the other inputs of its group
+    by_input = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[by_input], np.arange(n + 1))  # rows of each input A
+    terms = np.r_[0, np.cumsum(partners[by_input])]
+    per_block = max(1, _CELLS_AT_ONCE // n)
+    for lo_a in range(0, n, per_block):
+        hi_a = min(n, lo_a + per_block)
+        lo, hi = int(bounds[lo_a]), int(bounds[hi_a])
+        total = int(terms[hi] - terms[lo])
+        if not total:
+            continue
+        cells = (hi_a - lo_a) * n
+        dense = total * 4 >= cells
+        parts = []
+        in_b_sum = np.zeros(cells if dense else 0, np.int64)
+        extra_sum = np.zeros(cells if dense else 0, np.int64)
+        while lo < hi:
+            # Rows [lo, end): at most _PAIRS_AT_ONCE terms (or one row, if it alone has more).
+            end = max(lo + 1, min(hi, int(np.searchsorted(terms, terms[lo] + _PAIRS_AT_ONCE,
+                                                           side="right")) - 1))
+            i = by_input[lo:end]
+            i = np.repeat(i, partners[i])  # a row of input A, once per other row of its group
+            t = _ranks(partners[by_input[lo:end]])
+            t += t >= (i - first[i])  # the t-th other row of the group, skipping i itself
+            j = first[i] + t  # row of input B
+            key = (owner[i] - lo_a) * n + owner[j]
+            # Contents whose copies overflow a KSM page together save nothing more.
+            gain = weight[i] * (s[i] + s[j] <= max_page_sharing)
+            if dense:
+                in_b_sum += np.bincount(key, weights=pages[i], minlength=cells).astype(np.int64)
+                extra_sum += np.bincount(key, weights=gain, minlength=cells).astype(np.int64)
+            else:
+                parts.append((key, pages[i], gain))
+            lo = end
+        if dense:
+            yield lo_a, (in_b_sum.reshape(-1, n), extra_sum.reshape(-1, n))
+        else:
+            keys = np.concatenate([p[0] for p in parts])
+            key, inverse = np.unique(keys, return_inverse=True)
+            in_b = np.bincount(inverse, weights=np.concatenate([p[1] for p in parts]),
+                               minlength=len(key)).astype(np.int64)
+            extra = np.bincount(inverse, weights=np.concatenate([p[2] for p in parts]),
+                                minlength=len(key)).astype(np.int64)
+            a, b = np.divmod(key, n)
+            yield lo_a, (a + lo_a, b, in_b, extra)
 
 
-def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
+def _group_sizes(first: np.ndarray) -> np.ndarray:
+    """Per row, the rows of its group (``first`` holds each row's group's first row)."""
+    at = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
+    size = np.diff(np.append(at, len(first)))
+    sizes: np.ndarray = np.repeat(size, size)
+    return sizes
+
+
+def _ranks(length: np.ndarray) -> np.ndarray:
+    """0, 1, ..., length-1 for each run, concatenated."""
+    if not len(length):
+        return np.empty(0, np.int64)
+    ends = np.cumsum(length)
+    ranks: np.ndarray = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
+    return ranks
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads the bits of each uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed: np.ndarray = x ^ (x >> np.uint64(31))
+    return mixed
+
+
+def twin_warnings(pairs: Pairs, prints: Sequence[Fingerprints]) -> list[str]:
     """Warnings for pairs of inputs that are nearly the same (:data:`TWIN_SHARE`), and, for
     guests (physical address space), the address ranges one of such a pair holds and the
     other does not.
@@ -177,28 +380,11 @@ def twin_warnings(pairs: Columns, prints: Sequence[Fingerprints]) -> list[str]:
     of guests per host takes it for two guests that share almost everything.
 
     Args:
-        pairs: :func:`pairwise` of the inputs of ``prints`` (rows in its order).
+        pairs: :func:`pairwise` of the inputs of ``prints`` (its twins are found before its
+            table is cut to ``top`` pairs per input: none is missed).
         prints: every input's fingerprints, in table order.
     """
-    n = len(prints)
-    if n < 2:
-        return []
-    names = list(pairs.data["input_a"][::n - 1])  # each input's, in order
-
-    def square(column: str) -> np.ndarray:
-        """A column as an n x n array (rows in itertools.permutations order; diagonal 0)."""
-        out = np.zeros((n, n), np.int64)
-        out[~np.eye(n, dtype=bool)] = np.asarray(pairs.data[column], np.int64)
-        return out
-
-    nonzero_ab, shared_ab = square("a_nonzero_pages"), square("a_pages_in_b")
-    a, b = np.triu_indices(n, 1)  # itertools.combinations order
-    a_small = nonzero_ab[a, b] <= nonzero_ab[b, a]
-    small, big = np.where(a_small, a, b), np.where(a_small, b, a)
-    nonzero, shared = nonzero_ab[small, big], shared_ab[small, big]
-    twin = (nonzero > 0) & (shared >= TWIN_SHARE * nonzero)
-    twins = list(zip(small[twin].tolist(), big[twin].tolist(), nonzero[twin].tolist(),
-                     shared[twin].tolist(), strict=True))
+    names, twins = pairs.names, pairs.twins
     out = []
     for small, big, nonzero, shared in twins[:TWINS_SHOWN]:
         ps = prints[small].page_size

@@ -195,6 +195,43 @@ def test_charts_that_change_with_the_policy_name_it_in_their_titles():
             assert "max_page_sharing=256" in title, (chart, title)
 
 
+def test_the_html_pairwise_table_shows_the_most_alike_pairs_of_many(monkeypatch):
+    # Thousands of inputs: index.html lists the pairs with most pages of A in B (the CSV has
+    # every pair). The samples: vm-a.elf has 52 pages in vm-b.raw, vm-b.raw 51 in vm-a.elf.
+    from ksm_analyze import analyze
+    from ksm_analyze.render import report
+
+    result = analyze(SAMPLES, jobs=1)
+    monkeypatch.setattr(report, "PAIRS_SHOWN", 1)
+    page = report.render_html(result, {})
+    section = page.split('id="table-pairwise">', 1)[1].split("</table>", 1)[0]
+    assert section.startswith("Pairwise sharing (non-zero pages; extra saving if only the two "
+                              "share a host): the 1 pair with the most pages of A in B, of 2")
+    assert "<td>52</td>" in section and "<td>51</td>" not in section  # vm-a.elf's row
+    assert section.count("</tr>") == 2  # the header and one pair
+
+
+def test_heatmap_clusters_are_the_families_under_a_base_image():
+    # 3 families of 4 inputs (0-3, 4-7, 8-11) sharing half their pages within, and a base
+    # image a tenth of every input's pages: the families are the clusters; without the
+    # base, the families too; without any pair, every input alone.
+    from ksm_analyze.render.plots import _clusters
+
+    pairs = [(x, y, 0.5 if x // 4 == y // 4 else 0.1) for x in range(12) for y in range(12)
+             if x != y]
+    a, b, f = (np.array(c) for c in zip(*pairs, strict=True))
+    families = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert sorted(sorted(c) for c in _clusters(12, a, b, f)) == families
+    within = f == 0.5
+    assert sorted(sorted(c) for c in _clusters(13, a[within], b[within], f[within])) == \
+        [*families, [12]]
+    assert _clusters(3, a[:0], b[:0], f[:0]) == [[0], [1], [2]]
+    # A fourth family of 6: the largest cluster first.
+    big = [(x, y, 0.5) for x in range(12, 18) for y in range(12, 18) if x != y]
+    a2, b2, f2 = (np.array(c) for c in zip(*pairs, *big, strict=True))
+    assert sorted(_clusters(18, a2, b2, f2)[0]) == list(range(12, 18))
+
+
 # -- over time: the ksmd replay's charts and sections -----------------------------------
 
 

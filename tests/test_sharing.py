@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import PS
+from conftest import PS, runner
 
 from dumpwriter.raw import make_raw
 from ksm_analyze import analyze, sharing
+from ksm_analyze.cli import app
 from ksm_analyze.columns import Columns
 from ksm_analyze.content_table import ContentTable
 from ksm_analyze.sharing import classify_content, pairwise, twin_warnings
@@ -97,6 +99,20 @@ def test_pairwise_of_hand_counted_pairs(dumps):
     pw3 = analyze(dumps, max_page_sharing=3, jobs=1).pairwise.set_index(["input_a", "input_b"])
     assert pw3.loc[("b.raw", "c.raw"), "extra_saved_pages"] == 0
     assert pw.loc[("b.raw", "c.raw"), "extra_saved_pages"] == 1
+
+
+def test_pairs_top_keeps_each_inputs_most_alike_and_says_how_many_were_left_out(dumps):
+    # By hand from INPUTS: a has 5 pages in b, 2 in c; b 4 in a, 1 in c; c 2 in a, 3 in b.
+    r = runner.invoke(app, ["scan", *map(str, dumps), "--json", "--pairs-top", "1", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [(p["input_a"], p["input_b"], p["a_pages_in_b"]) for p in data["pairwise"]] == [
+        ("a.raw", "b.raw", 5), ("b.raw", "a.raw", 4), ("c.raw", "b.raw", 3)]
+    assert any(w.startswith("pairwise: 3 of the 6 ordered pairs of inputs that share pages "
+                            "are left out") for w in data["warnings"])
+    r = runner.invoke(app, ["scan", *map(str, dumps), "--pairs-top", "-1"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == "Error: --pairs-top cannot be negative, not -1"
 
 
 def test_two_inputs_pairwise_extra_equals_sharing_across_inputs(dumps):
@@ -247,28 +263,122 @@ def _random_table(seed: int, n: int) -> ContentTable:
     return ContentTable(cols, content, owner, pages, PS)
 
 
+def _sharing_rows(loop: list[dict], order: list[str], top: int = 0) -> list[dict]:
+    """The rows of the pair-by-pair loop that share, as pairwise orders them (by input A,
+    most pages of A in B, then most extra saved, then B's order), ``top`` per input A."""
+    at = {name: i for i, name in enumerate(order)}
+    rows = sorted((r for r in loop if r["a_pages_in_b"] > 0),
+                  key=lambda r: (at[r["input_a"]], -r["a_pages_in_b"], -r["extra_saved_pages"],
+                                 at[r["input_b"]]))
+    if top:
+        seen: Counter[str] = Counter()
+        kept = []
+        for r in rows:
+            seen[r["input_a"]] += 1
+            if seen[r["input_a"]] <= top:
+                kept.append(r)
+        rows = kept
+    return rows
+
+
+def _names(table) -> list[str]:
+    return [name.rsplit("/", 1)[-1] for name in table.names]
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_pairwise_equals_the_pair_by_pair_loop_on_random_tables(seed):
-    # Issue 18 class 11: the table is computed over the sparse rows at once; every row and
-    # type must be what the pair-by-pair loop gives.
+    # Issue 18 class 11: the table is computed over the sparse rows at once; issue 21: only
+    # the pairs that share, grouped by the inputs holding each content. Every row and type
+    # must be what the pair-by-pair loop gives, with the pairs that share nothing left out.
     n = 1 + seed % 7
     table = _random_table(seed, n)
     for mps in (2, 3, 256):
         got = pairwise(table, max_page_sharing=mps)
         loop = _pairwise_loop(table, mps)
-        assert got.records() == loop
-        assert len(got) == n * (n - 1)
-        expected = Columns.from_records(loop, list(got.data)).frame()
-        assert got.frame().dtypes.to_dict() == expected.dtypes.to_dict()
+        expected = _sharing_rows(loop, _names(table))
+        assert got.rows.records() == expected
+        assert got.sharing == len(expected) and got.left_out == 0
+        if expected:
+            frame = Columns.from_records(expected, list(got.rows.data)).frame()
+            assert got.rows.frame().dtypes.to_dict() == frame.dtypes.to_dict()
 
 
-def test_pairwise_equals_the_pair_by_pair_loop_in_small_chunks(monkeypatch):
-    # Rows are summed a bounded number of pairs at a time: chunk borders must not matter.
-    table = _random_table(7, 6)
-    expected = pairwise(table, max_page_sharing=3).records()
-    for at_once in (1, 2, 5, 17):
+def _family_table(mps_heavy: int = 200) -> ContentTable:
+    """30 inputs: a base image of 40 contents every input holds (one page each; 3 of them
+    held 200 times by input 7: more than half a KSM page), 6 families of 5 holding 20
+    contents each (input 5 * f + i holds i + 1 copies), neighbours 2i and 2i + 1 sharing 3
+    contents, and inputs 28 and 29 sharing nothing with anyone but the base."""
+    rows = [(c, o, mps_heavy if o == 7 and c < 3 else 1) for c in range(40) for o in range(30)]
+    rows += [(100 + 20 * f + c, 5 * f + i, i + 1) for f in range(6) for c in range(20)
+             for i in range(5)]
+    rows += [(1000 + 3 * i + c, o, 1) for i in range(14) for c in range(3)
+             for o in (2 * i, 2 * i + 1)]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    order = np.lexsort((owner, content))
+    cols = Columns({"input": [f"/d/g{i:02}.raw" for i in range(30)],
+                    "unique_pages": np.arange(30) % 4, "zero_pages": np.zeros(30, np.int64),
+                    "domain": np.zeros(30, np.int64)})
+    return ContentTable(cols, content[order], owner[order], pages[order], PS)
+
+
+@pytest.mark.parametrize("mps", [2, 3, 256])
+def test_pairwise_of_families_equals_the_pair_by_pair_loop(monkeypatch, mps):
+    # Contents held by many inputs alike are summed as one group: the rows must be those of
+    # the loop, whether a block of inputs is summed densely or sparsely, at once or in
+    # pieces of a few pair terms.
+    table = _family_table()
+    expected = _sharing_rows(_pairwise_loop(table, mps), _names(table))
+    assert len(expected) == 30 * 29  # the base image: every pair shares
+    for cells, at_once in ((1 << 21, 1 << 21), (30, 7), (1, 1), (450, 100)):
+        monkeypatch.setattr(sharing, "_CELLS_AT_ONCE", cells)
         monkeypatch.setattr(sharing, "_PAIRS_AT_ONCE", at_once)
-        assert pairwise(table, max_page_sharing=3).records() == expected
+        got = pairwise(table, max_page_sharing=mps)
+        assert got.rows.records() == expected, (cells, at_once)
+        for top in (1, 4, 29):
+            cut = pairwise(table, max_page_sharing=mps, top=top)
+            assert cut.rows.records() == _sharing_rows(expected, _names(table), top)
+            assert (cut.sharing, cut.left_out) == (30 * 29, 30 * 29 - 30 * top)
+
+
+def test_top_keeps_the_k_largest_per_input_ties_by_extra_then_input_order():
+    # g0 holds 1 page of contents 0..4, each also in one of g1..g5, and 2 copies of content
+    # 5, also in g6 (2 copies): a_pages_in_b 2 for g6, 1 for the others. With
+    # max_page_sharing 2, 1 + 1 copies save one page more together (g2, g4); 1 + 2 or 2 + 2
+    # copies save nothing more (3 copies: 1 saved, as 2 alone; 4: 2, as 2 + 2 alone).
+    rows = [(0, 0, 1), (0, 1, 2), (1, 0, 1), (1, 2, 1), (2, 0, 1), (2, 3, 2), (3, 0, 1),
+            (3, 4, 1), (4, 0, 1), (4, 5, 2), (5, 0, 2), (5, 6, 2)]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    cols = Columns({"input": [f"g{i}.raw" for i in range(7)],
+                    "unique_pages": np.zeros(7, np.int64), "zero_pages": np.zeros(7, np.int64),
+                    "domain": np.zeros(7, np.int64)})
+    table = ContentTable(cols, content, owner, pages, PS)
+    got = pairwise(table, max_page_sharing=2, top=3)
+    g0 = [(r["input_b"], r["a_pages_in_b"], r["extra_saved_pages"])
+          for r in got.rows.records() if r["input_a"] == "g0.raw"]
+    # g6 (2 pages), then of the 1-page ties those saving one more (g2, g4), by input order.
+    assert g0 == [("g6.raw", 2, 0), ("g2.raw", 1, 1), ("g4.raw", 1, 1)]
+    assert got.sharing == 12 and got.left_out == 3  # g0 -> g1, g3, g5 cut
+    assert "3 of the 12 ordered pairs" in (got.note() or "")
+    assert pairwise(table, max_page_sharing=2, top=5).left_out == 1
+    assert pairwise(table, max_page_sharing=2, top=6).note() is None
+
+
+def test_pairs_that_share_nothing_are_absent():
+    # Two families of three that share nothing across: 2 x 3 x 2 ordered pairs, no other.
+    rows = [(c, o, 1) for c in range(4) for o in (0, 1, 2)] + \
+        [(10 + c, o, 1) for c in range(4) for o in (3, 4, 5)]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    cols = Columns({"input": [f"g{i}.raw" for i in range(7)],
+                    "unique_pages": np.ones(7, np.int64), "zero_pages": np.zeros(7, np.int64),
+                    "domain": np.zeros(7, np.int64)})
+    got = pairwise(ContentTable(cols, content, owner, pages, PS), max_page_sharing=256)
+    pairs = {(r["input_a"], r["input_b"]) for r in got.rows.records()}
+    family = [{f"g{i}.raw" for i in f} for f in ((0, 1, 2), (3, 4, 5))]
+    assert pairs == {(x, y) for f in family for x in f for y in f if x != y}
+    assert got.sharing == 12
 
 
 def test_twin_warnings_name_the_same_pairs_as_the_pair_by_pair_rule():
@@ -287,3 +397,23 @@ def test_twin_warnings_name_the_same_pairs_as_the_pair_by_pair_rule():
     warnings = twin_warnings(pw, fps)  # type: ignore[arg-type]
     assert len(warnings) == 1
     assert warnings[0].startswith("g0.raw and g1.raw are nearly the same input: 100% of the 10 ")
+
+
+def test_twins_are_all_found_when_the_table_is_cut():
+    # 6 clones of one guest (10 pages each, all shared): 15 pairs of nearly identical inputs,
+    # whatever the table keeps per input; 5 named, the rest counted in one line.
+    rows = [(c, o, 1) for c in range(10) for o in range(6)]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    cols = Columns({"input": [f"g{i}.raw" for i in range(6)],
+                    "unique_pages": np.zeros(6, np.int64), "zero_pages": np.zeros(6, np.int64),
+                    "domain": np.zeros(6, np.int64)})
+    table = ContentTable(cols, content, owner, pages, PS)
+    fps = [SimpleNamespace(page_size=PS, address_space="virtual")] * 6
+    every = twin_warnings(pairwise(table, max_page_sharing=256), fps)  # type: ignore[arg-type]
+    cut = pairwise(table, max_page_sharing=256, top=1)
+    assert len(cut.rows) == 6 and len(cut.twins) == 15
+    assert twin_warnings(cut, fps) == every  # type: ignore[arg-type]
+    assert every[0].startswith("g0.raw and g1.raw are nearly the same input")
+    assert every[4].startswith("g0.raw and g5.raw are")  # itertools.combinations order
+    assert every[5].startswith("10 more pairs of inputs are nearly the same")

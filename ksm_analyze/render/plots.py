@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from ..errors import printable
@@ -58,7 +58,11 @@ MAX_INCHES = 20.0
 ANNOTATED_INPUTS = 12
 """Inputs up to which each heatmap cell gets its numbers written in it."""
 LABELLED_INPUTS = 60
-"""Inputs up to which every heatmap row and column is labelled (beyond: every k-th)."""
+"""Inputs up to which every heatmap row and column is labelled (beyond: each cluster, or
+every k-th cluster)."""
+SHOWN_INPUTS = 1000
+"""Most inputs in the pairwise heatmap: the largest clusters up to this many (whole
+clusters; the CSV has every pair)."""
 STRIPS = 24
 """Inputs drawn in the address map chart."""
 
@@ -158,48 +162,149 @@ def plot_histogram(result: Analysis) -> Figure:
 
 
 def plot_pairwise(result: Analysis) -> Figure:
-    """Heatmap: non-zero pages of the row input whose content is also in the column input."""
-    pw = result.pairwise
+    """Heatmap: non-zero pages of the row input whose content is also in the column input.
+
+    Up to :data:`ANNOTATED_INPUTS` inputs, in their order, each cell with its numbers. More
+    are ordered by cluster (inputs that share most kept together, :func:`_clusters`), each
+    cluster outlined; beyond :data:`LABELLED_INPUTS`, a cluster is labelled by its first
+    input and its size, and the largest clusters up to :data:`SHOWN_INPUTS` inputs are drawn.
+    """
+    pw = result.columns["pairwise"]
     names = result.names
     n = len(names)
-    frac = np.full((n, n), np.nan)
-    pages = np.zeros((n, n), np.int64)
-    extra = np.zeros((n, n), np.int64)
     pos = {name: i for i, name in enumerate(names)}
-    for r in pw.itertuples():
-        a, b = pos[r.input_a], pos[r.input_b]
-        frac[a, b] = r.a_fraction_in_b
-        pages[a, b] = r.a_pages_in_b
-        extra[a, b] = r.extra_saved_bytes
+    a = np.array([pos[x] for x in pw["input_a"]], np.int64)
+    b = np.array([pos[x] for x in pw["input_b"]], np.int64)
+    fraction = np.asarray(pw["a_fraction_in_b"], np.float64)
+    clusters = [list(range(n))] if n <= ANNOTATED_INPUTS else _clusters(n, a, b, fraction)
+    shown: list[list[int]] = []
+    kept: list[int] = []
+    total = 0
+    for members in clusters:  # the largest first
+        if total + len(members) > SHOWN_INPUTS and shown:
+            break
+        shown.append(members)
+        kept += members
+        total += len(members)
+    m = len(kept)
+    at = np.full(n, -1, np.int64)
+    at[kept] = np.arange(m)
+    inside = (at[a] >= 0) & (at[b] >= 0)
+    ra, rb = at[a[inside]], at[b[inside]]
+    frac = np.zeros((m, m))  # a pair not in the table shares nothing (or was cut)
+    frac[ra, rb] = fraction[inside]
+    np.fill_diagonal(frac, np.nan)
+    pages = np.zeros((m, m), np.int64)
+    pages[ra, rb] = np.asarray(pw["a_pages_in_b"], np.int64)[inside]
+    extra = np.zeros((m, m), np.int64)
+    extra[ra, rb] = np.asarray(pw["extra_saved_bytes"], np.int64)[inside]
     # At most 20 inches a side: a hundred inputs must not need tens of thousands of pixels.
-    side = min(MAX_INCHES, max(5.0, 1.6 * n + 2.5))
+    side = min(MAX_INCHES, max(5.0, 1.6 * m + 2.5))
     fig = _figure(side + 1.5, side)
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(frac) * 100, vmin=0, vmax=100, cmap="Blues")
+    image = ax.imshow(np.ma.masked_invalid(frac) * 100, vmin=0, vmax=100, cmap="Blues",
+                      interpolation="nearest")
     ax.set_facecolor("#eeeeee")
-    fontsize = max(6, 11 - n)
-    for a in range(n if n <= ANNOTATED_INPUTS else 0):  # beyond, cells are too small to read
-        for b in range(n):
-            if a == b:
-                ax.text(b, a, "—", ha="center", va="center", fontsize=fontsize)
+    fontsize = max(6, 11 - m)
+    for i in range(m if m <= ANNOTATED_INPUTS else 0):  # beyond, cells are too small to read
+        for j in range(m):
+            if i == j:
+                ax.text(j, i, "—", ha="center", va="center", fontsize=fontsize)
                 continue
-            label = (f"{pages[a, b]:,} pages\n{frac[a, b] * 100:.1f}%\n"
-                     f"{human_bytes(extra[a, b])} more saved")
-            color = "white" if frac[a, b] > 0.6 else "black"
-            ax.text(b, a, label, ha="center", va="center", fontsize=fontsize, color=color)
-    step = -(-n // LABELLED_INPUTS)  # label every input, or every step-th of many
-    shown = [printable(name) for name in names[::step]]  # from files: no control characters
-    ax.set_xticks(range(0, n, step), shown, rotation=30, ha="right",
-                  fontsize=min(10, max(4, 300 // n)))
-    ax.set_yticks(range(0, n, step), shown, fontsize=min(10, max(4, 300 // n)))
-    ax.set_xlabel("also present in (input B)")
-    ax.set_ylabel("non-zero pages of (input A)")
+            label = (f"{pages[i, j]:,} pages\n{frac[i, j] * 100:.1f}%\n"
+                     f"{human_bytes(extra[i, j])} more saved")
+            color = "white" if frac[i, j] > 0.6 else "black"
+            ax.text(j, i, label, ha="center", va="center", fontsize=fontsize, color=color)
+    labels = [printable(names[i]) for i in kept]  # from files: no control characters
+    if m <= LABELLED_INPUTS:
+        ticks = list(range(m))
+    else:  # one label per cluster, at its middle (every step-th of many clusters)
+        starts = np.cumsum([0] + [len(c) for c in shown])
+        step = -(-len(shown) // LABELLED_INPUTS)
+        ticks = [(starts[k] + starts[k + 1] - 1) / 2 for k in range(0, len(shown), step)]
+        labels = [printable(names[c[0]]) + (f" +{len(c) - 1:,}" if len(c) > 1 else "")
+                  for c in shown[::step]]
+    size = min(10, max(5, 300 // max(len(ticks), 1)))
+    ax.set_xticks(ticks, labels, rotation=30 if m <= ANNOTATED_INPUTS else 90,
+                  ha="right" if m <= ANNOTATED_INPUTS else "center", fontsize=size)
+    ax.set_yticks(ticks, labels, fontsize=size)
+    if len(clusters) > 1 and m > ANNOTATED_INPUTS:
+        edge = 0
+        for members in shown:  # each cluster of two or more outlined on the diagonal
+            if len(members) > 1:
+                ax.add_patch(Rectangle((edge - 0.5, edge - 0.5), len(members), len(members),
+                                       fill=False, edgecolor="#d62728",
+                                       linewidth=1.2 if m <= LABELLED_INPUTS else 0.8))
+            edge += len(members)
+    many = m > ANNOTATED_INPUTS
+    ax.set_xlabel("also present in (input B)" + (", by cluster" if many else ""))
+    ax.set_ylabel("non-zero pages of (input A)" + (", by cluster" if many else ""))
+    notes = []
+    if many:
+        big = sum(len(c) > 1 for c in clusters)
+        lone = len(clusters) - big
+        notes.append(f"{counted(n, 'input')} in {counted(big, 'cluster')} of inputs that share "
+                     "most (outlined)" + (f" and {counted(lone, 'lone input')}" if lone else ""))
+    if m < n:
+        notes.append(f"the largest clusters shown: {m:,} of {n:,} inputs (pairwise.csv has all)")
+    top = result.options.pairs_top
+    if top and len(a) and np.bincount(a).max() >= top:  # some row may have been cut
+        notes.append(f"at most {top:,} inputs per row (--pairs-top): a blank cell shares "
+                     "nothing or less")
     ax.set_title("Pairwise sharing: pages of A whose content is also in B\n"
-                 "(and the extra memory saved if only A and B shared a host)\n"
-                 f"({_policy_words(result)})", fontsize=11)
+                 + ("" if many else "(and the extra memory saved if only A and B shared a "
+                    "host)\n")
+                 + "".join(f"{note}\n" for note in notes)
+                 + f"({_policy_words(result)})", fontsize=11)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("pages of A also in B (% of A's non-zero pages)")
     return fig
+
+
+def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> list[list[int]]:
+    """Inputs ``0..n-1`` in clusters of inputs that share most, the largest first.
+
+    Single linkage over the pairs given: pairs joined by their similarity (the larger of
+    A's share in B and B's in A), highest first, as a dendrogram is built; the cut is at the
+    largest drop between two successive joins (when it is at least 0.1; else every join
+    counts), so a fleet of families under one base image falls into its families. Within a
+    cluster, inputs follow the order they joined in: the most alike side by side.
+    """
+    sim: dict[tuple[int, int], float] = {}
+    for x, y, f in zip(a.tolist(), b.tolist(), fraction.tolist(), strict=True):
+        key = (x, y) if x < y else (y, x)
+        sim[key] = max(sim.get(key, 0.0), f)
+    edges = sorted(((f, x, y) for (x, y), f in sim.items() if f > 0),
+                   key=lambda e: (-e[0], e[1], e[2]))
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    joins: list[tuple[float, int, int]] = []
+    for f, x, y in edges:  # Kruskal: the joins of the dendrogram, highest first
+        rx, ry = root(x), root(y)
+        if rx != ry:
+            parent[ry] = rx
+            joins.append((f, x, y))
+    heights = np.array([f for f, _, _ in joins])
+    cut = len(joins)
+    if len(joins) > 1:
+        drops = heights[:-1] - heights[1:]
+        if drops.max() >= 0.1:
+            cut = int(np.argmax(drops)) + 1
+    parent = list(range(n))
+    members = {i: [i] for i in range(n)}
+    for _, x, y in joins[:cut]:
+        rx, ry = root(x), root(y)
+        if len(members[rx]) < len(members[ry]):
+            rx, ry = ry, rx
+        parent[ry] = rx
+        members[rx] += members.pop(ry)
+    return sorted(members.values(), key=lambda c: (-len(c), min(c)))
 
 
 def plot_address_map(result: Analysis) -> Figure:

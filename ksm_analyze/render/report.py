@@ -28,7 +28,7 @@ import pandas as pd
 from .._version import __version__
 from ..analysis import TABLES
 from ..errors import printable
-from ..units import human_bytes
+from ..units import counted, human_bytes
 from .files import DIR_MODE, FILE_MODE, atomic_write, csv_text
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ CHARTS = {
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
 TIME_CHARTS = ("timeline", "ksmd_settings")
+PAIRS_SHOWN = 500
+"""Rows of the pairwise table in index.html (the most alike pairs; the CSV has all)."""
 """The charts of the "Over time" section (the others are under "Charts")."""
 HOST_COLUMNS = {
     "steady_state": ("ksmd replayed, steady",
@@ -284,6 +286,12 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     pairwise_title = (
         "Pairwise sharing (non-zero pages; extra saving if only the two share a host)"
     )
+    pairs = result.pairwise
+    if len(pairs) > PAIRS_SHOWN:  # thousands of inputs: the most alike pairs, not a book
+        pairs = pairs.sort_values("a_pages_in_b", ascending=False, kind="stable").head(
+            PAIRS_SHOWN)
+        pairwise_title += (f": the {counted(PAIRS_SHOWN, 'pair')} with the most pages of A "
+                           f"in B, of {len(result.pairwise):,}")
     sections = (
         ("per_input", "Inputs (pages)", result.per_input, False),
         ("host", ("KSM counters, all inputs on one host (general_profit in bytes; sizes "
@@ -291,7 +299,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
          result.host, True),
         ("savings", "Savings", result.savings, True),
         ("histogram", "Sharing-degree histogram", result.histogram, False),
-        ("pairwise", pairwise_title, result.pairwise, False),
+        ("pairwise", pairwise_title, pairs, False),
         ("top_contents", "Most duplicated contents (SHA-256 shortened to 16 hex digits)",
          _short_hashes(result.top_contents), False),
     )
