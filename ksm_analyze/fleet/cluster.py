@@ -1,0 +1,166 @@
+"""Combining fingerprint files on a Dask cluster: :func:`~.combine.combine`'s result, with
+the aggregation on the workers.
+
+The steps are :mod:`.combine`'s, run as Dask tasks (futures, no graph of our own):
+
+1. one task per fingerprint file (``file_pieces``), on a worker that reads the file by its
+   path as stage 1's tasks read dumps (:mod:`.sources`); its ``partitions`` pieces of
+   SPILL records stay on that worker, each a future of its own (a small task picks it out
+   of the file's result, where that result is);
+2. one task per partition (``count_partition``) on that partition's pieces from every
+   file: Dask moves them worker to worker, never through the client;
+3. the client receives each file's input rows and each partition's counts (sparse rows of
+   the contents held twice or more, unique pages per input) and assembles the core table.
+
+A worker that dies loses the pieces it held; Dask runs the tasks that made them again
+(their lineage), and a task whose worker died is run again (:data:`~.sources.TASK_RETRIES`
+counts the other failures). Workers keep what they hold in memory up to their memory limit
+and spill to disk beyond it (``distributed.worker.memory.spill``, a fraction of the limit,
+0.7 by default; the limit is ``dask worker --memory-limit``, or the machine's memory
+divided among a ``local:N`` cluster's workers).
+
+Input numbers: a file's task numbers its inputs from 0 (it does not know how many inputs
+the files before it hold, and reading every file's metadata on the client first would need
+the files here and cost a Parquet open each before any task starts); each partition's task
+adds every file's offset, from the rows the client received, as it joins the pieces (a copy
+``count_partition`` would make anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..content_table import ContentTable
+from ..eligibility import Scope
+from ..errors import InputError, KsmAnalyzeError
+from ..options import DEFAULT_OPTIONS, ProgressCallback
+from . import combine as _combine
+from . import sources
+
+__all__ = ["combine_on_cluster"]
+
+
+def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: str,
+                       partitions: int = 16, scope: Scope = DEFAULT_OPTIONS.scope,
+                       tasks: ProgressCallback | None = None) -> ContentTable:
+    """:func:`~.combine.combine` of ``files`` with the work on the Dask cluster ``scheduler``
+    (``tcp://HOST:PORT``, or ``local[:N]``: ``--scheduler``); the same table.
+
+    Args:
+        files: fingerprint files with content hashes, read by the workers by path (made
+            absolute here).
+        scheduler: the cluster, as ``--scheduler`` takes it.
+        partitions: how many parts the hash space is cut into (a power of two): each is
+            one task, holding about 60 bytes times the fleet's non-zero pages divided by this.
+        scope: which process memory KSM scans (as ``--scope``).
+        tasks: called with (tasks done, tasks in all): a task per file, then per partition.
+
+    Raises:
+        DumpFormatError: a file is damaged (the worker that read it named).
+        InputError: a file carries no content hashes or cannot be read there; the scheduler
+            does not answer, or a task's workers kept dying.
+    """
+    _combine._check_partitions(partitions)
+    paths = [os.path.abspath(os.fspath(f)) for f in files]
+    if not paths:
+        return _combine.combine([], partitions=partitions, scope=scope)
+    run = uuid.uuid4().hex[:12]  # keys of this run, apart from others' on a shared scheduler
+    total = len(paths) + partitions
+    with sources.dask_client(scheduler) as client:
+        heads, pieces = [], []
+        for i, path in enumerate(paths):
+            whole = client.submit(_file_task, path, scope, partitions, pure=False,
+                                  key=f"ksm-file-{run}-{i}", retries=sources.TASK_RETRIES)
+            heads.append(client.submit(_head, whole, key=f"ksm-rows-{run}-{i}"))
+            pieces.append(client.map(_piece, [whole] * partitions, range(partitions),
+                                     key=[f"ksm-piece-{run}-{i}-{p}" for p in range(partitions)]))
+            del whole  # its pieces and rows hold it until they are made, then it is freed
+        if tasks is not None:
+            tasks(0, total)
+        named = {f"ksm-{kind}-{run}-{i}": p for i, p in enumerate(paths)
+                 for kind in ("file", "rows")}  # a task that kept dying: its file
+        got: dict[Any, tuple[list[dict[str, Any]], int]] = {}
+        for done, (future, head) in enumerate(_finished(client, heads, scheduler, named), 1):
+            if isinstance(head, KsmAnalyzeError):
+                raise head
+            got[future.key] = head
+            if tasks is not None:
+                tasks(done, total)
+        rows: list[dict[str, Any]] = []
+        offsets = np.zeros(len(paths), np.uint32)
+        page_size = 0
+        for i, h in enumerate(heads):
+            mine, page_size = got.pop(h.key)
+            offsets[i] = len(rows)
+            rows += mine
+        del heads, got
+        counting = [client.submit(_partition_task, [of_file[p] for of_file in pieces], offsets,
+                                  len(rows), key=f"ksm-partition-{run}-{p}", pure=False,
+                                  retries=sources.TASK_RETRIES)
+                    for p in range(partitions)]
+        del pieces  # held by the partition tasks now; freed as they finish
+        number = {c.key: p for p, c in enumerate(counting)}
+        counts: list[Any] = [None] * partitions
+        for done, (future, c) in enumerate(_finished(client, counting, scheduler, named),
+                                           len(paths) + 1):
+            counts[number[future.key]] = c
+            if tasks is not None:
+                tasks(done, total)
+    return _combine.assemble(rows, counts, page_size)
+
+
+def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str, str]
+              ) -> Iterator[tuple[Any, Any]]:
+    """:func:`.sources.finished`, with a task whose workers kept dying one line naming its
+    file (``named``: by key) or the scheduler."""
+    from distributed import KilledWorker
+
+    try:
+        yield from sources.finished(client, futures, address)
+    except KilledWorker as e:
+        file = named.get(str(e.task))
+        raise InputError("the Dask workers running its task kept dying (a worker's memory "
+                         "limit too small for a partition?)", path=file or address) from None
+
+
+def _file_task(path: str, scope: Scope, partitions: int
+               ) -> tuple[list[dict[str, Any]], int, list[np.ndarray]] | KsmAnalyzeError:
+    """One file's rows, page size and pieces (inputs numbered from 0), on a worker. What is
+    wrong with the file comes back as a value, not raised: Dask would run it again."""
+    try:
+        rows, pieces, page_size = _combine.file_pieces(path, scope=scope,
+                                                       partitions=partitions)
+    except KsmAnalyzeError as e:
+        from distributed import get_worker
+
+        return sources._on_worker(e, get_worker().address)
+    return rows, page_size, pieces
+
+
+def _head(whole: Any) -> tuple[list[dict[str, Any]], int] | KsmAnalyzeError:
+    """What of a file's task goes to the client: its rows and page size (or its error)."""
+    return whole if isinstance(whole, KsmAnalyzeError) else (whole[0], whole[1])
+
+
+def _piece(whole: Any, p: int) -> np.ndarray:
+    """Partition ``p``'s piece of a file's task (nothing, for a file that failed)."""
+    return np.empty(0, _combine.SPILL) if isinstance(whole, KsmAnalyzeError) else whole[2][p]
+
+
+def _partition_task(pieces: Sequence[np.ndarray], offsets: np.ndarray, ninputs: int
+                    ) -> _combine.PartitionCounts:
+    """One partition's counts from every file's piece of it, each renumbered by its file's
+    first input (into a new array: the pieces stay as they are, should a retry need them)."""
+    lengths = [len(piece) for piece in pieces]
+    spill = np.empty(sum(lengths), _combine.SPILL)
+    at = 0
+    for piece in pieces:
+        spill[at : at + len(piece)] = piece
+        at += len(piece)
+    spill["input"] += np.repeat(offsets, lengths)
+    return _combine.count_partition([spill], ninputs)
