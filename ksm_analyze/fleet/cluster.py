@@ -14,10 +14,11 @@ The steps are :mod:`.combine`'s, run as Dask tasks (futures, no graph of our own
 
 A worker that dies loses the pieces it held; Dask runs the tasks that made them again
 (their lineage), and a task whose worker died is run again (:data:`~.sources.TASK_RETRIES`
-counts the other failures). Workers keep what they hold in memory up to their memory limit
-and spill to disk beyond it (``distributed.worker.memory.spill``, a fraction of the limit,
-0.7 by default; the limit is ``dask worker --memory-limit``, or the machine's memory
-divided among a ``local:N`` cluster's workers).
+counts the other failures). Workers spill what they hold to disk past Dask's
+``distributed.worker.memory.target`` (0.6 of their memory limit, by the size of what they
+hold) or ``distributed.worker.memory.spill`` (0.7, by the process's memory); the limit is
+``dask worker --memory-limit``, or the machine's memory divided among a ``local:N``
+cluster's workers.
 
 Input numbers: a file's task numbers its inputs from 0 (it does not know how many inputs
 the files before it hold, and reading every file's metadata on the client first would need
