@@ -54,9 +54,9 @@ def _same_counters(got, want) -> None:
         assert got.subset([0, 3, 4]).counters(ksm) == want.subset([0, 3, 4]).counters(ksm)
 
 
-@pytest.mark.parametrize("partitions", [1, 4])
+@pytest.mark.parametrize(("partitions", "files_per_task", "tasks"), [(1, None, 6), (4, 4, 2)])
 def test_the_cluster_gives_the_table_of_combine_and_analyze(cluster, fleet, partitions,
-                                                             monkeypatch):
+                                                             files_per_task, tasks, monkeypatch):
     address, _ = cluster
     _, files, analyzed = fleet
     arrived: list[object] = []  # everything the client receives from the workers
@@ -76,19 +76,22 @@ def test_the_cluster_gives_the_table_of_combine_and_analyze(cluster, fleet, part
     monkeypatch.setattr(distributed.Client, "gather", noted_gather)
     progress: list[tuple[int, int]] = []
     got = combine_on_cluster(files, scheduler=address, partitions=partitions,
+                             files_per_task=files_per_task,
                              tasks=lambda done, of: progress.append((done, of)))
     monkeypatch.undo()
     _same_table(got, combine(files, partitions=partitions))
     _same_counters(got, analyzed)
     assert len(got.content) > 0 and sum(r["unique_pages"] for r in got.input_columns.rows()) > 0
     # Only each file's rows and each partition's counts came to the client: no pieces.
+    # (6 files: one a task on two workers; 4 a task at most: tasks of 4 and 2 files.)
     heads = [a for a in arrived if isinstance(a, tuple)]
-    assert len(heads) == len(files)
-    assert all(isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
-               and isinstance(size, int) for rows, size in heads)
+    assert len(heads) == tasks
+    assert sorted(len(rows) for rows, _ in heads) == ([1] * 6 if tasks == 6 else [2, 4])
+    assert all(isinstance(r, dict) for rows, size in heads for mine in rows for r in mine)
+    assert {size for _, size in heads} == {4096}
     assert sum(isinstance(a, PartitionCounts) for a in arrived) == partitions
-    assert len(arrived) == len(files) + partitions
-    total = len(files) + partitions
+    assert len(arrived) == tasks + partitions
+    total = tasks + partitions
     assert progress == [(k, total) for k in range(total + 1)]
 
 
@@ -98,7 +101,7 @@ def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
     killed: list[str] = []
 
     def kill_a_holder(done: int, of: int) -> None:
-        if done != len(files):  # every file task done; the partition tasks not yet sent
+        if done != of - 4:  # every file task done; the partition tasks not yet sent
             return
         held = {w: [k for k in keys if str(k).startswith("ksm-piece-")]
                 for w, keys in watcher.has_what().items()}
@@ -108,7 +111,8 @@ def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
         os.kill(pid, signal.SIGKILL)
         killed.append(victim)
 
-    got = combine_on_cluster(files, scheduler=address, partitions=4, tasks=kill_a_holder)
+    got = combine_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
+                             tasks=kill_a_holder)
     assert killed
     _same_table(got, combine(files, partitions=4))
     _same_counters(got, analyzed)

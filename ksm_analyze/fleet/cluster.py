@@ -3,10 +3,10 @@ the aggregation on the workers.
 
 The steps are :mod:`.combine`'s, run as Dask tasks (futures, no graph of our own):
 
-1. one task per fingerprint file (``file_pieces``), on a worker that reads the file by its
-   path as stage 1's tasks read dumps (:mod:`.sources`); its ``partitions`` pieces of
-   SPILL records stay on that worker, each a future of its own (a small task picks it out
-   of the file's result, where that result is);
+1. one task per fingerprint file, or per run of small ones (``file_pieces``), on a worker
+   that reads the files by path as stage 1's tasks read dumps (:mod:`.sources`); its
+   ``partitions`` pieces of SPILL records stay on that worker, each a future of its own (a
+   small task picks it out of the task's result, where that result is);
 2. one task per partition (``count_partition``) on that partition's pieces from every
    file: Dask moves them worker to worker, never through the client;
 3. the client receives each file's input rows and each partition's counts (sparse rows of
@@ -20,11 +20,11 @@ hold) or ``distributed.worker.memory.spill`` (0.7, by the process's memory); the
 ``dask worker --memory-limit``, or the machine's memory divided among a ``local:N``
 cluster's workers.
 
-Input numbers: a file's task numbers its inputs from 0 (it does not know how many inputs
+Input numbers: a files task numbers its inputs from 0 (it does not know how many inputs
 the files before it hold, and reading every file's metadata on the client first would need
 the files here and cost a Parquet open each before any task starts); each partition's task
-adds every file's offset, from the rows the client received, as it joins the pieces (a copy
-``count_partition`` would make anyway).
+adds every files task's offset, from the rows the client received, as it joins the pieces
+(a copy ``count_partition`` would make anyway).
 """
 
 from __future__ import annotations
@@ -46,9 +46,16 @@ from . import sources
 __all__ = ["combine_on_cluster"]
 
 
+GROUP_BYTES = 64 << 20
+"""Fingerprint files read by one task, in bytes on disk (unknown here: one file a task)."""
+TASKS_PER_WORKER = 4
+"""Fewest file tasks per worker the files are cut into, where there are enough files."""
+
+
 def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: str,
                        partitions: int = 16, scope: Scope = DEFAULT_OPTIONS.scope,
-                       tasks: ProgressCallback | None = None) -> ContentTable:
+                       tasks: ProgressCallback | None = None,
+                       files_per_task: int | None = None) -> ContentTable:
     """:func:`~.combine.combine` of ``files`` with the work on the Dask cluster ``scheduler``
     (``tcp://HOST:PORT``, or ``local[:N]``: ``--scheduler``); the same table.
 
@@ -59,7 +66,12 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
         partitions: how many parts the hash space is cut into (a power of two): each is
             one task, holding about 60 bytes times the fleet's non-zero pages divided by this.
         scope: which process memory KSM scans (as ``--scope``).
-        tasks: called with (tasks done, tasks in all): a task per file, then per partition.
+        tasks: called with (tasks done, tasks in all): the file tasks, then the partitions.
+        files_per_task: how many files one task reads, at most (default: consecutive files
+            up to :data:`GROUP_BYTES` on disk, and at least :data:`TASKS_PER_WORKER` tasks
+            per worker; a file not readable here is a task of its own). Dask spends about a
+            millisecond on each task, and each task here is ``partitions + 2`` of them: one
+            task per small file would cost more than reading it.
 
     Raises:
         DumpFormatError: a file is damaged (the worker that read it named).
@@ -67,25 +79,29 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
             does not answer, or a task's workers kept dying.
     """
     _combine._check_partitions(partitions)
+    if files_per_task is not None and files_per_task < 1:
+        raise ValueError(f"files_per_task must be at least 1, not {files_per_task}")
     paths = [os.path.abspath(os.fspath(f)) for f in files]
     if not paths:
         return _combine.combine([], partitions=partitions, scope=scope)
     run = uuid.uuid4().hex[:12]  # keys of this run, apart from others' on a shared scheduler
-    total = len(paths) + partitions
     with sources.dask_client(scheduler) as client:
+        workers = len(client.scheduler_info().get("workers", {})) or 1
+        groups = _groups(paths, files_per_task or -(-len(paths) // (TASKS_PER_WORKER * workers)))
+        total = len(groups) + partitions
         heads, pieces = [], []
-        for i, path in enumerate(paths):
-            whole = client.submit(_file_task, path, scope, partitions, pure=False,
-                                  key=f"ksm-file-{run}-{i}", retries=sources.TASK_RETRIES)
-            heads.append(client.submit(_head, whole, key=f"ksm-rows-{run}-{i}"))
+        named: dict[str, str] = {}  # a task that kept dying: its first file
+        for g, group in enumerate(groups):
+            whole = client.submit(_files_task, group, scope, partitions, pure=False,
+                                  key=f"ksm-files-{run}-{g}", retries=sources.TASK_RETRIES)
+            heads.append(client.submit(_head, whole, key=f"ksm-rows-{run}-{g}"))
             pieces.append(client.map(_piece, [whole] * partitions, range(partitions),
-                                     key=[f"ksm-piece-{run}-{i}-{p}" for p in range(partitions)]))
+                                     key=[f"ksm-piece-{run}-{g}-{p}" for p in range(partitions)]))
+            named[whole.key] = named[heads[-1].key] = group[0]
             del whole  # its pieces and rows hold it until they are made, then it is freed
         if tasks is not None:
             tasks(0, total)
-        named = {f"ksm-{kind}-{run}-{i}": p for i, p in enumerate(paths)
-                 for kind in ("file", "rows")}  # a task that kept dying: its file
-        got: dict[Any, tuple[list[dict[str, Any]], int]] = {}
+        got: dict[Any, tuple[list[list[dict[str, Any]]], int]] = {}
         for done, (future, head) in enumerate(_finished(client, heads, scheduler, named), 1):
             if isinstance(head, KsmAnalyzeError):
                 raise head
@@ -93,26 +109,47 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
             if tasks is not None:
                 tasks(done, total)
         rows: list[dict[str, Any]] = []
-        offsets = np.zeros(len(paths), np.uint32)
+        offsets = np.zeros(len(groups), np.uint32)
         page_size = 0
-        for i, h in enumerate(heads):
-            mine, page_size = got.pop(h.key)
-            offsets[i] = len(rows)
-            rows += mine
+        for g, h in enumerate(heads):
+            of_files, page_size = got.pop(h.key)
+            offsets[g] = len(rows)
+            for mine in of_files:
+                rows += mine
         del heads, got
-        counting = [client.submit(_partition_task, [of_file[p] for of_file in pieces], offsets,
-                                  len(rows), key=f"ksm-partition-{run}-{p}", pure=False,
-                                  retries=sources.TASK_RETRIES)
+        counting = [client.submit(_partition_task, [of_group[p] for of_group in pieces],
+                                  offsets, len(rows), key=f"ksm-partition-{run}-{p}",
+                                  pure=False, retries=sources.TASK_RETRIES)
                     for p in range(partitions)]
         del pieces  # held by the partition tasks now; freed as they finish
         number = {c.key: p for p, c in enumerate(counting)}
         counts: list[Any] = [None] * partitions
         for done, (future, c) in enumerate(_finished(client, counting, scheduler, named),
-                                           len(paths) + 1):
+                                           len(groups) + 1):
             counts[number[future.key]] = c
             if tasks is not None:
                 tasks(done, total)
     return _combine.assemble(rows, counts, page_size)
+
+
+def _groups(paths: Sequence[str], most: int) -> list[list[str]]:
+    """``paths`` cut into runs of consecutive files, each one task's: at most ``most``
+    files, and no more than :data:`GROUP_BYTES` on disk past its first file (a file not
+    readable here counts as that much)."""
+    groups: list[list[str]] = []
+    size = 0
+    for path in paths:
+        try:
+            mine = os.path.getsize(path) if sources.readable_here(path) else GROUP_BYTES
+        except OSError:
+            mine = GROUP_BYTES
+        if groups and len(groups[-1]) < most and size + mine <= GROUP_BYTES:
+            groups[-1].append(path)
+            size += mine
+        else:
+            groups.append([path])
+            size = mine
+    return groups
 
 
 def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str, str]
@@ -129,39 +166,55 @@ def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str
                          "limit too small for a partition?)", path=file or address) from None
 
 
-def _file_task(path: str, scope: Scope, partitions: int
-               ) -> tuple[list[dict[str, Any]], int, list[np.ndarray]] | KsmAnalyzeError:
-    """One file's rows, page size and pieces (inputs numbered from 0), on a worker. What is
-    wrong with the file comes back as a value, not raised: Dask would run it again."""
+def _files_task(paths: Sequence[str], scope: Scope, partitions: int
+                ) -> tuple[list[list[dict[str, Any]]], int, list[np.ndarray]] | KsmAnalyzeError:
+    """Some files' rows (a list per file), page size and pieces (inputs numbered from 0 at
+    the first file), on a worker. What is wrong with a file comes back as a value, not
+    raised: Dask would run it again."""
+    rows: list[list[dict[str, Any]]] = []
+    parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
+    page_size = 0
     try:
-        rows, pieces, page_size = _combine.file_pieces(path, scope=scope,
-                                                       partitions=partitions)
+        for path in paths:
+            mine, pieces, page_size = _combine.file_pieces(
+                path, scope=scope, partitions=partitions, first_input=sum(map(len, rows)))
+            rows.append(mine)
+            for part, piece in zip(parts, pieces, strict=True):
+                part.append(piece)
+            del pieces
     except KsmAnalyzeError as e:
         from distributed import get_worker
 
         return sources._on_worker(e, get_worker().address)
-    return rows, page_size, pieces
+    return rows, page_size, [_joined(part) for part in parts]
 
 
-def _head(whole: Any) -> tuple[list[dict[str, Any]], int] | KsmAnalyzeError:
-    """What of a file's task goes to the client: its rows and page size (or its error)."""
+def _head(whole: Any) -> tuple[list[list[dict[str, Any]]], int] | KsmAnalyzeError:
+    """What of a files task goes to the client: its rows and page size (or its error)."""
     return whole if isinstance(whole, KsmAnalyzeError) else (whole[0], whole[1])
 
 
 def _piece(whole: Any, p: int) -> np.ndarray:
-    """Partition ``p``'s piece of a file's task (nothing, for a file that failed)."""
+    """Partition ``p``'s piece of a files task (nothing, for files that failed)."""
     return np.empty(0, _combine.SPILL) if isinstance(whole, KsmAnalyzeError) else whole[2][p]
 
 
 def _partition_task(pieces: Sequence[np.ndarray], offsets: np.ndarray, ninputs: int
                     ) -> _combine.PartitionCounts:
-    """One partition's counts from every file's piece of it, each renumbered by its file's
-    first input (into a new array: the pieces stay as they are, should a retry need them)."""
+    """One partition's counts from every files task's piece of it, each renumbered by the
+    first input of its files (into a new array: the pieces stay as they are, should a retry
+    need them)."""
     lengths = [len(piece) for piece in pieces]
-    spill = np.empty(sum(lengths), _combine.SPILL)
-    at = 0
-    for piece in pieces:
-        spill[at : at + len(piece)] = piece
-        at += len(piece)
+    spill = _joined(pieces)
     spill["input"] += np.repeat(offsets, lengths)
     return _combine.count_partition([spill], ninputs)
+
+
+def _joined(pieces: Sequence[np.ndarray]) -> np.ndarray:
+    """The :data:`~.combine.SPILL` records of ``pieces`` in one new array."""
+    out = np.empty(sum(len(piece) for piece in pieces), _combine.SPILL)
+    at = 0
+    for piece in pieces:
+        out[at : at + len(piece)] = piece
+        at += len(piece)
+    return out
