@@ -5,7 +5,8 @@ Runs, each in a fresh process, ``combine()`` (one process) and ``combine_on_clus
 ``--scheduler`` (default ``local:2``: a LocalCluster of two worker processes, children of
 the client), over every ``*.ksmfp.parquet`` of a folder; samples private memory
 (``Pss_Anon`` of ``smaps_rollup``) every 50 ms, of the client process alone and of its
-children (the workers) summed, and checks both give the same table.
+children (the workers) summed, measures the CPU time of the whole tree (steadier than wall
+time on a shared machine), and checks both give the same table.
 
     python /work/scratch/gen1000.py /tmp/f1000 1000 64 100     # or any fingerprint files
     python benchmarks/bench_cluster.py /tmp/f1000 --partitions 16
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import threading
@@ -52,9 +54,10 @@ if __name__ == "__main__":
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int, int, bytes]:
-    """Wall time, peak Pss_Anon of the process, peak of its children summed, and stdout."""
-    t = time.perf_counter()
+def run(cmd: list[str]) -> tuple[float, float, int, int, bytes]:
+    """Wall time, CPU time of the process and its children (each waited for by its parent),
+    peak Pss_Anon of the process, peak of its children summed, and stdout."""
+    t, used = time.perf_counter(), _cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
@@ -68,7 +71,12 @@ def run(cmd: list[str]) -> tuple[float, int, int, bytes]:
     reader.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return elapsed, client, workers, b"".join(chunks)
+    return elapsed, _cpu() - used, client, workers, b"".join(chunks)
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -81,11 +89,12 @@ def main() -> None:
     results = {}
     for name, where in (("one process: combine()", "-"),
                         (f"--scheduler {args.scheduler}: combine_on_cluster()", args.scheduler)):
-        wall, client, workers, out = run([sys.executable, "-c", RUN, str(args.folder),
+        wall, cpu, client, workers, out = run([sys.executable, "-c", RUN, str(args.folder),
                                           str(args.partitions), where])
         got = json.loads(out)
         results[name] = got
-        print(f"{name}: {wall:.1f} s in all ({got['seconds']:.1f} s combining), peak Pss_Anon "
+        print(f"{name}: {wall:.1f} s in all ({got['seconds']:.1f} s combining; CPU {cpu:.1f} s), "
+              "peak Pss_Anon "
               f"client {client / mib:.0f} MiB, workers {workers / mib:.0f} MiB; "
               f"{got['files']} files, {got['rows']} rows, pages_sharing {got['pages_sharing']}")
     one, other = results.values()
