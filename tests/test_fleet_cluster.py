@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import distributed
@@ -18,6 +19,7 @@ from test_fleet import _fingerprint, _many_inputs
 from ksm_analyze import analyze
 from ksm_analyze.errors import DumpFormatError, InputError
 from ksm_analyze.fleet import combine as combine_module
+from ksm_analyze.fleet import fingerprint_files as fpfile
 from ksm_analyze.fleet.cluster import combine_on_cluster
 from ksm_analyze.fleet.combine import PartitionCounts, combine
 from ksm_analyze.ksm import KsmSettings
@@ -139,8 +141,6 @@ def test_a_file_without_content_hashes_is_refused(cluster, fleet, tmp_path):
     address, _ = cluster
     _, files, _ = fleet
     stripped = tmp_path / "stripped.ksmfp.parquet"
-    from ksm_analyze.fleet import fingerprint_files as fpfile
-
     prints = fpfile.load(files[0])
     fpfile.save(stripped, prints, source=fpfile.metadata(files[0])["source"],
                 options=fpfile.options_of(files[0]), contents=None)  # no content columns
@@ -153,3 +153,14 @@ def test_no_files_is_the_empty_table_without_a_cluster():
     got = combine_on_cluster([], scheduler="tcp://127.0.0.1:1", partitions=4)
     _same_table(got, combine_module.combine([], partitions=4))
     assert len(got.input_columns) == 0
+
+
+def test_no_scheduler_there_is_one_line_naming_the_address(fleet, monkeypatch):
+    _, files, _ = fleet
+    monkeypatch.setenv("KSM_ANALYZE_SCHEDULER_TIMEOUT", "0.5")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(InputError) as e:
+        combine_on_cluster(files, scheduler=address, partitions=2)
+    assert str(e.value) == f"{address}: no Dask scheduler answered there within 0.5 s"
