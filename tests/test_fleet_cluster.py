@@ -116,6 +116,11 @@ def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
     got = combine_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
                              tasks=kill_a_holder)
     assert killed
+    # The scheduler ran a files task again for the lost pieces (a key is one run's).
+    ran = watcher.run_on_scheduler(lambda dask_scheduler: [
+        str(t[0]) for t in dask_scheduler.transition_log if t[2] == "memory"])
+    files_tasks = [k for k in ran if k.startswith("ksm-files-")]
+    assert len(files_tasks) > len(set(files_tasks)), files_tasks
     _same_table(got, combine(files, partitions=4))
     _same_counters(got, analyzed)
     watcher.wait_for_workers(2, timeout=60)  # the nanny started another (for the next test)
