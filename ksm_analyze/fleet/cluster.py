@@ -47,7 +47,8 @@ __all__ = ["combine_on_cluster"]
 
 
 GROUP_BYTES = 64 << 20
-"""Fingerprint files read by one task, in bytes on disk (unknown here: one file a task)."""
+"""Most bytes on disk of the fingerprint files one task reads past its first (a file not
+readable here counts as this much: a task of its own)."""
 TASKS_PER_WORKER = 4
 """Fewest file tasks per worker the files are cut into, where there are enough files."""
 
@@ -77,6 +78,8 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
         DumpFormatError: a file is damaged (the worker that read it named).
         InputError: a file carries no content hashes or cannot be read there; the scheduler
             does not answer, or a task's workers kept dying.
+        ValueError: ``scheduler`` is not a form ``--scheduler`` takes, ``partitions`` not a
+            power of two, or ``files_per_task`` below 1.
     """
     _combine._check_partitions(partitions)
     if files_per_task is not None and files_per_task < 1:
