@@ -48,7 +48,12 @@ __all__ = ["combine_on_cluster"]
 
 GROUP_BYTES = 64 << 20
 """Most bytes on disk of the fingerprint files one task reads past its first (a file not
-readable here counts as this much: a task of its own)."""
+readable here counts as this much: a task of its own), and at most a worker's memory limit
+divided by :data:`GROUP_SHARE`."""
+GROUP_SHARE = 32
+"""A fingerprint file holds about 20 bytes a page on disk, and a task holds 20 bytes a page
+of its files, twice while it joins them: a task's files take about a 16th of a worker's
+memory limit, leaving room for the worker itself and for what it keeps before it spills."""
 TASKS_PER_WORKER = 4
 """Fewest file tasks per worker the files are cut into, where there are enough files."""
 
@@ -69,7 +74,8 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
         scope: which process memory KSM scans (as ``--scope``).
         tasks: called with (tasks done, tasks in all): the file tasks, then the partitions.
         files_per_task: how many files one task reads, at most (default: consecutive files
-            up to :data:`GROUP_BYTES` on disk, and at least :data:`TASKS_PER_WORKER` tasks
+            up to :data:`GROUP_BYTES` on disk or a worker's memory limit over
+            :data:`GROUP_SHARE`, and at least :data:`TASKS_PER_WORKER` tasks
             per worker; a file not readable here is a task of its own). Dask spends about a
             millisecond on each task, and each task here is ``partitions + 2`` of them: one
             task per small file would cost more than reading it.
@@ -89,8 +95,12 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
         return _combine.combine([], partitions=partitions, scope=scope)
     run = uuid.uuid4().hex[:12]  # keys of this run, apart from others' on a shared scheduler
     with sources.dask_client(scheduler) as client:
-        workers = len(client.scheduler_info().get("workers", {})) or 1
-        groups = _groups(paths, files_per_task or -(-len(paths) // (TASKS_PER_WORKER * workers)))
+        workers = client.scheduler_info().get("workers", {})
+        limits = [w.get("memory_limit") or 0 for w in workers.values()]
+        most_bytes = min([GROUP_BYTES] + [limit // GROUP_SHARE for limit in limits if limit])
+        groups = _groups(paths, files_per_task or -(-len(paths) // (TASKS_PER_WORKER
+                                                                   * max(len(workers), 1))),
+                         most_bytes)
         total = len(groups) + partitions
         heads, pieces = [], []
         named: dict[str, str] = {}  # a task that kept dying: its first file
@@ -135,18 +145,19 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
     return _combine.assemble(rows, counts, page_size)
 
 
-def _groups(paths: Sequence[str], most: int) -> list[list[str]]:
+def _groups(paths: Sequence[str], most: int, most_bytes: int = GROUP_BYTES
+            ) -> list[list[str]]:
     """``paths`` cut into runs of consecutive files, each one task's: at most ``most``
-    files, and no more than :data:`GROUP_BYTES` on disk past its first file (a file not
+    files, and no more than ``most_bytes`` on disk past its first file (a file not
     readable here counts as that much)."""
     groups: list[list[str]] = []
     size = 0
     for path in paths:
         try:
-            mine = os.path.getsize(path) if sources.readable_here(path) else GROUP_BYTES
+            mine = os.path.getsize(path) if sources.readable_here(path) else most_bytes
         except OSError:
-            mine = GROUP_BYTES
-        if groups and len(groups[-1]) < most and size + mine <= GROUP_BYTES:
+            mine = most_bytes
+        if groups and len(groups[-1]) < most and size + mine <= most_bytes:
             groups[-1].append(path)
             size += mine
         else:
@@ -166,7 +177,8 @@ def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str
     except KilledWorker as e:
         file = named.get(str(e.task))
         raise InputError("the Dask workers running its task kept dying (a worker's memory "
-                         "limit too small for a partition?)", path=file or address) from None
+                         "limit too small for it? more partitions make tasks smaller)",
+                         path=file or address) from None
 
 
 def _files_task(paths: Sequence[str], scope: Scope, partitions: int
