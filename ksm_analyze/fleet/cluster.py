@@ -176,9 +176,12 @@ def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str
         yield from sources.finished(client, futures, address)
     except KilledWorker as e:
         file = named.get(str(e.task))
-        raise InputError("the Dask workers running its task kept dying (a worker's memory "
-                         "limit too small for it? more partitions make tasks smaller)",
-                         path=file or address) from None
+        if file is not None:
+            raise InputError("the Dask workers reading it kept dying (a worker's memory "
+                             "limit too small for it?)", path=file) from None
+        raise InputError("the Dask workers counting a partition kept dying (a worker's "
+                         "memory limit too small for it? more partitions make each smaller)",
+                         path=address) from None
 
 
 def _files_task(paths: Sequence[str], scope: Scope, partitions: int
