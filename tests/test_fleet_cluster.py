@@ -169,3 +169,21 @@ def test_no_scheduler_there_is_one_line_naming_the_address(fleet, monkeypatch):
     with pytest.raises(InputError) as e:
         combine_on_cluster(files, scheduler=address, partitions=2)
     assert str(e.value) == f"{address}: no Dask scheduler answered there within 0.5 s"
+
+
+def test_a_task_that_kept_killing_its_workers_is_one_line(monkeypatch):
+    from ksm_analyze.fleet import cluster as cluster_module
+    from ksm_analyze.fleet import sources
+
+    def dying(client, futures, address):
+        raise distributed.KilledWorker(futures[0], None, 3)
+        yield  # a generator, as sources.finished is
+
+    monkeypatch.setattr(sources, "finished", dying)
+    named = {"ksm-files-x-0": "/fp/a.ksmfp.parquet"}
+    with pytest.raises(InputError) as e:
+        list(cluster_module._finished(None, ["ksm-files-x-0"], "tcp://h:1", named))
+    assert str(e.value) == ("/fp/a.ksmfp.parquet: the Dask workers reading it kept dying "
+                            "(a worker's memory limit too small for it?)")
+    with pytest.raises(InputError, match=r"^tcp://h:1: the Dask workers counting a partition"):
+        list(cluster_module._finished(None, ["ksm-partition-x-3"], "tcp://h:1", named))
