@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -371,17 +371,69 @@ def _on_worker(error: KsmAnalyzeError, worker: str) -> KsmAnalyzeError:
     return error
 
 
+@contextlib.contextmanager
+def dask_client(address: str, options: ScanOptions | None = None) -> Iterator[Any]:
+    """A client of the scheduler at ``address`` (``tcp://HOST:PORT``, or ``local[:N]`` for a
+    new local cluster: :func:`_client`), closed with its local cluster at the end.
+
+    Raises:
+        InputError: Dask is not installed, or no scheduler answers there.
+        ValueError: ``address`` is not a form ``--scheduler`` takes.
+    """
+    client = _client(address, options or ScanOptions(scheduler=address))
+    try:
+        scheduler_timeout()  # a bad KSM_ANALYZE_SCHEDULER_TIMEOUT says so before any task
+        yield client
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def finished(client: Any, futures: Sequence[Any], address: str) -> Iterator[tuple[Any, Any]]:
+    """Each of ``futures`` with its result, in the order they finish, as long as the
+    scheduler at ``address`` keeps answering (checked every :func:`scheduler_timeout`
+    seconds without a task done) and has workers (it may go :data:`RESULT_TIMEOUT` times
+    that without any).
+
+    Raises:
+        InputError: the scheduler stopped answering, had no worker for too long, or the
+            connection to the cluster broke.
+    """
+    timeout = scheduler_timeout()
+    ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(ready.put)
+    idle = time.monotonic()  # since when the cluster had no worker
+    for _ in range(len(futures)):
+        while True:  # a task may run long; the scheduler must keep answering meanwhile
+            try:
+                future = ready.get(timeout=timeout)
+                break
+            except queue.Empty:
+                if _workers(client, address, timeout):
+                    idle = time.monotonic()
+                elif time.monotonic() - idle > RESULT_TIMEOUT * timeout:
+                    raise InputError("the Dask scheduler has no worker to run the tasks "
+                                     f"(none for {RESULT_TIMEOUT * timeout:g} s)",
+                                     path=address) from None
+        try:
+            result = future.result(timeout=RESULT_TIMEOUT * timeout)
+        except (OSError, TimeoutError) as e:  # the connection to the cluster broke
+            raise InputError(f"the Dask cluster stopped answering ({type(e).__name__})",
+                             path=address) from None
+        yield future, result
+
+
 def _on_cluster(todo: Sequence[Source], options: ScanOptions,
                 tasks: ProgressCallback | None, with_content: bool) -> None:
     """Stage 1 of ``todo`` as one task per dump on the cluster; fills ``prints``."""
     address = options.scheduler or ""
-    client = _client(address, options)  # first: says how to install Dask
-    timeout = scheduler_timeout()
-
     by_dump: dict[str, list[Source]] = {}
     for s in todo:
         by_dump.setdefault(s.path, []).append(s)
-    try:
+    with dask_client(address, options) as client:  # first: says how to install Dask
         futures: dict[Any, list[Source]] = {}
         for path, mine in by_dump.items():
             key = mine[0].key
@@ -394,27 +446,7 @@ def _on_cluster(todo: Sequence[Source], options: ScanOptions,
             futures[future] = mine
         if tasks is not None:
             tasks(0, len(futures))
-        finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for future in futures:
-            future.add_done_callback(finished.put)
-        idle = time.monotonic()  # since when the cluster had no worker
-        for done in range(1, len(futures) + 1):
-            while True:  # a task may run long; the scheduler must keep answering meanwhile
-                try:
-                    future = finished.get(timeout=timeout)
-                    break
-                except queue.Empty:
-                    if _workers(client, address, timeout):
-                        idle = time.monotonic()
-                    elif time.monotonic() - idle > RESULT_TIMEOUT * timeout:
-                        raise InputError("the Dask scheduler has no worker to run the tasks "
-                                         f"(none for {RESULT_TIMEOUT * timeout:g} s)",
-                                         path=address) from None
-            try:
-                prints = future.result(timeout=RESULT_TIMEOUT * timeout)
-            except (OSError, TimeoutError) as e:  # the connection to the cluster broke
-                raise InputError(f"the Dask cluster stopped answering ({type(e).__name__})",
-                                 path=address) from None
+        for done, (future, prints) in enumerate(finished(client, list(futures), address), 1):
             if isinstance(prints, KsmAnalyzeError):
                 raise prints
             mine = futures[future]
@@ -431,11 +463,6 @@ def _on_cluster(todo: Sequence[Source], options: ScanOptions,
                     s.prints = replace(fp, path=s.reader.name)  # named as given here
             if tasks is not None:
                 tasks(done, len(futures))
-    finally:
-        cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def write_fingerprint_files(paths: Sequence[str | os.PathLike[str]], folder: str | os.PathLike[str],

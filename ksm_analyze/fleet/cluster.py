@@ -1,0 +1,238 @@
+"""Combining fingerprint files on a Dask cluster: :func:`~.combine.combine`'s result, with
+the aggregation on the workers.
+
+The steps are :mod:`.combine`'s, run as Dask tasks (futures, no graph of our own):
+
+1. one task per fingerprint file, or per run of small ones (``file_pieces``), on a worker
+   that reads the files by path as stage 1's tasks read dumps (:mod:`.sources`); its
+   ``partitions`` pieces of SPILL records stay on that worker, each a future of its own (a
+   small task picks it out of the task's result, where that result is);
+2. one task per partition (``count_partition``) on that partition's pieces from every
+   file: Dask moves them worker to worker, never through the client;
+3. the client receives each file's input rows and each partition's counts (sparse rows of
+   the contents held twice or more, unique pages per input) and assembles the core table.
+
+A worker that dies loses the pieces it held; Dask runs the tasks that made them again
+(their lineage), and a task whose worker died is run again (:data:`~.sources.TASK_RETRIES`
+counts the other failures). Workers spill what they hold to disk past Dask's
+``distributed.worker.memory.target`` (0.6 of their memory limit, by the size of what they
+hold) or ``distributed.worker.memory.spill`` (0.7, by the process's memory); the limit is
+``dask worker --memory-limit``, or the machine's memory divided among a ``local:N``
+cluster's workers.
+
+Input numbers: a files task numbers its inputs from 0 (it does not know how many inputs
+the files before it hold, and reading every file's metadata on the client first would need
+the files here and cost a Parquet open each before any task starts); each partition's task
+adds every files task's offset, from the rows the client received, as it joins the pieces
+(a copy ``count_partition`` would make anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..content_table import ContentTable
+from ..eligibility import Scope
+from ..errors import InputError, KsmAnalyzeError
+from ..options import DEFAULT_OPTIONS, ProgressCallback
+from . import combine as _combine
+from . import sources
+
+__all__ = ["combine_on_cluster"]
+
+
+GROUP_BYTES = 64 << 20
+"""Most bytes on disk of the fingerprint files one task reads past its first (a file not
+readable here counts as this much: a task of its own), and at most a worker's memory limit
+divided by :data:`GROUP_SHARE`."""
+GROUP_SHARE = 32
+"""A fingerprint file holds about 20 bytes a page on disk, and a task holds 20 bytes a page
+of its files, twice while it joins them: a task's files take about a 16th of a worker's
+memory limit, leaving room for the worker itself and for what it keeps before it spills."""
+TASKS_PER_WORKER = 4
+"""Fewest file tasks per worker the files are cut into, where there are enough files."""
+
+
+def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: str,
+                       partitions: int = 16, scope: Scope = DEFAULT_OPTIONS.scope,
+                       tasks: ProgressCallback | None = None,
+                       files_per_task: int | None = None) -> ContentTable:
+    """:func:`~.combine.combine` of ``files`` with the work on the Dask cluster ``scheduler``
+    (``tcp://HOST:PORT``, or ``local[:N]``: ``--scheduler``); the same table.
+
+    Args:
+        files: fingerprint files with content hashes, read by the workers by path (made
+            absolute here).
+        scheduler: the cluster, as ``--scheduler`` takes it.
+        partitions: how many parts the hash space is cut into (a power of two): each is
+            one task, holding about 60 bytes times the fleet's non-zero pages divided by this.
+        scope: which process memory KSM scans (as ``--scope``).
+        tasks: called with (tasks done, tasks in all): the file tasks, then the partitions.
+        files_per_task: how many files one task reads, at most (default: consecutive files
+            up to :data:`GROUP_BYTES` on disk or a worker's memory limit over
+            :data:`GROUP_SHARE`, and at least :data:`TASKS_PER_WORKER` tasks
+            per worker; a file not readable here is a task of its own). Dask spends about a
+            millisecond on each task, and each task here is ``partitions + 2`` of them: one
+            task per small file would cost more than reading it.
+
+    Raises:
+        DumpFormatError: a file is damaged (the worker that read it named).
+        InputError: a file carries no content hashes or cannot be read there; the scheduler
+            does not answer, or a task's workers kept dying.
+        ValueError: ``scheduler`` is not a form ``--scheduler`` takes, ``partitions`` not a
+            power of two, or ``files_per_task`` below 1.
+    """
+    _combine._check_partitions(partitions)
+    if files_per_task is not None and files_per_task < 1:
+        raise ValueError(f"files_per_task must be at least 1, not {files_per_task}")
+    paths = [os.path.abspath(os.fspath(f)) for f in files]
+    if not paths:
+        return _combine.combine([], partitions=partitions, scope=scope)
+    run = uuid.uuid4().hex[:12]  # keys of this run, apart from others' on a shared scheduler
+    with sources.dask_client(scheduler) as client:
+        workers = client.scheduler_info().get("workers", {})
+        limits = [w.get("memory_limit") or 0 for w in workers.values()]
+        most_bytes = min([GROUP_BYTES] + [limit // GROUP_SHARE for limit in limits if limit])
+        groups = _groups(paths, files_per_task or -(-len(paths) // (TASKS_PER_WORKER
+                                                                   * max(len(workers), 1))),
+                         most_bytes)
+        total = len(groups) + partitions
+        heads, pieces = [], []
+        named: dict[str, str] = {}  # a task that kept dying: its first file
+        for g, group in enumerate(groups):
+            whole = client.submit(_files_task, group, scope, partitions, pure=False,
+                                  key=f"ksm-files-{run}-{g}", retries=sources.TASK_RETRIES)
+            heads.append(client.submit(_head, whole, key=f"ksm-rows-{run}-{g}"))
+            pieces.append(client.map(_piece, [whole] * partitions, range(partitions),
+                                     key=[f"ksm-piece-{run}-{g}-{p}" for p in range(partitions)]))
+            named[whole.key] = named[heads[-1].key] = group[0]
+            del whole  # its pieces and rows hold it until they are made, then it is freed
+        if tasks is not None:
+            tasks(0, total)
+        got: dict[Any, tuple[list[list[dict[str, Any]]], int]] = {}
+        for done, (future, head) in enumerate(_finished(client, heads, scheduler, named), 1):
+            if isinstance(head, KsmAnalyzeError):
+                raise head
+            got[future.key] = head
+            if tasks is not None:
+                tasks(done, total)
+        rows: list[dict[str, Any]] = []
+        offsets = np.zeros(len(groups), np.uint32)
+        page_size = 0
+        for g, h in enumerate(heads):
+            of_files, page_size = got.pop(h.key)
+            offsets[g] = len(rows)
+            for mine in of_files:
+                rows += mine
+        del heads, got
+        counting = [client.submit(_partition_task, [of_group[p] for of_group in pieces],
+                                  offsets, len(rows), key=f"ksm-partition-{run}-{p}",
+                                  pure=False, retries=sources.TASK_RETRIES)
+                    for p in range(partitions)]
+        del pieces  # held by the partition tasks now; freed as they finish
+        number = {c.key: p for p, c in enumerate(counting)}
+        counts: list[Any] = [None] * partitions
+        for done, (future, c) in enumerate(_finished(client, counting, scheduler, named),
+                                           len(groups) + 1):
+            counts[number[future.key]] = c
+            if tasks is not None:
+                tasks(done, total)
+    return _combine.assemble(rows, counts, page_size)
+
+
+def _groups(paths: Sequence[str], most: int, most_bytes: int = GROUP_BYTES
+            ) -> list[list[str]]:
+    """``paths`` cut into runs of consecutive files, each one task's: at most ``most``
+    files, and no more than ``most_bytes`` on disk past its first file (a file not
+    readable here counts as that much)."""
+    groups: list[list[str]] = []
+    size = 0
+    for path in paths:
+        try:
+            mine = os.path.getsize(path) if sources.readable_here(path) else most_bytes
+        except OSError:
+            mine = most_bytes
+        if groups and len(groups[-1]) < most and size + mine <= most_bytes:
+            groups[-1].append(path)
+            size += mine
+        else:
+            groups.append([path])
+            size = mine
+    return groups
+
+
+def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str, str]
+              ) -> Iterator[tuple[Any, Any]]:
+    """:func:`.sources.finished`, with a task whose workers kept dying one line naming its
+    file (``named``: by key) or the scheduler."""
+    from distributed import KilledWorker
+
+    try:
+        yield from sources.finished(client, futures, address)
+    except KilledWorker as e:
+        file = named.get(str(e.task))
+        if file is not None:
+            raise InputError("the Dask workers reading it kept dying (a worker's memory "
+                             "limit too small for it?)", path=file) from None
+        raise InputError("the Dask workers counting a partition kept dying (a worker's "
+                         "memory limit too small for it? more partitions make each smaller)",
+                         path=address) from None
+
+
+def _files_task(paths: Sequence[str], scope: Scope, partitions: int
+                ) -> tuple[list[list[dict[str, Any]]], int, list[np.ndarray]] | KsmAnalyzeError:
+    """Some files' rows (a list per file), page size and pieces (inputs numbered from 0 at
+    the first file), on a worker. What is wrong with a file comes back as a value, not
+    raised: Dask would run it again."""
+    rows: list[list[dict[str, Any]]] = []
+    parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
+    page_size = 0
+    try:
+        for path in paths:
+            mine, pieces, page_size = _combine.file_pieces(
+                path, scope=scope, partitions=partitions, first_input=sum(map(len, rows)))
+            rows.append(mine)
+            for part, piece in zip(parts, pieces, strict=True):
+                part.append(piece)
+            del pieces
+    except KsmAnalyzeError as e:
+        from distributed import get_worker
+
+        return sources._on_worker(e, get_worker().address)
+    return rows, page_size, [_joined(part) for part in parts]
+
+
+def _head(whole: Any) -> tuple[list[list[dict[str, Any]]], int] | KsmAnalyzeError:
+    """What of a files task goes to the client: its rows and page size (or its error)."""
+    return whole if isinstance(whole, KsmAnalyzeError) else (whole[0], whole[1])
+
+
+def _piece(whole: Any, p: int) -> np.ndarray:
+    """Partition ``p``'s piece of a files task (nothing, for files that failed)."""
+    return np.empty(0, _combine.SPILL) if isinstance(whole, KsmAnalyzeError) else whole[2][p]
+
+
+def _partition_task(pieces: Sequence[np.ndarray], offsets: np.ndarray, ninputs: int
+                    ) -> _combine.PartitionCounts:
+    """One partition's counts from every files task's piece of it, each renumbered by the
+    first input of its files (into a new array: the pieces stay as they are, should a retry
+    need them)."""
+    lengths = [len(piece) for piece in pieces]
+    spill = _joined(pieces)
+    spill["input"] += np.repeat(offsets, lengths)
+    return _combine.count_partition([spill], ninputs)
+
+
+def _joined(pieces: Sequence[np.ndarray]) -> np.ndarray:
+    """The :data:`~.combine.SPILL` records of ``pieces`` in one new array."""
+    out = np.empty(sum(len(piece) for piece in pieces), _combine.SPILL)
+    at = 0
+    for piece in pieces:
+        out[at : at + len(piece)] = piece
+        at += len(piece)
+    return out

@@ -1,0 +1,189 @@
+"""combine_on_cluster: combine()'s core table with the aggregation on Dask workers.
+
+One LocalCluster of two worker processes (loopback) for the whole module, given to the
+function by its scheduler's address as ``--scheduler tcp://...`` would be.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import distributed
+import numpy as np
+import pytest
+from test_fleet import _fingerprint, _many_inputs
+
+from ksm_analyze import analyze
+from ksm_analyze.errors import DumpFormatError, InputError
+from ksm_analyze.fleet import combine as combine_module
+from ksm_analyze.fleet import fingerprint_files as fpfile
+from ksm_analyze.fleet.cluster import combine_on_cluster
+from ksm_analyze.fleet.combine import PartitionCounts, combine
+from ksm_analyze.ksm import KsmSettings
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with (distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address=None) as c,
+          distributed.Client(c) as watcher):  # the test's own view of the cluster
+        yield c.scheduler_address, watcher
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Six inputs sharing pages in known ways, their fingerprint files, and analyze()'s
+    core table of the inputs (bytes compared: the other path)."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    inputs = _many_inputs(tmp)
+    files = _fingerprint(inputs, tmp / "fp")
+    return inputs, files, analyze(inputs, jobs=1).contents
+
+
+def _same_table(got, want) -> None:
+    assert got.input_columns.rows() == want.input_columns.rows()
+    for name in ("content", "owner", "pages"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    assert got.page_size == want.page_size
+
+
+def _same_counters(got, want) -> None:
+    for ksm in (KsmSettings(), KsmSettings(max_page_sharing=2, use_zero_pages=True)):
+        assert got.counters(ksm) == want.counters(ksm)
+        assert got.subset([0, 3, 4]).counters(ksm) == want.subset([0, 3, 4]).counters(ksm)
+
+
+@pytest.mark.parametrize(("partitions", "files_per_task", "tasks"), [(1, None, 6), (4, 4, 2)])
+def test_the_cluster_gives_the_table_of_combine_and_analyze(cluster, fleet, partitions,
+                                                             files_per_task, tasks, monkeypatch):
+    address, _ = cluster
+    _, files, analyzed = fleet
+    arrived: list[object] = []  # everything the client receives from the workers
+    result, gather = distributed.Future.result, distributed.Client.gather
+
+    def noted_result(self, *args, **kwargs):
+        value = result(self, *args, **kwargs)
+        arrived.append(value)
+        return value
+
+    def noted_gather(self, *args, **kwargs):
+        value = gather(self, *args, **kwargs)
+        arrived.append(value)
+        return value
+
+    monkeypatch.setattr(distributed.Future, "result", noted_result)
+    monkeypatch.setattr(distributed.Client, "gather", noted_gather)
+    progress: list[tuple[int, int]] = []
+    got = combine_on_cluster(files, scheduler=address, partitions=partitions,
+                             files_per_task=files_per_task,
+                             tasks=lambda done, of: progress.append((done, of)))
+    monkeypatch.undo()
+    _same_table(got, combine(files, partitions=partitions))
+    _same_counters(got, analyzed)
+    assert len(got.content) > 0 and sum(r["unique_pages"] for r in got.input_columns.rows()) > 0
+    # Only each file's rows and each partition's counts came to the client: no pieces.
+    # (6 files: one a task on two workers; 4 a task at most: tasks of 4 and 2 files.)
+    heads = [a for a in arrived if isinstance(a, tuple)]
+    assert len(heads) == tasks
+    assert sorted(len(rows) for rows, _ in heads) == ([1] * 6 if tasks == 6 else [2, 4])
+    assert all(isinstance(r, dict) for rows, size in heads for mine in rows for r in mine)
+    assert {size for _, size in heads} == {4096}
+    assert sum(isinstance(a, PartitionCounts) for a in arrived) == partitions
+    assert len(arrived) == tasks + partitions
+    total = tasks + partitions
+    assert progress == [(k, total) for k in range(total + 1)]
+
+
+def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
+    address, watcher = cluster
+    _, files, analyzed = fleet
+    killed: list[str] = []
+
+    def kill_a_holder(done: int, of: int) -> None:
+        if done != of - 4:  # every file task done; the partition tasks not yet sent
+            return
+        held = {w: [k for k in keys if str(k).startswith("ksm-piece-")]
+                for w, keys in watcher.has_what().items()}
+        victim = max(held, key=lambda w: len(held[w]))
+        assert held[victim], held  # it holds pieces: they must be made again
+        pid = watcher.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(victim)
+
+    got = combine_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
+                             tasks=kill_a_holder)
+    assert killed
+    # The scheduler ran a files task again for the lost pieces (a key is one run's).
+    ran = watcher.run_on_scheduler(lambda dask_scheduler: [
+        str(t[0]) for t in dask_scheduler.transition_log if t[2] == "memory"])
+    files_tasks = [k for k in ran if k.startswith("ksm-files-")]
+    assert len(files_tasks) > len(set(files_tasks)), files_tasks
+    _same_table(got, combine(files, partitions=4))
+    _same_counters(got, analyzed)
+    watcher.wait_for_workers(2, timeout=60)  # the nanny started another (for the next test)
+    assert killed[0] not in watcher.scheduler_info()["workers"]
+
+
+def test_a_damaged_file_is_one_line_naming_it_and_the_worker(cluster, fleet, tmp_path):
+    address, _ = cluster
+    _, files, _ = fleet
+    bad = tmp_path / "bad.ksmfp.parquet"
+    data = files[1].read_bytes()
+    bad.write_bytes(data[: len(data) // 2] + data[-8:])  # footer kept, middle gone
+    started = time.monotonic()
+    with pytest.raises(DumpFormatError) as e:
+        combine_on_cluster([files[0], bad, files[2]], scheduler=address, partitions=2)
+    message = str(e.value)
+    assert message.startswith(f"{bad}: fingerprint file: "), message
+    assert " (on Dask worker tcp://127.0.0.1:" in message and "\n" not in message
+    assert time.monotonic() - started < 30  # not retried until some timeout
+
+
+def test_a_file_without_content_hashes_is_refused(cluster, fleet, tmp_path):
+    address, _ = cluster
+    _, files, _ = fleet
+    stripped = tmp_path / "stripped.ksmfp.parquet"
+    prints = fpfile.load(files[0])
+    fpfile.save(stripped, prints, source=fpfile.metadata(files[0])["source"],
+                options=fpfile.options_of(files[0]), contents=None)  # no content columns
+    with pytest.raises(InputError, match="no content hashes") as e:
+        combine_on_cluster([stripped], scheduler=address, partitions=2)
+    assert str(stripped) in str(e.value)
+
+
+def test_no_files_is_the_empty_table_without_a_cluster():
+    got = combine_on_cluster([], scheduler="tcp://127.0.0.1:1", partitions=4)
+    _same_table(got, combine_module.combine([], partitions=4))
+    assert len(got.input_columns) == 0
+
+
+def test_no_scheduler_there_is_one_line_naming_the_address(fleet, monkeypatch):
+    _, files, _ = fleet
+    monkeypatch.setenv("KSM_ANALYZE_SCHEDULER_TIMEOUT", "0.5")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(InputError) as e:
+        combine_on_cluster(files, scheduler=address, partitions=2)
+    assert str(e.value) == f"{address}: no Dask scheduler answered there within 0.5 s"
+
+
+def test_a_task_that_kept_killing_its_workers_is_one_line(monkeypatch):
+    from ksm_analyze.fleet import cluster as cluster_module
+    from ksm_analyze.fleet import sources
+
+    def dying(client, futures, address):
+        raise distributed.KilledWorker(futures[0], None, 3)
+        yield  # a generator, as sources.finished is
+
+    monkeypatch.setattr(sources, "finished", dying)
+    named = {"ksm-files-x-0": "/fp/a.ksmfp.parquet"}
+    with pytest.raises(InputError) as e:
+        list(cluster_module._finished(None, ["ksm-files-x-0"], "tcp://h:1", named))
+    assert str(e.value) == ("/fp/a.ksmfp.parquet: the Dask workers reading it kept dying "
+                            "(a worker's memory limit too small for it?)")
+    with pytest.raises(InputError, match=r"^tcp://h:1: the Dask workers counting a partition"):
+        list(cluster_module._finished(None, ["ksm-partition-x-3"], "tcp://h:1", named))
