@@ -258,6 +258,26 @@ def test_patterns_stay_exact_when_digests_collide(pairs, monkeypatch):
         assert fooled.footprint(group) == honest.footprint(group)
 
 
+def test_host_tables_are_the_subsets_of_the_hosts(pairs):
+    # One pass for every host of a placement must give what subset() gives host by host,
+    # also for a host whose inputs are not in table order.
+    from ksm_analyze.planning.placement import host_tables
+
+    table = analyze([*pairs, *SAMPLES], jobs=1).contents
+    hosts = [[0, 2], [5, 1, 3], [4]]
+    got = list(host_tables(table, hosts))
+    assert len(got) == 3
+    for inputs, sub in zip(hosts, got, strict=True):
+        want = table.subset(inputs)
+        assert sub.names == want.names and len(want.content)
+        for a, b in ((sub.content, want.content), (sub.owner, want.owner),
+                     (sub.pages, want.pages)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        assert sub.counters(KsmSettings()) == want.counters(KsmSettings())
+    with pytest.raises(ValueError, match="on two hosts"):
+        list(host_tables(table, [[0, 1], [1, 2]]))
+
+
 def test_the_projection_band_holds_a_larger_fleet_of_the_same_kind(tmp_path):
     # Guests share a base image, pairs of them a group's pages, and hold pages of their own.
     # Projected from 8 of them, 16 such guests must land inside the band.

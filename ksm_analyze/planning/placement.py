@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +31,8 @@ from ..content_table import ContentTable
 from ..ksm import KsmSettings, memory_after, merged_pages
 from ..units import counted, size_text
 
-__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "split",
-           "spread"]
+__all__ = ["HostModel", "HostState", "Placement", "first_fit", "host_tables", "lower_bound",
+           "place", "split", "spread"]
 
 
 def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
@@ -225,6 +225,33 @@ class Placement:
 
     method: str
     hosts: list[list[int]]
+
+
+def host_tables(table: ContentTable, hosts: Sequence[Sequence[int]]) -> Iterator[ContentTable]:
+    """``table.subset(inputs)`` for the ``inputs`` of each host in turn, no input on two
+    hosts: one pass over the sparse rows for all of them (a stable sort by host, a radix sort
+    of 16-bit keys for fewer than 32,768 hosts), not one each (a plan of 2,000 guests on 130
+    hosts: 70 million rows, 130 times)."""
+    host_of = np.full(len(table.input_columns), len(hosts),
+                      np.int16 if len(hosts) < (1 << 15) - 1 else np.int64)
+    for k, inputs in enumerate(hosts):
+        if np.any(host_of[list(inputs)] != len(hosts)) or len(set(inputs)) != len(inputs):
+            raise ValueError("an input is on two hosts")
+        host_of[list(inputs)] = k
+    row_host = host_of[table.owner]
+    order = np.argsort(row_host, kind="stable")  # each host's rows stay in table order
+    bounds = np.searchsorted(row_host[order], np.arange(len(hosts) + 1)).tolist()
+    del row_host
+    for k, inputs in enumerate(hosts):
+        rows = order[bounds[k]:bounds[k + 1]]
+        renumber = np.full(len(table.input_columns), -1, np.int32)
+        renumber[list(inputs)] = np.arange(len(inputs), dtype=np.int32)
+        content, owner, pages = table.content[rows], renumber[table.owner[rows]], table.pages[rows]
+        if list(inputs) != sorted(inputs):  # the new input order within each content
+            again = np.lexsort((owner, content))
+            content, owner, pages = content[again], owner[again], pages[again]
+        yield ContentTable(table.input_columns.take(list(inputs)), content, owner, pages,
+                           table.page_size)
 
 
 def _too_big(model: HostModel, capacity: int) -> None:
