@@ -240,7 +240,7 @@ def host_tables(table: ContentTable, hosts: Sequence[Sequence[int]]) -> Iterator
         host_of[list(inputs)] = k
     row_host = host_of[table.owner]
     order = np.argsort(row_host, kind="stable")  # each host's rows stay in table order
-    bounds = np.searchsorted(row_host[order], np.arange(len(hosts) + 1)).tolist()
+    bounds = np.r_[0, np.cumsum(np.bincount(row_host, minlength=len(hosts) + 1))].tolist()
     del row_host
     for k, inputs in enumerate(hosts):
         rows = order[bounds[k]:bounds[k + 1]]
