@@ -31,27 +31,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic_fleet
 from bench_scan import hand_model, machine
+from synthetic_fleet import write_fingerprint_file
 
 ROOT = Path(__file__).resolve().parent.parent
-PS = 4096
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64: a content's 64-bit hash halves from its number (never 0 for x > 0)."""
-    z = x * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return (z ^ (z >> np.uint64(31))) | np.uint64(1)
+PS, _mix = synthetic_fleet.PS, synthetic_fleet.mix  # for scripts that import them from here
 
 
 def generate(folder: Path, files: int, rows: int, pool: int, seed: int = 7) -> dict[str, int]:
     """Write the files; return the hand model's counters for what was drawn."""
-    from ksm_analyze.fleet import fingerprint_files as fpfile
-    from ksm_analyze.formats import DumpFormat
-    from ksm_analyze.hashing.stage1 import Fingerprints
-    from ksm_analyze.pages import Extent, PageState
-
     rng = np.random.default_rng(seed)
     drawn = np.zeros(pool, np.int64)
     zero = unique = 0
@@ -68,19 +57,7 @@ def generate(folder: Path, files: int, rows: int, pool: int, seed: int = 7) -> d
         next_unique += np.uint64(len(fresh))
         zero += rows - len(copies) - len(fresh)
         unique += len(fresh)
-        content = np.zeros((rows, 2), np.uint64)
-        nz = number != 0
-        content[nz, 0] = _mix(number[nz])
-        content[nz, 1] = _mix(number[nz] ^ np.uint64(0x5555555555555555))
-        prefix = np.where(nz, content[:, 0] >> np.uint64(1) | np.uint64(1), np.uint64(0))
-        name = f"guest-{f:04d}"
-        fp = Fingerprints(
-            path=name, format=DumpFormat.RAW, address_space="physical", page_size=PS,
-            prefix_bytes=128, extents=[Extent(0, rows, PageState.DATA, 0)], info={},
-            warnings=[], addrs=np.arange(rows, dtype=np.uint64) * np.uint64(PS),
-            prefix=prefix, state_pages={**dict.fromkeys(PageState, 0), PageState.DATA: rows})
-        fpfile.save(folder / f"{name}{fpfile.SUFFIX}", [fp], source=(name, rows * PS, 0),
-                    options={"prefix_bytes": 128}, contents=[content])
+        write_fingerprint_file(folder, f"guest-{f:04d}", number)
     # A pool content drawn once is a unique page too.
     return hand_model(zero, drawn[drawn > 1].tolist(), unique + int((drawn == 1).sum()))
 

@@ -207,6 +207,43 @@ def test_a_resigned_unchanged_file_loads(tmp_path, seed):
     assert fpfile.load(path)[0].extents[0].label == "\U0001f600"
 
 
+def _with_addrs(seed: Path, path: Path, change) -> Path:
+    """``seed`` with its ``addr`` column changed by ``change`` and a digest that matches."""
+    table = pq.read_table(seed)
+    addr = change(table.column("addr").to_numpy().copy())
+    table = table.set_column(table.schema.get_field_index("addr"), "addr",
+                             pa.array(addr, pa.uint64()))
+    raw = table.schema.metadata[fpfile.META_KEY]
+    columns = {name: table.column(name).to_numpy() for name in table.column_names}
+    pq.write_table(table.replace_schema_metadata(
+        {fpfile.META_KEY: raw, fpfile.DIGEST_KEY: fpfile.digest(raw, columns).encode()}), path)
+    return path
+
+
+def test_addresses_may_come_in_any_order_but_each_once(tmp_path, seed):
+    # load checks addresses saved in order without sorting them; any other order is
+    # checked by sorting, and a repeated address is refused either way.
+    def swapped(a):
+        a[[0, 1]] = a[[1, 0]]
+        return a
+
+    def repeated(a):
+        a[1] = a[0]
+        return a
+
+    def repeated_out_of_order(a):
+        a[[0, 1, 2]] = a[[2, 2, 0]]
+        return a
+
+    path = _with_addrs(seed, tmp_path / ("a" + fpfile.SUFFIX), swapped)
+    addrs = fpfile.load(path)[0].addrs
+    assert addrs[0] > addrs[1] and len(np.unique(addrs)) == len(addrs)
+    for change in (repeated, repeated_out_of_order):
+        path = _with_addrs(seed, tmp_path / ("b" + fpfile.SUFFIX), change)
+        with pytest.raises(DumpFormatError, match="an address that is not one stored page"):
+            fpfile.load(path)
+
+
 def _addr_extent(value):
     return {"inputs.0.extents": [[value, 512, 0, 0, "raw image", 0]]}
 

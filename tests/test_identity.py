@@ -92,6 +92,30 @@ def test_a_copy_and_the_fingerprint_file_of_the_original_are_two_guests(tmp_path
     assert got["stages"]["merges"] >= int(np.count_nonzero(nonzero))
 
 
+def test_guests_compare_each_input_only_with_those_it_could_be(monkeypatch):
+    # 400 fingerprint files of other dumps: before, the 400th input was compared with all 399
+    # before it (79,800 comparisons); now only with inputs sharing a path or an inode.
+    from ksm_analyze.fleet.sources import _Guests
+
+    calls = []
+    same = fpfile.same_dump
+    monkeypatch.setattr(fpfile, "same_dump", lambda a, b: calls.append(1) or same(a, b))
+    guests = _Guests()
+    for i in range(400):
+        guests.add(f"/nowhere/g{i}.ksmfp.parquet", {"path": f"/d/g{i}", "size": 4096,
+                                                    "mtime_ns": i, "dev": 7, "ino": 1000 + i})
+    assert len(calls) == 0
+    # Still one guest: recorded without device and inode (an older file), same path and size.
+    with pytest.raises(ValueError, match=r"inputs 4 and 401: "):
+        guests.add("/nowhere/old.ksmfp.parquet", {"path": "/d/g3", "size": 4096,
+                                                  "mtime_ns": 3, "dev": None, "ino": None})
+    # And a hard link under another path: same device and inode, size and mtime.
+    with pytest.raises(ValueError, match=r"inputs 8 and 401: "):
+        guests.add("/nowhere/link.ksmfp.parquet", {"path": "/e/link", "size": 4096,
+                                                   "mtime_ns": 7, "dev": 7, "ino": 1007})
+    assert len(calls) <= 4
+
+
 # -- class 3: fingerprint file names ---------------------------------------------------------
 
 

@@ -72,6 +72,50 @@ def test_every_host_of_every_plan_is_what_scan_prints(pairs):
             assert r.memory_after_bytes <= capacity
 
 
+def _guest_file(folder: Path, name: str, numbers: np.ndarray) -> str:
+    """A fingerprint file of a raw dump whose page k holds content ``numbers[k]`` (0: zero)."""
+    from ksm_analyze.fleet import fingerprint_files
+    from ksm_analyze.formats import DumpFormat
+    from ksm_analyze.hashing.stage1 import Fingerprints
+    from ksm_analyze.pages import Extent, PageState
+
+    rows = len(numbers)
+    content = np.stack([numbers, np.where(numbers > 0, numbers ^ np.uint64(0xA5A5), 0)],
+                       axis=1).astype(np.uint64)
+    fp = Fingerprints(path=name, format=DumpFormat.RAW, address_space="physical",
+                      page_size=PS, prefix_bytes=128, extents=[Extent(0, rows, PageState.DATA, 0)],
+                      info={}, warnings=[], addrs=np.arange(rows, dtype=np.uint64) * np.uint64(PS),
+                      prefix=content[:, 1], state_pages={**dict.fromkeys(PageState, 0),
+                                                         PageState.DATA: rows})
+    path = folder / f"{name}{fingerprint_files.SUFFIX}"
+    fingerprint_files.save(path, [fp], source={"path": name, "size": rows * PS, "mtime_ns": 0},
+                           options={"prefix_bytes": 128}, contents=[content])
+    return str(path)
+
+
+def test_sampled_hosts_of_a_fleet_plan_are_what_scan_prints(tmp_path):
+    # 36 guests in 3 families: 8 pages all hold, 30 of the family's own (each guest 20 to 30
+    # of them), its own pages (some twice) and zero pages. Hosts of both methods, sampled,
+    # each against scan of its inputs alone.
+    rng = np.random.default_rng(5)
+    files = []
+    for g in range(36):
+        family = 100 + 100 * (g % 3) + rng.choice(30, rng.integers(20, 31), replace=False)
+        own = 10_000 + 100 * g + np.arange(rng.integers(20, 80))
+        numbers = np.concatenate([np.arange(1, 9), family, own, own[:2], np.zeros(10, int)])
+        files.append(_guest_file(tmp_path, f"g{g:02d}", rng.permutation(numbers).astype(
+            np.uint64)))
+    r = runner.invoke(app, ["plan", *files, "--host-memory", "2MiB", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    hosts = json.loads(r.stdout)["hosts"]
+    sharing = [h for h in hosts if h["method"] == "sharing"]
+    ffd = [h for h in hosts if h["method"] == "first_fit"]
+    assert len(sharing) >= 4 and len(ffd) >= 4
+    for h in (sharing[0], sharing[len(sharing) // 2], sharing[-1], ffd[1]):
+        inputs = [str(tmp_path / f"{name}.ksmfp.parquet") for name in h["inputs"]]
+        assert h["memory_after_bytes"] == scan_memory(inputs), h
+
+
 def test_spread_over_a_fixed_number_of_hosts(pairs):
     analysis = analyze(pairs, jobs=1)
     result = plan(analysis, 4 * ALONE, hosts=2)
@@ -256,6 +300,26 @@ def test_patterns_stay_exact_when_digests_collide(pairs, monkeypatch):
     assert fooled.n_patterns > honest.n_patterns  # colliding classes were split again
     for group in ([0], [0, 2], [1, 3, 4], [0, 1, 2, 3, 4, 5]):
         assert fooled.footprint(group) == honest.footprint(group)
+
+
+def test_host_tables_are_the_subsets_of_the_hosts(pairs):
+    # One pass for every host of a placement must give what subset() gives host by host,
+    # also for a host whose inputs are not in table order.
+    from ksm_analyze.planning.placement import host_tables
+
+    table = analyze([*pairs, *SAMPLES], jobs=1).contents
+    hosts = [[0, 2], [5, 1, 3], [4]]
+    got = list(host_tables(table, hosts))
+    assert len(got) == 3
+    for inputs, sub in zip(hosts, got, strict=True):
+        want = table.subset(inputs)
+        assert sub.names == want.names and len(want.content)
+        for a, b in ((sub.content, want.content), (sub.owner, want.owner),
+                     (sub.pages, want.pages)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        assert sub.counters(KsmSettings()) == want.counters(KsmSettings())
+    with pytest.raises(ValueError, match="on two hosts"):
+        list(host_tables(table, [[0, 1], [1, 2]]))
 
 
 def test_the_projection_band_holds_a_larger_fleet_of_the_same_kind(tmp_path):

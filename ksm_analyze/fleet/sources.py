@@ -116,6 +116,10 @@ class _Guests:
         """For each entry of ``seen``, the input as given (a VMware state file, for the
         .vmem it reads its pages from: :meth:`add` ``via``)."""
         self.numbers: list[int] = []
+        self.index: dict[tuple[Any, ...], list[int]] = {}
+        """The entries of ``seen`` by each key :func:`~.fingerprint_files.same_dump` can
+        match on (:func:`_keys`): only those are compared with a new input, so taking n
+        inputs costs O(n), not O(n^2) comparisons."""
 
     def add(self, path: str, recorded: dict[str, Any] | None, *, via: str | None = None
             ) -> None:
@@ -131,8 +135,10 @@ class _Guests:
             itself = None  # opening it says what is wrong
         guest = recorded if recorded is not None else itself
         k = (self.numbers[-1] if self.numbers else 0) + (via is None)
-        for j, other_given, (other, other_itself, other_guest) in zip(
-                self.numbers, self.given, self.seen, strict=True):
+        keys = _keys(itself) | _keys(guest)
+        for e in sorted({e for key in keys for e in self.index.get(key, ())}):
+            j, other_given, (other, other_itself, other_guest) = (
+                self.numbers[e], self.given[e], self.seen[e])
             if j == k:
                 continue
             if (itself and other_itself and fingerprint_files.same_dump(itself, other_itself)
@@ -148,9 +154,22 @@ class _Guests:
                        if g is not i]
                 raise ValueError(f"{path} and {other} are one guest (inputs {j} and {k}: "
                                  f"{' and '.join(how)}): " + _ONCE)
+        for key in keys:
+            self.index.setdefault(key, []).append(len(self.seen))
         self.seen.append((path, itself, guest))
         self.given.append(via or path)
         self.numbers.append(k)
+
+
+def _keys(record: dict[str, Any] | None) -> set[tuple[Any, ...]]:
+    """What two records :func:`~.fingerprint_files.same_dump` calls one must share: their
+    path (a live sample, or records without device and inode), or their device and inode."""
+    if not record:
+        return set()
+    keys: set[tuple[Any, ...]] = {("path", record.get("path"))}
+    if record.get("dev") is not None:
+        keys.add(("inode", record["dev"], record.get("ino")))
+    return keys
 
 
 _ONCE = "each input is one guest or process; to model two identical guests, give a copy"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +31,8 @@ from ..content_table import ContentTable
 from ..ksm import KsmSettings, memory_after, merged_pages
 from ..units import counted, size_text
 
-__all__ = ["HostModel", "HostState", "Placement", "first_fit", "lower_bound", "place", "split",
-           "spread"]
+__all__ = ["HostModel", "HostState", "Placement", "first_fit", "host_tables", "lower_bound",
+           "place", "split", "spread"]
 
 
 def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
@@ -157,17 +157,30 @@ def _patterns(table: ContentTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     first = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
     length = np.diff(np.append(first, len(content)))
     row_key = owner * np.uint64(0x9E3779B97F4A7C15) ^ pages.astype(np.uint64)
+    del owner
     digests = [np.add.reduceat(_mix(row_key * np.uint64(k)), first) for k in (1, 3)]
-    _, rep, group = np.unique(np.stack([length.astype(np.uint64), *digests], axis=1),
-                              axis=0, return_index=True, return_inverse=True)
-    group = group.ravel()
-    # Exactness: each class must equal its group's first class, row by row.
-    mine = np.repeat(first, length) + _ranks(length)
-    theirs = np.repeat(first[rep[group]], length) + _ranks(length)
-    differs = ~((table.owner[mine] == table.owner[theirs]) & (pages[mine] == pages[theirs]))
-    lone = np.unique(np.repeat(np.arange(len(first)), length)[differs])
-    group[lone] = len(rep) + np.arange(len(lone))
-    rep = np.concatenate([rep, lone])
+    del row_key
+    # Classes in the order of their first digest; a group is a run of classes equal in
+    # length and both digests (one sort of 64-bit keys: a sort of the three together, as
+    # rows, cost 4 of the 11 s of 1,000 guests). Equal classes a run separates by chance
+    # (two first digests equal, the second not) are two patterns: still exact.
+    order = np.argsort(digests[0])
+    keys = [length[order], digests[0][order], digests[1][order]]
+    starts = np.r_[True, np.any([k[1:] != k[:-1] for k in keys], axis=0)]
+    group = np.empty(len(first), np.int64)
+    group[order] = np.cumsum(starts) - 1
+    rep = order[starts]
+    # Exactness: each class must equal its group's first class, row by row (row r of a
+    # class is row r - first + first of its group's class: equal lengths, so in range).
+    shift = np.repeat(first[rep[group]] - first, length)
+    theirs = np.arange(len(content)) + shift
+    del shift
+    differs = ~((table.owner == table.owner[theirs]) & (pages == pages[theirs]))
+    del theirs
+    if differs.any():
+        lone = np.unique(np.searchsorted(first, np.flatnonzero(differs), side="right") - 1)
+        group[lone] = len(rep) + np.arange(len(lone))
+        rep = np.concatenate([rep, lone])
     weight = np.bincount(group, minlength=len(rep))
     rows = np.repeat(first[rep], length[rep]) + _ranks(length[rep])
     return rows, np.repeat(np.arange(len(rep)), length[rep]), weight
@@ -212,6 +225,33 @@ class Placement:
 
     method: str
     hosts: list[list[int]]
+
+
+def host_tables(table: ContentTable, hosts: Sequence[Sequence[int]]) -> Iterator[ContentTable]:
+    """``table.subset(inputs)`` for the ``inputs`` of each host in turn, no input on two
+    hosts: one pass over the sparse rows for all of them (a stable sort by host, a radix sort
+    of 16-bit keys for fewer than 32,768 hosts), not one each (a plan of 2,000 guests on 130
+    hosts: 70 million rows, 130 times)."""
+    host_of = np.full(len(table.input_columns), len(hosts),
+                      np.int16 if len(hosts) < (1 << 15) - 1 else np.int64)
+    for k, inputs in enumerate(hosts):
+        if np.any(host_of[list(inputs)] != len(hosts)) or len(set(inputs)) != len(inputs):
+            raise ValueError("an input is on two hosts")
+        host_of[list(inputs)] = k
+    row_host = host_of[table.owner]
+    order = np.argsort(row_host, kind="stable")  # each host's rows stay in table order
+    bounds = np.r_[0, np.cumsum(np.bincount(row_host, minlength=len(hosts) + 1))].tolist()
+    del row_host
+    for k, inputs in enumerate(hosts):
+        rows = order[bounds[k]:bounds[k + 1]]
+        renumber = np.full(len(table.input_columns), -1, np.int32)
+        renumber[list(inputs)] = np.arange(len(inputs), dtype=np.int32)
+        content, owner, pages = table.content[rows], renumber[table.owner[rows]], table.pages[rows]
+        if list(inputs) != sorted(inputs):  # the new input order within each content
+            again = np.lexsort((owner, content))
+            content, owner, pages = content[again], owner[again], pages[again]
+        yield ContentTable(table.input_columns.take(list(inputs)), content, owner, pages,
+                           table.page_size)
 
 
 def _too_big(model: HostModel, capacity: int) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 from ..analysis import Analysis, json_safe
 from ..ksm import memory_after
 from ..units import counted, human_bytes, size_text
-from .placement import HostModel, Placement, first_fit, lower_bound, place, spread
+from .placement import HostModel, Placement, first_fit, host_tables, lower_bound, place, spread
 from .projection import Projection
 
 if TYPE_CHECKING:
@@ -202,8 +202,9 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
                 zero_pages: bool) -> pd.DataFrame:
     rows = []
     ps = model.table.page_size
-    for k, inputs in enumerate(p.hosts):
-        c = model.table.subset(inputs).counters(model.settings, zero_pages=zero_pages)
+    for k, (inputs, table) in enumerate(zip(p.hosts, host_tables(model.table, p.hosts),
+                                            strict=True)):
+        c = table.counters(model.settings, zero_pages=zero_pages)
         # Pages left after merging (KSM pages and unshared pages) plus rmap_items: the same
         # number as the model's footprint, and as scan's memory after KSM, from the counters.
         before = model.before(inputs)
