@@ -79,7 +79,8 @@ def generate(folder: Path, files: int, rows: int, pool: int, seed: int = 7) -> d
             prefix_bytes=128, extents=[Extent(0, rows, PageState.DATA, 0)], info={},
             warnings=[], addrs=np.arange(rows, dtype=np.uint64) * np.uint64(PS),
             prefix=prefix, state_pages={**dict.fromkeys(PageState, 0), PageState.DATA: rows})
-        fpfile.save(folder / f"{name}{fpfile.SUFFIX}", [fp], source=(name, rows * PS, 0),
+        fpfile.save(folder / f"{name}{fpfile.SUFFIX}", [fp],
+                    source={"path": name, "size": rows * PS, "mtime_ns": 0},
                     options={"prefix_bytes": 128}, contents=[content])
     # A pool content drawn once is a unique page too.
     return hand_model(zero, drawn[drawn > 1].tolist(), unique + int((drawn == 1).sum()))
