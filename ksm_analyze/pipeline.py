@@ -21,7 +21,12 @@ from .analysis import TABLES, Analysis
 from .columns import Columns
 from .content_table import build_content_table
 from .eligibility import Scope, scan_mask
-from .fleet.aggregate import aggregate, default_memory_limit, out_of_core_partitions
+from .fleet.aggregate import (
+    SERIES_REFUSED,
+    aggregate,
+    default_memory_limit,
+    out_of_core_partitions,
+)
 from .fleet.sources import (
     Source,
     add_content_hashes,
@@ -93,7 +98,9 @@ def analyze(
     bases = options.bases_for(paths)
     report = progress or _silent
     limit = options.memory_limit or default_memory_limit()
-    cut = None if options.samples else out_of_core_partitions(paths, limit)
+    cut = out_of_core_partitions(paths, limit)
+    if cut is not None and options.samples:
+        raise ValueError(f"--samples: {SERIES_REFUSED}")
     if cut is not None:
         return _out_of_core(paths, options, ksm, partitions=cut[0], limit=limit,
                             pages=cut[1], in_memory=cut[2], report=report)

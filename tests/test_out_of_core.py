@@ -220,11 +220,17 @@ def test_a_limit_too_small_for_one_file_is_one_line(tmp_path):
 
 
 def test_samples_over_time_are_refused_out_of_core(tmp_path):
-    files = _synthetic(tmp_path / "fp", 32, 2048, 1, identity="vm-1")
-    out = runner.invoke(app, ["scan", *map(str, files), "--memory-limit", "4MiB", "-q"])
-    assert out.exit_code == 2  # a bad option value, as --top -1 or --host-memory lots
-    (line,) = out.output.strip().splitlines()
-    assert "samples of one input over time are not aggregated out of core yet" in line
+    """Recorded samples of one guest, or inputs --samples makes samples of one input."""
+    files = list(map(str, _synthetic(tmp_path / "fp", 32, 2048, 1, identity="vm-1")))
+    plain = list(map(str, _synthetic(tmp_path / "plain", 32, 2048, 1)))
+    for inputs, extra, where in ((files, [], "guest-0001"),
+                                 (plain, ["--samples", "vm=guest-*"], "--samples")):
+        out = runner.invoke(app, ["scan", *inputs, "--memory-limit", "4MiB", "-q", *extra])
+        assert out.exit_code == 2
+        (line,) = out.output.strip().splitlines()
+        assert line == (f"Error: {where}: samples of one input over time are not aggregated "
+                        "out of core yet; give a --memory-limit large enough to analyse them "
+                        "in memory, or analyse each series on its own")
 
 
 AGGREGATE_1000 = """

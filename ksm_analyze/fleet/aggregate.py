@@ -35,7 +35,7 @@ from ..units import size_text
 from . import fingerprint_files
 from .combine import SPILL, assemble, count_partition, prints_pieces
 
-__all__ = ["IN_MEMORY_BYTES_PER_PAGE", "Aggregate", "aggregate", "default_memory_limit",
+__all__ = ["IN_MEMORY_BYTES_PER_PAGE", "SERIES_REFUSED", "Aggregate", "aggregate", "default_memory_limit",
            "out_of_core_partitions"]
 
 IN_MEMORY_BYTES_PER_PAGE = 100
@@ -181,6 +181,7 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
     light: list[Fingerprints] = []
     light_masks: list[ScanMask] = []
     zero_found = pages_hashed = 0
+    identities: set[str] = set()
     with tempfile.TemporaryDirectory(dir=workdir, prefix="ksm-aggregate-") as tmp:
         names = [(os.path.join(tmp, f"rows-{p}"), os.path.join(tmp, f"stats-{p}"))
                  for p in range(partitions)]
@@ -205,6 +206,7 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
                     stat.tofile(spill_stats)
                 del pieces, by_prefix
                 for fp, mask in zip(prints, masks, strict=True):
+                    _refuse_series(fp, identities)
                     zero_found += fp.zero_pages
                     pages_hashed += fp.nonzero_pages
                     # Empty arrays of their own (a slice would keep the file's alive).
@@ -215,7 +217,6 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
                 _give_back()
                 if progress is not None:
                     progress(done + 1, len(paths))
-        _refuse_series(light)
         read = time.perf_counter()
         counts, candidates, false, merges = [], 0, 0, 0
         for rows_name, stats_name in names:
@@ -261,18 +262,20 @@ def _check_file(path: str, prints: Sequence[Fingerprints], page_size: int,
                          f"{prints[0].prefix_bytes}; give the same")
 
 
-def _refuse_series(prints: Sequence[Fingerprints]) -> None:
-    """Samples of one guest over time are one input whose steady view needs all its
-    samples' pages: not built out of core yet."""
-    seen: set[str] = set()
-    for fp in prints:
-        identity = identity_of(fp)
-        if identity is not None and identity in seen:
-            raise ValueError(f"{fp.path}: samples of one input over time are not aggregated "
-                             "out of core yet; give a --memory-limit large enough to analyse "
-                             "them in memory, or analyse each series on its own")
-        if identity is not None:
-            seen.add(identity)
+SERIES_REFUSED = ("samples of one input over time are not aggregated out of core yet; give a "
+                  "--memory-limit large enough to analyse them in memory, or analyse each "
+                  "series on its own")
+
+
+def _refuse_series(fp: Fingerprints, seen: set[str]) -> None:
+    """Refuse a second sample of one guest (``seen``: the guests sampled so far): samples
+    over time are one input whose steady view needs all its samples' pages together, not
+    built out of core yet."""
+    identity = identity_of(fp)
+    if identity is not None and identity in seen:
+        raise ValueError(f"{fp.path}: {SERIES_REFUSED}")
+    if identity is not None:
+        seen.add(identity)
 
 
 def _stats_pieces(prints: Sequence[Fingerprints], partitions: int) -> list[np.ndarray]:
