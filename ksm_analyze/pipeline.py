@@ -207,11 +207,10 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     table built a partition of the content hashes at a time (:mod:`.fleet.aggregate`), and
     every table computed from it; the tables of :data:`NOT_OUT_OF_CORE` are left empty, and
     a warning says so."""
-    report("all inputs", 0, len(paths))
     agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
                     prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,
                     check_guest=guest_check(),
-                    progress=lambda n, of: report("all inputs", n, of))
+                    progress=lambda n, of: report("fingerprint files", n, of))
     prints, masks, table = agg.prints, agg.masks, agg.table
     rmap_note = None
     if ksm.rmap_item_bytes is None:

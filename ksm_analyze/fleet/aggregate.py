@@ -166,7 +166,7 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
     Args:
         check_guest: called with each file's path and the dump it records, to refuse one
             guest given twice.
-        progress: called as ``progress(files_read, files)``.
+        progress: called as ``progress(bytes_read, bytes)`` over the files' sizes.
 
     Raises:
         DumpFormatError: a file is damaged.
@@ -182,6 +182,8 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
     light_masks: list[ScanMask] = []
     zero_found = pages_hashed = 0
     identities: set[str] = set()
+    sizes = [os.path.getsize(p) for p in paths]
+    read_bytes, all_bytes = 0, sum(sizes)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="ksm-aggregate-") as tmp:
         names = [(os.path.join(tmp, f"rows-{p}"), os.path.join(tmp, f"stats-{p}"))
                  for p in range(partitions)]
@@ -216,7 +218,8 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
                 del prints, masks
                 _give_back()
                 if progress is not None:
-                    progress(done + 1, len(paths))
+                    read_bytes += sizes[done]
+                    progress(read_bytes, all_bytes)
         read = time.perf_counter()
         counts, candidates, false, merges = [], 0, 0, 0
         for rows_name, stats_name in names:
