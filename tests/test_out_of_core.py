@@ -278,3 +278,15 @@ def test_a_thousand_files_aggregate_within_the_limit(tmp_path):
     # By hand: each guest's 224 non-zero pages (every 8th of 256 is zero) are held 10
     # times: 9 merge into the first.
     assert got["sharing"] == 100 * 9 * 224
+
+
+def test_one_guest_given_twice_is_refused_out_of_core_too(tmp_path):
+    files = list(map(str, _synthetic(tmp_path / "fp", 16, 2048, 4)))
+    lines = []
+    for limit in ("3MiB", "1GiB"):  # out of core, in memory
+        out = runner.invoke(app, ["scan", *files, files[0], "--memory-limit", limit, "-q"])
+        assert out.exit_code == 2
+        lines.append(out.output.strip())
+    assert lines[0] == lines[1] == (f"Error: {files[0]} is given twice (inputs 1 and 17): each "
+                                    "input is one guest or process; to model two identical "
+                                    "guests, give a copy")
