@@ -98,11 +98,11 @@ def analyze(
     bases = options.bases_for(paths)
     report = progress or _silent
     limit = options.memory_limit or default_memory_limit()
-    cut = out_of_core_partitions(paths, limit)
+    cut = out_of_core_partitions(paths, limit, options.workers)
     if cut is not None and options.samples:
         raise ValueError(f"--samples: {SERIES_REFUSED}")
     if cut is not None:
-        return _out_of_core(paths, options, ksm, partitions=cut[0], limit=limit,
+        return _out_of_core(paths, options, ksm, partitions=cut[0], jobs=cut[3], limit=limit,
                             pages=cut[1], in_memory=cut[2], report=report)
 
     with contextlib.ExitStack() as stack:
@@ -201,7 +201,7 @@ _TIMELINE_COLUMNS = ("full_scans", "time_seconds", "pages_to_scan", "pages_share
 
 
 def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
-                 ksm: KsmSettings, *, partitions: int, limit: int, pages: int,
+                 ksm: KsmSettings, *, partitions: int, jobs: int, limit: int, pages: int,
                  in_memory: int, report: ProgressReporter) -> Analysis:
     """:func:`analyze` of fingerprint files that do not fit in ``limit`` bytes: the core
     table built a partition of the content hashes at a time (:mod:`.fleet.aggregate`), and
@@ -209,7 +209,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     a warning says so."""
     agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
                     prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,
-                    check_guest=guest_check(),
+                    jobs=jobs, check_guest=guest_check(),
                     progress=lambda n, of: report("fingerprint files", n, of))
     prints, masks, table = agg.prints, agg.masks, agg.table
     rmap_note = None

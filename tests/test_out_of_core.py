@@ -92,7 +92,7 @@ def _spied(monkeypatch, tmp_path: Path, partitions: int) -> dict[str, int]:
     """Force ``partitions``, spill under ``tmp_path``, and record the size of each
     partition file as it is removed."""
     monkeypatch.setattr(pipeline, "out_of_core_partitions",
-                        lambda paths, limit: (partitions, 3072, 1 << 30))
+                        lambda paths, limit, jobs: (partitions, 3072, 1 << 30, jobs))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     removed: dict[str, int] = {}
     unlink = os.unlink
@@ -111,11 +111,11 @@ def _rows(columns) -> list[dict]:
                                                                   strict=True)]
 
 
-@pytest.mark.parametrize("partitions", [1, 4, 64])
+@pytest.mark.parametrize(("partitions", "jobs"), [(1, 1), (4, 1), (64, 1), (4, 2)])
 def test_out_of_core_gives_the_counters_and_tables_of_the_in_memory_path(
-        fleet_files, in_memory, monkeypatch, tmp_path, partitions):
+        fleet_files, in_memory, monkeypatch, tmp_path, partitions, jobs):
     removed = _spied(monkeypatch, tmp_path, partitions)
-    got = analyze(fleet_files, jobs=1, top=10_000, memory_limit=1 << 20)
+    got = analyze(fleet_files, jobs=jobs, top=10_000, memory_limit=1 << 20)
     want = in_memory
     for ksm in (KsmSettings(), KsmSettings(max_page_sharing=2, use_zero_pages=True)):
         assert got.contents.counters(ksm) == want.contents.counters(ksm)
@@ -160,7 +160,7 @@ def test_a_small_memory_limit_aggregates_out_of_core(tmp_path, monkeypatch):
     cuts = []
     choose = pipeline.out_of_core_partitions
     monkeypatch.setattr(pipeline, "out_of_core_partitions",
-                        lambda paths, limit: cuts.append(choose(paths, limit)) or cuts[-1])
+                        lambda *a: cuts.append(choose(*a)) or cuts[-1])
 
     def scan(*extra: str) -> dict:
         out = runner.invoke(app, ["scan", *files, "--json", "-q", "-j", "1", *extra])
@@ -245,7 +245,7 @@ def pss():
 
 files = sorted(glob.glob(sys.argv[1] + "/*.parquet"))
 limit = int(sys.argv[2])
-partitions, _, _ = out_of_core_partitions(files, limit)
+partitions, _, _, _ = out_of_core_partitions(files, limit)
 aggregate(files[:2], scope=Scope.MERGEABLE, page_size=4096, prefix_bytes=128, partitions=2)
 base, peak = pss(), [0]
 def sample():

@@ -21,6 +21,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..hashing.stage2 import StageStats
 from ..series import identity_of, input_name
 from ..units import size_text
 from . import fingerprint_files
-from .combine import SPILL, assemble, count_partition, prints_pieces
+from .combine import SPILL, PartitionCounts, assemble, count_partition, prints_pieces
 
 __all__ = ["IN_MEMORY_BYTES_PER_PAGE", "SERIES_REFUSED", "Aggregate", "aggregate", "default_memory_limit",
            "out_of_core_partitions"]
@@ -96,10 +97,11 @@ def _footer(path: str) -> tuple[int, bool] | None:
         return None
 
 
-def out_of_core_partitions(paths: Sequence[str | os.PathLike[str]], memory_limit: int
-                           ) -> tuple[int, int, int] | None:
-    """``(partitions, stored pages, bytes in memory)`` to aggregate ``paths`` out of core
-    (the last: what analysing them in memory would take), or None when they are to be
+def out_of_core_partitions(paths: Sequence[str | os.PathLike[str]], memory_limit: int,
+                           jobs: int = 1) -> tuple[int, int, int, int] | None:
+    """``(partitions, stored pages, bytes in memory, jobs)`` to aggregate ``paths`` out of
+    core (bytes in memory: what analysing them in memory would take; jobs: partitions
+    counted at once, up to ``jobs`` as the limit allows), or None when they are to be
     analysed in memory: that fits in ``memory_limit`` (:data:`IN_MEMORY_BYTES_PER_PAGE`,
     :data:`INPUT_BYTES`), or one is not a fingerprint file with content hashes (a dump, a
     cache file: stage 2 reads dumps).
@@ -119,15 +121,16 @@ def out_of_core_partitions(paths: Sequence[str | os.PathLike[str]], memory_limit
         return None
     held = FIXED_BYTES + len(rows) * INPUT_BYTES + largest * FILE_BYTES_PER_PAGE + total * RESULT_BYTES_PER_PAGE
     room, need = memory_limit - held, total * PARTITION_BYTES_PER_PAGE
-    partitions = 1
-    while room > 0 and partitions < MAX_PARTITIONS and need // partitions > room:
-        partitions *= 2
-    if room <= 0 or need // partitions > room:
-        least = held + need // MAX_PARTITIONS
-        raise ValueError(f"--memory-limit {size_text(memory_limit)} is too small for these "
-                         f"{len(rows):,} fingerprint files ({total:,} pages, the largest "
-                         f"{largest:,}): give at least {size_text(least)}")
-    return partitions, total, in_memory
+    for at_once in dict.fromkeys((max(jobs, 1), 1)):  # jobs partitions in memory, else one
+        partitions = 1
+        while room > 0 and partitions < MAX_PARTITIONS and need * at_once // partitions > room:
+            partitions *= 2
+        if room > 0 and need * at_once // partitions <= room:
+            return partitions, total, in_memory, min(at_once, partitions)
+    least = held + need // MAX_PARTITIONS
+    raise ValueError(f"--memory-limit {size_text(memory_limit)} is too small for these "
+                     f"{len(rows):,} fingerprint files ({total:,} pages, the largest "
+                     f"{largest:,}): give at least {size_text(least)}")
 
 
 @dataclass(frozen=True)
@@ -156,12 +159,13 @@ class Aggregate:
 
 
 def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_size: int,
-              prefix_bytes: int, partitions: int, workdir: str | None = None,
+              prefix_bytes: int, partitions: int, jobs: int = 1, workdir: str | None = None,
               check_guest: Callable[[str, dict[str, Any] | None], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> Aggregate:
-    """The core table and stage statistics of fingerprint files ``paths``, one file and
-    one partition in memory at a time; partition files go to a private (0700) temporary
-    folder under ``workdir`` and are removed as they are counted.
+    """The core table and stage statistics of fingerprint files ``paths``, one file, then
+    ``jobs`` partitions (counted by as many threads: numpy's sorts run without the GIL), in
+    memory at a time; partition files go to a private (0700) temporary folder under
+    ``workdir`` and are removed as they are counted.
 
     Args:
         check_guest: called with each file's path and the dump it records, to refuse one
@@ -221,18 +225,26 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
                     read_bytes += sizes[done]
                     progress(read_bytes, all_bytes)
         read = time.perf_counter()
-        counts, candidates, false, merges = [], 0, 0, 0
-        for rows_name, stats_name in names:
-            piece = np.fromfile(rows_name, SPILL)
-            os.unlink(rows_name)
-            counts.append(count_partition([piece], len(rows)))
+
+        def count(files: tuple[str, str]) -> tuple[PartitionCounts, tuple[int, int, int]]:
+            piece = np.fromfile(files[0], SPILL)
+            os.unlink(files[0])
+            counted = count_partition([piece], len(rows))
             del piece
-            records = np.fromfile(stats_name, STATS)
-            os.unlink(stats_name)
-            c, f, m = _count_stats(records)
+            records = np.fromfile(files[1], STATS)
+            os.unlink(files[1])
+            stats = _count_stats(records)
             del records
-            candidates, false, merges = candidates + c, false + f, merges + m
             _give_back()
+            return counted, stats
+
+        if jobs > 1:
+            with ThreadPoolExecutor(jobs) as pool:  # results in partition order
+                results = list(pool.map(count, names))
+        else:
+            results = [count(n) for n in names]
+    counts = [c for c, _ in results]
+    candidates, false, merges = (sum(s[k] for _, s in results) for k in range(3))
     table = assemble(rows, counts, page_size)
     stats = StageStats(pages_hashed=pages_hashed, prefix_candidates=candidates,
                        false_candidates=false, full_hashes=candidates, full_compares=0,
