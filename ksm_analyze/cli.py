@@ -226,9 +226,9 @@ COMPARING = (
         str | None,
         typer.Option("--memory-limit",
                      help="Memory the aggregation of fingerprint files may use, a size "
-                     "(8GiB; default: half of this machine's). Files whose fingerprints "
-                     "would not fit are aggregated out of core, a part of the content "
-                     "hashes at a time, spilled to a temporary folder.",
+                     "(8GiB; default: half of this machine's, or of its cgroup's limit). "
+                     "Files whose fingerprints would not fit are aggregated out of core, a "
+                     "part of the content hashes at a time, spilled to a temporary folder.",
                      show_default=False, rich_help_panel=_COMPARING_PANEL),
     ], None),
 )

@@ -290,3 +290,15 @@ def test_one_guest_given_twice_is_refused_out_of_core_too(tmp_path):
     assert lines[0] == lines[1] == (f"Error: {files[0]} is given twice (inputs 1 and 17): each "
                                     "input is one guest or process; to model two identical "
                                     "guests, give a copy")
+
+
+def test_the_default_limit_is_half_the_memory_or_half_the_cgroup_limit(tmp_path):
+    from ksm_analyze.fleet.aggregate import default_memory_limit
+
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "memory.max"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:        1000 kB\n")
+    assert default_memory_limit(str(meminfo), str(tmp_path / "none")) == 24576000 * 1024 // 2
+    cgroup.write_text("max\n")  # no limit
+    assert default_memory_limit(str(meminfo), str(cgroup)) == 24576000 * 1024 // 2
+    cgroup.write_text("4294967296\n")  # a container of 4 GiB
+    assert default_memory_limit(str(meminfo), str(cgroup)) == 2 << 30

@@ -63,7 +63,8 @@ INPUT_BYTES = 6 << 10
 """Memory per input: its row of the core table, its fingerprints' metadata (measured: 3.9
 KiB an input over 1,000 files of 64 pages)."""
 MEMORY_FRACTION = 2
-"""Without ``--memory-limit``, the aggregation may use 1/2 of the machine's memory."""
+"""Without ``--memory-limit``, the aggregation may use 1/2 of the machine's memory (or of
+its cgroup's limit)."""
 MAX_PARTITIONS = 1 << 12
 """More partitions than this would mean files of a few records each; a limit needing more
 is refused."""
@@ -72,16 +73,23 @@ STATS = np.dtype([("prefix", "<u8"), ("lo", "<u8"), ("hi", "<u8")])
 """One stored non-zero page for the stage statistics: its prefix hash and content hash."""
 
 
-def default_memory_limit() -> int:
-    """:data:`MEMORY_FRACTION` of the machine's memory (``MemTotal``)."""
+def default_memory_limit(meminfo: str = "/proc/meminfo",
+                         cgroup: str = "/sys/fs/cgroup/memory.max") -> int:
+    """:data:`MEMORY_FRACTION` of the memory this process may have: the machine's
+    (``MemTotal``), or its cgroup's limit where that is less (a container's)."""
+    total = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024 // MEMORY_FRACTION
+                    total = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // MEMORY_FRACTION
+    if total is None:
+        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with contextlib.suppress(OSError, ValueError), open(cgroup) as f:  # "max": no limit
+        total = min(total, int(f.read().strip()))
+    return total // MEMORY_FRACTION
 
 
 def _footer(path: str) -> tuple[int, bool] | None:
