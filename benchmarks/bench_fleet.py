@@ -7,12 +7,15 @@ process.
    a pool of ``--pool`` contents, 25% unique. Then runs ``ksm_analyze.fleet.combine.combine()`` in a
    fresh process, sampling its private memory (``Pss_Anon`` of ``smaps_rollup``) every 50 ms,
    and checks the counters against a hand model of the draws.
-2. With ``--dumps FILE...``: times ``scan FILES --json`` with ``--jobs 2`` and with
+2. With ``--memory-limit SIZE``: times ``scan FILES --json`` in memory and out of core under
+   that limit, each a fresh process, with its peak Pss_Anon, and checks the counters agree.
+3. With ``--dumps FILE...``: times ``scan FILES --json`` with ``--jobs 2`` and with
    ``--scheduler local:2`` (a LocalCluster of two worker processes), each a fresh process, with
    the peak Pss of the process and all its children, and checks the counters agree.
 
     python benchmarks/bench_fleet.py                       # 100 million fingerprints
     python benchmarks/bench_fleet.py --files 4 --rows 100000 --dumps a.raw b.raw
+    python benchmarks/bench_fleet.py --files 20 --rows 1000000 --memory-limit 1GiB
 """
 
 from __future__ import annotations
@@ -124,6 +127,23 @@ print(json.dumps({"seconds": time.perf_counter() - t, "combine_seconds": combine
 """
 
 
+def _scan_out_of_core(folder: Path, limit: str) -> list[str]:
+    """``scan --json`` of the files in memory and under ``--memory-limit limit``, each a
+    fresh process: time, peak Pss_Anon, and whether the counters agree."""
+    files = sorted(map(str, folder.glob("*.ksmfp.parquet")))
+    out, hosts = ["| scan of the files | time | peak Pss_Anon |", "|---|---:|---:|"], []
+    for label, extra in (("in memory", []), (f"--memory-limit {limit}",
+                                             ["--memory-limit", limit])):
+        elapsed, peak, text = run_sampled([sys.executable, "-m", "ksm_analyze", "scan",
+                                           *files, "--json", "-q", "-j", "1", *extra])
+        host = json.loads(text)["host"]
+        hosts.append({k: {s: v for s, v in by.items() if s != "steady_state"}
+                      for k, by in host.items()})
+        out.append(f"| {label} | {elapsed:.1f} s | {peak / 2**20:,.0f} MiB |")
+    return [*out, "", f"Counters of the two runs: {'equal' if hosts[0] == hosts[1] else 'DIFFER'}.",
+            ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=100)
@@ -132,6 +152,8 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--dir", type=Path, default=None, help="where the files go (default: tmp)")
     ap.add_argument("--dumps", nargs="*", default=[], help="dumps for scan vs Dask")
+    ap.add_argument("--memory-limit", default=None,
+                    help="also time scan of the files in memory and with this --memory-limit")
     args = ap.parse_args()
 
     lines = [f"- Machine: {machine()}", f"- Date: {time.strftime('%Y-%m-%d')}",
@@ -169,6 +191,8 @@ def main() -> None:
             f"| counters vs. the hand model | {'equal' if ok else f'DIFFER: {got} {expect}'} |",
             "",
         ]
+        if args.memory_limit:
+            lines += _scan_out_of_core(folder, args.memory_limit)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if args.dumps:

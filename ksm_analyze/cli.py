@@ -37,7 +37,7 @@ from .pipeline import analyze
 from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
-from .units import counted, parse_duration
+from .units import counted, parse_duration, parse_size
 
 if TYPE_CHECKING:
     from .planning.plan import Plan
@@ -229,8 +229,18 @@ COMPARING = (
                           "that share nothing are never listed).",
                           rich_help_panel=_COMPARING_PANEL)
     ], DEFAULT_OPTIONS.pairs_top),
+    _param("memory_limit", Annotated[
+        str | None,
+        typer.Option("--memory-limit",
+                     help="Memory the aggregation of fingerprint files may use, a size "
+                     "(8GiB; default: half of this machine's, or of its cgroup's limit). "
+                     "Files whose fingerprints would not fit are aggregated out of core, a "
+                     "part of the content hashes at a time, spilled to a temporary folder.",
+                     show_default=False, rich_help_panel=_COMPARING_PANEL),
+    ], None),
 )
-"""Stage 2, the fingerprint cache and the comparison of inputs (pairwise) of an analysis."""
+"""Stage 2, the fingerprint cache, the comparison of inputs (pairwise) and the memory of an
+analysis."""
 KSM_KNOBS = (
     _param("max_page_sharing", Annotated[
         int, typer.Option("--max-page-sharing",
@@ -361,6 +371,9 @@ def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                 if "base_address" in given:
                     bases = given.pop("base_address")
                     given["base_address"] = tuple(map(_address, bases)) if bases else 0
+                if given.get("memory_limit") is not None:
+                    given["memory_limit"] = parse_size(given["memory_limit"],
+                                                       what="--memory-limit")
                 if "sample" in given:
                     given["samples"] = tuple(_name_globs(given.pop("sample") or [],
                                                          "--samples"))

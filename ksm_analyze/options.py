@@ -28,6 +28,8 @@ ProgressReporter = Callable[[str, int, int], None]
 
 _ADDRESS_LIMIT = 1 << 64
 MERGE_POLICIES = ("all", "zero-only")
+MIN_MEMORY_LIMIT = 1 << 20
+"""The smallest ``--memory-limit``: below it, nothing of a fleet fits."""
 """``--merge``: KSM's rule, or the what-if where only zero pages merge."""
 
 
@@ -83,6 +85,10 @@ class ScanOptions:
             ``local`` / ``local:N`` for a local cluster of N workers, at most one per CPU
             (``pip install 'ksm-analyze[dask]'``). The scheduler must answer within
             ``KSM_ANALYZE_SCHEDULER_TIMEOUT`` seconds (10).
+        memory_limit: bytes the aggregation of fingerprint files may use (None: half of
+            the machine's memory). Inputs whose fingerprints would not fit are aggregated
+            out of core, a partition of the content hashes at a time, spilled to a
+            temporary folder (docs/architecture.md, "Fleet scale").
     """
 
     format: DumpFormat | None = None
@@ -99,6 +105,7 @@ class ScanOptions:
     samples: tuple[tuple[str, str], ...] = ()
     cache: str | None = None
     scheduler: str | None = None
+    memory_limit: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -120,6 +127,9 @@ class ScanOptions:
             raise ValueError(f"--top cannot be negative, not {self.top}")
         if self.pairs_top < 0:
             raise ValueError(f"--pairs-top cannot be negative, not {self.pairs_top}")
+        if self.memory_limit is not None and self.memory_limit < MIN_MEMORY_LIMIT:
+            raise ValueError(f"--memory-limit must be at least 1 MiB, not "
+                             f"{self.memory_limit:,} bytes")
         object.__setattr__(self, "domains", tuple((str(n), str(p)) for n, p in self.domains))
         if self.scheduler is not None and not _supported_scheduler(self.scheduler):
             raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT of a Dask "

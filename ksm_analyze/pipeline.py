@@ -14,27 +14,44 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 
+import numpy as np
+
 from ._signals import watching
 from .analysis import TABLES, Analysis
+from .columns import Columns
 from .content_table import build_content_table
 from .eligibility import Scope, scan_mask
-from .fleet.sources import Source, add_content_hashes, fingerprint_sources, open_sources
+from .fleet.aggregate import (
+    SERIES_REFUSED,
+    aggregate,
+    default_memory_limit,
+    out_of_core_partitions,
+)
+from .fleet.sources import (
+    Source,
+    add_content_hashes,
+    fingerprint_sources,
+    guest_check,
+    open_sources,
+)
 from .formats import DumpFormat
 from .hashing.stage1 import Fingerprints
-from .hashing.stage2 import classify
+from .hashing.stage2 import ContentClasses, classify
 from .ksm import KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
-from .over_time import model_host, recorded_machine, steady_tables
+from .over_time import SETTINGS_COLUMNS, model_host, recorded_machine, steady_tables
 from .pages import PageState
 from .series import (
+    STABILITY_COLUMNS,
     as_sample,
     group_samples,
     input_name,
     recorded_rmap_item_bytes,
     still_timeline,
 )
-from .sharing import address_map, pairwise, top_contents, twin_warnings
+from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
+from .units import size_text
 
 __all__ = ["analyze"]
 
@@ -80,6 +97,13 @@ def analyze(
         raise ValueError("no input given")
     bases = options.bases_for(paths)
     report = progress or _silent
+    limit = options.memory_limit or default_memory_limit()
+    cut = out_of_core_partitions(paths, limit, options.workers)
+    if cut is not None and options.samples:
+        raise ValueError(f"--samples: {SERIES_REFUSED}")
+    if cut is not None:
+        return _out_of_core(paths, options, ksm, partitions=cut[0], jobs=cut[3], limit=limit,
+                            pages=cut[1], in_memory=cut[2], report=report)
 
     with contextlib.ExitStack() as stack:
         sources = open_sources(paths, options, ksm.page_size, bases, stack)
@@ -161,6 +185,82 @@ def analyze(
         inputs=[os.fspath(p) for p in paths],
         warnings=_warnings(prints, options) + twin_warnings(pairs, prints)
         + ([rmap_note] if rmap_note else []) + ([note] if note else []) + over.warnings,
+        unrestricted=unrestricted,
+        domains=domain_names,
+    )
+
+
+NOT_OUT_OF_CORE = ("convergence", "timeline", "ksmd_settings", "address_map")
+"""Tables that need every page of every input in memory (the ksmd time model replays them
+in address order; the address map bins them): not computed out of core."""
+
+
+_TIMELINE_COLUMNS = ("full_scans", "time_seconds", "pages_to_scan", "pages_shared",
+                     "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
+                     "pages_skipped", "ksm_zero_pages", "ksm_rmap_items", "general_profit",
+                     "ksmd_cpu_percent")
+
+
+def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
+                 ksm: KsmSettings, *, partitions: int, jobs: int, limit: int, pages: int,
+                 in_memory: int, report: ProgressReporter) -> Analysis:
+    """:func:`analyze` of fingerprint files that do not fit in ``limit`` bytes: the core
+    table built a partition of the content hashes at a time (:mod:`.fleet.aggregate`), and
+    every table computed from it; the tables of :data:`NOT_OUT_OF_CORE` are left empty, and
+    a warning says so."""
+    agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
+                    prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,
+                    jobs=jobs, check_guest=guest_check(),
+                    progress=lambda n, of: report("fingerprint files", n, of))
+    prints, masks, table = agg.prints, agg.masks, agg.table
+    rmap_note = None
+    if ksm.rmap_item_bytes is None:
+        recorded, rmap_note = recorded_rmap_item_bytes(prints)
+        ksm = replace(ksm, rmap_item_bytes=recorded)
+    # No page bytes here: the top contents are known by their hashes, as in memory for
+    # fingerprint files whose dumps are elsewhere.
+    classes = ContentClasses([], 0, agg.stats, {})
+    top = top_contents(table, classes, [], [], top=options.top,
+                       show_content=options.show_content)
+    timings = {"stage1_seconds": agg.read_seconds, "stage2_seconds": agg.count_seconds,
+               "inputs_from_cache": 0, "inputs_from_fingerprint_files": len(prints)}
+    unrestricted, domain_names = None, []
+    if options.policy:
+        unrestricted = table.counters(ksm)
+        domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
+        table = table.with_policy(domains, zero_only=options.merge == "zero-only")
+    tables = summary_tables(table, ksm, prints, masks, agg.stats, timings)
+    stages = tables["stages"]
+    values = np.array(stages.data["value"], object)
+    values[list(stages.data["statistic"]).index("zero_pages_found")] = agg.zero_pages_found
+    tables["stages"] = Columns({"statistic": stages.data["statistic"], "value": values},
+                               "statistic")
+    tables.update({
+        "convergence": Columns({"item": [], "value": []}, "item"),
+        "timeline": Columns({c: [] for c in _TIMELINE_COLUMNS}),
+        "ksmd_settings": Columns.from_records([], list(SETTINGS_COLUMNS)),
+        "stability": Columns.from_records([], list(STABILITY_COLUMNS)),
+        "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
+                                                 "last_address", "pages", *ADDRESS_KINDS)}),
+        "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
+        "top_contents": top,
+    })
+    note = (f"out of core: these {pages:,} pages of fingerprint files need about "
+            f"{size_text(in_memory)} in memory, more than "
+            f"--memory-limit {size_text(limit)}, so they were aggregated in {partitions:,} "
+            f"part{'s' if partitions > 1 else ''} of the content hashes; the tables "
+            f"{', '.join(NOT_OUT_OF_CORE)} and the host's steady_state counters need every "
+            f"page in memory and were not computed (a --memory-limit above "
+            f"{size_text(in_memory)} gives them)")
+    return Analysis(
+        columns={name: tables[name] for name in TABLES},
+        counters=table.counters(ksm),
+        options=options,
+        ksm=ksm,
+        contents=table,
+        inputs=[os.fspath(p) for p in paths],
+        warnings=[note, *_warnings(prints, options), *twin_warnings(tables["pairwise"], prints),
+                  *([rmap_note] if rmap_note else [])],
         unrestricted=unrestricted,
         domains=domain_names,
     )

@@ -325,3 +325,22 @@ def test_a_poisoned_cache_entry_is_rewritten_not_a_crash(tmp_path, seed):
     first, second = json.loads(out.stdout), json.loads(again.stdout)
     assert {k: first[k] for k in PREDICTION} == {k: second[k] for k in PREDICTION}
     assert len(fpfile.load(entry)[0].addrs) == 512  # vm-b.raw: 2 MiB of 4 KiB pages
+
+
+@pytest.mark.parametrize("order", ["in order", "out of order"])
+def test_a_repeated_address_is_refused(tmp_path, seed, order):
+    """Addresses are checked distinct by one comparison when they increase (as stage 1
+    writes them), by a sort when not: a repeat is found either way."""
+    table = pq.read_table(seed)
+    addr = table.column("addr").to_numpy().copy()
+    addr[1] = addr[0]  # in order: 0, 0, 8192...
+    if order == "out of order":
+        addr[[0, 2]] = addr[[2, 0]]  # 8192, 0, 0...
+    columns = {name: table.column(name).to_numpy() for name in table.column_names}
+    columns["addr"] = addr
+    raw = table.schema.metadata[fpfile.META_KEY]
+    path = tmp_path / ("f" + fpfile.SUFFIX)
+    pq.write_table(pa.table(columns).replace_schema_metadata(
+        {fpfile.META_KEY: raw, fpfile.DIGEST_KEY: fpfile.digest(raw, columns).encode()}), path)
+    with pytest.raises(DumpFormatError, match="an address that is not one stored page"):
+        fpfile.load(path)

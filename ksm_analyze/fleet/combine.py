@@ -29,13 +29,15 @@ import numpy as np
 
 from ..columns import Columns
 from ..content_table import INPUT_COLUMNS, ContentTable, input_row
-from ..eligibility import Scope, scan_mask
+from ..eligibility import ScanMask, Scope, scan_mask
 from ..errors import InputError
+from ..hashing.stage1 import Fingerprints
 from ..options import DEFAULT_OPTIONS
 from ..pages import PAGE_SIZE
 from . import fingerprint_files
 
-__all__ = ["SPILL", "PartitionCounts", "assemble", "combine", "count_partition", "file_pieces"]
+__all__ = ["SPILL", "PartitionCounts", "assemble", "combine", "count_partition", "file_pieces",
+           "prints_pieces"]
 
 SPILL = np.dtype([("lo", "<u8"), ("hi", "<u8"), ("input", "<u4")])
 """One scanned non-zero page in a partition: its 128-bit content hash and its input."""
@@ -98,17 +100,31 @@ def file_pieces(path: str | os.PathLike[str], *, scope: Scope, partitions: int,
         DumpFormatError: the file is damaged.
         InputError: it carries no content hashes.
     """
+    return prints_pieces(fingerprint_files.load(path), path=path, scope=scope,
+                         partitions=partitions, first_input=first_input)
+
+
+def prints_pieces(prints: Sequence[Fingerprints], *, path: str | os.PathLike[str],
+                  scope: Scope, partitions: int, first_input: int = 0,
+                  masks: Sequence[ScanMask] | None = None
+                  ) -> tuple[list[dict[str, Any]], list[np.ndarray], int]:
+    """:func:`file_pieces` of the inputs of fingerprint file ``path`` once loaded
+    (``masks``: their scan masks, if already made).
+
+    Raises:
+        InputError: an input carries no content hashes.
+    """
     _check_partitions(partitions)
     shift = np.uint64(64 - (partitions.bit_length() - 1)) if partitions > 1 else None
     rows: list[dict[str, Any]] = []
     parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
     page_size = PAGE_SIZE
-    for fp in fingerprint_files.load(path):
+    for k, fp in enumerate(prints):
         if fp.content is None:
             raise InputError("no content hashes: write it with ksm-analyze fingerprint",
                              path=path)
         page_size = fp.page_size
-        mask = scan_mask(fp, scope)
+        mask = masks[k] if masks is not None else scan_mask(fp, scope)
         scanned = mask.scanned & (fp.prefix != 0)
         spill = np.empty(int(np.count_nonzero(scanned)), SPILL)
         spill["lo"], spill["hi"] = fp.content[scanned, 0], fp.content[scanned, 1]

@@ -33,8 +33,8 @@ from ..hashing.stage2 import content_hashes
 from ..options import ProgressCallback, ScanOptions
 from . import fingerprint_files
 
-__all__ = ["Source", "fingerprint_file_names", "fingerprint_sources", "open_sources",
-           "write_fingerprint_files"]
+__all__ = ["Source", "fingerprint_file_names", "fingerprint_sources", "guest_check",
+           "open_sources", "write_fingerprint_files"]
 
 TASK_RETRIES = 2
 """Times Dask runs a dump's task again after the worker running it died."""
@@ -101,6 +101,17 @@ def open_sources(paths: Sequence[str | os.PathLike[str]], options: ScanOptions, 
         if cache and path in cache.problems:
             sources[-len(readers)].cache_note = cache.problems[path]
     return sources
+
+
+def guest_check() -> Callable[[str, dict[str, Any] | None], None]:
+    """A check that refuses one guest given twice, as :func:`open_sources` does: call it
+    with each input's path and, for a fingerprint file, the dump it records."""
+    guests = _Guests()
+
+    def check(path: str, recorded: dict[str, Any] | None) -> None:
+        guests.add(path, recorded)
+
+    return check
 
 
 class _Guests:

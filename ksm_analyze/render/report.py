@@ -52,6 +52,8 @@ CHARTS = {
 TIME_CHARTS = ("timeline", "ksmd_settings")
 PAIRS_SHOWN = 500
 """Rows of the pairwise table in index.html (the most alike pairs; the CSV has all)."""
+TABLES_OF_CHARTS = ("address_map", *TIME_CHARTS)
+"""Charts that draw the table of their name, which an analysis out of core leaves empty."""
 """The charts of the "Over time" section (the others are under "Charts")."""
 HOST_COLUMNS = {
     "steady_state": ("ksmd replayed, steady",
@@ -115,7 +117,9 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
     out = Path(directory)
     out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     tables = dict(result.tables())
-    charts = {name: getattr(result, f"plot_{name}") for name in CHARTS}
+    # A chart of a table not computed (out of core: a warning says so) is left out.
+    charts = {name: getattr(result, f"plot_{name}") for name in CHARTS
+              if name not in TABLES_OF_CHARTS or len(result.columns[name])}
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}

@@ -229,6 +229,8 @@ def _over_time(tables: Mapping[str, Columns]) -> list[str]:
               f"{r['change_rate_per_second']:.3g}",
               _count(r["stable_duplicate_pages"]), _count(r["coinciding_duplicate_pages"])]
              for r in stab.rows()))]
+    if not len(tables["convergence"]):  # not computed (out of core: a warning says so)
+        return out
     c = tables["convergence"].by_key("value")
     when = ", ".join(f"{label} after {_duration(c[key])}" for label, key in (
         ("50%", "time_to_50_percent_seconds"), ("90%", "time_to_90_percent_seconds"))
