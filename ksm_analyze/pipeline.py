@@ -229,6 +229,8 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         unrestricted = table.counters(ksm)
         domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
         table = table.with_policy(domains, zero_only=options.merge == "zero-only")
+    pairs = pairwise(table, max_page_sharing=ksm.max_page_sharing, top=options.pairs_top)
+    pairs_note = pairs.note()
     tables = summary_tables(table, ksm, prints, masks, agg.stats, timings)
     stages = tables["stages"]
     values = np.array(stages.data["value"], object)
@@ -242,7 +244,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         "stability": Columns.from_records([], list(STABILITY_COLUMNS)),
         "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
                                                  "last_address", "pages", *ADDRESS_KINDS)}),
-        "pairwise": pairwise(table, max_page_sharing=ksm.max_page_sharing),
+        "pairwise": pairs.rows,
         "top_contents": top,
     })
     note = (f"out of core: these {pages:,} pages of fingerprint files need about "
@@ -259,8 +261,8 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
-        warnings=[note, *_warnings(prints, options), *twin_warnings(tables["pairwise"], prints),
-                  *([rmap_note] if rmap_note else [])],
+        warnings=[note, *_warnings(prints, options), *twin_warnings(pairs, prints),
+                  *([rmap_note] if rmap_note else []), *([pairs_note] if pairs_note else [])],
         unrestricted=unrestricted,
         domains=domain_names,
     )
