@@ -476,3 +476,15 @@ def test_projection_axis_spans_the_counts_asked_for(samples_analysis):
     assert ax.get_xlim()[1] < 5
     assert f"{result.fits[0]:,} fit in 8 MiB" in ax.get_title()
     assert all(float(t).is_integer() for t in ax.get_xticks() if 1 <= t <= 4)
+
+
+def test_scan_text_of_a_fleet_shows_its_first_50_inputs_and_counts_the_others(tmp_path):
+    files = [_guest_file(tmp_path, f"g{g:02d}", np.arange(1, 5, dtype=np.uint64) + g)
+             for g in range(53)]
+    r = runner.invoke(app, ["scan", *files, "-q"])
+    assert r.exit_code == 0, r.output
+    inputs = r.stdout.split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in inputs[2:52]] == [f"g{g:02d}" for g in range(50)]
+    assert inputs[52] == "  ... and 3 more inputs (every input: --json, --csv)"
+    few = runner.invoke(app, ["scan", *files[:50], "-q"]).stdout
+    assert "more inputs" not in few and "  g49 " in few

@@ -11,6 +11,7 @@ its own to the terminal. JSON output is left exact (``json`` escapes them itself
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +46,19 @@ _SAVINGS_SCENARIOS = ("with_zero_pages", "without_zero_pages")
 
 def _count(n: Any) -> str:
     return f"{int(n):,}"
+
+
+TEXT_ROWS = 50
+"""Rows of a per-input table ``scan`` prints; a fleet's others are in --json and --csv."""
+
+
+def _input_table(headers: Sequence[str], rows: Iterable[Sequence[str]], inputs: int) -> str:
+    """:func:`_table` of a table with a row per input: its first :data:`TEXT_ROWS` rows,
+    and a line saying how many more there are."""
+    text = _table(headers, itertools.islice(rows, TEXT_ROWS))
+    more = inputs - TEXT_ROWS
+    return text + (f"\n  ... and {more:,} more inputs (every input: --json, --csv)"
+                   if more > 0 else "")
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "  ") -> str:
@@ -90,7 +104,7 @@ def render_scan(result: Analysis) -> str:
     columns = host.names
     scen = [s for s in _SAVINGS_SCENARIOS if s in columns]
     titles = [_SCENARIO_TITLES[s] for s in scen]
-    out = ["Inputs", _table(
+    out = ["Inputs", _input_table(
         ["input", "format", "size", "non-zero", "zero", "holes", "excluded", "not saved",
          "file/shared", "distinct", "self-sharing"],
         ([name, r["format"], human_bytes(r["bytes"]),
@@ -98,6 +112,7 @@ def render_scan(result: Analysis) -> str:
                                    "excluded_pages", "not_saved_pages", "ineligible_pages",
                                    "distinct_contents", "self_sharing_pages"))]
          for name, r in zip(result.names, pi.rows(), strict=True)),
+        len(result.names),
     ), ("  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
         "   self-sharing = pages saved merging within that input alone)")]
     if any(space == "virtual" for space in pi["address_space"]):
@@ -193,19 +208,21 @@ def _process_sections(result: Analysis) -> list[str]:
     out = ["", f"Excluded from KSM's scan (--scope {scope}; pages per rule)"]
     if rules:
         counts = zip(*(ex[r] for r in rules), strict=True)
-        out.append(_table(["input", *rules],
-                          ([name, *map(_count, row)]
-                           for name, row in zip(result.names, counts, strict=True))))
+        out.append(_input_table(
+            ["input", *rules],
+            ([name, *map(_count, row)] for name, row in zip(result.names, counts, strict=True)),
+            len(result.names)))
         out += [f"  {r}: {RULES[r]}" for r in rules]
     else:
         out.append("  none")
     out.append("")
     out.append("Per process: /proc/PID/ksm_stat after KSM converges (with zero pages)")
-    out.append(_table(
+    out.append(_input_table(
         ["input", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages", "ksm_process_profit"],
         ([name, _count(r["ksm_rmap_items"]), _count(r["ksm_merging_pages"]),
           _count(r["ksm_zero_pages"]), human_bytes(r["ksm_process_profit"])]
          for name, r in zip(result.names, result.columns["per_input"].rows(), strict=True)),
+        len(result.names),
     ))
     return out
 
