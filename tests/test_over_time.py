@@ -199,3 +199,49 @@ def test_dumps_given_as_samples_are_one_input_in_mtime_order(tmp_path):
     # A guest dump is read as a frozen moment otherwise: two inputs.
     r2 = runner.invoke(app, ["scan", str(late), str(early), "--json"])
     assert len(json.loads(r2.stdout)["per_input"]) == 2
+
+
+def _seen_once(folder, pages, name):
+    """A fingerprint file of one input seen once (no identity), page i holding ``pages[i]``."""
+    fp = _sample(pages, identity=None, at=None, name=name)
+    path = folder / f"{name}.ksmfp.parquet"
+    fingerprint_files.save(
+        path, [fp], source={"path": f"/nowhere/{name}", "size": 0, "mtime_ns": 0},
+        options={"format": "snapshot", "page_size": 4096, "base_address": 0,
+                 "prefix_bytes": 128},
+        contents=[fp.content])
+    return path
+
+
+def test_a_series_steady_view_depends_on_the_other_inputs_of_its_host(tmp_path):
+    """Why samples over time are refused out of core rather than reduced one series at a
+    time (fleet/aggregate.py, SERIES_REFUSED): what KSM keeps of a series, and its stability
+    row, change with pages of inputs that are not its samples. A per-series reduction would
+    give the "alone" figures below on the host with the other input too."""
+    # Pages 0-1 change in 1 of 2 intervals, to "g", and hold still after; 2-3 hold still.
+    series = ("pqcd", "ggcd", "ggcd")
+    # 1. smart_scan with KSM running: pages 0-1 are late duplicates, joinable only if the
+    #    host has two steady pages of "g" (a content count over every input).
+    ran = {"ksm": {"run": 1, "smart_scan": 1}}
+    alone = analyze(_write(tmp_path / "a", series, machine=ran), jobs=1)
+    assert alone.convergence.at["late_duplicate_pages", "value"] == 2
+    assert alone.host.at["pages_sharing", "with_zero_pages"] == 0
+    host = analyze([*_write(tmp_path / "b", series, machine=ran),
+                    _seen_once(tmp_path, "ggc", "other")], jobs=1)
+    # "g" x4 (the series' two join the other's steady pair) and "c" x2: 2 KSM pages, 4 sharing
+    # (alone, the series' "g" pages would stay late: "g" x2 and "c" x2, 2 sharing).
+    assert host.convergence.at["late_duplicate_pages", "value"] == 0
+    assert (host.host.at["pages_shared", "with_zero_pages"],
+            host.host.at["pages_sharing", "with_zero_pages"]) == (2, 4)
+    # 2. The stability row: "c" is a stable duplicate only with the other input's "c".
+    assert alone.stability.iloc[0]["stable_duplicate_pages"] == 0
+    assert host.stability.iloc[0]["stable_duplicate_pages"] == 1
+    # 3. The time a page must hold still to merge is two full scans of the whole host: pages
+    #    0-1 (changed in 1 of 2 intervals of 0.1 s: ln 2 / 0.1 = 6.9 writes a second) hold
+    #    long enough for the 4 pages alone (2 x 24 ms), not beside 400 others (2 x 120 ms).
+    quick = analyze(_write(tmp_path / "c", series, gap=0.1), jobs=1)
+    assert quick.host.at["pages_sharing", "with_zero_pages"] == 1
+    many = "".join(chr(0x100 + i) for i in range(400))  # 400 contents of their own
+    crowded = analyze([*_write(tmp_path / "d", series, gap=0.1),
+                       _seen_once(tmp_path, many, "big")], jobs=1)
+    assert crowded.host.at["pages_sharing", "with_zero_pages"] == 0

@@ -221,3 +221,32 @@ def test_steady_view_unmerges_changing_pages_and_late_duplicates():
                                        smart_scan=False)
     off = dict(zip(page3.tolist(), lab_off[0].tolist(), strict=True))
     assert late_off == 0 and off[3] == off[4] == ord("g")
+
+
+def test_the_churn_of_a_series_is_its_own():
+    """The per-series half of the steady view (docs/architecture.md, "Fleet scale"): each
+    page's change rate and age come from its own series' samples only, whatever else is on
+    the host (two series and an input seen once, samples interleaved)."""
+    from ksm_analyze.series import churn
+
+    a = [_sample(p, identity="A", at=t, name="a")
+         for p, t in (("pqcdgg00", 0.0), ("ggcd0gxy", 5.0), ("ggcdg0zy", 7.0))]
+    b = [_sample(p, identity="B", at=t, name="b") for p, t in (("gg.c00ab", 1.0),
+                                                               ("ggxc0.ab", 4.0))]
+    host = [a[0], b[0], a[1], _sample("ggcc0", identity=None, at=None, name="c"), b[1], a[2]]
+    masks = [scan_mask(fp, Scope.MERGEABLE) for fp in host]
+    everything = churn(host, masks, group_samples(host), ksm_was_running=True)
+    for k, own in enumerate((a, b)):
+        alone = churn(own, [scan_mask(fp, Scope.MERGEABLE) for fp in own], group_samples(own),
+                      ksm_was_running=True)
+        assert np.array_equal(alone.rate[0], everything.rate[k])
+        assert np.array_equal(alone.aged[0], everything.aged[k])
+    # By hand, series A's latest sample (pages 0-7; intervals of 5 s and 2 s, so a page
+    # changed in 1 of 2 has rate ln 2 / 3.5 s): pages 0-1 (p, q -> g -> g) and 5 (g -> g ->
+    # 0) and 7 (0 -> y -> y) changed once, 2-3 never, 4 (g -> 0 -> g) and 6 (0 -> x -> z)
+    # twice (inf); aged: their content at the end is not the one at the start (KSM ran),
+    # so page 4, back to "g", is not.
+    once = math.log(2) / 3.5
+    assert everything.rate[0].tolist() == pytest.approx(
+        [once, once, 0.0, 0.0, math.inf, once, math.inf, once])
+    assert everything.aged[0].tolist() == [True, True, False, False, False, True, True, True]
