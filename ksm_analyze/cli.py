@@ -546,10 +546,11 @@ def plan(
 ) -> None:
     """Place DUMPS on hosts of --host-memory: sharing-aware beside first-fit.
 
-    Sharing-aware: each host starts with the largest input left, then takes the input that
-    adds the least memory after KSM (exact, from the content classes) while one fits; then
-    the emptiest host is dissolved where its inputs fit elsewhere. First-fit decreasing
-    ignores sharing. Costs one pass over the inputs' content classes per input placed.
+    Sharing-aware: inputs largest first, each onto the host where it adds the least memory
+    after KSM (exact, from the content classes) among those where it fits; then the
+    emptiest host is dissolved where its inputs fit elsewhere. First-fit's hosts and (up to
+    2,000 inputs) a seed-and-grow order are consolidated alike and the fewest hosts win:
+    never more than first-fit decreasing, which ignores sharing.
     """
     from .planning.plan import PLAN_TABLES  # pandas: only for a plan
     from .render.text import render_plan

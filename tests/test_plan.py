@@ -233,6 +233,9 @@ def test_marginal_footprints_are_exact_for_any_knobs(pairs):
         host = model.empty()
         for i in (4, 0, 5, 2):
             added = int(model.marginal(host, np.array([i]))[0])
+            # the same against several hosts at once (sharing-aware best-fit's pass)
+            alone = model.footprint([i])
+            assert model.marginals([host, model.empty()], i).tolist() == [added, alone]
             before = model.bytes(host)
             model.add(host, i)
             assert model.bytes(host) == before + added
@@ -488,3 +491,110 @@ def test_scan_text_of_a_fleet_shows_its_first_50_inputs_and_counts_the_others(tm
     assert inputs[52] == "  ... and 3 more inputs (every input: --json, --csv)"
     few = runner.invoke(app, ["scan", *files[:50], "-q"]).stdout
     assert "more inputs" not in few and "  g49 " in few
+
+
+# Placement at fleet size (issue 21): the sharing-aware placement never needs more hosts than
+# first-fit, on core tables made here (no dumps: cheap).
+
+def _core_table(unique: list[int], held: dict[int, dict[int, int]] | None = None,
+                zero: list[int] | None = None):
+    """The core table of inputs holding ``unique[i]`` pages of their own, ``zero[i]`` zero
+    pages and ``held[content][i]`` pages of each shared content."""
+    from ksm_analyze.columns import Columns
+    from ksm_analyze.content_table import ContentTable
+
+    n = len(unique)
+    rows = sorted((c, i, p) for c, by in (held or {}).items() for i, p in by.items())
+    content, owner, pages = (np.array([r[k] for r in rows], dt) for k, dt in
+                             ((0, np.int64), (1, np.int32), (2, np.int64)))
+    cols = Columns({"input": [f"/d/g{i:02}.raw" for i in range(n)],
+                    "unique_pages": np.array(unique, np.int64),
+                    "zero_pages": np.array(zero or [0] * n, np.int64),
+                    "domain": np.zeros(n, np.int64)})
+    return ContentTable(cols, content, owner, pages, PS)
+
+
+def _hand_memory(held: dict[int, dict[int, int]], unique: list[int], zero: list[int],
+                 inputs: list[int]) -> int:
+    """Memory after KSM of a host of ``inputs``, from first principles (default knobs: 256
+    pages a KSM page, zero pages merged as any content): a content held c times keeps
+    ceil(c / 256) pages, a page of its own one; every scanned page has a 64-byte rmap_item."""
+    copies = [sum(by.get(i, 0) for i in inputs) for by in held.values()]
+    z = sum(zero[i] for i in inputs)
+    left = sum(-(-c // 256) for c in copies) + sum(unique[i] for i in inputs) + -(-z // 256)
+    scanned = sum(copies) + sum(unique[i] for i in inputs) + z
+    return left * PS + scanned * RMAP
+
+
+def test_sharing_aware_placement_does_not_fill_hosts_with_the_smallest_first():
+    # Nothing shared, hosts of 100 pages (with their rmap_items): first-fit decreasing packs
+    # 50 + 50 and 30 + 30 + 20 + 20 on 2 hosts. A greedy that seeds a host with the largest
+    # input and then adds the one adding least takes 50 + 20 + 20, then 50 + 30, then 30:
+    # 3 hosts (the placement before issue 21).
+    from ksm_analyze.planning.placement import first_fit, place
+
+    unique = [20, 50, 30, 20, 50, 30]
+    model = HostModel(_core_table(unique), KsmSettings())
+    page = PS + RMAP
+    ffd, sharing = first_fit(model, 100 * page).hosts, place(model, 100 * page).hosts
+    assert len(ffd) == 2 and len(sharing) == 2
+    assert sorted(i for h in sharing for i in h) == list(range(6))
+    assert [model.footprint(h) for h in sharing] == [100 * page] * 2  # 200 pages in 2 x 100
+
+
+def _fleet_table(seed: int):
+    """12 to 23 inputs of mixed sizes in families: every input holds a base of 1 to 4
+    contents; each family shares 2 to 20 contents of its own (each held by a member with
+    probability 0.8, one or two pages); 10 to 299 pages of its own, 0 to 9 zero pages."""
+    gen = np.random.default_rng(seed)
+    n = 12 + seed % 12
+    family = gen.integers(0, n // 4, n)
+    held: dict[int, dict[int, int]] = {c: dict.fromkeys(range(n), 1)
+                                       for c in range(int(gen.integers(1, 5)))}
+    for f in range(n // 4):
+        members = np.flatnonzero(family == f)
+        for c in range(int(gen.integers(2, 21))):
+            by = {int(i): int(gen.integers(1, 3)) for i in members if gen.random() < 0.8}
+            if sum(by.values()) >= 2:  # a content held once is a page of its own
+                held[1000 * (f + 1) + c] = by
+    unique = gen.integers(10, 300, n).tolist()
+    zero = gen.integers(0, 10, n).tolist()
+    return held, unique, zero
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sharing_aware_never_needs_more_hosts_than_first_fit(seed):
+    # On random fleets of mixed sizes, at several host sizes: at most first-fit's hosts, each
+    # input on one host, and each host's memory what it is from first principles.
+    from ksm_analyze.planning.placement import first_fit, place
+
+    held, unique, zero = _fleet_table(seed)
+    table = _core_table(unique, held, zero)
+    model = HostModel(table, KsmSettings())
+    everything = _hand_memory(held, unique, zero, list(range(len(unique))))
+    for share in (0.12, 0.2, 0.35, 0.6):
+        capacity = max(int(model.alone.max()), int(everything * share))
+        hosts = place(model, capacity).hosts
+        assert len(hosts) <= len(first_fit(model, capacity).hosts), (seed, share)
+        assert sorted(i for h in hosts for i in h) == list(range(len(unique)))
+        for h in hosts:
+            assert model.footprint(h) == _hand_memory(held, unique, zero, h) <= capacity
+
+
+def test_consolidation_empties_a_host_that_is_not_the_first():
+    # Three hosts of 42, 12 and 42 pages (two contents shared by all, the third input holding
+    # one of them twice): the emptiest, the second, fits with the first on a host of 52
+    # pages and 54 rmap_items (with the third: 55), and is dissolved. (Before issue 21 the
+    # host was looked up by value, comparing arrays: a ValueError.)
+    from ksm_analyze.planning.placement import _dissolve
+
+    base = {0: {0: 1, 1: 1, 2: 1}, 1: {0: 1, 1: 1, 2: 2}}
+    model = HostModel(_core_table([40, 10, 40], base), KsmSettings())
+    capacity = _hand_memory(base, [40, 10, 40], [0, 0, 0], [0, 1])
+    assert capacity == 52 * PS + 54 * RMAP
+    hosts = [model.empty() for _ in range(3)]
+    for i, host in enumerate(hosts):
+        model.add(host, i)
+    _dissolve(model, hosts, capacity)
+    assert sorted(sorted(h.inputs) for h in hosts) == [[0, 1], [2]]
+    assert [model.bytes(h) for h in hosts] == [capacity, 42 * PS + 43 * RMAP]
