@@ -1,16 +1,20 @@
-"""Combining fingerprint files on a Dask cluster: :func:`~.combine.combine`'s result, with
-the aggregation on the workers.
+"""Aggregating fingerprint files on a Dask cluster: :func:`~.aggregate.aggregate`'s result
+(``--scheduler`` past ``--memory-limit``: :func:`aggregate_on_cluster`) and
+:func:`~.combine.combine`'s (:func:`combine_on_cluster`), with the work on the workers.
 
-The steps are :mod:`.combine`'s, run as Dask tasks (futures, no graph of our own):
+Both are one executor (:func:`_run`) of their module's steps, run as Dask tasks (futures,
+no graph of our own):
 
-1. one task per fingerprint file, or per run of small ones (``file_pieces``), on a worker
-   that reads the files by path as stage 1's tasks read dumps (:mod:`.sources`); its
-   ``partitions`` pieces of SPILL records stay on that worker, each a future of its own (a
-   small task picks it out of the task's result, where that result is);
-2. one task per partition (``count_partition``) on that partition's pieces from every
-   file: Dask moves them worker to worker, never through the client;
-3. the client receives each file's input rows and each partition's counts (sparse rows of
-   the contents held twice or more, unique pages per input) and assembles the core table.
+1. one task per fingerprint file, or per run of small ones (``read_files``,
+   ``file_pieces``), on a worker that reads the files by path as stage 1's tasks read dumps
+   (:mod:`.sources`); its ``partitions`` pieces stay on that worker, each a future of its
+   own (a small task picks it out of the task's result, where that result is);
+2. the client takes each run's head in file order (rows and metadata: its checks, and the
+   input numbers of the runs after it);
+3. one task per partition (``count_part``, ``count_partition``) on that partition's pieces
+   from every run: Dask moves them worker to worker, never through the client; the client
+   receives each partition's counts (sparse rows of the contents held twice or more, unique
+   pages per input) and assembles the core table.
 
 A worker that dies loses the pieces it held; Dask runs the tasks that made them again
 (their lineage), and a task whose worker died is run again (:data:`~.sources.TASK_RETRIES`
