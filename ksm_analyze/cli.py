@@ -171,7 +171,8 @@ ScopeOpt = Annotated[
 SchedulerOpt = Annotated[
     str | None,
     typer.Option("--scheduler",
-                 help="Run stage 1 on a Dask cluster: tcp://HOST:PORT of its scheduler, or "
+                 help="Run stage 1, and the aggregation of fingerprint files past "
+                 "--memory-limit, on a Dask cluster: tcp://HOST:PORT of its scheduler, or "
                  "local[:N] for a local cluster of N workers, at most one per CPU (pip "
                  "install 'ksm-analyze[dask]'). KSM_ANALYZE_SCHEDULER_TIMEOUT: seconds it "
                  "must answer within (10).", show_default=False, rich_help_panel=_READING_PANEL),

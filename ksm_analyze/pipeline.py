@@ -27,6 +27,7 @@ from .fleet.aggregate import (
     default_memory_limit,
     out_of_core_partitions,
 )
+from .fleet.cluster import aggregate_on_cluster
 from .fleet.sources import (
     Source,
     add_content_hashes,
@@ -195,6 +196,11 @@ NOT_OUT_OF_CORE = ("convergence", "timeline", "ksmd_settings", "address_map")
 in address order; the address map bins them): not computed out of core."""
 
 
+CLUSTER_PARTITIONS = 16
+"""Fewest partitions of the content hashes on a Dask cluster (``--scheduler``): each is a
+task, and the workers count them side by side."""
+
+
 _TIMELINE_COLUMNS = ("full_scans", "time_seconds", "pages_to_scan", "pages_shared",
                      "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
                      "pages_skipped", "ksm_zero_pages", "ksm_rmap_items", "general_profit",
@@ -208,10 +214,18 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     table built a partition of the content hashes at a time (:mod:`.fleet.aggregate`), and
     every table computed from it; the tables of :data:`NOT_OUT_OF_CORE` are left empty, and
     a warning says so."""
-    agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
-                    prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,
-                    jobs=jobs, check_guest=guest_check(),
-                    progress=lambda n, of: report("fingerprint files", n, of))
+    if options.scheduler:  # the steps on the workers; the client takes rows and counts
+        agg = aggregate_on_cluster(
+            paths, scheduler=options.scheduler, scope=options.scope, page_size=ksm.page_size,
+            prefix_bytes=options.hashed_bytes(ksm.page_size),
+            partitions=max(partitions, CLUSTER_PARTITIONS), check_guest=guest_check(),
+            tasks=lambda n, of: report("Dask tasks", n, of))
+    else:
+        agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
+                        prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,
+                        jobs=jobs, check_guest=guest_check(),
+                        progress=lambda n, of: report("fingerprint files", n, of))
+    partitions = agg.partitions
     prints, masks, table = agg.prints, agg.masks, agg.table
     rmap_note = None
     if ksm.rmap_item_bytes is None:

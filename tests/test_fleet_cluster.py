@@ -1,4 +1,6 @@
-"""combine_on_cluster: combine()'s core table with the aggregation on Dask workers.
+"""combine_on_cluster and aggregate_on_cluster: combine()'s core table and aggregate()'s
+result with the aggregation on Dask workers; ``scan --scheduler`` of fingerprint files out
+of core.
 
 One LocalCluster of two worker processes (loopback) for the whole module, given to the
 function by its scheduler's address as ``--scheduler tcp://...`` would be.
@@ -6,22 +8,31 @@ function by its scheduler's address as ``--scheduler tcp://...`` would be.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import signal
 import socket
 import time
+import weakref
 
 import distributed
 import numpy as np
 import pytest
+from conftest import runner
 from test_fleet import _fingerprint, _many_inputs
 
-from ksm_analyze import analyze
+from ksm_analyze import analyze, pipeline
+from ksm_analyze.cli import app
+from ksm_analyze.content_table import INPUT_COLUMNS
+from ksm_analyze.eligibility import Scope
 from ksm_analyze.errors import DumpFormatError, InputError
+from ksm_analyze.fleet import aggregate as aggregate_module
 from ksm_analyze.fleet import combine as combine_module
 from ksm_analyze.fleet import fingerprint_files as fpfile
-from ksm_analyze.fleet.cluster import combine_on_cluster
-from ksm_analyze.fleet.combine import PartitionCounts, combine
+from ksm_analyze.fleet.aggregate import aggregate
+from ksm_analyze.fleet.cluster import aggregate_on_cluster, combine_on_cluster
+from ksm_analyze.fleet.combine import PartitionCounts, assemble, combine
 from ksm_analyze.ksm import KsmSettings
 
 
@@ -97,7 +108,19 @@ def test_the_cluster_gives_the_table_of_combine_and_analyze(cluster, fleet, part
     assert progress == [(k, total) for k in range(total + 1)]
 
 
-def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
+AGGREGATING = {"prefix_bytes": 128, "page_size": 4096, "scope": Scope.MERGEABLE}
+"""The analysis' settings, as analyze() gives them to aggregate()."""
+
+
+def _same_aggregate(got, want) -> None:
+    _same_table(got.table, want.table)
+    assert got.stats == want.stats and got.zero_pages_found == want.zero_pages_found
+    assert [fp.path for fp in got.prints] == [fp.path for fp in want.prints]
+    assert [m.excluded for m in got.masks] == [m.excluded for m in want.masks]
+
+
+@pytest.mark.parametrize("engine", ["combine", "aggregate"])
+def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet, engine):
     address, watcher = cluster
     _, files, analyzed = fleet
     killed: list[str] = []
@@ -113,8 +136,14 @@ def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
         os.kill(pid, signal.SIGKILL)
         killed.append(victim)
 
-    got = combine_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
-                             tasks=kill_a_holder)
+    if engine == "combine":
+        got = combine_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
+                                 tasks=kill_a_holder)
+    else:
+        agg = aggregate_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
+                                   tasks=kill_a_holder, **AGGREGATING)
+        _same_aggregate(agg, aggregate(files, partitions=4, **AGGREGATING))
+        got = agg.table
     assert killed
     # The scheduler ran a files task again for the lost pieces (a key is one run's).
     ran = watcher.run_on_scheduler(lambda dask_scheduler: [
@@ -187,3 +216,108 @@ def test_a_task_that_kept_killing_its_workers_is_one_line(monkeypatch):
                             "(a worker's memory limit too small for it?)")
     with pytest.raises(InputError, match=r"^tcp://h:1: the Dask workers counting a partition"):
         list(cluster_module._finished(None, ["ksm-partition-x-3"], "tcp://h:1", named))
+
+
+def test_assemble_frees_each_partitions_counts_as_it_copies_them():
+    """The client's peak is the table, not the table twice: when a partition's rows are
+    copied, the partitions before it are freed already (and the list given is emptied)."""
+    refs: list[weakref.ref] = []
+    freed: list[list[bool]] = []  # per partition copied: are the ones before it freed?
+
+    class Probe:  # a partition's pages: notes, as it is copied, what is still alive
+        def __init__(self, k, pages):
+            self.k, self.pages = k, np.array(pages, np.int64)
+
+        def __len__(self):
+            return len(self.pages)
+
+        def __array__(self, dtype=None, copy=None):
+            gc.collect()
+            freed.append([r() is None for r in refs[: self.k]])
+            return self.pages
+
+    counts = [PartitionCounts(np.array(content, np.int64), np.array(owner, np.int32),
+                              Probe(k, pages), np.array(unique, np.int64), classes)
+              for k, (content, owner, pages, unique, classes) in enumerate([
+                  ([0, 0, 1, 1], [0, 1, 0, 2], [1, 2, 3, 1], [5, 0, 0], 2),
+                  ([], [], [], [0, 1, 0], 0),
+                  ([0, 0], [1, 2], [4, 4], [0, 0, 7], 1)])]
+    refs += [weakref.ref(c) for c in counts]
+    rows = [{**dict.fromkeys(INPUT_COLUMNS, 0), "input": f"in{k}"} for k in range(3)]
+    table = assemble(rows, counts, 4096)
+    assert freed == [[], [True], [True, True]]
+    assert counts == [] and [r() for r in refs] == [None] * 3
+    # By hand: partition 2's class follows partition 0's two.
+    assert table.content.tolist() == [0, 0, 1, 1, 2, 2]
+    assert table.owner.tolist() == [0, 1, 0, 2, 1, 2]
+    assert table.pages.tolist() == [1, 2, 3, 1, 4, 4]
+    assert [r["unique_pages"] for r in rows] == [5, 1, 7]
+
+
+def _scan_json(files, *extra: str) -> dict:
+    out = runner.invoke(app, ["scan", *files, "--json", "-q", "-j", "1", *extra])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.stdout)
+
+
+def _out_of_core(monkeypatch, partitions: int = 16) -> None:
+    """Force the out-of-core path, ``partitions`` parts (the limit's choice is
+    tests/test_out_of_core.py's)."""
+    monkeypatch.setattr(pipeline, "out_of_core_partitions",
+                        lambda paths, limit, jobs: (partitions, 3072, 1 << 30, jobs))
+
+
+def test_scan_with_a_scheduler_aggregates_out_of_core_on_the_workers(cluster, fleet,
+                                                                     monkeypatch):
+    """``scan --scheduler`` of fingerprint files past --memory-limit: the JSON of the local
+    out-of-core scan (and so of the in-memory one: tests/test_out_of_core.py), with no file
+    read on the client."""
+    address, _ = cluster
+    _, files, _ = fleet
+    files = [str(f) for f in files]
+    _out_of_core(monkeypatch)
+    local = _scan_json(files, "--memory-limit", "1MiB")
+    in_memory = _scan_json(files)
+    loaded = []
+    monkeypatch.setattr(fpfile, "load", lambda *a, **k: loaded.append(a))  # the client's
+    monkeypatch.setattr(aggregate_module, "read_files", lambda *a, **k: loaded.append(a))
+    got = _scan_json(files, "--memory-limit", "1MiB", "--scheduler", address)
+    assert loaded == []
+    for s in (got, local):
+        for timing in ("stage1_seconds", "stage2_seconds"):
+            assert s["stages"].pop(timing) >= 0
+    assert got == local
+    assert got["warnings"][0].startswith("out of core: ") and "in 16 parts" in got["warnings"][0]
+    # The counters of the in-memory scan (stage 2 compared bytes there: the dumps are here).
+    assert got["host"] == {k: {s: v for s, v in by.items() if s != "steady_state"}
+                           for k, by in in_memory["host"].items()}
+    assert got["per_input"] == in_memory["per_input"]
+    assert got["host"]["pages_sharing"]["without_zero_pages"] > 0
+
+
+def test_out_of_core_on_the_cluster_refuses_as_the_client_does(cluster, fleet, tmp_path,
+                                                               monkeypatch):
+    """A damaged file: one line naming it and the worker, exit 1; one guest given twice:
+    the client's message, in file order (before a damaged file after it)."""
+    address, _ = cluster
+    _, files, _ = fleet
+    files = [str(f) for f in files]
+    bad = tmp_path / "bad.ksmfp.parquet"
+    data = fleet[1][1].read_bytes()
+    bad.write_bytes(data[: len(data) // 2] + data[-8:])  # footer kept, middle gone
+    _out_of_core(monkeypatch, 2)
+    args = ["--memory-limit", "1MiB", "-q", "--scheduler", address]
+    out = runner.invoke(app, ["scan", files[0], str(bad), files[2], *args])
+    assert out.exit_code == 1
+    (line,) = out.output.strip().splitlines()
+    assert line.startswith(f"Error: {bad}: fingerprint file: ") and \
+        " (on Dask worker tcp://127.0.0.1:" in line, line
+    twice = [*files, files[0], str(bad)]
+    lines = []
+    for extra in (args, args[:-2]):  # on the cluster, here
+        out = runner.invoke(app, ["scan", *twice, *extra])
+        assert out.exit_code == 2
+        lines.append(out.output.strip())
+    assert lines[0] == lines[1] == (f"Error: {files[0]} is given twice (inputs 1 and 7): "
+                                    "each input is one guest or process; to model two "
+                                    "identical guests, give a copy")

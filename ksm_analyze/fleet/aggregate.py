@@ -29,12 +29,13 @@ import numpy as np
 
 from ..content_table import ContentTable
 from ..eligibility import ScanMask, Scope, scan_mask
+from ..errors import KsmAnalyzeError
 from ..hashing.stage1 import Fingerprints
 from ..hashing.stage2 import StageStats
 from ..series import identity_of, input_name
 from ..units import size_text
 from . import fingerprint_files
-from .combine import SPILL, PartitionCounts, assemble, count_partition, prints_pieces
+from .combine import SPILL, PartitionCounts, _joined, assemble, count_partition, prints_pieces
 
 __all__ = ["IN_MEMORY_BYTES_PER_PAGE", "SERIES_REFUSED", "Aggregate", "aggregate", "default_memory_limit",
            "out_of_core_partitions"]
@@ -166,6 +167,139 @@ class Aggregate:
     count_seconds: float
 
 
+@dataclass(frozen=True)
+class FileRead:
+    """What the client keeps of one fingerprint file (:func:`read_files`): small, whatever
+    the file's size.
+
+    Attributes:
+        path: the file.
+        rows: its inputs' rows of the core table (``unique_pages`` still 0).
+        prints: its inputs' fingerprints without their per-page arrays (the metadata).
+        masks: their scan masks without the per-page array.
+        pages_hashed, zero_pages: its stored non-zero pages, and its zero pages.
+    """
+
+    path: str
+    rows: list[dict[str, Any]]
+    prints: list[Fingerprints]
+    masks: list[ScanMask]
+    pages_hashed: int
+    zero_pages: int
+
+
+def read_files(paths: Sequence[str], *, scope: Scope, page_size: int, prefix_bytes: int,
+               partitions: int, first_input: int = 0
+               ) -> tuple[list[FileRead], list[np.ndarray], list[np.ndarray], Exception | None]:
+    """The per-file step of :func:`aggregate`, on a run of files (run where they are: here,
+    or on a Dask worker, :func:`.cluster.aggregate_on_cluster`): each file's
+    :class:`FileRead`, and the run's pieces per partition: :data:`~.combine.SPILL` records
+    (inputs numbered from ``first_input``) by content hash, :data:`STATS` records by prefix
+    hash. Holds one file's fingerprints at a time.
+
+    What is wrong with a file (damaged, no content hashes, another page size or prefix) is
+    returned, not raised, with the files before it: the client checks those first (one
+    guest given twice, samples over time: :class:`Taken`), in file order.
+    """
+    reads: list[FileRead] = []
+    parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
+    stat_parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
+    error: Exception | None = None
+    try:
+        for path in paths:
+            prints = [input_name(fp) for fp in fingerprint_files.load(path)]
+            _check_file(path, prints, page_size, prefix_bytes)
+            masks = [scan_mask(fp, scope) for fp in prints]
+            mine, pieces, _ = prints_pieces(prints, path=path, scope=scope,
+                                            partitions=partitions,
+                                            first_input=first_input + sum(len(r.rows)
+                                                                          for r in reads),
+                                            masks=masks)
+            for part, piece in zip(parts, pieces, strict=True):
+                part.append(piece)
+            for part, piece in zip(stat_parts, _stats_pieces(prints, partitions), strict=True):
+                part.append(piece)
+            del pieces
+            # Empty arrays of their own (a slice would keep the file's alive).
+            reads.append(FileRead(
+                path, mine,
+                [replace(fp, addrs=np.empty(0, fp.addrs.dtype),
+                         prefix=np.empty(0, fp.prefix.dtype), content=None) for fp in prints],
+                [replace(mask, scanned=np.empty(0, bool)) for mask in masks],
+                sum(fp.nonzero_pages for fp in prints), sum(fp.zero_pages for fp in prints)))
+            del prints, masks
+    except (KsmAnalyzeError, ValueError) as e:
+        error = e
+    return (reads, [_joined(part, SPILL) for part in parts],
+            [_joined(part, STATS) for part in stat_parts], error)
+
+
+def count_part(pieces: list[np.ndarray], stats: list[np.ndarray], ninputs: int
+               ) -> tuple[PartitionCounts, tuple[int, int, int]]:
+    """The per-partition step of :func:`aggregate`: one partition's counts
+    (:func:`.count_partition`) and stage statistics (candidates, false candidates, merges)
+    from its :data:`~.combine.SPILL` and :data:`STATS` pieces of every file. Frees what it
+    is given as it goes (the lists are emptied)."""
+    spill = _joined(pieces, SPILL)
+    counted = count_partition([spill], ninputs)
+    del spill
+    records = _joined(stats, STATS)
+    counts = _count_stats(records)
+    del records
+    return counted, counts
+
+
+class Taken:
+    """The client's part of :func:`aggregate`, whichever executor ran the steps: it takes
+    the files' :class:`FileRead` in file order, refusing one guest given twice
+    (``check_guest``) and samples of one guest over time as it goes, and builds the
+    :class:`Aggregate` from the partitions' counts."""
+
+    def __init__(self, check_guest: Callable[[str, dict[str, Any] | None], None] | None
+                 ) -> None:
+        self.check_guest = check_guest
+        self.identities: set[str] = set()
+        self.rows: list[dict[str, Any]] = []
+        self.prints: list[Fingerprints] = []
+        self.masks: list[ScanMask] = []
+        self.pages_hashed = self.zero_pages = 0
+
+    def take(self, reads: Sequence[FileRead], error: Exception | None = None) -> None:
+        """Take ``reads`` (the next files, in order), then raise ``error`` (met on the file
+        after them), if any.
+
+        Raises:
+            ValueError: a guest given twice, or a second sample of one guest.
+        """
+        for read in reads:
+            if self.check_guest is not None:
+                self.check_guest(read.path, read.prints[0].source if read.prints else None)
+            for fp in read.prints:
+                _refuse_series(fp, self.identities)
+            self.rows += read.rows
+            self.prints += read.prints
+            self.masks += read.masks
+            self.pages_hashed += read.pages_hashed
+            self.zero_pages += read.zero_pages
+        if error is not None:
+            raise error
+
+    def result(self, counted: list[tuple[PartitionCounts, tuple[int, int, int]]], *,
+               page_size: int, read_seconds: float, count_seconds: float) -> Aggregate:
+        """The :class:`Aggregate` from every partition's :func:`count_part`, in partition
+        order (the list is emptied: each is freed as the table takes it)."""
+        candidates, false, merges = (sum(s[k] for _, s in counted) for k in range(3))
+        partitions = len(counted)
+        counts = [c for c, _ in counted]
+        counted.clear()
+        table = assemble(self.rows, counts, page_size)
+        stats = StageStats(pages_hashed=self.pages_hashed, prefix_candidates=candidates,
+                           false_candidates=false, full_hashes=candidates, full_compares=0,
+                           hash_collisions=0, verified=False, merges=merges, hash_bits=128)
+        return Aggregate(table, self.prints, self.masks, stats, self.zero_pages, partitions,
+                         read_seconds, count_seconds)
+
+
 def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_size: int,
               prefix_bytes: int, partitions: int, jobs: int = 1, workdir: str | None = None,
               check_guest: Callable[[str, dict[str, Any] | None], None] | None = None,
@@ -173,7 +307,9 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
     """The core table and stage statistics of fingerprint files ``paths``, one file, then
     ``jobs`` partitions (counted by as many threads: numpy's sorts run without the GIL), in
     memory at a time; partition files go to a private (0700) temporary folder under
-    ``workdir`` and are removed as they are counted.
+    ``workdir`` and are removed as they are counted. The local executor of
+    :func:`read_files` and :func:`count_part` (:func:`.cluster.aggregate_on_cluster` is the
+    Dask one).
 
     Args:
         check_guest: called with each file's path and the dump it records, to refuse one
@@ -189,11 +325,7 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
     import time
 
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    light: list[Fingerprints] = []
-    light_masks: list[ScanMask] = []
-    zero_found = pages_hashed = 0
-    identities: set[str] = set()
+    taken = Taken(check_guest)
     sizes = [os.path.getsize(p) for p in paths]
     read_bytes, all_bytes = 0, sum(sizes)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="ksm-aggregate-") as tmp:
@@ -203,31 +335,16 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
             spills = [(stack.enter_context(open(a, "wb")), stack.enter_context(open(b, "wb")))
                       for a, b in names]
             for done, path in enumerate(paths):
-                path = os.fspath(path)
-                prints = [input_name(fp) for fp in fingerprint_files.load(path)]
-                _check_file(path, prints, page_size, prefix_bytes)
-                if check_guest is not None:
-                    check_guest(path, prints[0].source if prints else None)
-                masks = [scan_mask(fp, scope) for fp in prints]
-                mine, pieces, _ = prints_pieces(prints, path=path, scope=scope,
-                                                partitions=partitions, first_input=len(rows),
-                                                masks=masks)
-                rows += mine
-                by_prefix = _stats_pieces(prints, partitions)
+                reads, pieces, by_prefix, error = read_files(
+                    [os.fspath(path)], scope=scope, page_size=page_size,
+                    prefix_bytes=prefix_bytes, partitions=partitions,
+                    first_input=len(taken.rows))
+                taken.take(reads, error)
                 for (spill, spill_stats), piece, stat in zip(spills, pieces, by_prefix,
                                                              strict=True):
                     piece.tofile(spill)
                     stat.tofile(spill_stats)
                 del pieces, by_prefix
-                for fp, mask in zip(prints, masks, strict=True):
-                    _refuse_series(fp, identities)
-                    zero_found += fp.zero_pages
-                    pages_hashed += fp.nonzero_pages
-                    # Empty arrays of their own (a slice would keep the file's alive).
-                    light.append(replace(fp, addrs=np.empty(0, fp.addrs.dtype),
-                                         prefix=np.empty(0, fp.prefix.dtype), content=None))
-                    light_masks.append(replace(mask, scanned=np.empty(0, bool)))
-                del prints, masks
                 _give_back()
                 if progress is not None:
                     read_bytes += sizes[done]
@@ -235,30 +352,24 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
         read = time.perf_counter()
 
         def count(files: tuple[str, str]) -> tuple[PartitionCounts, tuple[int, int, int]]:
-            piece = np.fromfile(files[0], SPILL)
+            pieces = [np.fromfile(files[0], SPILL)]
             os.unlink(files[0])
-            counted = count_partition([piece], len(rows))
-            del piece
-            records = np.fromfile(files[1], STATS)
+            # Mapped, not read: its pages are the file's, not the process's, until sorted
+            # (after the rows' counting has freed its memory).
+            stats = [np.memmap(files[1], STATS, mode="r") if os.path.getsize(files[1])
+                     else np.empty(0, STATS)]
             os.unlink(files[1])
-            stats = _count_stats(records)
-            del records
+            counted = count_part(pieces, stats, len(taken.rows))
             _give_back()
-            return counted, stats
+            return counted
 
         if jobs > 1:
             with ThreadPoolExecutor(jobs) as pool:  # results in partition order
                 results = list(pool.map(count, names))
         else:
             results = [count(n) for n in names]
-    counts = [c for c, _ in results]
-    candidates, false, merges = (sum(s[k] for _, s in results) for k in range(3))
-    table = assemble(rows, counts, page_size)
-    stats = StageStats(pages_hashed=pages_hashed, prefix_candidates=candidates,
-                       false_candidates=false, full_hashes=candidates, full_compares=0,
-                       hash_collisions=0, verified=False, merges=merges, hash_bits=128)
-    return Aggregate(table, light, light_masks, stats, zero_found, partitions,
-                     read - started, time.perf_counter() - read)
+    return taken.result(results, page_size=page_size, read_seconds=read - started,
+                        count_seconds=time.perf_counter() - read)
 
 
 def _give_back() -> None:
@@ -343,3 +454,4 @@ def _count_stats(records: np.ndarray) -> tuple[int, int, int]:
                 | (cand["lo"][1:] != cand["lo"][:-1]) | (cand["hi"][1:] != cand["hi"][:-1])]
     classes = np.diff(np.r_[np.flatnonzero(new), len(cand)])
     return len(cand), int(np.count_nonzero(classes == 1)), int(np.sum(classes - 1))
+

@@ -1,16 +1,20 @@
-"""Combining fingerprint files on a Dask cluster: :func:`~.combine.combine`'s result, with
-the aggregation on the workers.
+"""Aggregating fingerprint files on a Dask cluster: :func:`~.aggregate.aggregate`'s result
+(``--scheduler`` past ``--memory-limit``: :func:`aggregate_on_cluster`) and
+:func:`~.combine.combine`'s (:func:`combine_on_cluster`), with the work on the workers.
 
-The steps are :mod:`.combine`'s, run as Dask tasks (futures, no graph of our own):
+Both are one executor (:func:`_run`) of their module's steps, run as Dask tasks (futures,
+no graph of our own):
 
-1. one task per fingerprint file, or per run of small ones (``file_pieces``), on a worker
-   that reads the files by path as stage 1's tasks read dumps (:mod:`.sources`); its
-   ``partitions`` pieces of SPILL records stay on that worker, each a future of its own (a
-   small task picks it out of the task's result, where that result is);
-2. one task per partition (``count_partition``) on that partition's pieces from every
-   file: Dask moves them worker to worker, never through the client;
-3. the client receives each file's input rows and each partition's counts (sparse rows of
-   the contents held twice or more, unique pages per input) and assembles the core table.
+1. one task per fingerprint file, or per run of small ones (``read_files``,
+   ``file_pieces``), on a worker that reads the files by path as stage 1's tasks read dumps
+   (:mod:`.sources`); its ``partitions`` pieces stay on that worker, each a future of its
+   own (a small task picks it out of the task's result, where that result is);
+2. the client takes each run's head in file order (rows and metadata: its checks, and the
+   input numbers of the runs after it);
+3. one task per partition (``count_part``, ``count_partition``) on that partition's pieces
+   from every run: Dask moves them worker to worker, never through the client; the client
+   receives each partition's counts (sparse rows of the contents held twice or more, unique
+   pages per input) and assembles the core table.
 
 A worker that dies loses the pieces it held; Dask runs the tasks that made them again
 (their lineage), and a task whose worker died is run again (:data:`~.sources.TASK_RETRIES`
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,10 +45,11 @@ from ..content_table import ContentTable
 from ..eligibility import Scope
 from ..errors import InputError, KsmAnalyzeError
 from ..options import DEFAULT_OPTIONS, ProgressCallback
+from . import aggregate as _aggregate
 from . import combine as _combine
 from . import sources
 
-__all__ = ["combine_on_cluster"]
+__all__ = ["aggregate_on_cluster", "combine_on_cluster"]
 
 
 GROUP_BYTES = 64 << 20
@@ -88,11 +94,77 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
             power of two, or ``files_per_task`` below 1.
     """
     _combine._check_partitions(partitions)
+    if not files:
+        return _combine.combine([], partitions=partitions, scope=scope)
+    rows: list[dict[str, Any]] = []
+    page_size = 0
+
+    def take(head: tuple[list[list[dict[str, Any]]], int] | KsmAnalyzeError) -> int:
+        nonlocal page_size
+        if isinstance(head, KsmAnalyzeError):
+            raise head
+        of_files, page_size = head
+        before = len(rows)
+        for mine in of_files:
+            rows.extend(mine)
+        return len(rows) - before
+
+    counts = _run(files, scheduler=scheduler, partitions=partitions,
+                  read=partial(_files_task, scope=scope, partitions=partitions),
+                  take=take, count=_partition_task, tasks=tasks, files_per_task=files_per_task)
+    return _combine.assemble(rows, counts, page_size)
+
+
+def aggregate_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: str,
+                         scope: Scope, page_size: int, prefix_bytes: int, partitions: int,
+                         check_guest: Callable[[str, dict[str, Any] | None], None] | None = None,
+                         tasks: ProgressCallback | None = None,
+                         files_per_task: int | None = None) -> _aggregate.Aggregate:
+    """:func:`~.aggregate.aggregate` of fingerprint files ``files`` with its steps
+    (:func:`~.aggregate.read_files`, :func:`~.aggregate.count_part`) run as tasks on the
+    Dask cluster ``scheduler``; the same :class:`~.aggregate.Aggregate`. The client receives
+    each file's :class:`~.aggregate.FileRead` (its inputs' rows and metadata: it checks
+    them in file order, :class:`~.aggregate.Taken`) and each partition's counts; the pieces
+    go from worker to worker. Arguments and errors as :func:`combine_on_cluster` and
+    :func:`~.aggregate.aggregate` (``tasks`` in place of ``progress``)."""
+    import time
+
+    _combine._check_partitions(partitions)
+    started = time.perf_counter()
+    taken = _aggregate.Taken(check_guest)
+    read_at = started
+
+    def take(head: tuple[list[_aggregate.FileRead], Exception | None]) -> int:
+        nonlocal read_at
+        before = len(taken.rows)
+        taken.take(*head)
+        read_at = time.perf_counter()
+        return len(taken.rows) - before
+
+    if files:
+        counted = _run(files, scheduler=scheduler, partitions=partitions,
+                       read=partial(_aggregate_files_task, scope=scope, page_size=page_size,
+                                    prefix_bytes=prefix_bytes, partitions=partitions),
+                       take=take, count=_aggregate_partition_task, tasks=tasks,
+                       files_per_task=files_per_task)
+    else:
+        counted = [_aggregate.count_part([], [], 0) for _ in range(partitions)]
+    return taken.result(counted, page_size=page_size, read_seconds=read_at - started,
+                        count_seconds=time.perf_counter() - read_at)
+
+
+def _run(files: Sequence[str | os.PathLike[str]], *, scheduler: str, partitions: int,
+         read: Callable[[Sequence[str]], tuple[Any, list[Any]]], take: Callable[[Any], int],
+         count: Callable[[Sequence[Any], np.ndarray, int], Any],
+         tasks: ProgressCallback | None, files_per_task: int | None) -> list[Any]:
+    """The Dask executor of both: ``read`` (a run of files -> what goes to the client, and
+    one piece per partition, inputs numbered from 0) as a task per run of files, its pieces
+    kept on the workers; ``take`` on the client, of each run's head in file order (the
+    inputs it holds: the offsets of the next runs' input numbers); then ``count`` (pieces,
+    offsets, inputs) as a task per partition. Returns the partitions' counts, in order."""
     if files_per_task is not None and files_per_task < 1:
         raise ValueError(f"files_per_task must be at least 1, not {files_per_task}")
     paths = [os.path.abspath(os.fspath(f)) for f in files]
-    if not paths:
-        return _combine.combine([], partitions=partitions, scope=scope)
     run = uuid.uuid4().hex[:12]  # keys of this run, apart from others' on a shared scheduler
     with sources.dask_client(scheduler) as client:
         workers = client.scheduler_info().get("workers", {})
@@ -105,8 +177,8 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
         heads, pieces = [], []
         named: dict[str, str] = {}  # a task that kept dying: its first file
         for g, group in enumerate(groups):
-            whole = client.submit(_files_task, group, scope, partitions, pure=False,
-                                  key=f"ksm-files-{run}-{g}", retries=sources.TASK_RETRIES)
+            whole = client.submit(read, group, pure=False, key=f"ksm-files-{run}-{g}",
+                                  retries=sources.TASK_RETRIES)
             heads.append(client.submit(_head, whole, key=f"ksm-rows-{run}-{g}"))
             pieces.append(client.map(_piece, [whole] * partitions, range(partitions),
                                      key=[f"ksm-piece-{run}-{g}-{p}" for p in range(partitions)]))
@@ -114,24 +186,22 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
             del whole  # its pieces and rows hold it until they are made, then it is freed
         if tasks is not None:
             tasks(0, total)
-        got: dict[Any, tuple[list[list[dict[str, Any]]], int]] = {}
+        number = {h.key: g for g, h in enumerate(heads)}
+        got: dict[int, Any] = {}
+        offsets = np.zeros(len(groups), np.uint32)
+        ninputs = after = 0  # after: the runs taken so far, in file order
         for done, (future, head) in enumerate(_finished(client, heads, scheduler, named), 1):
-            if isinstance(head, KsmAnalyzeError):
-                raise head
-            got[future.key] = head
+            got[number[future.key]] = head
+            del head
+            while after in got:
+                offsets[after] = ninputs
+                ninputs += take(got.pop(after))
+                after += 1
             if tasks is not None:
                 tasks(done, total)
-        rows: list[dict[str, Any]] = []
-        offsets = np.zeros(len(groups), np.uint32)
-        page_size = 0
-        for g, h in enumerate(heads):
-            of_files, page_size = got.pop(h.key)
-            offsets[g] = len(rows)
-            for mine in of_files:
-                rows += mine
-        del heads, got
-        counting = [client.submit(_partition_task, [of_group[p] for of_group in pieces],
-                                  offsets, len(rows), key=f"ksm-partition-{run}-{p}",
+        del heads
+        counting = [client.submit(count, [of_group[p] for of_group in pieces],
+                                  offsets, ninputs, key=f"ksm-partition-{run}-{p}",
                                   pure=False, retries=sources.TASK_RETRIES)
                     for p in range(partitions)]
         del pieces  # held by the partition tasks now; freed as they finish
@@ -140,9 +210,10 @@ def combine_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: st
         for done, (future, c) in enumerate(_finished(client, counting, scheduler, named),
                                            len(groups) + 1):
             counts[number[future.key]] = c
+            del c
             if tasks is not None:
                 tasks(done, total)
-    return _combine.assemble(rows, counts, page_size)
+    return counts
 
 
 def _groups(paths: Sequence[str], most: int, most_bytes: int = GROUP_BYTES
@@ -185,10 +256,11 @@ def _finished(client: Any, futures: Sequence[Any], address: str, named: dict[str
 
 
 def _files_task(paths: Sequence[str], scope: Scope, partitions: int
-                ) -> tuple[list[list[dict[str, Any]]], int, list[np.ndarray]] | KsmAnalyzeError:
-    """Some files' rows (a list per file), page size and pieces (inputs numbered from 0 at
-    the first file), on a worker. What is wrong with a file comes back as a value, not
-    raised: Dask would run it again."""
+                ) -> tuple[tuple[list[list[dict[str, Any]]], int] | KsmAnalyzeError,
+                           list[np.ndarray]]:
+    """:func:`combine_on_cluster`'s files task: some files' rows (a list per file) and page
+    size, and pieces (inputs numbered from 0 at the first file), on a worker. What is wrong
+    with a file comes back as a value, not raised: Dask would run it again."""
     rows: list[list[dict[str, Any]]] = []
     parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
     page_size = 0
@@ -203,29 +275,59 @@ def _files_task(paths: Sequence[str], scope: Scope, partitions: int
     except KsmAnalyzeError as e:
         from distributed import get_worker
 
-        return sources._on_worker(e, get_worker().address)
-    return rows, page_size, [_joined(part) for part in parts]
+        return (sources._on_worker(e, get_worker().address),
+                [np.empty(0, _combine.SPILL)] * partitions)
+    return (rows, page_size), [_joined(part) for part in parts]
 
 
-def _head(whole: Any) -> tuple[list[list[dict[str, Any]]], int] | KsmAnalyzeError:
-    """What of a files task goes to the client: its rows and page size (or its error)."""
-    return whole if isinstance(whole, KsmAnalyzeError) else (whole[0], whole[1])
+def _aggregate_files_task(paths: Sequence[str], *, scope: Scope, page_size: int,
+                          prefix_bytes: int, partitions: int
+                          ) -> tuple[tuple[list[_aggregate.FileRead], Exception | None],
+                                     list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`aggregate_on_cluster`'s files task: :func:`~.aggregate.read_files` on a worker
+    (a damaged file's error names the worker)."""
+    reads, pieces, stats, error = _aggregate.read_files(
+        paths, scope=scope, page_size=page_size, prefix_bytes=prefix_bytes,
+        partitions=partitions)
+    if isinstance(error, KsmAnalyzeError):
+        from distributed import get_worker
+
+        error = sources._on_worker(error, get_worker().address)
+    return (reads, error), list(zip(pieces, stats, strict=True))
 
 
-def _piece(whole: Any, p: int) -> np.ndarray:
-    """Partition ``p``'s piece of a files task (nothing, for files that failed)."""
-    return np.empty(0, _combine.SPILL) if isinstance(whole, KsmAnalyzeError) else whole[2][p]
+def _head(whole: tuple[Any, list[Any]]) -> Any:
+    """What of a files task goes to the client (rows, metadata, or its error)."""
+    return whole[0]
+
+
+def _piece(whole: tuple[Any, list[Any]], p: int) -> Any:
+    """Partition ``p``'s piece of a files task."""
+    return whole[1][p]
+
+
+def _renumbered(pieces: Sequence[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+    """The :data:`~.combine.SPILL` records of every files task's piece of a partition in one
+    new array (the pieces stay as they are, should a retry need them), each renumbered by
+    the first input of its files."""
+    lengths = [len(piece) for piece in pieces]
+    spill = _joined(pieces)
+    spill["input"] += np.repeat(offsets, lengths)
+    return spill
 
 
 def _partition_task(pieces: Sequence[np.ndarray], offsets: np.ndarray, ninputs: int
                     ) -> _combine.PartitionCounts:
-    """One partition's counts from every files task's piece of it, each renumbered by the
-    first input of its files (into a new array: the pieces stay as they are, should a retry
-    need them)."""
-    lengths = [len(piece) for piece in pieces]
-    spill = _joined(pieces)
-    spill["input"] += np.repeat(offsets, lengths)
-    return _combine.count_partition([spill], ninputs)
+    """:func:`combine_on_cluster`'s partition task: one partition's counts."""
+    return _combine.count_partition([_renumbered(pieces, offsets)], ninputs)
+
+
+def _aggregate_partition_task(pieces: Sequence[tuple[np.ndarray, np.ndarray]],
+                              offsets: np.ndarray, ninputs: int
+                              ) -> tuple[_combine.PartitionCounts, tuple[int, int, int]]:
+    """:func:`aggregate_on_cluster`'s partition task: :func:`~.aggregate.count_part`."""
+    spill = _renumbered([rows for rows, _ in pieces], offsets)
+    return _aggregate.count_part([spill], [stats for _, stats in pieces], ninputs)
 
 
 def _joined(pieces: Sequence[np.ndarray]) -> np.ndarray:

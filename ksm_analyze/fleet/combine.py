@@ -194,30 +194,45 @@ def count_partition(pieces: Sequence[np.ndarray], ninputs: int) -> PartitionCoun
                            int(dense[-1]) + 1 if len(dense) else 0)
 
 
-def assemble(rows: list[dict[str, Any]], counts: Sequence[PartitionCounts], page_size: int
+def assemble(rows: list[dict[str, Any]], counts: list[PartitionCounts], page_size: int
              ) -> ContentTable:
     """The core table from the inputs' rows (:func:`file_pieces`) and every partition's
-    counts, in partition order."""
+    counts, in partition order. Empties ``counts``: each partition's counts are freed as
+    they are copied into the table (the sparse rows of a fleet are the largest thing here,
+    and holding the partitions' copies until the end would hold them twice), so the caller
+    must keep no other reference to them."""
     unique = np.zeros(len(rows), np.int64)
-    contents, first = [], 0
-    for c in counts:
+    sizes = [len(c.content) for c in counts]
+    content, owner = np.empty(sum(sizes), np.int64), np.empty(sum(sizes), np.int32)
+    pages = np.empty(sum(sizes), np.int64)
+    at = first = 0
+    counts.reverse()  # popped from the end: the first partition first
+    while counts:
+        c = counts.pop()
+        n = len(c.content)
         unique += c.unique
-        contents.append(c.content + first)
+        np.add(c.content, first, out=content[at : at + n])
+        owner[at : at + n], pages[at : at + n] = c.owner, c.pages
         first += c.classes
-    for row, n in zip(rows, unique.tolist(), strict=True):
-        row["unique_pages"] = n
-    return ContentTable(Columns.from_records(rows, INPUT_COLUMNS), _joined(contents, np.int64),
-                        _joined([c.owner for c in counts], np.int32),
-                        _joined([c.pages for c in counts], np.int64), page_size)
+        at += n
+        del c
+    for row, u in zip(rows, unique.tolist(), strict=True):
+        row["unique_pages"] = u
+    return ContentTable(Columns.from_records(rows, INPUT_COLUMNS), content, owner, pages,
+                        page_size)
 
 
-def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    """``np.concatenate(parts)``, freeing each part as it is copied: the rows of a fleet are
-    the largest thing here, and concatenating would hold them twice."""
+def _joined(parts: list[np.ndarray], dtype: np.dtype[Any] | type) -> np.ndarray:
+    """``np.concatenate(parts)`` (the part itself, if only one of that type), freeing each
+    part as it is copied: the list is emptied."""
+    if len(parts) == 1 and parts[0].dtype == dtype:
+        only: np.ndarray = parts.pop()
+        return only
     out: np.ndarray = np.empty(sum(len(p) for p in parts), dtype)
+    parts.reverse()  # popped from the end: the first part first
     at = 0
     while parts:
-        part = parts.pop(0)
+        part = parts.pop()
         out[at : at + len(part)] = part
         at += len(part)
     return out
