@@ -211,6 +211,38 @@ def test_the_html_pairwise_table_shows_the_most_alike_pairs_of_many(monkeypatch)
     assert section.count("</tr>") == 2  # the header and one pair
 
 
+def test_the_html_shows_the_first_rows_of_a_table_of_many_and_names_its_csv(monkeypatch):
+    # Thousands of inputs: index.html shows the first ROWS_SHOWN inputs (and hosts of each
+    # method), says how many there are and which CSV has them all; the title and the
+    # options name the first NAMES_SHOWN inputs. The samples in 400 KiB hosts: 2 inputs,
+    # a host each by either method (4 rows of plan_hosts.csv).
+    from ksm_analyze import analyze
+    from ksm_analyze.planning.plan import plan
+    from ksm_analyze.render import report
+
+    result = analyze(SAMPLES, jobs=1)
+    made = plan(result, 400 * 1024)
+    whole = report.render_html(result, {}, made)  # 2 inputs: every row, every name
+    assert "Shown:" not in whole and "more" not in whole.split("<body>", 1)[1].split("<h2")[0]
+    assert "<title>KSM savings report: vm-a.elf, vm-b.raw</title>" in whole
+    monkeypatch.setattr(report, "ROWS_SHOWN", 1)
+    monkeypatch.setattr(report, "NAMES_SHOWN", 1)
+    page = report.render_html(result, {}, made)
+    assert "<title>KSM savings report: vm-a.elf and 1 more</title>" in page
+    assert "<h1>KSM savings report: vm-a.elf and 1 more</h1>" in page
+    inputs = page.split('id="table-per_input">', 1)[1].split("</table>", 1)[0]
+    assert ('<p class="note">Shown: the first 1 of 2 inputs; <a href="per_input.csv">'
+            "per_input.csv</a> has them all.</p>") in inputs
+    assert inputs.count("</tr>") == 2 and "vm-a.elf" in inputs and "vm-b.raw" not in inputs
+    hosts = page.split('id="plan">', 1)[1].split("</table>", 2)[1]  # after the summary's
+    assert ('<p class="note">Shown: the first 1 host of each method (2 of 4 rows); '
+            '<a href="plan_hosts.csv">plan_hosts.csv</a> has them all.</p>') in hosts
+    assert hosts.count("</tr>") == 3 and "sharing" in hosts and "first_fit" in hosts
+    options = page.split('id="options">', 1)[1]
+    assert "sample_dumps/vm-a.elf ... and 1 more (per_input.csv has them all)" in options
+    assert "vm-b.raw" not in options
+
+
 def test_heatmap_clusters_are_the_families_under_a_base_image():
     # 3 families of 4 inputs (0-3, 4-7, 8-11) sharing half their pages within, and a base
     # image a tenth of every input's pages: the families are the clusters; without the
