@@ -7,14 +7,19 @@ touching pyplot's global state, so it works without a display, in threads and in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.transforms import Affine2D, Bbox, TransformedBbox
 
 from ..errors import printable
 from ..sharing import ADDRESS_KINDS
@@ -202,8 +207,18 @@ def plot_pairwise(result: Analysis) -> Figure:
     side = min(MAX_INCHES, max(5.0, 1.6 * m + 2.5))
     fig = _figure(side + 1.5, side)
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(frac) * 100, vmin=0, vmax=100, cmap="Blues",
-                      interpolation="nearest")
+    # Coloured here, m x m x 4 bytes, and sampled to the pixels in bytes (_CellImage): imshow
+    # of the float matrix resamples it in float64 RGBA at the figure's pixels (hundreds of
+    # MiB for a thousand inputs). The diagonal (NaN) stays transparent, on the grey face, as
+    # a masked cell would; the pixels are imshow's.
+    norm, cmap = Normalize(0, 100), colormaps["Blues"]
+    cells = _CellImage(ax, interpolation="nearest", origin="upper")
+    cells.set_data(cmap(norm(frac * 100), bytes=True))
+    cells.set_clip_path(ax.patch)
+    cells.set_extent(cells.get_extent())
+    ax.set_aspect("equal")
+    ax.add_image(cells)
+    image = ScalarMappable(norm, cmap)  # the colour bar's scale
     ax.set_facecolor("#eeeeee")
     fontsize = max(6, 11 - m)
     for i in range(m if m <= ANNOTATED_INPUTS else 0):  # beyond, cells are too small to read
@@ -259,6 +274,31 @@ def plot_pairwise(result: Analysis) -> Figure:
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("pages of A also in B (% of A's non-zero pages)")
     return fig
+
+
+class _CellImage(AxesImage):
+    """An RGBA image of bytes drawn nearest-neighbour by picking, for each pixel, the cell
+    its centre falls in: the pixels imshow draws with ``interpolation="nearest"``, without its
+    float32 RGBA copies at the figure's size (16 bytes a pixel, several times over)."""
+
+    def make_image(self, renderer: Any, magnification: float = 1.0, unsampled: bool = False
+                   ) -> tuple[np.ndarray, float, float, Affine2D]:
+        to_pixels = self.get_transform() + Affine2D().scale(magnification)
+        x1, x2, y1, y2 = self.get_extent()
+        box = TransformedBbox(Bbox([[x1, y1], [x2, y2]]), self.get_transform())
+        cut = Bbox.intersection(box, self.axes.bbox)  # clipped to the axes, as imshow is
+        e = np.asarray(cut.extents if cut else (0, 0, 0, 0)) * magnification
+        x0, y0 = np.floor(e[0] + 0.5), np.ceil(e[1] - 0.5 - 1e-8)  # matplotlib's rounding
+        w, h = int(np.floor(e[2] + 0.5 + 1e-8) - x0), int(np.ceil(e[3] - 0.5) - y0)
+        if w <= 0 or h <= 0:  # nothing to draw: matplotlib's own way
+            return super().make_image(renderer, magnification, unsampled)
+        back = to_pixels.inverted()  # pixel centres to data: cell i spans i - 0.5 to i + 0.5
+        xs = back.transform(np.column_stack([x0 + np.arange(w) + 0.5, np.full(w, y0)]))[:, 0]
+        ys = back.transform(np.column_stack([np.full(h, x0), y0 + np.arange(h) + 0.5]))[:, 1]
+        data = np.asarray(self.get_array())
+        cols = np.clip(np.floor(xs + 0.5).astype(np.intp), 0, data.shape[1] - 1)
+        rows = np.clip(np.floor(ys + 0.5).astype(np.intp), 0, data.shape[0] - 1)
+        return data[rows][:, cols], x0 / magnification, y0 / magnification, Affine2D()
 
 
 def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> list[list[int]]:
