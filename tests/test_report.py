@@ -565,3 +565,32 @@ def test_report_creates_a_private_folder(tmp_path):
     code, *_ = _report(SAMPLES[0], "-o", str(out))
     assert code == 0
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+
+
+def test_host_chart_of_many_hosts_marks_each_worst_case_within_its_bar(tmp_path):
+    # Ten inputs of 4 random pages in hosts of 5 pages: one input a host, 10 bars a method
+    # (more than 8: the many-bars layout). Each host's memory before KSM is its input's
+    # 16 KiB: a tick as wide as its bar (bars are 0.8 wide), not markers of a fixed size
+    # that run into one line across a hundred bars.
+    from ksm_analyze import analyze
+    from ksm_analyze.planning.plan import plan
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for k in range(10):
+        path = tmp_path / f"g{k}.raw"
+        path.write_bytes(rng.integers(0, 256, 4 * PS, dtype=np.uint8).tobytes())
+        paths.append(str(path))
+    made = plan(analyze(paths, jobs=1), 5 * PS)
+    fig = made.plot_hosts()
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 2
+    for ax in panels:
+        ticks = [c for c in ax.collections if c.get_label() == "memory before KSM (worst case)"]
+        assert len(ticks) == 1
+        segments = ticks[0].get_segments()
+        assert len(segments) == 10
+        for x, seg in enumerate(segments):
+            (x0, y0), (x1, y1) = seg
+            assert (x0, x1) == pytest.approx((x - 0.4, x + 0.4)) and y0 == y1
+            assert y0 * (1 << 10) == pytest.approx(4 * PS)  # 16 KiB, on a KiB scale

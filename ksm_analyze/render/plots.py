@@ -350,12 +350,14 @@ def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> lis
 def plot_address_map(result: Analysis) -> Figure:
     """A strip per input: the kinds of page in each bin of its address space, in percent."""
     amap = result.address_map
-    every = list(dict.fromkeys(amap["input"])) if len(amap) else []
+    by_input = amap["input"].to_numpy(object)  # once: comparing Arrow strings is slow
+    every = list(dict.fromkeys(by_input.tolist()))
     inputs = every[:STRIPS]  # a strip per input up to a readable page; the CSV has them all
+    spaces = dict(zip(result.names, result.per_input["address_space"], strict=True))
     fig = _figure(11.0, 1.3 + 1.9 * max(1, len(inputs)))
     axes = fig.subplots(max(1, len(inputs)), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, inputs, strict=False):
-        rows = amap[amap["input"] == name]
+        rows = amap[by_input == name]
         # Bin i spans [i - 0.5, i + 0.5); one stepped band per kind (256 bars each would
         # take seconds to draw).
         edges = np.arange(len(rows) + 1) - 0.5
@@ -379,13 +381,14 @@ def plot_address_map(result: Analysis) -> Figure:
         ticks = [int(t) for t in ticks if 0 <= t < len(rows)]
         first = rows["first_address"].to_numpy()
         ax.set_xticks(ticks, [f"{int(first[t]):#x}" for t in ticks], fontsize=8)
-        ax.set_xlabel(f"page address ({'physical' if _physical(result, name) else 'virtual'}; "
+        space = "virtual" if spaces.get(name) == "virtual" else "physical"
+        ax.set_xlabel(f"page address ({space}; "
                       "bins follow the pages the dump describes)", fontsize=9)
         ax.set_facecolor("white")
     handles = [Patch(facecolor=c, edgecolor="#888888", label=label)
                for label, c in _KIND_STYLE.values()]
     fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=9)
-    more = (f" (the first {len(inputs)} of {len(every)} inputs; address_map.csv has all)"
+    more = (f" (the first {len(inputs)} of {len(every):,} inputs; address_map.csv has all)"
             if len(inputs) < len(every) else "")
     fig.suptitle(f"Where the pages lie in each input's address space{more}", fontsize=12)
     return fig
@@ -585,11 +588,6 @@ def _setting_words(grid: pd.DataFrame, i: int) -> str:
             f"{_seconds_label(float(row['steady_state_seconds']))})")
 
 
-def _physical(result: Analysis, name: str) -> bool:
-    spaces = dict(zip(result.names, result.per_input["address_space"], strict=True))
-    return spaces.get(name) != "virtual"
-
-
 def _policy_words(analysis: Analysis, zero_pages: bool | None = None) -> str:
     """The merging policy and KSM knobs a chart's numbers assume, for its title: ``merge=``
     as ``--merge`` spells it, the domains, how zero pages count (when one way is chosen),
@@ -665,9 +663,12 @@ def plot_hosts(plan: Plan) -> Figure:
         # On the reserve, as the bars are.
         before = rows["memory_before_bytes"].to_numpy(float) + plan.host_memory - plan.capacity
         inside = before <= top
-        if inside.any():
+        if inside.any() and upright:
             ax.scatter(x[inside], before[inside] / div, marker="_", s=400, linewidths=2,
                        color="black", zorder=3, label="memory before KSM (worst case)")
+        elif inside.any():  # many bars: a tick as wide as its bar, not one line across them
+            ax.hlines(before[inside] / div, x[inside] - 0.4, x[inside] + 0.4, linewidths=2,
+                      color="black", zorder=3, label="memory before KSM (worst case)")
         for i in np.flatnonzero(~inside):
             worst = int(rows["memory_before_bytes"].iloc[i])
             ax.annotate(f"\N{UPWARDS ARROW} {human_bytes(worst)}", (x[i], top / div),

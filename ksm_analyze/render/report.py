@@ -315,7 +315,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
         if name == "per_input":
             df, cut = _first_rows(df, "input", "per_input.csv")
-            parts.append(cut)
+            parts += [cut] if cut else []
         parts.append(_html_table(df, index=index))
         if name == "host":
             parts += [f'<p class="note"><code>{e(col)}</code> ({e(text)}): {e(words)}.</p>'
@@ -388,7 +388,7 @@ def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
         shown, cut = _first_rows(result.stability, "input", "stability.csv")
         parts += [('<h3 id="table-stability">Stability: pages per input, first sample to '
                   "last (eligible pages)</h3>"),
-                  cut, _html_table(shown, index=False),
+                  *([cut] if cut else []), _html_table(shown, index=False),
                   ('<p class="note">Duplicates that are stable hold their content in every '
                   "sample; duplicates that only coincide are identical in the last sample "
                   "but change: KSM cannot keep them merged. Also in "
@@ -417,7 +417,7 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
                          f'alt="{e(caption)}"><figcaption>{e(caption)} ({name}.png)'
                          "</figcaption></figure>")
     hosts, cut = _first_rows(plan.hosts, "host", "plan_hosts.csv", by="method")
-    parts += [cut, _html_table(hosts, index=False)]
+    parts += [*([cut] if cut else []), _html_table(hosts, index=False)]
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
         fit = "input like these fits" if expected == 1 else "inputs like these fit"
