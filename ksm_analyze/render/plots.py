@@ -161,7 +161,7 @@ def plot_histogram(result: Analysis) -> Figure:
     ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
     ax.set_title("Sharing-degree histogram: pages by number of copies (with zero pages)\n"
                  f"({_policy_words(result)})", fontsize=10)
-    ax.legend(loc="upper left")
+    ax.legend(loc="best")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
