@@ -211,6 +211,84 @@ def test_the_html_pairwise_table_shows_the_most_alike_pairs_of_many(monkeypatch)
     assert section.count("</tr>") == 2  # the header and one pair
 
 
+def test_the_html_shows_the_first_rows_of_a_table_of_many_and_names_its_csv(monkeypatch):
+    # Thousands of inputs: index.html shows the first ROWS_SHOWN inputs (and hosts of each
+    # method), says how many there are and which CSV has them all; the title and the
+    # options name the first NAMES_SHOWN inputs. The samples in 400 KiB hosts: 2 inputs,
+    # a host each by either method (4 rows of plan_hosts.csv).
+    from ksm_analyze import analyze
+    from ksm_analyze.planning.plan import plan
+    from ksm_analyze.render import report
+
+    result = analyze(SAMPLES, jobs=1)
+    made = plan(result, 400 * 1024)
+    whole = report.render_html(result, {}, made)  # 2 inputs: every row, every name
+    assert "Shown:" not in whole and "more" not in whole.split("<body>", 1)[1].split("<h2")[0]
+    assert "<title>KSM savings report: vm-a.elf, vm-b.raw</title>" in whole
+    monkeypatch.setattr(report, "ROWS_SHOWN", 1)
+    monkeypatch.setattr(report, "NAMES_SHOWN", 1)
+    page = report.render_html(result, {}, made)
+    assert "<title>KSM savings report: vm-a.elf and 1 more</title>" in page
+    assert "<h1>KSM savings report: vm-a.elf and 1 more</h1>" in page
+    inputs = page.split('id="table-per_input">', 1)[1].split("</table>", 1)[0]
+    assert ('<p class="note">Shown: the first 1 of 2 inputs; <a href="per_input.csv">'
+            "per_input.csv</a> has them all.</p>") in inputs
+    assert inputs.count("</tr>") == 2 and "vm-a.elf" in inputs and "vm-b.raw" not in inputs
+    hosts = page.split('id="plan">', 1)[1].split("</table>", 2)[1]  # after the summary's
+    assert ('<p class="note">Shown: the first 1 host of each method (2 of 4 rows); '
+            '<a href="plan_hosts.csv">plan_hosts.csv</a> has them all.</p>') in hosts
+    assert hosts.count("</tr>") == 3 and "sharing" in hosts and "first_fit" in hosts
+    options = page.split('id="options">', 1)[1]
+    assert "sample_dumps/vm-a.elf ... and 1 more (per_input.csv has them all)" in options
+    assert "vm-b.raw" not in options
+
+
+def test_heatmap_cells_are_imshows_pixels_without_its_float_copies():
+    # The pairwise heatmap of a thousand inputs is 2,000 pixels a side: imshow resamples its
+    # image in float32 RGBA at the axes' pixels (16 bytes each, more than once); _CellImage
+    # picks each pixel's cell in bytes. The same pixels as imshow's, on an odd grid with
+    # blank (NaN) cells, in a fraction of the memory.
+    import tracemalloc
+
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ksm_analyze.render.plots import _CellImage
+
+    rng = np.random.default_rng(1)
+    frac = rng.random((61, 97))
+    frac[rng.random(frac.shape) < 0.1] = np.nan
+    rgba = colormaps["Blues"](frac, bytes=True)
+
+    def draw(cells: bool) -> tuple[np.ndarray, int, int]:
+        fig = Figure(figsize=(9, 7), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ax.set_facecolor("#eeeeee")
+        if cells:
+            image = _CellImage(ax, interpolation="nearest", origin="upper")
+            image.set_data(rgba)
+            image.set_clip_path(ax.patch)
+            image.set_extent(image.get_extent())
+            ax.set_aspect("equal")
+            ax.add_image(image)
+        else:
+            ax.imshow(rgba, interpolation="nearest")
+        fig.canvas.draw()
+        tracemalloc.start()  # numpy reports its arrays to it
+        fig.canvas.draw()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        area = int(ax.bbox.width * ax.bbox.height)
+        return np.asarray(fig.canvas.buffer_rgba()).copy(), peak, area
+
+    want, _, _ = draw(cells=False)
+    got, peak, area = draw(cells=True)
+    assert got.shape == want.shape and (got == want).all()
+    assert peak < area * 16  # under one float32 RGBA copy of the axes' pixels
+
+
 def test_heatmap_clusters_are_the_families_under_a_base_image():
     # 3 families of 4 inputs (0-3, 4-7, 8-11) sharing half their pages within, and a base
     # image a tenth of every input's pages: the families are the clusters; without the
@@ -487,3 +565,56 @@ def test_report_creates_a_private_folder(tmp_path):
     code, *_ = _report(SAMPLES[0], "-o", str(out))
     assert code == 0
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+
+
+def test_host_chart_of_many_hosts_marks_each_worst_case_within_its_bar(tmp_path):
+    # Ten inputs of 4 random pages in hosts of 5 pages: one input a host, 10 bars a method
+    # (more than 8: the many-bars layout). Each host's memory before KSM is its input's
+    # 16 KiB: a tick as wide as its bar (bars are 0.8 wide), not markers of a fixed size
+    # that run into one line across a hundred bars.
+    from ksm_analyze import analyze
+    from ksm_analyze.planning.plan import plan
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for k in range(10):
+        path = tmp_path / f"g{k}.raw"
+        path.write_bytes(rng.integers(0, 256, 4 * PS, dtype=np.uint8).tobytes())
+        paths.append(str(path))
+    made = plan(analyze(paths, jobs=1), 5 * PS)
+    fig = made.plot_hosts()
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 2
+    for ax in panels:
+        ticks = [c for c in ax.collections if c.get_label() == "memory before KSM (worst case)"]
+        assert len(ticks) == 1
+        segments = ticks[0].get_segments()
+        assert len(segments) == 10
+        for x, seg in enumerate(segments):
+            (x0, y0), (x1, y1) = seg
+            assert (x0, x1) == pytest.approx((x - 0.4, x + 0.4)) and y0 == y1
+            assert y0 * (1 << 10) == pytest.approx(4 * PS)  # 16 KiB, on a KiB scale
+
+
+def test_histogram_legend_leaves_the_bar_labels_readable():
+    # A fleet's histogram (1,000 guests of 64 pages in 100 families): the unique pages'
+    # bars are the tallest, in the upper left where the legend was: it hid their numbers.
+    from types import SimpleNamespace
+
+    from ksm_analyze import analyze
+    from ksm_analyze.render.plots import plot_histogram
+
+    sample = analyze(SAMPLES, jobs=1)
+    hist = pd.DataFrame({"copies": [1, 4, 8, 4096], "contents": [28743, 222, 2978, 1],
+                         "pages_referenced": [28743, 1507, 27320, 6430],
+                         "pages_after_merging": [28743, 222, 2978, 26]})
+    fleet = SimpleNamespace(histogram=hist, ksm=sample.ksm, options=sample.options,
+                            domains=sample.domains)
+    fig = plot_histogram(fleet)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    labels = [t for t in ax.texts if t.get_text()]
+    assert {t.get_text() for t in labels} >= {"28,743", "27,320", "6,430"}
+    hidden = [t.get_text() for t in labels if t.get_window_extent().overlaps(legend)]
+    assert hidden == []

@@ -7,14 +7,19 @@ touching pyplot's global state, so it works without a display, in threads and in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.transforms import Affine2D, Bbox, TransformedBbox
 
 from ..errors import printable
 from ..sharing import ADDRESS_KINDS
@@ -156,7 +161,7 @@ def plot_histogram(result: Analysis) -> Figure:
     ax.set_ylabel(f"pages of {ps // 1024} KiB{scale}")
     ax.set_title("Sharing-degree histogram: pages by number of copies (with zero pages)\n"
                  f"({_policy_words(result)})", fontsize=10)
-    ax.legend(loc="upper left")
+    ax.legend(loc="best")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -202,8 +207,18 @@ def plot_pairwise(result: Analysis) -> Figure:
     side = min(MAX_INCHES, max(5.0, 1.6 * m + 2.5))
     fig = _figure(side + 1.5, side)
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(frac) * 100, vmin=0, vmax=100, cmap="Blues",
-                      interpolation="nearest")
+    # Coloured here, m x m x 4 bytes, and sampled to the pixels in bytes (_CellImage): imshow
+    # of the float matrix resamples it in float64 RGBA at the figure's pixels (hundreds of
+    # MiB for a thousand inputs). The diagonal (NaN) stays transparent, on the grey face, as
+    # a masked cell would; the pixels are imshow's.
+    norm, cmap = Normalize(0, 100), colormaps["Blues"]
+    cells = _CellImage(ax, interpolation="nearest", origin="upper")
+    cells.set_data(cmap(norm(frac * 100), bytes=True))
+    cells.set_clip_path(ax.patch)
+    cells.set_extent(cells.get_extent())
+    ax.set_aspect("equal")
+    ax.add_image(cells)
+    image = ScalarMappable(norm, cmap)  # the colour bar's scale
     ax.set_facecolor("#eeeeee")
     fontsize = max(6, 11 - m)
     for i in range(m if m <= ANNOTATED_INPUTS else 0):  # beyond, cells are too small to read
@@ -261,6 +276,31 @@ def plot_pairwise(result: Analysis) -> Figure:
     return fig
 
 
+class _CellImage(AxesImage):
+    """An RGBA image of bytes drawn nearest-neighbour by picking, for each pixel, the cell
+    its centre falls in: the pixels imshow draws with ``interpolation="nearest"``, without its
+    float32 RGBA copies at the figure's size (16 bytes a pixel, several times over)."""
+
+    def make_image(self, renderer: Any, magnification: float = 1.0, unsampled: bool = False
+                   ) -> tuple[np.ndarray, float, float, Affine2D]:
+        to_pixels = self.get_transform() + Affine2D().scale(magnification)
+        x1, x2, y1, y2 = self.get_extent()
+        box = TransformedBbox(Bbox([[x1, y1], [x2, y2]]), self.get_transform())
+        cut = Bbox.intersection(box, self.axes.bbox)  # clipped to the axes, as imshow is
+        e = np.asarray(cut.extents if cut else (0, 0, 0, 0)) * magnification
+        x0, y0 = np.floor(e[0] + 0.5), np.ceil(e[1] - 0.5 - 1e-8)  # matplotlib's rounding
+        w, h = int(np.floor(e[2] + 0.5 + 1e-8) - x0), int(np.ceil(e[3] - 0.5) - y0)
+        if w <= 0 or h <= 0:  # nothing to draw: matplotlib's own way
+            return super().make_image(renderer, magnification, unsampled)
+        back = to_pixels.inverted()  # pixel centres to data: cell i spans i - 0.5 to i + 0.5
+        xs = back.transform(np.column_stack([x0 + np.arange(w) + 0.5, np.full(w, y0)]))[:, 0]
+        ys = back.transform(np.column_stack([np.full(h, x0), y0 + np.arange(h) + 0.5]))[:, 1]
+        data = np.asarray(self.get_array())
+        cols = np.clip(np.floor(xs + 0.5).astype(np.intp), 0, data.shape[1] - 1)
+        rows = np.clip(np.floor(ys + 0.5).astype(np.intp), 0, data.shape[0] - 1)
+        return data[rows][:, cols], x0 / magnification, y0 / magnification, Affine2D()
+
+
 def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> list[list[int]]:
     """Inputs ``0..n-1`` in clusters of inputs that share most, the largest first.
 
@@ -310,12 +350,14 @@ def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> lis
 def plot_address_map(result: Analysis) -> Figure:
     """A strip per input: the kinds of page in each bin of its address space, in percent."""
     amap = result.address_map
-    every = list(dict.fromkeys(amap["input"])) if len(amap) else []
+    by_input = amap["input"].to_numpy(object)  # once: comparing Arrow strings is slow
+    every = list(dict.fromkeys(by_input.tolist()))
     inputs = every[:STRIPS]  # a strip per input up to a readable page; the CSV has them all
+    spaces = dict(zip(result.names, result.per_input["address_space"], strict=True))
     fig = _figure(11.0, 1.3 + 1.9 * max(1, len(inputs)))
     axes = fig.subplots(max(1, len(inputs)), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, inputs, strict=False):
-        rows = amap[amap["input"] == name]
+        rows = amap[by_input == name]
         # Bin i spans [i - 0.5, i + 0.5); one stepped band per kind (256 bars each would
         # take seconds to draw).
         edges = np.arange(len(rows) + 1) - 0.5
@@ -339,13 +381,14 @@ def plot_address_map(result: Analysis) -> Figure:
         ticks = [int(t) for t in ticks if 0 <= t < len(rows)]
         first = rows["first_address"].to_numpy()
         ax.set_xticks(ticks, [f"{int(first[t]):#x}" for t in ticks], fontsize=8)
-        ax.set_xlabel(f"page address ({'physical' if _physical(result, name) else 'virtual'}; "
+        space = "virtual" if spaces.get(name) == "virtual" else "physical"
+        ax.set_xlabel(f"page address ({space}; "
                       "bins follow the pages the dump describes)", fontsize=9)
         ax.set_facecolor("white")
     handles = [Patch(facecolor=c, edgecolor="#888888", label=label)
                for label, c in _KIND_STYLE.values()]
     fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=9)
-    more = (f" (the first {len(inputs)} of {len(every)} inputs; address_map.csv has all)"
+    more = (f" (the first {len(inputs)} of {len(every):,} inputs; address_map.csv has all)"
             if len(inputs) < len(every) else "")
     fig.suptitle(f"Where the pages lie in each input's address space{more}", fontsize=12)
     return fig
@@ -545,11 +588,6 @@ def _setting_words(grid: pd.DataFrame, i: int) -> str:
             f"{_seconds_label(float(row['steady_state_seconds']))})")
 
 
-def _physical(result: Analysis, name: str) -> bool:
-    spaces = dict(zip(result.names, result.per_input["address_space"], strict=True))
-    return spaces.get(name) != "virtual"
-
-
 def _policy_words(analysis: Analysis, zero_pages: bool | None = None) -> str:
     """The merging policy and KSM knobs a chart's numbers assume, for its title: ``merge=``
     as ``--merge`` spells it, the domains, how zero pages count (when one way is chosen),
@@ -625,9 +663,12 @@ def plot_hosts(plan: Plan) -> Figure:
         # On the reserve, as the bars are.
         before = rows["memory_before_bytes"].to_numpy(float) + plan.host_memory - plan.capacity
         inside = before <= top
-        if inside.any():
+        if inside.any() and upright:
             ax.scatter(x[inside], before[inside] / div, marker="_", s=400, linewidths=2,
                        color="black", zorder=3, label="memory before KSM (worst case)")
+        elif inside.any():  # many bars: a tick as wide as its bar, not one line across them
+            ax.hlines(before[inside] / div, x[inside] - 0.4, x[inside] + 0.4, linewidths=2,
+                      color="black", zorder=3, label="memory before KSM (worst case)")
         for i in np.flatnonzero(~inside):
             worst = int(rows["memory_before_bytes"].iloc[i])
             ax.annotate(f"\N{UPWARDS ARROW} {human_bytes(worst)}", (x[i], top / div),

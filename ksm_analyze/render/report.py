@@ -52,6 +52,10 @@ CHARTS = {
 TIME_CHARTS = ("timeline", "ksmd_settings")
 PAIRS_SHOWN = 500
 """Rows of the pairwise table in index.html (the most alike pairs; the CSV has all)."""
+ROWS_SHOWN = 100
+"""Rows of a table of inputs or hosts in index.html (the first; the CSV has all)."""
+NAMES_SHOWN = 4
+"""Input names in the page's title and heading (beyond: "and N more")."""
 TABLES_OF_CHARTS = ("address_map", *TIME_CHARTS)
 """Charts that draw the table of their name, which an analysis out of core leaves empty."""
 """The charts of the "Over time" section (the others are under "Charts")."""
@@ -262,7 +266,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         "left after merging plus KSM's rmap_items, as <code>plan</code> counts a host) differs "
         "only by what merged zero pages still cost.</p>"
     )
-    names = ", ".join(result.names)
+    names = _names_text(result.names)
     show_content = "content_hex" in result.top_contents.columns
     parts = [
         "<!DOCTYPE html>",
@@ -309,6 +313,9 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     )
     for name, title, df, index in sections:
         parts.append(f'<h3 id="table-{name}">{e(title)}</h3>')
+        if name == "per_input":
+            df, cut = _first_rows(df, "input", "per_input.csv")
+            parts += [cut] if cut else []
         parts.append(_html_table(df, index=index))
         if name == "host":
             parts += [f'<p class="note"><code>{e(col)}</code> ({e(text)}): {e(words)}.</p>'
@@ -324,6 +331,10 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     if plan is not None:
         parts += _plan_section(plan, images)
     parts.append('<h2 id="options">Options</h2><table class="summary">')
+    inputs = options.get("inputs")
+    if isinstance(inputs, list | tuple) and len(inputs) > NAMES_SHOWN:
+        more = f"... and {len(inputs) - NAMES_SHOWN:,} more (per_input.csv has them all)"
+        options["inputs"] = [*inputs[:NAMES_SHOWN], more]
     parts.extend(f"<tr><th>{e(str(k))}</th><td><code>{e(_option(v))}</code></td></tr>"
                  for k, v in options.items())
     parts.append("</table></body></html>")
@@ -331,6 +342,26 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     # an ESC or a BEL in the page. Escape them as the text report does (a newline inside a
     # name is white space in HTML and stays).
     return "".join(printable(line) + "\n" for line in "\n".join(parts).split("\n"))
+
+
+def _names_text(names: list[str]) -> str:
+    """The inputs' names, the first :data:`NAMES_SHOWN` and how many more."""
+    if len(names) <= NAMES_SHOWN:
+        return ", ".join(names)
+    return f"{', '.join(names[:NAMES_SHOWN])} and {len(names) - NAMES_SHOWN:,} more"
+
+
+def _first_rows(df: pd.DataFrame, what: str, csv: str, by: str | None = None
+                ) -> tuple[pd.DataFrame, str]:
+    """The first :data:`ROWS_SHOWN` rows of a table of ``what`` (of each ``by`` value), and
+    the note that says so (empty when all are shown): a page of thousands of rows is unread."""
+    shown = df.groupby(by, sort=False).head(ROWS_SHOWN) if by else df.head(ROWS_SHOWN)
+    if len(shown) == len(df):
+        return df, ""
+    which = (f"the first {counted(ROWS_SHOWN, what)} of each {by} ({len(shown):,} of "
+             f"{len(df):,} rows)" if by else f"the first {len(shown):,} of {counted(len(df), what)}")
+    return shown, (f'<p class="note">Shown: {which}; <a href="{csv}">{csv}</a> has them '
+                   "all.</p>")
 
 
 def _figure(name: str, caption: str, images: dict[str, bytes]) -> str:
@@ -354,9 +385,10 @@ def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
     parts = ['<h2 id="over-time">Over time: what ksmd keeps, and when</h2>',
              *(f"<p>{e(line)}</p>" for line in words if line)]
     if len(stab):
+        shown, cut = _first_rows(result.stability, "input", "stability.csv")
         parts += [('<h3 id="table-stability">Stability: pages per input, first sample to '
                   "last (eligible pages)</h3>"),
-                  _html_table(result.stability, index=False),
+                  *([cut] if cut else []), _html_table(shown, index=False),
                   ('<p class="note">Duplicates that are stable hold their content in every '
                   "sample; duplicates that only coincide are identical in the last sample "
                   "but change: KSM cannot keep them merged. Also in "
@@ -384,7 +416,8 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
             parts.append(f'<figure id="chart-{name}"><img src="data:image/png;base64,{data}" '
                          f'alt="{e(caption)}"><figcaption>{e(caption)} ({name}.png)'
                          "</figcaption></figure>")
-    parts.append(_html_table(plan.hosts, index=False))
+    hosts, cut = _first_rows(plan.hosts, "host", "plan_hosts.csv", by="method")
+    parts += [*([cut] if cut else []), _html_table(hosts, index=False)]
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
         fit = "input like these fits" if expected == 1 else "inputs like these fit"
