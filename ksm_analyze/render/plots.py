@@ -375,8 +375,11 @@ def plot_address_map(result: Analysis) -> Figure:
         ax.set_yticks([0, 50, 100])
         ax.set_ylabel("% of bin")
         pages = int(rows["pages"].sum())
+        per_bin = pages / max(len(rows), 1)
+        size = counted(round(per_bin), "page")
         ax.set_title(f"{printable(name)}: {counted(pages, 'page')} in {counted(len(rows), 'bin')} of "
-                     f"{pages / max(len(rows), 1):,.0f} pages", fontsize=10, loc="left")
+                     f"{size if per_bin == round(per_bin) else 'about ' + size}", fontsize=10,
+                     loc="left")
         ticks = MaxNLocator(nbins=7, integer=True).tick_values(0, len(rows) - 1)
         ticks = [int(t) for t in ticks if 0 <= t < len(rows)]
         first = rows["first_address"].to_numpy()
