@@ -7,17 +7,19 @@ fingerprint files, in one process and on a local Dask cluster, and placement at 
    fingerprint files at 1/``--scale`` of its size (every page count divided by it, so the
    files fit this machine). Then ``scan``, ``plan --json`` (hosts of ``--host-gib`` / scale)
    and, for fleets up to ``--report-max`` guests, ``report``, each a fresh process, timed,
-   with the peak Pss_Anon of the process and all its children (sampled every 50 ms), with
-   no scheduler and with ``--scheduler local:2``. Exactness: ``--sample-hosts`` hosts of the
-   sharing-aware plan, each ``scan``-ned alone: its memory after KSM must be the plan's.
+   with the peak Pss_Anon of the process and all its children (sampled every 50 ms): in
+   memory, out of core under a ``--memory-limit`` of a quarter of the in-memory estimate,
+   and the same on ``--scheduler local:2`` (the aggregation on two Dask workers).
+   Exactness: ``--sample-hosts`` hosts of the sharing-aware plan, each ``scan``-ned alone:
+   its memory after KSM must be the plan's.
 2. ``--place-guests``: the core table of that many guests at full size, generated without
    files (``synthetic_fleet.core_table``: what ``scan`` would build; equal to it on every
    fleet written at a scale, checked there), planned on hosts of ``--host-gib``, each step
    timed. Exactness: the sampled hosts' memory equals that of the core table generated for
    their guests alone.
 
-The table goes between the bench-fleet-scale markers of BENCHMARKS.md. Options not known to
-this ksm-analyze yet (``--memory-limit``) go in ``--extra``, given to every command.
+The table goes between the bench-fleet-scale markers of BENCHMARKS.md; ``--extra`` options
+are given to every command.
 
     python benchmarks/bench_fleet_scale.py --guests 100 1000 5000 --place-guests 2000
 """
@@ -44,7 +46,13 @@ from bench_scan import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench-fleet-scale:start -->", "<!-- bench-fleet-scale:end -->"
-MODES = {"one process": [], "local:2": ["--scheduler", "local:2"]}
+MODES = {"in memory": [], "out of core": ["--memory-limit", "{limit}"],
+         "out of core, local:2": ["--scheduler", "local:2", "--memory-limit", "{limit}"]}
+"""How each fleet is run: fingerprint files that fit are analysed in memory on the client
+(also with --scheduler), so the Dask workers aggregate only out of core, under a limit."""
+LIMIT_SHARE = 4
+"""The out-of-core runs' --memory-limit: the in-memory estimate (100 bytes a page) over this,
+and at least 64 MiB."""
 
 PLACE = """
 import json, sys, time, types
@@ -129,7 +137,9 @@ def fleet_rows(args: argparse.Namespace, n: int, extra: list[str]) -> tuple[list
         host = f"{(args.host_gib << 30) // args.scale >> 10}KiB"
         stages: dict[str, dict[str, tuple[float, int]]] = {}
         plan_out = None
-        for m, (mode, flags) in enumerate(MODES.items()):
+        limit = max(64 << 20, pages * 100 // LIMIT_SHARE)
+        for m, (mode, template) in enumerate(MODES.items()):
+            flags = [f.format(limit=limit) for f in template]
             runs = {"scan": ksm("scan", *files, "-q", *flags, *extra),
                     "plan": ksm("plan", *files, "--host-memory", host, "--json", "-q", *flags,
                                 *extra)}
@@ -149,7 +159,8 @@ def fleet_rows(args: argparse.Namespace, n: int, extra: list[str]) -> tuple[list
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     what = (f"{n:,} guests ({float(fleet.size_gib.sum()) / 1024:.1f} TiB; {pages:,} pages, "
-            f"{parquet / 2**20:.0f} MiB of Parquet, written in {written:.0f} s)")
+            f"{parquet / 2**20:.0f} MiB of Parquet, written in {written:.0f} s; out of core "
+            f"under --memory-limit {limit / 2**20:,.0f} MiB)")
     rows = [f"| {what if k == 0 else ''} | {stage} | "
             + " | ".join(f"{v[0]:.1f} s | {v[1] / 2**20:,.0f} MiB" for v in by_mode.values())
             + " |" for k, (stage, by_mode) in enumerate(stages.items())]
