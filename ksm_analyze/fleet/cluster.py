@@ -324,7 +324,8 @@ def _partition_task(pieces: Sequence[np.ndarray], offsets: np.ndarray, ninputs: 
 
 def _aggregate_partition_task(pieces: Sequence[tuple[np.ndarray, np.ndarray]],
                               offsets: np.ndarray, ninputs: int
-                              ) -> tuple[_combine.PartitionCounts, tuple[int, int, int]]:
+                              ) -> tuple[_combine.PartitionCounts, tuple[int, int, int],
+                                         _aggregate.SeriesCounts | None]:
     """:func:`aggregate_on_cluster`'s partition task: :func:`~.aggregate.count_part`."""
     spill = _renumbered([rows for rows, _ in pieces], offsets)
     return _aggregate.count_part([spill], [stats for _, stats in pieces], ninputs)
