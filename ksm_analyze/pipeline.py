@@ -219,7 +219,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
             paths, scheduler=options.scheduler, scope=options.scope, page_size=ksm.page_size,
             prefix_bytes=options.hashed_bytes(ksm.page_size),
             partitions=max(partitions, CLUSTER_PARTITIONS), check_guest=guest_check(),
-            tasks=lambda n, of: report("Dask tasks", n, of))
+            tasks=lambda n, of: report("Dask tasks", n, of), ksm=ksm)
     else:
         agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
                         prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,

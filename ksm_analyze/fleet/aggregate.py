@@ -551,13 +551,15 @@ class Taken:
     """The client's part of :func:`aggregate`, whichever executor ran the steps: it takes
     the files' :class:`FileRead` in file order, refusing one guest given twice
     (``check_guest``) and a guest sampled in two units as it goes, and builds the
-    :class:`Aggregate` from the partitions' counts. ``units`` (:func:`series_units`): the
-    files read together, one :meth:`take` each; None, one file at a time."""
+    :class:`Aggregate` from the partitions' counts. ``files``: with samples over time, every
+    file in the order given (the reads are of whole units, :func:`series_units`; their
+    inputs are put in ``analyze()``'s order at the end); else None."""
 
     def __init__(self, check_guest: Callable[[str, dict[str, Any] | None], None] | None,
-                 units: Sequence[Sequence[int]] | None = None) -> None:
+                 files: Sequence[str | os.PathLike[str]] | None = None) -> None:
         self.check_guest = check_guest
-        self.units = units
+        self.units = None if files is None else {
+            os.path.abspath(os.fspath(f)): n for n, f in enumerate(files)}
         self.identities: set[str] = set()
         self.rows: list[dict[str, Any]] = []
         self.prints: list[Fingerprints] = []
@@ -569,7 +571,6 @@ class Taken:
         self.stability: dict[int, dict[str, Any]] = {}
         self.ran = False
         self.still_zero = 0
-        self._unit = 0
 
     def take(self, reads: Sequence[FileRead], error: Exception | None = None) -> None:
         """Take ``reads`` (the next files, in order; with ``units``, the next unit), then
@@ -586,9 +587,9 @@ class Taken:
                                else "its other samples were read apart (did the files "
                                "change while read?)")
             if self.units is not None:
-                unit = self.units[self._unit]
                 before = len(self.rows)
-                self.first += [(unit[f], k) for f, k in read.first]
+                self.first += [(self.units[os.path.abspath(reads[f].path)], k)
+                               for f, k in read.first]
                 self.scanned += read.scanned
                 self.stability.update({before + k: row for k, row in read.stability.items()})
                 self.ran |= read.ran
@@ -598,8 +599,6 @@ class Taken:
             self.masks += read.masks
             self.pages_hashed += read.pages_hashed
             self.zero_pages += read.zero_pages
-        if self.units is not None and reads:
-            self._unit += 1
         if error is not None:
             raise error
 
@@ -690,7 +689,7 @@ def aggregate(paths: Sequence[str | os.PathLike[str]], *, scope: Scope, page_siz
 
     started = time.perf_counter()
     units = series_units(paths)
-    taken = Taken(check_guest, units)
+    taken = Taken(check_guest, None if units is None else paths)
     sizes = [os.path.getsize(p) for p in paths]
     read_bytes, all_bytes = 0, sum(sizes)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="ksm-aggregate-") as tmp:
