@@ -164,3 +164,24 @@ def test_many_series_under_a_small_memory_limit_scan_as_in_memory(tmp_path):
         assert got[name] == want[name], name
     assert got["host"] == {k: {s: v for s, v in by.items() if s != "steady_state"}
                            for k, by in want["host"].items()}
+
+
+def test_the_couplings_of_a_series_to_its_host_hold_out_of_core(tmp_path, monkeypatch):
+    """The hosts of tests/test_over_time.py that show a series' steady view depending on
+    the other inputs (a late duplicate's partners, the stability table's copies, the hold
+    time of two full scans of the whole host), out of core in 4 parts: as in memory."""
+    from test_over_time import _seen_once, _write
+
+    series = ("pqcd", "ggcd", "ggcd")
+    many = "".join(chr(0x100 + i) for i in range(400))
+    hosts = [[*_write(tmp_path / "b", series, machine={"ksm": {"run": 1, "smart_scan": 1}}),
+              _seen_once(tmp_path, "ggc", "other")],
+             [*_write(tmp_path / "d", series, gap=0.1), _seen_once(tmp_path, many, "big")]]
+    wants = [analyze(files, jobs=1) for files in hosts]
+    # As tests/test_over_time.py has it: "g" joins the other input's steady pair; beside 400
+    # other pages, pages 0-1 change faster than KSM merges.
+    assert wants[0].host.at["pages_sharing", "with_zero_pages"] == 4
+    assert wants[1].host.at["pages_sharing", "with_zero_pages"] == 0
+    _forced(monkeypatch, 4)
+    for files, want in zip(hosts, wants, strict=True):
+        _same(analyze(files, jobs=1), want)
