@@ -237,7 +237,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     top = top_contents(table, classes, [], [], top=options.top,
                        show_content=options.show_content)
     timings = {"stage1_seconds": agg.read_seconds, "stage2_seconds": agg.count_seconds,
-               "inputs_from_cache": 0, "inputs_from_fingerprint_files": len(prints)}
+               "inputs_from_cache": 0, "inputs_from_fingerprint_files": len(paths)}
     unrestricted, domain_names = None, []
     if options.policy:
         unrestricted = table.counters(ksm)

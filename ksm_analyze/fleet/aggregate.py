@@ -11,6 +11,12 @@ hash's top bits, and counts one partition at a time. The stage statistics are co
 same way from a second spill, by prefix hash, of every stored non-zero page (the pages
 stage 1 would send to stage 2 are those whose prefix hash another page shares).
 
+Samples of one guest over time are read together, a unit of files at a time
+(:func:`file_units`), each series reduced to its latest sample's pages with their change
+rates (:data:`SERIES` records); the steady view's rules that need the whole host are applied
+as each partition is counted (:class:`SeriesRules`), so the counters and the stability table
+are ``analyze()``'s.
+
 Pages are told apart by their xxh3-128 content hashes, as ``analyze()`` does for fingerprint
 files whose dumps are not here; a dump that is here is not read again.
 """
