@@ -45,8 +45,8 @@ from .series import (
     timeline,
 )
 
-__all__ = ["CONVERGENCE_ITEMS", "SETTINGS_COLUMNS", "OverTime", "cpu_cost", "model_host",
-           "recorded_machine", "settings_for", "steady_tables"]
+__all__ = ["CONVERGENCE_ITEMS", "SETTINGS_COLUMNS", "OverTime", "cpu_cost", "hold_time",
+           "ksm_ran", "model_host", "recorded_machine", "settings_for", "steady_tables"]
 
 NEWEST_RULES = "6.18"
 """The rules used when no kernel is known (the inputs recorded none, no ``--kernel``)."""
@@ -173,28 +173,33 @@ def steady_tables(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     """For inputs seen over time: the fingerprints and labels to count as KSM keeps them
     (:func:`~ksm_analyze.series.steady_view`), the late duplicates left unmerged, the
     Timeline to replay and the stability table."""
-    machine = recorded_machine(prints)
-    knobs, _, _ = settings_for(ksm, machine)
-    was_running = _ksm_ran(all_prints, samples)
+    was_running = ksm_ran(all_prints)
     moves = churn(all_prints, all_masks, samples, ksm_was_running=was_running)
-    # A page must hold still for two full scans to merge.
-    pages = int(sum(int(m.scanned.sum()) for m in masks))
-    hold = 2 * full_scan(pages, 0, knobs, cpu_cost(ksm)).wall_seconds
+    hold, smart = hold_time(prints, int(sum(int(m.scanned.sum()) for m in masks)), ksm)
     view_prints, view_labels, late = steady_view(prints, masks, labels, moves,
-                                                 hold_seconds=hold, smart_scan=knobs.smart_scan)
+                                                 hold_seconds=hold, smart_scan=smart)
     tl = timeline(all_prints, all_masks, samples, ksm_was_running=was_running)
     return view_prints, view_labels, late, tl, Columns.from_records(
         stability(all_prints, all_masks, samples), list(STABILITY_COLUMNS))
 
 
-def _ksm_ran(prints: Sequence[Fingerprints], samples: Samples) -> bool:
-    """Whether KSM ran on the machine while the samples were taken (``run`` 1 recorded)."""
-    for members in samples.series:
-        for i in members:
-            machine = prints[i].info.get("machine")
-            ksm = machine.get("ksm") if isinstance(machine, dict) else None
-            if isinstance(ksm, dict) and str(ksm.get("run")) == "1":
-                return True
+def hold_time(prints: Sequence[Fingerprints], scanned_pages: int, ksm: KsmSettings
+              ) -> tuple[float, bool]:
+    """The time a page must hold still to merge on the host of ``prints`` (its inputs'
+    latest samples, ``scanned_pages`` pages KSM scans): two full scans; and whether ksmd
+    runs with ``smart_scan``."""
+    knobs, _, _ = settings_for(ksm, recorded_machine(prints))
+    return 2 * full_scan(scanned_pages, 0, knobs, cpu_cost(ksm)).wall_seconds, knobs.smart_scan
+
+
+def ksm_ran(prints: Sequence[Fingerprints]) -> bool:
+    """Whether KSM ran on the machine while any of ``prints`` (samples) was taken (``run`` 1
+    recorded)."""
+    for fp in prints:
+        machine = fp.info.get("machine")
+        ksm = machine.get("ksm") if isinstance(machine, dict) else None
+        if isinstance(ksm, dict) and str(ksm.get("run")) == "1":
+            return True
     return False
 
 

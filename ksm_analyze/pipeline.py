@@ -219,12 +219,12 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
             paths, scheduler=options.scheduler, scope=options.scope, page_size=ksm.page_size,
             prefix_bytes=options.hashed_bytes(ksm.page_size),
             partitions=max(partitions, CLUSTER_PARTITIONS), check_guest=guest_check(),
-            tasks=lambda n, of: report("Dask tasks", n, of))
+            tasks=lambda n, of: report("Dask tasks", n, of), ksm=ksm)
     else:
         agg = aggregate(paths, scope=options.scope, page_size=ksm.page_size,
                         prefix_bytes=options.hashed_bytes(ksm.page_size), partitions=partitions,
                         jobs=jobs, check_guest=guest_check(),
-                        progress=lambda n, of: report("fingerprint files", n, of))
+                        progress=lambda n, of: report("fingerprint files", n, of), ksm=ksm)
     partitions = agg.partitions
     prints, masks, table = agg.prints, agg.masks, agg.table
     rmap_note = None
@@ -237,7 +237,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     top = top_contents(table, classes, [], [], top=options.top,
                        show_content=options.show_content)
     timings = {"stage1_seconds": agg.read_seconds, "stage2_seconds": agg.count_seconds,
-               "inputs_from_cache": 0, "inputs_from_fingerprint_files": len(prints)}
+               "inputs_from_cache": 0, "inputs_from_fingerprint_files": len(paths)}
     unrestricted, domain_names = None, []
     if options.policy:
         unrestricted = table.counters(ksm)
@@ -245,7 +245,9 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         table = table.with_policy(domains, zero_only=options.merge == "zero-only")
     pairs = pairwise(table, max_page_sharing=ksm.max_page_sharing, top=options.pairs_top)
     pairs_note = pairs.note()
-    tables = summary_tables(table, ksm, prints, masks, agg.stats, timings)
+    still = agg.if_memory_stood_still(ksm)
+    tables = summary_tables(table, ksm, prints, masks, agg.stats, timings,
+                            {"if_memory_stood_still": still} if still else None)
     stages = tables["stages"]
     values = np.array(stages.data["value"], object)
     values[list(stages.data["statistic"]).index("zero_pages_found")] = agg.zero_pages_found
@@ -255,7 +257,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         "convergence": Columns({"item": [], "value": []}, "item"),
         "timeline": Columns({c: [] for c in _TIMELINE_COLUMNS}),
         "ksmd_settings": Columns.from_records([], list(SETTINGS_COLUMNS)),
-        "stability": Columns.from_records([], list(STABILITY_COLUMNS)),
+        "stability": Columns.from_records(agg.stability or [], list(STABILITY_COLUMNS)),
         "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
                                                  "last_address", "pages", *ADDRESS_KINDS)}),
         "pairwise": pairs.rows,

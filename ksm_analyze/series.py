@@ -30,13 +30,16 @@ __all__ = [
     "Samples",
     "as_sample",
     "churn",
+    "duplicate_kinds",
     "group_samples",
     "input_name",
+    "no_partner",
     "recorded_rmap_item_bytes",
     "stability",
     "steady_view",
     "still_timeline",
     "timeline",
+    "too_fast",
 ]
 
 STABILITY_COLUMNS = (
@@ -210,41 +213,59 @@ def stability(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     per_input = list(zip(samples.series, _all_pages(prints, masks, samples), strict=True))
     last_ids = [p.ids[:, -1] for _, p in per_input]
     rates = [_change_rate(p) for _, p in per_input]
-    copies, stable_copies = _copies(last_ids, rates)
-    for (members, pages), last, rate in zip(per_input, last_ids, rates, strict=True):
+    now_ids = [i[i >= 0] for i in last_ids]
+    dups, stables = duplicate_kinds(
+        np.concatenate(now_ids), np.concatenate([r[i >= 0] == 0 for i, r in
+                                                 zip(last_ids, rates, strict=True)]))
+    cuts = np.cumsum([len(i) for i in now_ids])[:-1]
+    for (members, pages), last, dup, stable in zip(per_input, last_ids, np.split(dups, cuts),
+                                                   np.split(stables, cuts), strict=True):
         if len(members) < 2:
             continue
-        first = pages.ids[:, 0]
-        present_both = (first >= 0) & (last >= 0)
-        unchanged = present_both & np.all(pages.ids == first[:, None], axis=1)
-        span = float(pages.times[-1])
-        changed = int(np.count_nonzero(present_both & ~unchanged))
-        now = last >= 0
-        dup = now & (copies[np.maximum(last, 0)] >= 2)
-        stable = dup & (rate == 0) & (stable_copies[np.maximum(last, 0)] >= 2)
-        rows.append({
+        row = _series_row(pages, last)
+        row.update({
             "input": prints[members[-1]].path,
             "samples": len(members),
-            "observed_seconds": span,
-            "pages_unchanged": int(np.count_nonzero(unchanged)),
-            "pages_changed": changed,
-            "pages_appeared": int(np.count_nonzero((first < 0) & now)),
-            "pages_gone": int(np.count_nonzero((first >= 0) & ~now)),
-            "change_rate_per_second": changed / span if span > 0 else 0.0,
             "stable_duplicate_pages": int(np.count_nonzero(stable)),
             "coinciding_duplicate_pages": int(np.count_nonzero(dup & ~stable)),
         })
+        rows.append({c: row[c] for c in STABILITY_COLUMNS})
     return rows
 
 
-def _copies(last_ids: Sequence[np.ndarray], rates: Sequence[np.ndarray]
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Per content id: pages holding it at the last samples, and those of them stable."""
-    ids = np.concatenate([i[i >= 0] for i in last_ids]) if last_ids else np.zeros(0, np.int64)
-    still = np.concatenate([i[(i >= 0) & (r == 0)] for i, r in zip(last_ids, rates,
-                                                                    strict=True)])
+def _series_row(pages: _Pages, last: np.ndarray) -> dict[str, Any]:
+    """The columns of an input's stability row that are its own samples' alone (not the
+    duplicate pages: :func:`duplicate_kinds`)."""
+    first = pages.ids[:, 0]
+    present_both = (first >= 0) & (last >= 0)
+    unchanged = present_both & np.all(pages.ids == first[:, None], axis=1)
+    span = float(pages.times[-1])
+    changed = int(np.count_nonzero(present_both & ~unchanged))
+    now = last >= 0
+    return {
+        "observed_seconds": span,
+        "pages_unchanged": int(np.count_nonzero(unchanged)),
+        "pages_changed": changed,
+        "pages_appeared": int(np.count_nonzero((first < 0) & now)),
+        "pages_gone": int(np.count_nonzero((first >= 0) & ~now)),
+        "change_rate_per_second": changed / span if span > 0 else 0.0,
+    }
+
+
+def duplicate_kinds(ids: np.ndarray, still: np.ndarray, *, more: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Of pages at the inputs' last samples holding content ``ids`` (>= 0), those that are
+    duplicates (their content held twice or more) and those of them stable (unchanged
+    throughout, ``still``, and their content held by two such pages); ``more``: pages
+    elsewhere, all still, per content id (the stability table's last two columns)."""
     size = int(ids.max()) + 1 if len(ids) else 1
-    return np.bincount(ids, minlength=size), np.bincount(still, minlength=size)
+    copies = np.bincount(ids, minlength=size)
+    stable_copies = np.bincount(ids[still], minlength=size)
+    if more is not None:
+        copies[: len(more)] += more
+        stable_copies[: len(more)] += more
+    dup = copies[ids] >= 2
+    return dup, dup & still & (stable_copies[ids] >= 2)
 
 
 def timeline(prints: Sequence[Fingerprints], masks: Sequence[ScanMask], samples: Samples,
@@ -359,6 +380,26 @@ def churn(prints: Sequence[Fingerprints], masks: Sequence[ScanMask], samples: Sa
     return Churn(rates, aged)
 
 
+def too_fast(rate: np.ndarray, hold_seconds: float) -> np.ndarray:
+    """Pages that change more often than once in ``hold_seconds``: never merged."""
+    out: np.ndarray = rate * hold_seconds > 1
+    return out
+
+
+def no_partner(ids: np.ndarray, steady: np.ndarray, candidate: np.ndarray, *,
+               more: np.ndarray | None = None) -> np.ndarray:
+    """The late duplicates left unmerged: ``candidate`` pages (they took their content
+    while KSM ran, and hold still) whose content (``ids``, >= 0; negative: held by no other
+    page) fewer than two ``steady`` pages hold, counting ``more`` steady pages elsewhere per
+    content id."""
+    size = int(ids.max()) + 1 if len(ids) else 1
+    held = np.bincount(ids[steady & (ids >= 0)], minlength=size)
+    if more is not None:
+        held[: len(more)] += more
+    out: np.ndarray = candidate & (ids >= 0) & (held[np.maximum(ids, 0)] < 2)
+    return out
+
+
 def steady_view(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
                 labels: Sequence[np.ndarray], churn: Churn, *, hold_seconds: float,
                 smart_scan: bool) -> tuple[list[Fingerprints], list[np.ndarray], int]:
@@ -376,23 +417,21 @@ def steady_view(prints: Sequence[Fingerprints], masks: Sequence[ScanMask],
     """
     from .hashing.stage2 import UNIQUE, ZERO
 
-    moving = [r * hold_seconds > 1 for r in churn.rate]
+    moving = [too_fast(r, hold_seconds) for r in churn.rate]
     late = 0
     if smart_scan:
-        steady = np.concatenate([lab[mk.scanned & ~m & ~a] for lab, mk, m, a in
-                                 zip(labels, masks, moving, churn.aged, strict=True)])
-        classes = steady[steady >= 0]
-        joinable = np.bincount(classes, minlength=int(max((int(x.max()) for x in labels
-                                                            if len(x)), default=0)) + 1) >= 2
-        zero_joinable = int(np.count_nonzero(steady == ZERO)) >= 2
-        for k, (lab, m, a) in enumerate(zip(labels, moving, churn.aged, strict=True)):
-            candidates = a & ~m
-            dup = candidates & (lab >= 0)
-            no_partner = np.zeros(len(lab), bool)
-            no_partner[dup] = ~joinable[lab[dup]]
-            no_partner |= candidates & (lab == ZERO) & (not zero_joinable)
-            late += int(np.count_nonzero(no_partner))
-            moving[k] = m | no_partner
+        # One id space: the classes, then the all-zero page; a unique page has none (-1).
+        zero = max((int(x.max()) for x in labels if len(x)), default=0) + 1
+        ids = [np.where(lab == ZERO, zero, np.where(lab >= 0, lab, -1)) for lab in labels]
+        cuts = np.cumsum([len(lab) for lab in labels])[:-1]
+        lost = np.split(no_partner(
+            np.concatenate(ids),
+            np.concatenate([mk.scanned & ~m & ~a for mk, m, a in
+                            zip(masks, moving, churn.aged, strict=True)]),
+            np.concatenate([a & ~m for m, a in zip(moving, churn.aged, strict=True)])), cuts)
+        for k, no in enumerate(lost):
+            late += int(np.count_nonzero(no))
+            moving[k] = moving[k] | no
     out_prints, out_labels = [], []
     for fp, lab, m in zip(prints, labels, moving, strict=True):
         if not m.any():

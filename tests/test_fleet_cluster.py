@@ -321,3 +321,26 @@ def test_out_of_core_on_the_cluster_refuses_as_the_client_does(cluster, fleet, t
     assert lines[0] == lines[1] == (f"Error: {files[0]} is given twice (inputs 1 and 7): "
                                     "each input is one guest or process; to model two "
                                     "identical guests, give a copy")
+
+
+def test_series_aggregate_on_the_workers_as_on_the_client(cluster, tmp_path, monkeypatch):
+    """Samples over time out of core with --scheduler: a task reads a series' samples
+    together (two series and inputs seen once, interleaved; one file holds a sample and
+    another input): the scan of the local out-of-core path (and so of the in-memory one:
+    tests/test_series_out_of_core.py), stability table included."""
+    from test_series_out_of_core import RAN, _files, _host
+
+    address, _ = cluster
+    files = [str(f) for f in _files(tmp_path / "fp", _host(1.0, "xgqc"), RAN)]
+    _out_of_core(monkeypatch, 4)
+    local = _scan_json(files, "--memory-limit", "1MiB")
+    got = _scan_json(files, "--memory-limit", "1MiB", "--scheduler", address)
+    notes = []
+    for s in (got, local):
+        for timing in ("stage1_seconds", "stage2_seconds"):
+            assert s["stages"].pop(timing) >= 0
+        notes.append(s["warnings"].pop(0))
+    assert got == local
+    assert "in 16 parts" in notes[0] and "in 4 parts" in notes[1]  # at least 16 on a cluster
+    assert [r["input"] for r in got["per_input"]] == ["a", "b", "c", "d"]
+    assert len(got["stability"]) == 2 and "if_memory_stood_still" in got["host"]["pages_sharing"]

@@ -219,18 +219,32 @@ def test_a_limit_too_small_for_one_file_is_one_line(tmp_path):
                     "bytes)")
 
 
-def test_samples_over_time_are_refused_out_of_core(tmp_path):
-    """Recorded samples of one guest, or inputs --samples makes samples of one input."""
-    files = list(map(str, _synthetic(tmp_path / "fp", 32, 2048, 1, identity="vm-1")))
+def test_given_samples_are_refused_out_of_core(tmp_path):
+    """Inputs --samples makes samples of one input (recorded samples aggregate:
+    tests/test_series_out_of_core.py)."""
     plain = list(map(str, _synthetic(tmp_path / "plain", 32, 2048, 1)))
-    for inputs, extra, where in ((files, [], "guest-0001"),
-                                 (plain, ["--samples", "vm=guest-*"], "--samples")):
-        out = runner.invoke(app, ["scan", *inputs, "--memory-limit", "4MiB", "-q", *extra])
-        assert out.exit_code == 2
-        (line,) = out.output.strip().splitlines()
-        assert line == (f"Error: {where}: samples of one input over time are not aggregated "
-                        "out of core yet; give a --memory-limit large enough to analyse them "
-                        "in memory, or analyse each series on its own")
+    out = runner.invoke(app, ["scan", *plain, "--memory-limit", "4MiB", "-q", "--samples",
+                              "vm=guest-*"])
+    assert out.exit_code == 2
+    (line,) = out.output.strip().splitlines()
+    assert line == ("Error: --samples: samples of one input over time are not aggregated "
+                    "out of core yet; give a --memory-limit large enough to analyse them "
+                    "in memory, or analyse each series on its own")
+
+
+def test_a_series_larger_than_the_limit_is_one_line(tmp_path):
+    """A series' samples are read together: the limit must hold the largest series."""
+    files = list(map(str, _synthetic(tmp_path / "fp", 32, 2048, 1, identity="vm-1")))
+    out = runner.invoke(app, ["scan", *files, "--memory-limit", "4MiB", "-q"])
+    assert out.exit_code == 2
+    (line,) = out.output.strip().splitlines()
+    # 1 MiB + 32 inputs x 6 KiB + 65,536 pages x 160 (the series, read together) + 65,536
+    # x 20 (the result) + 65,536 x 140 / 4,096 (a partition at the most partitions).
+    least = (1 << 20) + 32 * 6144 + 65536 * 160 + 65536 * 20 + 65536 * 140 // 4096
+    assert least == 13_043_904
+    assert line == ("Error: --memory-limit 4 MiB is too small for these 32 fingerprint files "
+                    "(65,536 pages, the largest series (its samples are read together) "
+                    "65,536): give at least 12.4 MiB (13,043,904 bytes)")
 
 
 AGGREGATE_1000 = """

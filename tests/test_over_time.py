@@ -214,10 +214,11 @@ def _seen_once(folder, pages, name):
 
 
 def test_a_series_steady_view_depends_on_the_other_inputs_of_its_host(tmp_path):
-    """Why samples over time are refused out of core rather than reduced one series at a
-    time (fleet/aggregate.py, SERIES_REFUSED): what KSM keeps of a series, and its stability
-    row, change with pages of inputs that are not its samples. A per-series reduction would
-    give the "alone" figures below on the host with the other input too."""
+    """Why samples over time are not reduced one series at a time out of core, but in two
+    levels (fleet/aggregate.py, SeriesRules; out of core: tests/test_series_out_of_core.py):
+    what KSM keeps of a series, and its stability row, change with pages of inputs that are
+    not its samples. A per-series reduction would give the "alone" figures below on the
+    host with the other input too."""
     # Pages 0-1 change in 1 of 2 intervals, to "g", and hold still after; 2-3 hold still.
     series = ("pqcd", "ggcd", "ggcd")
     # 1. smart_scan with KSM running: pages 0-1 are late duplicates, joinable only if the

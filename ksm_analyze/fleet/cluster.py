@@ -44,6 +44,7 @@ import numpy as np
 from ..content_table import ContentTable
 from ..eligibility import Scope
 from ..errors import InputError, KsmAnalyzeError
+from ..ksm import KsmSettings
 from ..options import DEFAULT_OPTIONS, ProgressCallback
 from . import aggregate as _aggregate
 from . import combine as _combine
@@ -119,19 +120,24 @@ def aggregate_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: 
                          scope: Scope, page_size: int, prefix_bytes: int, partitions: int,
                          check_guest: Callable[[str, dict[str, Any] | None], None] | None = None,
                          tasks: ProgressCallback | None = None,
-                         files_per_task: int | None = None) -> _aggregate.Aggregate:
+                         files_per_task: int | None = None,
+                         ksm: KsmSettings | None = None) -> _aggregate.Aggregate:
     """:func:`~.aggregate.aggregate` of fingerprint files ``files`` with its steps
     (:func:`~.aggregate.read_files`, :func:`~.aggregate.count_part`) run as tasks on the
     Dask cluster ``scheduler``; the same :class:`~.aggregate.Aggregate`. The client receives
     each file's :class:`~.aggregate.FileRead` (its inputs' rows and metadata: it checks
     them in file order, :class:`~.aggregate.Taken`) and each partition's counts; the pieces
     go from worker to worker. Arguments and errors as :func:`combine_on_cluster` and
-    :func:`~.aggregate.aggregate` (``tasks`` in place of ``progress``)."""
+    :func:`~.aggregate.aggregate` (``tasks`` in place of ``progress``). Samples over time:
+    a task reads whole units of files (:func:`~.aggregate.series_units`: a series' samples
+    together), and the partitions are counted under the host's rules
+    (:meth:`~.aggregate.Taken.rules`)."""
     import time
 
     _combine._check_partitions(partitions)
     started = time.perf_counter()
-    taken = _aggregate.Taken(check_guest)
+    units = _aggregate.series_units(files) if files else None
+    taken = _aggregate.Taken(check_guest, None if units is None else files)
     read_at = started
 
     def take(head: tuple[list[_aggregate.FileRead], Exception | None]) -> int:
@@ -144,9 +150,11 @@ def aggregate_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: 
     if files:
         counted = _run(files, scheduler=scheduler, partitions=partitions,
                        read=partial(_aggregate_files_task, scope=scope, page_size=page_size,
-                                    prefix_bytes=prefix_bytes, partitions=partitions),
+                                    prefix_bytes=prefix_bytes, partitions=partitions,
+                                    over_time=units is not None),
                        take=take, count=_aggregate_partition_task, tasks=tasks,
-                       files_per_task=files_per_task)
+                       files_per_task=files_per_task, units=units,
+                       rules=lambda: (taken.rules(ksm or KsmSettings()),))
     else:
         counted = [_aggregate.count_part([], [], 0) for _ in range(partitions)]
     return taken.result(counted, page_size=page_size, read_seconds=read_at - started,
@@ -155,13 +163,18 @@ def aggregate_on_cluster(files: Sequence[str | os.PathLike[str]], *, scheduler: 
 
 def _run(files: Sequence[str | os.PathLike[str]], *, scheduler: str, partitions: int,
          read: Callable[[Sequence[str]], tuple[Any, list[Any]]], take: Callable[[Any], int],
-         count: Callable[[Sequence[Any], np.ndarray, int], Any],
-         tasks: ProgressCallback | None, files_per_task: int | None) -> list[Any]:
+         count: Callable[..., Any],
+         tasks: ProgressCallback | None, files_per_task: int | None,
+         units: Sequence[Sequence[int]] | None = None,
+         rules: Callable[[], tuple[Any, ...]] = tuple) -> list[Any]:
     """The Dask executor of both: ``read`` (a run of files -> what goes to the client, and
-    one piece per partition, inputs numbered from 0) as a task per run of files, its pieces
-    kept on the workers; ``take`` on the client, of each run's head in file order (the
-    inputs it holds: the offsets of the next runs' input numbers); then ``count`` (pieces,
-    offsets, inputs) as a task per partition. Returns the partitions' counts, in order."""
+    one piece per partition, inputs numbered from 0) as a task per run of files (of whole
+    ``units`` of file numbers, if given, each unit's files together), its pieces kept on
+    the workers; ``take`` on the client, of
+    each run's head in file order (the inputs it holds: the offsets of the next runs' input
+    numbers); then ``count`` (pieces, offsets, inputs, and what ``rules`` returns once
+    every head is taken) as a task per partition. Returns the partitions' counts, in
+    order."""
     if files_per_task is not None and files_per_task < 1:
         raise ValueError(f"files_per_task must be at least 1, not {files_per_task}")
     paths = [os.path.abspath(os.fspath(f)) for f in files]
@@ -170,13 +183,15 @@ def _run(files: Sequence[str | os.PathLike[str]], *, scheduler: str, partitions:
         workers = client.scheduler_info().get("workers", {})
         limits = [w.get("memory_limit") or 0 for w in workers.values()]
         most_bytes = min([GROUP_BYTES] + [limit // GROUP_SHARE for limit in limits if limit])
-        groups = _groups(paths, files_per_task or -(-len(paths) // (TASKS_PER_WORKER
-                                                                   * max(len(workers), 1))),
-                         most_bytes)
-        total = len(groups) + partitions
+        whole = units if units is not None else [[f] for f in range(len(paths))]
+        most = files_per_task or -(-len(whole) // (TASKS_PER_WORKER * max(len(workers), 1)))
+        runs = [[paths[f] for u in run for f in whole[int(u)]] for run in _groups(
+            [str(u) for u in range(len(whole))], most, most_bytes,
+            [sum(_size(paths[f], most_bytes) for f in unit) for unit in whole])]
+        total = len(runs) + partitions
         heads, pieces = [], []
         named: dict[str, str] = {}  # a task that kept dying: its first file
-        for g, group in enumerate(groups):
+        for g, group in enumerate(runs):
             whole = client.submit(read, group, pure=False, key=f"ksm-files-{run}-{g}",
                                   retries=sources.TASK_RETRIES)
             heads.append(client.submit(_head, whole, key=f"ksm-rows-{run}-{g}"))
@@ -188,7 +203,7 @@ def _run(files: Sequence[str | os.PathLike[str]], *, scheduler: str, partitions:
             tasks(0, total)
         number = {h.key: g for g, h in enumerate(heads)}
         got: dict[int, Any] = {}
-        offsets = np.zeros(len(groups), np.uint32)
+        offsets = np.zeros(len(runs), np.uint32)
         ninputs = after = 0  # after: the runs taken so far, in file order
         for done, (future, head) in enumerate(_finished(client, heads, scheduler, named), 1):
             got[number[future.key]] = head
@@ -200,15 +215,16 @@ def _run(files: Sequence[str | os.PathLike[str]], *, scheduler: str, partitions:
             if tasks is not None:
                 tasks(done, total)
         del heads
+        extra = rules()
         counting = [client.submit(count, [of_group[p] for of_group in pieces],
-                                  offsets, ninputs, key=f"ksm-partition-{run}-{p}",
+                                  offsets, ninputs, *extra, key=f"ksm-partition-{run}-{p}",
                                   pure=False, retries=sources.TASK_RETRIES)
                     for p in range(partitions)]
         del pieces  # held by the partition tasks now; freed as they finish
         number = {c.key: p for p, c in enumerate(counting)}
         counts: list[Any] = [None] * partitions
         for done, (future, c) in enumerate(_finished(client, counting, scheduler, named),
-                                           len(groups) + 1):
+                                           len(runs) + 1):
             counts[number[future.key]] = c
             del c
             if tasks is not None:
@@ -216,18 +232,23 @@ def _run(files: Sequence[str | os.PathLike[str]], *, scheduler: str, partitions:
     return counts
 
 
-def _groups(paths: Sequence[str], most: int, most_bytes: int = GROUP_BYTES
-            ) -> list[list[str]]:
+def _size(path: str, most_bytes: int = GROUP_BYTES) -> int:
+    """Bytes of ``path`` on disk (not readable here: ``most_bytes``)."""
+    try:
+        return os.path.getsize(path) if sources.readable_here(path) else most_bytes
+    except OSError:
+        return most_bytes
+
+
+def _groups(paths: Sequence[str], most: int, most_bytes: int = GROUP_BYTES,
+            sizes: Sequence[int] | None = None) -> list[list[str]]:
     """``paths`` cut into runs of consecutive files, each one task's: at most ``most``
     files, and no more than ``most_bytes`` on disk past its first file (a file not
-    readable here counts as that much)."""
+    readable here counts as that much; ``sizes``: the paths' sizes, if known)."""
     groups: list[list[str]] = []
     size = 0
-    for path in paths:
-        try:
-            mine = os.path.getsize(path) if sources.readable_here(path) else most_bytes
-        except OSError:
-            mine = most_bytes
+    for k, path in enumerate(paths):
+        mine = sizes[k] if sizes is not None else _size(path, most_bytes)
         if groups and len(groups[-1]) < most and size + mine <= most_bytes:
             groups[-1].append(path)
             size += mine
@@ -281,14 +302,14 @@ def _files_task(paths: Sequence[str], scope: Scope, partitions: int
 
 
 def _aggregate_files_task(paths: Sequence[str], *, scope: Scope, page_size: int,
-                          prefix_bytes: int, partitions: int
+                          prefix_bytes: int, partitions: int, over_time: bool = False
                           ) -> tuple[tuple[list[_aggregate.FileRead], Exception | None],
                                      list[tuple[np.ndarray, np.ndarray]]]:
     """:func:`aggregate_on_cluster`'s files task: :func:`~.aggregate.read_files` on a worker
     (a damaged file's error names the worker)."""
     reads, pieces, stats, error = _aggregate.read_files(
         paths, scope=scope, page_size=page_size, prefix_bytes=prefix_bytes,
-        partitions=partitions)
+        partitions=partitions, over_time=over_time)
     if isinstance(error, KsmAnalyzeError):
         from distributed import get_worker
 
@@ -323,16 +344,20 @@ def _partition_task(pieces: Sequence[np.ndarray], offsets: np.ndarray, ninputs: 
 
 
 def _aggregate_partition_task(pieces: Sequence[tuple[np.ndarray, np.ndarray]],
-                              offsets: np.ndarray, ninputs: int
-                              ) -> tuple[_combine.PartitionCounts, tuple[int, int, int]]:
+                              offsets: np.ndarray, ninputs: int,
+                              rules: _aggregate.SeriesRules | None = None
+                              ) -> tuple[_combine.PartitionCounts, tuple[int, int, int],
+                                         _aggregate.SeriesCounts | None]:
     """:func:`aggregate_on_cluster`'s partition task: :func:`~.aggregate.count_part`."""
     spill = _renumbered([rows for rows, _ in pieces], offsets)
-    return _aggregate.count_part([spill], [stats for _, stats in pieces], ninputs)
+    return _aggregate.count_part([spill], [stats for _, stats in pieces], ninputs, rules)
 
 
 def _joined(pieces: Sequence[np.ndarray]) -> np.ndarray:
-    """The :data:`~.combine.SPILL` records of ``pieces`` in one new array."""
-    out = np.empty(sum(len(piece) for piece in pieces), _combine.SPILL)
+    """The records of ``pieces`` (:data:`~.combine.SPILL`, or :data:`~.aggregate.SERIES`)
+    in one new array."""
+    out = np.empty(sum(len(piece) for piece in pieces),
+                   pieces[0].dtype if pieces else _combine.SPILL)
     at = 0
     for piece in pieces:
         out[at : at + len(piece)] = piece

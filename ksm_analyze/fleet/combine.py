@@ -36,8 +36,8 @@ from ..options import DEFAULT_OPTIONS
 from ..pages import PAGE_SIZE
 from . import fingerprint_files
 
-__all__ = ["SPILL", "PartitionCounts", "assemble", "combine", "count_partition", "file_pieces",
-           "prints_pieces"]
+__all__ = ["SPILL", "PartitionCounts", "assemble", "combine", "count_partition", "cut",
+           "file_pieces", "prints_pieces"]
 
 SPILL = np.dtype([("lo", "<u8"), ("hi", "<u8"), ("input", "<u4")])
 """One scanned non-zero page in a partition: its 128-bit content hash and its input."""
@@ -115,7 +115,6 @@ def prints_pieces(prints: Sequence[Fingerprints], *, path: str | os.PathLike[str
         InputError: an input carries no content hashes.
     """
     _check_partitions(partitions)
-    shift = np.uint64(64 - (partitions.bit_length() - 1)) if partitions > 1 else None
     rows: list[dict[str, Any]] = []
     parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
     page_size = PAGE_SIZE
@@ -129,17 +128,24 @@ def prints_pieces(prints: Sequence[Fingerprints], *, path: str | os.PathLike[str
         spill = np.empty(int(np.count_nonzero(scanned)), SPILL)
         spill["lo"], spill["hi"] = fp.content[scanned, 0], fp.content[scanned, 1]
         spill["input"] = first_input + len(rows)
-        part = (spill["lo"] >> shift).astype(np.int64) if shift is not None else (
-            np.zeros(len(spill), np.int64))
-        order = np.argsort(part, kind="stable")
-        cuts = np.searchsorted(part[order], np.arange(partitions + 1))
-        for p in range(partitions):
-            parts[p].append(spill[order[cuts[p]:cuts[p + 1]]])
+        for part, piece in zip(parts, cut(spill, partitions), strict=True):
+            part.append(piece)
         rows.append(input_row(fp, mask, unique_pages=0))  # counted by count_partition
-        del spill, part, order
+        del spill
     pieces = [ps[0] if len(ps) == 1 else np.concatenate(ps) if ps else np.empty(0, SPILL)
               for ps in parts]
     return rows, pieces, page_size
+
+
+def cut(records: np.ndarray, partitions: int) -> list[np.ndarray]:
+    """``records`` (any dtype with a ``lo`` field: the content hash's low half) in
+    ``partitions`` pieces by the top bits of ``lo``, each in the records' order."""
+    if partitions == 1:
+        return [records]
+    part = (records["lo"] >> np.uint64(64 - (partitions.bit_length() - 1))).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    cuts = np.searchsorted(part[order], np.arange(partitions + 1))
+    return [records[order[cuts[p]:cuts[p + 1]]] for p in range(partitions)]
 
 
 @dataclass(frozen=True)
