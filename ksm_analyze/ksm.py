@@ -120,7 +120,7 @@ class KsmCounters:
         return asdict(self)
 
 
-ROWS_AT_ONCE = 1 << 20
+ROWS_AT_ONCE = 1 << 18
 """Sparse rows of the core table taken at a time by the passes over all of them (per-input
 sums, pairwise groups): their temporaries are a few arrays of this length, not of the
 table's (tens of bytes a row over millions of rows)."""

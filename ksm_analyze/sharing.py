@@ -258,7 +258,9 @@ def _groups(table: ContentTable, max_page_sharing: int
     """
     content, owner, pages, mps = table.content, table.owner, table.pages, max_page_sharing
     # Per content held by two or more inputs: its first row, rows, whether some input holds
-    # over half a KSM page, and two digests of its (input, s) rows: a chunk of rows at a time.
+    # over half a KSM page, and a digest of its rows and (input, s) rows: a chunk of rows at
+    # a time. One 64-bit digest (the check below splits what collides): a few words a
+    # content, where a sort of rows of three was ~130 bytes.
     parts: list[tuple[np.ndarray, ...]] = []
     for lo, hi in content_chunks(content):
         c = content[lo:hi]
@@ -270,19 +272,16 @@ def _groups(table: ContentTable, max_page_sharing: int
         key = owner[lo:hi].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ s.astype(
             np.uint64)
         shared = length >= 2  # a content of one input pairs with none
-        parts.append((start[shared] + lo, length[shared], over[shared],
-                      *(np.add.reduceat(_mix(key * np.uint64(k)), start)[shared]
-                        for k in (1, 3))))
-        del c, s, key
+        digest = np.add.reduceat(_mix(key), start) + _mix(length.astype(np.uint64) * np.uint64(3))
+        parts.append((start[shared] + lo, length[shared], over[shared], digest[shared]))
+        del c, s, key, digest
     if not parts or not sum(len(p[0]) for p in parts):
         empty = np.empty(0, np.int64)
         return empty, empty, empty, empty, empty
-    start, length, over, *digests = (np.concatenate([p[i] for p in parts]) for i in range(5))
+    start, length, over, digest = (np.concatenate([p[i] for p in parts]) for i in range(4))
     del parts
-    _, rep, group = np.unique(np.stack([length.astype(np.uint64), *digests], axis=1),
-                              axis=0, return_index=True, return_inverse=True)
-    group = group.ravel()
-    del digests
+    _, rep, group = np.unique(digest, return_index=True, return_inverse=True)
+    del digest
 
     def s_of(rows: np.ndarray, is_over: np.ndarray) -> np.ndarray:
         return np.where(is_over, (pages[rows] - 1) % mps + 1, 0)
@@ -291,12 +290,14 @@ def _groups(table: ContentTable, max_page_sharing: int
     ends = np.cumsum(length)
     lone_parts = []
     for lo, hi in _content_runs(ends):
-        size, rank = length[lo:hi], _ranks(length[lo:hi])
+        size, rank, first = length[lo:hi], _ranks(length[lo:hi]), rep[group[lo:hi]]
         mine = np.repeat(start[lo:hi], size) + rank
-        theirs = np.repeat(start[rep[group[lo:hi]]], size) + rank
+        # (rows past the table's end of a first content of fewer rows: it differs anyway)
+        theirs = np.minimum(np.repeat(start[first], size) + rank, len(owner) - 1)
         differs = (owner[mine] != owner[theirs]) | (
             s_of(mine, np.repeat(over[lo:hi], size))
-            != s_of(theirs, np.repeat(over[rep[group[lo:hi]]], size)))
+            != s_of(theirs, np.repeat(over[first], size)))
+        differs |= np.repeat(size != length[first], size)
         lone_parts.append(np.unique(np.repeat(np.arange(lo, hi), size)[differs]))
     lone = np.concatenate(lone_parts)  # digest collisions
     group[lone] = len(rep) + np.arange(len(lone))
