@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import PS, SAMPLES
 
-from ksm_analyze import ContentTable, KsmSettings, analyze
+from ksm_analyze import ContentTable, KsmSettings, analyze, summary
 from ksm_analyze.columns import Columns
 
 
@@ -105,3 +105,10 @@ def test_per_input_columns_summed_a_few_rows_at_a_time(monkeypatch, rows_at_once
     # content of k * 2 + 1 copies, one stays unmerged: the last input's (content 0: 4
     # copies; 1: 2; 2: 7 -> input c; 3: 4).
     assert got["ksm_merging_pages"].tolist() == [3 + 1, 1 + 2 + 1, 5 + 4 - 1]
+    # The histogram, summed a few contents at a time: copies 4, 2, 7, 4 and 3 seen once;
+    # after merging (2 a KSM page) 2, 1, 3 + 1, 2 and 3.
+    monkeypatch.setattr(summary, "ROWS_AT_ONCE", min(rows_at_once, 1 << 18))
+    hist = summary._histogram(table, KsmSettings(max_page_sharing=2))
+    assert {k: v.tolist() for k, v in hist.data.items() if k.startswith(("c", "p"))} == {
+        "copies": [1, 2, 4], "contents": [3, 1, 3], "pages_referenced": [3, 2, 4 + 7 + 4],
+        "pages_after_merging": [3, 1, 2 + 4 + 2]}
