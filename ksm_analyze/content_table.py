@@ -31,7 +31,14 @@ from .columns import Columns
 from .eligibility import ScanMask
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import UNIQUE, ContentClasses
-from .ksm import KsmCounters, KsmSettings, merged_pages, predict, predict_processes
+from .ksm import (
+    KsmCounters,
+    KsmSettings,
+    content_chunks,
+    merged_pages,
+    predict,
+    predict_processes,
+)
 from .pages import PAGE_SIZE, PageState
 
 if TYPE_CHECKING:
@@ -152,8 +159,12 @@ class ContentTable:
 
     def nonzero_pages(self) -> np.ndarray:
         """Scanned non-zero pages per input, duplicated or not."""
-        held = np.bincount(self.owner, weights=self.pages, minlength=len(self.input_columns))
-        return self.column("unique_pages") + held.astype(np.int64)
+        n = len(self.input_columns)
+        held = self.column("unique_pages").copy()  # summed into: not the column itself
+        for lo, hi in content_chunks(self.content):  # no float temporary of every row
+            held += np.bincount(self.owner[lo:hi], weights=self.pages[lo:hi],
+                                minlength=n).astype(np.int64)
+        return held
 
     def per_input_columns(self, settings: KsmSettings) -> Columns:
         """Per input: scanned pages, distinct contents, self-sharing and ``ksm_stat``.
@@ -164,16 +175,20 @@ class ContentTable:
         """
         n = len(self.input_columns)
         nonzero = self.nonzero_pages()
-        ksm, unshared = merged_pages(self.pages, settings.max_page_sharing)
-        self_saved = np.bincount(self.owner, weights=self.pages - ksm - unshared, minlength=n)
+        self_saved, distinct = np.zeros(n, np.int64), self.column("unique_pages").copy()
+        for lo, hi in content_chunks(self.content):
+            owner, pages = self.owner[lo:hi], self.pages[lo:hi]
+            ksm, unshared = merged_pages(pages, settings.max_page_sharing)
+            self_saved += np.bincount(owner, weights=pages - ksm - unshared,
+                                      minlength=n).astype(np.int64)
+            distinct += np.bincount(owner, minlength=n)
         stat = predict_processes(self.content, self.owner, self.pages, nonzero,
                                  self.column("zero_pages"), settings,
                                  domain=self.column("domain"))
         return Columns({
             "nonzero_pages": nonzero,
-            "distinct_contents": self.column("unique_pages") + np.bincount(self.owner,
-                                                                           minlength=n),
-            "self_sharing_pages": self_saved.astype(np.int64),
+            "distinct_contents": distinct,
+            "self_sharing_pages": self_saved,
             **stat,
         })
 

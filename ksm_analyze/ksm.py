@@ -21,6 +21,7 @@ Definitions follow ``Documentation/admin-guide/mm/ksm.rst`` and ``mm/ksm.c`` (no
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -119,6 +120,28 @@ class KsmCounters:
         return asdict(self)
 
 
+ROWS_AT_ONCE = 1 << 18
+"""Sparse rows of the core table taken at a time by the passes over all of them (per-input
+sums, pairwise groups): their temporaries are a few arrays of this length, not of the
+table's (tens of bytes a row over millions of rows)."""
+
+
+def content_chunks(content: np.ndarray, size: int | None = None
+                   ) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)`` row ranges of sorted ``content`` of about ``size`` rows each (default
+    :data:`ROWS_AT_ONCE`), never cutting a content's rows apart (a content of more rows is
+    one range of its own)."""
+    size = size or ROWS_AT_ONCE
+    lo, n = 0, len(content)
+    while lo < n:
+        hi = min(n, lo + size)
+        if hi < n:
+            cut = int(np.searchsorted(content, content[hi], side="left"))
+            hi = cut if cut > lo else int(np.searchsorted(content, content[hi], side="right"))
+        yield lo, hi
+        lo = hi
+
+
 def merged_pages(copies: np.ndarray, max_page_sharing: int) -> tuple[np.ndarray, np.ndarray]:
     """For contents seen ``copies`` times each, the KSM pages and the unmerged leftovers.
 
@@ -207,14 +230,17 @@ def predict_processes(
     scan order: it is charged here to the last input holding the content.
     """
     mps, n_inputs = settings.max_page_sharing, len(nonzero_pages)
-    first = np.ones(len(content), bool)
-    first[1:] = content[1:] != content[:-1]
-    group = np.cumsum(first) - 1
-    copies = np.bincount(group, weights=pages).astype(np.int64)[group]  # per row, host-wide
-    last = np.append(first[1:], True)[: len(content)]
-    leftover = last & (copies % mps == 1) & (copies > 1)
-    merging = np.bincount(owner, weights=pages * (copies >= 2) - leftover,
-                          minlength=n_inputs).astype(np.int64)
+    merging = np.zeros(n_inputs, np.int64)
+    for lo, hi in content_chunks(content):  # a content's rows are never cut apart
+        c, o, p = content[lo:hi], owner[lo:hi], pages[lo:hi]
+        first = np.ones(len(c), bool)
+        first[1:] = c[1:] != c[:-1]
+        group = np.cumsum(first) - 1
+        copies = np.bincount(group, weights=p).astype(np.int64)[group]  # per row, host-wide
+        last = np.append(first[1:], True)[: len(c)]
+        leftover = last & (copies % mps == 1) & (copies > 1)
+        merging += np.bincount(o, weights=p * (copies >= 2) - leftover,
+                               minlength=n_inputs).astype(np.int64)
     zero_pages = np.asarray(zero_pages, np.int64)
     nonzero_pages = np.asarray(nonzero_pages, np.int64)
     if settings.use_zero_pages:

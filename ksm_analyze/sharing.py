@@ -33,6 +33,7 @@ from .eligibility import ScanMask, Scope, excluded_by
 from .formats.base import DumpReader
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import UNIQUE, ZERO, ContentClasses
+from .ksm import ROWS_AT_ONCE, content_chunks
 from .pages import PageState
 from .units import human_bytes, short_names
 
@@ -255,39 +256,74 @@ def _groups(table: ContentTable, max_page_sharing: int
         ``pages`` (summed over the group's contents), ``weight`` (the group's contents),
         ``first`` (the group's first row).
     """
-    content, owner, pages = table.content, table.owner.astype(np.int64), table.pages
-    start = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
-        np.empty(0, np.int64)
-    length = np.diff(np.append(start, len(content)))
-    shared = np.repeat(length >= 2, length)  # a content of one input pairs with none
-    content, owner, pages = content[shared], owner[shared], pages[shared]
-    start = np.flatnonzero(np.r_[True, content[1:] != content[:-1]]) if len(content) else \
-        np.empty(0, np.int64)
-    if not len(content):
+    content, owner, pages, mps = table.content, table.owner, table.pages, max_page_sharing
+    # Per content held by two or more inputs: its first row, rows, whether some input holds
+    # over half a KSM page, and a digest of its rows and (input, s) rows: a chunk of rows at
+    # a time. One 64-bit digest (the check below splits what collides): a few words a
+    # content, where a sort of rows of three was ~130 bytes.
+    parts: list[tuple[np.ndarray, ...]] = []
+    for lo, hi in content_chunks(content):
+        c = content[lo:hi]
+        start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        length = np.diff(np.append(start, len(c)))
+        s = (pages[lo:hi] - 1) % mps + 1
+        over = np.maximum.reduceat(2 * s > mps, start)
+        s = np.where(np.repeat(over, length), s, 0)
+        key = owner[lo:hi].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ s.astype(
+            np.uint64)
+        shared = length >= 2  # a content of one input pairs with none
+        digest = np.add.reduceat(_mix(key), start) + _mix(length.astype(np.uint64) * np.uint64(3))
+        parts.append((start[shared] + lo, length[shared], over[shared], digest[shared]))
+        del c, s, key, digest
+    if not parts or not sum(len(p[0]) for p in parts):
         empty = np.empty(0, np.int64)
         return empty, empty, empty, empty, empty
-    length = np.diff(np.append(start, len(content)))
-    s = (pages - 1) % max_page_sharing + 1
-    over = np.maximum.reduceat(2 * s > max_page_sharing, start)
-    s = np.where(np.repeat(over, length), s, 0)
-    key = owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ s.astype(np.uint64)
-    digests = [np.add.reduceat(_mix(key * np.uint64(k)), start) for k in (1, 3)]
-    _, rep, group = np.unique(np.stack([length.astype(np.uint64), *digests], axis=1),
-                              axis=0, return_index=True, return_inverse=True)
-    group = group.ravel()
-    rank = _ranks(length)
-    theirs = np.repeat(start[rep[group]], length) + rank
-    differs = (owner != owner[theirs]) | (s != s[theirs])
-    lone = np.unique(np.repeat(np.arange(len(start)), length)[differs])  # digest collisions
+    start, length, over, digest = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    del parts
+    _, rep, group = np.unique(digest, return_index=True, return_inverse=True)
+    del digest
+
+    def s_of(rows: np.ndarray, is_over: np.ndarray) -> np.ndarray:
+        return np.where(is_over, (pages[rows] - 1) % mps + 1, 0)
+
+    # Exact: each content's rows against its group's first content's, contents in chunks.
+    ends = np.cumsum(length)
+    lone_parts = []
+    for lo, hi in _content_runs(ends):
+        size, rank, first = length[lo:hi], _ranks(length[lo:hi]), rep[group[lo:hi]]
+        mine = np.repeat(start[lo:hi], size) + rank
+        # (rows past the table's end of a first content of fewer rows: it differs anyway)
+        theirs = np.minimum(np.repeat(start[first], size) + rank, len(owner) - 1)
+        differs = (owner[mine] != owner[theirs]) | (
+            s_of(mine, np.repeat(over[lo:hi], size))
+            != s_of(theirs, np.repeat(over[first], size)))
+        differs |= np.repeat(size != length[first], size)
+        lone_parts.append(np.unique(np.repeat(np.arange(lo, hi), size)[differs]))
+    lone = np.concatenate(lone_parts)  # digest collisions
     group[lone] = len(rep) + np.arange(len(lone))
     rep = np.concatenate([rep, lone])
     weight = np.bincount(group, minlength=len(rep))
     size = length[rep]
     at = np.cumsum(size) - size  # each group's first row
     rows = np.repeat(start[rep], size) + _ranks(size)
-    summed = np.bincount(np.repeat(at[group], length) + rank, weights=pages,
-                         minlength=len(rows)).astype(np.int64)
-    return (owner[rows], s[rows], summed, np.repeat(weight, size), np.repeat(at, size))
+    summed = np.zeros(len(rows), np.int64)
+    for lo, hi in _content_runs(ends):
+        rank = _ranks(length[lo:hi])
+        np.add.at(summed, np.repeat(at[group[lo:hi]], length[lo:hi]) + rank,
+                  pages[np.repeat(start[lo:hi], length[lo:hi]) + rank])
+    return (owner[rows].astype(np.int64), s_of(rows, np.repeat(over[rep], size)), summed,
+            np.repeat(weight, size), np.repeat(at, size))
+
+
+def _content_runs(ends: np.ndarray) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)`` runs of contents of about :data:`~.ksm.ROWS_AT_ONCE` rows in all
+    (``ends``: each content's last row + 1, counted over the contents)."""
+    lo = 0
+    while lo < len(ends):
+        base = int(ends[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, base + ROWS_AT_ONCE, side="right")))
+        yield lo, hi
+        lo = hi
 
 
 def _pair_blocks(table: ContentTable, n: int, max_page_sharing: int

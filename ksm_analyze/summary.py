@@ -24,6 +24,7 @@ from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import StageStats
 from .ksm import (
     KSM_STAT_FIELDS,
+    ROWS_AT_ONCE,
     KsmCounters,
     KsmSettings,
     memory_after,
@@ -127,35 +128,38 @@ def _savings(
 
 
 def _histogram(table: ContentTable, settings: KsmSettings) -> Columns:
-    """zdb -S style: contents bucketed by the highest power of two not above their copies."""
+    """zdb -S style: contents bucketed by the highest power of two not above their copies.
+
+    Summed into 64 buckets a chunk of contents at a time (:data:`~.ksm.ROWS_AT_ONCE`): a
+    few words of working memory a content, not a sort of them all."""
     ps, mps = table.page_size, settings.max_page_sharing
-    copies = table.copies()
     zero = table.zero_by_domain()
     zero = zero[zero > 0]  # the zero page: one content per domain
     singletons = int(table.column("unique_pages").sum())
-    all_copies = np.append(copies, zero)
-    ksm, unshared = merged_pages(all_copies, mps)
-    after = ksm + unshared
-    if settings.use_zero_pages:
-        after[len(copies):] = 0  # every zero page maps the kernel's zero page
-    if singletons:
-        all_copies = np.append(all_copies, 1)
-        after = np.append(after, 1)
-    weights = np.ones(len(all_copies), np.int64)
-    if singletons:
-        weights[-1] = singletons  # one row standing for every content seen once
-    bucket = np.left_shift(1, np.floor(np.log2(np.maximum(all_copies, 1))).astype(np.int64))
-    copies_of, which = np.unique(bucket, return_inverse=True)
+    contents, referenced, merged = (np.zeros(64, np.int64) for _ in range(3))
 
-    def per_bucket(values: np.ndarray) -> np.ndarray:
-        total = np.zeros(len(copies_of), np.int64)
-        np.add.at(total, which, values)
-        return total
+    def add(copies: np.ndarray, merges: bool) -> None:
+        ksm, unshared = merged_pages(copies, mps)
+        after = ksm + unshared if merges else np.zeros(len(copies), np.int64)
+        power = np.floor(np.log2(np.maximum(copies, 1))).astype(np.int64)
+        contents[:] += np.bincount(power, minlength=64)
+        np.add.at(referenced, power, copies)
+        np.add.at(merged, power, after)
 
-    referenced, merged = per_bucket(all_copies * weights), per_bucket(after * weights)
+    copies = table.copies()
+    for lo in range(0, len(copies), ROWS_AT_ONCE):
+        add(copies[lo:lo + ROWS_AT_ONCE], True)
+    del copies
+    add(zero, not settings.use_zero_pages)  # use_zero_pages: all map the kernel's zero page
+    if singletons:  # one row standing for every content seen once
+        contents[0] += singletons
+        referenced[0] += singletons
+        merged[0] += singletons
+    held = np.flatnonzero(contents)
+    referenced, merged = referenced[held], merged[held]
     return Columns({
-        "copies": copies_of,
-        "contents": per_bucket(weights),
+        "copies": np.left_shift(1, held).astype(np.int64),
+        "contents": contents[held],
         "pages_referenced": referenced,
         "pages_after_merging": merged,
         "bytes_referenced": referenced * ps,

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from conftest import PS, SAMPLES
 
-from ksm_analyze import ContentTable, KsmSettings, analyze
+from ksm_analyze import ContentTable, KsmSettings, analyze, summary
+from ksm_analyze.columns import Columns
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,36 @@ def test_frames_round_trip(three):
         assert np.array_equal(getattr(back, name), getattr(table, name)), name
     assert back.counters(KsmSettings(max_page_sharing=2)) == \
         table.counters(KsmSettings(max_page_sharing=2))
+
+
+@pytest.mark.parametrize("rows_at_once", [1, 2, 3, 1 << 20])
+def test_per_input_columns_summed_a_few_rows_at_a_time(monkeypatch, rows_at_once):
+    # Issue 21: the per-input sums run over the sparse rows a chunk at a time (whole
+    # contents each): the same numbers, derived here row by row from first principles.
+    monkeypatch.setattr("ksm_analyze.ksm.ROWS_AT_ONCE", rows_at_once)
+    rows = [(0, 0, 3), (0, 1, 1), (1, 1, 2), (2, 0, 1), (2, 1, 1), (2, 2, 5), (3, 2, 4)]
+    content, owner, pages = (np.array([r[i] for r in rows], dt)
+                             for i, dt in ((0, np.int64), (1, np.int32), (2, np.int64)))
+    unique = np.array([2, 0, 1])
+    cols = Columns({"input": ["a", "b", "c"], "unique_pages": unique,
+                    "zero_pages": np.zeros(3, np.int64), "domain": np.zeros(3, np.int64)})
+    table = ContentTable(cols, content, owner, pages, PS)
+    got = table.per_input_columns(KsmSettings(max_page_sharing=2))
+    # max_page_sharing 2: p pages of a content alone save p - ceil(p / 2) (3 -> 1, 2 -> 1,
+    # 5 -> 2, 4 -> 2, 1 -> 0).
+    assert got["nonzero_pages"].tolist() == [2 + 3 + 1, 0 + 1 + 2 + 1, 1 + 5 + 4]
+    assert got["distinct_contents"].tolist() == [2 + 2, 0 + 3, 1 + 2]
+    assert got["self_sharing_pages"].tolist() == [1, 1, 4]
+    assert table.nonzero_pages().tolist() == [6, 4, 10]
+    assert unique.tolist() == [2, 0, 1]  # the column is summed into a copy
+    # Every page of a content held twice or more merges (contents 0 to 3 all do); of a
+    # content of k * 2 + 1 copies, one stays unmerged: the last input's (content 0: 4
+    # copies; 1: 2; 2: 7 -> input c; 3: 4).
+    assert got["ksm_merging_pages"].tolist() == [3 + 1, 1 + 2 + 1, 5 + 4 - 1]
+    # The histogram, summed a few contents at a time: copies 4, 2, 7, 4 and 3 seen once;
+    # after merging (2 a KSM page) 2, 1, 3 + 1, 2 and 3.
+    monkeypatch.setattr(summary, "ROWS_AT_ONCE", min(rows_at_once, 1 << 18))
+    hist = summary._histogram(table, KsmSettings(max_page_sharing=2))
+    assert {k: v.tolist() for k, v in hist.data.items() if k.startswith(("c", "p"))} == {
+        "copies": [1, 2, 4], "contents": [3, 1, 3], "pages_referenced": [3, 2, 4 + 7 + 4],
+        "pages_after_merging": [3, 1, 2 + 4 + 2]}

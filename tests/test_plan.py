@@ -14,7 +14,7 @@ from conftest import PS, SAMPLES, runner, scan_memory
 
 from ksm_analyze import KsmSettings, analyze
 from ksm_analyze.cli import app
-from ksm_analyze.planning.placement import HostModel
+from ksm_analyze.planning.placement import HostModel, host_tables
 from ksm_analyze.planning.plan import plan
 from ksm_analyze.planning.projection import Projection
 from ksm_analyze.units import human_bytes
@@ -598,3 +598,31 @@ def test_consolidation_empties_a_host_that_is_not_the_first():
     _dissolve(model, hosts, capacity)
     assert sorted(sorted(h.inputs) for h in hosts) == [[0, 1], [2]]
     assert [model.bytes(h) for h in hosts] == [capacity, 42 * PS + 43 * RMAP]
+
+
+def test_patterns_and_host_tables_a_few_rows_at_a_time(pairs, monkeypatch):
+    # Issue 21: the classes' digests, their row-by-row check and the hosts' rows are found a
+    # few sparse rows at a time (whole classes each): the same patterns, the same footprints
+    # (digests colliding or not), and host_tables still gives what subset() does.
+    from ksm_analyze.planning import placement
+
+    result = analyze([*pairs, *SAMPLES], ksm=KsmSettings(max_page_sharing=3), jobs=1)
+    table, groups = result.contents, ([0], [0, 2], [1, 3, 4], [0, 1, 2, 3, 4, 5])
+    whole = HostModel(table, result.ksm)
+    assert len(table.content) > 6  # many chunks below
+    for rows_at_once in (1, 3):
+        monkeypatch.setattr("ksm_analyze.ksm.ROWS_AT_ONCE", rows_at_once)
+        monkeypatch.setattr(placement, "ROWS_AT_ONCE", rows_at_once)
+        chunked = HostModel(table, result.ksm)
+        assert chunked.weight.tolist() == whole.weight.tolist()
+        assert [chunked.footprint(g) for g in groups] == [whole.footprint(g) for g in groups]
+        hosts = [[0, 2], [5, 1, 3], [4]]
+        for inputs, sub in zip(hosts, host_tables(table, hosts), strict=True):
+            want = table.subset(inputs)
+            assert all(np.array_equal(a, b) for a, b in ((sub.content, want.content),
+                                                          (sub.owner, want.owner),
+                                                          (sub.pages, want.pages)))
+    monkeypatch.setattr(placement, "_mix", lambda x: x * np.uint64(0))
+    fooled = HostModel(table, result.ksm)
+    assert fooled.n_patterns > whole.n_patterns
+    assert [fooled.footprint(g) for g in groups] == [whole.footprint(g) for g in groups]

@@ -417,3 +417,29 @@ def test_twins_are_all_found_when_the_table_is_cut():
     assert every[0].startswith("g0.raw and g1.raw are nearly the same input")
     assert every[4].startswith("g0.raw and g5.raw are")  # itertools.combinations order
     assert every[5].startswith("10 more pairs of inputs are nearly the same")
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 3))
+def test_pairwise_in_chunks_of_a_few_rows_equals_the_pair_by_pair_loop(monkeypatch, seed):
+    # Issue 21: the groups are found a few sparse rows at a time (whole contents each), so
+    # their temporaries are a few arrays of ROWS_AT_ONCE, not of the table (tens of bytes a
+    # row of a fleet's millions). Cut into chunks of 1 to 5 rows, the rows must be the loop's.
+    table = _random_table(seed, 1 + seed % 7)
+    for rows_at_once in (1, 2, 5):
+        monkeypatch.setattr("ksm_analyze.ksm.ROWS_AT_ONCE", rows_at_once)
+        monkeypatch.setattr(sharing, "ROWS_AT_ONCE", rows_at_once)
+        for mps in (2, 3, 256):
+            expected = _sharing_rows(_pairwise_loop(table, mps), _names(table))
+            assert pairwise(table, max_page_sharing=mps).rows.records() == expected
+
+
+def test_pairwise_stays_exact_when_digests_collide(monkeypatch):
+    # Contents are grouped by a 64-bit digest of their rows, then checked row by row (and
+    # by length) against their group's first: with a digest that says every content is
+    # alike, the rows must still be the pair-by-pair loop's.
+    monkeypatch.setattr(sharing, "_mix", lambda x: x * np.uint64(0))
+    for seed in (1, 5, 12, 20):
+        table = _random_table(seed, 2 + seed % 6)
+        for mps in (2, 3, 256):
+            expected = _sharing_rows(_pairwise_loop(table, mps), _names(table))
+            assert pairwise(table, max_page_sharing=mps).rows.records() == expected

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..content_table import ContentTable
-from ..ksm import KsmSettings, memory_after, merged_pages
+from ..ksm import ROWS_AT_ONCE, KsmSettings, content_chunks, memory_after, merged_pages
 from ..units import counted, size_text
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "host_tables", "lower_bound",
@@ -177,38 +177,50 @@ def _patterns(table: ContentTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The table rows of one class per pattern (classes held alike), the pattern of each of
     those rows, and each pattern's weight (its number of classes).
 
-    Classes are grouped by a 128-bit digest of their rows, then every class is compared row
-    by row with its group's first: a class that differs (a digest collision) is a pattern of
-    its own, so the grouping is exact.
+    Classes are grouped by a 64-bit digest of their rows, then every class is compared row
+    by row (and by length) with its group's first: a class that differs (a digest
+    collision) is a pattern of its own, so the grouping is exact.
     """
-    content, owner, pages = table.content, table.owner.astype(np.uint64), table.pages
+    content, owner, pages = table.content, table.owner, table.pages
     if not len(content):
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
-    first = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
-    length = np.diff(np.append(first, len(content)))
-    row_key = owner * np.uint64(0x9E3779B97F4A7C15) ^ pages.astype(np.uint64)
-    del owner
-    digests = [np.add.reduceat(_mix(row_key * np.uint64(k)), first) for k in (1, 3)]
-    del row_key
-    # Classes in the order of their first digest; a group is a run of classes equal in
-    # length and both digests (one sort of 64-bit keys: a sort of the three together, as
-    # rows, cost 4 of the 11 s of 1,000 guests). Equal classes a run separates by chance
-    # (two first digests equal, the second not) are two patterns: still exact.
-    order = np.argsort(digests[0])
-    keys = [length[order], digests[0][order], digests[1][order]]
-    starts = np.r_[True, np.any([k[1:] != k[:-1] for k in keys], axis=0)]
+    # Per class: its first row, rows and a digest of both, a chunk of whole classes at a
+    # time (temporaries of ROWS_AT_ONCE rows, not of every row; one 64-bit digest sorted:
+    # a few words a class).
+    parts = []
+    for lo, hi in content_chunks(content):
+        c = content[lo:hi]
+        start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        length = np.diff(np.append(start, len(c)))
+        row_key = owner[lo:hi].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ pages[
+            lo:hi].astype(np.uint64)
+        parts.append((start + lo, length, np.add.reduceat(_mix(row_key), start)
+                      + _mix(length.astype(np.uint64) * np.uint64(3))))
+        del c, row_key
+    first, length, digest = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    del parts
+    # A group is a run of classes of one digest, in digest order.
+    order = np.argsort(digest)
+    starts = np.r_[True, digest[order[1:]] != digest[order[:-1]]]
+    del digest
     group = np.empty(len(first), np.int64)
     group[order] = np.cumsum(starts) - 1
     rep = order[starts]
-    # Exactness: each class must equal its group's first class, row by row (row r of a
-    # class is row r - first + first of its group's class: equal lengths, so in range).
-    shift = np.repeat(first[rep[group]] - first, length)
-    theirs = np.arange(len(content)) + shift
-    del shift
-    differs = ~((table.owner == table.owner[theirs]) & (pages == pages[theirs]))
-    del theirs
-    if differs.any():
-        lone = np.unique(np.searchsorted(first, np.flatnonzero(differs), side="right") - 1)
+    del order, starts
+    # Exactness: each class must equal its group's first class, length and row by row (row
+    # r of a class is row r - first + first of its group's class; past the table's end
+    # where that class is shorter: it differs anyway).
+    lone_parts = []
+    for lo, hi in content_chunks(content):  # rows [lo, hi): whole classes [a, b)
+        a, b = np.searchsorted(first, [lo, hi]).tolist()
+        theirs = np.minimum(np.arange(lo, hi) + np.repeat(first[rep[group[a:b]]] - first[a:b],
+                                                          length[a:b]), len(content) - 1)
+        differs = (owner[lo:hi] != owner[theirs]) | (pages[lo:hi] != pages[theirs])
+        differs |= np.repeat(length[a:b] != length[rep[group[a:b]]], length[a:b])
+        lone_parts.append(np.searchsorted(first, np.flatnonzero(differs) + lo,
+                                          side="right") - 1)
+    lone = np.unique(np.concatenate(lone_parts))
+    if len(lone):
         group[lone] = len(rep) + np.arange(len(lone))
         rep = np.concatenate([rep, lone])
     weight = np.bincount(group, minlength=len(rep))
@@ -270,8 +282,19 @@ def host_tables(table: ContentTable, hosts: Sequence[Sequence[int]]) -> Iterator
             raise ValueError("an input is on two hosts")
         host_of[list(inputs)] = k
     row_host = host_of[table.owner]
-    order = np.argsort(row_host, kind="stable")  # each host's rows stay in table order
-    bounds = np.r_[0, np.cumsum(np.bincount(row_host, minlength=len(hosts) + 1))].tolist()
+    counts = np.bincount(row_host, minlength=len(hosts) + 1)
+    bounds = np.r_[0, np.cumsum(counts)]
+    # Each host's rows in table order (a stable counting sort, a chunk of rows at a time:
+    # int32 positions, no int64 sort index of every row).
+    order = np.empty(len(row_host), np.int32 if len(row_host) < 1 << 31 else np.int64)
+    at = bounds[:-1].copy()
+    for lo in range(0, len(row_host), ROWS_AT_ONCE):
+        h = row_host[lo:lo + ROWS_AT_ONCE]
+        local = np.argsort(h, kind="stable")
+        c = np.bincount(h, minlength=len(hosts) + 1)
+        order[np.repeat(at - (np.cumsum(c) - c), c) + np.arange(len(h))] = local + lo
+        at += c
+    bounds = bounds.tolist()
     del row_host
     for k, inputs in enumerate(hosts):
         rows = order[bounds[k]:bounds[k + 1]]
@@ -283,6 +306,7 @@ def host_tables(table: ContentTable, hosts: Sequence[Sequence[int]]) -> Iterator
             content, owner, pages = content[again], owner[again], pages[again]
         yield ContentTable(table.input_columns.take(list(inputs)), content, owner, pages,
                            table.page_size)
+        del content, owner, pages  # the next host's are made without this one's
 
 
 def _too_big(model: HostModel, capacity: int) -> None:

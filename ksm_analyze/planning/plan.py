@@ -217,4 +217,5 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
                      "rmap_bytes": c.ksm_rmap_items * model.settings.rmap_bytes,
                      "saved_bytes": before - after, "free_bytes": capacity - after,
                      "worst_case_fits": before <= capacity})
+        del table  # the next host's table is made without this one's
     return pd.DataFrame(rows)
