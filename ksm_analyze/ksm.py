@@ -142,6 +142,35 @@ def content_chunks(content: np.ndarray, size: int | None = None
         lo = hi
 
 
+def run_ranks(length: np.ndarray) -> np.ndarray:
+    """0, 1, ..., length-1 for each run of ``length``, concatenated."""
+    if not len(length):
+        return np.empty(0, np.int64)
+    ends = np.cumsum(length)
+    ranks: np.ndarray = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
+    return ranks
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads the bits of each uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed: np.ndarray = x ^ (x >> np.uint64(31))
+    return mixed
+
+
+def row_digests(owner: np.ndarray, value: np.ndarray, start: np.ndarray, length: np.ndarray
+                ) -> np.ndarray:
+    """A 64-bit digest per content of sparse rows (``start``/``length``: each content's run
+    of ``owner`` and ``value``), equal for contents whose rows are equal; not a proof of
+    equality: callers check candidates row by row (and a digest equal by chance only costs
+    a second group)."""
+    key = owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ value.astype(np.uint64)
+    digests: np.ndarray = np.add.reduceat(_mix64(key), start) + _mix64(
+        length.astype(np.uint64) * np.uint64(3))
+    return digests
+
+
 def merged_pages(copies: np.ndarray, max_page_sharing: int) -> tuple[np.ndarray, np.ndarray]:
     """For contents seen ``copies`` times each, the KSM pages and the unmerged leftovers.
 

@@ -33,7 +33,7 @@ from .eligibility import ScanMask, Scope, excluded_by
 from .formats.base import DumpReader
 from .hashing.stage1 import Fingerprints
 from .hashing.stage2 import UNIQUE, ZERO, ContentClasses
-from .ksm import ROWS_AT_ONCE, content_chunks
+from .ksm import ROWS_AT_ONCE, content_chunks, row_digests, run_ranks
 from .pages import PageState
 from .units import human_bytes, short_names
 
@@ -269,12 +269,10 @@ def _groups(table: ContentTable, max_page_sharing: int
         s = (pages[lo:hi] - 1) % mps + 1
         over = np.maximum.reduceat(2 * s > mps, start)
         s = np.where(np.repeat(over, length), s, 0)
-        key = owner[lo:hi].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ s.astype(
-            np.uint64)
         shared = length >= 2  # a content of one input pairs with none
-        digest = np.add.reduceat(_mix(key), start) + _mix(length.astype(np.uint64) * np.uint64(3))
+        digest = row_digests(owner[lo:hi], s, start, length)
         parts.append((start[shared] + lo, length[shared], over[shared], digest[shared]))
-        del c, s, key, digest
+        del c, s, digest
     if not parts or not sum(len(p[0]) for p in parts):
         empty = np.empty(0, np.int64)
         return empty, empty, empty, empty, empty
@@ -290,7 +288,7 @@ def _groups(table: ContentTable, max_page_sharing: int
     ends = np.cumsum(length)
     lone_parts = []
     for lo, hi in _content_runs(ends):
-        size, rank, first = length[lo:hi], _ranks(length[lo:hi]), rep[group[lo:hi]]
+        size, rank, first = length[lo:hi], run_ranks(length[lo:hi]), rep[group[lo:hi]]
         mine = np.repeat(start[lo:hi], size) + rank
         # (rows past the table's end of a first content of fewer rows: it differs anyway)
         theirs = np.minimum(np.repeat(start[first], size) + rank, len(owner) - 1)
@@ -305,10 +303,10 @@ def _groups(table: ContentTable, max_page_sharing: int
     weight = np.bincount(group, minlength=len(rep))
     size = length[rep]
     at = np.cumsum(size) - size  # each group's first row
-    rows = np.repeat(start[rep], size) + _ranks(size)
+    rows = np.repeat(start[rep], size) + run_ranks(size)
     summed = np.zeros(len(rows), np.int64)
     for lo, hi in _content_runs(ends):
-        rank = _ranks(length[lo:hi])
+        rank = run_ranks(length[lo:hi])
         np.add.at(summed, np.repeat(at[group[lo:hi]], length[lo:hi]) + rank,
                   pages[np.repeat(start[lo:hi], length[lo:hi]) + rank])
     return (owner[rows].astype(np.int64), s_of(rows, np.repeat(over[rep], size)), summed,
@@ -356,7 +354,7 @@ def _pair_blocks(table: ContentTable, n: int, max_page_sharing: int
                                                            side="right")) - 1))
             i = by_input[lo:end]
             i = np.repeat(i, partners[i])  # a row of input A, once per other row of its group
-            t = _ranks(partners[by_input[lo:end]])
+            t = run_ranks(partners[by_input[lo:end]])
             t += t >= (i - first[i])  # the t-th other row of the group, skipping i itself
             j = first[i] + t  # row of input B
             key = (owner[i] - lo_a) * n + owner[j]
@@ -387,23 +385,6 @@ def _group_sizes(first: np.ndarray) -> np.ndarray:
     size = np.diff(np.append(at, len(first)))
     sizes: np.ndarray = np.repeat(size, size)
     return sizes
-
-
-def _ranks(length: np.ndarray) -> np.ndarray:
-    """0, 1, ..., length-1 for each run, concatenated."""
-    if not len(length):
-        return np.empty(0, np.int64)
-    ends = np.cumsum(length)
-    ranks: np.ndarray = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
-    return ranks
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: spreads the bits of each uint64."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    mixed: np.ndarray = x ^ (x >> np.uint64(31))
-    return mixed
 
 
 def twin_warnings(pairs: Pairs, prints: Sequence[Fingerprints]) -> list[str]:

@@ -36,7 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..content_table import ContentTable
-from ..ksm import ROWS_AT_ONCE, KsmSettings, content_chunks, memory_after, merged_pages
+from ..ksm import (
+    ROWS_AT_ONCE,
+    KsmSettings,
+    content_chunks,
+    memory_after,
+    merged_pages,
+    row_digests,
+    run_ranks,
+)
 from ..units import counted, size_text
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "host_tables", "lower_bound",
@@ -192,11 +200,9 @@ def _patterns(table: ContentTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = content[lo:hi]
         start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
         length = np.diff(np.append(start, len(c)))
-        row_key = owner[lo:hi].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ pages[
-            lo:hi].astype(np.uint64)
-        parts.append((start + lo, length, np.add.reduceat(_mix(row_key), start)
-                      + _mix(length.astype(np.uint64) * np.uint64(3))))
-        del c, row_key
+        parts.append((start + lo, length, row_digests(owner[lo:hi], pages[lo:hi], start,
+                                                      length)))
+        del c
     first, length, digest = (np.concatenate([p[i] for p in parts]) for i in range(3))
     del parts
     # A group is a run of classes of one digest, in digest order.
@@ -224,23 +230,8 @@ def _patterns(table: ContentTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         group[lone] = len(rep) + np.arange(len(lone))
         rep = np.concatenate([rep, lone])
     weight = np.bincount(group, minlength=len(rep))
-    rows = np.repeat(first[rep], length[rep]) + _ranks(length[rep])
+    rows = np.repeat(first[rep], length[rep]) + run_ranks(length[rep])
     return rows, np.repeat(np.arange(len(rep)), length[rep]), weight
-
-
-def _ranks(length: np.ndarray) -> np.ndarray:
-    """0, 1, ..., length-1 for each run, concatenated."""
-    ends = np.cumsum(length)
-    ranks: np.ndarray = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
-    return ranks
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: spreads the bits of each uint64."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    mixed: np.ndarray = x ^ (x >> np.uint64(31))
-    return mixed
 
 
 @dataclass(eq=False)
