@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
@@ -19,8 +19,8 @@ import numpy as np
 from ._signals import watching
 from .analysis import TABLES, Analysis
 from .columns import Columns
-from .content_table import build_content_table
-from .eligibility import Scope, scan_mask
+from .content_table import ContentTable, build_content_table
+from .eligibility import ScanMask, Scope, scan_mask
 from .fleet.aggregate import (
     SERIES_REFUSED,
     aggregate,
@@ -37,8 +37,8 @@ from .fleet.sources import (
 )
 from .formats import DumpFormat
 from .hashing.stage1 import Fingerprints
-from .hashing.stage2 import ContentClasses, classify
-from .ksm import KsmSettings
+from .hashing.stage2 import ContentClasses, StageStats, classify
+from .ksm import KsmCounters, KsmSettings
 from .options import DEFAULT_OPTIONS, ProgressCallback, ProgressReporter, ScanOptions
 from .over_time import SETTINGS_COLUMNS, model_host, recorded_machine, steady_tables
 from .pages import PageState
@@ -167,6 +167,21 @@ def analyze(
     more = {"steady_state": over.steady} if over.steady else {}
     if samples.over_time:
         more["if_memory_stood_still"] = still.counters(ksm)
+    tables = {**over.tables(), "top_contents": top, "address_map": where}
+    return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
+                     tables, rmap_note=rmap_note, warnings_after=over.warnings)
+
+
+def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
+              ksm: KsmSettings, table: ContentTable, prints: Sequence[Fingerprints],
+              masks: Sequence[ScanMask], stats: StageStats, timings: Mapping[str, float],
+              more: Mapping[str, KsmCounters] | None, tables: dict[str, Columns], *,
+              rmap_note: str | None, warnings_before: Sequence[str] = (),
+              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None
+              ) -> Analysis:
+    """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
+    policy applied, then the summary tables and pairwise beside the given ``tables``
+    (``zero_pages_found``: for fingerprints held without their pages, the files' count)."""
     unrestricted, domain_names = None, []
     if options.policy:
         unrestricted = table.counters(ksm)
@@ -174,9 +189,14 @@ def analyze(
         table = table.with_policy(domains, zero_only=options.merge == "zero-only")
     pairs = pairwise(table, max_page_sharing=ksm.max_page_sharing, top=options.pairs_top)
     note = pairs.note()
-    tables = {**summary_tables(table, ksm, prints, masks, classes.stats, timings, more),
-              **over.tables(), "pairwise": pairs.rows, "top_contents": top,
-              "address_map": where}
+    tables = {**summary_tables(table, ksm, prints, masks, stats, timings, more), **tables,
+              "pairwise": pairs.rows}
+    if zero_pages_found is not None:
+        stages = tables["stages"]
+        values = np.array(stages.data["value"], object)
+        values[list(stages.data["statistic"]).index("zero_pages_found")] = zero_pages_found
+        tables["stages"] = Columns({"statistic": stages.data["statistic"], "value": values},
+                                   "statistic")
     return Analysis(
         columns={name: tables[name] for name in TABLES},
         counters=table.counters(ksm),
@@ -184,8 +204,9 @@ def analyze(
         ksm=ksm,
         contents=table,
         inputs=[os.fspath(p) for p in paths],
-        warnings=_warnings(prints, options) + twin_warnings(pairs, prints)
-        + ([rmap_note] if rmap_note else []) + ([note] if note else []) + over.warnings,
+        warnings=[*warnings_before, *_warnings(prints, options), *twin_warnings(pairs, prints),
+                  *([rmap_note] if rmap_note else []), *([note] if note else []),
+                  *warnings_after],
         unrestricted=unrestricted,
         domains=domain_names,
     )
@@ -238,31 +259,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
                        show_content=options.show_content)
     timings = {"stage1_seconds": agg.read_seconds, "stage2_seconds": agg.count_seconds,
                "inputs_from_cache": 0, "inputs_from_fingerprint_files": len(paths)}
-    unrestricted, domain_names = None, []
-    if options.policy:
-        unrestricted = table.counters(ksm)
-        domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
-        table = table.with_policy(domains, zero_only=options.merge == "zero-only")
-    pairs = pairwise(table, max_page_sharing=ksm.max_page_sharing, top=options.pairs_top)
-    pairs_note = pairs.note()
     still = agg.if_memory_stood_still(ksm)
-    tables = summary_tables(table, ksm, prints, masks, agg.stats, timings,
-                            {"if_memory_stood_still": still} if still else None)
-    stages = tables["stages"]
-    values = np.array(stages.data["value"], object)
-    values[list(stages.data["statistic"]).index("zero_pages_found")] = agg.zero_pages_found
-    tables["stages"] = Columns({"statistic": stages.data["statistic"], "value": values},
-                               "statistic")
-    tables.update({
-        "convergence": Columns({"item": [], "value": []}, "item"),
-        "timeline": Columns({c: [] for c in _TIMELINE_COLUMNS}),
-        "ksmd_settings": Columns.from_records([], list(SETTINGS_COLUMNS)),
-        "stability": Columns.from_records(agg.stability or [], list(STABILITY_COLUMNS)),
-        "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
-                                                 "last_address", "pages", *ADDRESS_KINDS)}),
-        "pairwise": pairs.rows,
-        "top_contents": top,
-    })
     note = (f"out of core: these {pages:,} pages of fingerprint files need about "
             f"{size_text(in_memory)} in memory, more than "
             f"--memory-limit {size_text(limit)}, so they were aggregated in {partitions:,} "
@@ -270,18 +267,16 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
             f"{', '.join(NOT_OUT_OF_CORE)} and the host's steady_state counters need every "
             f"page in memory and were not computed (a --memory-limit above "
             f"{size_text(in_memory)} gives them)")
-    return Analysis(
-        columns={name: tables[name] for name in TABLES},
-        counters=table.counters(ksm),
-        options=options,
-        ksm=ksm,
-        contents=table,
-        inputs=[os.fspath(p) for p in paths],
-        warnings=[note, *_warnings(prints, options), *twin_warnings(pairs, prints),
-                  *([rmap_note] if rmap_note else []), *([pairs_note] if pairs_note else [])],
-        unrestricted=unrestricted,
-        domains=domain_names,
-    )
+    return _analysis(paths, options, ksm, table, prints, masks, agg.stats, timings,
+                       {"if_memory_stood_still": still} if still else None, {
+        "convergence": Columns({"item": [], "value": []}, "item"),
+        "timeline": Columns({c: [] for c in _TIMELINE_COLUMNS}),
+        "ksmd_settings": Columns.from_records([], list(SETTINGS_COLUMNS)),
+        "stability": Columns.from_records(agg.stability or [], list(STABILITY_COLUMNS)),
+        "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
+                                                 "last_address", "pages", *ADDRESS_KINDS)}),
+        "top_contents": top,
+    }, rmap_note=rmap_note, warnings_before=[note], zero_pages_found=agg.zero_pages_found)
 
 
 def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]:
