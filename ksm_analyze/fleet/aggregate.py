@@ -145,8 +145,6 @@ def _footer(path: str) -> tuple[int, bool, list[str | None]] | None:
     """Stored pages of fingerprint file ``path``, whether it has content hashes, and the
     identity of each of its inputs (samples of one guest over time share one), from its
     Parquet footer (None: not readable as one; :func:`aggregate` then says why)."""
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -157,12 +155,13 @@ def _footer(path: str) -> tuple[int, bool, list[str | None]] | None:
         return None
     identities: list[str | None] = []
     try:  # a plan only: the file is checked whole as it is read
-        meta = json.loads((pf.schema_arrow.metadata or {})[fingerprint_files.META_KEY])
+        meta = fingerprint_files.checked_meta(
+            (pf.schema_arrow.metadata or {})[fingerprint_files.META_KEY], found[0])
         for m in meta["inputs"]:
             identity = m["info"].get("identity")
             identities.append(identity if isinstance(identity, str) and identity else None)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        identities = []
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        identities = []  # hostile or damaged metadata: reading the file says what is wrong
     return *found, identities
 
 

@@ -243,7 +243,7 @@ def metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(path)
     pf, raw, _ = _open(path)
     try:
-        return _checked_meta(raw, pf.metadata.num_rows)
+        return checked_meta(raw, pf.metadata.num_rows)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise _bad(path, f"bad metadata ({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -336,7 +336,7 @@ def load(path: str | os.PathLike[str]) -> list[Fingerprints]:
         raise bad("its contents do not match its digest: the file is damaged or was altered; "
                   "copy or fingerprint it again")
     try:
-        return _inputs(columns, _checked_meta(raw, rows), path)
+        return _inputs(columns, checked_meta(raw, rows), path)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise bad(f"bad metadata ({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -391,7 +391,7 @@ def _check_json(value: Any, what: str) -> None:
             raise ValueError(f"{what}: the number {v} is out of range")
 
 
-def _checked_meta(raw: bytes, rows: int) -> dict[str, Any]:
+def checked_meta(raw: bytes, rows: int) -> dict[str, Any]:
     """The metadata decoded, every field the readers use checked (type, range) against a file
     of ``rows`` rows: a ValueError, TypeError or KeyError says what is wrong."""
     if (depth := _depth(raw)) > _MAX_DEPTH:
