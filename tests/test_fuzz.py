@@ -22,7 +22,7 @@ runs ``analyze([path], jobs=1)``. The property:
   + 16 x the file size, so any blow-up ends in ``MemoryError`` (or a signal) and fails.
 
 CI runs a fixed, derandomized profile (``KSM_FUZZ_EXAMPLES`` cases per format, default
-300); ``KSM_FUZZ_EXAMPLES=5000 KSM_FUZZ_SEED=random`` runs longer, randomized campaigns,
+200); ``KSM_FUZZ_EXAMPLES=5000 KSM_FUZZ_SEED=random`` runs longer, randomized campaigns,
 printing the seed. A failing input is saved under ``KSM_FUZZ_FAILURES`` (default
 ``$TMPDIR/ksm-fuzz-failures``); copy it to ``fuzz/crashes/<format>-<what>.bin`` and it runs
 first, as an ``@example``, until the reader is fixed. See docs/fuzzing.md.
@@ -87,7 +87,7 @@ with warnings.catch_warnings(), contextlib.suppress(ImportError):
     warnings.simplefilter("ignore")
     import hypothesis.extra._patching  # noqa: F401
 
-EXAMPLES = int(os.environ.get("KSM_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("KSM_FUZZ_EXAMPLES", "200"))
 """Generated cases per format and property (the CI profile)."""
 SEED = os.environ.get("KSM_FUZZ_SEED", "")
 """Empty: derandomized (CI). An integer, or ``random``: a randomized run with that seed."""
@@ -1414,7 +1414,7 @@ def test_isolation_catches_hangs_blowups_and_crashes() -> None:
 # change (issue 18, class 1).
 
 FP_EXAMPLES = int(os.environ.get("KSM_FUZZ_FP_EXAMPLES", str(max(1, EXAMPLES // 6))))
-"""Cases per target (each runs a whole scan: about 0.2 s): 50 in CI."""
+"""Cases per target (each runs a whole scan: about 0.2 s): 33 in CI."""
 
 
 class SilentChange(AssertionError):
