@@ -81,10 +81,10 @@ _POISON = {
 }
 
 
-_PAIRS_AT_ONCE = 1 << 21
+_PAIRS_AT_ONCE = 1 << 18
 """Pair terms (a group's input paired with another of its inputs) made at a time by
 :func:`pairwise` (its working memory: a few arrays of this length)."""
-_CELLS_AT_ONCE = 1 << 21
+_CELLS_AT_ONCE = 1 << 18
 """Pairs of inputs summed at a time in dense arrays by :func:`pairwise` (a block of inputs
 A times every input B); a block whose pair terms are far fewer is summed sparsely."""
 
