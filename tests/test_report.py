@@ -310,6 +310,22 @@ def test_heatmap_clusters_are_the_families_under_a_base_image():
     assert sorted(_clusters(18, a2, b2, f2)[0]) == list(range(12, 18))
 
 
+def test_heatmap_clusters_are_families_of_guests_of_mixed_sizes():
+    # 3 families of 4 guests under a base layer of 40 pages. What two guests of a family both
+    # hold varies with their sizes (guests of 1 to 64 GiB): 2,000, 1,000 or 500 pages along
+    # each family's chain, 300 for its other pairs. The cut is at the largest ratio between
+    # successive joins (500 -> 40), not the largest difference (2,000 -> 1,000, which would
+    # split every family).
+    from ksm_analyze.render.plots import _clusters
+
+    chain = {(0, 1): 2000.0, (1, 2): 1000.0, (2, 3): 500.0}
+    pairs = [(x, y, chain.get((x % 4, y % 4), chain.get((y % 4, x % 4), 300.0))
+              if x // 4 == y // 4 else 40.0) for x in range(12) for y in range(12) if x != y]
+    a, b, pages = (np.array(c) for c in zip(*pairs, strict=True))
+    assert sorted(sorted(c) for c in _clusters(12, a, b, pages)) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
 # -- over time: the ksmd replay's charts and sections -----------------------------------
 
 

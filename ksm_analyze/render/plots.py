@@ -181,7 +181,8 @@ def plot_pairwise(result: Analysis) -> Figure:
     a = np.array([pos[x] for x in pw["input_a"]], np.int64)
     b = np.array([pos[x] for x in pw["input_b"]], np.int64)
     fraction = np.asarray(pw["a_fraction_in_b"], np.float64)
-    clusters = [list(range(n))] if n <= ANNOTATED_INPUTS else _clusters(n, a, b, fraction)
+    shared = np.asarray(pw["a_pages_in_b"], np.float64)
+    clusters = [list(range(n))] if n <= ANNOTATED_INPUTS else _clusters(n, a, b, shared)
     shown: list[list[int]] = []
     kept: list[int] = []
     total = 0
@@ -301,17 +302,25 @@ class _CellImage(AxesImage):
         return data[rows][:, cols], x0 / magnification, y0 / magnification, Affine2D()
 
 
-def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> list[list[int]]:
+CLUSTER_DROP = 1.5
+"""The cut of :func:`_clusters`: the largest ratio between two successive joins, when it is
+at least this."""
+
+
+def _clusters(n: int, a: np.ndarray, b: np.ndarray, shared: np.ndarray) -> list[list[int]]:
     """Inputs ``0..n-1`` in clusters of inputs that share most, the largest first.
 
-    Single linkage over the pairs given: pairs joined by their similarity (the larger of
-    A's share in B and B's in A), highest first, as a dendrogram is built; the cut is at the
-    largest drop between two successive joins (when it is at least 0.1; else every join
-    counts), so a fleet of families under one base image falls into its families. Within a
-    cluster, inputs follow the order they joined in: the most alike side by side.
+    Single linkage over the pairs given: pairs joined by their similarity (``shared``: the
+    pages of A whose content B holds; the larger of the two ways), highest first, as a
+    dendrogram is built; the cut is at the largest ratio between two successive joins (when
+    it is at least :data:`CLUSTER_DROP`; else every join counts), so a fleet of families
+    under one base image falls into its families. Pages, not fractions: a family's layers
+    are most of a small guest and a sliver of a large one, and fractions of guests of mixed
+    sizes run together. Within a cluster, inputs follow the order they joined in: the most
+    alike side by side.
     """
     sim: dict[tuple[int, int], float] = {}
-    for x, y, f in zip(a.tolist(), b.tolist(), fraction.tolist(), strict=True):
+    for x, y, f in zip(a.tolist(), b.tolist(), shared.tolist(), strict=True):
         key = (x, y) if x < y else (y, x)
         sim[key] = max(sim.get(key, 0.0), f)
     edges = sorted(((f, x, y) for (x, y), f in sim.items() if f > 0),
@@ -333,9 +342,9 @@ def _clusters(n: int, a: np.ndarray, b: np.ndarray, fraction: np.ndarray) -> lis
     heights = np.array([f for f, _, _ in joins])
     cut = len(joins)
     if len(joins) > 1:
-        drops = heights[:-1] - heights[1:]
-        if drops.max() >= 0.1:
-            cut = int(np.argmax(drops)) + 1
+        ratios = heights[:-1] / heights[1:]
+        if ratios.max() >= CLUSTER_DROP:
+            cut = int(np.argmax(ratios)) + 1
     parent = list(range(n))
     members = {i: [i] for i in range(n)}
     for _, x, y in joins[:cut]:
