@@ -119,34 +119,52 @@ def _same_aggregate(got, want) -> None:
     assert [m.excluded for m in got.masks] == [m.excluded for m in want.masks]
 
 
+class _MadeCount(distributed.diagnostics.plugin.SchedulerPlugin):
+    """How many times each key reached memory: the scheduler's own transition_log keeps only
+    the last ``distributed.admin.low-level-log-length`` (1,000) transitions of the module."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, int] = {}
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "memory":
+            self.made[str(key)] = self.made.get(str(key), 0) + 1
+
+
 def test_a_worker_killed_after_the_file_tasks_changes_nothing(cluster, fleet):
     # aggregate_on_cluster, what the command line runs; combine_on_cluster shares its
     # executor (_run), and a killed worker costs a worker's restart (seconds): once is enough.
     address, watcher = cluster
     _, files, analyzed = fleet
     killed: list[str] = []
+    lost: list[str] = []
+    watcher.run_on_scheduler(lambda dask_scheduler: dask_scheduler.add_plugin(
+        _MadeCount(), name="made-count"))
 
     def kill_a_holder(done: int, of: int) -> None:
         if done != of - 4:  # every file task done; the partition tasks not yet sent
             return
-        held = {w: [k for k in keys if str(k).startswith("ksm-piece-")]
+        held = {w: [str(k) for k in keys if str(k).startswith("ksm-piece-")]
                 for w, keys in watcher.has_what().items()}
         victim = max(held, key=lambda w: len(held[w]))
         assert held[victim], held  # it holds pieces: they must be made again
         pid = watcher.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         killed.append(victim)
+        lost.extend(held[victim])
 
-    agg = aggregate_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
-                               tasks=kill_a_holder, **AGGREGATING)
+    try:
+        agg = aggregate_on_cluster(files, scheduler=address, partitions=4, files_per_task=2,
+                                   tasks=kill_a_holder, **AGGREGATING)
+    finally:
+        made = watcher.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins.pop(
+            "made-count").made)
     _same_aggregate(agg, aggregate(files, partitions=4, **AGGREGATING))
     got = agg.table
     assert killed
-    # The scheduler ran a files task again for the lost pieces (a key is one run's).
-    ran = watcher.run_on_scheduler(lambda dask_scheduler: [
-        str(t[0]) for t in dask_scheduler.transition_log if t[2] == "memory"])
-    files_tasks = [k for k in ran if k.startswith("ksm-files-")]
-    assert len(files_tasks) > len(set(files_tasks)), files_tasks
+    # Every piece the killed worker held was made again: from its files task if that was
+    # still in memory on the other worker, else after running the files task again.
+    assert lost and all(made.get(k, 0) >= 2 for k in lost), (lost, made)
     _same_table(got, combine(files, partitions=4))
     _same_counters(got, analyzed)
     watcher.wait_for_workers(2, timeout=60)  # the nanny started another (for the next test)
