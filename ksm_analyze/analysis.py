@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["TABLES", "Analysis", "json_safe"]
 
 TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
-          "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings")
+          "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings",
+          "numa")
 """Every table of an :class:`Analysis`, in output order."""
 
 
@@ -116,6 +117,21 @@ class Analysis:
             ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
             ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
             ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+        numa: with ``options.numa_nodes`` (``merge_across_nodes=0``: pages on different
+            NUMA nodes never merge; :mod:`ksm_analyze.whatif.numa`), one row per node and a
+            ``total`` row: ``node`` (``0``, ``1``... or ``total``), ``inputs`` (their
+            names; separated by spaces in CSV), ``input_count``, ``pages`` (scanned pages,
+            zero pages included), the node's KSM counters with zero pages present
+            (``pages_shared``, ``pages_sharing``, ``pages_unshared``, ``ksm_zero_pages``,
+            ``general_profit`` in bytes), ``saved_pages``/``saved_bytes``; on the ``total``
+            row only (null on node rows) ``saved_across_nodes_pages``/``_bytes``, what
+            ``merge_across_nodes=1`` would save on the same inputs, and
+            ``lost_pages``/``lost_bytes``, the difference. Empty without ``numa_nodes``.
+            With it, ``host``, ``savings`` and every other table are those of the per-node
+            KSM.
+        nodes: the NUMA node of each input (``numa``); empty without ``options.numa_nodes``.
+        across_nodes: with ``options.numa_nodes``, the core table under the other policies
+            alone (merged across nodes), as ``plan`` places per node; else None.
         columns: every table above by name, as plain columns (numpy arrays and lists, no
             pandas): what the text report reads.
     """
@@ -129,6 +145,8 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     unrestricted: KsmCounters | None = None
     domains: list[str] = field(default_factory=list)
+    nodes: list[int] = field(default_factory=list)
+    across_nodes: ContentTable | None = None
 
     per_input = _Table()
     host = _Table()
@@ -143,6 +161,7 @@ class Analysis:
     stability = _Table()
     timeline = _Table()
     ksmd_settings = _Table()
+    numa = _Table()
 
     @property
     def names(self) -> list[str]:
@@ -178,11 +197,20 @@ class Analysis:
         out["warnings"] = list(self.warnings)
         if self.unrestricted is not None:
             out["policy"] = {"domains": dict(zip(self.names, (self.domains[d] for d in
-                                                   self.contents.column("domain")), strict=True))
+                                                   self.domain_numbers()), strict=True))
                              if self.domains else {},
                              "merge": self.options.merge,
                              "unrestricted": self.unrestricted.as_dict()}
+            if self.options.numa_nodes is not None:
+                out["policy"] |= {"numa_nodes": self.options.numa_nodes,
+                                  "numa_node": dict(zip(self.names, self.nodes, strict=True))}
         return {k: json_safe(v) for k, v in out.items()}
+
+    def domain_numbers(self) -> list[int]:
+        """Each input's domain (a number of ``domains``; all 0 without domains): the merge
+        unit of ``contents`` is a domain and a NUMA node (``domain * numa_nodes + node``)."""
+        units = self.contents.column("domain")
+        return (units // (self.options.numa_nodes or 1)).tolist()  # type: ignore[no-any-return]
 
     def _is_rows(self, table: str) -> bool:
         """A table of rows (its index only numbers them), not one keyed by its index."""

@@ -326,6 +326,20 @@ POLICY = (
         str, typer.Option("--merge", help="all (what KSM does) or zero-only (what if only zero "
                           "pages merged).", rich_help_panel=_POLICY_PANEL)
     ], DEFAULT_OPTIONS.merge),
+    _param("numa_nodes", Annotated[
+        int | None, typer.Option("--numa-nodes", metavar="N", show_default=False,
+                                 help="The host has N NUMA nodes and KSM runs with "
+                                 "merge_across_nodes=0: pages on different nodes never merge. "
+                                 "Inputs not pinned by --numa-node are balanced by memory, "
+                                 "largest first onto the least-filled node (plan: packs each "
+                                 "node, N per host).", rich_help_panel=_POLICY_PANEL)
+    ], DEFAULT_OPTIONS.numa_nodes),
+    _param("numa_node", Annotated[
+        list[str] | None,
+        typer.Option("--numa-node", help="NODE=GLOB: pin the inputs whose path or file name "
+                     "match GLOB to NUMA node NODE, 0 to N-1 (repeat it; with --numa-nodes).",
+                     show_default=False, rich_help_panel=_POLICY_PANEL),
+    ], None),
 )
 """Which pages KSM may merge: its scope and a merging policy."""
 ANALYSIS = READING + COMPARING + KSM_KNOBS + POLICY
@@ -378,6 +392,8 @@ def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                 if "sample" in given:
                     given["samples"] = tuple(_name_globs(given.pop("sample") or [],
                                                          "--samples"))
+                if "numa_node" in given:
+                    given["numa_pins"] = _numa_pins(given.pop("numa_node") or [])
                 if "domain" in given:
                     given["domains"] = _domains(given.pop("domain") or [],
                                                 given.pop("domains_file"))
@@ -599,6 +615,16 @@ def _name_globs(specs: list[str], option: str) -> list[tuple[str, str]]:
             raise ValueError(f"{option} {spec!r} is not NAME=GLOB (e.g. web=web-*.elf)")
         pairs.append((name, pattern))
     return pairs
+
+
+def _numa_pins(specs: list[str]) -> tuple[tuple[int, str], ...]:
+    """``--numa-node NODE=GLOB`` options as (node, pattern) pairs."""
+    pins = []
+    for node, pattern in _name_globs(specs, "--numa-node"):
+        if not node.isdigit():
+            raise ValueError(f"--numa-node {node}={pattern}: NODE is a node number (0, 1...)")
+        pins.append((int(node), pattern))
+    return tuple(pins)
 
 
 def _domains(specs: list[str], table: Path | None) -> tuple[tuple[str, str], ...]:

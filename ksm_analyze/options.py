@@ -89,6 +89,14 @@ class ScanOptions:
             the machine's memory). Inputs whose fingerprints would not fit are aggregated
             out of core, a partition of the content hashes at a time, spilled to a
             temporary folder (docs/architecture.md, "Fleet scale").
+        numa_nodes: the host has this many NUMA nodes and KSM runs with
+            ``merge_across_nodes=0``: one stable and unstable tree per node, so pages on
+            different nodes never merge (None: ``merge_across_nodes=1``, or one node). Each
+            input is pinned to one node (``numa_pins``, else balanced by memory:
+            :func:`ksm_analyze.whatif.numa.node_of`). A merging policy, composing with
+            ``domains``: pages merge only when both their domain and their node match.
+        numa_pins: ``(node, pattern)`` pairs: the inputs whose path or file name match
+            ``pattern`` (as ``domains``) run on NUMA node ``node`` (0 to ``numa_nodes``-1).
     """
 
     format: DumpFormat | None = None
@@ -106,6 +114,8 @@ class ScanOptions:
     cache: str | None = None
     scheduler: str | None = None
     memory_limit: int | None = None
+    numa_nodes: int | None = None
+    numa_pins: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -134,6 +144,16 @@ class ScanOptions:
         if self.scheduler is not None and not _supported_scheduler(self.scheduler):
             raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT of a Dask "
                              "scheduler, local or local:N (N workers, at least 1)")
+        object.__setattr__(self, "numa_pins", tuple((n, str(p)) for n, p in self.numa_pins))
+        if self.numa_nodes is not None and self.numa_nodes < 1:
+            raise ValueError(f"--numa-nodes must be at least 1, not {self.numa_nodes}")
+        if self.numa_pins and self.numa_nodes is None:
+            raise ValueError("--numa-node needs --numa-nodes N (the nodes of the host)")
+        for node, pattern in self.numa_pins:
+            if not (isinstance(node, int) and 0 <= node < (self.numa_nodes or 0)):
+                raise ValueError(f"--numa-node {node}={pattern}: the node must be 0 to "
+                                 f"{(self.numa_nodes or 1) - 1} (--numa-nodes "
+                                 f"{self.numa_nodes})")
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
                              + ", ".join(MERGE_POLICIES))
@@ -153,8 +173,9 @@ class ScanOptions:
 
     @property
     def policy(self) -> bool:
-        """Whether a merging policy restricts KSM (domains, or zero pages only)."""
-        return bool(self.domains) or self.merge != "all"
+        """Whether a merging policy restricts KSM (domains, NUMA nodes merged apart, or zero
+        pages only)."""
+        return bool(self.domains) or self.merge != "all" or self.numa_nodes is not None
 
     def domain_of(self, names: Sequence[str]) -> tuple[list[int], list[str]]:
         """Each input's domain number, and the domains' names, from ``domains``.

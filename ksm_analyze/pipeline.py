@@ -53,6 +53,7 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
+from .whatif.numa import empty_numa_table, merge_units, node_of, numa_table
 
 __all__ = ["analyze"]
 
@@ -182,15 +183,25 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
     policy applied, then the summary tables and pairwise beside the given ``tables``
     (``zero_pages_found``: for fingerprints held without their pages, the files' count)."""
-    unrestricted, domain_names = None, []
+    unrestricted, domain_names, nodes, across = None, [], [], None
+    numa = empty_numa_table()
     if options.policy:
         unrestricted = table.counters(ksm)
         domains, domain_names = options.domain_of(table.names) if options.domains else (None, [])
-        table = table.with_policy(domains, zero_only=options.merge == "zero-only")
+        zero_only = options.merge == "zero-only"
+        if options.numa_nodes is not None:  # a merge unit is a domain and a node (whatif/numa)
+            nodes = node_of(table.names, table.column("pages") * table.page_size,
+                            options.numa_nodes, options.numa_pins)
+            across = table.with_policy(domains, zero_only=zero_only)
+            table = table.with_policy(merge_units(domains, nodes, options.numa_nodes),
+                                      zero_only=zero_only)
+            numa = numa_table(table, across, nodes, options.numa_nodes, ksm)
+        else:
+            table = table.with_policy(domains, zero_only=zero_only)
     pairs = pairwise(table, max_page_sharing=ksm.max_page_sharing, top=options.pairs_top)
     note = pairs.note()
     tables = {**summary_tables(table, ksm, prints, masks, stats, timings, more), **tables,
-              "pairwise": pairs.rows}
+              "pairwise": pairs.rows, "numa": numa}
     if zero_pages_found is not None:
         stages = tables["stages"]
         values = np.array(stages.data["value"], object)
@@ -209,6 +220,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
                   *warnings_after],
         unrestricted=unrestricted,
         domains=domain_names,
+        nodes=nodes,
+        across_nodes=across,
     )
 
 

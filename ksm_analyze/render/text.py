@@ -127,6 +127,7 @@ def render_scan(result: Analysis) -> str:
         [name, *(human_bytes(host.at(name, s)) if name == "general_profit"
                  else _count(host.at(name, s)) for s in columns)] for name in host.keys)))
     out += _policy(result)
+    out += _numa(result)
     out += ["", "Savings", _table(["", *titles], (
         [label, *(f"{human_bytes(sav.at(item, f'{s}_bytes'))} "
                   f"({sav.at(item, f'{s}_percent'):.1f}%)" for s in scen)]
@@ -187,17 +188,40 @@ def _policy(result: Analysis) -> list[str]:
     if u is None:
         return []
     if result.domains:
-        sizes = Counter(result.contents.column("domain").tolist())
+        sizes = Counter(result.domain_numbers())
         what = "pages merge only within domains " + ", ".join(
             f"{printable(name)} ({counted(sizes.get(k, 0), 'input')})"
             for k, name in enumerate(result.domains))
     else:
         what = ""
+    if result.options.numa_nodes is not None:
+        numa = (f"a NUMA node (merge_across_nodes=0, "
+                f"{counted(result.options.numa_nodes, 'node')})")
+        what = f"{what} and within {numa}" if what else f"pages merge only within {numa}"
     if result.options.merge == "zero-only":
         what = f"{what}; only zero pages merge" if what else "only zero pages merge"
     lost = u.general_profit - c.general_profit
     return [(f"  Policy: {what}. general_profit {human_bytes(c.general_profit)} against "
             f"{human_bytes(u.general_profit)} with no policy: it costs {human_bytes(lost)}.")]
+
+
+def _numa(result: Analysis) -> list[str]:
+    """Per NUMA node with merge_across_nodes=0 (only with --numa-nodes): what each node's KSM
+    saves, and what merging across nodes would have saved."""
+    numa = result.columns["numa"]
+    if not len(numa["node"]):
+        return []
+    rows = numa.rows()
+    total = rows[-1]
+    out = ["", "NUMA nodes, merge_across_nodes=0 (each node its own KSM; zero pages present)",
+           _table(["node", "inputs", "pages", "pages_shared", "pages_sharing", "saved"],
+                  ([r["node"], _count(r["input_count"]), _count(r["pages"]),
+                    _count(r["pages_shared"]), _count(r["pages_sharing"]),
+                    human_bytes(r["saved_bytes"])] for r in rows))]
+    out.append(f"  Merging across nodes (merge_across_nodes=1) would save "
+               f"{human_bytes(total['saved_across_nodes_bytes'])}: keeping nodes apart costs "
+               f"{human_bytes(total['lost_bytes'])} ({_count(total['lost_pages'])} pages).")
+    return out
 
 
 def _process_sections(result: Analysis) -> list[str]:
