@@ -145,3 +145,16 @@ def test_bad_values_are_one_line(dumps, args, message):
     r = runner.invoke(app, ["scan", *dumps, *args])
     assert r.exit_code == 2
     assert r.stderr == f"Error: {message.format(a=dumps[0])}\n"
+
+
+def test_report_has_the_numa_section_only_when_asked(dumps, tmp_path):
+    r = runner.invoke(app, ["report", *dumps, "--numa-nodes", "2", "-o", str(tmp_path / "n")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "n" / "index.html").read_text()
+    assert 'id="table-numa"' in page
+    assert ("Merging across nodes (merge_across_nodes=1) would save 32 KiB: keeping nodes "
+            "apart costs 20 KiB (5 pages).") in page
+    assert (tmp_path / "n" / "numa.csv").read_text().splitlines()[3].startswith("total,")
+    r = runner.invoke(app, ["report", *dumps, "-o", str(tmp_path / "p")])
+    assert r.exit_code == 0 and 'id="table-numa"' not in (tmp_path / "p" / "index.html"
+                                                         ).read_text()

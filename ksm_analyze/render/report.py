@@ -321,6 +321,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
             parts += [f'<p class="note"><code>{e(col)}</code> ({e(text)}): {e(words)}.</p>'
                       for col, (text, words) in HOST_COLUMNS.items() if col in df.columns]
         parts.append(f'<p class="note">Also in <a href="{name}.csv">{name}.csv</a>.</p>')
+    parts += _numa_section(result)
     parts.append('<p class="note">The page kinds per address bin are in '
                  '<a href="address_map.csv">address_map.csv</a>; fingerprinting statistics '
                  'in <a href="stages.csv">stages.csv</a>; time to converge in '
@@ -399,6 +400,22 @@ def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
                      "PID -o DIR --every 1s --count 3</code>) show what changes.</p>")
     parts += [_figure(name, CHARTS[name], images) for name in TIME_CHARTS]
     return parts
+
+
+def _numa_section(result: Analysis) -> list[str]:
+    """With --numa-nodes: each node's KSM (merge_across_nodes=0) and what merging across
+    nodes would have saved, in the words ``scan`` prints."""
+    from .text import _numa  # the same words as the text report
+
+    lines = _numa(result)
+    if not lines:
+        return []
+    e = html.escape
+    return [('<h3 id="table-numa">NUMA nodes, merge_across_nodes=0 (each node its own KSM; '
+            "zero pages present)</h3>"), _html_table(result.numa, index=False),
+            f"<p>{e(lines[-1].strip())}</p>",
+            ('<p class="note">The host\'s counters and savings above are those of the '
+            'per-node KSM. Also in <a href="numa.csv">numa.csv</a>.</p>')]
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
