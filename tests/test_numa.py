@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PS, SAMPLES, runner
+from conftest import PS, SAMPLES, runner, scan_memory
 
 from dumpwriter.raw import make_raw
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
+from ksm_analyze.planning.plan import plan
 from ksm_analyze.whatif.numa import node_of
 
 ZERO = bytes(PS)
@@ -104,6 +105,14 @@ def test_one_node_is_the_plain_prediction():
     assert plain.numa.empty and len(one.numa) == 2
 
 
+def test_plan_refuses_a_projection_of_nodes(dumps):
+    r = runner.invoke(app, ["plan", *dumps, "--host-memory", "80KiB", "--numa-nodes", "2",
+                            "--project", "4"])
+    assert r.exit_code == 2
+    assert r.stderr == ("Error: --project with --numa-nodes: the projection does not model "
+                        "NUMA nodes; plan without --project\n")
+
+
 def test_balance_by_memory_largest_first_onto_the_least_filled_node():
     # Sizes 5, 4, 3, 3, 1 onto 2 nodes, input 3 pinned to node 1 (load 3): 5 -> node 0 (0
     # against 3), 4 -> node 1 (3 < 5), 3 (input 2) -> node 0 (5 < 7), 1 -> node 1 (7 < 8).
@@ -158,3 +167,31 @@ def test_report_has_the_numa_section_only_when_asked(dumps, tmp_path):
     r = runner.invoke(app, ["report", *dumps, "-o", str(tmp_path / "p")])
     assert r.exit_code == 0 and 'id="table-numa"' not in (tmp_path / "p" / "index.html"
                                                          ).read_text()
+
+
+def test_plan_packs_nodes_each_equal_to_a_scan_of_its_inputs(dumps):
+    # Hosts of 80 KiB, two nodes of 40 KiB (40,960 bytes). Node footprints (pages left x 4 KiB
+    # + 64 bytes per scanned page): a+b 12 - 3 (S) - 1 (zero) = 8 pages, 33,536 bytes; c+d
+    # 12 - 2 (T) - 1 = 9 pages, 37,632; no three inputs fit a node (a+b+c: 12 pages left).
+    # Sharing-aware: the pairs on the two nodes of one host. First-fit by each input's own
+    # footprint (b, d 24,960; c, a 20,864): no two fit a node -> 4 nodes, 2 hosts.
+    result = analyze(dumps, numa_nodes=2, jobs=1)
+    planned = plan(result, 80 << 10)
+    summary = planned.summary.set_index("method")["hosts"]
+    assert (summary["sharing"], summary["first_fit"]) == (1, 2)
+    nodes = planned.nodes[planned.nodes["method"] == "sharing"]
+    assert sorted(map(sorted, nodes["inputs"])) == [["a.raw", "b.raw"], ["c.raw", "d.raw"]]
+    assert sorted(nodes["memory_after_bytes"]) == [33_536, 37_632]
+    assert planned.hosts.set_index("method").loc["sharing", "memory_after_bytes"] == 71_168
+    by_name = {p.rsplit("/", 1)[1]: p for p in dumps}
+    for r in planned.nodes.itertuples():  # a node is a host of its inputs alone
+        assert r.memory_after_bytes == scan_memory([by_name[n] for n in r.inputs])
+    for (method, host), group in planned.nodes.groupby(["method", "host"]):
+        pins = [arg for r in group.itertuples() for n in r.inputs
+                for arg in ("--numa-node", f"{r.node}={n}")]
+        inputs = [by_name[n] for r in group.itertuples() for n in r.inputs]
+        assert planned.hosts.set_index(["method", "host"]).loc[
+            (method, host), "memory_after_bytes"] == scan_memory(inputs, "--numa-nodes", "2",
+                                                                 *pins)
+    assert set(planned.assignments.columns) == {"method", "input", "host", "node"}
+    assert plan(analyze(dumps, jobs=1), 80 << 10).nodes.empty

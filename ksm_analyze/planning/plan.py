@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLAN_TABLES", "Plan", "plan"]
 
-PLAN_TABLES = ("summary", "hosts", "assignments", "projection")
+PLAN_TABLES = ("summary", "hosts", "assignments", "projection", "nodes")
 """Every table of a :class:`Plan`, in output order."""
 
 
@@ -45,6 +45,10 @@ class Plan:
             pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
             ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
         assignments: ``method``, ``input``, ``host``: one row per input and method.
+        nodes: with ``numa_nodes``, one row per NUMA node of each host of each placement:
+            ``method``, ``host``, ``node`` (0 to ``numa_nodes``-1), then the columns of
+            ``hosts`` for that node alone (``free_bytes`` of the node's share of
+            ``capacity``); empty without.
         projection: inputs per host (:meth:`~ksm_analyze.planning.projection.Projection.table`);
             empty unless counts were asked for.
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
@@ -55,6 +59,10 @@ class Plan:
         hosts_asked: the sharing-aware placement was spread over exactly this many hosts
             (``hosts=``); None: as few as it could.
         analysis: the analysis every number comes from.
+        numa_nodes: the analysis' ``numa_nodes``: each host is that many NUMA nodes of
+            ``capacity / numa_nodes`` with ``merge_across_nodes=0``, each input pinned to
+            one node and sharing only with the inputs of its node; the placements pack
+            nodes, and a host is ``numa_nodes`` nodes in placement order. None: no nodes.
         zero_pages: scanned zero pages counted as host memory (True) or as never touched.
     """
 
@@ -69,10 +77,14 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     zero_pages: bool = True
     hosts_asked: int | None = None
+    numa_nodes: int | None = None
+    nodes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them."""
-        return {name: getattr(self, name) for name in PLAN_TABLES}
+        """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them (``nodes``
+        only with ``numa_nodes``)."""
+        return {name: getattr(self, name) for name in PLAN_TABLES
+                if name != "nodes" or self.numa_nodes is not None}
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as strict JSON values (``plan --json``)."""
@@ -146,26 +158,52 @@ def plan(
         raise ValueError(f"--hosts {hosts:,} is more hosts than the "
                          f"{counted(len(analysis.names), 'input')}: every host needs at least "
                          "one")
-    model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
+    # With NUMA nodes (merge_across_nodes=0) a placement packs nodes of capacity / N, each
+    # sharing only within itself: the table merged across nodes, placed into node-sized bins.
+    n_nodes = analysis.options.numa_nodes or 1
+    numa = analysis.options.numa_nodes is not None and analysis.across_nodes is not None
+    if numa and project:
+        raise ValueError("--project with --numa-nodes: the projection does not model NUMA "
+                         "nodes; plan without --project")
+    if numa and hosts is not None and hosts * n_nodes > len(analysis.names):
+        raise ValueError(f"--hosts {hosts:,} of {counted(n_nodes, 'NUMA node')} is more nodes "
+                         f"than the {counted(len(analysis.names), 'input')}: every node needs "
+                         "at least one")
+    table = analysis.across_nodes if numa and analysis.across_nodes is not None else \
+        analysis.contents
+    bin_capacity = capacity // n_nodes if numa else capacity
+    model = HostModel(table, analysis.ksm, zero_pages=zero_pages)
     names = analysis.names
     guest_bytes = [int(b) for b in analysis.per_input["bytes"]]
-    sharing = place(model, capacity) if hosts is None else spread(model, capacity, hosts)
-    placements = [sharing, first_fit(model, capacity)]
-    host_rows, assignments, summary = [], [], []
+    sharing = (place(model, bin_capacity) if hosts is None
+               else spread(model, bin_capacity, hosts * (n_nodes if numa else 1)))
+    placements = [sharing, first_fit(model, bin_capacity)]
+    host_rows, node_rows, assignments, summary = [], [], [], []
+    host_counts = {}
     for p in placements:
-        frame = _host_frame(p, model, capacity, names, zero_pages)
+        if numa:
+            nodes_frame = _host_frame(p, model, bin_capacity, names, zero_pages)
+            frame = _numa_hosts(nodes_frame, n_nodes, capacity)
+            node_rows.append(nodes_frame.assign(host=nodes_frame["host"] // n_nodes,
+                                                node=nodes_frame["host"] % n_nodes))
+            assignments += [{"method": p.method, "input": names[i], "host": k // n_nodes,
+                             "node": k % n_nodes}
+                            for k, inputs in enumerate(p.hosts) for i in inputs]
+        else:
+            frame = _host_frame(p, model, capacity, names, zero_pages)
+            assignments += [{"method": p.method, "input": names[i], "host": k}
+                            for k, inputs in enumerate(p.hosts) for i in inputs]
         host_rows.append(frame)
-        assignments += [{"method": p.method, "input": names[i], "host": k}
-                        for k, inputs in enumerate(p.hosts) for i in inputs]
-        summary.append({"method": p.method, "hosts": len(p.hosts),
+        host_counts[p.method] = len(frame)
+        summary.append({"method": p.method, "hosts": len(frame),
                         "memory_after_bytes": int(frame["memory_after_bytes"].sum()),
-                        "overcommit": sum(guest_bytes) / (len(p.hosts) * host_memory)})
+                        "overcommit": sum(guest_bytes) / (len(frame) * host_memory)})
     bound = lower_bound(model, capacity)
     summary.append({"method": "lower_bound", "hosts": bound,
                     "memory_after_bytes": model.footprint(range(model.n)),
                     "overcommit": sum(guest_bytes) / (bound * host_memory)})
     table = pd.DataFrame(summary)
-    baseline = len(placements[1].hosts)
+    baseline = host_counts["first_fit"]
     # Hosts a method saves against first-fit; not for a count that was given (--hosts).
     given = (table["method"] == "sharing") & (hosts is not None)
     table["hosts_saved"] = pd.Series([None if g else int(baseline - n) for g, n in zip(
@@ -177,7 +215,7 @@ def plan(
     # The analysis' warnings first (nearly identical inputs mislead the projection below).
     one = len(over) == 1
     warnings = list(analysis.warnings) + ([] if over.empty else [
-        (f"{len(over)} of {counted(len(sharing.hosts), 'sharing-aware host')} "
+        (f"{len(over)} of {counted(host_counts['sharing'], 'sharing-aware host')} "
          f"({'host' if one else 'hosts'} {', '.join(map(str, over['host']))}) would need more "
          f"than {'its' if one else 'their'} {size_text(capacity)} if every merged page were "
          "written again (the copy-on-write worst case is memory before KSM, up to "
@@ -186,7 +224,8 @@ def plan(
     return Plan(
         summary=table,
         hosts=hosts_df,
-        assignments=pd.DataFrame(assignments, columns=["method", "input", "host"]),
+        assignments=pd.DataFrame(assignments, columns=["method", "input", "host",
+                                                       *(["node"] if numa else [])]),
         projection=projection.table(project) if projection else pd.DataFrame(),
         host_memory=host_memory,
         capacity=capacity,
@@ -195,7 +234,32 @@ def plan(
         warnings=warnings,
         zero_pages=zero_pages,
         hosts_asked=hosts,
+        numa_nodes=analysis.options.numa_nodes if numa else None,
+        nodes=pd.concat(node_rows, ignore_index=True)[_NODE_COLUMNS] if numa else
+        pd.DataFrame(),
     )
+
+
+_NODE_COLUMNS = ["method", "host", "node", "inputs", "input_count", "memory_before_bytes",
+                 "memory_after_bytes", "private_bytes", "shared_bytes", "rmap_bytes",
+                 "saved_bytes", "free_bytes", "worst_case_fits"]
+
+
+def _numa_hosts(nodes: pd.DataFrame, n_nodes: int, capacity: int) -> pd.DataFrame:
+    """Hosts of ``n_nodes`` NUMA nodes from the rows of the nodes (``host`` numbering the
+    nodes in placement order): each host the sum of its nodes, which share nothing."""
+    rows = []
+    for k, group in nodes.groupby(nodes["host"] // n_nodes, sort=True):
+        row = {"method": group["method"].iloc[0], "host": int(k),
+               "inputs": [n for inputs in group["inputs"] for n in inputs],
+               **{c: int(group[c].sum()) for c in ("input_count", "memory_before_bytes",
+                                                    "memory_after_bytes", "private_bytes",
+                                                    "shared_bytes", "rmap_bytes",
+                                                    "saved_bytes")}}
+        row["free_bytes"] = capacity - row["memory_after_bytes"]
+        row["worst_case_fits"] = row["memory_before_bytes"] <= capacity
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],

@@ -496,12 +496,21 @@ def render_plan(plan: Plan) -> str:
         spread = (f", spread over {plan.hosts_asked} hosts as asked (--hosts "
                   f"{plan.hosts_asked})" if plan.hosts_asked and method == "sharing" else "")
         out += ["", f"Hosts, {_METHODS[method]}{spread}"]
-        out.append(_table(["host", "before KSM", "after KSM", "saved", "free", "inputs"], (
-            [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
+        if plan.numa_nodes is not None:  # a row per node of each host
+            rows = plan.nodes[plan.nodes["method"] == method]
+        out.append(_table(["host", *(["node"] if plan.numa_nodes is not None else []),
+                           "before KSM", "after KSM", "saved", "free", "inputs"], (
+            [str(r.host), *([str(r.node)] if plan.numa_nodes is not None else []),
+             human_bytes(r.memory_before_bytes), human_bytes(r.memory_after_bytes),
              human_bytes(r.saved_bytes), human_bytes(r.free_bytes), " ".join(r.inputs)]
             for r in rows.itertuples())))
     out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM, "
                "rmap_items included)")
+    if plan.numa_nodes is not None:
+        out.append(f"  (NUMA: each host is {counted(plan.numa_nodes, 'node')} of "
+                   f"{human_bytes(plan.capacity // plan.numa_nodes)} with merge_across_nodes=0; "
+                   "a node's inputs share only with each other,\n   a host needs the sum of "
+                   "its nodes; free = of the node)")
     if len(plan.projection):
         out += ["", "Inputs like these on one host (beyond the samples: a model)"]
         out.append(_table(["inputs", "with KSM", "band (10%-90%)", "without KSM", ""], (
