@@ -38,6 +38,7 @@ from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
 from .units import counted, parse_duration, parse_size
+from .whatif.tune import DEFAULT_PREFIXES
 
 if TYPE_CHECKING:
     from .planning.plan import Plan
@@ -575,6 +576,63 @@ def plan(
             except OSError as e:
                 _cannot_write(png, e, "PNG files")
         typer.echo(to_json(result) if json_out else render_plan(result))
+
+
+TUNE_OPTIONS = (*(p for p in READING if p.name not in ("prefix_bytes", "scheduler")),
+                *(p for p in COMPARING if p.name == "verify"))
+"""What ``tune`` takes: READING but the prefix length it sweeps (and Dask: it reads the
+dumps here), and whether stage 2 compares bytes."""
+
+
+@app.command()
+@_analysis_command(TUNE_OPTIONS)
+def tune(
+    dumps: Annotated[list[Path], typer.Argument(help="Dump files, all on one host (not "
+                                                "fingerprint files: they hold no page "
+                                                "bytes).", show_default=False)],
+    prefixes: Annotated[
+        str, typer.Option("--prefixes", help="Prefix lengths to sweep, bytes, 1 to the page "
+                          "size, comma-separated.")
+    ] = ",".join(map(str, DEFAULT_PREFIXES)),
+    runs: Annotated[
+        int, typer.Option("--runs", help="Time each stage this many times at each prefix "
+                          "length; the fastest counts.")
+    ] = 3,
+    json_out: JsonOpt = False,
+    csv_dir: CsvOpt = None,
+    *,
+    request: _Request,
+) -> None:
+    """Sweep the prefix length stage 1 hashes and recommend one for DUMPS.
+
+    For each length: bytes hashed, candidates, false candidates, full compares (the counters
+    of scan's stages table), and the measured seconds per GiB of stage 1 and stage 2. Then
+    the birthday bound on a false merge if stage 2 trusted a 64- or 128-bit full-page hash
+    instead of comparing bytes, beside what comparing costs.
+    """
+    from .whatif.tune import TUNE_TABLES, parse_prefixes
+    from .whatif.tune import tune as run_tune
+
+    with _errors():
+        lengths = parse_prefixes(prefixes, request.ksm.page_size)
+        if runs < 1:
+            raise ValueError(f"--runs must be at least 1, not {runs}")
+        if csv_dir is not None:
+            _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in TUNE_TABLES])
+        with ScanProgress(enabled=not request.quiet) as bars:
+            result = run_tune(dumps, request.options, prefixes=lengths,
+                              page_size=request.ksm.page_size, runs=runs, progress=bars)
+        if csv_dir is not None:
+            try:
+                write_csvs(result, csv_dir)
+            except OSError as e:
+                _cannot_write(csv_dir, e, "CSV files")
+        if json_out:
+            typer.echo(to_json(result))
+        else:
+            from .render.text import render_tune
+
+            typer.echo(render_tune(result))
 
 
 def _write_pngs(result: Plan, prefix: Path) -> None:
