@@ -493,18 +493,27 @@ def report(
     host_memory: HostMemoryOpt = None,
     reserve: ReserveOpt = "0",
     project: ProjectOpt = None,
+    tune_section: Annotated[
+        bool, typer.Option("--tune", help="Also a Prefix length section, as `tune` makes it "
+                           "(every prefix length timed: several passes over the dumps).")
+    ] = False,
     *,
     request: _Request,
 ) -> None:
     """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host.
 
-    With --host-memory, also a Capacity plan section, as `plan` makes it.
+    With --host-memory, also a Capacity plan section, as `plan` makes it; with --tune, a
+    Prefix length section, as `tune` makes it.
     """
     with _errors():
         from .render.report import report_files, write_report  # matplotlib: only for a report
 
         options = replace(request.options, top=top, show_content=show_content)  # checks top
-        _refuse_overwriting(dumps, report_files(output))
+        _refuse_overwriting(dumps, report_files(output, tune=tune_section))
+        if tune_section:  # before the analysis: a fingerprint file has no bytes to time
+            from .whatif.tune import refuse_fingerprint_files
+
+            refuse_fingerprint_files(dumps)
         created = not output.exists()
         _make_dir(output)
         with contextlib.ExitStack() as undo:  # no report: no folder made for it either
@@ -514,9 +523,16 @@ def report(
             planned = None if host_memory is None else _make_plan(result, host_memory,
                                                                    reserve, project)
             if planned is not None:  # its files are known once it is made
-                _refuse_overwriting(dumps, report_files(output, planned))
+                _refuse_overwriting(dumps, report_files(output, planned, tune_section))
+            swept = None
+            if tune_section:
+                from .whatif.tune import tune as run_tune
+
+                with ScanProgress(enabled=not request.quiet) as bars:
+                    swept = run_tune(dumps, options, page_size=request.ksm.page_size,
+                                     progress=bars)
             try:
-                written = write_report(result, output, planned)
+                written = write_report(result, output, planned, swept)
             except OSError as e:
                 _cannot_write(output, e)
             undo.pop_all()

@@ -107,7 +107,10 @@ def test_real_qemu_dump():
 def test_collision_bound():
     """The birthday bound n(n-1)/2 / 2^bits, computed here with exact fractions, for the
     samples' non-zero pages and for 1 PiB of 4 KiB pages (2^38)."""
-    result = tune(SAMPLES, jobs=1, runs=1, prefixes=(128,))
+    import ksm_analyze  # the public API: a lazy name
+
+    result = ksm_analyze.tune(SAMPLES, jobs=1, runs=1, prefixes=(128,))
+    assert list(result.tables()) == ["prefixes", "collisions", "comparing"]
     n = int(analyze(SAMPLES, jobs=1).stages.loc["pages_hashed", "value"])
     rows = {(r["population"], r["hash_bits"]): r for r in result.columns["collisions"].rows()}
     for population, pages in (("these inputs", n), ("1 PiB fleet", 2**38)):
@@ -153,3 +156,25 @@ def test_text_output():
     r = runner.invoke(app, ["tune", *SAMPLES, "--jobs", "1", "--runs", "1"])
     assert r.exit_code == 0, r.output
     assert "<- recommended" in r.stdout and "1 PiB fleet" in r.stdout
+
+
+def test_report_tune_section(tmp_path):
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["report", *SAMPLES, "-o", str(out), "--tune", "--jobs", "1"])
+    assert r.exit_code == 0, r.output
+    for name in ("tune_prefixes.csv", "tune_collisions.csv", "tune_comparing.csv", "tune.png"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "index.html").read_text()
+    assert '<h2 id="tune">Prefix length</h2>' in page and "Recommended: " in page
+    plain = runner.invoke(app, ["report", *SAMPLES, "-o", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert not (tmp_path / "plain" / "tune.png").exists()
+
+
+def test_report_tune_refuses_fingerprint_files(tmp_path):
+    r = runner.invoke(app, ["fingerprint", SAMPLES[1], "-o", str(tmp_path / "fp")])
+    assert r.exit_code == 0, r.output
+    (made,) = (tmp_path / "fp").glob("*.ksmfp.parquet")
+    t = runner.invoke(app, ["report", str(made), "-o", str(tmp_path / "out"), "--tune"])
+    assert t.exit_code == 1
+    assert len(t.stderr.splitlines()) == 1 and "no page bytes" in t.stderr

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["DEFAULT_PREFIXES", "FLEET_BYTES", "TIE_FRACTION", "TUNE_TABLES", "Tune",
-           "birthday_bound", "parse_prefixes", "recommend", "tune"]
+           "birthday_bound", "parse_prefixes", "recommend", "refuse_fingerprint_files", "tune"]
 
 DEFAULT_PREFIXES = (16, 32, 64, 128, 256, 512, 1024, 4096)
 """Prefix lengths swept by default, in bytes (4096: the whole 4 KiB page)."""
@@ -187,16 +187,27 @@ def recommend(prefixes: Sequence[int], totals: Sequence[float | None],
     return min(p for t, p in known if t <= fastest * (1 + tie))
 
 
-def _open(paths: Sequence[str], options: ScanOptions, page_size: int,
-          stack: contextlib.ExitStack) -> list[DumpReader]:
-    """Every input's readers (a snapshot of N processes gives N), closed with ``stack``;
-    a fingerprint file is refused: it holds no page bytes to hash again."""
-    readers: list[DumpReader] = []
-    for path, base in zip(paths, options.bases_for(paths), strict=True):
+def refuse_fingerprint_files(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """Raise for the first fingerprint file among ``paths``: it holds no page bytes to hash
+    again.
+
+    Raises:
+        InputError: ``FILE: a fingerprint file holds no page bytes, ...``.
+    """
+    for path in paths:
         if looks_like_fingerprint_file(path):
             raise InputError("a fingerprint file holds no page bytes, and tune hashes every "
                              "page again at each prefix length: give the dump it was made "
                              "from", path=path)
+
+
+def _open(paths: Sequence[str], options: ScanOptions, page_size: int,
+          stack: contextlib.ExitStack) -> list[DumpReader]:
+    """Every input's readers (a snapshot of N processes gives N), closed with ``stack``;
+    a fingerprint file is refused (:func:`refuse_fingerprint_files`)."""
+    refuse_fingerprint_files(paths)
+    readers: list[DumpReader] = []
+    for path, base in zip(paths, options.bases_for(paths), strict=True):
         readers += [stack.enter_context(r) for r in open_inputs(
             path, options.format, page_size=page_size, base_address=base)]
     return readers
