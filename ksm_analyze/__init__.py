@@ -20,6 +20,7 @@ _WHERE = {
     "UnsupportedDumpError": "errors", "DumpFormat": "formats", "detect_format": "formats",
     "open_dump": "formats", "KsmCounters": "ksm", "KsmSettings": "ksm", "Extent": "pages",
     "PageBatch": "pages", "PageState": "pages", "ScanOptions": "options", "analyze": "pipeline",
+    "Tune": "whatif.tune", "tune": "whatif.tune",
 }
 """Each public name and the module that defines it."""
 
@@ -40,10 +41,12 @@ __all__ = [
     "ScanOptions",
     "Scope",
     "TruncatedDumpError",
+    "Tune",
     "UnsupportedDumpError",
     "analyze",
     "detect_format",
     "open_dump",
+    "tune",
 ]
 
 
@@ -76,3 +79,4 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .options import ScanOptions
     from .pages import Extent, PageBatch, PageState
     from .pipeline import analyze
+    from .whatif.tune import Tune, tune

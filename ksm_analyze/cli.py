@@ -38,6 +38,7 @@ from .render.files import to_json, write_csvs
 from .render.progress import ScanProgress
 from .render.text import render_capture, render_info, render_scan, render_status
 from .units import counted, parse_duration, parse_size
+from .whatif.tune import DEFAULT_PREFIXES
 
 if TYPE_CHECKING:
     from .planning.plan import Plan
@@ -508,18 +509,27 @@ def report(
     host_memory: HostMemoryOpt = None,
     reserve: ReserveOpt = "0",
     project: ProjectOpt = None,
+    tune_section: Annotated[
+        bool, typer.Option("--tune", help="Also a Prefix length section, as `tune` makes it "
+                           "(every prefix length timed: several passes over the dumps).")
+    ] = False,
     *,
     request: _Request,
 ) -> None:
     """Write CSV tables, PNG charts and a self-contained index.html for DUMPS on one host.
 
-    With --host-memory, also a Capacity plan section, as `plan` makes it.
+    With --host-memory, also a Capacity plan section, as `plan` makes it; with --tune, a
+    Prefix length section, as `tune` makes it.
     """
     with _errors():
         from .render.report import report_files, write_report  # matplotlib: only for a report
 
         options = replace(request.options, top=top, show_content=show_content)  # checks top
-        _refuse_overwriting(dumps, report_files(output))
+        _refuse_overwriting(dumps, report_files(output, tune=tune_section))
+        if tune_section:  # before the analysis: a fingerprint file has no bytes to time
+            from .whatif.tune import refuse_fingerprint_files
+
+            refuse_fingerprint_files(dumps)
         created = not output.exists()
         _make_dir(output)
         with contextlib.ExitStack() as undo:  # no report: no folder made for it either
@@ -529,9 +539,16 @@ def report(
             planned = None if host_memory is None else _make_plan(result, host_memory,
                                                                    reserve, project)
             if planned is not None:  # its files are known once it is made
-                _refuse_overwriting(dumps, report_files(output, planned))
+                _refuse_overwriting(dumps, report_files(output, planned, tune_section))
+            swept = None
+            if tune_section:
+                from .whatif.tune import tune as run_tune
+
+                with ScanProgress(enabled=not request.quiet) as bars:
+                    swept = run_tune(dumps, options, page_size=request.ksm.page_size,
+                                     progress=bars)
             try:
-                written = write_report(result, output, planned)
+                written = write_report(result, output, planned, swept)
             except OSError as e:
                 _cannot_write(output, e)
             undo.pop_all()
@@ -591,6 +608,63 @@ def plan(
             except OSError as e:
                 _cannot_write(png, e, "PNG files")
         typer.echo(to_json(result) if json_out else render_plan(result))
+
+
+TUNE_OPTIONS = (*(p for p in READING if p.name not in ("prefix_bytes", "scheduler")),
+                *(p for p in COMPARING if p.name == "verify"))
+"""What ``tune`` takes: READING but the prefix length it sweeps (and Dask: it reads the
+dumps here), and whether stage 2 compares bytes."""
+
+
+@app.command()
+@_analysis_command(TUNE_OPTIONS)
+def tune(
+    dumps: Annotated[list[Path], typer.Argument(help="Dump files, all on one host (not "
+                                                "fingerprint files: they hold no page "
+                                                "bytes).", show_default=False)],
+    prefixes: Annotated[
+        str, typer.Option("--prefixes", help="Prefix lengths to sweep, bytes, 1 to the page "
+                          "size, comma-separated.")
+    ] = ",".join(map(str, DEFAULT_PREFIXES)),
+    runs: Annotated[
+        int, typer.Option("--runs", help="Time each stage this many times at each prefix "
+                          "length; the fastest counts.")
+    ] = 3,
+    json_out: JsonOpt = False,
+    csv_dir: CsvOpt = None,
+    *,
+    request: _Request,
+) -> None:
+    """Sweep the prefix length stage 1 hashes and recommend one for DUMPS.
+
+    For each length: bytes hashed, candidates, false candidates, full compares (the counters
+    of scan's stages table), and the measured seconds per GiB of stage 1 and stage 2. Then
+    the birthday bound on a false merge if stage 2 trusted a 64- or 128-bit full-page hash
+    instead of comparing bytes, beside what comparing costs.
+    """
+    from .whatif.tune import TUNE_TABLES, parse_prefixes
+    from .whatif.tune import tune as run_tune
+
+    with _errors():
+        lengths = parse_prefixes(prefixes, request.ksm.page_size)
+        if runs < 1:
+            raise ValueError(f"--runs must be at least 1, not {runs}")
+        if csv_dir is not None:
+            _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in TUNE_TABLES])
+        with ScanProgress(enabled=not request.quiet) as bars:
+            result = run_tune(dumps, request.options, prefixes=lengths,
+                              page_size=request.ksm.page_size, runs=runs, progress=bars)
+        if csv_dir is not None:
+            try:
+                write_csvs(result, csv_dir)
+            except OSError as e:
+                _cannot_write(csv_dir, e, "CSV files")
+        if json_out:
+            typer.echo(to_json(result))
+        else:
+            from .render.text import render_tune
+
+            typer.echo(render_tune(result))
 
 
 def _write_pngs(result: Plan, prefix: Path) -> None:

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
     from ..analysis import Analysis
     from ..planning.plan import Plan
+    from ..whatif.tune import Tune
 
 __all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_ksmd_settings",
-           "plot_pairwise", "plot_projection", "plot_savings", "plot_timeline"]
+           "plot_pairwise", "plot_projection", "plot_savings", "plot_timeline", "plot_tune"]
 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
@@ -771,4 +772,43 @@ def plot_projection(plan: Plan) -> Figure:
         title += f": {plan.fits[0]:,} fit in {human_bytes(plan.capacity)}"
     ax.set_title(f"{title}\n({_policy_words(plan.analysis, plan.zero_pages)})", fontsize=11)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_tune(result: Tune) -> Figure:
+    """Seconds per GiB of stage 1, stage 2 and both against the prefix length (above), and
+    the candidates and false candidates each length lets through (below)."""
+    table = result.columns["prefixes"]
+    x = np.asarray(table["prefix_bytes"], float)
+    fig = _figure(8.0, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    for column, label, style in (("stage1_seconds_per_gib", "stage 1 (hash prefixes)", "--"),
+                                 ("stage2_seconds_per_gib", "stage 2 (compare candidates)", ":"),
+                                 ("total_seconds_per_gib", "both", "-")):
+        values = np.array([np.nan if v is None else v for v in table[column]], float)
+        top.plot(x, values, style, marker="o", label=label)
+    chosen = result.recommended_prefix_bytes
+    for ax in (top, bottom):
+        ax.axvline(chosen, color="#2ca02c", alpha=0.5, linewidth=3)
+        ax.grid(alpha=0.3)
+    top.set_ylabel("seconds per GiB of stored pages")
+    top.set_ylim(bottom=0)
+    top.legend(fontsize=9, title=f"recommended: {chosen} bytes", title_fontsize=9)
+    width = 0.35
+    positions = np.log2(x)
+    bottom.bar(2 ** (positions - width / 2), table["prefix_candidates"],
+               width=2 ** (positions - width / 2) * (2**width - 1) * 0.9, align="edge",
+               color="#4c78a8", label="candidates")
+    bottom.bar(2 ** positions, table["false_candidates"],
+               width=2 ** positions * (2**width - 1) * 0.9, align="edge", color="#d62728",
+               label="false candidates")
+    bottom.set_ylabel("pages")
+    bottom.legend(fontsize=9)
+    bottom.set_xscale("log", base=2)
+    bottom.set_xticks(x, [f"{int(v):,}" for v in x])
+    bottom.xaxis.set_minor_locator(NullLocator())
+    bottom.set_xlabel("prefix length hashed in stage 1 (bytes)")
+    fig.suptitle(f"Prefix length: {counted(len(result.inputs), 'input')}, "
+                 f"{human_bytes(result.stored_bytes)} of stored pages (best of "
+                 f"{counted(result.runs, 'run')}, warm page cache)", fontsize=11)
     return fig

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from ..analysis import Analysis
     from ..planning.plan import Plan
+    from ..whatif.tune import Tune
 
 __all__ = ["CHARTS", "HOST_COLUMNS", "TABLES", "TIME_CHARTS", "png_bytes", "report_files",
            "write_report"]
@@ -74,6 +75,8 @@ PLAN_CHARTS = {
     "plan_projection": "Host memory for more inputs like these, with and without KSM",
 }
 """The PNG files of a report's capacity plan and their captions."""
+TUNE_CHART = ("tune", "Seconds per GiB and false candidates against the prefix length")
+"""The PNG file of a report's prefix-length section (``report --tune``) and its caption."""
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -84,16 +87,24 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def report_files(directory: str | os.PathLike[str], plan: Plan | None = None) -> list[Path]:
+def report_files(directory: str | os.PathLike[str], plan: Plan | None = None,
+                 tune: bool = False) -> list[Path]:
     """The files :func:`write_report` writes into ``directory``, in the order it writes them
-    (with a ``plan``: its tables as ``plan_<name>.csv`` and charts as ``plan_<name>.png``)."""
+    (with a ``plan``: its tables as ``plan_<name>.csv`` and charts as ``plan_<name>.png``;
+    with ``tune``: ``tune_<name>.csv`` and ``tune.png``)."""
+    from ..whatif.tune import TUNE_TABLES
+
     out = Path(directory)
     files = [out / f"{name}.csv" for name in TABLES]
     if plan is not None:
         files += [out / f"plan_{name}.csv" for name in _plan_tables(plan)]
+    if tune:
+        files += [out / f"tune_{name}.csv" for name in TUNE_TABLES]
     files += [out / f"{name}.png" for name in CHARTS]
     if plan is not None:
         files += [out / f"plan_{name}.png" for name in plan.charts()]
+    if tune:
+        files.append(out / f"{TUNE_CHART[0]}.png")
     return [*files, out / "index.html"]
 
 
@@ -101,14 +112,15 @@ def _plan_tables(plan: Plan) -> dict[str, pd.DataFrame]:
     return {k: v for k, v in plan.tables().items() if len(v)}
 
 
-def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan | None = None
-                 ) -> list[Path]:
+def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan | None = None,
+                 tune: Tune | None = None) -> list[Path]:
     """Write the report of ``result`` into ``directory`` (created if needed).
 
     Args:
         result: what :func:`~ksm_analyze.analyze` returned.
         directory: the output folder; existing report files in it are replaced.
         plan: a capacity plan of the same analysis, for a "Capacity plan" section.
+        tune: the prefix-length sweep of the same inputs, for a "Prefix length" section.
 
     Returns:
         The files written: ``<table>.csv`` for each of :data:`~ksm_analyze.analysis.TABLES`, ``<chart>.png`` for
@@ -127,6 +139,11 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
+    if tune is not None:
+        from .plots import plot_tune
+
+        tables |= {f"tune_{k}": v for k, v in tune.tables().items()}
+        charts[TUNE_CHART[0]] = lambda: plot_tune(tune)
     staging = Path(tempfile.mkdtemp(prefix=".ksm-report-", dir=out))  # mode 0700
     try:
         names = []
@@ -139,7 +156,7 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
                 images[name] = png_bytes(draw())
                 atomic_write(staging / f"{name}.png", images[name], mode=FILE_MODE)
                 names.append(f"{name}.png")
-            atomic_write(staging / "index.html", render_html(result, images, plan),
+            atomic_write(staging / "index.html", render_html(result, images, plan, tune),
                          mode=FILE_MODE)
             names.append("index.html")
         except OSError as e:  # name the file of the report, not the staging copy
@@ -254,7 +271,8 @@ code { font-size: 0.95em; overflow-wrap: anywhere; } .scroll { overflow-x: auto;
 """
 
 
-def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = None) -> str:
+def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = None,
+                tune: Tune | None = None) -> str:
     """The report page: summary, charts (embedded PNGs), tables, a plan and options."""
     e = html.escape
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -331,6 +349,8 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
     options = {**result.options_record(), "show_content": show_content}
     if plan is not None:
         parts += _plan_section(plan, images)
+    if tune is not None:
+        parts += _tune_section(tune, images)
     parts.append('<h2 id="options">Options</h2><table class="summary">')
     inputs = options.get("inputs")
     if isinstance(inputs, list | tuple) and len(inputs) > NAMES_SHOWN:
@@ -442,6 +462,25 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
                      f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
     parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings
               if w not in plan.analysis.warnings]  # those are shown with the analysis
+    return parts
+
+
+def _tune_section(tune: Tune, images: dict[str, bytes]) -> list[str]:
+    """The prefix-length sweep: its chart, its tables and the recommendation."""
+    e = html.escape
+    parts = ['<h2 id="tune">Prefix length</h2>',
+             f"<p>Recommended: {e(tune.reason)}.</p>",
+             (f'<p class="note">Times: {e(tune.method)}. See docs/model.md, "The prefix '
+             'length".</p>'),
+             _figure(TUNE_CHART[0], TUNE_CHART[1], images)]
+    for name, title in (("prefixes", "Stage 1 and 2 at each prefix length"),
+                        ("collisions", ("Trusting a full-page hash: the birthday bound "
+                                       "n(n-1)/2 / 2^bits")),
+                        ("comparing", ("Stage 2 comparing bytes, and trusting the 64-bit "
+                                      "full-page hash"))):
+        parts += [f'<h3 id="table-tune_{name}">{e(title)}</h3>',
+                  _html_table(tune.tables()[name], index=False),
+                  f'<p class="note">Also in <a href="tune_{name}.csv">tune_{name}.csv</a>.</p>']
     return parts
 
 

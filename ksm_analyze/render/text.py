@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
     from ..live.capture import CaptureSummary
     from ..live.status import KsmStatus
     from ..planning.plan import Plan
+    from ..whatif.tune import Tune
 
-__all__ = ["render_capture", "render_info", "render_plan", "render_scan", "render_status"]
+__all__ = ["render_capture", "render_info", "render_plan", "render_scan", "render_status",
+           "render_tune"]
 
 _SCENARIO_TITLES = {  # each key's words (docs/glossary.md)
     "with_zero_pages": "with zero pages",
@@ -526,3 +529,54 @@ def render_plan(plan: Plan) -> str:
                        f"({cautious:,} to {hopeful:,} by the band).")
     out += [f"Warning: {printable(w)}" for w in plan.warnings]
     return "\n".join(out)
+
+
+def render_tune(result: Tune) -> str:
+    """``tune``'s text: the counters and times at each prefix length, the recommendation, and
+    what trusting a full-page hash would risk and save."""
+    rows = result.columns["prefixes"].rows()
+
+    def per_gib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3g}"
+
+    stage2 = "compares bytes" if result.verify else "trusts 64-bit full-page hashes (--no-verify)"
+    header = (f"Prefix length ({counted(len(result.inputs), 'input')}, "
+              f"{human_bytes(result.stored_bytes)} of stored pages; stage 2 {stage2})")
+    out = [header,
+           _table(["prefix", "hashed", "candidates", "false cand.", "full hashes",
+                   "full compares", "stage 1 s/GiB", "stage 2 s/GiB", "total s/GiB", ""],
+                  ([f"{r['prefix_bytes']} B", human_bytes(r["bytes_hashed"]),
+                    *(_count(r[c]) for c in ("prefix_candidates", "false_candidates",
+                                             "full_hashes", "full_compares")),
+                    per_gib(r["stage1_seconds_per_gib"]), per_gib(r["stage2_seconds_per_gib"]),
+                    per_gib(r["total_seconds_per_gib"]),
+                    "<- recommended" if r["recommended"] else ""] for r in rows)),
+           textwrap.fill(f"Times: {result.method}.", 96, initial_indent="  ",
+                         subsequent_indent="  "),
+           textwrap.fill(f"Recommended: {result.reason}.", 96, initial_indent="  ",
+                         subsequent_indent="  "), "",
+           ("Trusting a full-page hash instead of comparing bytes (birthday bound: "
+            "P(any collision) <= n(n-1)/2 / 2^bits)"),
+           _table(["pages", "n", "64-bit: expected", "P at most", "128-bit: expected",
+                   "P at most"],
+                  ([population, _count(by_bits[64]["pages"]),
+                    *(f"{by_bits[b][c]:.3g}" for b in (64, 128)
+                      for c in ("expected_collisions", "probability_bound"))]
+                   for population, by_bits in _by_population(result).items()))]
+    cost = {r["stage2"]: r for r in result.columns["comparing"].rows()}
+    verify, trust = cost["verify"], cost["no-verify"]
+    out.append(f"  Stage 2 at {verify['prefix_bytes']} bytes: comparing bytes "
+               f"{per_gib(verify['stage2_seconds_per_gib'])} s/GiB "
+               f"({_count(verify['full_compares'])} compares), trusting the 64-bit hash "
+               f"{per_gib(trust['stage2_seconds_per_gib'])} s/GiB "
+               f"({_count(trust['full_hashes'])} full-page hashes); merges "
+               f"{_count(verify['merges'])} and {_count(trust['merges'])}.")
+    out += [f"Warning: {printable(w)}" for w in result.warnings]
+    return "\n".join(out)
+
+
+def _by_population(result: Tune) -> dict[str, dict[int, dict[str, Any]]]:
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in result.columns["collisions"].rows():
+        rows.setdefault(r["population"], {})[int(r["hash_bits"])] = r
+    return rows
