@@ -138,6 +138,14 @@ CsvOpt = Annotated[
     typer.Option("--csv", help="Also write one CSV per table into this directory (ksm-status "
                  "--watch: the readings into this file).", show_default=False),
 ]
+NearDuplicatesOpt = Annotated[
+    int, typer.Option("--near-duplicates", metavar="N",
+                      help="Also report the N largest groups of near-duplicate contents: "
+                      "pages equal but for a few bytes (within 2 of 8 bands of the page), "
+                      "with the byte ranges that differ (offsets and counts, no bytes). "
+                      "0: off; on, it reads every distinct content again.",
+                      rich_help_panel=_COMPARING_PANEL)
+]
 PngOpt = Annotated[
     Path | None,
     typer.Option("--png", help="Also draw PNG files with this name prefix (plan: the hosts and "
@@ -458,11 +466,14 @@ def scan(
     dumps: DumpsArg,
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,
+    near_duplicates: NearDuplicatesOpt = DEFAULT_OPTIONS.near_duplicates,
     *,
     request: _Request,
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
+        request = replace(request, options=replace(request.options,
+                                                   near_duplicates=near_duplicates))
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in TABLES])
         result = request.run(dumps)
@@ -489,6 +500,7 @@ def report(
                            help="Show the first 64 bytes of each most duplicated content. "
                            "Off by default: memory dumps hold secrets.")
     ] = DEFAULT_OPTIONS.show_content,
+    near_duplicates: NearDuplicatesOpt = DEFAULT_OPTIONS.near_duplicates,
     host_memory: HostMemoryOpt = None,
     reserve: ReserveOpt = "0",
     project: ProjectOpt = None,
@@ -502,7 +514,8 @@ def report(
     with _errors():
         from .render.report import report_files, write_report  # matplotlib: only for a report
 
-        options = replace(request.options, top=top, show_content=show_content)  # checks top
+        options = replace(request.options, top=top, show_content=show_content,
+                          near_duplicates=near_duplicates)  # checks top and this
         _refuse_overwriting(dumps, report_files(output))
         created = not output.exists()
         _make_dir(output)

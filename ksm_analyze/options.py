@@ -89,6 +89,9 @@ class ScanOptions:
             the machine's memory). Inputs whose fingerprints would not fit are aggregated
             out of core, a partition of the content hashes at a time, spilled to a
             temporary folder (docs/architecture.md, "Fleet scale").
+        near_duplicates: report at most this many groups of near-duplicate contents
+            (contents equal but for a few bytes; :mod:`ksm_analyze.whatif.near_duplicates`);
+            0, the default, skips the what-if, which reads every distinct content again.
     """
 
     format: DumpFormat | None = None
@@ -106,6 +109,7 @@ class ScanOptions:
     cache: str | None = None
     scheduler: str | None = None
     memory_limit: int | None = None
+    near_duplicates: int = 0
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -127,6 +131,8 @@ class ScanOptions:
             raise ValueError(f"--top cannot be negative, not {self.top}")
         if self.pairs_top < 0:
             raise ValueError(f"--pairs-top cannot be negative, not {self.pairs_top}")
+        if self.near_duplicates < 0:
+            raise ValueError(f"--near-duplicates cannot be negative, not {self.near_duplicates}")
         if self.memory_limit is not None and self.memory_limit < MIN_MEMORY_LIMIT:
             raise ValueError(f"--memory-limit must be at least 1 MiB, not "
                              f"{self.memory_limit:,} bytes")
