@@ -244,6 +244,13 @@ class Analysis:
 
         return plot_timeline(self)
 
+    def plot_near_duplicates(self) -> Figure:
+        """Near-duplicates (``near_duplicates=N``): pages by bytes differing from their
+        group's representative, and by the offset of the first differing byte."""
+        from .render.plots import plot_near_duplicates
+
+        return plot_near_duplicates(self)
+
     def plot_ksmd_settings(self) -> Figure:
         """ksmd CPU % against time to steady state per setting (``ksmd_settings``), the
         advisor, the setting replayed and the cheapest within ``converge_within`` marked."""

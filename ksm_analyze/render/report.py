@@ -47,6 +47,7 @@ CHARTS = {
     "address_map": "Where the pages lie in each input's address space",
     "timeline": "KSM counters against time, ksmd replayed",
     "ksmd_settings": "ksmd CPU against time to steady state, per ksmd setting",
+    "near_duplicates": "Near-duplicates: pages by bytes differing, and by first differing byte",
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
 TIME_CHARTS = ("timeline", "ksmd_settings")
@@ -58,6 +59,8 @@ NAMES_SHOWN = 4
 """Input names in the page's title and heading (beyond: "and N more")."""
 TABLES_OF_CHARTS = ("address_map", *TIME_CHARTS)
 """Charts that draw the table of their name, which an analysis out of core leaves empty."""
+NEAR_CHART = "near_duplicates"
+"""The chart of the near-duplicates section: drawn only when the what-if ran."""
 """The charts of the "Over time" section (the others are under "Charts")."""
 HOST_COLUMNS = {
     "steady_state": ("ksmd replayed, steady",
@@ -123,7 +126,8 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
     tables = dict(result.tables())
     # A chart of a table not computed (out of core: a warning says so) is left out.
     charts = {name: getattr(result, f"plot_{name}") for name in CHARTS
-              if name not in TABLES_OF_CHARTS or len(result.columns[name])}
+              if (name not in TABLES_OF_CHARTS or len(result.columns[name]))
+              and (name != NEAR_CHART or len(result.columns["near_duplicates"]))}
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
@@ -288,7 +292,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         parts.append(f'<p class="warn">Warning: {e(w)}</p>')
     parts.append('<h2 id="charts">Charts</h2>')
     parts += [_figure(name, caption, images) for name, caption in CHARTS.items()
-              if name not in TIME_CHARTS]
+              if name not in (*TIME_CHARTS, NEAR_CHART)]
     parts += _over_time_section(result, images)
     parts.append('<h2 id="tables">Tables</h2>')
     pairwise_title = (
@@ -327,6 +331,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
                  '<a href="convergence.csv">convergence.csv</a>, ksmd replayed full scan by '
                  'full scan in <a href="timeline.csv">timeline.csv</a> and each ksmd setting '
                  'in <a href="ksmd_settings.csv">ksmd_settings.csv</a>.</p>')
+    parts += _near_duplicates_section(result, images)
     options = {**result.options_record(), "show_content": show_content}
     if plan is not None:
         parts += _plan_section(plan, images)
@@ -398,6 +403,27 @@ def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
                      "memory holds still. Samples over time (<code>ksm-analyze fingerprint "
                      "PID -o DIR --every 1s --count 3</code>) show what changes.</p>")
     parts += [_figure(name, CHARTS[name], images) for name in TIME_CHARTS]
+    return parts
+
+
+def _near_duplicates_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
+    """With ``--near-duplicates``: the method, the groups and the chart of their bytes."""
+    from ..whatif.near_duplicates import METHOD
+
+    if not len(result.columns["near_duplicate_histogram"]):
+        return []  # not asked
+    e = html.escape
+    groups = result.near_duplicates
+    parts = ['<h2 id="near-duplicates">Near-duplicates: pages equal but for a few bytes</h2>',
+             (f'<p class="note">Found as {e(METHOD)}. Byte offsets and counts only, ranges '
+             "inclusive; <code>extra_saved</code>: what KSM would save beyond today were each "
+             'group one content. Also in <a href="near_duplicates.csv">near_duplicates.csv'
+             '</a> and <a href="near_duplicate_histogram.csv">near_duplicate_histogram.csv</a>'
+             ".</p>")]
+    if not len(groups):
+        return [*parts, "<p>None found.</p>"]
+    parts.append(_html_table(groups, index=False))
+    parts.append(_figure(NEAR_CHART, CHARTS[NEAR_CHART], images))
     return parts
 
 
