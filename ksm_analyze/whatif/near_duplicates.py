@@ -102,7 +102,7 @@ def near_duplicates(
     *,
     top: int,
     max_page_sharing: int,
-    max_contents: int = MAX_CONTENTS,
+    max_contents: int | None = None,
 ) -> NearDuplicates:
     """The ``top`` groups of near-duplicate contents (most pages first), by :data:`METHOD`.
 
@@ -114,7 +114,8 @@ def near_duplicates(
             file): contents found only there are left out, and a warning names the inputs.
         top: groups reported at most.
         max_page_sharing: KSM's limit of pages per KSM page, for the pages saved.
-        max_contents: distinct contents compared at most; beyond it a uniform sample.
+        max_contents: distinct contents compared at most; beyond it a uniform sample
+            (None: :data:`MAX_CONTENTS`).
 
     Returns:
         :class:`NearDuplicates`. ``near_duplicates`` columns: ``group`` (1, 2, ...),
@@ -137,14 +138,16 @@ def near_duplicates(
     names = short_names([fp.path for fp in fingerprints])
     blind = [names[i] for i, r in enumerate(readers) if r is None]
     if blind:
-        warnings.append(f"near_duplicates: {', '.join(blind)} hold no page bytes here "
-                        "(fingerprint files): contents found only there are left out")
+        warnings.append(f"near_duplicates: no page bytes of {', '.join(blind)} (fingerprint "
+                        "files whose dumps are not readable here): contents found only there "
+                        "are left out")
     if ps % (8 * BANDS):
         warnings.append(f"near_duplicates: a page of {ps:,} bytes does not cut into "
                         f"{BANDS} bands of 64-bit words: not computed")
         empty = empty_tables()
         return NearDuplicates(empty["near_duplicates"], empty["near_duplicate_histogram"],
                               warnings=warnings)
+    max_contents = MAX_CONTENTS if max_contents is None else max_contents
     rep_input, rep_row, pages, klass = _contents(labels, masks, readers)
     found = len(pages)
     chosen = np.arange(found)
