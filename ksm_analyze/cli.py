@@ -516,7 +516,8 @@ def report(
 
         options = replace(request.options, top=top, show_content=show_content,
                           near_duplicates=near_duplicates)  # checks top and this
-        _refuse_overwriting(dumps, report_files(output))
+        near = options.near_duplicates > 0
+        _refuse_overwriting(dumps, report_files(output, near_duplicates=near))
         created = not output.exists()
         _make_dir(output)
         with contextlib.ExitStack() as undo:  # no report: no folder made for it either
@@ -526,7 +527,8 @@ def report(
             planned = None if host_memory is None else _make_plan(result, host_memory,
                                                                    reserve, project)
             if planned is not None:  # its files are known once it is made
-                _refuse_overwriting(dumps, report_files(output, planned))
+                _refuse_overwriting(dumps, report_files(output, planned,
+                                                        near_duplicates=near))
             try:
                 written = write_report(result, output, planned)
             except OSError as e:

@@ -190,3 +190,18 @@ def test_samples_run_and_json_is_strict(tmp_path):
         first, _, last = g["differing_ranges"][0].partition("-")
         assert int(first) == g["first_differing_offset"] <= int(last)
     assert (tmp_path / "near_duplicates.csv").read_text().startswith("group,pages,contents,")
+
+
+def test_report_has_the_section_and_chart_only_when_asked(crafted, tmp_path):
+    from ksm_analyze.render.report import CHARTS, report_files
+
+    for asked in (0, 3):
+        out = tmp_path / f"report{asked}"
+        r = runner.invoke(app, ["report", crafted, "-o", str(out), "-q", "-j", "1",
+                                "--near-duplicates", str(asked)])
+        assert r.exit_code == 0, r.output
+        assert sorted(out.iterdir()) == sorted(report_files(out, near_duplicates=asked > 0))
+        page = (out / "index.html").read_text()
+        assert ('id="near-duplicates"' in page) is (asked > 0)
+        assert ("<td>4088-4095</td>" in page) is (asked > 0)
+        assert page.count("<img ") == len(CHARTS) + (1 if asked else 0)

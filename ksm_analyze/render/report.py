@@ -47,7 +47,6 @@ CHARTS = {
     "address_map": "Where the pages lie in each input's address space",
     "timeline": "KSM counters against time, ksmd replayed",
     "ksmd_settings": "ksmd CPU against time to steady state, per ksmd setting",
-    "near_duplicates": "Near-duplicates: pages by bytes differing, and by first differing byte",
 }
 """The PNG files of a report (``<name>.png``) and their captions."""
 TIME_CHARTS = ("timeline", "ksmd_settings")
@@ -60,7 +59,9 @@ NAMES_SHOWN = 4
 TABLES_OF_CHARTS = ("address_map", *TIME_CHARTS)
 """Charts that draw the table of their name, which an analysis out of core leaves empty."""
 NEAR_CHART = "near_duplicates"
-"""The chart of the near-duplicates section: drawn only when the what-if ran."""
+NEAR_CAPTION = "Near-duplicates: pages by bytes differing, and by first differing byte"
+"""The chart of the near-duplicates section (``near_duplicates.png``), and its caption:
+written only when the what-if ran (``--near-duplicates N``), after those of ``CHARTS``."""
 """The charts of the "Over time" section (the others are under "Charts")."""
 HOST_COLUMNS = {
     "steady_state": ("ksmd replayed, steady",
@@ -87,14 +88,18 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def report_files(directory: str | os.PathLike[str], plan: Plan | None = None) -> list[Path]:
+def report_files(directory: str | os.PathLike[str], plan: Plan | None = None, *,
+                 near_duplicates: bool = False) -> list[Path]:
     """The files :func:`write_report` writes into ``directory``, in the order it writes them
-    (with a ``plan``: its tables as ``plan_<name>.csv`` and charts as ``plan_<name>.png``)."""
+    (with a ``plan``: its tables as ``plan_<name>.csv`` and charts as ``plan_<name>.png``;
+    with ``near_duplicates``, the what-if asked for, its chart)."""
     out = Path(directory)
     files = [out / f"{name}.csv" for name in TABLES]
     if plan is not None:
         files += [out / f"plan_{name}.csv" for name in _plan_tables(plan)]
     files += [out / f"{name}.png" for name in CHARTS]
+    if near_duplicates:
+        files.append(out / f"{NEAR_CHART}.png")
     if plan is not None:
         files += [out / f"plan_{name}.png" for name in plan.charts()]
     return [*files, out / "index.html"]
@@ -126,8 +131,9 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
     tables = dict(result.tables())
     # A chart of a table not computed (out of core: a warning says so) is left out.
     charts = {name: getattr(result, f"plot_{name}") for name in CHARTS
-              if (name not in TABLES_OF_CHARTS or len(result.columns[name]))
-              and (name != NEAR_CHART or len(result.columns["near_duplicates"]))}
+              if name not in TABLES_OF_CHARTS or len(result.columns[name])}
+    if len(result.columns["near_duplicate_histogram"]):  # the what-if ran
+        charts[NEAR_CHART] = result.plot_near_duplicates
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
@@ -292,7 +298,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
         parts.append(f'<p class="warn">Warning: {e(w)}</p>')
     parts.append('<h2 id="charts">Charts</h2>')
     parts += [_figure(name, caption, images) for name, caption in CHARTS.items()
-              if name not in (*TIME_CHARTS, NEAR_CHART)]
+              if name not in TIME_CHARTS]
     parts += _over_time_section(result, images)
     parts.append('<h2 id="tables">Tables</h2>')
     pairwise_title = (
@@ -420,10 +426,11 @@ def _near_duplicates_section(result: Analysis, images: dict[str, bytes]) -> list
              'group one content. Also in <a href="near_duplicates.csv">near_duplicates.csv'
              '</a> and <a href="near_duplicate_histogram.csv">near_duplicate_histogram.csv</a>'
              ".</p>")]
-    if not len(groups):
-        return [*parts, "<p>None found.</p>"]
-    parts.append(_html_table(groups, index=False))
-    parts.append(_figure(NEAR_CHART, CHARTS[NEAR_CHART], images))
+    if len(groups):
+        parts.append(_html_table(groups, index=False))
+    else:
+        parts.append("<p>None found.</p>")
+    parts.append(_figure(NEAR_CHART, NEAR_CAPTION, images))
     return parts
 
 
