@@ -30,7 +30,7 @@ __all__ = ["TABLES", "Analysis", "json_safe"]
 
 TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
           "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings",
-          "numa")
+          "numa", "near_duplicates", "near_duplicate_histogram")
 """Every table of an :class:`Analysis`, in output order."""
 
 
@@ -132,6 +132,26 @@ class Analysis:
         nodes: the NUMA node of each input (``numa``); empty without ``options.numa_nodes``.
         across_nodes: with ``options.numa_nodes``, the core table under the other policies
             alone (merged across nodes), as ``plan`` places per node; else None.
+        near_duplicates: with ``options.near_duplicates`` N > 0, the N largest groups of
+            near-duplicate contents, most pages first (empty otherwise, and for inputs
+            whose bytes are not here): non-zero contents KSM scans that are equal outside
+            at most two of eight equal bands of the page, found by band hashes and each
+            member compared byte for byte with the group's representative (the content
+            with the most pages); beyond 1,048,576 distinct contents a uniform sample of
+            them, with a warning giving the fraction
+            (:mod:`ksm_analyze.whatif.near_duplicates`). Columns ``group``, ``pages``
+            (holding the group's contents, every input), ``contents``, ``input_count``,
+            ``inputs`` (``{name: pages}``), ``differing_ranges`` (``"first-last"``
+            inclusive byte offsets where a member differs from the representative, the
+            first 16), ``differing_range_count``, ``differing_bytes_min``,
+            ``differing_bytes_max``, ``first_differing_offset``, ``saved_pages`` (what KSM
+            saves on them now), ``saved_if_equal_pages`` (if they were one content),
+            ``extra_saved_pages``, ``extra_saved_bytes``. No page bytes.
+        near_duplicate_histogram: the groups' members other than their representatives,
+            by bytes differing (``histogram`` ``differing_bytes``: buckets 1, 2-3, 4-7,
+            ...) and by first differing offset (``first_differing_offset``: one bucket per
+            eighth of the page). Columns ``histogram``, ``low``, ``high`` (inclusive),
+            ``contents``, ``pages``; empty when the what-if did not run.
         columns: every table above by name, as plain columns (numpy arrays and lists, no
             pandas): what the text report reads.
     """
@@ -162,6 +182,8 @@ class Analysis:
     timeline = _Table()
     ksmd_settings = _Table()
     numa = _Table()
+    near_duplicates = _Table()
+    near_duplicate_histogram = _Table()
 
     @property
     def names(self) -> list[str]:
@@ -248,6 +270,13 @@ class Analysis:
         from .render.plots import plot_timeline
 
         return plot_timeline(self)
+
+    def plot_near_duplicates(self) -> Figure:
+        """Near-duplicates (``near_duplicates=N``): pages by bytes differing from their
+        group's representative, and by the offset of the first differing byte."""
+        from .render.plots import plot_near_duplicates
+
+        return plot_near_duplicates(self)
 
     def plot_ksmd_settings(self) -> Figure:
         """ksmd CPU % against time to steady state per setting (``ksmd_settings``), the

@@ -139,6 +139,14 @@ CsvOpt = Annotated[
     typer.Option("--csv", help="Also write one CSV per table into this directory (ksm-status "
                  "--watch: the readings into this file).", show_default=False),
 ]
+NearDuplicatesOpt = Annotated[
+    int, typer.Option("--near-duplicates", metavar="N",
+                      help="Also report the N largest groups of near-duplicate contents: "
+                      "pages equal but for a few bytes (within 2 of 8 bands of the page), "
+                      "with the byte ranges that differ (offsets and counts, no bytes). "
+                      "0: off; on, it reads every distinct content again.",
+                      rich_help_panel=_COMPARING_PANEL)
+]
 PngOpt = Annotated[
     Path | None,
     typer.Option("--png", help="Also draw PNG files with this name prefix (plan: the hosts and "
@@ -475,11 +483,14 @@ def scan(
     dumps: DumpsArg,
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,
+    near_duplicates: NearDuplicatesOpt = DEFAULT_OPTIONS.near_duplicates,
     *,
     request: _Request,
 ) -> None:
     """Predict the KSM counters and savings for DUMPS placed on one host."""
     with _errors():
+        request = replace(request, options=replace(request.options,
+                                                   near_duplicates=near_duplicates))
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in TABLES])
         result = request.run(dumps)
@@ -506,6 +517,7 @@ def report(
                            help="Show the first 64 bytes of each most duplicated content. "
                            "Off by default: memory dumps hold secrets.")
     ] = DEFAULT_OPTIONS.show_content,
+    near_duplicates: NearDuplicatesOpt = DEFAULT_OPTIONS.near_duplicates,
     host_memory: HostMemoryOpt = None,
     reserve: ReserveOpt = "0",
     project: ProjectOpt = None,
@@ -524,8 +536,10 @@ def report(
     with _errors():
         from .render.report import report_files, write_report  # matplotlib: only for a report
 
-        options = replace(request.options, top=top, show_content=show_content)  # checks top
-        _refuse_overwriting(dumps, report_files(output, tune=tune_section))
+        options = replace(request.options, top=top, show_content=show_content,
+                          near_duplicates=near_duplicates)  # checks top and this
+        near = options.near_duplicates > 0
+        _refuse_overwriting(dumps, report_files(output, tune=tune_section, near_duplicates=near))
         if tune_section:  # before the analysis: a fingerprint file has no bytes to time
             from .whatif.tune import refuse_fingerprint_files
 
@@ -539,7 +553,8 @@ def report(
             planned = None if host_memory is None else _make_plan(result, host_memory,
                                                                    reserve, project)
             if planned is not None:  # its files are known once it is made
-                _refuse_overwriting(dumps, report_files(output, planned, tune_section))
+                _refuse_overwriting(dumps, report_files(output, planned, tune_section,
+                                                        near_duplicates=near))
             swept = None
             if tune_section:
                 from .whatif.tune import tune as run_tune

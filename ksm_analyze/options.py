@@ -97,6 +97,9 @@ class ScanOptions:
             ``domains``: pages merge only when both their domain and their node match.
         numa_pins: ``(node, pattern)`` pairs: the inputs whose path or file name match
             ``pattern`` (as ``domains``) run on NUMA node ``node`` (0 to ``numa_nodes``-1).
+        near_duplicates: report at most this many groups of near-duplicate contents
+            (contents equal but for a few bytes; :mod:`ksm_analyze.whatif.near_duplicates`);
+            0, the default, skips the what-if, which reads every distinct content again.
     """
 
     format: DumpFormat | None = None
@@ -116,6 +119,7 @@ class ScanOptions:
     memory_limit: int | None = None
     numa_nodes: int | None = None
     numa_pins: tuple[tuple[int, str], ...] = ()
+    near_duplicates: int = 0
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -137,6 +141,8 @@ class ScanOptions:
             raise ValueError(f"--top cannot be negative, not {self.top}")
         if self.pairs_top < 0:
             raise ValueError(f"--pairs-top cannot be negative, not {self.pairs_top}")
+        if self.near_duplicates < 0:
+            raise ValueError(f"--near-duplicates cannot be negative, not {self.near_duplicates}")
         if self.memory_limit is not None and self.memory_limit < MIN_MEMORY_LIMIT:
             raise ValueError(f"--memory-limit must be at least 1 MiB, not "
                              f"{self.memory_limit:,} bytes")

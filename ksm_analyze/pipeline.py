@@ -53,6 +53,8 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
+from .whatif.near_duplicates import empty_tables as no_near_duplicates
+from .whatif.near_duplicates import near_duplicates
 from .whatif.numa import empty_numa_table, merge_units, node_of, numa_table
 
 __all__ = ["analyze"]
@@ -157,6 +159,14 @@ def analyze(
             tl = still_timeline(prints, masks, classes.labels)
         top = top_contents(still, classes, prints, readers, top=options.top,
                            show_content=options.show_content)
+        near, near_notes = no_near_duplicates(), []
+        if options.near_duplicates:  # reads every distinct content again: only when asked
+            found = near_duplicates(prints, classes.labels, masks, readers,
+                                    top=options.near_duplicates,
+                                    max_page_sharing=ksm.max_page_sharing)
+            near = {"near_duplicates": found.groups,
+                    "near_duplicate_histogram": found.histogram}
+            near_notes = found.warnings
 
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
                "inputs_from_cache": sum(s.origin == "cache" for s in sources),
@@ -168,9 +178,9 @@ def analyze(
     more = {"steady_state": over.steady} if over.steady else {}
     if samples.over_time:
         more["if_memory_stood_still"] = still.counters(ksm)
-    tables = {**over.tables(), "top_contents": top, "address_map": where}
+    tables = {**over.tables(), "top_contents": top, "address_map": where, **near}
     return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
-                     tables, rmap_note=rmap_note, warnings_after=over.warnings)
+                     tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes])
 
 
 def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
@@ -280,6 +290,11 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
             f"{', '.join(NOT_OUT_OF_CORE)} and the host's steady_state counters need every "
             f"page in memory and were not computed (a --memory-limit above "
             f"{size_text(in_memory)} gives them)")
+    notes = [note]
+    if options.near_duplicates:
+        notes.append("near_duplicates: fingerprint files hold no page bytes, and out of core "
+                     "reads only them: the tables near_duplicates and "
+                     "near_duplicate_histogram are left empty")
     return _analysis(paths, options, ksm, table, prints, masks, agg.stats, timings,
                        {"if_memory_stood_still": still} if still else None, {
         "convergence": Columns({"item": [], "value": []}, "item"),
@@ -288,8 +303,8 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         "stability": Columns.from_records(agg.stability or [], list(STABILITY_COLUMNS)),
         "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
                                                  "last_address", "pages", *ADDRESS_KINDS)}),
-        "top_contents": top,
-    }, rmap_note=rmap_note, warnings_before=[note], zero_pages_found=agg.zero_pages_found)
+        "top_contents": top, **no_near_duplicates(),
+    }, rmap_note=rmap_note, warnings_before=notes, zero_pages_found=agg.zero_pages_found)
 
 
 def _warnings(prints: Sequence[Fingerprints], options: ScanOptions) -> list[str]:

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ..whatif.tune import Tune
 
 __all__ = ["plot_address_map", "plot_histogram", "plot_hosts", "plot_ksmd_settings",
-           "plot_pairwise", "plot_projection", "plot_savings", "plot_timeline", "plot_tune"]
+           "plot_near_duplicates", "plot_pairwise", "plot_projection", "plot_savings", "plot_timeline",
+           "plot_tune"]
 
 _MINUS = "\N{MINUS SIGN}"
 _EN_DASH = "\N{EN DASH}"
@@ -164,6 +165,38 @@ def plot_histogram(result: Analysis) -> Figure:
                  f"({_policy_words(result)})", fontsize=10)
     ax.legend(loc="best")
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_near_duplicates(result: Analysis) -> Figure:
+    """Near-duplicates (``--near-duplicates``): the groups' pages by bytes differing from
+    their group's representative, and by where the first differing byte lies."""
+    hist = result.columns["near_duplicate_histogram"]
+    fig = _figure(12.0, 4.5)
+    axes = fig.subplots(1, 2)
+    kinds = (("differing_bytes", "bytes differing from the group's representative", "#4c78a8"),
+             ("first_differing_offset", "offset of the first differing byte", "#f58518"))
+    for ax, (kind, label, color) in zip(axes, kinds, strict=True):
+        rows = [r for r in hist.rows() if r["histogram"] == kind]
+        if kind == "differing_bytes":  # up to the largest bucket used (a page at most)
+            used = [i for i, r in enumerate(rows) if r["pages"]]
+            rows = rows[:max(used, default=0) + 1]
+        x = np.arange(len(rows))
+        pages = [int(r["pages"]) for r in rows]
+        bars = ax.bar(x, pages, 0.7, color=color)
+        ax.bar_label(bars, labels=[f"{v:,}" if v else "" for v in pages], fontsize=8,
+                     padding=2)
+        ax.set_xticks(x, [f"{r['low']:,}" if r["low"] == r["high"] else
+                          f"{r['low']:,}{_EN_DASH}{r['high']:,}" for r in rows],
+                      rotation=45 if len(rows) > 6 else 0, fontsize=8, ha="right"
+                      if len(rows) > 6 else "center")
+        ax.set_xlabel(label)
+        ax.set_ylabel("pages")
+        ax.set_ylim(0, max(pages, default=0) * 1.15 + 1)
+        ax.grid(axis="y", alpha=0.3)
+    groups = len(result.columns["near_duplicates"])
+    fig.suptitle(f"Near-duplicates: pages of the {counted(groups, 'largest group')} "
+                 "(representatives not counted)", fontsize=10)
     return fig
 
 

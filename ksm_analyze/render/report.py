@@ -59,6 +59,10 @@ NAMES_SHOWN = 4
 """Input names in the page's title and heading (beyond: "and N more")."""
 TABLES_OF_CHARTS = ("address_map", *TIME_CHARTS)
 """Charts that draw the table of their name, which an analysis out of core leaves empty."""
+NEAR_CHART = "near_duplicates"
+NEAR_CAPTION = "Near-duplicates: pages by bytes differing, and by first differing byte"
+"""The chart of the near-duplicates section (``near_duplicates.png``), and its caption:
+written only when the what-if ran (``--near-duplicates N``), after those of ``CHARTS``."""
 """The charts of the "Over time" section (the others are under "Charts")."""
 HOST_COLUMNS = {
     "steady_state": ("ksmd replayed, steady",
@@ -88,10 +92,11 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def report_files(directory: str | os.PathLike[str], plan: Plan | None = None,
-                 tune: bool = False) -> list[Path]:
+                 tune: bool = False, *, near_duplicates: bool = False) -> list[Path]:
     """The files :func:`write_report` writes into ``directory``, in the order it writes them
     (with a ``plan``: its tables as ``plan_<name>.csv`` and charts as ``plan_<name>.png``;
-    with ``tune``: ``tune_<name>.csv`` and ``tune.png``)."""
+    with ``tune``: ``tune_<name>.csv`` and ``tune.png``; with ``near_duplicates``, the
+    what-if asked for, its chart)."""
     from ..whatif.tune import TUNE_TABLES
 
     out = Path(directory)
@@ -101,6 +106,8 @@ def report_files(directory: str | os.PathLike[str], plan: Plan | None = None,
     if tune:
         files += [out / f"tune_{name}.csv" for name in TUNE_TABLES]
     files += [out / f"{name}.png" for name in CHARTS]
+    if near_duplicates:
+        files.append(out / f"{NEAR_CHART}.png")
     if plan is not None:
         files += [out / f"plan_{name}.png" for name in plan.charts()]
     if tune:
@@ -136,6 +143,8 @@ def write_report(result: Analysis, directory: str | os.PathLike[str], plan: Plan
     # A chart of a table not computed (out of core: a warning says so) is left out.
     charts = {name: getattr(result, f"plot_{name}") for name in CHARTS
               if name not in TABLES_OF_CHARTS or len(result.columns[name])}
+    if len(result.columns["near_duplicate_histogram"]):  # the what-if ran
+        charts[NEAR_CHART] = result.plot_near_duplicates
     if plan is not None:
         tables |= {f"plan_{k}": v.set_index(v.columns[0]) for k, v in _plan_tables(plan).items()}
         charts |= {f"plan_{k}": draw for k, draw in plan.charts().items()}
@@ -346,6 +355,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
                  '<a href="convergence.csv">convergence.csv</a>, ksmd replayed full scan by '
                  'full scan in <a href="timeline.csv">timeline.csv</a> and each ksmd setting '
                  'in <a href="ksmd_settings.csv">ksmd_settings.csv</a>.</p>')
+    parts += _near_duplicates_section(result, images)
     options = {**result.options_record(), "show_content": show_content}
     if plan is not None:
         parts += _plan_section(plan, images)
@@ -436,6 +446,28 @@ def _numa_section(result: Analysis) -> list[str]:
             f"<p>{e(lines[-1].strip())}</p>",
             ('<p class="note">The host\'s counters and savings above are those of the '
             'per-node KSM. Also in <a href="numa.csv">numa.csv</a>.</p>')]
+
+
+def _near_duplicates_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
+    """With ``--near-duplicates``: the method, the groups and the chart of their bytes."""
+    from ..whatif.near_duplicates import METHOD
+
+    if not len(result.columns["near_duplicate_histogram"]):
+        return []  # not asked
+    e = html.escape
+    groups = result.near_duplicates
+    parts = ['<h2 id="near-duplicates">Near-duplicates: pages equal but for a few bytes</h2>',
+             (f'<p class="note">Found as {e(METHOD)}. Byte offsets and counts only, ranges '
+             "inclusive; <code>extra_saved</code>: what KSM would save beyond today were each "
+             'group one content. Also in <a href="near_duplicates.csv">near_duplicates.csv'
+             '</a> and <a href="near_duplicate_histogram.csv">near_duplicate_histogram.csv</a>'
+             ".</p>")]
+    if len(groups):
+        parts.append(_html_table(groups, index=False))
+    else:
+        parts.append("<p>None found.</p>")
+    parts.append(_figure(NEAR_CHART, NEAR_CAPTION, images))
+    return parts
 
 
 def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:

@@ -24,6 +24,7 @@ from ..eligibility import RULES
 from ..errors import printable
 from ..pages import Extent, PageState
 from ..units import counted, human_bytes
+from ..whatif.near_duplicates import METHOD
 from .files import to_json
 
 if TYPE_CHECKING:
@@ -181,8 +182,50 @@ def render_scan(result: Analysis) -> str:
         out.append(f"Stage 1 skipped for {skipped:,} of {counted(len(result.names), 'input')}: "
                    f"{' and '.join(reused)}.")
     out += _over_time(tables)
+    out += near_duplicates_text(tables, result.options.near_duplicates, ksm.page_size)
     out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
+
+
+def near_duplicates_text(tables: Mapping[str, Columns], asked: int, page_size: int
+                         ) -> list[str]:
+    """The near-duplicates section (``--near-duplicates N``): nothing when not asked."""
+    hist = tables["near_duplicate_histogram"]
+    if not len(hist):
+        return []
+    groups = tables["near_duplicates"]
+    out = ["", f"Near-duplicates (--near-duplicates {asked:,}, the largest groups)",
+           textwrap.fill(f"Found as {METHOD}.", 96, initial_indent="  ",
+                         subsequent_indent="  ")]
+    if not len(groups):
+        return [*out, "  none found"]
+
+    def spread(low: int, high: int) -> str:
+        return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+    out.append(_table(
+        ["group", "pages", "contents", "inputs", "bytes differing", "first at",
+         "differing ranges", "saved if equal"],
+        ([_count(r["group"]), _count(r["pages"]), _count(r["contents"]),
+          _count(r["input_count"]),
+          spread(r["differing_bytes_min"], r["differing_bytes_max"]),
+          _count(r["first_differing_offset"]),
+          " ".join(r["differing_ranges"][:4]) + (
+              f" +{r['differing_range_count'] - 4:,} more"
+              if r["differing_range_count"] > 4 else ""),
+          f"+{human_bytes(r['extra_saved_bytes'])} ({_count(r['extra_saved_pages'])} pages)"]
+         for r in groups.rows())))
+    for kind, title in (("differing_bytes", "bytes differing"),
+                        ("first_differing_offset", "first differing byte")):
+        cells = [f"{spread(r['low'], r['high'])}: {_count(r['contents'])}"
+                 for r in hist.rows() if r["histogram"] == kind and r["contents"]]
+        out.append(f"  Contents by {title}: {', '.join(cells)}")
+    out.append(textwrap.fill(
+        f"(byte offsets in a {page_size:,}-byte page, ranges inclusive; contents compared "
+        "with their group's representative, which is not counted; saved if equal: what KSM "
+        "would save beyond today were they one content)", 96, initial_indent="  ",
+        subsequent_indent="   "))
+    return out
 
 
 def _policy(result: Analysis) -> list[str]:
