@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["TABLES", "Analysis", "json_safe"]
 
 TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
-          "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings")
+          "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings", "huge_pages")
 """Every table of an :class:`Analysis`, in output order."""
 
 
@@ -116,6 +116,17 @@ class Analysis:
             ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
             ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
             ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+        huge_pages: what merging only whole identical 2 MiB pages (THPs kept intact) would
+            save beside KSM's 4 KiB merging, and the THPs KSM splits; one row per input, then
+            ``host`` (all inputs). Columns ``input``, ``basis`` (``recorded``: THPs as the
+            snapshot recorded them; ``if_thp_backed``: every huge page counted as a THP, as
+            for a guest dump; ``mixed`` on the host row), ``huge_pages`` (2 MiB-aligned
+            regions all of whose pages are present and in scope), ``zero_huge_pages``,
+            ``distinct_huge_pages``, ``ksm_saved_pages``/``_bytes`` (4 KiB merging: within
+            the input alone, or the savings table's ``saved`` on the host row),
+            ``thp_intact_saved_pages``/``_bytes`` (merging whole identical huge pages),
+            ``split_cost_pages``/``_bytes`` (the difference), ``thp_huge_pages`` (THPs) and
+            ``split_huge_pages`` (THPs holding a page KSM merges: split). Empty out of core.
         columns: every table above by name, as plain columns (numpy arrays and lists, no
             pandas): what the text report reads.
     """
@@ -143,6 +154,7 @@ class Analysis:
     stability = _Table()
     timeline = _Table()
     ksmd_settings = _Table()
+    huge_pages = _Table()
 
     @property
     def names(self) -> list[str]:

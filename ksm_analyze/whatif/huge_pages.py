@@ -1,0 +1,239 @@
+"""What if merging kept transparent huge pages whole: only identical 2 MiB pages merge.
+
+KSM merges 4 KiB pages and splits the huge page holding any page it merges
+(``mm/ksm.c``: ``try_to_merge_one_page()`` calls ``split_huge_page()`` on a subpage of a
+large folio before ``write_protect_page()``/``replace_page()``; no kernel merges a large
+folio whole). This module prices the other way round, from the same inputs:
+
+* a *huge page* is a 2 MiB-aligned region of an input (by the page addresses its
+  fingerprints carry) all of whose pages are present and in KSM's scope; its content is the
+  sequence of its pages' content labels (stage 2's exact content ids, the zero page one
+  label), so two regions are identical exactly when their label sequences are equal
+  (compared whole, no hash). Merging only those saves ``huge pages - distinct contents``
+  2 MiB pages, within each input and across all inputs (the host);
+* the THPs KSM would split: huge pages holding at least one page KSM would merge (a zero
+  page, or a content with two or more scanned pages on the host). Live snapshots and live
+  fingerprints of processes record which pages a THP maps (kpageflags bit 22, or
+  PAGEMAP_SCAN's PAGE_IS_HUGE): a THP there is a huge page all of whose pages are so
+  flagged (``basis`` ``recorded``). A guest dump cannot tell how the host backs its RAM:
+  every huge page counts as a THP, as QEMU guest RAM usually is (``basis``
+  ``if_thp_backed``), and so do process cores and snapshots without page flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..columns import Columns
+from ..eligibility import Scope, excluded_by
+from ..hashing.stage1 import Fingerprints
+from ..hashing.stage2 import UNIQUE, ZERO
+from ..ksm import KsmSettings, saved_pages
+from ..pages import MapFlags, PageState
+
+__all__ = ["HUGE_PAGES_COLUMNS", "HUGE_PAGE_BYTES", "HugeRegions", "empty_table",
+           "huge_regions", "ksm_saved_alone"]
+
+HUGE_PAGE_BYTES = 2 << 20
+"""A PMD-mapped transparent huge page on x86-64 and arm64 with 4 KiB pages."""
+
+HUGE_PAGES_COLUMNS = ("input", "basis", "huge_pages", "zero_huge_pages", "distinct_huge_pages",
+                      "ksm_saved_pages", "ksm_saved_bytes", "thp_intact_saved_pages",
+                      "thp_intact_saved_bytes", "split_cost_pages", "split_cost_bytes",
+                      "thp_huge_pages", "split_huge_pages")
+"""The columns of the ``huge_pages`` table (docs/model.md, "Huge pages")."""
+
+RECORDED, IF_THP_BACKED = "recorded", "if_thp_backed"
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One input's huge pages: counts, and the label rows of those neither all zero nor
+    holding a page seen once (each distinct once)."""
+
+    huge_pages: int
+    zero: int
+    unique: int
+    others: np.ndarray
+    thps: int
+    split: int
+    basis: str
+
+    @property
+    def distinct(self) -> int:
+        return int(self.zero > 0) + self.unique + len(self.others)
+
+
+@dataclass(frozen=True)
+class HugeRegions:
+    """The 2 MiB pages of every input (:func:`huge_regions`), before the 4 KiB figures are
+    set beside them (:meth:`table`)."""
+
+    inputs: list[_Input]
+    host_distinct: int
+    page_size: int
+
+    def table(self, paths: Sequence[str], ksm_saved: Sequence[int], host_ksm_saved: int
+              ) -> Columns:
+        """The ``huge_pages`` table: a row per input (``paths``, and what KSM saves merging
+        4 KiB pages within each alone, ``ksm_saved``), then the host row (``input``
+        ``host``; ``host_ksm_saved``: the savings table's ``saved``)."""
+        per_huge = HUGE_PAGE_BYTES // self.page_size if self.page_size else 0
+        rows = []
+        for path, r, saved in zip(paths, self.inputs, ksm_saved, strict=True):
+            rows.append(self._row(path, r.basis, r.huge_pages, r.zero, r.distinct, saved,
+                                  r.thps, r.split, per_huge))
+        bases = {r.basis for r in self.inputs}
+        rows.append(self._row(
+            "host", bases.pop() if len(bases) == 1 else "mixed",
+            sum(r.huge_pages for r in self.inputs), sum(r.zero for r in self.inputs),
+            self.host_distinct, host_ksm_saved, sum(r.thps for r in self.inputs),
+            sum(r.split for r in self.inputs), per_huge))
+        return Columns.from_records(rows, HUGE_PAGES_COLUMNS)
+
+    def _row(self, name: str, basis: str, huge: int, zero: int, distinct: int,
+             ksm_saved: int, thps: int, split: int, per_huge: int) -> dict[str, object]:
+        intact = (huge - distinct) * per_huge
+        ps = self.page_size
+        return {"input": name, "basis": basis, "huge_pages": huge, "zero_huge_pages": zero,
+                "distinct_huge_pages": distinct, "ksm_saved_pages": int(ksm_saved),
+                "ksm_saved_bytes": int(ksm_saved) * ps, "thp_intact_saved_pages": intact,
+                "thp_intact_saved_bytes": intact * ps,
+                "split_cost_pages": int(ksm_saved) - intact,
+                "split_cost_bytes": (int(ksm_saved) - intact) * ps,
+                "thp_huge_pages": thps, "split_huge_pages": split}
+
+
+def empty_table() -> Columns:
+    """The table not computed (out of core: a warning says so)."""
+    return Columns({c: [] for c in HUGE_PAGES_COLUMNS})
+
+
+def ksm_saved_alone(self_sharing: Sequence[int], zero_pages: Sequence[int],
+                    ksm: KsmSettings) -> list[int]:
+    """What KSM saves merging 4 KiB pages within each input alone: its self-sharing
+    (``per_input``'s ``self_sharing_pages``) plus its zero pages merged (all of them with
+    ``use_zero_pages``, else into one KSM page per ``max_page_sharing`` copies)."""
+    return [int(s) + (int(z) if ksm.use_zero_pages
+                      else saved_pages(np.array([z], np.int64), ksm.max_page_sharing))
+            for s, z in zip(self_sharing, zero_pages, strict=True)]
+
+
+def huge_regions(prints: Sequence[Fingerprints], labels: Sequence[np.ndarray],
+                 n_classes: int, scope: Scope) -> HugeRegions:
+    """Every input's 2 MiB pages under ``scope``: how many, how many distinct within it and
+    on the host, and the THPs KSM would split.
+
+    Args:
+        prints: stage 1's fingerprints, one per input.
+        labels: stage 2's content label per fingerprint row (``ContentClasses.labels``).
+        n_classes: the number of content classes (``ContentClasses.n_classes``).
+        scope: what KSM scans (``options.scope``).
+    """
+    page_size = prints[0].page_size if prints else 4096
+    # A content KSM merges: two or more scanned pages hold it on the host (all inputs).
+    copies = np.zeros(max(n_classes, 0) + 1, np.int64)
+    in_scope = []
+    for fp, lab in zip(prints, labels, strict=True):
+        ok, thp = _row_facts(fp, scope)
+        in_scope.append((ok, thp))
+        kept = lab[ok]
+        copies += np.bincount(kept[kept >= 0], minlength=len(copies))[: len(copies)]
+    duplicated = copies >= 2
+    inputs = [_one_input(fp, lab, ok, thp, duplicated, scope)
+              for fp, lab, (ok, thp) in zip(prints, labels, in_scope, strict=True)]
+    others = [r.others for r in inputs if len(r.others)]
+    across = len(np.unique(np.concatenate(others), axis=0)) if others else 0
+    host_distinct = (int(any(r.zero for r in inputs)) + sum(r.unique for r in inputs)
+                     + across)
+    return HugeRegions(inputs, host_distinct, page_size)
+
+
+def _row_facts(fp: Fingerprints, scope: Scope) -> tuple[np.ndarray, np.ndarray]:
+    """Bool per fingerprint row: KSM's scope holds it (before the ``thp_zero`` rule: a THP
+    kept whole is not split, so its zero subpages stay in it); and a THP maps it."""
+    data = sorted((e for e in fp.extents if e.state == PageState.DATA), key=lambda e: e.addr)
+    if not data or not len(fp.addrs):
+        return np.zeros(len(fp.addrs), bool), np.zeros(len(fp.addrs), bool)
+    ok = np.array([excluded_by(e, scope) is None for e in data], bool)
+    thp = np.array([bool(e.flags & MapFlags.THP) for e in data], bool)
+    at = np.searchsorted(np.array([e.addr for e in data], np.uint64), fp.addrs,
+                         side="right") - 1
+    return ok[at], thp[at]
+
+
+def _recorded(fp: Fingerprints) -> bool:
+    """Whether the input records which pages THPs map: a live snapshot or fingerprint of a
+    process whose page flags were read (kpageflags or PAGEMAP_SCAN)."""
+    return (fp.address_space == "virtual"
+            and fp.info.get("pfn_flags") in ("kpageflags", "pagemap_scan"))
+
+
+def _one_input(fp: Fingerprints, labels: np.ndarray, ok: np.ndarray, thp_rows: np.ndarray,
+               duplicated: np.ndarray, scope: Scope) -> _Input:
+    ps = fp.page_size
+    recorded = _recorded(fp)
+    basis = RECORDED if recorded else IF_THP_BACKED
+    if HUGE_PAGE_BYTES % ps or ps == HUGE_PAGE_BYTES:  # no 4 KiB-like pages
+        return _Input(0, 0, 0, np.empty((0, 1), np.int32), 0, 0, basis)
+    n = HUGE_PAGE_BYTES // ps
+    lab = labels[ok]
+    addrs = [fp.addrs[ok].astype(np.uint64)]
+    labs = [lab]
+    thps = [thp_rows[ok]]
+    merges = [(lab == ZERO) | ((lab >= 0) & duplicated[np.maximum(lab, 0)])]
+    # Pages the format marks zero have no rows: whole huge pages inside such an extent are
+    # counted here, the pages of its ends join the rows.
+    whole_zero = whole_zero_thp = 0
+    huge = np.uint64(HUGE_PAGE_BYTES)
+    for e in fp.extents:
+        if e.state != PageState.ZERO or excluded_by(e, scope) is not None:
+            continue
+        start, end = e.addr, e.addr + e.npages * ps
+        lo = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        hi = end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        pieces = [(start, end)]
+        if lo < hi:
+            full = (hi - lo) // HUGE_PAGE_BYTES
+            whole_zero += full
+            whole_zero_thp += full if not recorded or e.flags & MapFlags.THP else 0
+            pieces = [(start, lo), (hi, end)]
+        for a, b in pieces:
+            if b > a:
+                page = np.arange(a, b, ps, dtype=np.uint64)
+                addrs.append(page)
+                labs.append(np.full(len(page), ZERO, np.int32))
+                thps.append(np.full(len(page), bool(e.flags & MapFlags.THP)))
+                merges.append(np.ones(len(page), bool))
+    addr = np.concatenate(addrs)
+    order = np.argsort(addr, kind="stable")
+    addr = addr[order]
+    region = addr // huge
+    starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]]) if len(addr) else \
+        np.empty(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(addr)])
+    complete = starts[lengths == n]  # addresses are distinct: n of them fill the region
+    take = (complete[:, None] + np.arange(n)).ravel()
+    rows = order[take]
+    grid = np.concatenate(labs)[rows].reshape(-1, n)
+    any_merge = np.concatenate(merges)[rows].reshape(-1, n).any(axis=1)
+    if recorded:
+        is_thp = np.concatenate(thps)[rows].reshape(-1, n).all(axis=1)
+    else:
+        is_thp = np.ones(len(grid), bool)
+    zero = (grid == ZERO).all(axis=1)
+    unique = (grid == UNIQUE).any(axis=1)  # a page seen nowhere else: so is its region
+    rest = grid[~zero & ~unique]
+    others = np.unique(rest, axis=0) if len(rest) else rest
+    return _Input(
+        huge_pages=len(grid) + whole_zero,
+        zero=int(zero.sum()) + whole_zero,
+        unique=int(unique.sum()),
+        others=others,
+        thps=int(is_thp.sum()) + whole_zero_thp,
+        split=int((is_thp & any_merge).sum()) + whole_zero_thp,
+        basis=basis,
+    )
