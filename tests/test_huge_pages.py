@@ -24,8 +24,14 @@ from dumpwriter.raw import make_raw
 from ksm_analyze import analyze
 from ksm_analyze.analysis import TABLES
 from ksm_analyze.cli import app
+from ksm_analyze.eligibility import Scope
+from ksm_analyze.formats import DumpFormat
 from ksm_analyze.formats.snapshot import RUN, RunFlags, SnapshotWriter
+from ksm_analyze.hashing.stage1 import Fingerprints
+from ksm_analyze.pages import Extent, PageState
 from ksm_analyze.pipeline import NOT_OUT_OF_CORE
+from ksm_analyze.render.report import render_html
+from ksm_analyze.whatif.huge_pages import huge_regions
 
 N = 512  # 4 KiB pages in a 2 MiB page
 HUGE = N * PS
@@ -228,3 +234,30 @@ def test_outputs_carry_the_table(tmp_path):
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "huge_pages.csv").read_text().splitlines()
     assert lines[0].startswith("input,basis,huge_pages,") and len(lines) == 4
+    page = render_html(analyze(SAMPLES, jobs=1), {})
+    section = page[page.index('<h2 id="huge-pages">'):]
+    assert "KSM at 4 KiB saves 3.59 MiB, splitting 1 of 1 THP: 3.59 MiB more" in section
+    assert "huge_pages.csv" in section and "if_thp_backed" in section
+
+
+def test_rows_in_any_order_and_pages_marked_zero_make_the_same_regions():
+    """Stage 1 gives rows in no set order: three regions of labelled rows, shuffled, and a
+    zero extent (no rows) covering one whole region and half of the next, whose other half
+    is zero rows: by hand, regions 0 and 1 hold labels 0..511 (equal), region 2 the same
+    with its last label 600 (another content), regions 3 and 4 all zero -> 5 huge pages,
+    3 distinct (0..511, ...600, zero)."""
+    labels = np.r_[np.arange(N), np.arange(N), np.arange(N - 1), 600,
+                   np.full(N // 2, -1)].astype(np.int32)  # -1: stage 2's ZERO
+    addrs = np.r_[np.arange(3 * N) * PS, 4 * HUGE + np.arange(N // 2, N) * PS].astype(np.uint64)
+    order = np.random.default_rng(5).permutation(len(addrs))
+    prefix = np.where(labels == -1, 0, 1).astype(np.uint64)
+    extents = [Extent(0, 3 * N, PageState.DATA, 0), Extent(3 * HUGE, N + N // 2, PageState.ZERO),
+               Extent(4 * HUGE + HUGE // 2, N // 2, PageState.DATA, 3 * HUGE)]
+    fp = Fingerprints("x", DumpFormat.RAW, "physical", PS, 128, extents, {}, [],
+                      addrs[order], prefix[order], dict.fromkeys(PageState, 0))
+    got = huge_regions([fp], [labels[order]], 601, Scope.ALL)
+    (r,) = got.inputs
+    assert (r.huge_pages, r.zero, r.distinct, got.host_distinct) == (5, 2, 3, 3)
+    # Split if THP-backed: every region holds a merged page (labels 0..510 are seen in
+    # three regions; zero pages merge).
+    assert (r.thps, r.split, r.basis) == (5, 5, "if_thp_backed")

@@ -140,13 +140,15 @@ def huge_regions(prints: Sequence[Fingerprints], labels: Sequence[np.ndarray],
     for fp, lab in zip(prints, labels, strict=True):
         ok, thp = _row_facts(fp, scope)
         in_scope.append((ok, thp))
-        kept = lab[ok]
+        kept = lab if ok.all() else lab[ok]
         copies += np.bincount(kept[kept >= 0], minlength=len(copies))[: len(copies)]
     duplicated = copies >= 2
     inputs = [_one_input(fp, lab, ok, thp, duplicated, scope)
               for fp, lab, (ok, thp) in zip(prints, labels, in_scope, strict=True)]
     others = [r.others for r in inputs if len(r.others)]
-    across = len(np.unique(np.concatenate(others), axis=0)) if others else 0
+    # Each input's rows are distinct already: only rows from two inputs can be equal.
+    across = (len(np.unique(np.concatenate(others), axis=0)) if len(others) > 1
+              else sum(map(len, others)))
     host_distinct = (int(any(r.zero for r in inputs)) + sum(r.unique for r in inputs)
                      + across)
     return HugeRegions(inputs, host_distinct, page_size)
@@ -180,15 +182,13 @@ def _one_input(fp: Fingerprints, labels: np.ndarray, ok: np.ndarray, thp_rows: n
     if HUGE_PAGE_BYTES % ps or ps == HUGE_PAGE_BYTES:  # no 4 KiB-like pages
         return _Input(0, 0, 0, np.empty((0, 1), np.int32), 0, 0, basis)
     n = HUGE_PAGE_BYTES // ps
-    lab = labels[ok]
-    addrs = [fp.addrs[ok].astype(np.uint64)]
-    labs = [lab]
-    thps = [thp_rows[ok]]
-    merges = [(lab == ZERO) | ((lab >= 0) & duplicated[np.maximum(lab, 0)])]
+    every = bool(ok.all())  # a guest dump: no copies of the whole columns
+    addrs = [fp.addrs if every else fp.addrs[ok]]
+    labs = [labels if every else labels[ok]]
+    thps: list[np.ndarray] = [thp_rows if every else thp_rows[ok]] if recorded else []
     # Pages the format marks zero have no rows: whole huge pages inside such an extent are
     # counted here, the pages of its ends join the rows.
     whole_zero = whole_zero_thp = 0
-    huge = np.uint64(HUGE_PAGE_BYTES)
     for e in fp.extents:
         if e.state != PageState.ZERO or excluded_by(e, scope) is not None:
             continue
@@ -206,25 +206,30 @@ def _one_input(fp: Fingerprints, labels: np.ndarray, ok: np.ndarray, thp_rows: n
                 page = np.arange(a, b, ps, dtype=np.uint64)
                 addrs.append(page)
                 labs.append(np.full(len(page), ZERO, np.int32))
-                thps.append(np.full(len(page), bool(e.flags & MapFlags.THP)))
-                merges.append(np.ones(len(page), bool))
-    addr = np.concatenate(addrs)
-    order = np.argsort(addr, kind="stable")
-    addr = addr[order]
-    region = addr // huge
+                if recorded:
+                    thps.append(np.full(len(page), bool(e.flags & MapFlags.THP)))
+    addr = np.concatenate(addrs) if len(addrs) > 1 else addrs[0]
+    lab = np.concatenate(labs) if len(labs) > 1 else labs[0]
+    if len(addr) > 1 and not (addr[1:] > addr[:-1]).all():  # rows come in no set order
+        order = np.argsort(addr, kind="stable")
+        addr, lab = addr[order], lab[order]
+        thps = [np.concatenate(thps)[order]] if recorded else []
+    region = addr >> np.uint64(HUGE_PAGE_BYTES.bit_length() - 1)
     starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]]) if len(addr) else \
         np.empty(0, np.int64)
     lengths = np.diff(np.r_[starts, len(addr)])
     complete = starts[lengths == n]  # addresses are distinct: n of them fill the region
     take = (complete[:, None] + np.arange(n)).ravel()
-    rows = order[take]
-    grid = np.concatenate(labs)[rows].reshape(-1, n)
-    any_merge = np.concatenate(merges)[rows].reshape(-1, n).any(axis=1)
+    grid = lab[take].reshape(-1, n)
+    zero_page = grid == ZERO
+    # A page KSM merges: a zero page, or a content with two or more scanned pages.
+    any_merge = (zero_page | ((grid >= 0) & duplicated[np.maximum(grid, 0)])).any(axis=1)
     if recorded:
-        is_thp = np.concatenate(thps)[rows].reshape(-1, n).all(axis=1)
+        thp = np.concatenate(thps) if len(thps) > 1 else thps[0]
+        is_thp = thp[take].reshape(-1, n).all(axis=1)
     else:
         is_thp = np.ones(len(grid), bool)
-    zero = (grid == ZERO).all(axis=1)
+    zero = zero_page.all(axis=1)
     unique = (grid == UNIQUE).any(axis=1)  # a page seen nowhere else: so is its region
     rest = grid[~zero & ~unique]
     others = np.unique(rest, axis=0) if len(rest) else rest
