@@ -261,3 +261,21 @@ def test_rows_in_any_order_and_pages_marked_zero_make_the_same_regions():
     # Split if THP-backed: every region holds a merged page (labels 0..510 are seen in
     # three regions; zero pages merge).
     assert (r.thps, r.split, r.basis) == (5, 5, "if_thp_backed")
+
+
+def test_fingerprint_files_without_their_dumps_give_the_same_rows(guests, tmp_path):
+    """Fingerprint files carry the content hashes stage 2 labels pages by when the dumps
+    are elsewhere: the same huge pages, the same figures."""
+    copies = []
+    for p in guests:
+        copy = tmp_path / p.name
+        copy.write_bytes(p.read_bytes())
+        copies.append(str(copy))
+    want = analyze(copies, jobs=1).columns["huge_pages"].rows()
+    r = runner.invoke(app, ["fingerprint", *copies, "-o", str(tmp_path / "fp")])
+    assert r.exit_code == 0, r.output
+    for c in copies:
+        Path(c).unlink()
+    got = analyze(sorted(map(str, (tmp_path / "fp").iterdir())), jobs=1)
+    assert got.columns["stages"].at("hash_bits", "value") == 128  # by content hash
+    assert got.columns["huge_pages"].rows() == want
