@@ -31,6 +31,7 @@ from ksm_analyze.hashing.stage1 import Fingerprints
 from ksm_analyze.pages import Extent, PageState
 from ksm_analyze.pipeline import NOT_OUT_OF_CORE
 from ksm_analyze.render.report import render_html
+from ksm_analyze.whatif import huge_pages
 from ksm_analyze.whatif.huge_pages import huge_regions
 
 N = 512  # 4 KiB pages in a 2 MiB page
@@ -65,7 +66,18 @@ def _rows(result) -> dict[str, dict]:
     return {Path(r["input"]).name: r for r in rows}
 
 
-def test_identical_2mib_pages_within_and_across_inputs(guests):
+@pytest.fixture(params=["default", "small_chunks", "few_passes"])
+def steps(request, monkeypatch):
+    """The what-if's address ranges as it takes them (1 GiB of rows), of about 700 rows,
+    and at most two for rows in no order: the same figures."""
+    if request.param == "small_chunks":
+        monkeypatch.setattr(huge_pages, "CHUNK_ROWS", 700)
+    elif request.param == "few_passes":
+        monkeypatch.setattr(huge_pages, "CHUNK_ROWS", 700)
+        monkeypatch.setattr(huge_pages, "MAX_PASSES", 2)
+
+
+def test_identical_2mib_pages_within_and_across_inputs(guests, steps):
     a, b = guests
     rows = _rows(analyze([str(a), str(b)], jobs=1))
     assert list(rows) == ["a.elf", "b.raw", "host"]
@@ -117,7 +129,7 @@ def test_a_region_off_by_one_byte_or_a_page_is_not_identical(tmp_path):
     assert (rh["huge_pages"], rh["distinct_huge_pages"], rh["thp_intact_saved_pages"]) == (2, 1, N)
 
 
-def test_zero_regions_merge_into_one(tmp_path):
+def test_zero_regions_merge_into_one(tmp_path, steps):
     """Four all-zero regions in two inputs are one content: three saved; and a region of
     pages the format marks zero (no stored row) is the same content."""
     a = make_raw(tmp_path / "a.raw", ZERO * 3)
@@ -148,7 +160,7 @@ def _runs(*rows: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def test_snapshot_thps_split_as_recorded(tmp_path):
+def test_snapshot_thps_split_as_recorded(tmp_path, steps):
     """A process's mergeable VMA of four 2 MiB regions at an aligned address: regions 0-2
     mapped by THPs, region 3 by 4 KiB pages; one page of region 0 equals one of region 1.
     A second VMA, not mergeable, holds a THP of zero pages: out of scope."""
@@ -240,7 +252,7 @@ def test_outputs_carry_the_table(tmp_path):
     assert "huge_pages.csv" in section and "if_thp_backed" in section
 
 
-def test_rows_in_any_order_and_pages_marked_zero_make_the_same_regions():
+def test_rows_in_any_order_and_pages_marked_zero_make_the_same_regions(steps):
     """Stage 1 gives rows in no set order: three regions of labelled rows, shuffled, and a
     zero extent (no rows) covering one whole region and half of the next, whose other half
     is zero rows: by hand, regions 0 and 1 hold labels 0..511 (equal), region 2 the same

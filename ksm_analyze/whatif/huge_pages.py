@@ -22,8 +22,9 @@ folio whole). This module prices the other way round, from the same inputs:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +48,11 @@ HUGE_PAGES_COLUMNS = ("input", "basis", "huge_pages", "zero_huge_pages", "distin
 """The columns of the ``huge_pages`` table (docs/model.md, "Huge pages")."""
 
 RECORDED, IF_THP_BACKED = "recorded", "if_thp_backed"
+CHUNK_ROWS = 1 << 18
+"""Rows a step (1 GiB of 4 KiB pages): the what-if holds a few bytes a row of one chunk, not
+of the input (docs/model.md, "Memory")."""
+MAX_PASSES = 64
+"""Passes over rows in no address order (each sorts the rows of one address range)."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +146,11 @@ def huge_regions(prints: Sequence[Fingerprints], labels: Sequence[np.ndarray],
     for fp, lab in zip(prints, labels, strict=True):
         ok, thp = _row_facts(fp, scope)
         in_scope.append((ok, thp))
-        kept = lab if ok.all() else lab[ok]
-        copies += np.bincount(kept[kept >= 0], minlength=len(copies))[: len(copies)]
+        for lo in range(0, len(lab), CHUNK_ROWS):  # no temporary of every row
+            kept = lab[lo : lo + CHUNK_ROWS]
+            if ok is not None:
+                kept = kept[ok[lo : lo + CHUNK_ROWS]]
+            copies += np.bincount(kept[kept >= 0], minlength=len(copies))[: len(copies)]
     duplicated = copies >= 2
     inputs = [_one_input(fp, lab, ok, thp, duplicated, scope)
               for fp, lab, (ok, thp) in zip(prints, labels, in_scope, strict=True)]
@@ -154,17 +163,18 @@ def huge_regions(prints: Sequence[Fingerprints], labels: Sequence[np.ndarray],
     return HugeRegions(inputs, host_distinct, page_size)
 
 
-def _row_facts(fp: Fingerprints, scope: Scope) -> tuple[np.ndarray, np.ndarray]:
-    """Bool per fingerprint row: KSM's scope holds it (before the ``thp_zero`` rule: a THP
-    kept whole is not split, so its zero subpages stay in it); and a THP maps it."""
+def _row_facts(fp: Fingerprints, scope: Scope) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Bool per fingerprint row, None where it holds for every row: KSM's scope holds it
+    (before the ``thp_zero`` rule: a THP kept whole is not split, so its zero subpages stay
+    in it); and a THP maps it (None also where none is)."""
     data = sorted((e for e in fp.extents if e.state == PageState.DATA), key=lambda e: e.addr)
-    if not data or not len(fp.addrs):
-        return np.zeros(len(fp.addrs), bool), np.zeros(len(fp.addrs), bool)
     ok = np.array([excluded_by(e, scope) is None for e in data], bool)
     thp = np.array([bool(e.flags & MapFlags.THP) for e in data], bool)
+    if ok.all() and not thp.any():  # a guest dump: no per-row column
+        return None, None
     at = np.searchsorted(np.array([e.addr for e in data], np.uint64), fp.addrs,
                          side="right") - 1
-    return ok[at], thp[at]
+    return (None if ok.all() else ok[at]), (thp[at] if thp.any() else None)
 
 
 def _recorded(fp: Fingerprints) -> bool:
@@ -174,21 +184,58 @@ def _recorded(fp: Fingerprints) -> bool:
             and fp.info.get("pfn_flags") in ("kpageflags", "pagemap_scan"))
 
 
-def _one_input(fp: Fingerprints, labels: np.ndarray, ok: np.ndarray, thp_rows: np.ndarray,
-               duplicated: np.ndarray, scope: Scope) -> _Input:
+@dataclass
+class _Tally:
+    """What the chunks of one input found so far."""
+
+    huge_pages: int = 0
+    zero: int = 0
+    unique: int = 0
+    thps: int = 0
+    split: int = 0
+    others: list[np.ndarray] = field(default_factory=list)
+
+
+_Rows = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+"""Rows: addresses, labels, in scope (None: all), THP-mapped (None: none)."""
+
+
+def _one_input(fp: Fingerprints, labels: np.ndarray, ok: np.ndarray | None,
+               thp_rows: np.ndarray | None, duplicated: np.ndarray, scope: Scope) -> _Input:
     ps = fp.page_size
     recorded = _recorded(fp)
     basis = RECORDED if recorded else IF_THP_BACKED
     if HUGE_PAGE_BYTES % ps or ps == HUGE_PAGE_BYTES:  # no 4 KiB-like pages
         return _Input(0, 0, 0, np.empty((0, 1), np.int32), 0, 0, basis)
     n = HUGE_PAGE_BYTES // ps
-    every = bool(ok.all())  # a guest dump: no copies of the whole columns
-    addrs = [fp.addrs if every else fp.addrs[ok]]
-    labs = [labels if every else labels[ok]]
-    thps: list[np.ndarray] = [thp_rows if every else thp_rows[ok]] if recorded else []
-    # Pages the format marks zero have no rows: whole huge pages inside such an extent are
-    # counted here, the pages of its ends join the rows.
-    whole_zero = whole_zero_thp = 0
+    thp_rows = thp_rows if recorded else None
+    tally = _Tally()
+    zero = _zero_rows(fp, scope, recorded, tally)
+    rows = (fp.addrs, labels, ok, thp_rows)
+    addrs = fp.addrs
+    in_order = len(addrs) < 2 or bool((addrs[1:] > addrs[:-1]).all())
+    for lo, hi in _ranges(addrs, zero[0], in_order):
+        if in_order:  # a slice of the rows: views, no copy
+            a, b = np.searchsorted(addrs, np.array([lo, hi], np.uint64)).tolist()
+            part = _cut(rows, slice(a, b))
+        else:
+            part = _cut(rows, _select(addrs, lo, hi))
+        a, b = np.searchsorted(zero[0], np.array([lo, hi], np.uint64)).tolist()
+        extra = _cut(zero, slice(a, b))
+        if len(extra[0]) or not in_order:
+            part = _sorted(_join(part, extra))
+        _count_regions(part, n, duplicated, recorded, tally)
+    others = (np.unique(np.concatenate(tally.others), axis=0) if len(tally.others) > 1
+              else tally.others[0] if tally.others else np.empty((0, n), np.int32))
+    return _Input(tally.huge_pages, tally.zero, tally.unique, others, tally.thps,
+                  tally.split, basis)
+
+
+def _zero_rows(fp: Fingerprints, scope: Scope, recorded: bool, tally: _Tally) -> _Rows:
+    """Pages the format marks zero have no rows: whole huge pages inside such an extent are
+    counted into ``tally`` here; the pages of its ends come back as rows (address order)."""
+    ps = fp.page_size
+    addrs, flags = [], []
     for e in fp.extents:
         if e.state != PageState.ZERO or excluded_by(e, scope) is not None:
             continue
@@ -198,47 +245,106 @@ def _one_input(fp: Fingerprints, labels: np.ndarray, ok: np.ndarray, thp_rows: n
         pieces = [(start, end)]
         if lo < hi:
             full = (hi - lo) // HUGE_PAGE_BYTES
-            whole_zero += full
-            whole_zero_thp += full if not recorded or e.flags & MapFlags.THP else 0
+            tally.huge_pages += full
+            tally.zero += full
+            thp = full if not recorded or e.flags & MapFlags.THP else 0
+            tally.thps += thp
+            tally.split += thp  # zero pages merge
             pieces = [(start, lo), (hi, end)]
         for a, b in pieces:
             if b > a:
-                page = np.arange(a, b, ps, dtype=np.uint64)
-                addrs.append(page)
-                labs.append(np.full(len(page), ZERO, np.int32))
-                if recorded:
-                    thps.append(np.full(len(page), bool(e.flags & MapFlags.THP)))
-    addr = np.concatenate(addrs) if len(addrs) > 1 else addrs[0]
-    lab = np.concatenate(labs) if len(labs) > 1 else labs[0]
-    if len(addr) > 1 and not (addr[1:] > addr[:-1]).all():  # rows come in no set order
-        order = np.argsort(addr, kind="stable")
-        addr, lab = addr[order], lab[order]
-        thps = [np.concatenate(thps)[order]] if recorded else []
+                addrs.append(np.arange(a, b, ps, dtype=np.uint64))
+                flags.append(np.full(len(addrs[-1]), bool(e.flags & MapFlags.THP)))
+    addr = np.concatenate(addrs) if addrs else np.empty(0, np.uint64)
+    order = np.argsort(addr, kind="stable")
+    return (addr[order], np.full(len(addr), ZERO, np.int32), None,
+            np.concatenate(flags)[order] if recorded and flags else None)
+
+
+def _ranges(addrs: np.ndarray, zero: np.ndarray, in_order: bool) -> list[tuple[int, int]]:
+    """Address ranges, on 2 MiB boundaries, of about :data:`CHUNK_ROWS` rows each (at most
+    :data:`MAX_PASSES` where the rows are in no order: each range is a pass over them)."""
+    total = len(addrs) + len(zero)
+    parts = -(-total // CHUNK_ROWS)
+    if not in_order:
+        parts = min(parts, MAX_PASSES)
+    end = (1 << 64) - 1  # no page starts there
+    if parts <= 1:
+        return [(0, end)]
+    step = max(1, total // (parts * 64))
+    sample = np.sort(np.concatenate([addrs[::step], zero[::step]]))
+    cuts = sample[(np.arange(1, parts) * len(sample)) // parts] & ~np.uint64(HUGE_PAGE_BYTES - 1)
+    edges = [0, *np.unique(cuts[cuts > 0]).tolist(), end]
+    return list(itertools.pairwise(edges))
+
+
+def _select(addrs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows with ``lo <= address < hi``, a chunk of rows at a time (no full-size temporary
+    but the one bool a row)."""
+    inside = np.empty(len(addrs), bool)
+    low, high = np.uint64(lo), np.uint64(hi)
+    for at in range(0, len(addrs), CHUNK_ROWS):
+        a = addrs[at : at + CHUNK_ROWS]
+        np.logical_and(a >= low, a < high, out=inside[at : at + CHUNK_ROWS])
+    return np.flatnonzero(inside)
+
+
+def _cut(rows: _Rows, which: slice | np.ndarray) -> _Rows:
+    return (rows[0][which], rows[1][which], None if rows[2] is None else rows[2][which],
+            None if rows[3] is None else rows[3][which])
+
+
+def _join(a: _Rows, b: _Rows) -> _Rows:
+    if not len(b[0]):
+        return a
+
+    def column(k: int, fill: bool) -> np.ndarray | None:
+        x, y = a[k], b[k]
+        if x is None and y is None:
+            return None
+        return np.concatenate([x if x is not None else np.full(len(a[0]), fill),
+                               y if y is not None else np.full(len(b[0]), fill)])
+
+    return (np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]), column(2, True),
+            column(3, False))
+
+
+def _sorted(rows: _Rows) -> _Rows:
+    return _cut(rows, np.argsort(rows[0], kind="stable"))
+
+
+def _count_regions(chunk: _Rows, n: int, duplicated: np.ndarray, recorded: bool,
+                   tally: _Tally) -> None:
+    """Add the whole 2 MiB regions of ``chunk`` (rows in address order) to ``tally``."""
+    addr, lab, ok, thp = chunk
+    if not len(addr):
+        return
     region = addr >> np.uint64(HUGE_PAGE_BYTES.bit_length() - 1)
-    starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]]) if len(addr) else \
-        np.empty(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
     lengths = np.diff(np.r_[starts, len(addr)])
     complete = starts[lengths == n]  # addresses are distinct: n of them fill the region
     take = (complete[:, None] + np.arange(n)).ravel()
     grid = lab[take].reshape(-1, n)
+    keep = None if ok is None else ok[take].reshape(-1, n).all(axis=1)
+    if keep is not None:  # a page out of scope: not a huge page KSM would see whole
+        grid = grid[keep]
     zero_page = grid == ZERO
     # A page KSM merges: a zero page, or a content with two or more scanned pages.
     any_merge = (zero_page | ((grid >= 0) & duplicated[np.maximum(grid, 0)])).any(axis=1)
-    if recorded:
-        thp = np.concatenate(thps) if len(thps) > 1 else thps[0]
-        is_thp = thp[take].reshape(-1, n).all(axis=1)
-    else:
+    if not recorded:
         is_thp = np.ones(len(grid), bool)
+    elif thp is None:
+        is_thp = np.zeros(len(grid), bool)
+    else:
+        is_thp = thp[take].reshape(-1, n).all(axis=1)
+        is_thp = is_thp if keep is None else is_thp[keep]
     zero = zero_page.all(axis=1)
     unique = (grid == UNIQUE).any(axis=1)  # a page seen nowhere else: so is its region
     rest = grid[~zero & ~unique]
-    others = np.unique(rest, axis=0) if len(rest) else rest
-    return _Input(
-        huge_pages=len(grid) + whole_zero,
-        zero=int(zero.sum()) + whole_zero,
-        unique=int(unique.sum()),
-        others=others,
-        thps=int(is_thp.sum()) + whole_zero_thp,
-        split=int((is_thp & any_merge).sum()) + whole_zero_thp,
-        basis=basis,
-    )
+    tally.huge_pages += len(grid)
+    tally.zero += int(zero.sum())
+    tally.unique += int(unique.sum())
+    tally.thps += int(is_thp.sum())
+    tally.split += int((is_thp & any_merge).sum())
+    if len(rest):
+        tally.others.append(np.unique(rest, axis=0))
