@@ -172,9 +172,16 @@ def _row_facts(fp: Fingerprints, scope: Scope) -> tuple[np.ndarray | None, np.nd
     thp = np.array([bool(e.flags & MapFlags.THP) for e in data], bool)
     if ok.all() and not thp.any():  # a guest dump: no per-row column
         return None, None
-    at = np.searchsorted(np.array([e.addr for e in data], np.uint64), fp.addrs,
-                         side="right") - 1
-    return (None if ok.all() else ok[at]), (thp[at] if thp.any() else None)
+    starts = np.array([e.addr for e in data], np.uint64)
+    row_ok = None if ok.all() else np.empty(len(fp.addrs), bool)
+    row_thp = np.empty(len(fp.addrs), bool) if thp.any() else None
+    for lo in range(0, len(fp.addrs), CHUNK_ROWS):  # no index of every row
+        at = np.searchsorted(starts, fp.addrs[lo : lo + CHUNK_ROWS], side="right") - 1
+        if row_ok is not None:
+            row_ok[lo : lo + CHUNK_ROWS] = ok[at]
+        if row_thp is not None:
+            row_thp[lo : lo + CHUNK_ROWS] = thp[at]
+    return row_ok, row_thp
 
 
 def _recorded(fp: Fingerprints) -> bool:
