@@ -30,7 +30,7 @@ __all__ = ["TABLES", "Analysis", "json_safe"]
 
 TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
           "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings",
-          "numa", "near_duplicates", "near_duplicate_histogram")
+          "huge_pages", "numa", "near_duplicates", "near_duplicate_histogram")
 """Every table of an :class:`Analysis`, in output order."""
 
 
@@ -117,6 +117,17 @@ class Analysis:
             ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
             ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
             ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+        huge_pages: what merging only whole identical 2 MiB pages (THPs kept intact) would
+            save beside KSM's 4 KiB merging, and the THPs KSM splits; one row per input, then
+            ``host`` (all inputs). Columns ``input``, ``basis`` (``recorded``: THPs as the
+            snapshot recorded them; ``if_thp_backed``: every huge page counted as a THP, as
+            for a guest dump; ``mixed`` on the host row), ``huge_pages`` (2 MiB-aligned
+            regions all of whose pages are present and in scope), ``zero_huge_pages``,
+            ``distinct_huge_pages``, ``ksm_saved_pages``/``_bytes`` (4 KiB merging: within
+            the input alone, or the savings table's ``saved`` on the host row),
+            ``thp_intact_saved_pages``/``_bytes`` (merging whole identical huge pages),
+            ``split_cost_pages``/``_bytes`` (the difference), ``thp_huge_pages`` (THPs) and
+            ``split_huge_pages`` (THPs holding a page KSM merges: split). Empty out of core.
         numa: with ``options.numa_nodes`` (``merge_across_nodes=0``: pages on different
             NUMA nodes never merge; :mod:`ksm_analyze.whatif.numa`), one row per node and a
             ``total`` row: ``node`` (``0``, ``1``... or ``total``), ``inputs`` (their
@@ -181,6 +192,7 @@ class Analysis:
     stability = _Table()
     timeline = _Table()
     ksmd_settings = _Table()
+    huge_pages = _Table()
     numa = _Table()
     near_duplicates = _Table()
     near_duplicate_histogram = _Table()

@@ -53,6 +53,7 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
+from .whatif.huge_pages import HugeRegions, empty_table, huge_regions, ksm_saved_alone
 from .whatif.near_duplicates import empty_tables as no_near_duplicates
 from .whatif.near_duplicates import near_duplicates
 from .whatif.numa import empty_numa_table, merge_units, node_of, numa_table
@@ -150,6 +151,7 @@ def analyze(
         all_masks = [scan_mask(fp, options.scope) for fp in all_prints]
         masks = [all_masks[i] for i in samples.latest]
         still = build_content_table(prints, classes, masks)
+        huge = huge_regions(prints, classes.labels, classes.n_classes, options.scope)
         if samples.over_time:  # count what KSM keeps: the steady view
             view_prints, labels, late, tl, stab = steady_tables(
                 prints, masks, classes.labels, all_prints, all_masks, samples, ksm)
@@ -180,7 +182,8 @@ def analyze(
         more["if_memory_stood_still"] = still.counters(ksm)
     tables = {**over.tables(), "top_contents": top, "address_map": where, **near}
     return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
-                     tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes])
+                     tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes],
+                     huge=huge)
 
 
 def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
@@ -188,11 +191,12 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
               masks: Sequence[ScanMask], stats: StageStats, timings: Mapping[str, float],
               more: Mapping[str, KsmCounters] | None, tables: dict[str, Columns], *,
               rmap_note: str | None, warnings_before: Sequence[str] = (),
-              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None
-              ) -> Analysis:
+              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None,
+              huge: HugeRegions | None = None) -> Analysis:
     """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
     policy applied, then the summary tables and pairwise beside the given ``tables``
-    (``zero_pages_found``: for fingerprints held without their pages, the files' count)."""
+    (``zero_pages_found``: for fingerprints held without their pages, the files' count;
+    ``huge``: the inputs' 2 MiB pages, set beside the 4 KiB savings as ``huge_pages``)."""
     unrestricted, domain_names, nodes, across = None, [], [], None
     numa = empty_numa_table()
     if options.policy:
@@ -212,6 +216,12 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     note = pairs.note()
     tables = {**summary_tables(table, ksm, prints, masks, stats, timings, more), **tables,
               "pairwise": pairs.rows, "numa": numa}
+    if huge is not None:
+        per_input = tables["per_input"]
+        tables["huge_pages"] = huge.table(
+            [str(p) for p in per_input["input"]],
+            ksm_saved_alone(per_input["self_sharing_pages"], per_input["zero_pages"], ksm),
+            int(tables["savings"].at("saved", "with_zero_pages_pages")))
     if zero_pages_found is not None:
         stages = tables["stages"]
         values = np.array(stages.data["value"], object)
@@ -235,9 +245,10 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     )
 
 
-NOT_OUT_OF_CORE = ("convergence", "timeline", "ksmd_settings", "address_map")
+NOT_OUT_OF_CORE = ("convergence", "timeline", "ksmd_settings", "address_map", "huge_pages")
 """Tables that need every page of every input in memory (the ksmd time model replays them
-in address order; the address map bins them): not computed out of core."""
+in address order; the address map bins them; 2 MiB pages are compared label by label): not
+computed out of core."""
 
 
 CLUSTER_PARTITIONS = 16
@@ -303,7 +314,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         "stability": Columns.from_records(agg.stability or [], list(STABILITY_COLUMNS)),
         "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
                                                  "last_address", "pages", *ADDRESS_KINDS)}),
-        "top_contents": top, **no_near_duplicates(),
+        "top_contents": top, **no_near_duplicates(), "huge_pages": empty_table(),
     }, rmap_note=rmap_note, warnings_before=notes, zero_pages_found=agg.zero_pages_found)
 
 

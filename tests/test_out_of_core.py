@@ -27,7 +27,7 @@ from ksm_analyze.pages import Extent, PageState
 COMPUTED = ("per_input", "savings", "histogram", "exclusions", "pairwise")
 """Tables computed out of core exactly as in memory (``host``, ``stages`` and
 ``top_contents`` are compared apart: see the tests)."""
-NOT_COMPUTED = ("convergence", "timeline", "ksmd_settings", "address_map")
+NOT_COMPUTED = ("convergence", "timeline", "ksmd_settings", "address_map", "huge_pages")
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -355,6 +355,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
                  '<a href="convergence.csv">convergence.csv</a>, ksmd replayed full scan by '
                  'full scan in <a href="timeline.csv">timeline.csv</a> and each ksmd setting '
                  'in <a href="ksmd_settings.csv">ksmd_settings.csv</a>.</p>')
+    parts += _huge_pages_section(result)
     parts += _near_duplicates_section(result, images)
     options = {**result.options_record(), "show_content": show_content}
     if plan is not None:
@@ -430,6 +431,29 @@ def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
                      "PID -o DIR --every 1s --count 3</code>) show what changes.</p>")
     parts += [_figure(name, CHARTS[name], images) for name in TIME_CHARTS]
     return parts
+
+
+def _huge_pages_section(result: Analysis) -> list[str]:
+    """What merging only whole identical 2 MiB pages would save beside KSM's 4 KiB merging,
+    and the THPs KSM splits: the words ``scan`` prints, and the table (nothing where it was
+    not computed, out of core)."""
+    from .text import _huge_pages  # the same words as the text report
+
+    e = html.escape
+    huge = result.columns["huge_pages"]
+    if not len(huge):
+        return []
+    shown, cut = _first_rows(result.huge_pages, "input", "huge_pages.csv")
+    return ['<h2 id="huge-pages">Huge pages: whole 2 MiB pages against KSM\'s 4 KiB</h2>',
+            *(f"<p>{e(line.strip())}</p>" for line in _huge_pages(huge) if line),
+            *([cut] if cut else []), _html_table(shown, index=False),
+            ('<p class="note">A huge page is a 2 MiB-aligned region all of whose pages are '
+             "present and in KSM's scope; the last row is the host (all inputs). "
+             "<code>basis</code>: <code>recorded</code>, the THPs a snapshot recorded; "
+             "<code>if_thp_backed</code>, every huge page counted as a THP (a guest dump "
+             "cannot tell how the host backs its RAM). <code>split_cost</code>: what 4 KiB "
+             "merging saves beyond merging whole huge pages (docs/model.md, \"Huge pages\"). "
+             'Also in <a href="huge_pages.csv">huge_pages.csv</a>.</p>')]
 
 
 def _numa_section(result: Analysis) -> list[str]:

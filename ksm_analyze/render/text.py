@@ -152,6 +152,7 @@ def render_scan(result: Analysis) -> str:
                                    "pages_after_merging")),
           human_bytes(r["bytes_referenced"]), human_bytes(r["bytes_after_merging"])]
          for r in tables["histogram"].rows()))]
+    out += _huge_pages(tables["huge_pages"])
     out.append("")
     st = tables["stages"].by_key("value")
     if st["verified"]:
@@ -185,6 +186,27 @@ def render_scan(result: Analysis) -> str:
     out += near_duplicates_text(tables, result.options.near_duplicates, ksm.page_size)
     out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
+
+
+_THP_BASIS = {"recorded": "THPs as recorded",
+              "if_thp_backed": "THPs: every huge page, as if THP-backed",
+              "mixed": "THPs as recorded, else every huge page"}
+
+
+def _huge_pages(huge: Columns) -> list[str]:
+    """The host's 2 MiB what-if, three lines (nothing where not computed)."""
+    if not len(huge["input"]):
+        return []
+    h = huge.rows()[-1]
+    basis = _THP_BASIS[h["basis"]]
+    intact = (f"  merging only whole identical 2 MiB pages would save "
+              f"{human_bytes(h['thp_intact_saved_bytes'])} "
+              f"({counted(h['huge_pages'], 'huge page')}, "
+              f"{_count(h['distinct_huge_pages'])} distinct);")
+    split = (f"  KSM at 4 KiB saves {human_bytes(h['ksm_saved_bytes'])}, splitting "
+             f"{_count(h['split_huge_pages'])} of {counted(h['thp_huge_pages'], 'THP')}: "
+             f"{human_bytes(h['split_cost_bytes'])} more than THPs kept whole.")
+    return ["", f"Huge pages, all inputs (2 MiB, every page in scope; {basis})", intact, split]
 
 
 def near_duplicates_text(tables: Mapping[str, Columns], asked: int, page_size: int
