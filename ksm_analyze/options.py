@@ -28,6 +28,8 @@ ProgressReporter = Callable[[str, int, int], None]
 
 _ADDRESS_LIMIT = 1 << 64
 MERGE_POLICIES = ("all", "zero-only")
+COMPRESS_CODECS = ("lz4", "zstd")
+"""``--compress``: the kernel codecs (zram, zswap) with maintained Python bindings."""
 MIN_MEMORY_LIMIT = 1 << 20
 """The smallest ``--memory-limit``: below it, nothing of a fleet fits."""
 """``--merge``: KSM's rule, or the what-if where only zero pages merge."""
@@ -89,6 +91,12 @@ class ScanOptions:
             the machine's memory). Inputs whose fingerprints would not fit are aggregated
             out of core, a partition of the content hashes at a time, spilled to a
             temporary folder (docs/architecture.md, "Fleet scale").
+        compress: a what-if beside dedup: compress the pages KSM leaves with this codec
+            (``lz4`` or ``zstd``, as zram and zswap call them) and price them as zram and
+            zswap store them (the ``compression`` table); None: not computed.
+        compress_sample: with ``compress``, compress a uniform random sample of this many
+            remaining pages per input and for the host, and give a 95% interval of the
+            ratio (0: every page).
     """
 
     format: DumpFormat | None = None
@@ -106,6 +114,8 @@ class ScanOptions:
     cache: str | None = None
     scheduler: str | None = None
     memory_limit: int | None = None
+    compress: str | None = None
+    compress_sample: int = 0
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -134,6 +144,15 @@ class ScanOptions:
         if self.scheduler is not None and not _supported_scheduler(self.scheduler):
             raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT of a Dask "
                              "scheduler, local or local:N (N workers, at least 1)")
+        if self.compress is not None and self.compress not in COMPRESS_CODECS:
+            raise ValueError(f"unknown --compress {self.compress!r}; choose one of: "
+                             + ", ".join(COMPRESS_CODECS))
+        if self.compress_sample < 0:
+            raise ValueError(f"--compress-sample cannot be negative, not "
+                             f"{self.compress_sample}")
+        if self.compress_sample and self.compress is None:
+            raise ValueError("--compress-sample samples what --compress compresses: give "
+                             "--compress lz4 or --compress zstd too")
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
                              + ", ".join(MERGE_POLICIES))

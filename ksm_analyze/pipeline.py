@@ -21,6 +21,7 @@ from .analysis import TABLES, Analysis
 from .columns import Columns
 from .content_table import ContentTable, build_content_table
 from .eligibility import ScanMask, Scope, scan_mask
+from .errors import KsmAnalyzeError
 from .fleet.aggregate import (
     SERIES_REFUSED,
     aggregate,
@@ -53,6 +54,7 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
+from .whatif.compression import Compressed, compress_contents, empty_table
 
 __all__ = ["analyze"]
 
@@ -102,6 +104,9 @@ def analyze(
     cut = out_of_core_partitions(paths, limit, options.workers)
     if cut is not None and options.samples:
         raise ValueError(f"--samples: {SERIES_REFUSED}")
+    if cut is not None and options.compress:
+        raise KsmAnalyzeError(f"--compress needs the pages' bytes: these {cut[1]:,} pages of "
+                              "fingerprint files hold none (give the dumps)")
     if cut is not None:
         return _out_of_core(paths, options, ksm, partitions=cut[0], jobs=cut[3], limit=limit,
                             pages=cut[1], in_memory=cut[2], report=report)
@@ -156,10 +161,24 @@ def analyze(
             tl = still_timeline(prints, masks, classes.labels)
         top = top_contents(still, classes, prints, readers, top=options.top,
                            show_content=options.show_content)
+        compressed = None
+        if options.compress:
+            if samples.over_time or options.policy:
+                raise ValueError("--compress prices the pages of inputs seen once, merged "
+                                 "across all of them: not with samples over time, --domain "
+                                 "or --merge zero-only")
+            started_compress = time.perf_counter()
+            compressed = compress_contents(still, prints, masks, classes.labels, readers,
+                                           codec=options.compress,
+                                           sample=options.compress_sample,
+                                           jobs=options.workers)
+            compress_seconds = time.perf_counter() - started_compress
 
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
                "inputs_from_cache": sum(s.origin == "cache" for s in sources),
                "inputs_from_fingerprint_files": sum(s.origin == "file" for s in sources)}
+    if compressed is not None:
+        timings["compress_seconds"] = compress_seconds
     # What the contents are and where they lie does not depend on a policy; what merges does.
     where = address_map(still, classes, prints, masks, scope=options.scope)
     over = model_host(tl, ksm, recorded_machine(prints), stability_table=stab,
@@ -167,9 +186,11 @@ def analyze(
     more = {"steady_state": over.steady} if over.steady else {}
     if samples.over_time:
         more["if_memory_stood_still"] = still.counters(ksm)
-    tables = {**over.tables(), "top_contents": top, "address_map": where}
+    tables = {**over.tables(), "top_contents": top, "address_map": where,
+              "compression": compressed.table if compressed else empty_table()}
     return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
-                     tables, rmap_note=rmap_note, warnings_after=over.warnings)
+                     tables, rmap_note=rmap_note, warnings_after=over.warnings,
+                     compressed=compressed)
 
 
 def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
@@ -177,8 +198,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
               masks: Sequence[ScanMask], stats: StageStats, timings: Mapping[str, float],
               more: Mapping[str, KsmCounters] | None, tables: dict[str, Columns], *,
               rmap_note: str | None, warnings_before: Sequence[str] = (),
-              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None
-              ) -> Analysis:
+              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None,
+              compressed: Compressed | None = None) -> Analysis:
     """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
     policy applied, then the summary tables and pairwise beside the given ``tables``
     (``zero_pages_found``: for fingerprints held without their pages, the files' count)."""
@@ -209,6 +230,7 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
                   *warnings_after],
         unrestricted=unrestricted,
         domains=domain_names,
+        compressed=compressed,
     )
 
 
@@ -276,6 +298,7 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
                                                  "last_address", "pages", *ADDRESS_KINDS)}),
         "top_contents": top,
+        "compression": empty_table(),
     }, rmap_note=rmap_note, warnings_before=[note], zero_pages_found=agg.zero_pages_found)
 
 

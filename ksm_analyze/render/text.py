@@ -147,6 +147,7 @@ def render_scan(result: Analysis) -> str:
                                    "pages_after_merging")),
           human_bytes(r["bytes_referenced"]), human_bytes(r["bytes_after_merging"])]
          for r in tables["histogram"].rows()))]
+    out += _compression(result)
     out.append("")
     st = tables["stages"].by_key("value")
     if st["verified"]:
@@ -179,6 +180,47 @@ def render_scan(result: Analysis) -> str:
     out += _over_time(tables)
     out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
+
+
+def _times(ratio: Any) -> str:
+    """A ratio as ``8.8x``; ``-`` where there is none (nothing stored)."""
+    return "-" if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) \
+        else f"{ratio:.1f}x"
+
+
+def _compression(result: Analysis) -> list[str]:
+    """The ``compression`` table (``--compress``): nothing without it."""
+    table = result.columns["compression"]
+    if not len(table["input"]):
+        return []
+    rows = list(table.rows())
+    sampled = any(r["compressed_pages"] < r["distinct_pages"] for r in rows)
+
+    def zram(r: Mapping[str, Any]) -> str:
+        text = f"{human_bytes(r['zram_bytes'])} {_times(r['zram_ratio'])}"
+        if sampled:
+            text += f" ({_times(r['zram_ratio_low'])}-{_times(r['zram_ratio_high'])})"
+        return text
+
+    names = [*result.names, "host"]
+    out = ["", f"Compression of what KSM leaves: {printable(rows[0]['codec'])}", _table(
+        ["input", "size", "after dedup", "zram" + (" (95% interval)" if sampled else ""),
+         "zswap", "combined"],
+        ([name, human_bytes(r["bytes"]),
+          f"{human_bytes(r['distinct_bytes'])} {_times(r['dedup_ratio'])}", zram(r),
+          f"{human_bytes(r['zswap_bytes'])} {_times(r['zswap_ratio'])}",
+          f"{_times(r['zram_combined_ratio'])} / {_times(r['zswap_combined_ratio'])}"]
+         for name, r in itertools.islice(zip(names, rows, strict=True), TEXT_ROWS + 1)))]
+    host = rows[-1]
+    out.append(
+        f"  (after dedup: a page per non-zero content, within the input alone on its row, "
+        f"across all\n   inputs on host's; host: {_count(host['same_filled_pages'])} "
+        f"same-filled pages zram stores as a flag, {_count(host['huge_pages'])} it stores "
+        f"whole;\n   {_count(host['zswap_rejected_pages'])} pages zswap rejects "
+        "(a page each); combined = size / zram, size / zswap"
+        + (f";\n   {_count(host['compressed_pages'])} pages sampled for host's row, "
+           "figures scaled to all)" if sampled else ")"))
+    return out
 
 
 def _policy(result: Analysis) -> list[str]:
