@@ -35,7 +35,7 @@ def _strict(text: str):
 def _zs_object_bytes(length: int, chain: int = 8) -> int:
     """zsmalloc's bytes for an object of ``length``: the class serving length + 8, after the
     classes are merged from the largest down."""
-    sizes = list(range(32, PS, 16)) + [PS]  # ZS_MIN_ALLOC_SIZE, ZS_SIZE_CLASS_DELTA
+    sizes = [*range(32, PS, 16), PS]  # ZS_MIN_ALLOC_SIZE, ZS_SIZE_CLASS_DELTA
     serving = {}
     above = None
     for size in reversed(sizes):
@@ -56,7 +56,7 @@ def _zs_object_bytes(length: int, chain: int = 8) -> int:
 
 
 def _huge_class_size(chain: int = 8) -> int:
-    for size in reversed(list(range(32, PS, 16)) + [PS]):
+    for size in reversed([*range(32, PS, 16), PS]):
         if size & (size - 1):
             pages = min((i * PS % size, i) for i in range(1, chain + 1))[1]
             if pages != 1 and pages * PS // size != 1:
@@ -95,8 +95,9 @@ def _expected(pages: list[bytes], codec: str) -> dict[str, int]:
     """The kernel's figures for what KSM leaves of ``pages``: each non-zero content once."""
     distinct = {p for p in pages if any(p)}
     huge = _huge_class_size()
-    out = dict(distinct_pages=len(distinct), codec_bytes=0, zram_bytes=0, zswap_bytes=0,
-               same_filled_pages=0, huge_pages=0, zswap_rejected_pages=0)
+    out = {"distinct_pages": len(distinct), "codec_bytes": 0, "zram_bytes": 0,
+           "zswap_bytes": 0, "same_filled_pages": 0, "huge_pages": 0,
+           "zswap_rejected_pages": 0}
     for p in distinct:
         n = _length(p, codec)
         words = {p[i:i + 8] for i in range(0, PS, 8)}
