@@ -54,7 +54,7 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
-from .whatif.compression import Compressed, compress_contents, empty_table
+from .whatif.compression import Compressed, compress_contents, empty_table, with_savings_row
 
 __all__ = ["analyze"]
 
@@ -212,6 +212,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
     note = pairs.note()
     tables = {**summary_tables(table, ksm, prints, masks, stats, timings, more), **tables,
               "pairwise": pairs.rows}
+    if compressed is not None:  # the savings waterfall's last step
+        tables["savings"] = with_savings_row(tables["savings"], tables["compression"])
     if zero_pages_found is not None:
         stages = tables["stages"]
         values = np.array(stages.data["value"], object)

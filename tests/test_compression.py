@@ -255,3 +255,18 @@ def test_a_fingerprint_file_without_its_dump_is_one_line_exit_1(tmp_path):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and "--compress needs the pages' bytes" in lines[0]
     assert runner.invoke(app, ["scan", str(fp), "-q"]).exit_code == 0  # without: fine
+
+
+def test_report_and_savings_get_the_zram_step(tmp_path):
+    a, b = _crafted(tmp_path)
+    r = runner.invoke(app, ["report", str(a), str(b), "-q", "--compress", "lz4",
+                            "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert '<h2 id="compression">' in page and "python-lz4" in page
+    want = _expected(_pages(a) + _pages(b), "lz4")["zram_bytes"]
+    savings = (tmp_path / "rep" / "savings.csv").read_text().splitlines()
+    [row] = [line for line in savings if line.startswith("compressed_zram,")]
+    assert f",{want}," in row
+    plain = runner.invoke(app, ["scan", str(a), "--json", "-q"])
+    assert "compressed_zram" not in _strict(plain.stdout)["savings"]

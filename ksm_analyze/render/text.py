@@ -85,6 +85,7 @@ _SAVINGS_LABELS = {
     "memory_after": "memory after KSM",
     "pages_after_merging": "  pages left after merging",
     "rmap_overhead": "  rmap_item overhead",
+    "compressed_zram": "compressed (zram)",
 }
 _ZERO_NOTE = {
     True: "  A snapshot knows which pages are resident and which map the zero page (unless\n"
@@ -130,7 +131,7 @@ def render_scan(result: Analysis) -> str:
     out += ["", "Savings", _table(["", *titles], (
         [label, *(f"{human_bytes(sav.at(item, f'{s}_bytes'))} "
                   f"({sav.at(item, f'{s}_percent'):.1f}%)" for s in scen)]
-        for item, label in _SAVINGS_LABELS.items()))]
+        for item, label in _SAVINGS_LABELS.items() if item in sav.keys))]
     out.append("  Memory after KSM is what the host needs: the pages left after merging plus "
                f"KSM's\n  {result.ksm.rmap_bytes}-byte rmap_item per page it tracks; 'plan' "
                "counts each host the same way.")

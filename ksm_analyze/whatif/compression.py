@@ -45,8 +45,9 @@ from ..formats.base import DumpReader
 from ..hashing.stage1 import Fingerprints
 from ..options import COMPRESS_CODECS
 
-__all__ = ["CODECS", "COMPRESSION_COLUMNS", "Codec", "Compressed", "codec_info",
-           "compress_contents", "empty_table", "page_costs", "same_filled", "zsmalloc_sizes"]
+__all__ = ["CODECS", "COMPRESSION_COLUMNS", "SAVINGS_ROW", "Codec", "Compressed", "codec_info",
+           "compress_contents", "empty_table", "page_costs", "same_filled", "with_savings_row",
+           "zsmalloc_sizes"]
 
 CODECS = COMPRESS_CODECS
 """``--compress``: the codecs a kernel's zram and zswap offer that have maintained bindings."""
@@ -248,6 +249,33 @@ class Compressed:
         at = np.searchsorted(self.content, contents)
         return np.asarray(self.unique_costs[list(inputs)].sum(axis=0)
                           + self.content_costs[at].sum(axis=0), np.int64)
+
+
+SAVINGS_ROW = "compressed_zram"
+"""The row ``--compress`` adds to the ``savings`` table: the host's zram bytes."""
+
+
+def with_savings_row(savings: Columns, compression: Columns) -> Columns:
+    """``savings`` with a row :data:`SAVINGS_ROW`: what zram would need for what KSM leaves
+    of all inputs (the host's ``zram_bytes``), in every scenario (zero pages cost nothing
+    in either); no pages value (not whole pages), its percent of memory before."""
+    zram = int(compression["zram_bytes"][-1])
+    keys = list(savings.keys)
+    data: dict[str, list[Any]] = {}
+    for name in savings.data:
+        values = list(savings[name])
+        if name == savings.index:
+            values.append(SAVINGS_ROW)
+        elif name.endswith("_pages"):
+            values.append(None)
+        elif name.endswith("_bytes"):
+            values.append(zram)
+        else:  # _percent
+            before = savings.at("memory_before", name.removesuffix("_percent") + "_bytes")
+            values.append(100.0 * zram / before if before else 0.0)
+        data[name] = values
+    assert len(data[savings.index or "item"]) == len(keys) + 1
+    return Columns(data, savings.index)
 
 
 def empty_table() -> Columns:
