@@ -270,3 +270,23 @@ def test_report_and_savings_get_the_zram_step(tmp_path):
     assert f",{want}," in row
     plain = runner.invoke(app, ["scan", str(a), "--json", "-q"])
     assert "compressed_zram" not in _strict(plain.stdout)["savings"]
+
+
+def test_plan_counts_hosts_with_zram_too(tmp_path):
+    samples = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
+    scan = _rows(samples, "--compress", "lz4")
+    r = runner.invoke(app, ["plan", *samples, "--host-memory", "400KiB", "--compress", "lz4",
+                            "--json", "-q", "--png", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    plan = _strict(r.stdout)
+    # Uncompressed, each guest needs a host of its own (272 and 368 KiB after KSM); with
+    # zram both fit one, whose footprint is scan's host row.
+    [zram] = [s for s in plan["summary"] if s["method"] == "sharing_zram"]
+    [sharing] = [s for s in plan["summary"] if s["method"] == "sharing"]
+    assert (sharing["hosts"], zram["hosts"]) == (2, 1)
+    [host] = plan["compressed_hosts"]
+    assert host["zram_bytes"] == scan[-1]["zram_bytes"] == zram["memory_after_bytes"]
+    assert sorted(host["inputs"]) == ["vm-a.elf", "vm-b.raw"]
+    sampled = runner.invoke(app, ["plan", *samples, "--host-memory", "400KiB", "-q",
+                                  "--compress", "lz4", "--compress-sample", "10"])
+    assert sampled.exit_code == 2 and "drop --compress-sample" in sampled.output

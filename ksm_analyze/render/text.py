@@ -486,7 +486,8 @@ def render_status(status: KsmStatus, *, as_json: bool = False) -> str:
 
 
 _METHODS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing)",
-            "lower_bound": "lower bound (one infinite host)"}
+            "lower_bound": "lower bound (one infinite host)",
+            "sharing_zram": "sharing-aware, compressed (zram)"}
 
 
 def _hosts_saved(saved: int | None, percent: float | None) -> str:
@@ -521,6 +522,14 @@ def render_plan(plan: Plan) -> str:
             for r in rows.itertuples())))
     out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM, "
                "rmap_items included)")
+    if len(plan.compressed_hosts):
+        out += ["", f"Hosts, {_METHODS['sharing_zram']}"]
+        out.append(_table(["host", "before KSM", "zram", "free", "inputs"], (
+            [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.zram_bytes),
+             human_bytes(r.free_bytes), " ".join(r.inputs)]
+            for r in plan.compressed_hosts.itertuples())))
+        out.append("  (zram = the host's distinct non-zero contents compressed as zram "
+                   "stores them, --compress)")
     if len(plan.projection):
         out += ["", "Inputs like these on one host (beyond the samples: a model)"]
         out.append(_table(["inputs", "with KSM", "band (10%-90%)", "without KSM", ""], (
