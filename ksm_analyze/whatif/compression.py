@@ -22,8 +22,8 @@ other same-filled pages are compressed like any). zsmalloc (``mm/zsmalloc.c``,
 classes merged as ``zs_create_pool`` merges them: :func:`zsmalloc_sizes`.
 
 The pass reads each page once from the open readers (``DumpReader.read_pages``), batches of
-pages on threads (both libraries release the GIL; zstd compresses a batch in one call,
-``multi_compress_to_buffer``), and keeps the stored bytes per duplicated content and per
+pages on threads for zstd (it compresses a batch in one call without the GIL,
+``multi_compress_to_buffer``; lz4, a call per page, runs on one), and keeps the stored bytes per duplicated content and per
 input's unique pages, so any group of inputs can be priced (:meth:`Compressed.price`).
 """
 
@@ -334,16 +334,20 @@ def compress_contents(table: ContentTable, prints: Sequence[Fingerprints],
     known = np.zeros(len(item_input), bool)
     batches = list(_batches(item_input, item_row, wanted, prints))
     threads = all(r is not None and r.in_place for r in readers)
+    # zstd compresses a batch in one call, without the GIL: a thread per CPU scales. lz4 is
+    # a call per page, and two threads fighting for the GIL between calls ran slower than
+    # one (BENCHMARKS.md, "Compression"): one thread.
+    workers = jobs if threads and codec == "zstd" else 1
 
     def task(b: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         k, items = batches[b]
         reader = readers[k]
         assert reader is not None
         pages = reader.read_pages(prints[k].addrs[item_row[items]])
-        lengths = compressed_lengths(pages, codec, 1 if threads else jobs)
+        lengths = compressed_lengths(pages, codec, 1 if workers > 1 else jobs)
         yield items, page_costs(lengths, same_filled(pages), ps)
 
-    for done in imap_threads(task, len(batches), jobs if threads else 1):
+    for done in imap_threads(task, len(batches), workers):
         for items, part in done:
             costs[items] = part
             known[items] = True
