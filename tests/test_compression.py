@@ -290,3 +290,11 @@ def test_plan_counts_hosts_with_zram_too(tmp_path):
     sampled = runner.invoke(app, ["plan", *samples, "--host-memory", "400KiB", "-q",
                                   "--compress", "lz4", "--compress-sample", "10"])
     assert sampled.exit_code == 2 and "drop --compress-sample" in sampled.output
+
+
+def test_a_merging_policy_is_refused_not_priced_wrong():
+    samples = sorted(map(str, (ROOT / "sample_dumps").iterdir()))
+    r = runner.invoke(app, ["scan", *samples, "-q", "--compress", "lz4",
+                            "--domain", "a=*vm-a*", "--domain", "b=*vm-b*"])
+    assert r.exit_code == 2
+    assert "not with samples over time, --domain or --merge zero-only" in r.output
