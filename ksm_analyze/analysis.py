@@ -26,11 +26,13 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from .whatif.compression import Compressed
+
 __all__ = ["TABLES", "Analysis", "json_safe"]
 
 TABLES = ("per_input", "host", "savings", "histogram", "stages", "convergence", "exclusions",
           "pairwise", "top_contents", "address_map", "stability", "timeline", "ksmd_settings",
-          "huge_pages", "numa", "near_duplicates", "near_duplicate_histogram")
+          "compression", "huge_pages", "numa", "near_duplicates", "near_duplicate_histogram")
 """Every table of an :class:`Analysis`, in output order."""
 
 
@@ -117,6 +119,25 @@ class Analysis:
             ``input``, ``bin``, ``first_address``, ``last_address``, ``pages``,
             ``zero_pages``, ``unique_pages``, ``duplicate_within_pages``,
             ``duplicate_across_pages``, ``ineligible_pages``, ``not_stored_pages``.
+        compression: with ``options.compress`` (else empty), what zram and zswap would
+            need for the pages KSM leaves (docs/model.md, "Compression beside dedup"): a row
+            per input (dedup within it alone), then ``host`` (across all inputs). Columns
+            ``input``, ``codec`` (codec, binding and version, level), ``pages``/``bytes``
+            (scanned pages, zero pages included), ``distinct_pages``/``distinct_bytes``
+            (what KSM leaves: a page per non-zero content), ``dedup_ratio``
+            (pages / distinct_pages), ``compressed_pages`` (pages compressed: all distinct
+            pages, or the sample's), ``codec_bytes`` and ``compression_ratio`` (the codec
+            alone), ``same_filled_pages`` (zram stores none), ``zram_huge_pages`` (zram stores
+            them whole), ``zram_bytes``, ``zram_ratio`` (distinct_bytes / zram_bytes) and its
+            95% interval ``zram_ratio_low``/``zram_ratio_high`` (the ratio itself without a
+            sample), ``zswap_rejected_pages`` (compressed to a page or more),
+            ``zswap_bytes`` (rejected pages count a page each), ``zswap_ratio``, and the
+            combined footprint as ratios of ``bytes``: ``zram_combined_ratio``,
+            ``zswap_combined_ratio``. With a sample, sums and counts are estimates scaled
+            to ``distinct_pages``.
+        compressed: with ``options.compress``, the stored bytes per duplicated content
+            and per input's unique pages, to price any group of inputs
+            (:class:`~ksm_analyze.whatif.compression.Compressed`); else None.
         huge_pages: what merging only whole identical 2 MiB pages (THPs kept intact) would
             save beside KSM's 4 KiB merging, and the THPs KSM splits; one row per input, then
             ``host`` (all inputs). Columns ``input``, ``basis`` (``recorded``: THPs as the
@@ -176,6 +197,7 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     unrestricted: KsmCounters | None = None
     domains: list[str] = field(default_factory=list)
+    compressed: Compressed | None = None
     nodes: list[int] = field(default_factory=list)
     across_nodes: ContentTable | None = None
 
@@ -192,6 +214,7 @@ class Analysis:
     stability = _Table()
     timeline = _Table()
     ksmd_settings = _Table()
+    compression = _Table()
     huge_pages = _Table()
     numa = _Table()
     near_duplicates = _Table()
@@ -219,7 +242,9 @@ class Analysis:
                 "prefix_bytes": int(self.columns["stages"].at("prefix_bytes", "value")),
                 "base_address": bases if len(set(bases)) > 1 else bases[0],
                 **{knob: getattr(k, knob) for knob in knobs},
-                "verify": o.verify, "jobs": o.workers, "scope": o.scope.value}
+                "verify": o.verify, "jobs": o.workers, "scope": o.scope.value,
+                **({"compress": self.compressed.codec.describe(),
+                    "compress_sample": o.compress_sample} if self.compressed else {})}
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON values, no NaN (what ``scan --json`` prints): tables of

@@ -99,6 +99,7 @@ _READING_PANEL = "Reading and hashing"
 _COMPARING_PANEL = "Comparing"
 _KSM_PANEL = "KSM knobs"
 _POLICY_PANEL = "Merging policy"
+_WHATIF_PANEL = "What-ifs"
 
 FormatOpt = Annotated[
     str | None,
@@ -351,7 +352,23 @@ POLICY = (
     ], None),
 )
 """Which pages KSM may merge: its scope and a merging policy."""
-ANALYSIS = READING + COMPARING + KSM_KNOBS + POLICY
+WHATIFS = (
+    _param("compress", Annotated[
+        str | None, typer.Option("--compress", metavar="CODEC", show_default=False,
+                                 help="Also price what zram and zswap would store of the "
+                                 "pages KSM leaves, compressed with lz4 or zstd as the kernel "
+                                 "calls them (the compression table).",
+                                 rich_help_panel=_WHATIF_PANEL)
+    ], DEFAULT_OPTIONS.compress),
+    _param("compress_sample", Annotated[
+        int, typer.Option("--compress-sample", metavar="PAGES",
+                          help="With --compress: compress a uniform random sample of PAGES "
+                          "remaining pages per input and for the host, with a 95% interval "
+                          "of the ratio (0: every page).", rich_help_panel=_WHATIF_PANEL)
+    ], DEFAULT_OPTIONS.compress_sample),
+)
+"""What-ifs beside the KSM number (issue 22): opt-in, each a field of ScanOptions."""
+ANALYSIS = READING + COMPARING + KSM_KNOBS + POLICY + WHATIFS
 """Every bundle: what ``scan``, ``report`` and ``plan`` take."""
 
 
@@ -478,7 +495,7 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
 
 
 @app.command()
-@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY)
+@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY, WHATIFS)
 def scan(
     dumps: DumpsArg,
     json_out: JsonOpt = False,
@@ -503,7 +520,7 @@ def scan(
 
 
 @app.command()
-@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY)
+@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY, WHATIFS)
 def report(
     dumps: DumpsArg,
     output: Annotated[
@@ -572,7 +589,7 @@ def report(
 
 
 @app.command()
-@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY)
+@_analysis_command(READING, COMPARING, KSM_KNOBS, POLICY, WHATIFS)
 def plan(
     dumps: PlanDumpsArg,
     host_memory: HostMemoryOpt,

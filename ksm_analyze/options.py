@@ -28,6 +28,8 @@ ProgressReporter = Callable[[str, int, int], None]
 
 _ADDRESS_LIMIT = 1 << 64
 MERGE_POLICIES = ("all", "zero-only")
+COMPRESS_CODECS = ("lz4", "zstd")
+"""``--compress``: the kernel codecs (zram, zswap) with maintained Python bindings."""
 MIN_MEMORY_LIMIT = 1 << 20
 """The smallest ``--memory-limit``: below it, nothing of a fleet fits."""
 """``--merge``: KSM's rule, or the what-if where only zero pages merge."""
@@ -100,6 +102,12 @@ class ScanOptions:
         near_duplicates: report at most this many groups of near-duplicate contents
             (contents equal but for a few bytes; :mod:`ksm_analyze.whatif.near_duplicates`);
             0, the default, skips the what-if, which reads every distinct content again.
+        compress: a what-if beside dedup: compress the pages KSM leaves with this codec
+            (``lz4`` or ``zstd``, as zram and zswap call them) and price them as zram and
+            zswap store them (the ``compression`` table); None: not computed.
+        compress_sample: with ``compress``, compress a uniform random sample of this many
+            remaining pages per input and for the host, and give a 95% interval of the
+            ratio (0: every page).
     """
 
     format: DumpFormat | None = None
@@ -120,6 +128,8 @@ class ScanOptions:
     numa_nodes: int | None = None
     numa_pins: tuple[tuple[int, str], ...] = ()
     near_duplicates: int = 0
+    compress: str | None = None
+    compress_sample: int = 0
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -160,6 +170,15 @@ class ScanOptions:
                 raise ValueError(f"--numa-node {node}={pattern}: the node must be 0 to "
                                  f"{(self.numa_nodes or 1) - 1} (--numa-nodes "
                                  f"{self.numa_nodes})")
+        if self.compress is not None and self.compress not in COMPRESS_CODECS:
+            raise ValueError(f"unknown --compress {self.compress!r}; choose one of: "
+                             + ", ".join(COMPRESS_CODECS))
+        if self.compress_sample < 0:
+            raise ValueError(f"--compress-sample cannot be negative, not "
+                             f"{self.compress_sample}")
+        if self.compress_sample and self.compress is None:
+            raise ValueError("--compress-sample samples what --compress compresses: give "
+                             "--compress lz4 or --compress zstd too")
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"unknown --merge {self.merge!r}; choose one of: "
                              + ", ".join(MERGE_POLICIES))

@@ -21,6 +21,7 @@ from .analysis import TABLES, Analysis
 from .columns import Columns
 from .content_table import ContentTable, build_content_table
 from .eligibility import ScanMask, Scope, scan_mask
+from .errors import KsmAnalyzeError
 from .fleet.aggregate import (
     SERIES_REFUSED,
     aggregate,
@@ -53,7 +54,10 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
-from .whatif.huge_pages import HugeRegions, empty_table, huge_regions, ksm_saved_alone
+from .whatif.compression import Compressed, compress_contents, with_savings_row
+from .whatif.compression import empty_table as no_compression
+from .whatif.huge_pages import HugeRegions, huge_regions, ksm_saved_alone
+from .whatif.huge_pages import empty_table as no_huge_pages
 from .whatif.near_duplicates import empty_tables as no_near_duplicates
 from .whatif.near_duplicates import near_duplicates
 from .whatif.numa import empty_numa_table, merge_units, node_of, numa_table
@@ -106,6 +110,9 @@ def analyze(
     cut = out_of_core_partitions(paths, limit, options.workers)
     if cut is not None and options.samples:
         raise ValueError(f"--samples: {SERIES_REFUSED}")
+    if cut is not None and options.compress:
+        raise KsmAnalyzeError(f"--compress needs the pages' bytes: these {cut[1]:,} pages of "
+                              "fingerprint files hold none (give the dumps)")
     if cut is not None:
         return _out_of_core(paths, options, ksm, partitions=cut[0], jobs=cut[3], limit=limit,
                             pages=cut[1], in_memory=cut[2], report=report)
@@ -169,10 +176,24 @@ def analyze(
             near = {"near_duplicates": found.groups,
                     "near_duplicate_histogram": found.histogram}
             near_notes = found.warnings
+        compressed = None
+        if options.compress:
+            if samples.over_time or options.policy:
+                raise ValueError("--compress prices the pages of inputs seen once, merged "
+                                 "across all of them: not with samples over time, --domain "
+                                 "or --merge zero-only")
+            started_compress = time.perf_counter()
+            compressed = compress_contents(still, prints, masks, classes.labels, readers,
+                                           codec=options.compress,
+                                           sample=options.compress_sample,
+                                           jobs=options.workers)
+            compress_seconds = time.perf_counter() - started_compress
 
     timings = {"stage1_seconds": hashed - started, "stage2_seconds": compared - hashed,
                "inputs_from_cache": sum(s.origin == "cache" for s in sources),
                "inputs_from_fingerprint_files": sum(s.origin == "file" for s in sources)}
+    if compressed is not None:
+        timings["compress_seconds"] = compress_seconds
     # What the contents are and where they lie does not depend on a policy; what merges does.
     where = address_map(still, classes, prints, masks, scope=options.scope)
     over = model_host(tl, ksm, recorded_machine(prints), stability_table=stab,
@@ -180,10 +201,11 @@ def analyze(
     more = {"steady_state": over.steady} if over.steady else {}
     if samples.over_time:
         more["if_memory_stood_still"] = still.counters(ksm)
-    tables = {**over.tables(), "top_contents": top, "address_map": where, **near}
+    tables = {**over.tables(), "top_contents": top, "address_map": where, **near,
+              "compression": compressed.table if compressed else no_compression()}
     return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
                      tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes],
-                     huge=huge)
+                     huge=huge, compressed=compressed)
 
 
 def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
@@ -192,7 +214,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
               more: Mapping[str, KsmCounters] | None, tables: dict[str, Columns], *,
               rmap_note: str | None, warnings_before: Sequence[str] = (),
               warnings_after: Sequence[str] = (), zero_pages_found: int | None = None,
-              huge: HugeRegions | None = None) -> Analysis:
+              huge: HugeRegions | None = None,
+              compressed: Compressed | None = None) -> Analysis:
     """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
     policy applied, then the summary tables and pairwise beside the given ``tables``
     (``zero_pages_found``: for fingerprints held without their pages, the files' count;
@@ -222,6 +245,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
             [str(p) for p in per_input["input"]],
             ksm_saved_alone(per_input["self_sharing_pages"], per_input["zero_pages"], ksm),
             int(tables["savings"].at("saved", "with_zero_pages_pages")))
+    if compressed is not None:  # the savings waterfall's last step
+        tables["savings"] = with_savings_row(tables["savings"], tables["compression"])
     if zero_pages_found is not None:
         stages = tables["stages"]
         values = np.array(stages.data["value"], object)
@@ -242,6 +267,7 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         domains=domain_names,
         nodes=nodes,
         across_nodes=across,
+        compressed=compressed,
     )
 
 
@@ -314,7 +340,8 @@ def _out_of_core(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         "stability": Columns.from_records(agg.stability or [], list(STABILITY_COLUMNS)),
         "address_map": Columns({c: [] for c in ("input", "bin", "first_address",
                                                  "last_address", "pages", *ADDRESS_KINDS)}),
-        "top_contents": top, **no_near_duplicates(), "huge_pages": empty_table(),
+        "top_contents": top, **no_near_duplicates(), "huge_pages": no_huge_pages(),
+        "compression": no_compression(),
     }, rmap_note=rmap_note, warnings_before=notes, zero_pages_found=agg.zero_pages_found)
 
 

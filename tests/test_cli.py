@@ -56,10 +56,10 @@ def test_scan_csv_writes_one_file_per_table(two_raw, tmp_path):
     assert r.exit_code == 0, r.output
     # Every table, as report writes them (issue 8: one list of tables for --csv and report).
     assert sorted(p.name for p in out.iterdir()) == [
-        "address_map.csv", "convergence.csv", "exclusions.csv", "histogram.csv", "host.csv",
-        "huge_pages.csv", "ksmd_settings.csv", "near_duplicate_histogram.csv", "near_duplicates.csv",
-        "numa.csv", "pairwise.csv", "per_input.csv", "savings.csv", "stability.csv", "stages.csv",
-        "timeline.csv", "top_contents.csv",
+        "address_map.csv", "compression.csv", "convergence.csv", "exclusions.csv", "histogram.csv",
+        "host.csv", "huge_pages.csv", "ksmd_settings.csv", "near_duplicate_histogram.csv",
+        "near_duplicates.csv", "numa.csv", "pairwise.csv", "per_input.csv", "savings.csv",
+        "stability.csv", "stages.csv", "timeline.csv", "top_contents.csv",
     ]
     assert "pages_sharing" in (out / "host.csv").read_text()
 

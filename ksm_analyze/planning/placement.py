@@ -32,6 +32,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from ..ksm import (
     run_ranks,
 )
 from ..units import counted, size_text
+
+if TYPE_CHECKING:
+    from ..whatif.compression import Compressed
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "host_tables", "lower_bound",
            "place", "split", "spread"]
@@ -523,3 +527,68 @@ def split(model: HostModel, packed: list[list[int]], hosts: int) -> list[list[in
         model.remove(donor, cheapest)
         model.add(empty, cheapest)
     return [sorted(h.inputs) for h in states]
+
+
+class CompressedModel:
+    """The inputs of a table as zram would hold them after KSM: a host's footprint is its
+    distinct non-zero contents compressed (``--compress``; zero pages cost nothing).
+
+    Each duplicated content is priced once per host (one page of it is compressed), each
+    unique page where it lies (:class:`~ksm_analyze.whatif.compression.Compressed`).
+    """
+
+    def __init__(self, table: ContentTable, compressed: Compressed) -> None:
+        if compressed.sample:
+            raise ValueError("plan --compress prices every page a host holds: drop "
+                             "--compress-sample")
+        self.table, self.n = table, len(table.input_columns)
+        zram = compressed.content_costs[:, 1]  # zram bytes of one page of each content
+        self.unique = compressed.unique_costs[:, 1]
+        at = np.searchsorted(compressed.content, table.content)
+        self.cost = zram  # by position in compressed.content
+        by_input = np.argsort(table.owner, kind="stable")
+        bounds = np.searchsorted(table.owner[by_input], np.arange(self.n + 1))
+        self.contents = [np.unique(at[by_input[a:b]]) for a, b in
+                         itertools.pairwise(bounds.tolist())]
+        self.alone = np.array([self.unique[i] + int(zram[c].sum())
+                               for i, c in enumerate(self.contents)], np.int64)
+
+    def footprint(self, inputs: Sequence[int]) -> int:
+        """zram bytes of a host holding ``inputs``."""
+        held = np.unique(np.concatenate([self.contents[i] for i in inputs] or
+                                        [np.empty(0, np.int64)]))
+        return int(self.unique[list(inputs)].sum() + self.cost[held].sum())
+
+
+def place_compressed(model: CompressedModel, capacity: int) -> Placement:
+    """Best-fit decreasing on zram footprints: inputs largest first, each onto the host
+    where it adds the fewest compressed bytes (its unique pages, and the contents that host
+    does not hold yet) among those it fits, else onto a new host. Method ``sharing_zram``.
+
+    Raises:
+        ValueError: an input alone needs more than ``capacity``.
+    """
+    big = np.flatnonzero(model.alone > capacity)
+    if len(big):
+        i = int(big[0])
+        raise ValueError(f"{model.table.names[i]} alone needs {size_text(int(model.alone[i]))} "
+                         f"compressed after KSM, more than a host holds: {size_text(capacity)}")
+    hosts: list[list[int]] = []
+    held: list[np.ndarray] = []  # bool per content, per host
+    used: list[int] = []
+    for i in np.argsort(-model.alone, kind="stable").tolist():
+        mine = model.contents[i]
+        best, best_add = -1, 0
+        for k in range(len(hosts)):
+            add = int(model.unique[i] + model.cost[mine[~held[k][mine]]].sum())
+            if used[k] + add <= capacity and (best < 0 or add < best_add):
+                best, best_add = k, add
+        if best < 0:
+            hosts.append([])
+            held.append(np.zeros(len(model.cost), bool))
+            used.append(0)
+            best, best_add = len(hosts) - 1, int(model.alone[i])
+        hosts[best].append(i)
+        held[best][mine] = True
+        used[best] += best_add
+    return Placement("sharing_zram", [sorted(h) for h in hosts])

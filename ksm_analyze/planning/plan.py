@@ -16,7 +16,17 @@ import pandas as pd
 from ..analysis import Analysis, json_safe
 from ..ksm import memory_after
 from ..units import counted, human_bytes, size_text
-from .placement import HostModel, Placement, first_fit, host_tables, lower_bound, place, spread
+from .placement import (
+    CompressedModel,
+    HostModel,
+    Placement,
+    first_fit,
+    host_tables,
+    lower_bound,
+    place,
+    place_compressed,
+    spread,
+)
 from .projection import Projection
 
 if TYPE_CHECKING:
@@ -64,6 +74,11 @@ class Plan:
             one node and sharing only with the inputs of its node; the placements pack
             nodes, and a host is ``numa_nodes`` nodes in placement order. None: no nodes.
         zero_pages: scanned zero pages counted as host memory (True) or as never touched.
+        compressed_hosts: with an analysis made with ``compress`` (``plan --compress``),
+            the hosts of the ``sharing_zram`` placement, where a host's footprint is its
+            distinct non-zero contents as zram stores them: ``method``, ``host``,
+            ``inputs``, ``input_count``, ``memory_before_bytes``, ``zram_bytes``,
+            ``free_bytes``; empty without. Its summary row is ``sharing_zram``.
     """
 
     summary: pd.DataFrame
@@ -79,6 +94,7 @@ class Plan:
     hosts_asked: int | None = None
     numa_nodes: int | None = None
     nodes: pd.DataFrame = field(default_factory=pd.DataFrame)
+    compressed_hosts: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them (``nodes``
@@ -96,6 +112,8 @@ class Plan:
             "hosts_asked": self.hosts_asked, "inputs_per_host": fits,
         }
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
+        if len(self.compressed_hosts):
+            out["compressed_hosts"] = self.compressed_hosts.to_dict(orient="records")
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
 
@@ -202,6 +220,21 @@ def plan(
     summary.append({"method": "lower_bound", "hosts": bound,
                     "memory_after_bytes": model.footprint(range(model.n)),
                     "overcommit": sum(guest_bytes) / (bound * host_memory)})
+    zram_hosts = pd.DataFrame()
+    if analysis.compressed is not None:  # plan --compress: hosts with zram too
+        zmodel = CompressedModel(analysis.contents, analysis.compressed)
+        zplaced = place_compressed(zmodel, capacity)
+        zram_hosts = pd.DataFrame([
+            {"method": zplaced.method, "host": k, "inputs": [names[i] for i in inputs],
+             "input_count": len(inputs), "memory_before_bytes": model.before(inputs),
+             "zram_bytes": zmodel.footprint(inputs),
+             "free_bytes": capacity - zmodel.footprint(inputs)}
+            for k, inputs in enumerate(zplaced.hosts)])
+        assignments += [{"method": zplaced.method, "input": names[i], "host": k}
+                        for k, inputs in enumerate(zplaced.hosts) for i in inputs]
+        summary.append({"method": zplaced.method, "hosts": len(zplaced.hosts),
+                        "memory_after_bytes": int(zram_hosts["zram_bytes"].sum()),
+                        "overcommit": sum(guest_bytes) / (len(zplaced.hosts) * host_memory)})
     table = pd.DataFrame(summary)
     baseline = host_counts["first_fit"]
     # Hosts a method saves against first-fit; not for a count that was given (--hosts).
@@ -237,6 +270,7 @@ def plan(
         numa_nodes=analysis.options.numa_nodes if numa else None,
         nodes=pd.concat(node_rows, ignore_index=True)[_NODE_COLUMNS] if numa else
         pd.DataFrame(),
+        compressed_hosts=zram_hosts,
     )
 
 

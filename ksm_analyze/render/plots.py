@@ -50,6 +50,8 @@ _STEPS = (
     ("rmap_overhead", "rmap_item\noverhead"),
     ("memory_after", "memory\nafter KSM"),
 )
+_COMPRESSED_STEP = ("compressed_zram", "compressed\n(zram)")
+"""The waterfall's last bar with ``--compress``: what KSM leaves, as zram stores it."""
 _KIND_STYLE = {
     "zero_pages": ("zero", "#c7c7c7"),
     "unique_pages": ("unique", "#4c78a8"),
@@ -100,11 +102,15 @@ def plot_savings(result: Analysis) -> Figure:
         largest = max(float(sav.at["memory_before", f"{s}_bytes"]), 1.0)
         div, unit = _unit(largest)
         level = 0.0
-        for i, (item, _label) in enumerate(_STEPS):
+        steps = [*_STEPS, *([_COMPRESSED_STEP] if _COMPRESSED_STEP[0] in sav.index else [])]
+        for i, (item, _label) in enumerate(steps):
             nbytes = float(sav.at[item, f"{s}_bytes"])
             value = nbytes / div
             pct = float(sav.at[item, f"{s}_percent"])
-            if item in ("memory_before", "memory_after"):
+            if item == _COMPRESSED_STEP[0]:  # --compress: what zram needs of what is left
+                bottom, height, color = 0.0, value, "#17becf"
+                text = f"{human_bytes(nbytes)}\n({pct:.1f}%)"
+            elif item in ("memory_before", "memory_after"):
                 bottom, height, color = 0.0, value, "#4c78a8" if i == 0 else "#2ca02c"
                 text = f"{human_bytes(nbytes)}\n({pct:.1f}%)"
                 level = value
@@ -119,7 +125,7 @@ def plot_savings(result: Analysis) -> Figure:
             ax.bar(i, height, bottom=bottom, color=color, edgecolor="black", linewidth=0.5)
             ax.annotate(text, (i, bottom + height), xytext=(0, 3), textcoords="offset points",
                         ha="center", va="bottom", fontsize=9)
-        ax.set_xticks(range(len(_STEPS)), [label for _, label in _STEPS], fontsize=9)
+        ax.set_xticks(range(len(steps)), [label for _, label in steps], fontsize=9)
         ax.set_ylabel(f"host memory ({unit})")
         ax.set_ylim(0, largest / div * 1.22)
         ax.set_title(_SCENARIOS[s], fontsize=11)

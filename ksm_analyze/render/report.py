@@ -355,6 +355,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
                  '<a href="convergence.csv">convergence.csv</a>, ksmd replayed full scan by '
                  'full scan in <a href="timeline.csv">timeline.csv</a> and each ksmd setting '
                  'in <a href="ksmd_settings.csv">ksmd_settings.csv</a>.</p>')
+    parts += _compression_section(result)
     parts += _huge_pages_section(result)
     parts += _near_duplicates_section(result, images)
     options = {**result.options_record(), "show_content": show_content}
@@ -431,6 +432,28 @@ def _over_time_section(result: Analysis, images: dict[str, bytes]) -> list[str]:
                      "PID -o DIR --every 1s --count 3</code>) show what changes.</p>")
     parts += [_figure(name, CHARTS[name], images) for name in TIME_CHARTS]
     return parts
+
+
+def _compression_section(result: Analysis) -> list[str]:
+    """With ``--compress``: what zram and zswap would need of what KSM leaves."""
+    table = result.columns["compression"]
+    if not len(table["input"]):
+        return []
+    df = result.compression.drop(columns="codec")
+    df, cut = _first_rows(df, "input", "compression.csv")
+    return [
+        '<h2 id="compression">Compression beside dedup (zram, zswap)</h2>',
+        (f'<p>Codec: {html.escape(str(table["codec"][0]))}. What KSM leaves (a page per '
+         "non-zero content: within the input alone on its row, across all inputs on "
+         "<code>host</code>'s), compressed page by page and stored as zram and zswap store "
+         "it: same-filled pages as a flag, zsmalloc's size classes, pages that do not shrink "
+         "below zram's huge class stored whole, and below a page rejected by zswap (a page "
+         "each). The savings chart's last bar is the host's zram bytes (docs/model.md, "
+         '"Compression beside dedup").</p>'),
+        *([cut] if cut else []),
+        _html_table(df, index=False),
+        '<p class="note">Also in <a href="compression.csv">compression.csv</a>.</p>',
+    ]
 
 
 def _huge_pages_section(result: Analysis) -> list[str]:

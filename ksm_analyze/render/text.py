@@ -89,6 +89,7 @@ _SAVINGS_LABELS = {
     "memory_after": "memory after KSM",
     "pages_after_merging": "  pages left after merging",
     "rmap_overhead": "  rmap_item overhead",
+    "compressed_zram": "compressed (zram)",
 }
 _ZERO_NOTE = {
     True: "  A snapshot knows which pages are resident and which map the zero page (unless\n"
@@ -135,7 +136,7 @@ def render_scan(result: Analysis) -> str:
     out += ["", "Savings", _table(["", *titles], (
         [label, *(f"{human_bytes(sav.at(item, f'{s}_bytes'))} "
                   f"({sav.at(item, f'{s}_percent'):.1f}%)" for s in scen)]
-        for item, label in _SAVINGS_LABELS.items()))]
+        for item, label in _SAVINGS_LABELS.items() if item in sav.keys))]
     out.append("  Memory after KSM is what the host needs: the pages left after merging plus "
                f"KSM's\n  {result.ksm.rmap_bytes}-byte rmap_item per page it tracks; 'plan' "
                "counts each host the same way.")
@@ -152,6 +153,7 @@ def render_scan(result: Analysis) -> str:
                                    "pages_after_merging")),
           human_bytes(r["bytes_referenced"]), human_bytes(r["bytes_after_merging"])]
          for r in tables["histogram"].rows()))]
+    out += _compression(result)
     out += _huge_pages(tables["huge_pages"])
     out.append("")
     st = tables["stages"].by_key("value")
@@ -247,6 +249,47 @@ def near_duplicates_text(tables: Mapping[str, Columns], asked: int, page_size: i
         "with their group's representative, which is not counted; saved if equal: what KSM "
         "would save beyond today were they one content)", 96, initial_indent="  ",
         subsequent_indent="   "))
+    return out
+
+
+def _times(ratio: Any) -> str:
+    """A ratio as ``8.8x``; ``-`` where there is none (nothing stored)."""
+    return "-" if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) \
+        else f"{ratio:.1f}x"
+
+
+def _compression(result: Analysis) -> list[str]:
+    """The ``compression`` table (``--compress``): nothing without it."""
+    table = result.columns["compression"]
+    if not len(table["input"]):
+        return []
+    rows = list(table.rows())
+    sampled = any(r["compressed_pages"] < r["distinct_pages"] for r in rows)
+
+    def zram(r: Mapping[str, Any]) -> str:
+        text = f"{human_bytes(r['zram_bytes'])} {_times(r['zram_ratio'])}"
+        if sampled:
+            text += f" ({_times(r['zram_ratio_low'])}-{_times(r['zram_ratio_high'])})"
+        return text
+
+    names = [*result.names, "host"]
+    out = ["", f"Compression of what KSM leaves: {printable(rows[0]['codec'])}", _table(
+        ["input", "size", "after dedup", "zram" + (" (95% interval)" if sampled else ""),
+         "zswap", "combined"],
+        ([name, human_bytes(r["bytes"]),
+          f"{human_bytes(r['distinct_bytes'])} {_times(r['dedup_ratio'])}", zram(r),
+          f"{human_bytes(r['zswap_bytes'])} {_times(r['zswap_ratio'])}",
+          f"{_times(r['zram_combined_ratio'])} / {_times(r['zswap_combined_ratio'])}"]
+         for name, r in itertools.islice(zip(names, rows, strict=True), TEXT_ROWS + 1)))]
+    host = rows[-1]
+    out.append(
+        f"  (after dedup: a page per non-zero content, within the input alone on its row, "
+        f"across all\n   inputs on host's; host: {_count(host['same_filled_pages'])} "
+        f"same-filled pages zram stores as a flag, {_count(host['zram_huge_pages'])} it stores "
+        f"whole;\n   {_count(host['zswap_rejected_pages'])} pages zswap rejects "
+        "(a page each); combined = size / zram, size / zswap"
+        + (f";\n   {_count(host['compressed_pages'])} pages sampled for host's row, "
+           "figures scaled to all)" if sampled else ")"))
     return out
 
 
@@ -535,7 +578,8 @@ def render_status(status: KsmStatus, *, as_json: bool = False) -> str:
 
 
 _METHODS = {"sharing": "sharing-aware", "first_fit": "first-fit (ignores sharing)",
-            "lower_bound": "lower bound (one infinite host)"}
+            "lower_bound": "lower bound (one infinite host)",
+            "sharing_zram": "sharing-aware, compressed (zram)"}
 
 
 def _hosts_saved(saved: int | None, percent: float | None) -> str:
@@ -579,6 +623,14 @@ def render_plan(plan: Plan) -> str:
                    f"{human_bytes(plan.capacity // plan.numa_nodes)} with merge_across_nodes=0; "
                    "a node's inputs share only with each other,\n   a host needs the sum of "
                    "its nodes; free = of the node)")
+    if len(plan.compressed_hosts):
+        out += ["", f"Hosts, {_METHODS['sharing_zram']}"]
+        out.append(_table(["host", "before KSM", "zram", "free", "inputs"], (
+            [str(r.host), human_bytes(r.memory_before_bytes), human_bytes(r.zram_bytes),
+             human_bytes(r.free_bytes), " ".join(r.inputs)]
+            for r in plan.compressed_hosts.itertuples())))
+        out.append("  (zram = the host's distinct non-zero contents compressed as zram "
+                   "stores them, --compress)")
     if len(plan.projection):
         out += ["", "Inputs like these on one host (beyond the samples: a model)"]
         out.append(_table(["inputs", "with KSM", "band (10%-90%)", "without KSM", ""], (
