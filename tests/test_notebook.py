@@ -46,8 +46,9 @@ def test_notebook_runs_and_shows_its_charts(executed):
               if o.output_type == "error"]
     assert not errors
     charts = [c for c in nb.cells if c.cell_type == "code" and ".plot_" in c.source]
-    # savings, histogram, pairwise, address map, counters against time, ksmd settings, hosts
-    assert len(charts) == 7
+    # savings, histogram, pairwise, address map, counters against time, ksmd settings, the
+    # savings with compression, near-duplicates, hosts
+    assert len(charts) == 9
     for cell in charts:
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
 
