@@ -20,7 +20,7 @@ from ._signals import watching
 from .analysis import TABLES, Analysis
 from .columns import Columns
 from .content_table import ContentTable, build_content_table
-from .eligibility import ScanMask, Scope, scan_mask
+from .eligibility import ScanMask, Scope, opted_out, scan_mask
 from .fleet.aggregate import (
     SERIES_REFUSED,
     aggregate,
@@ -53,6 +53,7 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
+from .vmconfig import VmConfig, match, read_configs
 from .whatif.near_duplicates import empty_tables as no_near_duplicates
 from .whatif.near_duplicates import near_duplicates
 from .whatif.numa import empty_numa_table, merge_units, node_of, numa_table
@@ -100,11 +101,16 @@ def analyze(
     if not paths:
         raise ValueError("no input given")
     bases = options.bases_for(paths)
+    configs = vm_configs_of(paths, options)  # before any hashing: a bad file fails now
     report = progress or _silent
     limit = options.memory_limit or default_memory_limit()
     cut = out_of_core_partitions(paths, limit, options.workers)
     if cut is not None and options.samples:
         raise ValueError(f"--samples: {SERIES_REFUSED}")
+    if cut is not None and options.vm_configs:
+        raise ValueError("--vm-config: these fingerprint files are aggregated out of core "
+                         "(--memory-limit), which does not take VM configurations yet; give "
+                         "a larger --memory-limit")
     if cut is not None:
         return _out_of_core(paths, options, ksm, partitions=cut[0], jobs=cut[3], limit=limit,
                             pages=cut[1], in_memory=cut[2], report=report)
@@ -148,6 +154,12 @@ def analyze(
                            progress=lambda n, of: report("comparing", n, of))
         compared = time.perf_counter()
         all_masks = [scan_mask(fp, options.scope) for fp in all_prints]
+        if options.vm_configs:  # an input whose VM opted out: no page of it scanned
+            off = {os.fspath(p) for p, c in zip(paths, configs, strict=True)
+                   if c is not None and not c.eligible(options.scope.value)}
+            files = [s.path for s in sources for _ in range(1 + len(s.more))]
+            all_masks = [opted_out(m) if os.fspath(f) in off else m
+                         for m, f in zip(all_masks, files, strict=True)]
         masks = [all_masks[i] for i in samples.latest]
         still = build_content_table(prints, classes, masks)
         if samples.over_time:  # count what KSM keeps: the steady view
@@ -180,7 +192,8 @@ def analyze(
         more["if_memory_stood_still"] = still.counters(ksm)
     tables = {**over.tables(), "top_contents": top, "address_map": where, **near}
     return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
-                     tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes])
+                     tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes],
+                     vm_configs=vm_config_records(paths, configs, options))
 
 
 def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
@@ -188,8 +201,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
               masks: Sequence[ScanMask], stats: StageStats, timings: Mapping[str, float],
               more: Mapping[str, KsmCounters] | None, tables: dict[str, Columns], *,
               rmap_note: str | None, warnings_before: Sequence[str] = (),
-              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None
-              ) -> Analysis:
+              warnings_after: Sequence[str] = (), zero_pages_found: int | None = None,
+              vm_configs: Sequence[dict[str, Any]] = ()) -> Analysis:
     """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
     policy applied, then the summary tables and pairwise beside the given ``tables``
     (``zero_pages_found``: for fingerprints held without their pages, the files' count)."""
@@ -232,7 +245,34 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         domains=domain_names,
         nodes=nodes,
         across_nodes=across,
+        vm_configs=list(vm_configs),
     )
+
+
+def vm_configs_of(paths: Sequence[str | os.PathLike[str]], options: ScanOptions
+                  ) -> list[VmConfig | None]:
+    """Each input's VM configuration of ``options.vm_configs`` (None: none given, assumed
+    eligible); [] without ``vm_configs``.
+
+    Raises:
+        KsmAnalyzeError: a configuration file cannot be read (one line).
+        ValueError: a configuration names no input, an input has two, or two describe one VM.
+    """
+    if not options.vm_configs:
+        return []
+    return match(read_configs(options.vm_configs), paths)
+
+
+def vm_config_records(paths: Sequence[str | os.PathLike[str]],
+                      configs: Sequence[VmConfig | None], options: ScanOptions
+                      ) -> list[dict[str, Any]]:
+    """``Analysis.vm_configs``: a record per input given with ``vm_configs`` (else none)."""
+    scope = options.scope.value
+    return [{"input": os.fspath(p), **(c.record(scope) if c is not None else {
+                "name": None, "config": None, "format": None, "eligible": True,
+                "reasons": ["no VM configuration given: assumed eligible"],
+                "other_reasons": [], "numa_nodes": [], "notes": []})}
+            for p, c in zip(paths, configs, strict=True)]
 
 
 NOT_OUT_OF_CORE = ("convergence", "timeline", "ksmd_settings", "address_map")
