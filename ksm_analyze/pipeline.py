@@ -268,6 +268,8 @@ def vm_config_records(paths: Sequence[str | os.PathLike[str]],
                       ) -> list[dict[str, Any]]:
     """``Analysis.vm_configs``: a record per input given with ``vm_configs`` (else none)."""
     scope = options.scope.value
+    if not configs:
+        return []
     return [{"input": os.fspath(p), **(c.record(scope) if c is not None else {
                 "name": None, "config": None, "format": None, "eligible": True,
                 "reasons": ["no VM configuration given: assumed eligible"],
