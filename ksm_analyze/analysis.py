@@ -186,6 +186,13 @@ class Analysis:
             ``contents``, ``pages``; empty when the what-if did not run.
         columns: every table above by name, as plain columns (numpy arrays and lists, no
             pandas): what the text report reads.
+        vm_configs: with ``options.vm_configs``, one record per input (``vm_configs`` in
+            ``--json``): ``input``, ``name`` (the VM's), ``config`` (the file; None: none
+            given, the input assumed eligible), ``format``, ``eligible`` (KSM scans it
+            under ``options.scope``), ``reasons`` (why not, each with its documented rule),
+            ``other_reasons`` (opt-outs another scope would apply), ``numa_nodes`` (host
+            nodes its memory is bound to), ``notes``. An input not eligible is counted in
+            no table of KSM's view: its pages are the exclusion rule ``vm_config``.
     """
 
     columns: dict[str, Columns]
@@ -200,6 +207,7 @@ class Analysis:
     compressed: Compressed | None = None
     nodes: list[int] = field(default_factory=list)
     across_nodes: ContentTable | None = None
+    vm_configs: list[dict[str, Any]] = field(default_factory=list)
 
     per_input = _Table()
     host = _Table()
@@ -254,6 +262,8 @@ class Analysis:
             table = self.columns[name]
             out[name] = table.records() if self._is_rows(name) else table.keyed()
         out["warnings"] = list(self.warnings)
+        if self.vm_configs:
+            out["vm_configs"] = self.vm_configs
         if self.unrestricted is not None:
             out["policy"] = {"domains": dict(zip(self.names, (self.domains[d] for d in
                                                    self.domain_numbers()), strict=True))

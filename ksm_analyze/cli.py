@@ -350,8 +350,20 @@ POLICY = (
                      "match GLOB to NUMA node NODE, 0 to N-1 (repeat it; with --numa-nodes).",
                      show_default=False, rich_help_panel=_POLICY_PANEL),
     ], None),
+    _param("vm_config", Annotated[
+        list[Path] | None,
+        typer.Option("--vm-config", metavar="FILE", show_default=False,
+                     help="A VM's configuration (repeat it; a folder: every file in it): "
+                     "libvirt domain XML (virsh dumpxml), Proxmox qm config, Cloud Hypervisor "
+                     "or Firecracker JSON, KubeVirt VirtualMachine YAML. Matched to the input "
+                     "whose file name without suffixes is the VM's name (vm-a.elf: vm-a); an "
+                     "input whose VM KSM will not scan (nosharepages, allow-ksm: 0, "
+                     "hugepages, shared memory, Firecracker) is listed before hashing and "
+                     "counted nowhere. Inputs without one are assumed eligible.",
+                     rich_help_panel=_POLICY_PANEL),
+    ], None),
 )
-"""Which pages KSM may merge: its scope and a merging policy."""
+"""Which pages KSM may merge: its scope, a merging policy and the VMs' configurations."""
 WHATIFS = (
     _param("compress", Annotated[
         str | None, typer.Option("--compress", metavar="CODEC", show_default=False,
@@ -383,6 +395,14 @@ class _Request:
     def run(self, dumps: list[Path], **extra: Any) -> Analysis:
         """Analyse ``dumps``; ``extra`` sets further ScanOptions fields (``top``...)."""
         options = replace(self.options, **extra)
+        if options.vm_configs:  # before any hashing: the inputs KSM will not touch, and why
+            from .pipeline import vm_configs_of
+            from .vmconfig import notice
+
+            scope = options.scope.value
+            for dump, config in zip(dumps, vm_configs_of(dumps, options), strict=True):
+                if config is not None and not config.eligible(scope):
+                    typer.echo(f"Note: {printable(notice(dump, config, scope))}", err=True)
         with ScanProgress(enabled=not self.quiet) as bars:
             return analyze(dumps, options, self.ksm, progress=bars)
 
@@ -418,6 +438,8 @@ def _analysis_command(*bundles: tuple[inspect.Parameter, ...]
                 if "sample" in given:
                     given["samples"] = tuple(_name_globs(given.pop("sample") or [],
                                                          "--samples"))
+                if "vm_config" in given:
+                    given["vm_configs"] = tuple(map(str, given.pop("vm_config") or []))
                 if "numa_node" in given:
                     given["numa_pins"] = _numa_pins(given.pop("numa_node") or [])
                 if "domain" in given:

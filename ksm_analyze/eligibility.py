@@ -22,8 +22,8 @@ from .pages import Choice, Extent, MapFlags, PageState
 if TYPE_CHECKING:
     from .hashing.stage1 import Fingerprints
 
-__all__ = ["NO_BYTES_RULES", "RULES", "ScanMask", "Scope", "excluded_by", "scan_mask",
-           "split_maps_zero_subpages"]
+__all__ = ["NO_BYTES_RULES", "RULES", "ScanMask", "Scope", "excluded_by", "opted_out",
+           "scan_mask", "split_maps_zero_subpages"]
 
 
 class Scope(Choice):
@@ -49,6 +49,8 @@ RULES: dict[str, str] = {
     "file_backed": "page-cache page of a mapped file",
     "thp_zero": "all-zero subpage of a huge page: KSM's split maps it to the zero page",
     "not_mergeable": "VMA not marked mergeable (scope mergeable)",
+    "vm_config": "the VM's configuration keeps KSM off its memory (--vm-config: the "
+                 "vm_configs record says why)",
 }
 """Every exclusion rule, in the order they are tried, with what it means."""
 NO_BYTES_RULES = ("not_present", "swapped", "not_saved", "excluded")
@@ -144,3 +146,12 @@ def _rows_where(fp: Fingerprints, test: Callable[[Extent], bool]) -> np.ndarray:
         return np.full(len(fp.addrs), bool(ok.all()))
     starts = np.array([e.addr for e in data], dtype=np.uint64)
     return ok[np.searchsorted(starts, fp.addrs, side="right") - 1]
+
+
+def opted_out(mask: ScanMask) -> ScanMask:
+    """``mask`` of an input KSM does not scan at all (rule ``vm_config``: its configuration
+    keeps KSM off it): every page the other rules left to KSM, the all-zero THP subpages
+    included, counts under ``vm_config``; the other rules' counts stay (tried first)."""
+    left = int(np.count_nonzero(mask.scanned)) + mask.zero_state_pages + mask.excluded["thp_zero"]
+    excluded = {**mask.excluded, "thp_zero": 0, "vm_config": left}
+    return ScanMask(np.zeros_like(mask.scanned), 0, excluded)

@@ -108,6 +108,13 @@ class ScanOptions:
         compress_sample: with ``compress``, compress a uniform random sample of this many
             remaining pages per input and for the host, and give a 95% interval of the
             ratio (0: every page).
+        vm_configs: VM configuration files (or folders of them: every file in each):
+            libvirt domain XML, Proxmox ``qm config``, Cloud Hypervisor or Firecracker JSON,
+            KubeVirt ``VirtualMachine`` YAML (:mod:`ksm_analyze.vmconfig`). Each is matched
+            to the input whose file name, without suffixes, is its VM's name; an input
+            whose VM opted out of KSM (``<nosharepages/>``, ``allow-ksm: 0``, hugepages,
+            shared memory...) is not scanned at all (exclusion rule ``vm_config``).
+            Inputs without one are assumed eligible.
     """
 
     format: DumpFormat | None = None
@@ -130,6 +137,7 @@ class ScanOptions:
     near_duplicates: int = 0
     compress: str | None = None
     compress_sample: int = 0
+    vm_configs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise what users may give as names or lists, then check every range once.
@@ -161,6 +169,9 @@ class ScanOptions:
             raise ValueError(f"--scheduler {self.scheduler!r}: give tcp://HOST:PORT of a Dask "
                              "scheduler, local or local:N (N workers, at least 1)")
         object.__setattr__(self, "numa_pins", tuple((n, str(p)) for n, p in self.numa_pins))
+        object.__setattr__(self, "vm_configs", (os.fspath(self.vm_configs),)
+                           if isinstance(self.vm_configs, str | os.PathLike)
+                           else tuple(map(os.fspath, self.vm_configs)))
         if self.numa_nodes is not None and self.numa_nodes < 1:
             raise ValueError(f"--numa-nodes must be at least 1, not {self.numa_nodes}")
         if self.numa_pins and self.numa_nodes is None:

@@ -20,7 +20,7 @@ from ._signals import watching
 from .analysis import TABLES, Analysis
 from .columns import Columns
 from .content_table import ContentTable, build_content_table
-from .eligibility import ScanMask, Scope, scan_mask
+from .eligibility import ScanMask, Scope, opted_out, scan_mask
 from .errors import KsmAnalyzeError
 from .fleet.aggregate import (
     SERIES_REFUSED,
@@ -54,6 +54,7 @@ from .series import (
 from .sharing import ADDRESS_KINDS, address_map, pairwise, top_contents, twin_warnings
 from .summary import summary_tables
 from .units import size_text
+from .vmconfig import VmConfig, match, read_configs
 from .whatif.compression import Compressed, compress_contents, with_savings_row
 from .whatif.compression import empty_table as no_compression
 from .whatif.huge_pages import HugeRegions, huge_regions, ksm_saved_alone
@@ -105,6 +106,7 @@ def analyze(
     if not paths:
         raise ValueError("no input given")
     bases = options.bases_for(paths)
+    configs = vm_configs_of(paths, options)  # before any hashing: a bad file fails now
     report = progress or _silent
     limit = options.memory_limit or default_memory_limit()
     cut = out_of_core_partitions(paths, limit, options.workers)
@@ -113,6 +115,10 @@ def analyze(
     if cut is not None and options.compress:
         raise KsmAnalyzeError(f"--compress needs the pages' bytes: these {cut[1]:,} pages of "
                               "fingerprint files hold none (give the dumps)")
+    if cut is not None and options.vm_configs:
+        raise ValueError("--vm-config: these fingerprint files are aggregated out of core "
+                         "(--memory-limit), which does not take VM configurations yet; give "
+                         "a larger --memory-limit")
     if cut is not None:
         return _out_of_core(paths, options, ksm, partitions=cut[0], jobs=cut[3], limit=limit,
                             pages=cut[1], in_memory=cut[2], report=report)
@@ -156,6 +162,12 @@ def analyze(
                            progress=lambda n, of: report("comparing", n, of))
         compared = time.perf_counter()
         all_masks = [scan_mask(fp, options.scope) for fp in all_prints]
+        if options.vm_configs:  # an input whose VM opted out: no page of it scanned
+            off = {os.fspath(p) for p, c in zip(paths, configs, strict=True)
+                   if c is not None and not c.eligible(options.scope.value)}
+            files = [s.path for s in sources for _ in range(1 + len(s.more))]
+            all_masks = [opted_out(m) if os.fspath(f) in off else m
+                         for m, f in zip(all_masks, files, strict=True)]
         masks = [all_masks[i] for i in samples.latest]
         still = build_content_table(prints, classes, masks)
         huge = huge_regions(prints, classes.labels, classes.n_classes, options.scope)
@@ -205,7 +217,8 @@ def analyze(
               "compression": compressed.table if compressed else no_compression()}
     return _analysis(paths, options, ksm, table, prints, masks, classes.stats, timings, more,
                      tables, rmap_note=rmap_note, warnings_after=[*over.warnings, *near_notes],
-                     huge=huge, compressed=compressed)
+                     huge=huge, compressed=compressed,
+                     vm_configs=vm_config_records(paths, configs, options))
 
 
 def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
@@ -215,7 +228,8 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
               rmap_note: str | None, warnings_before: Sequence[str] = (),
               warnings_after: Sequence[str] = (), zero_pages_found: int | None = None,
               huge: HugeRegions | None = None,
-              compressed: Compressed | None = None) -> Analysis:
+              compressed: Compressed | None = None,
+              vm_configs: Sequence[dict[str, Any]] = ()) -> Analysis:
     """The :class:`Analysis` of a core table, in memory or out of core alike: the merging
     policy applied, then the summary tables and pairwise beside the given ``tables``
     (``zero_pages_found``: for fingerprints held without their pages, the files' count;
@@ -268,7 +282,36 @@ def _analysis(paths: Sequence[str | os.PathLike[str]], options: ScanOptions,
         nodes=nodes,
         across_nodes=across,
         compressed=compressed,
+        vm_configs=list(vm_configs),
     )
+
+
+def vm_configs_of(paths: Sequence[str | os.PathLike[str]], options: ScanOptions
+                  ) -> list[VmConfig | None]:
+    """Each input's VM configuration of ``options.vm_configs`` (None: none given, assumed
+    eligible); [] without ``vm_configs``.
+
+    Raises:
+        KsmAnalyzeError: a configuration file cannot be read (one line).
+        ValueError: a configuration names no input, an input has two, or two describe one VM.
+    """
+    if not options.vm_configs:
+        return []
+    return match(read_configs(options.vm_configs), paths)
+
+
+def vm_config_records(paths: Sequence[str | os.PathLike[str]],
+                      configs: Sequence[VmConfig | None], options: ScanOptions
+                      ) -> list[dict[str, Any]]:
+    """``Analysis.vm_configs``: a record per input given with ``vm_configs`` (else none)."""
+    scope = options.scope.value
+    if not configs:
+        return []
+    return [{"input": os.fspath(p), **(c.record(scope) if c is not None else {
+                "name": None, "config": None, "format": None, "eligible": True,
+                "reasons": ["no VM configuration given: assumed eligible"],
+                "other_reasons": [], "numa_nodes": [], "notes": []})}
+            for p, c in zip(paths, configs, strict=True)]
 
 
 NOT_OUT_OF_CORE = ("convergence", "timeline", "ksmd_settings", "address_map", "huge_pages")

@@ -313,6 +313,7 @@ def render_html(result: Analysis, images: dict[str, bytes], plan: Plan | None = 
                      "which may be secret.</p>")
     for w in result.warnings:
         parts.append(f'<p class="warn">Warning: {e(w)}</p>')
+    parts += _vm_config_section(result)
     parts.append('<h2 id="charts">Charts</h2>')
     parts += [_figure(name, caption, images) for name, caption in CHARTS.items()
               if name not in TIME_CHARTS]
@@ -477,6 +478,21 @@ def _huge_pages_section(result: Analysis) -> list[str]:
              "cannot tell how the host backs its RAM). <code>split_cost</code>: what 4 KiB "
              "merging saves beyond merging whole huge pages (docs/model.md, \"Huge pages\"). "
              'Also in <a href="huge_pages.csv">huge_pages.csv</a>.</p>')]
+
+
+def _vm_config_section(result: Analysis) -> list[str]:
+    """With --vm-config: each input's VM and whether KSM scans it, with every reason."""
+    if not result.vm_configs:
+        return []
+    frame = pd.DataFrame([{**r, **{k: "; ".join(r[k]) for k in ("reasons", "other_reasons",
+                                                                  "notes")},
+                           "numa_nodes": " ".join(map(str, r["numa_nodes"]))}
+                          for r in result.vm_configs])
+    return ['<h2 id="vm-configs">VM configurations: what KSM will not scan</h2>',
+            _html_table(frame, index=False),
+            ('<p class="note">An input whose VM KSM does not scan (<code>eligible</code> '
+             "False) counts in no number of this report: its pages are the exclusion rule "
+             "<code>vm_config</code>. Inputs given no configuration are assumed eligible.</p>")]
 
 
 def _numa_section(result: Analysis) -> list[str]:

@@ -120,6 +120,7 @@ def render_scan(result: Analysis) -> str:
         len(result.names),
     ), ("  (pages; file/shared = file-backed or shared memory, which KSM never merges;\n"
         "   self-sharing = pages saved merging within that input alone)")]
+    out += vm_config_lines(result)
     if any(space == "virtual" for space in pi["address_space"]):
         out += _process_sections(result)
     out += ["", (f"KSM prediction, all inputs on one host (max_page_sharing="
@@ -332,6 +333,30 @@ def _numa(result: Analysis) -> list[str]:
     out.append(f"  Merging across nodes (merge_across_nodes=1) would save "
                f"{human_bytes(total['saved_across_nodes_bytes'])}: keeping nodes apart costs "
                f"{human_bytes(total['lost_bytes'])} ({_count(total['lost_pages'])} pages).")
+    return out
+
+
+def vm_config_lines(result: Analysis) -> list[str]:
+    """With --vm-config: each input's VM, whether KSM scans it, and every reason why not
+    (nothing without --vm-config)."""
+    records = result.vm_configs
+    if not records:
+        return []
+    out = ["", f"VM configurations (--vm-config; --scope {result.options.scope.value})",
+           _input_table(
+               ["input", "VM", "format", "KSM scans it", "config"],
+               ([name, r["name"] or "-", r["format"] or "-", "yes" if r["eligible"] else "NO",
+                 r["config"] or "none given: assumed eligible"]
+                for name, r in zip(result.names, records, strict=True)), len(records))]
+    for name, r in zip(result.names, records, strict=True):
+        if r["config"] is None:
+            continue
+        out += [f"  {name}: {why}" for why in r["reasons"]]
+        out += [f"  {name}: (not under this scope) {why}" for why in r["other_reasons"]]
+        out += [f"  {name}: note: {note}" for note in r["notes"]]
+    if not all(r["eligible"] for r in records):
+        out.append("  (an input KSM does not scan counts in no number below: its pages are "
+                   "the exclusion rule vm_config)")
     return out
 
 
