@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import yaml
 from conftest import PS, SAMPLES, runner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ksm_analyze import analyze
 from ksm_analyze.cli import app
@@ -338,3 +340,30 @@ def test_an_export_never_overwrites_an_input(pair_paths, tmp_path):
     assert "this input would be overwritten by the output nova.conf" in r.stderr
     assert inputs[0].read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nova.conf", "other.raw"]
+
+
+def test_two_inputs_of_one_vm_name_are_one_line_and_exit_1(pair_paths, tmp_path):
+    data = Path(pair_paths[0]).read_bytes()
+    inputs = [tmp_path / "a" / "vm.raw", tmp_path / "b" / "VM.img"]  # both the VM "vm"
+    for p in inputs:
+        p.parent.mkdir()
+        p.write_bytes(data)
+    r = runner.invoke(app, ["plan", *map(str, inputs), "--host-memory", "1GiB", "-q",
+                            "--export", "kubevirt", str(tmp_path / "out")])
+    assert r.exit_code == 1
+    assert r.stderr == ("Error: vm.raw and VM.img would both be the VM 'vm' in the export "
+                        "(named by file stem): rename one of the files\n")
+    assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_any_file_stem_gives_a_valid_name_in_each_ecosystem(stem):
+    from ksm_analyze.planning.export.openstack import server_name
+
+    assert DNS_1123_LABEL.fullmatch(dns_label(stem)) and len(dns_label(stem)) <= 63
+    pve = pve_name(stem)  # Proxmox VE's dns-name format
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
+                        pve) and len(pve) <= 63
+    nova = server_name(stem)  # printable, no space at either end, 1 to 255 characters
+    assert 1 <= len(nova) <= 255 and nova == nova.strip() and nova.isprintable()
