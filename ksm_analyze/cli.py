@@ -629,6 +629,14 @@ def plan(
     json_out: JsonOpt = False,
     csv_dir: CsvOpt = None,
     png: PngOpt = None,
+    export: Annotated[
+        tuple[str, Path] | None,
+        typer.Option("--export", metavar="ECOSYSTEM DIR", show_default=False,
+                     help="Also write the sharing-aware placement for a scheduler into DIR: "
+                     "kubevirt (VirtualMachine affinity patches), openstack (Nova server "
+                     "groups, ram_allocation_ratio) or proxmox (HA rules and groups), with "
+                     "a README.txt of the commands that apply it.")
+    ] = None,
     *,
     request: _Request,
 ) -> None:
@@ -645,6 +653,10 @@ def plan(
 
     assert host_memory is not None  # a required option: typer refuses the command without it
     with _errors():
+        if export is not None:  # a bad ecosystem before the analysis
+            from .planning.export import check_ecosystem
+
+            check_ecosystem(export[0])
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
         result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
@@ -661,7 +673,20 @@ def plan(
                 _write_pngs(result, png)
             except OSError as e:
                 _cannot_write(png, e, "PNG files")
+        if export is not None:
+            _write_export(dumps, result, *export)
         typer.echo(to_json(result) if json_out else render_plan(result))
+
+
+def _write_export(dumps: list[Path], result: Plan, ecosystem: str, directory: Path) -> None:
+    """``plan --export``: the files in ``directory``, never over an input."""
+    from .planning.export import export_files, write_export
+
+    _refuse_overwriting(dumps, [directory / name for name in export_files(result, ecosystem)])
+    try:
+        write_export(result, ecosystem, directory)
+    except OSError as e:
+        _cannot_write(directory, e, f"the {ecosystem} export")
 
 
 TUNE_OPTIONS = (*(p for p in READING if p.name not in ("prefix_bytes", "scheduler")),

@@ -1,0 +1,81 @@
+"""What every export shares: the sharing-aware placement's hosts, and the inputs' VM names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import TYPE_CHECKING
+
+from ...errors import KsmAnalyzeError
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+__all__ = ["ExportError", "HostGroup", "dns_label", "host_groups", "vm_name", "vm_names"]
+
+_COMPRESSED = {".gz", ".zst", ".xz", ".bz2", ".lz4", ".lzo", ".sz", ".snappy"}
+
+
+class ExportError(KsmAnalyzeError):
+    """The plan cannot be written in an ecosystem's terms (two inputs would be one VM)."""
+
+
+@dataclass(frozen=True)
+class HostGroup:
+    """One host of the sharing-aware placement: its number in the plan (``host``), its
+    name in the exports (``host-N``), and its inputs' names as the plan prints them."""
+
+    host: int
+    inputs: tuple[str, ...]
+    memory_before_bytes: int
+    memory_after_bytes: int
+
+    @property
+    def name(self) -> str:
+        return f"host-{self.host}"
+
+
+def host_groups(plan: Plan) -> list[HostGroup]:
+    """The hosts of ``plan``'s sharing-aware placement, in the plan's order."""
+    rows = plan.hosts[plan.hosts["method"] == "sharing"]
+    return [HostGroup(int(r["host"]), tuple(r["inputs"]), int(r["memory_before_bytes"]),
+                      int(r["memory_after_bytes"])) for _, r in rows.iterrows()]
+
+
+def vm_name(input_name: str) -> str:
+    """The VM an input is a dump of: its file name without folders, a compression suffix
+    and the format's suffix (``a/vm-a.raw.gz`` -> ``vm-a``; ``vm-b.raw`` -> ``vm-b``)."""
+    name = PurePath(input_name.split("#")[0]).name
+    stem, dot, suffix = name.rpartition(".")
+    if dot and stem and f".{suffix.lower()}" in _COMPRESSED:
+        name = stem
+    stem, dot, _ = name.rpartition(".")
+    return stem if dot and stem else name
+
+
+def dns_label(name: str, *, limit: int = 63) -> str:
+    """``name`` as an RFC 1123 label (Kubernetes' DNS-1123 label): lower-case letters,
+    digits and ``-``, starting and ending alphanumeric, at most ``limit`` characters.
+    Any other run of characters becomes one ``-``; nothing left -> ``vm``."""
+    label = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:limit].rstrip("-")
+    return label or "vm"
+
+
+def vm_names(inputs: list[str], sanitize: Callable[[str], str]) -> dict[str, str]:
+    """Each input's VM name in an ecosystem's rules (``sanitize`` of :func:`vm_name`).
+
+    Raises:
+        ExportError: two inputs would be the same VM there.
+    """
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in inputs:
+        vm = sanitize(vm_name(name))
+        if vm in seen:
+            raise ExportError(f"{seen[vm]} and {name} would both be the VM {vm!r} in the "
+                              "export (named by file stem): rename one of the files")
+        seen[vm] = name
+        out[name] = vm
+    return out
