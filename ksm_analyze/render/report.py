@@ -489,8 +489,8 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
     parts += [*([cut] if cut else []), _html_table(hosts, index=False)]
     if len(plan.marginal):
         marginal, cut = _first_rows(plan.marginal, "input", "plan_marginal.csv", by="method")
-        parts += ['<h3 id="table-plan_marginal">Marginal memory: what each input adds to its '
-                  "host (the same is freed if it moves away)</h3>",
+        parts += [('<h3 id="table-plan_marginal">Marginal memory: what each input adds to its '
+                   "host (the same is freed if it moves away)</h3>"),
                   *([cut] if cut else []), _html_table(marginal, index=False)]
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
