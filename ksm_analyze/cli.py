@@ -489,6 +489,18 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
                **options: Any) -> Plan:
     """The plan of ``result`` for the command-line spelling of its sizes and counts."""
     from .planning.plan import plan as make_plan
+
+    size, kept = _host_sizes(host_memory, reserve)
+    try:
+        counts = [int(c) for c in project.split(",")] if project else []
+    except ValueError:
+        raise ValueError(f"--project {project!r} is not a list of input counts "
+                         "(e.g. 10,50,100)") from None
+    return make_plan(result, size, reserve=kept, project=counts, **options)
+
+
+def _host_sizes(host_memory: str, reserve: str) -> tuple[int, int]:
+    """``--host-memory`` and ``--reserve`` (a size or a percentage of it) in bytes."""
     from .units import human_bytes, parse_size
 
     size = parse_size(host_memory, what="--host-memory")
@@ -508,12 +520,7 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
         if kept >= size:
             raise ValueError(f"--reserve {reserve!r} ({human_bytes(kept)}) leaves no memory "
                              f"of a host of {human_bytes(size)} (--host-memory): give less")
-    try:
-        counts = [int(c) for c in project.split(",")] if project else []
-    except ValueError:
-        raise ValueError(f"--project {project!r} is not a list of input counts "
-                         "(e.g. 10,50,100)") from None
-    return make_plan(result, size, reserve=kept, project=counts, **options)
+    return size, kept
 
 
 @app.command()
@@ -637,6 +644,18 @@ def plan(
                      "groups, ram_allocation_ratio) or proxmox (HA rules and groups), with "
                      "a README.txt of the commands that apply it.")
     ] = None,
+    add_new: Annotated[
+        list[Path] | None,
+        typer.Option("--add", help="A new input (dump or fingerprint file; repeat it): find "
+                     "the host of --placement where it adds least and fits. DUMPS are then "
+                     "the placed inputs.", show_default=False)
+    ] = None,
+    placement: Annotated[
+        Path | None,
+        typer.Option("--placement", help="With --add: the existing placement, the "
+                     "assignments table of `plan --csv` (assignments.csv) or `plan --json`.",
+                     show_default=False)
+    ] = None,
     *,
     request: _Request,
 ) -> None:
@@ -647,6 +666,9 @@ def plan(
     emptiest host is dissolved where its inputs fit elsewhere. First-fit's hosts and (up to
     2,000 inputs) a seed-and-grow order are consolidated alike and the fewest hosts win:
     never more than first-fit decreasing, which ignores sharing.
+
+    With --add NEW --placement FILE: the best host of FILE's placement of DUMPS for each NEW
+    input instead (what it adds on each host, whether it fits).
     """
     from .planning.plan import PLAN_TABLES  # pandas: only for a plan
     from .render.text import render_plan
@@ -657,6 +679,13 @@ def plan(
             from .planning.export import check_ecosystem
 
             check_ecosystem(export[0])
+        if add_new or placement is not None:
+            _plan_add(dumps, add_new or [], placement, host_memory, reserve,
+                      zero_pages=not without_zero_pages, json_out=json_out, csv_dir=csv_dir,
+                      request=request, others={"--hosts": hosts, "--project": project,
+                                               "--png": png,
+                                               "--export": export})
+            return
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
         result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
@@ -687,6 +716,41 @@ def _write_export(dumps: list[Path], result: Plan, ecosystem: str, directory: Pa
         write_export(result, ecosystem, directory)
     except OSError as e:
         _cannot_write(directory, e, f"the {ecosystem} export")
+
+
+def _plan_add(dumps: list[Path], new: list[Path], placement: Path | None, host_memory: str,
+              reserve: str, *, zero_pages: bool, json_out: bool, csv_dir: Path | None,
+              request: _Request, others: dict[str, Any]) -> None:
+    """``plan DUMPS --placement FILE --add NEW...``: the best host for each NEW input."""
+    from .planning.marginal import ADD_TABLES, add, read_placement
+    from .render.text import render_addition
+
+    if not new:
+        raise ValueError("--placement needs --add NEW (a new input to find a host for)")
+    if placement is None:
+        raise ValueError("--add needs --placement FILE: the assignments table of `plan --csv` "
+                         "or `plan --json` that placed DUMPS")
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        raise ValueError(f"{given[0]} does not apply with --add (it finds a host for each new "
+                         "input in --placement)")
+    placed = {os.path.realpath(p) for p in dumps}
+    twice = [p for p in new if os.path.realpath(p) in placed]
+    if twice:
+        raise ValueError(f"{printable(twice[0])} is given both as a placed input and with --add")
+    size, kept = _host_sizes(host_memory, reserve)
+    where = read_placement(placement)  # before the analysis: a bad file fails at once
+    if csv_dir is not None:
+        _refuse_overwriting([*dumps, *new], [csv_dir / f"{name}.csv" for name in ADD_TABLES])
+    analysis = request.run([*dumps, *new])
+    result = add(analysis, where, analysis.names[len(dumps):], size, reserve=kept,
+                 zero_pages=zero_pages, source=str(placement))
+    if csv_dir is not None:
+        try:
+            write_csvs(result, csv_dir)
+        except OSError as e:
+            _cannot_write(csv_dir, e, "CSV files")
+    typer.echo(to_json(result) if json_out else render_addition(result, str(placement)))
 
 
 TUNE_OPTIONS = (*(p for p in READING if p.name not in ("prefix_bytes", "scheduler")),

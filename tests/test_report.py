@@ -171,15 +171,15 @@ def test_report_tables_fit_or_scroll_in_headless_chromium(plan_report, tmp_path)
     width, visible = fit["page"]
     assert width <= visible  # the page itself never scrolls sideways
     # Every table sits in a wrapper that scrolls sideways (the inputs' 17 columns with
-    # absolute paths need it); the savings and the plan's hosts, numbers under long column
-    # names, fit a 1,200-pixel window whole.
+    # absolute paths need it); the savings, the plan's hosts and its marginal memory, numbers
+    # under long column names, fit a 1,200-pixel window whole.
     tables = fit["tables"]
     assert [h for h, _, _ in tables] == [
         "table-per_input", "table-host", "table-savings", "table-histogram", "table-pairwise",
-        "table-top_contents", "huge-pages", "plan", "plan"]
+        "table-top_contents", "huge-pages", "plan", "plan", "table-plan_marginal"]
     assert all(cls == "scroll" for _, cls, _ in tables)
     fits = [f for _, _, f in tables]
-    assert fits[2] and fits[-1], tables  # the savings, the plan's hosts
+    assert fits[2] and fits[-2] and fits[-1], tables  # the savings, the plan's hosts, marginal
 
 
 def test_charts_that_change_with_the_policy_name_it_in_their_titles():

@@ -16,6 +16,7 @@ import pandas as pd
 from ..analysis import Analysis, json_safe
 from ..ksm import memory_after
 from ..units import counted, human_bytes, size_text
+from .marginal import marginal_table
 from .placement import (
     CompressedModel,
     HostModel,
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLAN_TABLES", "Plan", "plan"]
 
-PLAN_TABLES = ("summary", "hosts", "assignments", "projection", "nodes")
+PLAN_TABLES = ("summary", "hosts", "assignments", "marginal", "projection", "nodes")
 """Every table of a :class:`Plan`, in output order."""
 
 
@@ -55,6 +56,13 @@ class Plan:
             pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
             ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
         assignments: ``method``, ``input``, ``host``: one row per input and method.
+        marginal: one row per input and method: ``method``, ``host`` (with NUMA nodes,
+            ``node``), ``input``, ``memory_before_bytes`` (its pages without KSM),
+            ``alone_bytes`` (its memory after KSM alone on a host), ``added_bytes`` (the
+            host's memory after KSM less that of the host without it: what it adds there,
+            and the same, exactly, is what moving it away frees) and ``added_percent`` (of
+            its memory before KSM; None for an input of no pages)
+            (:mod:`~ksm_analyze.planning.marginal`).
         nodes: with ``numa_nodes``, one row per NUMA node of each host of each placement:
             ``method``, ``host``, ``node`` (0 to ``numa_nodes``-1), then the columns of
             ``hosts`` for that node alone (``free_bytes`` of the node's share of
@@ -95,6 +103,7 @@ class Plan:
     numa_nodes: int | None = None
     nodes: pd.DataFrame = field(default_factory=pd.DataFrame)
     compressed_hosts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    marginal: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them (``nodes``
@@ -196,7 +205,7 @@ def plan(
     sharing = (place(model, bin_capacity) if hosts is None
                else spread(model, bin_capacity, hosts * (n_nodes if numa else 1)))
     placements = [sharing, first_fit(model, bin_capacity)]
-    host_rows, node_rows, assignments, summary = [], [], [], []
+    host_rows, node_rows, assignments, summary, marginal = [], [], [], [], []
     host_counts = {}
     for p in placements:
         if numa:
@@ -212,6 +221,7 @@ def plan(
             assignments += [{"method": p.method, "input": names[i], "host": k}
                             for k, inputs in enumerate(p.hosts) for i in inputs]
         host_rows.append(frame)
+        marginal.append(marginal_table(model, p, names, n_nodes if numa else None))
         host_counts[p.method] = len(frame)
         summary.append({"method": p.method, "hosts": len(frame),
                         "memory_after_bytes": int(frame["memory_after_bytes"].sum()),
@@ -271,6 +281,7 @@ def plan(
         nodes=pd.concat(node_rows, ignore_index=True)[_NODE_COLUMNS] if numa else
         pd.DataFrame(),
         compressed_hosts=zram_hosts,
+        marginal=pd.concat(marginal, ignore_index=True),
     )
 
 

@@ -550,6 +550,11 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
                          "</figcaption></figure>")
     hosts, cut = _first_rows(plan.hosts, "host", "plan_hosts.csv", by="method")
     parts += [*([cut] if cut else []), _html_table(hosts, index=False)]
+    if len(plan.marginal):
+        marginal, cut = _first_rows(plan.marginal, "input", "plan_marginal.csv", by="method")
+        parts += [('<h3 id="table-plan_marginal">Marginal memory: what each input adds to its '
+                   "host (the same is freed if it moves away)</h3>"),
+                  *([cut] if cut else []), _html_table(marginal, index=False)]
     if plan.fits is not None:
         expected, cautious, hopeful = plan.fits
         fit = "input like these fits" if expected == 1 else "inputs like these fit"

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..hashing.stage1 import Fingerprints
     from ..live.capture import CaptureSummary
     from ..live.status import KsmStatus
+    from ..planning.marginal import Addition
     from ..planning.plan import Plan
     from ..whatif.tune import Tune
 
@@ -656,6 +657,7 @@ def render_plan(plan: Plan) -> str:
             for r in plan.compressed_hosts.itertuples())))
         out.append("  (zram = the host's distinct non-zero contents compressed as zram "
                    "stores them, --compress)")
+    out += _marginal(plan)
     if len(plan.projection):
         out += ["", "Inputs like these on one host (beyond the samples: a model)"]
         out.append(_table(["inputs", "with KSM", "band (10%-90%)", "without KSM", ""], (
@@ -670,6 +672,66 @@ def render_plan(plan: Plan) -> str:
             out.append(f"  {expected:,} {fit} in {human_bytes(plan.capacity)} "
                        f"({cautious:,} to {hopeful:,} by the band).")
     out += [f"Warning: {printable(w)}" for w in plan.warnings]
+    return "\n".join(out)
+
+
+MARGINAL_ROWS = 20
+"""Rows of the marginal table ``plan`` prints (``--csv``/``--json`` have every one)."""
+
+
+def _marginal(plan: Plan) -> list[str]:
+    """What each input of the sharing-aware placement adds to its host (the first rows)."""
+    rows = plan.marginal[plan.marginal["method"] == "sharing"] if len(plan.marginal) else \
+        plan.marginal
+    if not len(rows):
+        return []
+    numa = "node" in rows.columns
+    out = ["", ("Marginal memory, sharing-aware (what each input adds to its host = what "
+                "moving it away frees)"),
+           _table(["host", *(["node"] if numa else []), "before KSM", "alone", "adds",
+                   "adds %", "input"], (
+               [str(r.host), *([str(r.node)] if numa else []),
+                human_bytes(r.memory_before_bytes), human_bytes(r.alone_bytes),
+                human_bytes(r.added_bytes),
+                "-" if r.added_percent is None or r.added_percent != r.added_percent
+                else f"{r.added_percent:.1f}%", r.input]
+               for r in rows.head(MARGINAL_ROWS).itertuples()))]
+    if len(rows) > MARGINAL_ROWS:
+        out.append(f"  (the first {MARGINAL_ROWS} of {len(rows):,} inputs; marginal.csv of "
+                   "--csv and --json have them all)")
+    return out
+
+
+def render_addition(result: Addition, source: str) -> str:
+    """``plan --add``: per new input, what it adds on each host and the host chosen."""
+    ksm = result.analysis.ksm
+    out = [(f"Adding to the placement of {printable(source)}: hosts of "
+            f"{human_bytes(result.host_memory)}, {human_bytes(result.capacity)} for inputs "
+            f"(max_page_sharing={ksm.max_page_sharing}, "
+            f"use_zero_pages={int(ksm.use_zero_pages)})")]
+    out += _policy(result.analysis)
+    for c in result.choices.itertuples():
+        rows = result.options[result.options["new_input"] == c.new_input]
+        out += ["", f"{c.new_input}: {human_bytes(c.memory_before_bytes)} before KSM"]
+        if len(rows):
+            out.append(_table(["host", "after KSM now", "it adds", "fits", "free after", ""], (
+                [str(r.host), human_bytes(r.memory_after_bytes), human_bytes(r.added_bytes),
+                 "yes" if r.fits else "no",
+                 human_bytes(r.headroom_after_bytes) if r.headroom_after_bytes >= 0
+                 else f"-{human_bytes(-r.headroom_after_bytes)}",
+                 "<- best" if r.chosen else ""] for r in rows.itertuples())))
+        if c.new_host:
+            why = "it fits none of the hosts" if len(rows) else "there are no hosts"
+            out.append(f"  Best: a new host (host {c.host}): {why}; alone it needs "
+                       f"{human_bytes(c.added_bytes)}, {human_bytes(c.headroom_after_bytes)} "
+                       "free after")
+        else:
+            out.append(f"  Best: host {c.host}: it adds {human_bytes(c.added_bytes)}, "
+                       f"{human_bytes(c.headroom_after_bytes)} free after")
+    out.append("  (it adds = the host's memory after KSM with it less without it, as 'scan' "
+               "counts both;\n   best = the least added where it fits, then the least filled "
+               "host; new inputs join one by one, in the order given)")
+    out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
 
 
