@@ -270,7 +270,7 @@ def test_plan_cli_writes_json_csv_and_pngs(pairs, tmp_path):
     assert [row["hosts"] for row in data["summary"]] == [2, 4, 2]
     assert data["inputs_per_host"]["expected"] == 1  # two random samples are a sharing pair one time in three
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == [
-        "assignments.csv", "hosts.csv", "projection.csv", "summary.csv"]
+        "assignments.csv", "hosts.csv", "overcommit.csv", "projection.csv", "summary.csv"]
     for chart in ("hosts", "projection"):
         head = (tmp_path / f"plan-{chart}.png").read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
