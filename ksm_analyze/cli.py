@@ -479,6 +479,12 @@ ReserveOpt = Annotated[
     str, typer.Option("--reserve", help="Memory each host keeps for itself: a size (16GiB) "
                       "or a percentage of --host-memory (10%).")
 ]
+HostSizesOpt = Annotated[
+    str | None, typer.Option("--host-sizes", help="More host sizes for the overcommit table, "
+                             "e.g. 64GiB,256GiB,1TiB (default: --host-memory alone); each "
+                             "keeps the share --reserve keeps of --host-memory.",
+                             show_default=False)
+]
 ProjectOpt = Annotated[
     str | None, typer.Option("--project", help="Also project host memory for these numbers "
                              "of inputs like these, e.g. 10,50,100.", show_default=False)
@@ -486,9 +492,10 @@ ProjectOpt = Annotated[
 
 
 def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | None,
-               **options: Any) -> Plan:
+               host_sizes: str | None = None, **options: Any) -> Plan:
     """The plan of ``result`` for the command-line spelling of its sizes and counts."""
     from .planning.plan import plan as make_plan
+    from .units import parse_size
 
     size, kept = _host_sizes(host_memory, reserve)
     try:
@@ -496,7 +503,9 @@ def _make_plan(result: Analysis, host_memory: str, reserve: str, project: str | 
     except ValueError:
         raise ValueError(f"--project {project!r} is not a list of input counts "
                          "(e.g. 10,50,100)") from None
-    return make_plan(result, size, reserve=kept, project=counts, **options)
+    sizes = [parse_size(s, what="--host-sizes") for s in host_sizes.split(",")] \
+        if host_sizes is not None else []
+    return make_plan(result, size, reserve=kept, project=counts, host_sizes=sizes, **options)
 
 
 def _host_sizes(host_memory: str, reserve: str) -> tuple[int, int]:
@@ -567,6 +576,7 @@ def report(
     host_memory: HostMemoryOpt = None,
     reserve: ReserveOpt = "0",
     project: ProjectOpt = None,
+    host_sizes: HostSizesOpt = None,
     tune_section: Annotated[
         bool, typer.Option("--tune", help="Also a Prefix length section, as `tune` makes it "
                            "(every prefix length timed: several passes over the dumps).")
@@ -597,7 +607,8 @@ def report(
                 undo.callback(_remove_if_empty, output)
             result = replace(request, options=options).run(dumps)
             planned = None if host_memory is None else _make_plan(result, host_memory,
-                                                                   reserve, project)
+                                                                   reserve, project,
+                                                                   host_sizes)
             if planned is not None:  # its files are known once it is made
                 _refuse_overwriting(dumps, report_files(output, planned, tune_section,
                                                         near_duplicates=near))
@@ -629,6 +640,7 @@ def plan(
                                  show_default=False)
     ] = None,
     project: ProjectOpt = None,
+    host_sizes: HostSizesOpt = None,
     without_zero_pages: Annotated[
         bool, typer.Option("--without-zero-pages", help="Plan with scan's 'without zero "
                            "pages' column: zero pages never touched, not host memory.")
@@ -688,8 +700,8 @@ def plan(
             return
         if csv_dir is not None:
             _refuse_overwriting(dumps, [csv_dir / f"{name}.csv" for name in PLAN_TABLES])
-        result = _make_plan(request.run(dumps), host_memory, reserve, project, hosts=hosts,
-                            zero_pages=not without_zero_pages)
+        result = _make_plan(request.run(dumps), host_memory, reserve, project, host_sizes,
+                            hosts=hosts, zero_pages=not without_zero_pages)
         if png is not None:
             _refuse_overwriting(dumps, _png_paths(result, png))
         if csv_dir is not None:

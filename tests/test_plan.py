@@ -270,7 +270,8 @@ def test_plan_cli_writes_json_csv_and_pngs(pairs, tmp_path):
     assert [row["hosts"] for row in data["summary"]] == [2, 4, 2]
     assert data["inputs_per_host"]["expected"] == 1  # two random samples are a sharing pair one time in three
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == [
-        "assignments.csv", "hosts.csv", "marginal.csv", "projection.csv", "summary.csv"]
+        "assignments.csv", "hosts.csv", "marginal.csv", "overcommit.csv", "projection.csv",
+        "summary.csv"]
     for chart in ("hosts", "projection"):
         head = (tmp_path / f"plan-{chart}.png").read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
@@ -396,6 +397,12 @@ def test_report_summary_leads_with_the_hosts_each_method_needs(pairs, tmp_path):
         f"4; memory after KSM {human_bytes(4 * ALONE)}")
     assert rows[f"Hosts of {size}, lower bound (one infinite host)"] == "2"
     assert rows[f"Inputs like these per host of {size}"].startswith("1 (")
+    # The overcommit ratio, by hand: guests of both pairs mixed at random fit one per host
+    # at the band's low end: one guest's 220 pages over the host.
+    assert rows[f"Overcommit ratio hosts of {size} support"].startswith(
+        f"{220 * PS / PAIR:.2f} (expected ")
+    assert "Set ram_allocation_ratio to at most 0.89" in page
+    assert (out / "plan_overcommit.csv").read_text().startswith("family,inputs,")
     assert next(iter(rows)).startswith("Hosts of")  # the plan comes first
     # Without --host-memory, no plan in the summary.
     r = runner.invoke(app, ["report", *pairs, "-o", str(tmp_path / "plain")])

@@ -17,6 +17,7 @@ from ..analysis import Analysis, json_safe
 from ..ksm import memory_after
 from ..units import counted, human_bytes, size_text
 from .marginal import marginal_table
+from .overcommit import overcommit
 from .placement import (
     CompressedModel,
     HostModel,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLAN_TABLES", "Plan", "plan"]
 
-PLAN_TABLES = ("summary", "hosts", "assignments", "marginal", "projection", "nodes")
+PLAN_TABLES = ("summary", "hosts", "assignments", "marginal", "projection", "overcommit", "nodes")
 """Every table of a :class:`Plan`, in output order."""
 
 
@@ -69,6 +70,9 @@ class Plan:
             ``capacity``); empty without.
         projection: inputs per host (:meth:`~ksm_analyze.planning.projection.Projection.table`);
             empty unless counts were asked for.
+        overcommit: the memory overcommit ratio a host can run at, per workload family and
+            host size, with its band (:func:`~ksm_analyze.planning.overcommit.overcommit`;
+            the number to set: :func:`~ksm_analyze.planning.overcommit.supported_ratio`).
         fits: guests like the samples that fit one host: (expected, cautious, hopeful);
             None unless projected.
         warnings: the analysis' warnings (nearly identical inputs among them), then the
@@ -104,6 +108,7 @@ class Plan:
     nodes: pd.DataFrame = field(default_factory=pd.DataFrame)
     compressed_hosts: pd.DataFrame = field(default_factory=pd.DataFrame)
     marginal: pd.DataFrame = field(default_factory=pd.DataFrame)
+    overcommit: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them (``nodes``
@@ -156,6 +161,7 @@ def plan(
     zero_pages: bool = True,
     project: Sequence[int] = (),
     orders: int = 200,
+    host_sizes: Sequence[int] = (),
 ) -> Plan:
     """Place the inputs of ``analysis`` on hosts of ``host_memory`` bytes.
 
@@ -170,6 +176,9 @@ def plan(
             column, the default); False: as never touched.
         project: guest counts to project host memory for (inputs per host).
         orders: random orders of the samples the projection measures.
+        host_sizes: more host sizes (bytes) for the ``overcommit`` table, beside
+            ``host_memory``; each keeps the same share of its memory for itself as
+            ``reserve`` is of ``host_memory``.
 
     Raises:
         ValueError: a size out of range, an input that alone does not fit a host, more
@@ -179,6 +188,10 @@ def plan(
     if host_memory <= 0 or reserve < 0 or capacity <= 0:
         raise ValueError(f"a host of {size_text(host_memory)} with a reserve of "
                          f"{size_text(reserve)} leaves no memory for inputs")
+    bad = [s for s in host_sizes if s <= 0 or s * reserve // host_memory >= s]
+    if bad:
+        raise ValueError(f"--host-sizes: a host of {size_text(bad[0])} leaves no memory for "
+                         "inputs")
     if hosts is not None and hosts < 1:
         raise ValueError(f"--hosts must be at least 1, not {hosts}")
     if hosts is not None and hosts > len(analysis.names):  # before anything is sized by it
@@ -264,6 +277,10 @@ def plan(
          "written again (the copy-on-write worst case is memory before KSM, up to "
          f"{size_text(int(over['memory_before_bytes'].max()))}): keep headroom or swap")])
     projection = Projection(model, orders=orders) if project else None
+    sizes = [(s, s - s * reserve // host_memory) for s in sorted({host_memory, *host_sizes})]
+    sizes = [(s, capacity if s == host_memory else kept) for s, kept in sizes]
+    ratios = overcommit(analysis, model, sizes, zero_pages=zero_pages,
+                        nodes=n_nodes if numa else 1, orders=orders, whole=projection)
     return Plan(
         summary=table,
         hosts=hosts_df,
@@ -282,6 +299,7 @@ def plan(
         pd.DataFrame(),
         compressed_hosts=zram_hosts,
         marginal=pd.concat(marginal, ignore_index=True),
+        overcommit=ratios,
     )
 
 

@@ -231,6 +231,12 @@ def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
         expected, cautious, hopeful = plan.fits
         rows.append((f"Inputs like these per host of {size}",
                      f"{expected:,} ({cautious:,} to {hopeful:,} by the band)"))
+    if len(plan.overcommit):
+        from ..planning.overcommit import supported
+
+        s = supported(plan)
+        rows.append((f"Overcommit ratio hosts of {size} support",
+                     f"{s.ratio:.2f} (expected {s.point:.2f}; low end of the band of {s.family})"))
     return rows
 
 
@@ -560,6 +566,16 @@ def _plan_section(plan: Plan, images: dict[str, bytes]) -> list[str]:
         fit = "input like these fits" if expected == 1 else "inputs like these fit"
         parts.append(f"<p>{expected:,} {fit} in one host ({cautious:,} to "
                      f"{hopeful:,} by the band; beyond the samples it is a model).</p>")
+    if len(plan.overcommit):
+        from ..planning.overcommit import advice
+
+        ratios, cut = _first_rows(plan.overcommit, "row", "plan_overcommit.csv")
+        parts += ['<h3 id="overcommit">Overcommit ratio</h3>',
+                  ("<p>The guests' memory a host holds over its memory for guests, per "
+                   "workload family and host size, with the band of the VMs-per-host "
+                   "projection; see docs/planning.md.</p>"), *([cut] if cut else []),
+                  _html_table(ratios, index=False),
+                  f"<p><strong>{e(advice(plan))}</strong></p>"]
     parts += [f'<p class="warn">Warning: {e(w)}</p>' for w in plan.warnings
               if w not in plan.analysis.warnings]  # those are shown with the analysis
     return parts

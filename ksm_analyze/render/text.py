@@ -671,6 +671,7 @@ def render_plan(plan: Plan) -> str:
             fit = "input like these fits" if expected == 1 else "inputs like these fit"
             out.append(f"  {expected:,} {fit} in {human_bytes(plan.capacity)} "
                        f"({cautious:,} to {hopeful:,} by the band).")
+    out += _overcommit(plan)
     out += [f"Warning: {printable(w)}" for w in plan.warnings]
     return "\n".join(out)
 
@@ -733,6 +734,25 @@ def render_addition(result: Addition, source: str) -> str:
                "host; new inputs join one by one, in the order given)")
     out += [f"Warning: {printable(w)}" for w in result.warnings]
     return "\n".join(out)
+
+
+def _overcommit(plan: Plan) -> list[str]:
+    """The plan's overcommit table (a row per family and host size) and the number to set."""
+    from ..planning.overcommit import advice
+
+    table = plan.overcommit
+    if not len(table):
+        return []
+    rows = ([r.family, human_bytes(r.host_memory_bytes),
+             f"{r.vms_per_host:,} ({r.vms_per_host_low:,}-{r.vms_per_host_high:,})",
+             f"{r.ratio:.2f}", f"{r.ratio_low:.2f} - {r.ratio_high:.2f}", r.method]
+            for r in table.itertuples())
+    return ["", "Overcommit ratio (guests' memory / host memory for guests, by workload family)",
+            _table(["family", "host", "guests per host", "ratio", "band", ""],
+                   itertools.islice(rows, TEXT_ROWS)),
+            *([f"  ... and {len(table) - TEXT_ROWS:,} more rows (every row: --json, --csv)"]
+              if len(table) > TEXT_ROWS else []),
+            textwrap.fill(advice(plan), 96, initial_indent="  ", subsequent_indent="  ")]
 
 
 def render_tune(result: Tune) -> str:
