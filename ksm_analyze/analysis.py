@@ -10,13 +10,10 @@ reads one (``scan`` prints its text from the columns).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
-import numpy as np
-
-from .columns import Columns
+from .columns import Columns, json_safe
 from .content_table import ContentTable
 from .ksm import KsmCounters, KsmSettings
 from .options import ScanOptions
@@ -331,17 +328,3 @@ class Analysis:
         from .render.plots import plot_ksmd_settings
 
         return plot_ksmd_settings(self)
-
-
-def json_safe(value: Any) -> Any:
-    """numpy scalars and containers to plain Python values; NaN and infinities to None
-    (strict JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

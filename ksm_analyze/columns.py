@@ -12,6 +12,7 @@ is never a float. An array keeps its dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -20,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Column", "Columns"]
+__all__ = ["Column", "Columns", "json_safe"]
 
 Column: TypeAlias = "np.ndarray | list[Any]"
 """One column: a numpy array, or a list of plain values."""
@@ -159,3 +160,17 @@ def _as_pandas_types(values: Column) -> list[Any]:
                     or any(isinstance(v, float | np.floating) for v in numbers)):
         return [float("nan") if v is None else float(v) for v in values]
     return [v.item() if isinstance(v, np.generic) else v for v in values]
+
+
+def json_safe(value: Any) -> Any:
+    """numpy scalars and containers to plain Python values; NaN and infinities to None
+    (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -21,17 +21,14 @@ not readable here, a 128-bit content hash).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .._signals import watching
-from ..columns import Columns
+from ..columns import Columns, json_safe
 from ..errors import InputError
 from ..formats import looks_like_fingerprint_file, open_inputs
 from ..formats.base import DumpReader
@@ -116,7 +113,7 @@ class Tune:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain values, for strict JSON."""
-        data: dict[str, Any] = _plain({
+        data: dict[str, Any] = json_safe({
             "inputs": self.inputs, "page_size": self.page_size, "stored_bytes": self.stored_bytes,
             "runs": self.runs, "verify": self.verify, "method": self.method,
             "recommended_prefix_bytes": self.recommended_prefix_bytes, "reason": self.reason,
@@ -124,19 +121,6 @@ class Tune:
             "warnings": self.warnings,
         })
         return data
-
-
-def _plain(value: Any) -> Any:
-    """numpy values to plain ones, NaN and infinities to None: strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def parse_prefixes(text: str, page_size: int = PAGE_SIZE) -> tuple[int, ...]:
