@@ -38,7 +38,7 @@ import pandas as pd
 from ..analysis import Analysis, json_safe
 from ..errors import InputError
 from ..units import counted, human_bytes, size_text
-from .placement import HostModel, HostState, Placement
+from .placement import HostModel, HostState, Placement, unmerged_bytes
 
 __all__ = ["ADD_TABLES", "MARGINAL_COLUMNS", "Addition", "add", "host_marginals",
            "marginal_table", "read_placement"]
@@ -279,7 +279,8 @@ def add(analysis: Analysis, placement: dict[str, int], new: Sequence[str], host_
     if unplaced:
         raise InputError(f"input {unplaced[0]!r} is given but not placed here, nor given "
                          "with --add", path=source)
-    model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
+    model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages,
+                      unmerged=unmerged_bytes(analysis))  # opted-out VMs: whole, unmerged
     numbers = sorted(set(placement.values()))
     states = {k: model.holding([index[n] for n, h in placement.items() if h == k])
               for k in numbers}
