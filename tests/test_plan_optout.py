@@ -133,3 +133,26 @@ def test_plan_says_which_inputs_it_counted_unmerged_and_exports_them(fleet, tmp_
             groups[line.split("(")[-1].rstrip(")")].append(line.split()[0])
     # The groups as planned: vm-a and vm-c apart, each costing a host 2 MiB.
     assert sorted(map(sorted, groups.values())) == [["vm-a.elf", "vm-b.raw"], ["vm-c.elf"]]
+
+
+def test_plan_json_carries_the_vm_configurations_as_scan_does(fleet, tmp_path):
+    dumps, configs, _ = fleet
+    inputs = [str(dumps[v]) for v in ("vm-a", "vm-c", "vm-b")]
+    given = ["--vm-config", str(configs["vm-a"]), "--vm-config", str(configs["vm-c"])]
+
+    def json_of(*args):
+        r = runner.invoke(app, [*args, "-q", "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    scanned = json_of("scan", *inputs, *given)["vm_configs"]
+    assert [(r["name"], r["eligible"]) for r in scanned] == [("vm-a", False), ("vm-c", False),
+                                                             (None, True)]
+    assert json_of("plan", *inputs, *given, "--host-memory", "3MiB")["vm_configs"] == scanned
+    assert "vm_configs" not in json_of("plan", *inputs, "--host-memory", "8MiB")
+    placement = tmp_path / "assignments.csv"
+    placement.write_text("method,input,host\nsharing,vm-a.elf,0\nsharing,vm-b.raw,0\n")
+    added = json_of("plan", inputs[0], inputs[2], *given, "--host-memory", "5MiB",
+                    "--placement", str(placement), "--add", inputs[1])
+    by_input = sorted(scanned, key=lambda r: r["input"])  # the new input comes last here
+    assert sorted(added["vm_configs"], key=lambda r: r["input"]) == by_input

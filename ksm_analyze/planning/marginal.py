@@ -226,6 +226,8 @@ class Addition:
             "capacity_bytes": self.capacity, "capacity_human": human_bytes(self.capacity),
         }
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
+        if self.analysis.vm_configs:  # as scan --json: each input's VM and KSM's verdict
+            out["vm_configs"] = self.analysis.vm_configs
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
 

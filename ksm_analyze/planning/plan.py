@@ -100,7 +100,9 @@ class Plan:
             (``--vm-config``, exclusion rule ``vm_config``), which every host, marginal and
             ratio counts as resident memory KSM never merges: ``input``, ``unmerged_bytes``
             (:func:`~ksm_analyze.planning.placement.unmerged_bytes`), ``unmerged_human``,
-            ``reasons`` (why KSM will not scan it, from its configuration).
+            ``reasons`` (why KSM will not scan it, from its configuration). ``--json``
+            also carries ``vm_configs`` (every input's record, as ``scan --json``) when
+            configurations were given.
     """
 
     summary: pd.DataFrame
@@ -140,6 +142,8 @@ class Plan:
         if len(self.compressed_hosts):
             out["compressed_hosts"] = self.compressed_hosts.to_dict(orient="records")
         out["unmerged_inputs"] = list(self.unmerged_inputs)
+        if self.analysis.vm_configs:  # as scan --json: each input's VM and KSM's verdict
+            out["vm_configs"] = self.analysis.vm_configs
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
 
