@@ -229,6 +229,39 @@ def test_openstack_ratio_is_never_under_one(sample_plan):
     assert conf["DEFAULT"].getint("reserved_host_memory_mb") == 0
 
 
+def test_the_exports_state_the_measured_ratio_and_warn_when_the_plan_needs_more(pair_plan):
+    # By hand: guests of every family mixed at random ("all inputs", the family that shares
+    # least): two of them are a pair in 1/3 of the orders (240 pages + 440 rmap_items:
+    # 1,011,200 bytes), else two that share nothing (2 x 915,200 = 1,830,400 bytes, more
+    # than the 1,605,632 for guests): the cautious count (90th percentile) is 1 guest of
+    # 901,120 bytes, a ratio of 0.5612: at most 0.56 (56%). The plan's fullest host needs
+    # 1,802,240 / 1,605,632 = 1.1224 (1.13, 113%, rounded up): more, so a warning.
+    files = export_files(pair_plan, "openstack")
+    conf = files["nova.conf"]
+    assert "# Measured (the plan's overcommit table): hosts of 2 MiB run at " in conf
+    assert "#   0.56, the band's low end." in conf
+    assert "# Warning: the fullest planned host needs 1.13, more than the measured low end " \
+           "0.56:" in conf
+    configparser.ConfigParser().read_string(conf)  # the comments keep it a valid file
+    readme = files["README.txt"].splitlines()
+    assert "  0.56, the band's low end." in readme
+    assert "Warning: the fullest planned host needs 1.13, more than the measured low end " \
+           "0.56:" in readme
+    assert any(line.startswith("Measured") and "band 0.56 - " in line for line in readme)
+    kube = export_files(pair_plan, "kubevirt")["README.txt"].splitlines()
+    assert "  56%, the band's low end." in kube and "  113% (rounded up)." in kube
+    assert "Warning: the fullest planned host needs 113%, more than the measured low end " \
+           "56%:" in kube
+    assert any("set memoryOvercommit to at most" in line for line in kube)
+
+
+def test_no_warning_where_the_plan_needs_less_than_measured(sample_plan):
+    # 4 MiB of guests on a host of 1 GiB: 0.0039 needed, far under anything measured.
+    for ecosystem in ("openstack", "kubevirt"):
+        readme = export_files(sample_plan, ecosystem)["README.txt"]
+        assert "the band's low end." in readme and "Warning" not in readme
+
+
 # Proxmox --------------------------------------------------------------------------------
 
 def parse_section_config(text: str) -> list[tuple[str, str, dict[str, str]]]:

@@ -38,7 +38,7 @@ import pandas as pd
 from ..analysis import Analysis, json_safe
 from ..errors import InputError
 from ..units import counted, human_bytes, size_text
-from .placement import HostModel, HostState, Placement
+from .placement import HostModel, HostState, Placement, unmerged_bytes
 
 __all__ = ["ADD_TABLES", "MARGINAL_COLUMNS", "Addition", "add", "host_marginals",
            "marginal_table", "read_placement"]
@@ -226,6 +226,8 @@ class Addition:
             "capacity_bytes": self.capacity, "capacity_human": human_bytes(self.capacity),
         }
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
+        if self.analysis.vm_configs:  # as scan --json: each input's VM and KSM's verdict
+            out["vm_configs"] = self.analysis.vm_configs
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
 
@@ -279,7 +281,8 @@ def add(analysis: Analysis, placement: dict[str, int], new: Sequence[str], host_
     if unplaced:
         raise InputError(f"input {unplaced[0]!r} is given but not placed here, nor given "
                          "with --add", path=source)
-    model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages)
+    model = HostModel(analysis.contents, analysis.ksm, zero_pages=zero_pages,
+                      unmerged=unmerged_bytes(analysis))  # opted-out VMs: whole, unmerged
     numbers = sorted(set(placement.values()))
     states = {k: model.holding([index[n] for n, h in placement.items() if h == k])
               for k in numbers}

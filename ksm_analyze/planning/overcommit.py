@@ -142,7 +142,8 @@ def overcommit(
         everything = len(members) == len(names)
         n = len(members)
         sub = model if everything else HostModel(next(tables), model.settings,
-                                                 zero_pages=zero_pages)
+                                                 zero_pages=zero_pages,
+                                                 unmerged=model.unmerged[members])
         projection = (whole if everything and whole is not None and runs == orders
                       else Projection(sub, orders=runs))
         costs = _last_costs(sub)

@@ -49,10 +49,22 @@ from ..ksm import (
 from ..units import counted, size_text
 
 if TYPE_CHECKING:
+    from ..analysis import Analysis
     from ..whatif.compression import Compressed
 
 __all__ = ["HostModel", "HostState", "Placement", "first_fit", "host_tables", "lower_bound",
-           "place", "split", "spread"]
+           "place", "split", "spread", "unmerged_bytes"]
+
+
+def unmerged_bytes(analysis: Analysis) -> np.ndarray:
+    """Bytes per input (``per_input`` order) a host holds that KSM never scans: for an input
+    whose VM configuration opts out of KSM (``--vm-config``, exclusion rule ``vm_config``),
+    its pages that rule keeps from KSM (every page the other rules would have left to
+    KSM: for a guest's dump, every page stored in it, zero pages included) times the page
+    size; 0 for every other input. Its RAM costs the host all of that, unmerged."""
+    pages = np.asarray(analysis.columns["exclusions"]["vm_config"], np.int64)
+    out: np.ndarray = pages * analysis.contents.page_size
+    return out
 
 
 def _saved(copies: np.ndarray, max_page_sharing: int) -> np.ndarray:
@@ -76,12 +88,20 @@ class HostModel:
         settings: the KSM knobs.
         zero_pages: count scanned zero pages as present on the host (the default, as
             ``scan``'s ``with_zero_pages`` column); False: as never touched.
+        unmerged: bytes per input that KSM never scans but the host holds (an input whose
+            VM configuration opts out of KSM, :func:`unmerged_bytes`): added whole to its
+            host's memory before and after KSM, merging with nothing. None: 0 for every
+            input.
     """
 
-    def __init__(self, table: ContentTable, settings: KsmSettings, *, zero_pages: bool = True
-                 ) -> None:
+    def __init__(self, table: ContentTable, settings: KsmSettings, *, zero_pages: bool = True,
+                 unmerged: np.ndarray | Sequence[int] | None = None) -> None:
         self.table, self.settings = table, settings
         self.n = len(table.input_columns)
+        self.unmerged = (np.zeros(self.n, np.int64) if unmerged is None
+                         else np.asarray(unmerged, np.int64))
+        if self.unmerged.shape != (self.n,):
+            raise ValueError(f"unmerged: {len(self.unmerged)} values for {self.n} inputs")
         self.nonzero = table.nonzero_pages()
         self.zero = table.column("zero_pages") * zero_pages
         self.domain = table.column("domain")  # zero pages merge within one
@@ -97,7 +117,7 @@ class HostModel:
     def empty(self) -> HostState:
         """A host holding nothing yet."""
         zero = np.zeros(int(self.domain.max(initial=0)) + 1, np.int64)
-        return HostState(np.zeros(self.n_patterns, np.int64), [], 0, zero, 0)
+        return HostState(np.zeros(self.n_patterns, np.int64), [], 0, zero, 0, 0)
 
     def holding(self, inputs: Sequence[int]) -> HostState:
         """A host holding ``inputs``."""
@@ -111,17 +131,20 @@ class HostModel:
         return self.bytes(self.holding(inputs))
 
     def bytes(self, host: HostState) -> int:
-        """Memory after KSM of ``host``, rmap_items included."""
+        """Memory after KSM of ``host``, rmap_items included (and its inputs' unmerged
+        bytes)."""
         s, zero = self.settings, int(host.zero.sum())
         zero_saved = zero if s.use_zero_pages else int(_saved(host.zero, s.max_page_sharing).sum())
         pages = host.nonzero + zero - host.saved - zero_saved
         rmap = host.nonzero + (0 if s.use_zero_pages else zero)
-        return memory_after(pages, rmap, self.table.page_size, self.settings.rmap_bytes)
+        return memory_after(pages, rmap, self.table.page_size,
+                            self.settings.rmap_bytes) + host.unmerged
 
     def before(self, inputs: Sequence[int]) -> int:
-        """Bytes ``inputs`` take before KSM (every scanned page)."""
+        """Bytes ``inputs`` take before KSM (every scanned page, and their unmerged bytes)."""
         idx = list(inputs)
-        return int(self.nonzero[idx].sum() + self.zero[idx].sum()) * self.table.page_size
+        return (int(self.nonzero[idx].sum() + self.zero[idx].sum()) * self.table.page_size
+                + int(self.unmerged[idx].sum()))
 
     def _gain(self, host: HostState, rows: np.ndarray, sign: int) -> np.ndarray:
         """Pages KSM frees more when the pages of ``rows`` join (+1) or leave (-1) ``host``."""
@@ -138,6 +161,7 @@ class HostModel:
         host.counts[self.pattern[rows]] += self.pages[rows]
         host.nonzero += int(self.nonzero[i])
         host.zero[self.domain[i]] += self.zero[i]
+        host.unmerged += int(self.unmerged[i])
         host.inputs.append(i)
 
     def remove(self, host: HostState, i: int) -> None:
@@ -147,6 +171,7 @@ class HostModel:
         host.counts[self.pattern[rows]] -= self.pages[rows]
         host.nonzero -= int(self.nonzero[i])
         host.zero[self.domain[i]] -= self.zero[i]
+        host.unmerged -= int(self.unmerged[i])
         host.inputs.remove(i)
 
     def marginal(self, host: HostState, candidates: np.ndarray) -> np.ndarray:
@@ -163,7 +188,7 @@ class HostModel:
             zero_saved = _saved(had + z, mps) - _saved(had, mps)
             rmap = self.nonzero[candidates] + z
         pages = self.nonzero[candidates] + z - saved - zero_saved
-        added: np.ndarray = memory_after(pages, rmap, ps, s.rmap_bytes)
+        added: np.ndarray = memory_after(pages, rmap, ps, s.rmap_bytes) + self.unmerged[candidates]
         return added
 
     def marginals(self, hosts: Sequence[HostState], i: int) -> np.ndarray:
@@ -181,7 +206,8 @@ class HostModel:
             zero_saved, tracked = _saved(zeros + z, mps) - _saved(zeros, mps), nonzero + z
         pages = nonzero + z - saved - zero_saved
         rmap = np.full(len(hosts), tracked, np.int64)
-        added: np.ndarray = memory_after(pages, rmap, self.table.page_size, s.rmap_bytes)
+        added: np.ndarray = (memory_after(pages, rmap, self.table.page_size, s.rmap_bytes)
+                             + self.unmerged[i])
         return added
 
 
@@ -250,6 +276,8 @@ class HostState:
     """Zero pages per domain."""
     saved: int
     """Non-zero pages KSM frees on this host."""
+    unmerged: int = 0
+    """Bytes of its inputs KSM never scans (:attr:`HostModel.unmerged`)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from ..analysis import Analysis, json_safe
@@ -28,6 +29,7 @@ from .placement import (
     place,
     place_compressed,
     spread,
+    unmerged_bytes,
 )
 from .projection import Projection
 
@@ -55,7 +57,10 @@ class Plan:
             pages without KSM: also the worst case, when every merged page is written
             again), ``memory_after_bytes`` (the number ``scan`` prints for these inputs:
             pages after merging plus rmap_items), ``saved_bytes``, ``free_bytes`` (of
-            ``capacity``), ``worst_case_fits`` (memory before KSM fits the host).
+            ``capacity``), ``worst_case_fits`` (memory before KSM fits the host),
+            ``unmerged_bytes`` (of ``memory_after_bytes``: the bytes of its inputs whose VM
+            configuration opts out of KSM, held whole; ``memory_after_bytes`` is ``scan``
+            of its inputs plus these, see ``unmerged_inputs``).
         assignments: ``method``, ``input``, ``host``: one row per input and method.
         marginal: one row per input and method: ``method``, ``host`` (with NUMA nodes,
             ``node``), ``input``, ``memory_before_bytes`` (its pages without KSM),
@@ -91,6 +96,13 @@ class Plan:
             distinct non-zero contents as zram stores them: ``method``, ``host``,
             ``inputs``, ``input_count``, ``memory_before_bytes``, ``zram_bytes``,
             ``free_bytes``; empty without. Its summary row is ``sharing_zram``.
+        unmerged_inputs: one record per input whose VM configuration opts out of KSM
+            (``--vm-config``, exclusion rule ``vm_config``), which every host, marginal and
+            ratio counts as resident memory KSM never merges: ``input``, ``unmerged_bytes``
+            (:func:`~ksm_analyze.planning.placement.unmerged_bytes`), ``unmerged_human``,
+            ``reasons`` (why KSM will not scan it, from its configuration). ``--json``
+            also carries ``vm_configs`` (every input's record, as ``scan --json``) when
+            configurations were given.
     """
 
     summary: pd.DataFrame
@@ -109,6 +121,7 @@ class Plan:
     compressed_hosts: pd.DataFrame = field(default_factory=pd.DataFrame)
     marginal: pd.DataFrame = field(default_factory=pd.DataFrame)
     overcommit: pd.DataFrame = field(default_factory=pd.DataFrame)
+    unmerged_inputs: list[dict[str, Any]] = field(default_factory=list)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table by name (:data:`PLAN_TABLES`), as ``--csv`` writes them (``nodes``
@@ -128,6 +141,9 @@ class Plan:
         out |= {name: df.to_dict(orient="records") for name, df in self.tables().items()}
         if len(self.compressed_hosts):
             out["compressed_hosts"] = self.compressed_hosts.to_dict(orient="records")
+        out["unmerged_inputs"] = list(self.unmerged_inputs)
+        if self.analysis.vm_configs:  # as scan --json: each input's VM and KSM's verdict
+            out["vm_configs"] = self.analysis.vm_configs
         out["warnings"] = list(self.warnings)
         return {k: json_safe(v) for k, v in out.items()}
 
@@ -212,7 +228,8 @@ def plan(
     table = analysis.across_nodes if numa and analysis.across_nodes is not None else \
         analysis.contents
     bin_capacity = capacity // n_nodes if numa else capacity
-    model = HostModel(table, analysis.ksm, zero_pages=zero_pages)
+    unmerged = unmerged_bytes(analysis)  # opted-out VMs: resident, never merged
+    model = HostModel(table, analysis.ksm, zero_pages=zero_pages, unmerged=unmerged)
     names = analysis.names
     guest_bytes = [int(b) for b in analysis.per_input["bytes"]]
     sharing = (place(model, bin_capacity) if hosts is None
@@ -300,12 +317,22 @@ def plan(
         compressed_hosts=zram_hosts,
         marginal=pd.concat(marginal, ignore_index=True),
         overcommit=ratios,
+        unmerged_inputs=_unmerged_inputs(analysis, unmerged),
     )
+
+
+def _unmerged_inputs(analysis: Analysis, unmerged: np.ndarray) -> list[dict[str, Any]]:
+    """:attr:`Plan.unmerged_inputs`: the inputs counted whole and unmerged, and why."""
+    records = analysis.vm_configs or [{} for _ in analysis.names]
+    return [{"input": name, "unmerged_bytes": int(b), "unmerged_human": human_bytes(int(b)),
+             "reasons": list(r.get("reasons", []))}
+            for name, b, r in zip(analysis.names, unmerged, records, strict=True)
+            if not r.get("eligible", True)]
 
 
 _NODE_COLUMNS = ["method", "host", "node", "inputs", "input_count", "memory_before_bytes",
                  "memory_after_bytes", "private_bytes", "shared_bytes", "rmap_bytes",
-                 "saved_bytes", "free_bytes", "worst_case_fits"]
+                 "saved_bytes", "free_bytes", "worst_case_fits", "unmerged_bytes"]
 
 
 def _numa_hosts(nodes: pd.DataFrame, n_nodes: int, capacity: int) -> pd.DataFrame:
@@ -321,6 +348,7 @@ def _numa_hosts(nodes: pd.DataFrame, n_nodes: int, capacity: int) -> pd.DataFram
                                                     "saved_bytes")}}
         row["free_bytes"] = capacity - row["memory_after_bytes"]
         row["worst_case_fits"] = row["memory_before_bytes"] <= capacity
+        row["unmerged_bytes"] = int(group["unmerged_bytes"].sum())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -333,16 +361,18 @@ def _host_frame(p: Placement, model: HostModel, capacity: int, names: list[str],
                                             strict=True)):
         c = table.counters(model.settings, zero_pages=zero_pages)
         # Pages left after merging (KSM pages and unshared pages) plus rmap_items: the same
-        # number as the model's footprint, and as scan's memory after KSM, from the counters.
+        # number as the model's footprint, and as scan's memory after KSM, from the counters;
+        # plus the inputs KSM never scans (their VM opted out), whole.
         before = model.before(inputs)
+        unmerged = int(model.unmerged[list(inputs)].sum())
         after = memory_after(c.pages_shared + c.pages_unshared, c.ksm_rmap_items, ps,
-                             model.settings.rmap_bytes)
+                             model.settings.rmap_bytes) + unmerged
         rows.append({"method": p.method, "host": k,
                      "inputs": [names[i] for i in inputs], "input_count": len(inputs),
                      "memory_before_bytes": before, "memory_after_bytes": after,
                      "private_bytes": c.pages_unshared * ps, "shared_bytes": c.pages_shared * ps,
                      "rmap_bytes": c.ksm_rmap_items * model.settings.rmap_bytes,
                      "saved_bytes": before - after, "free_bytes": capacity - after,
-                     "worst_case_fits": before <= capacity})
+                     "worst_case_fits": before <= capacity, "unmerged_bytes": unmerged})
         del table  # the next host's table is made without this one's
     return pd.DataFrame(rows)

@@ -643,7 +643,9 @@ def render_plan(plan: Plan) -> str:
              human_bytes(r.saved_bytes), human_bytes(r.free_bytes), " ".join(r.inputs)]
             for r in rows.itertuples())))
     out.append("  (after KSM = what 'scan' of those inputs prints as memory after KSM, "
-               "rmap_items included)")
+               "rmap_items included" + ("; plus the inputs below, whole" if
+                                        plan.unmerged_inputs else "") + ")")
+    out += _unmerged(plan)
     if plan.numa_nodes is not None:
         out.append(f"  (NUMA: each host is {counted(plan.numa_nodes, 'node')} of "
                    f"{human_bytes(plan.capacity // plan.numa_nodes)} with merge_across_nodes=0; "
@@ -674,6 +676,18 @@ def render_plan(plan: Plan) -> str:
     out += _overcommit(plan)
     out += [f"Warning: {printable(w)}" for w in plan.warnings]
     return "\n".join(out)
+
+
+def _unmerged(plan: Plan) -> list[str]:
+    """The inputs whose VM opted out of KSM, one line each: counted whole, never merged."""
+    if not plan.unmerged_inputs:
+        return []
+    out = [("  Counted whole, unmerged (their VM configuration keeps KSM off them, "
+            "--vm-config):")]
+    for r in plan.unmerged_inputs:
+        why = "; ".join(text.split(": ", 1)[0] for text in r["reasons"]) or "not scanned"
+        out.append(f"    {r['input']}: {human_bytes(r['unmerged_bytes'])} ({printable(why)})")
+    return out
 
 
 MARGINAL_ROWS = 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,11 +10,14 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from ...errors import KsmAnalyzeError
+from ...units import human_bytes
+from ..overcommit import supported
 
 if TYPE_CHECKING:
     from ..plan import Plan
 
-__all__ = ["ExportError", "HostGroup", "dns_label", "host_groups", "vm_name", "vm_names"]
+__all__ = ["ExportError", "HostGroup", "dns_label", "fullest_need", "host_groups",
+           "measured_lines", "vm_name", "vm_names"]
 
 _COMPRESSED = {".gz", ".zst", ".xz", ".bz2", ".lz4", ".lzo", ".sz", ".snappy"}
 
@@ -79,3 +83,47 @@ def vm_names(inputs: list[str], sanitize: Callable[[str], str]) -> dict[str, str
         seen[vm] = name
         out[name] = vm
     return out
+
+
+def fullest_need(plan: Plan) -> int:
+    """The guests' memory (each input's described size, what a flavor or a VM spec gives
+    it) of the fullest planned host, in bytes: what the hosts' overcommit must admit."""
+    sizes = dict(zip(plan.analysis.names, (int(b) for b in plan.analysis.per_input["bytes"]),
+                     strict=True))
+    return max(sum(sizes[i] for i in g.inputs) for g in host_groups(plan))
+
+
+def measured_lines(plan: Plan, *, percent: bool, setting: str) -> tuple[list[str], list[str]]:
+    """(lines, warnings): the overcommit ratio the plan's hosts were measured to run at,
+    with its band (:func:`~ksm_analyze.planning.overcommit.supported`), whose low end,
+    rounded down, is the most to set as ``setting``; and a warning when the fullest planned
+    host needs more than that low end. ``percent``: as ``100 x`` the ratio (KubeVirt)."""
+    try:
+        s = supported(plan)
+    except ValueError:  # a plan without an overcommit table
+        return [], []
+
+    def show(ratio: float, way: Callable[[float], int] = round) -> str:
+        """The ratio in hundredths (or percent), rounded ``way`` (down: the most to set;
+        up: what a host needs)."""
+        hundredths = way(ratio * 100)
+        return f"{hundredths}%" if percent else f"{hundredths // 100}.{hundredths % 100:02d}"
+
+    host = human_bytes(s.host_memory)
+    if s.ratio <= 0:
+        return [(f"Measured: no guest like {s.family} fits in the {human_bytes(s.capacity)} "
+                 f"a host of {host} leaves for guests: no overcommit to set.")], []
+    need = fullest_need(plan) / plan.capacity
+    lines = [
+        (f"Measured (the plan's overcommit table): hosts of {host} run at {show(s.point)}, "
+         f"band {show(s.ratio)} - {show(s.high)}"),
+        f"  ({s.family}, the family that shares least): set {setting} to at most",
+        f"  {show(s.ratio, math.floor)}, the band's low end.",
+    ]
+    warnings = [] if need <= s.ratio else [
+        (f"Warning: the fullest planned host needs {show(need, math.ceil)}, more than the "
+         f"measured low end {show(s.ratio, math.floor)}:"),
+        "  the ratio admits any guests up to it, not only the ones planned together; keep",
+        "  every VM in its planned group, or set at most the measured low end.",
+    ]
+    return lines, warnings

@@ -18,7 +18,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from ...units import human_bytes
-from .common import dns_label, host_groups, vm_names
+from .common import dns_label, fullest_need, host_groups, measured_lines, vm_names
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -90,6 +90,16 @@ def export(plan: Plan) -> dict[str, str]:
         "labels). Check the result:",
         f"  kubectl get vmi -L {LABEL} -o wide",
         "",
+    ]
+    measured, warnings = measured_lines(plan, percent=True, setting="memoryOvercommit")
+    need = fullest_need(plan)
+    lines += [
+        ("Memory overcommit (the KubeVirt CR's spec.configuration.developerConfiguration."
+         "memoryOvercommit,"),
+        (f"percent: 100 x the ratio): the fullest planned node gives its VMs "
+         f"{human_bytes(need)} on {human_bytes(plan.capacity)}:"),
+        f"  {-(-100 * need // plan.capacity)}% (rounded up).",
+        *measured, *warnings, "",
     ]
     files["README.txt"] = "\n".join(lines)
     return files

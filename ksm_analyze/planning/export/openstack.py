@@ -18,7 +18,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from ...units import human_bytes
-from .common import host_groups, vm_names
+from .common import fullest_need, host_groups, measured_lines, vm_names
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -44,9 +44,7 @@ def server_name(name: str) -> str:
 def ram_allocation_ratio(plan: Plan) -> tuple[int, int, int]:
     """(hundredths, guests' bytes, capacity bytes): the ratio the fullest planned host
     needs, in hundredths rounded up, and the two numbers it is the quotient of."""
-    sizes = dict(zip(plan.analysis.names, (int(b) for b in plan.analysis.per_input["bytes"]),
-                     strict=True))
-    need = max(sum(sizes[i] for i in g.inputs) for g in host_groups(plan))
+    need = fullest_need(plan)
     return -(-100 * need // plan.capacity), need, plan.capacity
 
 
@@ -63,12 +61,14 @@ def export(plan: Plan) -> dict[str, str]:
     hundredths, need, capacity = ram_allocation_ratio(plan)
     kept = max(hundredths, 100)
     reserved_mb = -(-(plan.host_memory - plan.capacity) // _MIB)
+    measured, warnings = measured_lines(plan, percent=False, setting="ram_allocation_ratio")
     files["nova.conf"] = "\n".join([
         "# ksm-analyze plan: the compute nodes' memory overcommit for this plan.",
         (f"# The fullest planned host gives its guests {human_bytes(need)} on "
         f"{human_bytes(capacity)} ({human_bytes(plan.host_memory)} less the reserve):"),
         f"# a ratio of {_ratio_text(hundredths)}"
         + (" (under 1: no overcommit needed; 1.00 kept)." if hundredths < 100 else "."),
+        *(f"# {line}" for line in measured + warnings),
         "[DEFAULT]",
         f"ram_allocation_ratio = {_ratio_text(kept)}",
         f"reserved_host_memory_mb = {reserved_mb}",
@@ -112,6 +112,8 @@ def export(plan: Plan) -> dict[str, str]:
         f"    on {human_bytes(capacity)}, rounded up to hundredths"
         + (", and never under 1.00)" if hundredths < 100 else ")"),
         f"  reserved_host_memory_mb = {reserved_mb}   (the plan's --reserve)",
+        *measured,
+        *warnings,
         "The ratio holds only where KSM runs and merges what the plan predicts: check with",
         "ksm-analyze ksm-status on a compute node once the servers are up.",
         "",
