@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ..errors import printable
 from ..sharing import clusters
 from ..units import human_bytes
 from .placement import HostModel, host_tables
@@ -269,10 +270,10 @@ def advice(plan: Plan) -> str:
     s = supported(plan)
     host = human_bytes(s.host_memory)
     if s.ratio <= 0:
-        return (f"No guest like {s.family} fits in the {human_bytes(s.capacity)} a host of "
+        return (f"No guest like {printable(s.family)} fits in the {human_bytes(s.capacity)} a host of "
                 f"{host} leaves for guests: no overcommit ratio to set.")
     cut = math.floor(s.ratio * 100) / 100  # "at most": rounded down, never up
     least = ", the family that shares least" if plan.overcommit["family"].nunique() > 1 else ""
     return (f"Set ram_allocation_ratio to at most {cut:.2f} (KubeVirt memoryOvercommit: at "
             f"most {math.floor(s.ratio * 100)}%) for hosts of {host}: the low end of the band "
-            f"of {s.family}{least} (expected {s.point:.2f}).")
+            f"of {printable(s.family)}{least} (expected {s.point:.2f}).")

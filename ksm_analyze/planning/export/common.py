@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING
 
-from ...errors import KsmAnalyzeError
+from ...errors import KsmAnalyzeError, printable
 from ...units import human_bytes
 from ..overcommit import supported
 
@@ -111,13 +111,13 @@ def measured_lines(plan: Plan, *, percent: bool, setting: str) -> tuple[list[str
 
     host = human_bytes(s.host_memory)
     if s.ratio <= 0:
-        return [(f"Measured: no guest like {s.family} fits in the {human_bytes(s.capacity)} "
+        return [(f"Measured: no guest like {printable(s.family)} fits in the {human_bytes(s.capacity)} "
                  f"a host of {host} leaves for guests: no overcommit to set.")], []
     need = fullest_need(plan) / plan.capacity
     lines = [
         (f"Measured (the plan's overcommit table): hosts of {host} run at {show(s.point)}, "
          f"band {show(s.ratio)} - {show(s.high)}"),
-        f"  ({s.family}, the family that shares least): set {setting} to at most",
+        f"  ({printable(s.family)}, the family that shares least): set {setting} to at most",
         f"  {show(s.ratio, math.floor)}, the band's low end.",
     ]
     warnings = [] if need <= s.ratio else [
