@@ -160,3 +160,19 @@ def test_bad_host_sizes_exit_2_with_one_line(two_families, sizes):
     assert r.exit_code == 2, r.output
     assert r.stderr.count("\n") == 1 and "--host-sizes" in r.stderr, r.stderr
     assert "Traceback" not in r.output
+
+
+def test_guests_that_cost_nothing_set_no_limit(tmp_path):
+    # All-zero guests planned without zero pages (never touched) cost no host memory after
+    # KSM: memory sets no overcommit limit. Before, the band divided by a cost of 0.
+    paths = [_write(tmp_path / f"z{i}.raw", np.zeros((16, PS), np.uint8)) for i in range(3)]
+    r = runner.invoke(app, ["plan", *paths, "--host-memory", "1MiB", "--without-zero-pages",
+                            "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["overcommit"]  # strict JSON: no Infinity
+    assert [row["method"] for row in rows] == ["no memory limit"] * 4  # 3 families + the mix
+    assert all(row[k] is None for row in rows for k in ("vms_per_host", "ratio", "ratio_low"))
+    r = runner.invoke(app, ["plan", *paths, "--host-memory", "1MiB", "--without-zero-pages",
+                            "-q"])
+    assert r.exit_code == 0, r.output
+    assert "cost no host memory after KSM: memory sets no overcommit limit" in r.stdout

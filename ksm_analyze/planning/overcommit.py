@@ -150,18 +150,36 @@ def overcommit(
         costs = _last_costs(sub)
         guest = round(float(described[members].mean()))
         for host_memory, capacity in sizes:
-            expected, low, high = (nodes * k for k in _fits(projection, costs,
-                                                            capacity // nodes))
+            fit = _fits(projection, costs, capacity // nodes)
+            row = {"family": family, "inputs": [names[i] for i in members], "input_count": n,
+                   "host_memory_bytes": host_memory, "capacity_bytes": capacity,
+                   "guest_memory_bytes": guest}
+            if fit[0] >= NO_LIMIT:  # guests that cost nothing after KSM: memory sets no limit
+                rows.append({**row, **dict.fromkeys(_VMS), **dict.fromkeys(_RATIOS, math.inf),
+                             "method": NO_LIMIT_METHOD})
+                continue
+            expected, low, high = (nodes * k for k in fit)
             method = ("measured" if expected <= n else "one sample" if n == 1
                       else "fit a+b/k" if n >= 4 else "last guest repeated")
             rows.append({
-                "family": family, "inputs": [names[i] for i in members], "input_count": n,
-                "host_memory_bytes": host_memory, "capacity_bytes": capacity,
-                "guest_memory_bytes": guest, "vms_per_host": expected,
+                **row, "vms_per_host": expected,
                 "vms_per_host_low": low, "vms_per_host_high": high,
                 "ratio": expected * guest / capacity, "ratio_low": low * guest / capacity,
                 "ratio_high": high * guest / capacity, "method": method})
-    return pd.DataFrame(rows, columns=list(OVERCOMMIT_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(OVERCOMMIT_COLUMNS))
+    for column in _VMS:  # whole numbers, None where there is no limit (not floats)
+        table[column] = pd.Series([r[column] for r in rows], dtype=object)
+    return table
+
+
+NO_LIMIT = (1 << 40) - 1
+"""Guests per host the projection stops counting at (``Projection.fits``): guests that
+cost no host memory after KSM (every page a never-touched zero page) fit without limit."""
+NO_LIMIT_METHOD = "no memory limit"
+"""The ``method`` of a row whose guests cost nothing: its counts are null, its ratios
+infinite (null in JSON)."""
+_VMS = ("vms_per_host", "vms_per_host_low", "vms_per_host_high")
+_RATIOS = ("ratio", "ratio_low", "ratio_high")
 
 
 def _last_costs(model: HostModel) -> np.ndarray:
@@ -216,7 +234,10 @@ def _fits(projection: Projection, costs: np.ndarray, capacity: int) -> tuple[int
     mean = (projection.memory(expected)[0] - base) / m
     half = t90(n - 1) * float(np.std(costs, ddof=1)) * math.sqrt(1 / m + 1 / n)
     rates = mean + half, max(mean - half, float(costs.min()))
-    low, high = (n + int((capacity - base) // rate) for rate in rates)
+    # A guest that costs nothing after KSM (all zero pages, counted as never touched): no
+    # rate to divide by; the projection's own band says how many fit.
+    low, high = (n + int((capacity - base) // rate) if rate > 0 else bound
+                 for rate, bound in zip(rates, (cautious, hopeful), strict=True))
     return expected, min(low, expected), max(high, expected)
 
 
@@ -269,6 +290,9 @@ def advice(plan: Plan) -> str:
     """The ratio ``plan`` supports said plainly, for a person: what to set, and from what."""
     s = supported(plan)
     host = human_bytes(s.host_memory)
+    if math.isinf(s.ratio):
+        return (f"Guests like {printable(s.family)} cost no host memory after KSM: memory sets "
+                "no overcommit limit (other resources do).")
     if s.ratio <= 0:
         return (f"No guest like {printable(s.family)} fits in the {human_bytes(s.capacity)} a host of "
                 f"{host} leaves for guests: no overcommit ratio to set.")

@@ -236,7 +236,9 @@ def _plan_summary(plan: Plan) -> list[tuple[str, str]]:
 
         s = supported(plan)
         rows.append((f"Overcommit ratio hosts of {size} support",
-                     f"{s.ratio:.2f} (expected {s.point:.2f}; low end of the band of {s.family})"))
+                     "no memory limit (guests that cost nothing after KSM)" if math.isinf(s.ratio)
+                     else f"{s.ratio:.2f} (expected {s.point:.2f}; low end of the band of "
+                     f"{s.family})"))
     return rows
 
 

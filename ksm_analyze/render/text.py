@@ -757,7 +757,9 @@ def _overcommit(plan: Plan) -> list[str]:
     table = plan.overcommit
     if not len(table):
         return []
-    rows = ([r.family, human_bytes(r.host_memory_bytes),
+    rows = ([r.family, human_bytes(r.host_memory_bytes), "no limit", "no limit", "-", r.method]
+            if r.vms_per_host is None else
+            [r.family, human_bytes(r.host_memory_bytes),
              f"{r.vms_per_host:,} ({r.vms_per_host_low:,}-{r.vms_per_host_high:,})",
              f"{r.ratio:.2f}", f"{r.ratio_low:.2f} - {r.ratio_high:.2f}", r.method]
             for r in table.itertuples())

@@ -110,6 +110,9 @@ def measured_lines(plan: Plan, *, percent: bool, setting: str) -> tuple[list[str
         return f"{hundredths}%" if percent else f"{hundredths // 100}.{hundredths % 100:02d}"
 
     host = human_bytes(s.host_memory)
+    if math.isinf(s.ratio):
+        return [(f"Measured: guests like {printable(s.family)} cost no host memory after KSM: "
+                 "memory sets no overcommit limit.")], []
     if s.ratio <= 0:
         return [(f"Measured: no guest like {printable(s.family)} fits in the {human_bytes(s.capacity)} "
                  f"a host of {host} leaves for guests: no overcommit to set.")], []
