@@ -192,8 +192,8 @@ def analyze(
         if options.compress:
             if samples.over_time or options.policy:
                 raise ValueError("--compress prices the pages of inputs seen once, merged "
-                                 "across all of them: not with samples over time, --domain "
-                                 "or --merge zero-only")
+                                 "across all of them: not with samples over time, --domain, "
+                                 "--numa-nodes or --merge zero-only")
             started_compress = time.perf_counter()
             compressed = compress_contents(still, prints, masks, classes.labels, readers,
                                            codec=options.compress,

@@ -297,4 +297,4 @@ def test_a_merging_policy_is_refused_not_priced_wrong():
     r = runner.invoke(app, ["scan", *samples, "-q", "--compress", "lz4",
                             "--domain", "a=*vm-a*", "--domain", "b=*vm-b*"])
     assert r.exit_code == 2
-    assert "not with samples over time, --domain or --merge zero-only" in r.output
+    assert "not with samples over time, --domain, --numa-nodes or --merge zero-only" in r.output
