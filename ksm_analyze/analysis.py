@@ -249,7 +249,9 @@ class Analysis:
                 **{knob: getattr(k, knob) for knob in knobs},
                 "verify": o.verify, "jobs": o.workers, "scope": o.scope.value,
                 **({"compress": self.compressed.codec.describe(),
-                    "compress_sample": o.compress_sample} if self.compressed else {})}
+                    "compress_sample": o.compress_sample} if self.compressed else {}),
+                **({"near_duplicates": o.near_duplicates} if o.near_duplicates else {}),
+                **({"numa_nodes": o.numa_nodes} if o.numa_nodes else {})}
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON values, no NaN (what ``scan --json`` prints): tables of

@@ -195,3 +195,13 @@ def test_plan_packs_nodes_each_equal_to_a_scan_of_its_inputs(dumps):
                                                                  *pins)
     assert set(planned.assignments.columns) == {"method", "input", "host", "node"}
     assert plan(analyze(dumps, jobs=1), 80 << 10).nodes.empty
+
+
+def test_the_json_options_record_the_what_ifs_asked():
+    # scan --json's "options" say how the prediction was made: the NUMA nodes and the
+    # near-duplicates asked appear there, and only when asked.
+    asked = json.loads(runner.invoke(app, ["scan", *SAMPLES, "--json", "--numa-nodes", "2",
+                                           "--near-duplicates", "3", "-q"]).stdout)["options"]
+    assert (asked["numa_nodes"], asked["near_duplicates"]) == (2, 3)
+    plain = json.loads(runner.invoke(app, ["scan", *SAMPLES, "--json", "-q"]).stdout)["options"]
+    assert "numa_nodes" not in plain and "near_duplicates" not in plain
