@@ -75,39 +75,33 @@ def _one_line_naming(error: InputError, path: str) -> None:
     assert "\n" not in text and path in text, text
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_mutated_vm_configs_read_or_fail_in_one_line(name, tmp_path):
+def _fuzz(path, seed: bytes, read, is_read) -> None:
+    """Mutants of ``seed`` written to ``path``: ``read(path)`` gives what ``is_read`` accepts,
+    or one InputError line naming the file."""
     @_profile
-    @given(data=_mutant(CONFIGS[name]))
+    @given(data=_mutant(seed))
     def check(data: bytes) -> None:
-        path = tmp_path / name
         path.write_bytes(data)
         try:
-            config = read_config(path)
+            got = read(path)
         except InputError as e:
             _one_line_naming(e, str(path))
         else:
-            assert isinstance(config, VmConfig)
+            assert is_read(got), got
 
     check()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mutated_vm_configs_read_or_fail_in_one_line(name, tmp_path):
+    _fuzz(tmp_path / name, CONFIGS[name], read_config, lambda c: isinstance(c, VmConfig))
 
 
 @pytest.mark.parametrize("name, seed", [("assignments.csv", PLACEMENT_CSV),
                                         ("plan.json", PLACEMENT_JSON)])
 def test_mutated_placements_read_or_fail_in_one_line(name, seed, tmp_path):
-    @_profile
-    @given(data=_mutant(seed.encode()))
-    def check(data: bytes) -> None:
-        path = tmp_path / name
-        path.write_bytes(data)
-        try:
-            where = read_placement(path)
-        except InputError as e:
-            _one_line_naming(e, str(path))
-        else:
-            assert all(isinstance(k, str) and isinstance(v, int) for k, v in where.items())
-
-    check()
+    _fuzz(tmp_path / name, seed.encode(), read_placement,
+          lambda where: all(isinstance(k, str) and isinstance(v, int) for k, v in where.items()))
 
 
 def test_the_seeds_read(tmp_path):
